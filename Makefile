@@ -1,0 +1,50 @@
+# Two commands do everything: `make serve` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+LEGACY_VENV ?= .venv-openai028
+PORT ?= 9225
+BIN := $(VENV)/bin
+
+.PHONY: install legacy-client serve test lint format bench bench-gpu build examples registry-image-size clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $@
+
+# The legacy openai 0.28 client (the Prem registry's example) cannot live beside
+# openai 3.x, so it gets its own virtual environment for the tests.
+legacy-client: $(LEGACY_VENV)/.installed
+
+$(LEGACY_VENV)/.installed:
+	$(PYTHON) -m venv $(LEGACY_VENV)
+	$(LEGACY_VENV)/bin/pip install --quiet --disable-pip-version-check 'openai==0.28.1' pillow
+	touch $@
+
+serve: install
+	$(BIN)/bentoml serve service:ImagesAPI --port $(PORT)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+test: install legacy-client lint
+	SDXL_LEGACY_PYTHON=$(abspath $(LEGACY_VENV))/bin/python $(BIN)/python -m pytest
+
+bench: install
+	$(BIN)/python -m bench.run_cpu
+
+bench-gpu: install
+	$(BIN)/python bench/gpu_bench.py --matrix
+
+build: install
+	$(BIN)/bentoml build --version $$(git describe --always --dirty 2>/dev/null || echo dev)
+
+clean:
+	rm -rf $(VENV) $(LEGACY_VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,77 @@
+"""BentoML wiring: the pipeline service (GPU) and the OpenAI-facing HTTP service.
+
+Logic lives in src/sdxl_service; torch and diffusers are imported only inside
+the pipeline process, so `bentoml build` and the HTTP process stay light.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+# The bento copies src/ beside this file but does not install it as a package.
+sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
+
+import bentoml
+
+from sdxl_service.http_app import create_app
+from sdxl_service.jobs import GenerationJob, GenerationOutcome
+from sdxl_service.settings import DEFAULT_PORT, SERVICE_ID, get_settings
+
+settings = get_settings()
+
+
+@bentoml.service(
+    name="sdxl-pipeline",
+    resources={"gpu": 1},
+    workers=1,
+    traffic={"timeout": settings.traffic_timeout},
+)
+class SDXLPipeline:
+    def __init__(self) -> None:
+        from sdxl_service.metrics import ServiceMetrics
+        from sdxl_service.pipeline import PipelineHost
+
+        self.host = PipelineHost(settings, ServiceMetrics())
+
+    def __is_ready__(self) -> bool:
+        return self.host.is_ready()
+
+    def __is_alive__(self) -> bool:
+        return self.host.is_alive()
+
+    @bentoml.api
+    async def generate(self, job: GenerationJob) -> GenerationOutcome:
+        return await self.host.generate(job)
+
+    @bentoml.api
+    async def cancel(self, request_id: str) -> bool:
+        return self.host.cancel(request_id)
+
+    @bentoml.api
+    async def describe(self) -> dict[str, Any]:
+        return self.host.describe()
+
+
+def _current_serving() -> Any:
+    return bentoml.get_current_service().serving
+
+
+@bentoml.service(
+    name=SERVICE_ID,
+    http={"port": DEFAULT_PORT},
+    traffic={"timeout": settings.traffic_timeout},
+)
+@bentoml.asgi_app(create_app(_current_serving, settings.max_body_bytes), path="/v1")
+class ImagesAPI:
+    pipeline = bentoml.depends(SDXLPipeline)
+
+    def __init__(self) -> None:
+        from sdxl_service.files import open_file_store
+        from sdxl_service.pipeline_client import BentoPipelineClient
+        from sdxl_service.serving import ImagesServing
+
+        self.serving = ImagesServing(
+            settings, BentoPipelineClient(self.pipeline), open_file_store(settings)
+        )

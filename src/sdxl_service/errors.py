@@ -1,0 +1,137 @@
+"""OpenAI-shaped errors: one exception, one envelope, one set of handlers.
+
+Every error under /v1 leaves as `{"error": {"message", "type", "param", "code"}}`
+with the right status. FastAPI's 422 `{"detail": ...}` and bare 500s never reach
+a client: the handlers here convert them all.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger(__name__)
+
+_TYPE_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    408: "timeout_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+    499: "cancelled",
+    500: "server_error",
+    503: "service_unavailable",
+    504: "timeout_error",
+}
+
+
+class APIError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        error_type: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.error_type = error_type or _TYPE_BY_STATUS.get(status, "server_error")
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def invalid_value(param: str, message: str, code: str = "invalid_value") -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def unavailable(message: str, retry_after: float, code: str) -> APIError:
+    # x-should-retry lets the openai client retry on its own, honouring Retry-After.
+    return APIError(
+        503,
+        message,
+        code=code,
+        headers={"Retry-After": str(max(1, round(retry_after))), "x-should-retry": "true"},
+    )
+
+
+def _param_from_location(loc: Sequence[Any]) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "form")]
+    # Pydantic puts the failing validator's tag after the field name
+    # (e.g. "function-after[...]"); the client only needs the field.
+    parts = [p for p in parts if "[" not in p]
+    return ".".join(parts) or None
+
+
+def validation_error(exc: RequestValidationError) -> APIError:
+    first = exc.errors()[0] if exc.errors() else {}
+    loc = first.get("loc", ())
+    param = _param_from_location(loc)
+    kind = first.get("type", "")
+    if kind == "json_invalid":
+        return APIError(400, "The request body is not valid JSON.", code="invalid_json")
+    if kind == "missing":
+        message = f"Missing required parameter: '{param}'."
+        return APIError(400, message, param=param, code="missing_required_parameter")
+    if kind == "model_attributes_type" or (param is None and kind.endswith("_type")):
+        return APIError(400, "The request body must be a JSON object.", code="invalid_request_body")
+    detail = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    message = f"Invalid value for '{param}': {detail}." if param else f"{detail}."
+    return APIError(400, message.replace("..", "."), param=param, code="invalid_value")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return validation_error(exc).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        status = exc.status_code
+        if status == 404:
+            message = f"Unknown path: {request.method} {request.url.path}."
+        elif status == 405:
+            message = f"Method {request.method} is not allowed on {request.url.path}."
+        else:
+            message = str(exc.detail) or HTTPStatus(status).phrase
+        code = HTTPStatus(status).phrase.lower().replace(" ", "_")
+        return APIError(status, message, code=code, headers=dict(exc.headers or {})).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        # Logged with its traceback here; the client gets a message, never the trace.
+        logger.exception("unhandled error")
+        return APIError(
+            500, "The server failed to process the request.", code="internal_error"
+        ).response()

@@ -1,0 +1,91 @@
+"""The FastAPI app BentoML mounts at /v1: routes only, behaviour in serving.py."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .errors import APIError, install_error_handlers
+from .protocol import ImageGenerationRequest, ImagesResponse, ModelList
+from .serving import ImagesServing
+
+
+class BodySizeLimit:
+    """413 for bodies over the limit, whether Content-Length says so or not."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = APIError(
+            413, f"The request body is larger than {self.max_bytes} bytes.", code="too_large"
+        )
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await too_large.response()(scope, receive, send)
+            return
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise too_large
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+
+def create_app(get_serving: Callable[[], ImagesServing], max_body_bytes: int) -> FastAPI:
+    app = FastAPI(
+        title="stable-diffusion-xl-with-refiner",
+        summary="OpenAI-compatible Images API for SDXL base 1.0 + refiner 1.0",
+    )
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
+
+    def serving() -> ImagesServing:
+        return get_serving()
+
+    @app.get("/")
+    async def health() -> dict[str, bool]:
+        # The Prem app's health check: GET {baseUrl}/v1 -> 2xx.
+        return {"status": True}
+
+    @app.get("/models", response_model=ModelList, response_model_exclude_none=True)
+    async def list_models(images: ImagesServing = Depends(serving)) -> ModelList:
+        return await images.list_models()
+
+    @app.post(
+        "/images/generations", response_model=ImagesResponse, response_model_exclude_none=True
+    )
+    async def create_image(
+        body: ImageGenerationRequest, request: Request, images: ImagesServing = Depends(serving)
+    ) -> ImagesResponse:
+        return await images.generate(body, request)
+
+    @app.get("/images/files/{file_id}", name="image_file")
+    async def image_file(file_id: str, images: ImagesServing = Depends(serving)) -> Response:
+        data, content_type = await images.file(file_id)
+        return Response(data, media_type=content_type, headers={"Cache-Control": "private"})
+
+    @app.post("/images/edits")
+    @app.post("/images/variations")
+    async def not_supported(request: Request) -> JSONResponse:
+        return APIError(
+            400,
+            f"{request.url.path} is not supported yet; this server does text-to-image "
+            "(POST /v1/images/generations).",
+            code="unsupported_endpoint",
+        ).response()
+
+    return app

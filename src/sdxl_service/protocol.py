@@ -1,0 +1,106 @@
+"""OpenAI Images API request and response models.
+
+Fields the schema does not know are accepted and ignored (the legacy openai
+client sends whatever keywords it is given); they are logged, never an error.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .jobs import RefinerMode
+from .sizing import AUTO_SIZE, parse_size
+
+logger = logging.getLogger(__name__)
+
+# Kept in step with schedulers.SCHEDULERS by a unit test; the HTTP process
+# validates names without importing diffusers.
+SCHEDULER_NAMES = ("euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "unipc")
+OPENAI_IMAGE_MODELS = ("dall-e-2", "dall-e-3")
+OPENAI_IMAGE_MODEL_PREFIX = "gpt-image-"
+# torch generators take 64-bit seeds; leave room for seed + i.
+MAX_SEED = 2**63 - 1 - 64
+
+Quality = Literal["standard", "hd", "low", "medium", "high", "auto"]
+OutputFormat = Literal["png", "jpeg", "webp"]
+
+
+class OpenAIModel(BaseModel):
+    """Base of every request model: unknown fields are kept aside and logged."""
+
+    model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="after")
+    def _log_ignored_fields(self) -> OpenAIModel:
+        if self.model_extra:
+            logger.info("ignoring unknown request fields: %s", sorted(self.model_extra))
+        return self
+
+
+class ImageGenerationRequest(OpenAIModel):
+    prompt: str = Field(min_length=1)
+    model: str | None = None
+    n: int | None = Field(default=None, ge=1)
+    size: str | None = None
+    quality: Quality | None = None
+    style: Literal["vivid", "natural"] | None = None
+    response_format: Literal["url", "b64_json"] | None = None
+    output_format: OutputFormat | None = None
+    output_compression: int | None = Field(default=None, ge=0, le=100)
+    background: Literal["transparent", "opaque", "auto"] | None = None
+    moderation: Literal["low", "auto"] | None = None
+    stream: bool | None = None
+    partial_images: int | None = Field(default=None, ge=0, le=3)
+    user: str | None = None
+
+    # Extensions (the current openai client sends them with extra_body).
+    negative_prompt: str | None = None
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    num_inference_steps: int | None = Field(default=None, ge=1, le=150)
+    guidance_scale: float | None = Field(default=None, ge=0.0, le=30.0)
+    high_noise_frac: float | None = Field(default=None, gt=0.0, lt=1.0)
+    refiner: RefinerMode | None = None
+    scheduler: Literal[SCHEDULER_NAMES] | None = None  # type: ignore[valid-type]
+    width: int | None = Field(default=None, ge=8)
+    height: int | None = Field(default=None, ge=8)
+
+    @field_validator("size")
+    @classmethod
+    def _size_is_wxh_or_auto(cls, size: str | None) -> str | None:
+        if size is not None and size != AUTO_SIZE:
+            parse_size(size)
+        return size
+
+
+class ImageData(BaseModel):
+    b64_json: str | None = None
+    url: str | None = None
+    revised_prompt: str | None = None
+    seed: int
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[ImageData]
+    size: str
+    output_format: OutputFormat
+    quality: str
+    background: Literal["opaque"] = "opaque"
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "stabilityai"
+    preset: str | None = None
+    warning: str | None = None
+    details: dict[str, object] = {}
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
