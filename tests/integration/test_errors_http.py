@@ -1,0 +1,127 @@
+"""Every bad input gets an OpenAI-shaped error with the right status, and the service stays up."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def assert_error(
+    response: httpx.Response, status: int, param: str | None, code: str | None = None
+) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}, body
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"] and "Traceback" not in error["message"]
+    assert error["param"] == param
+    if code is not None:
+        assert error["code"] == code
+    return error
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"prompt": "x", "n": 0}, "n"),
+        ({"prompt": "x", "n": 11}, "n"),
+        ({"prompt": "x", "n": "two"}, "n"),
+        ({"prompt": "x", "size": "abc"}, "size"),
+        ({"prompt": "x", "size": "100x100"}, "size"),
+        ({"prompt": "x", "size": "8x8"}, "size"),
+        ({"prompt": "x", "size": "4096x4096"}, "size"),
+        ({"prompt": "x", "width": 512}, "height"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": "x", "response_format": "gif"}, "response_format"),
+        ({"prompt": "x", "output_format": "bmp"}, "output_format"),
+        ({"prompt": "x", "output_compression": 101, "output_format": "jpeg"}, "output_compression"),
+        ({"prompt": "x", "output_compression": 50}, "output_compression"),
+        ({"prompt": "x", "quality": "ultra"}, "quality"),
+        ({"prompt": "x", "seed": -1}, "seed"),
+        ({"prompt": "x", "num_inference_steps": 0}, "num_inference_steps"),
+        ({"prompt": "x", "high_noise_frac": 1.5}, "high_noise_frac"),
+        ({"prompt": "x", "refiner": "both"}, "refiner"),
+        ({"prompt": "x", "scheduler": "magic"}, "scheduler"),
+        ({"prompt": "x", "guidance_scale": "loud"}, "guidance_scale"),
+        ({"prompt": "x", "background": "transparent"}, "background"),
+        ({"prompt": "x", "stream": True}, "stream"),
+    ],
+)
+def test_bad_values_are_400_naming_the_parameter(
+    http: httpx.Client, body: dict[str, Any], param: str
+) -> None:
+    error = assert_error(http.post("/images/generations", json=body), 400, param)
+    assert error["type"] == "invalid_request_error"
+
+
+def test_missing_prompt(http: httpx.Client) -> None:
+    assert_error(
+        http.post("/images/generations", json={"n": 1}), 400, "prompt", "missing_required_parameter"
+    )
+
+
+def test_malformed_json(http: httpx.Client) -> None:
+    response = http.post(
+        "/images/generations", content=b'{"prompt": ', headers={"content-type": "application/json"}
+    )
+    assert_error(response, 400, None, "invalid_json")
+
+
+def test_body_that_is_not_an_object(http: httpx.Client) -> None:
+    assert_error(http.post("/images/generations", json=["prompt"]), 400, None)
+
+
+def test_unknown_model_is_404(http: httpx.Client) -> None:
+    response = http.post("/images/generations", json={"prompt": "x", "model": "midjourney-7"})
+    assert_error(response, 404, "model", "model_not_found")
+
+
+def test_unknown_path_and_method(http: httpx.Client) -> None:
+    assert_error(http.get("/nope"), 404, None)
+    assert_error(http.get("/images/generations"), 405, None)
+    assert_error(http.get("/images/files/not-a-real-id"), 404, "file_id", "file_not_found")
+
+
+def test_edits_and_variations_are_refused_clearly(http: httpx.Client) -> None:
+    for path in ("/images/edits", "/images/variations"):
+        error = assert_error(http.post(path, files={"image": ("a.png", b"x")}), 400, None)
+        assert "generations" in error["message"]
+
+
+def test_oversized_body_is_413(http: httpx.Client) -> None:
+    response = http.post(
+        "/images/generations",
+        content=b'{"prompt": "' + b"x" * (51 * 1024 * 1024) + b'"}',
+        headers={"content-type": "application/json"},
+    )
+    assert_error(response, 413, None)
+
+
+def test_overlong_prompt(http: httpx.Client) -> None:
+    assert_error(http.post("/images/generations", json={"prompt": "x" * 4001}), 400, "prompt")
+
+
+def test_unknown_fields_are_ignored(http: httpx.Client) -> None:
+    body = {"prompt": "x", "size": "64x64", "frobnicate": True, "api_version": "2024"}
+    response = http.post("/images/generations", json=body)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["data"]) == 1
+
+
+def test_health_endpoints(service: Any) -> None:
+    assert httpx.get(f"{service.root}/v1").json() == {"status": True}
+    assert httpx.get(f"{service.root}/v1/").json() == {"status": True}
+    assert httpx.get(f"{service.root}/livez").status_code == 200
+    assert httpx.get(f"{service.root}/readyz").status_code == 200
+
+
+def test_service_still_up_after_errors(http: httpx.Client) -> None:
+    for body in ({"prompt": "x", "n": 0}, {"prompt": "x", "size": "abc"}, {}):
+        assert http.post("/images/generations", json=body).status_code == 400
+    response = http.post("/images/generations", json={"prompt": "x", "size": "64x64"})
+    assert response.status_code == 200

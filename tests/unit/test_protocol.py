@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from sdxl_service.jobs import RefinerMode
+from sdxl_service.protocol import SCHEDULER_NAMES, ImageGenerationRequest
+
+
+def test_minimal_request_defaults_are_unset() -> None:
+    request = ImageGenerationRequest(prompt="x")
+    assert request.n is None and request.size is None and request.response_format is None
+
+
+def test_unknown_fields_are_kept_aside_not_rejected() -> None:
+    request = ImageGenerationRequest.model_validate({"prompt": "x", "engine": "dalle"})
+    assert request.model_extra == {"engine": "dalle"}
+
+
+def test_extensions_parse() -> None:
+    request = ImageGenerationRequest.model_validate(
+        {"prompt": "x", "seed": 0, "refiner": "sequential", "scheduler": "unipc"}
+    )
+    assert request.seed == 0
+    assert request.refiner is RefinerMode.SEQUENTIAL
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("size", "big"), ("n", 0), ("seed", -3), ("scheduler", "nope"), ("quality", "best")],
+)
+def test_bad_values_name_the_field(field: str, value: object) -> None:
+    with pytest.raises(ValidationError) as info:
+        ImageGenerationRequest.model_validate({"prompt": "x", field: value})
+    assert info.value.errors()[0]["loc"][0] == field
+
+
+def test_scheduler_names_match_the_engine() -> None:
+    from sdxl_service.schedulers import SCHEDULERS
+
+    assert set(SCHEDULER_NAMES) == set(SCHEDULERS)
