@@ -15,11 +15,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
 
 import bentoml
 
-from sdxl_service.http_app import create_app
+from sdxl_service.http_app import MountRootAlias, create_app
 from sdxl_service.jobs import GenerationJob, GenerationOutcome
 from sdxl_service.settings import DEFAULT_PORT, SERVICE_ID, get_settings
 
 settings = get_settings()
+API_PREFIX = "/v1"
 
 
 @bentoml.service(
@@ -63,7 +64,7 @@ def _current_serving() -> Any:
     http={"port": DEFAULT_PORT},
     traffic={"timeout": settings.traffic_timeout},
 )
-@bentoml.asgi_app(create_app(_current_serving, settings.max_body_bytes), path="/v1")
+@bentoml.asgi_app(create_app(_current_serving, settings.max_body_bytes), path=API_PREFIX)
 class ImagesAPI:
     pipeline = bentoml.depends(SDXLPipeline)
 
@@ -75,3 +76,6 @@ class ImagesAPI:
         self.serving = ImagesServing(
             settings, BentoPipelineClient(self.pipeline), open_file_store(settings)
         )
+
+
+ImagesAPI.add_asgi_middleware(MountRootAlias, path=API_PREFIX)

@@ -59,6 +59,22 @@ class BodySizeLimit:
         await self.app(scope, replay, send)
 
 
+class MountRootAlias:
+    """Serves `/v1` as `/v1/` instead of Starlette's 307 redirect.
+
+    The Prem app health-checks `GET {baseUrl}/v1` and counts only a 2xx as up.
+    """
+
+    def __init__(self, app: ASGIApp, path: str) -> None:
+        self.app = app
+        self.path = path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == self.path:
+            scope = {**scope, "path": self.path + "/", "raw_path": (self.path + "/").encode()}
+        await self.app(scope, receive, send)
+
+
 def create_app(get_serving: Callable[[], ImagesServing], max_body_bytes: int) -> FastAPI:
     app = FastAPI(
         title="stable-diffusion-xl-with-refiner",

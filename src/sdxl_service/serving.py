@@ -191,6 +191,13 @@ class ImagesServing:
 
     async def generate(self, req: ImageGenerationRequest, http_request: Request) -> ImagesResponse:
         info = await self.model_info()
+        if info and info.get("error"):
+            raise APIError(
+                503,
+                f"The model failed to load: {info['error']}",
+                code="model_load_failed",
+                headers={"x-should-retry": "false"},
+            )
         if not info or not info.get("loaded"):
             raise unavailable(
                 "The model is still loading; try again shortly.", LOADING_RETRY_AFTER, "loading"
