@@ -6,11 +6,14 @@ from collections.abc import Callable
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import APIError, install_error_handlers
 from .protocol import ImageGenerationRequest, ImagesResponse, ModelList
 from .serving import ImagesServing
+
+_ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 
 class BodySizeLimit:
@@ -117,5 +120,16 @@ def create_app(get_serving: Callable[[], ImagesServing], max_body_bytes: int) ->
             "(POST /v1/images/generations).",
             code="unsupported_endpoint",
         ).response()
+
+    # Last: BentoML mounts this app "passively" and would answer unknown
+    # paths under /v1 with a plain-text 404 of its own.
+    @app.api_route("/{unknown_path:path}", methods=_ALL_METHODS, include_in_schema=False)
+    async def unknown_path(request: Request) -> JSONResponse:
+        for route in app.router.routes:
+            if route.name != "unknown_path" and route.matches(request.scope)[0] == Match.PARTIAL:
+                message = f"Method {request.method} is not allowed on {request.url.path}."
+                return APIError(405, message, code="method_not_allowed").response()
+        message = f"Unknown path: {request.method} {request.url.path}."
+        return APIError(404, message, code="not_found").response()
 
     return app

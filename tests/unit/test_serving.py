@@ -185,3 +185,12 @@ def test_models_list_warns_for_tiny(client) -> None:
     card = client.get("/models").json()["data"][0]
     assert card["id"] == "stable-diffusion-xl-with-refiner"
     assert card["preset"] == "tiny" and "noise" in card["warning"]
+
+
+def test_unknown_paths_and_methods_are_openai_errors(client) -> None:
+    response = client.get("/no/such/path")
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "not_found"
+    response = client.delete("/images/generations")
+    assert response.status_code == 405
+    assert response.json()["error"]["code"] == "method_not_allowed"

@@ -1,0 +1,315 @@
+"""`make bench`: the CPU benchmarks on the tiny preset, measured side by side in one run.
+
+Prints a table, writes bench/results/cpu.json and the CPU section of
+docs/PERFORMANCE.md. This machine is shared and noisy: compare the ratios
+within one run, not absolute numbers across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from tests.service_process import REPO, start_service, stop_service
+
+RESULTS = REPO / "bench" / "results" / "cpu.json"
+PERFORMANCE_DOC = REPO / "docs" / "PERFORMANCE.md"
+START_MARK, END_MARK = "<!-- cpu-bench:start -->", "<!-- cpu-bench:end -->"
+SMALL_JOB = {"prompt": "bench", "size": "64x64", "num_inference_steps": 4, "refiner": "ensemble"}
+TARGETS = {
+    "overhead_p50_ms": 10.0,
+    "throughput_ratio_c8_c1": 3.0,
+    "png_b64_1024_ms": 40.0,
+    "livez_p99_ms": 50.0,
+}
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q))
+
+
+def timed(fn: Callable[[], Any], repeat: int) -> list[float]:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+# ---- encoding ---------------------------------------------------------------
+
+
+def photo_like(size: int = 1024) -> Image.Image:
+    """Smooth gradients with fine texture: closer to a photo than pure noise."""
+    y, x = np.mgrid[0:size, 0:size] / size
+    rng = np.random.default_rng(0)
+    channels = [
+        128 + 100 * np.sin(6 * x + 3 * y),
+        128 + 100 * np.cos(5 * y - 2 * x * y),
+        128 + 80 * np.sin(9 * x * y),
+    ]
+    rgb = np.stack(channels, axis=-1) + rng.normal(0, 6, (size, size, 3))
+    return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
+
+
+def noise(size: int = 1024) -> Image.Image:
+    rng = np.random.default_rng(1)
+    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def bench_encoding(repeat: int) -> list[dict[str, Any]]:
+    from sdxl_service.encoding import to_base64
+
+    cases: list[tuple[str, dict[str, Any]]] = [
+        (f"png level {level}", {"format": "PNG", "compress_level": level}) for level in (0, 1, 3, 6)
+    ]
+    cases += [("jpeg q95", {"format": "JPEG", "quality": 95})]
+    cases += [("webp q95", {"format": "WEBP", "quality": 95})]
+    rows = []
+    for content, image in (("photo-like", photo_like()), ("noise", noise())):
+        for name, options in cases:
+
+            def encode(image: Image.Image = image, options: dict = options) -> str:
+                buffer = io.BytesIO()
+                image.save(buffer, **options)
+                return to_base64(buffer.getvalue())
+
+            times = timed(encode, repeat)
+            rows.append(
+                {
+                    "content": content,
+                    "encoding": name,
+                    "ms_p50": 1000 * statistics.median(times),
+                    "kib_base64": len(encode()) / 1024,
+                }
+            )
+    return rows
+
+
+# ---- service overhead ---------------------------------------------------------
+
+
+def direct_engine_times(cache_dir: Path, repeat: int) -> list[float]:
+    from sdxl_service.engine import Engine
+    from sdxl_service.jobs import ImageTask, RefinerMode, RenderBatch, RenderParams
+    from sdxl_service.settings import Preset, Settings
+    from sdxl_service.sizing import render_size
+
+    settings = Settings(preset=Preset.TINY, cache_dir=cache_dir)
+    engine = Engine.load(settings)
+    # The same work the service does for SMALL_JOB, sizes included.
+    width, height = render_size(
+        64, 64, engine.native_resolution, render_native=True, max_pixels=settings.max_pixels
+    )
+    params = RenderParams(
+        width, height, 4, settings.guidance_scale, 0.8, RefinerMode.ENSEMBLE, "euler"
+    )
+    batch = RenderBatch(params, [ImageTask("bench", "", 1)])
+    engine.render(batch)  # warm-up
+    return timed(lambda: engine.render(batch), repeat)
+
+
+def http_times(api: str, repeat: int) -> list[float]:
+    with httpx.Client(timeout=120) as client:
+        body = {**SMALL_JOB, "seed": 1}
+        client.post(f"{api}/images/generations", json=body).raise_for_status()
+        return timed(
+            lambda: client.post(f"{api}/images/generations", json=body).raise_for_status(), repeat
+        )
+
+
+# ---- throughput and liveness -------------------------------------------------------
+
+
+def throughput(api: str, concurrency: int, requests: int) -> float:
+    def one(i: int) -> None:
+        body = {**SMALL_JOB, "seed": i, "prompt": f"bench {i}"}
+        httpx.post(f"{api}/images/generations", json=body, timeout=300).raise_for_status()
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(one, range(requests)))
+    return requests / (time.perf_counter() - start)
+
+
+def liveness_while_saturated(root: str, probes: int) -> dict[str, float]:
+    stop = threading.Event()
+
+    def load(i: int) -> None:
+        with httpx.Client(timeout=300) as client:
+            while not stop.is_set():
+                body = {**SMALL_JOB, "seed": i, "size": "512x512", "num_inference_steps": 8}
+                client.post(f"{root}/v1/images/generations", json=body)
+
+    workers = [threading.Thread(target=load, args=(i,), daemon=True) for i in range(16)]
+    for worker in workers:
+        worker.start()
+    time.sleep(2.0)
+    result: dict[str, float] = {}
+    with httpx.Client(timeout=30) as client:
+        for path in ("/livez", "/readyz", "/v1", "/v1/models"):
+            times = []
+            for _ in range(probes):
+                start = time.perf_counter()
+                client.get(f"{root}{path}").raise_for_status()
+                times.append(time.perf_counter() - start)
+                time.sleep(0.01)
+            result[f"{path} p50 ms"] = 1000 * percentile(times, 50)
+            result[f"{path} p99 ms"] = 1000 * percentile(times, 99)
+    stop.set()
+    for worker in workers:
+        worker.join(timeout=120)
+    return result
+
+
+# ---- report ------------------------------------------------------------------
+
+
+def markdown(results: dict[str, Any]) -> str:
+    o, t, lv = results["overhead"], results["throughput"], results["liveness"]
+    rows = [
+        (
+            f"service overhead p50 (HTTP {o['http_p50_ms']:.1f} ms - engine "
+            f"{o['engine_p50_ms']:.1f} ms)",
+            f"{o['overhead_p50_ms']:.1f} ms",
+            f"< {TARGETS['overhead_p50_ms']:.0f} ms",
+        ),
+        ("service overhead p95", f"{o['overhead_p95_ms']:.1f} ms", ""),
+        (
+            "throughput c=8 / c=1, batching on",
+            f"{t['ratio_c8_c1']:.2f}x",
+            f">= {TARGETS['throughput_ratio_c8_c1']:.0f}x",
+        ),
+        (
+            "PNG (level 1) + base64, 1024x1024 photo-like",
+            f"{results['png_b64_1024_ms']:.1f} ms",
+            f"< {TARGETS['png_b64_1024_ms']:.0f} ms",
+        ),
+        (
+            "/livez p99 while saturated",
+            f"{lv['/livez p99 ms']:.1f} ms",
+            f"< {TARGETS['livez_p99_ms']:.0f} ms",
+        ),
+    ]
+    lines = [
+        f"Measured {results['date']} on {results['machine']} (tiny preset, `make bench`).",
+        "",
+        "| measure | result | target |",
+        "|---|---|---|",
+        *(f"| {name} | {value} | {target} |" for name, value, target in rows),
+        "",
+        "Throughput (images/s, 64x64, 4 steps, n=1 per request):",
+        "",
+        "| concurrency | batching on | batching off | on / off |",
+        "|---|---|---|---|",
+    ]
+    for c in t["concurrency"]:
+        on, off = t["on"][str(c)], t["off"][str(c)]
+        lines.append(f"| {c} | {on:.2f} | {off:.2f} | {on / off:.2f}x |")
+    lines += [
+        "",
+        "Liveness while 16 clients keep the pipeline saturated:",
+        "",
+        "| probe | ms |",
+        "|---|---|",
+    ]
+    lines += [f"| {k} | {v:.1f} |" for k, v in lv.items()]
+    lines += ["", "Encoding a 1024x1024 image and base64 (median ms, size of the base64):", ""]
+    lines += ["| content | encoding | ms | KiB |", "|---|---|---|---|"]
+    lines += [
+        f"| {r['content']} | {r['encoding']} | {r['ms_p50']:.1f} | {r['kib_base64']:.0f} |"
+        for r in results["encoding"]
+    ]
+    return "\n".join(lines)
+
+
+def write_doc(section: str) -> None:
+    text = PERFORMANCE_DOC.read_text() if PERFORMANCE_DOC.exists() else ""
+    block = f"{START_MARK}\n{section}\n{END_MARK}"
+    if START_MARK in text:
+        head, rest = text.split(START_MARK, 1)
+        text = head + block + rest.split(END_MARK, 1)[1]
+    else:
+        text += f"\n## CPU benchmark (tiny preset)\n\n{block}\n"
+    PERFORMANCE_DOC.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
+    args = parser.parse_args()
+    repeat = 5 if args.quick else 30
+    work = Path(tempfile.mkdtemp(prefix="sdxl-bench-"))
+    cache_dir = REPO / ".cache" / "sdxl-service"
+    results: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU",
+    }
+
+    print("encoding ...", flush=True)
+    results["encoding"] = bench_encoding(3 if args.quick else 10)
+    results["png_b64_1024_ms"] = next(
+        r["ms_p50"]
+        for r in results["encoding"]
+        if r["content"] == "photo-like" and r["encoding"] == "png level 1"
+    )
+
+    print("direct engine ...", flush=True)
+    engine_times = direct_engine_times(cache_dir, repeat)
+
+    concurrency = [1, 4, 8, 16]
+    tput: dict[str, Any] = {"concurrency": concurrency, "on": {}, "off": {}}
+    for mode, max_batch in (("on", "8"), ("off", "1")):
+        print(f"service, batching {mode} ...", flush=True)
+        service = start_service(work / f"batching-{mode}", {"SDXL_MAX_BATCH_IMAGES": max_batch})
+        try:
+            if mode == "on":
+                http = http_times(service.api, repeat)
+                e50, e95 = percentile(engine_times, 50), percentile(engine_times, 95)
+                h50, h95 = percentile(http, 50), percentile(http, 95)
+                results["overhead"] = {
+                    "engine_p50_ms": 1000 * e50,
+                    "http_p50_ms": 1000 * h50,
+                    "overhead_p50_ms": 1000 * (h50 - e50),
+                    "overhead_p95_ms": 1000 * (h95 - e95),
+                }
+            for c in concurrency:
+                requests = max(8, 2 * c) if args.quick else max(16, 4 * c)
+                tput[mode][str(c)] = throughput(service.api, c, requests)
+                print(f"  c={c}: {tput[mode][str(c)]:.2f} images/s", flush=True)
+            if mode == "on":
+                print("liveness while saturated ...", flush=True)
+                results["liveness"] = liveness_while_saturated(
+                    service.root, 50 if args.quick else 200
+                )
+        finally:
+            stop_service(service)
+    tput["ratio_c8_c1"] = tput["on"]["8"] / tput["on"]["1"]
+    results["throughput"] = tput
+
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    section = markdown(results)
+    print(section)
+    if not args.quick:
+        write_doc(section)
+
+
+if __name__ == "__main__":
+    main()
