@@ -1,0 +1,293 @@
+"""The tiny preset: an SDXL base + refiner pair with random weights, built offline.
+
+Same classes, same folder layout and the same conditioning shapes as
+stabilityai/stable-diffusion-xl-{base,refiner}-1.0, only narrow, so that the
+real loading and rendering code runs on a CPU in about a second.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+# Bump when any config below changes: the folder name is the cache key.
+TINY_VERSION = "tiny-v1"
+TINY_SEED = 20230726  # SDXL 1.0's release date; any fixed value works
+
+BOS_TOKEN = "<|startoftext|>"
+EOS_TOKEN = "<|endoftext|>"
+CLIP_MAX_LENGTH = 77
+
+# 32-wide text encoders: base cross-attention sees both concatenated (32 + 32),
+# as SDXL concatenates 768 + 1280 into 2048.
+TEXT_HIDDEN = 32
+TEXT_PROJECTION = 32
+TIME_EMBED_DIM = 8
+BASE_TIME_IDS = 6  # original size, crop top-left, target size
+REFINER_TIME_IDS = 5  # original size, crop top-left, aesthetic score
+
+# Latent side 8 -> native 64 px: the tiny preset never renders above what a
+# request asks for, which keeps CPU tests fast.
+TINY_SAMPLE_SIZE = 8
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable character table (ByteLevel pre-tokenizer)."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    chars = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars), strict=True))
+
+
+def clip_vocab() -> dict[str, int]:
+    """Byte-level vocabulary: every byte alone and as a word end, then BOS/EOS.
+
+    EOS gets the highest id, as in the real CLIP vocabulary, because CLIP text
+    models with a legacy `eos_token_id` pool at `input_ids.argmax()`.
+    """
+    symbols = list(_bytes_to_unicode().values())
+    tokens = symbols + [s + "</w>" for s in symbols] + [BOS_TOKEN, EOS_TOKEN]
+    return {token: index for index, token in enumerate(tokens)}
+
+
+def write_clip_tokenizer_files(folder: Path, pad_token: str = EOS_TOKEN) -> None:
+    """A tokenizer folder as the SDXL repos ship it: vocab.json + merges.txt, no tokenizer.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in ("tokenizer.json", "special_tokens_map.json"):
+        (folder / stale).unlink(missing_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(clip_vocab(), ensure_ascii=False))
+    # No merges: every word is spelled byte by byte, which is all random weights need.
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer_config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": CLIP_MAX_LENGTH,
+        "bos_token": BOS_TOKEN,
+        "eos_token": EOS_TOKEN,
+        "unk_token": EOS_TOKEN,
+        "pad_token": pad_token,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+
+
+def build_clip_tokenizer(pad_token: str = EOS_TOKEN) -> Any:
+    """A CLIPTokenizer that needs no download; every text maps to in-vocabulary ids."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer(
+        vocab=clip_vocab(),
+        merges=[],
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        unk_token=EOS_TOKEN,
+        pad_token=pad_token,
+        model_max_length=CLIP_MAX_LENGTH,
+    )
+
+
+def _text_config(vocab: dict[str, int], *, hidden_act: str) -> dict[str, Any]:
+    return {
+        "vocab_size": len(vocab),
+        "hidden_size": TEXT_HIDDEN,
+        "intermediate_size": 2 * TEXT_HIDDEN,
+        "projection_dim": TEXT_PROJECTION,
+        # Two layers at least: SDXL conditions on the penultimate hidden state.
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": CLIP_MAX_LENGTH,
+        "hidden_act": hidden_act,
+        "bos_token_id": vocab[BOS_TOKEN],
+        "eos_token_id": vocab[EOS_TOKEN],
+        "pad_token_id": vocab[EOS_TOKEN],
+    }
+
+
+def base_unet_config() -> dict[str, Any]:
+    return {
+        "sample_size": TINY_SAMPLE_SIZE,
+        "in_channels": 4,
+        "out_channels": 4,
+        "layers_per_block": 1,
+        "block_out_channels": [32, 64, 64],
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "transformer_layers_per_block": [1, 1, 2],
+        "attention_head_dim": [2, 4, 4],
+        "cross_attention_dim": 2 * TEXT_HIDDEN,
+        "use_linear_projection": True,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": TIME_EMBED_DIM,
+        "projection_class_embeddings_input_dim": TEXT_PROJECTION + BASE_TIME_IDS * TIME_EMBED_DIM,
+        "norm_num_groups": 32,
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+    }
+
+
+def refiner_unet_config() -> dict[str, Any]:
+    return {
+        "sample_size": TINY_SAMPLE_SIZE,
+        "in_channels": 4,
+        "out_channels": 4,
+        "layers_per_block": 1,
+        "block_out_channels": [32, 64, 64, 64],
+        "down_block_types": [
+            "DownBlock2D",
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "DownBlock2D",
+        ],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "transformer_layers_per_block": 1,
+        "attention_head_dim": [2, 4, 4, 4],
+        "cross_attention_dim": TEXT_HIDDEN,
+        "use_linear_projection": True,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": TIME_EMBED_DIM,
+        "projection_class_embeddings_input_dim": TEXT_PROJECTION
+        + REFINER_TIME_IDS * TIME_EMBED_DIM,
+        "norm_num_groups": 32,
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+    }
+
+
+def vae_config() -> dict[str, Any]:
+    # Four blocks, as SDXL's VAE: three downsamplings, scale factor 8.
+    return {
+        "in_channels": 3,
+        "out_channels": 3,
+        "latent_channels": 4,
+        "block_out_channels": [8, 16, 32, 32],
+        "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "up_block_types": ["UpDecoderBlock2D"] * 4,
+        "layers_per_block": 1,
+        "norm_num_groups": 8,
+        "sample_size": TINY_SAMPLE_SIZE * 8,
+        "scaling_factor": 0.13025,
+        "force_upcast": True,
+    }
+
+
+def scheduler_config() -> dict[str, Any]:
+    """SDXL 1.0's published EulerDiscreteScheduler config (both repos ship the same)."""
+    return {
+        "num_train_timesteps": 1000,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "prediction_type": "epsilon",
+        "steps_offset": 1,
+        "timestep_spacing": "leading",
+        "interpolation_type": "linear",
+        "use_karras_sigmas": False,
+        "sample_max_value": 1.0,
+        "set_alpha_to_one": False,
+        "skip_prk_steps": True,
+        "clip_sample": False,
+    }
+
+
+def build_tiny_pipelines() -> tuple[Any, Any]:
+    """Random-weight base and refiner pipelines, identical on every call."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLImg2ImgPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    vocab = clip_vocab()
+    # fork_rng: seeding must not leak into the caller's global RNG state.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        vae = AutoencoderKL.from_config(vae_config())
+        text_encoder = CLIPTextModel(CLIPTextConfig(**_text_config(vocab, hidden_act="quick_gelu")))
+        text_encoder_2 = CLIPTextModelWithProjection(
+            CLIPTextConfig(**_text_config(vocab, hidden_act="gelu"))
+        )
+        base_unet = UNet2DConditionModel.from_config(base_unet_config())
+        refiner_unet = UNet2DConditionModel.from_config(refiner_unet_config())
+
+    # As in the SDXL repos, the second tokenizer pads with "!" (id 0), the first with EOS.
+    tokenizer = build_clip_tokenizer()
+    tokenizer_2 = build_clip_tokenizer(pad_token="!")
+
+    base = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=base_unet,
+        scheduler=EulerDiscreteScheduler.from_config(scheduler_config()),
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+    refiner = StableDiffusionXLImg2ImgPipeline(
+        vae=vae,
+        text_encoder=None,
+        text_encoder_2=text_encoder_2,
+        tokenizer=None,
+        tokenizer_2=tokenizer_2,
+        unet=refiner_unet,
+        scheduler=EulerDiscreteScheduler.from_config(scheduler_config()),
+        requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
+        add_watermarker=False,
+    )
+    return base, refiner
+
+
+def tiny_pair_dir(cache_dir: Path) -> Path:
+    return Path(cache_dir) / TINY_VERSION
+
+
+def ensure_tiny_pair(cache_dir: Path) -> tuple[Path, Path]:
+    """Build the tiny pair under `cache_dir` unless already there; return (base, refiner) folders.
+
+    Safe when several processes start at once: each builds in its own temporary
+    folder and renames it into place; the first rename wins, the others discard
+    their copy (the weights are identical anyway).
+    """
+    final = tiny_pair_dir(cache_dir)
+    base_dir, refiner_dir = final / "base", final / "refiner"
+    if (final / "COMPLETE").is_file():
+        return base_dir, refiner_dir
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{TINY_VERSION}-", dir=final.parent))
+    try:
+        base, refiner = build_tiny_pipelines()
+        base.save_pretrained(staging / "base")
+        refiner.save_pretrained(staging / "refiner")
+        write_clip_tokenizer_files(staging / "base" / "tokenizer")
+        write_clip_tokenizer_files(staging / "base" / "tokenizer_2", pad_token="!")
+        write_clip_tokenizer_files(staging / "refiner" / "tokenizer_2", pad_token="!")
+        (staging / "COMPLETE").write_text(json.dumps({"version": TINY_VERSION}) + "\n")
+        try:
+            os.rename(staging, final)
+        except OSError:
+            # Another process renamed its identical copy into place first.
+            if not (final / "COMPLETE").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return base_dir, refiner_dir
