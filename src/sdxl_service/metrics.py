@@ -1,0 +1,134 @@
+"""Prometheus metrics of the service, served by BentoML on `/metrics`.
+
+BentoML 1.4 (`bentoml serve`) starts every service process with
+`PROMETHEUS_MULTIPROC_DIR` set to one directory shared by all services, and its
+`/metrics` route aggregates every file in it with `MultiProcessCollector`. So
+plain `prometheus_client` objects work (`bentoml.metrics` is a deprecated alias
+of it), and what the pipeline process records shows up on the HTTP service's
+`/metrics` too. In that mode a gauge needs a `multiprocess_mode`; "livesum"
+drops the values of worker processes that died.
+
+Collectors are created once per registry and process: prometheus_client
+refuses to register a name twice, and tests build many `ServiceMetrics`.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+PREFIX = "sdxl"
+
+# Stages of one image, in the order it goes through them; engine.py reports
+# base/refiner/decode, the scheduler queue_wait, the HTTP service encode.
+STAGES = ("queue_wait", "base", "refiner", "decode", "encode")
+
+BATCH_BUCKETS = tuple(float(n) for n in range(1, 17))
+# From a 64x64 tiny-preset image (ms) to a queued SDXL request (minutes).
+SECONDS_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+)
+
+
+class _Collectors:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.queue_images = Gauge(
+            f"{PREFIX}_queue_images",
+            "Images waiting in the batch queue of the pipeline service.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.requests_in_flight = Gauge(
+            f"{PREFIX}_requests_in_flight",
+            "Generation requests submitted to the pipeline and not answered yet.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.images_generated = Counter(
+            f"{PREFIX}_images_generated",
+            "Images rendered by the pipeline.",
+            registry=registry,
+        )
+        self.batch_images = Histogram(
+            f"{PREFIX}_batch_images",
+            "Images per pipeline call.",
+            registry=registry,
+            buckets=BATCH_BUCKETS,
+        )
+        self.stage_seconds = Histogram(
+            f"{PREFIX}_stage_seconds",
+            "Seconds one image (queue_wait, encode) or one pipeline call "
+            "(base, refiner, decode) spent in a stage.",
+            ["stage"],
+            registry=registry,
+            buckets=SECONDS_BUCKETS,
+        )
+        self.rejected = Counter(
+            f"{PREFIX}_rejected",
+            "Generation requests answered without images, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+
+
+_lock = threading.Lock()
+# Weak keys: a test's registry (and its collectors) goes away with the test.
+_by_registry: weakref.WeakKeyDictionary[CollectorRegistry, _Collectors] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _collectors_for(registry: CollectorRegistry) -> _Collectors:
+    with _lock:
+        collectors = _by_registry.get(registry)
+        if collectors is None:
+            collectors = _by_registry[registry] = _Collectors(registry)
+        return collectors
+
+
+class ServiceMetrics:
+    """The service's metrics; cheap to create, any number of times."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        # A private registry gives a test fresh counters; the default one is
+        # what /metrics serves.
+        self.registry = registry if registry is not None else REGISTRY
+        self._c = _collectors_for(self.registry)
+
+    def observe_stage(self, stage: str, seconds: float) -> None:
+        # Unknown stages are a programming error; refusing them keeps the
+        # label's cardinality fixed.
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+        self._c.stage_seconds.labels(stage=stage).observe(seconds)
+
+    def observe_batch(self, n: int) -> None:
+        self._c.batch_images.observe(n)
+
+    def count_images(self, n: int) -> None:
+        self._c.images_generated.inc(n)
+
+    def reject(self, reason: str) -> None:
+        self._c.rejected.labels(reason=reason).inc()
+
+    def set_queue_depth(self, n: int) -> None:
+        self._c.queue_images.set(n)
+
+    def set_requests_in_flight(self, n: int) -> None:
+        self._c.requests_in_flight.set(n)
