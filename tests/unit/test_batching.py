@@ -1,0 +1,581 @@
+"""BatchScheduler: grouping, fairness, backpressure, cancellation, faults.
+
+The render functions here run on the scheduler's worker thread. Tests that need
+a definite queue state hold the worker inside a "gate" render until the jobs
+they need are queued, so no test depends on how fast a thread wakes up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from prometheus_client import CollectorRegistry
+
+from sdxl_service.batching import BatchScheduler
+from sdxl_service.jobs import (
+    GenerationJob,
+    GenerationOutcome,
+    OutcomeStatus,
+    OutOfMemory,
+    RefinerMode,
+    RenderBatch,
+    RenderCancelled,
+)
+from sdxl_service.metrics import ServiceMetrics
+
+# Generous: only reached when a behaviour is broken, never in a passing run.
+WAIT_S = 10.0
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def run(coro: Coroutine[Any, Any, None]) -> None:
+    asyncio.run(asyncio.wait_for(coro, 30))
+
+
+def make_job(
+    request_id: str,
+    n: int = 1,
+    *,
+    seed: int = 0,
+    prompt: str | None = None,
+    size: int = 8,
+    steps: int = 2,
+    deadline: float | None = None,
+) -> GenerationJob:
+    return GenerationJob(
+        request_id=request_id,
+        prompt=prompt if prompt is not None else request_id,
+        seeds=[seed + i for i in range(n)],
+        width=size,
+        height=size,
+        steps=steps,
+        guidance_scale=5.0,
+        high_noise_frac=0.8,
+        refiner=RefinerMode.ENSEMBLE,
+        scheduler="euler",
+        deadline=deadline,
+    )
+
+
+def seed_image(seed: int, size: int) -> Image.Image:
+    return Image.new("RGB", (size, size), (seed % 256, seed // 256 % 256, 7))
+
+
+class FakeRender:
+    """Records every call; images encode their seed so order can be checked.
+
+    A task whose prompt is in `gates` blocks the call until that event is set
+    (polling should_stop like diffusers' step callback); `fail(batch)` may
+    return an exception to raise instead of rendering.
+    """
+
+    def __init__(self, fail: Callable[[RenderBatch], Exception | None] | None = None) -> None:
+        self.calls: list[list[tuple[str, int]]] = []
+        self.batches: list[RenderBatch] = []
+        self.gates: dict[str, threading.Event] = {}
+        self.started: dict[str, threading.Event] = {}
+        self.stopped_by_callback: list[str] = []
+        self.fail = fail
+        self.lock = threading.Lock()
+
+    def gate(self, prompt: str) -> threading.Event:
+        self.started[prompt] = threading.Event()
+        self.gates[prompt] = threading.Event()
+        return self.gates[prompt]
+
+    def __call__(self, batch: RenderBatch) -> list[Image.Image]:
+        with self.lock:
+            self.calls.append([(t.prompt, t.seed) for t in batch.tasks])
+            self.batches.append(batch)
+        if self.fail is not None and (exc := self.fail(batch)) is not None:
+            raise exc
+        for prompt in {t.prompt for t in batch.tasks}:
+            if prompt in self.gates:
+                self.started[prompt].set()
+                deadline = time.monotonic() + WAIT_S
+                while not self.gates[prompt].is_set() and time.monotonic() < deadline:
+                    if batch.should_stop():
+                        self.stopped_by_callback.append(prompt)
+                        raise RenderCancelled()
+                    time.sleep(0.002)
+        return [seed_image(t.seed, batch.params.width) for t in batch.tasks]
+
+    def seeds_seen(self, prompt: str) -> list[int]:
+        return [seed for call in self.calls for p, seed in call if p == prompt]
+
+    def prompts_per_call(self) -> list[list[str]]:
+        return [sorted({p for p, _ in call}) for call in self.calls]
+
+
+def scheduler(render: Callable[[RenderBatch], list[Image.Image]], **kw: Any) -> BatchScheduler:
+    options: dict[str, Any] = dict(max_batch_images=8, batch_wait_ms=0, max_queue_images=64)
+    options.update(kw)
+    return BatchScheduler(render, **options)
+
+
+async def wait_event(event: threading.Event) -> None:
+    assert await asyncio.to_thread(event.wait, WAIT_S), "render never started"
+
+
+async def hold_worker(
+    render: FakeRender, sched: BatchScheduler, n: int = 1
+) -> tuple[threading.Event, asyncio.Task]:
+    """Keeps the worker busy in a render of its own until the event is set."""
+    release = render.gate("gate")
+    task = asyncio.create_task(sched.submit(make_job("gate", n, size=16, seed=90_000)))
+    await wait_event(render.started["gate"])
+    return release, task
+
+
+def assert_ok(outcome: GenerationOutcome, seeds: list[int], size: int = 8) -> None:
+    assert outcome.status is OutcomeStatus.OK, outcome.message
+    assert [im.seed for im in outcome.images] == seeds
+    for im in outcome.images:
+        assert (im.width, im.height) == (size, size)
+        assert im.rgb == seed_image(im.seed, size).tobytes()
+
+
+# --- grouping ---------------------------------------------------------------
+
+
+def test_compatible_jobs_share_one_render_call() -> None:
+    async def main() -> None:
+        render = FakeRender()
+        sched = scheduler(render)
+        release, gate = await hold_worker(render, sched)
+        a = asyncio.create_task(sched.submit(make_job("a", 2, seed=10)))
+        b = asyncio.create_task(sched.submit(make_job("b", 3, seed=20)))
+        await asyncio.sleep(0)
+        release.set()
+        assert_ok(await a, [10, 11])
+        assert_ok(await b, [20, 21, 22])
+        await gate
+        assert render.calls[1:] == [[("a", 10), ("a", 11), ("b", 20), ("b", 21), ("b", 22)]]
+        await sched.stop()
+
+    run(main())
+
+
+def test_batch_wait_gathers_a_job_that_arrives_later() -> None:
+    async def main() -> None:
+        render = FakeRender()
+        # The batch fills at 2 images, so the long wait is never spent in full.
+        sched = scheduler(render, max_batch_images=2, batch_wait_ms=WAIT_S * 1000)
+        a = asyncio.create_task(sched.submit(make_job("a", seed=1)))
+        await asyncio.sleep(0.05)
+        b = asyncio.create_task(sched.submit(make_job("b", seed=2)))
+        assert_ok(await a, [1])
+        assert_ok(await b, [2])
+        assert render.prompts_per_call() == [["a", "b"]]
+        await sched.stop()
+
+    run(main())
+
+
+def test_incompatible_jobs_render_separately_without_waiting() -> None:
+    async def main() -> None:
+        render = FakeRender()
+        # Other-params work in the queue means no waiting for company: with a
+        # 100 s batch wait, the asyncio.wait_for below would fail otherwise.
+        # The gate and c fill their batches, so they never wait either.
+        sched = scheduler(render, batch_wait_ms=100_000, max_batch_images=4)
+        release, gate = await hold_worker(render, sched, n=4)
+        a = asyncio.create_task(sched.submit(make_job("a", seed=1, size=8)))
+        b = asyncio.create_task(sched.submit(make_job("b", seed=2, size=16)))
+        c = asyncio.create_task(sched.submit(make_job("c", 4, seed=3, size=8, steps=3)))
+        await asyncio.sleep(0)
+        release.set()
+        assert_ok(await asyncio.wait_for(a, WAIT_S), [1])
+        assert_ok(await asyncio.wait_for(b, WAIT_S), [2], size=16)
+        assert_ok(await asyncio.wait_for(c, WAIT_S), [3, 4, 5, 6])
+        await gate
+        assert render.prompts_per_call()[1:] == [["a"], ["b"], ["c"]]
+        await sched.stop()
+
+    run(main())
+
+
+def test_max_batch_images_splits_a_large_job_and_reassembles_seed_order() -> None:
+    async def main() -> None:
+        render = FakeRender()
+        sched = scheduler(render, max_batch_images=3)
+        release, gate = await hold_worker(render, sched)
+        a = asyncio.create_task(sched.submit(make_job("a", 2, seed=100)))
+        b = asyncio.create_task(sched.submit(make_job("b", 7, seed=200)))
+        await asyncio.sleep(0)
+        release.set()
+        assert_ok(await a, [100, 101])
+        assert_ok(await b, list(range(200, 207)))
+        await gate
+        sizes = [len(call) for call in render.calls[1:]]
+        assert sizes == [3, 3, 3]
+        assert render.calls[1] == [("a", 100), ("a", 101), ("b", 200)]
+        await sched.stop()
+
+    run(main())
+
+
+def test_oldest_image_decides_the_batch_fifo() -> None:
+    async def main() -> None:
+        render = FakeRender()
+        sched = scheduler(render)
+        release, gate = await hold_worker(render, sched)
+        hold_a = render.gate("a")
+        a = asyncio.create_task(sched.submit(make_job("a", seed=1, size=8)))
+        b = asyncio.create_task(sched.submit(make_job("b", seed=2, size=16)))
+        c = asyncio.create_task(sched.submit(make_job("c", seed=3, size=8)))
+        await asyncio.sleep(0)
+        release.set()
+        await wait_event(render.started["a"])
+        # Arrives while a+c render; b is older, so b goes first even though
+        # d could have joined a batch of its own params.
+        d = asyncio.create_task(sched.submit(make_job("d", seed=4, size=8)))
+        await asyncio.sleep(0)
+        hold_a.set()
+        for task, seed, size in ((a, 1, 8), (b, 2, 16), (c, 3, 8), (d, 4, 8)):
+            assert_ok(await task, [seed], size=size)
+        await gate
+        assert render.prompts_per_call()[1:] == [["a", "c"], ["b"], ["d"]]
+        await sched.stop()
+
+    run(main())
+
+
+# --- backpressure -----------------------------------------------------------
+
+
+def test_queue_full_is_rejected_with_retry_after_and_nothing_queued() -> None:
+    async def main() -> None:
+        render = FakeRender()
+        registry = CollectorRegistry()
+        sched = scheduler(render, max_queue_images=4, metrics=ServiceMetrics(registry))
+        release, gate = await hold_worker(render, sched)
+        queued = asyncio.create_task(sched.submit(make_job("q", 3, seed=10)))
+        await asyncio.sleep(0)
+        assert (sched.running_images, sched.queued_images) == (1, 3)
+
+        outcome = await sched.submit(make_job("late", 1, seed=50))
+
+        assert outcome.status is OutcomeStatus.QUEUE_FULL
+        assert outcome.retry_after is not None and outcome.retry_after >= 1
+        assert "busy" in outcome.message
+        assert sched.queued_images == 3
+        assert registry.get_sample_value("sdxl_rejected_total", {"reason": "queue_full"}) == 1
+        release.set()
+        assert_ok(await queued, [10, 11, 12])
+        await gate
+        assert render.seeds_seen("late") == []
+        await sched.stop()
+
+    run(main())
+
+
+# --- cancellation and timeouts ----------------------------------------------
+
+
+def test_cancel_of_a_queued_job_drops_its_images() -> None:
+    async def main() -> None:
+        render = FakeRender()
+        sched = scheduler(render)
+        release, gate = await hold_worker(render, sched)
+        a = asyncio.create_task(sched.submit(make_job("a", 3, seed=10)))
+        b = asyncio.create_task(sched.submit(make_job("b", 1, seed=20)))
+        await asyncio.sleep(0)
+
+        assert sched.cancel("a") is True
+        assert sched.queued_images == 1
+        assert (await a).status is OutcomeStatus.CANCELLED
+        assert sched.cancel("a") is False
+        release.set()
+        assert_ok(await b, [20])
+        await gate
+        assert render.seeds_seen("a") == []
+        await sched.stop()
+
+    run(main())
+
+
+def test_cancel_of_the_only_job_stops_the_running_batch_and_next_job_runs() -> None:
+    async def main() -> None:
+        render = FakeRender()
+        sched = scheduler(render)
+        render.gate("long")  # never released: only should_stop ends it
+        long = asyncio.create_task(sched.submit(make_job("long", 2, size=16)))
+        await wait_event(render.started["long"])
+        nxt = asyncio.create_task(sched.submit(make_job("next", seed=5)))
+        await asyncio.sleep(0)
+
+        assert sched.cancel("long") is True
+
+        assert (await long).status is OutcomeStatus.CANCELLED
+        assert_ok(await asyncio.wait_for(nxt, WAIT_S), [5])
+        assert render.stopped_by_callback == ["long"]
+        assert render.batches[0].should_stop() is True
+        await sched.stop()
+
+    run(main())
+
+
+def test_cancel_of_one_job_keeps_a_batch_running_for_the_other() -> None:
+    async def main() -> None:
+        render = FakeRender()
+        sched = scheduler(render)
+        release, gate = await hold_worker(render, sched)
+        hold = render.gate("a")
+        a = asyncio.create_task(sched.submit(make_job("a", seed=1)))
+        b = asyncio.create_task(sched.submit(make_job("b", seed=2)))
+        await asyncio.sleep(0)
+        release.set()
+        await wait_event(render.started["a"])
+        batch = render.batches[1]
+        assert [t.prompt for t in batch.tasks] == ["a", "b"]
+
+        assert sched.cancel("a") is True
+        assert (await a).status is OutcomeStatus.CANCELLED
+        assert batch.should_stop() is False
+        hold.set()
+
+        assert_ok(await b, [2])
+        assert render.stopped_by_callback == []
+        await gate
+        await sched.stop()
+
+    run(main())
+
+
+def test_cancelling_the_submit_task_cancels_the_job() -> None:
+    async def main() -> None:
+        render = FakeRender()
+        sched = scheduler(render)
+        render.gate("long")
+        task = asyncio.create_task(sched.submit(make_job("long", size=16)))
+        await wait_event(render.started["long"])
+
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+        assert_ok(await asyncio.wait_for(sched.submit(make_job("next", seed=9)), WAIT_S), [9])
+        assert render.stopped_by_callback == ["long"]
+        assert (sched.queued_images, sched.running_images) == (0, 0)
+        await sched.stop()
+
+    run(main())
+
+
+def test_deadline_passing_while_rendering_times_out_and_stops_the_batch() -> None:
+    async def main() -> None:
+        render = FakeRender()
+        sched = scheduler(render)
+        render.gate("slow")  # never released
+        outcome = await sched.submit(make_job("slow", size=16, deadline=time.time() + 0.3))
+        assert outcome.status is OutcomeStatus.TIMEOUT
+        assert_ok(await asyncio.wait_for(sched.submit(make_job("next", seed=3)), WAIT_S), [3])
+        assert render.stopped_by_callback == ["slow"]
+        await sched.stop()
+
+    run(main())
+
+
+def test_deadline_passing_while_queued_times_out_without_rendering() -> None:
+    async def main() -> None:
+        render = FakeRender()
+        sched = scheduler(render)
+        release, gate = await hold_worker(render, sched)
+        outcome = await sched.submit(make_job("late", seed=4, deadline=time.time() + 0.1))
+        assert outcome.status is OutcomeStatus.TIMEOUT
+        assert sched.queued_images == 0
+        expired = await sched.submit(make_job("expired", seed=5, deadline=time.time() - 1))
+        assert expired.status is OutcomeStatus.TIMEOUT
+        release.set()
+        await gate
+        assert render.seeds_seen("late") == render.seeds_seen("expired") == []
+        await sched.stop()
+
+    run(main())
+
+
+# --- faults -------------------------------------------------------------------
+
+
+def test_out_of_memory_splits_the_batch_and_every_job_succeeds() -> None:
+    def oom_above_two(batch: RenderBatch) -> Exception | None:
+        return OutOfMemory() if len(batch.tasks) > 2 and batch.tasks[0].prompt != "gate" else None
+
+    async def main() -> None:
+        render = FakeRender(fail=oom_above_two)
+        sched = scheduler(render)
+        release, gate = await hold_worker(render, sched)
+        a = asyncio.create_task(sched.submit(make_job("a", 3, seed=10)))
+        b = asyncio.create_task(sched.submit(make_job("b", 2, seed=20)))
+        await asyncio.sleep(0)
+        release.set()
+        assert_ok(await a, [10, 11, 12])
+        assert_ok(await b, [20, 21])
+        await gate
+        assert [len(call) for call in render.calls[1:]] == [5, 2, 3, 1, 2]
+        await sched.stop()
+
+    run(main())
+
+
+def test_out_of_memory_on_one_image_fails_its_job_and_service_stays_up() -> None:
+    def oom_when_large(batch: RenderBatch) -> Exception | None:
+        return OutOfMemory() if batch.params.width >= 64 else None
+
+    async def main() -> None:
+        render = FakeRender(fail=oom_when_large)
+        registry = CollectorRegistry()
+        sched = scheduler(render, metrics=ServiceMetrics(registry))
+        outcome = await sched.submit(make_job("huge", 2, size=64))
+        assert outcome.status is OutcomeStatus.OUT_OF_MEMORY
+        assert "smaller size or n" in outcome.message
+        assert_ok(await sched.submit(make_job("small", seed=1)), [1])
+        # 2 images -> 1 + 1; the job failed on the first, the second is skipped.
+        assert [len(call) for call in render.calls] == [2, 1, 1]
+        reason = {"reason": "out_of_memory"}
+        assert registry.get_sample_value("sdxl_rejected_total", reason) == 1
+        await sched.stop()
+
+    run(main())
+
+
+def test_unexpected_exception_is_an_error_and_scheduler_keeps_serving(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def explode(batch: RenderBatch) -> Exception | None:
+        return ValueError("boom") if batch.tasks[0].prompt == "bad" else None
+
+    async def main() -> None:
+        render = FakeRender(fail=explode)
+        sched = scheduler(render)
+        with caplog.at_level(logging.ERROR, logger="sdxl_service.batching"):
+            outcome = await sched.submit(make_job("bad"))
+        assert outcome.status is OutcomeStatus.ERROR
+        assert "boom" in outcome.message
+        assert "Traceback" not in outcome.message
+        assert any(r.exc_info and "boom" in str(r.exc_info[1]) for r in caplog.records)
+        assert_ok(await sched.submit(make_job("good", seed=3)), [3])
+        await sched.stop()
+
+    run(main())
+
+
+def test_stop_answers_pending_jobs_and_does_not_hang() -> None:
+    async def main() -> None:
+        render = FakeRender()
+        sched = scheduler(render)
+        render.gate("long")  # never released
+        long = asyncio.create_task(sched.submit(make_job("long", size=16)))
+        await wait_event(render.started["long"])
+        queued = asyncio.create_task(sched.submit(make_job("queued")))
+        await asyncio.sleep(0)
+
+        await asyncio.wait_for(sched.stop(), WAIT_S)
+
+        assert (await long).status is OutcomeStatus.ERROR
+        assert (await queued).status is OutcomeStatus.ERROR
+        after = await sched.submit(make_job("after"))
+        assert after.status is OutcomeStatus.ERROR
+        assert "shutting down" in after.message
+
+    run(main())
+
+
+# --- metrics ------------------------------------------------------------------
+
+
+def test_metrics_record_batches_images_and_queue_wait() -> None:
+    async def main() -> None:
+        registry = CollectorRegistry()
+        render = FakeRender()
+        sched = scheduler(render, metrics=ServiceMetrics(registry))
+        release, gate = await hold_worker(render, sched)
+        a = asyncio.create_task(sched.submit(make_job("a", 3)))
+        await asyncio.sleep(0)
+        assert registry.get_sample_value("sdxl_queue_images") == 3
+        assert registry.get_sample_value("sdxl_requests_in_flight") == 2
+        release.set()
+        await a
+        await gate
+        await sched.stop()
+
+        value = registry.get_sample_value
+        assert value("sdxl_images_generated_total") == 4
+        assert value("sdxl_batch_images_count") == 2
+        assert value("sdxl_batch_images_sum") == 4
+        assert value("sdxl_stage_seconds_count", {"stage": "queue_wait"}) == 4
+        assert value("sdxl_queue_images") == 0
+        assert value("sdxl_requests_in_flight") == 0
+
+    run(main())
+
+
+# --- a real render function -----------------------------------------------------
+
+
+def noise_render(batch: RenderBatch) -> list[Image.Image]:
+    """A small real pipeline: per-image seeded latents, then batched float math.
+
+    Like diffusers, one generator per image; the convolution runs over the
+    whole batch at once, so batched and alone results are compared for real.
+    """
+    side = batch.params.width
+    latents = torch.stack(
+        [
+            torch.randn(4, side, side, generator=torch.Generator().manual_seed(t.seed))
+            for t in batch.tasks
+        ]
+    )
+    conv = torch.nn.Conv2d(4, 3, 3, padding=1)
+    with torch.no_grad():
+        torch.manual_seed(0)  # same weights in every call
+        conv.reset_parameters()
+        for _ in range(batch.params.steps):
+            latents[:, :3] = torch.tanh(conv(latents)) + latents[:, :3] * 0.5
+        rgb = ((latents[:, :3].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return [Image.fromarray(x.permute(1, 2, 0).numpy(), "RGB") for x in rgb]
+
+
+def test_seed_reproduces_image_in_batch_with_a_real_render() -> None:
+    async def main() -> None:
+        solo = scheduler(noise_render, batch_wait_ms=0)
+        alone = await solo.submit(make_job("alone", 2, seed=42, size=32, steps=3))
+        await solo.stop()
+        # 1 + 2 + 3 images fill the batch of 6; the long wait makes sure they meet.
+        sizes: list[int] = []
+
+        def recorded(batch: RenderBatch) -> list[Image.Image]:
+            sizes.append(len(batch.tasks))
+            return noise_render(batch)
+
+        sched = scheduler(recorded, batch_wait_ms=WAIT_S * 1000, max_batch_images=6)
+        together = await asyncio.gather(
+            sched.submit(make_job("x", 1, seed=7, size=32, steps=3)),
+            sched.submit(make_job("y", 2, seed=42, size=32, steps=3)),
+            sched.submit(make_job("z", 3, seed=1000, size=32, steps=3)),
+        )
+        await sched.stop()
+
+        assert sizes == [6]
+        assert all(o.status is OutcomeStatus.OK for o in [alone, *together])
+        batched = together[1]
+        assert [im.seed for im in batched.images] == [42, 43]
+        for one, other in zip(alone.images, batched.images, strict=True):
+            a = np.frombuffer(one.rgb, np.uint8).astype(int)
+            b = np.frombuffer(other.rgb, np.uint8).astype(int)
+            # Float math may round a pixel differently in a batch on CPU.
+            assert np.abs(a - b).max() <= 1
+        assert alone.images[0].rgb != alone.images[1].rgb
+
+    run(main())
