@@ -1,0 +1,73 @@
+"""Schedulers by name, built from SDXL's own scheduler config."""
+
+from __future__ import annotations
+
+import pytest
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
+
+from sdxl_service.schedulers import DEFAULT_SCHEDULER, SCHEDULERS, make_scheduler
+from sdxl_service.tiny import scheduler_config
+
+EXPECTED_CLASSES = {
+    "euler": EulerDiscreteScheduler,
+    "euler_a": EulerAncestralDiscreteScheduler,
+    "dpmpp_2m": DPMSolverMultistepScheduler,
+    "dpmpp_2m_karras": DPMSolverMultistepScheduler,
+    "ddim": DDIMScheduler,
+    "unipc": UniPCMultistepScheduler,
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_CLASSES))
+def test_each_name_builds_its_scheduler_on_the_models_noise_schedule(name: str) -> None:
+    scheduler = make_scheduler(name, scheduler_config())
+    assert type(scheduler) is EXPECTED_CLASSES[name]
+    # SDXL's training schedule survives the change of sampler.
+    assert scheduler.config.beta_schedule == "scaled_linear"
+    assert scheduler.config.beta_start == 0.00085
+    assert scheduler.config.beta_end == 0.012
+    assert scheduler.config.timestep_spacing == "leading"
+    assert scheduler.config.steps_offset == 1
+    # First order in diffusers' sense: the ensemble split needs no step fix-up.
+    assert scheduler.order == 1
+
+
+def test_dpmpp_variants_differ_only_in_karras_sigmas() -> None:
+    plain = make_scheduler("dpmpp_2m", scheduler_config())
+    karras = make_scheduler("dpmpp_2m_karras", scheduler_config())
+    for scheduler in (plain, karras):
+        assert scheduler.config.algorithm_type == "dpmsolver++"
+        assert scheduler.config.solver_order == 2
+    assert plain.config.use_karras_sigmas is False
+    assert karras.config.use_karras_sigmas is True
+    plain.set_timesteps(10)
+    karras.set_timesteps(10)
+    assert plain.sigmas.tolist() != karras.sigmas.tolist()
+
+
+def test_every_call_gets_a_fresh_scheduler() -> None:
+    first = make_scheduler("euler", scheduler_config())
+    first.set_timesteps(5)
+    second = make_scheduler("euler", scheduler_config())
+    assert first is not second
+    assert second.num_inference_steps is None
+
+
+def test_unknown_name_lists_the_valid_ones() -> None:
+    with pytest.raises(ValueError) as raised:
+        make_scheduler("k_lms_fancy", scheduler_config())
+    message = str(raised.value)
+    assert "k_lms_fancy" in message
+    for name in SCHEDULERS:
+        assert name in message
+
+
+def test_default_is_sdxls_own_euler() -> None:
+    assert DEFAULT_SCHEDULER == "euler"
+    assert SCHEDULERS[DEFAULT_SCHEDULER].class_name == "EulerDiscreteScheduler"
