@@ -39,6 +39,10 @@ class SDXLPipeline:
     def __is_ready__(self) -> bool:
         return self.host.is_ready()
 
+    @bentoml.on_shutdown
+    async def shutdown(self) -> None:
+        await self.host.stop()
+
     def __is_alive__(self) -> bool:
         return self.host.is_alive()
 
@@ -70,11 +74,15 @@ class ImagesAPI:
 
     def __init__(self) -> None:
         from sdxl_service.files import open_file_store
+        from sdxl_service.metrics import ServiceMetrics
         from sdxl_service.pipeline_client import BentoPipelineClient
         from sdxl_service.serving import ImagesServing
 
         self.serving = ImagesServing(
-            settings, BentoPipelineClient(self.pipeline), open_file_store(settings)
+            settings,
+            BentoPipelineClient(self.pipeline),
+            open_file_store(settings),
+            ServiceMetrics(),
         )
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -78,6 +79,32 @@ class MountRootAlias:
         await self.app(scope, receive, send)
 
 
+async def completed_events(response: ImagesResponse) -> AsyncIterator[bytes]:
+    """stream=true: one `image_generation.completed` event per image.
+
+    Partial previews are not produced (partial_images=0 behaviour): SDXL latents
+    mid-way are noise, and decoding them would cost the GPU a VAE pass each.
+    """
+    for item in response.data:
+        event = {
+            "type": "image_generation.completed",
+            "b64_json": item.b64_json,
+            "created_at": response.created,
+            "size": response.size,
+            "quality": response.quality,
+            "background": response.background,
+            "output_format": response.output_format,
+            "seed": item.seed,
+            "usage": {
+                "input_tokens": 0,
+                "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
+                "output_tokens": 0,
+                "total_tokens": 0,
+            },
+        }
+        yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
+
+
 def create_app(get_serving: Callable[[], ImagesServing], max_body_bytes: int) -> FastAPI:
     app = FastAPI(
         title="stable-diffusion-xl-with-refiner",
@@ -103,8 +130,11 @@ def create_app(get_serving: Callable[[], ImagesServing], max_body_bytes: int) ->
     )
     async def create_image(
         body: ImageGenerationRequest, request: Request, images: ImagesServing = Depends(serving)
-    ) -> ImagesResponse:
-        return await images.generate(body, request)
+    ) -> ImagesResponse | StreamingResponse:
+        response = await images.generate(body, request)
+        if body.stream:
+            return StreamingResponse(completed_events(response), media_type="text/event-stream")
+        return response
 
     @app.get("/images/files/{file_id}", name="image_file")
     async def image_file(file_id: str, images: ImagesServing = Depends(serving)) -> Response:

@@ -75,6 +75,10 @@ class PipelineHost:
             )
         return await self._get_scheduler().submit(job)
 
+    async def stop(self) -> None:
+        if self._scheduler is not None:
+            await self._scheduler.stop()
+
     def cancel(self, request_id: str) -> bool:
         return self._scheduler is not None and self._scheduler.cancel(request_id)
 

@@ -21,6 +21,7 @@ from .encoding import CONTENT_TYPES, encode_image, resize_to, to_base64, to_pil
 from .errors import APIError, invalid_value, unavailable
 from .files import FileStore
 from .jobs import GenerationJob, GenerationOutcome, OutcomeStatus, RefinerMode, RenderedImage
+from .metrics import ServiceMetrics
 from .pipeline_client import LOADING_RETRY_AFTER, PipelineClient
 from .protocol import (
     OPENAI_IMAGE_MODEL_PREFIX,
@@ -40,6 +41,8 @@ AUTO_SIZE_PIXELS = (1024, 1024)
 # OpenAI quality -> denoising steps (base + refiner together).
 QUALITY_STEPS = {"low": 20, "medium": 30, "standard": 30, "high": 50, "hd": 50}
 DISCONNECT_POLL_SECONDS = 0.25
+# Expired `url` files are swept at most this often, on the back of a new one.
+PURGE_INTERVAL_SECONDS = 60.0
 TINY_WARNING = (
     "Serving the TINY preset: random weights, images are noise. "
     "Set SDXL_PRESET=sdxl on a machine with a CUDA GPU for real SDXL."
@@ -62,12 +65,20 @@ class ClientDisconnected(Exception):
 
 
 class ImagesServing:
-    def __init__(self, settings: Settings, pipeline: PipelineClient, files: FileStore) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        pipeline: PipelineClient,
+        files: FileStore,
+        metrics: ServiceMetrics | None = None,
+    ) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.pipeline = pipeline
         self.files = files
         self.limits = SizeLimits(settings.min_side, settings.max_side, settings.max_pixels)
         self._model_info: dict[str, Any] | None = None
+        self._last_purge = 0.0
         self._started = int(time.time())
 
     # ---- model information -------------------------------------------------
@@ -136,11 +147,9 @@ class ImagesServing:
                 "SDXL cannot make transparent images; use background 'opaque' or 'auto'.",
                 code="unsupported_value",
             )
-        if req.stream:
+        if req.stream and req.response_format == "url":
             raise invalid_value(
-                "stream",
-                "Streaming is not supported by this server; send stream=false.",
-                code="unsupported_value",
+                "response_format", "Streamed images are sent as b64_json; drop response_format."
             )
         n = req.n or 1
         if n > s.max_n:
@@ -199,6 +208,8 @@ class ImagesServing:
                 headers={"x-should-retry": "false"},
             )
         if not info or not info.get("loaded"):
+            if self.metrics:
+                self.metrics.reject("loading")
             raise unavailable(
                 "The model is still loading; try again shortly.", LOADING_RETRY_AFTER, "loading"
             )
@@ -268,14 +279,32 @@ class ImagesServing:
     ) -> list[ImageData]:
         data = []
         for rendered in images:
+            started = time.perf_counter()
             picture = resize_to(to_pil(rendered), resolved.width, resolved.height)
             encoded = encode_image(picture, resolved.output_format, resolved.output_compression)
+            if self.metrics:
+                self.metrics.observe_stage("encode", time.perf_counter() - started)
             if resolved.response_format == "url":
                 file_id = self.files.put(encoded, CONTENT_TYPES[resolved.output_format])
                 data.append(ImageData(url=f"{base_url}/images/files/{file_id}", seed=rendered.seed))
             else:
                 data.append(ImageData(b64_json=to_base64(encoded), seed=rendered.seed))
+        if resolved.response_format == "url":
+            self._purge_if_due()
         return data
+
+    def _purge_if_due(self) -> None:
+        now = time.monotonic()
+        if now - self._last_purge < PURGE_INTERVAL_SECONDS:
+            return
+        self._last_purge = now
+        try:
+            purged = self.files.purge_expired()
+        except Exception:
+            logger.warning("purging expired image files failed", exc_info=True)
+            return
+        if purged:
+            logger.info("purged %d expired image files", purged)
 
     def _public_base_url(self, request: Request) -> str:
         """Absolute URL of /v1 as the client sees it (behind proxies too)."""

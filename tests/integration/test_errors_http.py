@@ -49,7 +49,7 @@ def assert_error(
         ({"prompt": "x", "scheduler": "magic"}, "scheduler"),
         ({"prompt": "x", "guidance_scale": "loud"}, "guidance_scale"),
         ({"prompt": "x", "background": "transparent"}, "background"),
-        ({"prompt": "x", "stream": True}, "stream"),
+        ({"prompt": "x", "stream": True, "response_format": "url"}, "response_format"),
     ],
 )
 def test_bad_values_are_400_naming_the_parameter(

@@ -151,3 +151,10 @@ def test_models_lists_the_service_and_warns_about_tiny(client: OpenAI) -> None:
     assert [m.id for m in models] == ["stable-diffusion-xl-with-refiner"]
     assert models[0].model_extra["preset"] == "tiny"
     assert "noise" in models[0].model_extra["warning"]
+
+
+def test_stream_with_the_current_client(client: OpenAI) -> None:
+    stream = client.images.generate(prompt="x", size="64x64", stream=True, extra_body={"seed": 8})
+    events = list(stream)
+    assert [event.type for event in events] == ["image_generation.completed"]
+    assert decode(events[0].b64_json).size == (64, 64)

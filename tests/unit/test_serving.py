@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from typing import Any
 
 import numpy as np
@@ -194,3 +195,29 @@ def test_unknown_paths_and_methods_are_openai_errors(client) -> None:
     response = client.delete("/images/generations")
     assert response.status_code == 405
     assert response.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_expired_url_files_are_purged_when_new_ones_are_stored(painter, tmp_path) -> None:
+    store = LocalFileStore(tmp_path, ttl_seconds=0)
+    serving = ImagesServing(Settings(files_dir=tmp_path), painter, store)
+    client = TestClient(create_app(lambda: serving, 10_000))
+    body = {"prompt": "x", "size": "64x64", "response_format": "url"}
+    client.post("/images/generations", json=body)
+    serving._last_purge = 0.0  # the first sweep ran before the file existed
+    client.post("/images/generations", json=body)
+    assert list(tmp_path.glob("*.json")) == []
+
+
+def test_stream_sends_one_completed_event_per_image(client) -> None:
+    body = {"prompt": "x", "size": "64x64", "n": 2, "seed": 4, "stream": True}
+    response = client.post("/images/generations", json=body)
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = [block for block in response.text.split("\n\n") if block]
+    assert len(events) == 2
+    for event, seed in zip(events, (4, 5), strict=True):
+        name, data = event.split("\n")
+        assert name == "event: image_generation.completed"
+        payload = json.loads(data.removeprefix("data: "))
+        assert payload["type"] == "image_generation.completed"
+        assert payload["seed"] == seed
+        assert decode(payload["b64_json"]).size == (64, 64)
