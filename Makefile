@@ -46,5 +46,15 @@ bench-gpu: install
 build: install
 	$(BIN)/bentoml build --version $$(git describe --always --dirty 2>/dev/null || echo dev)
 
+# Renders the registry's example prompts through a running service (real weights).
+EXAMPLES_URL ?= http://localhost:$(PORT)/v1
+examples: install
+	$(BIN)/python scripts/render_examples.py $(EXAMPLES_URL) $(EXAMPLES_ARGS)
+
+# After `bentoml containerize`: records the image and its size in the registry manifest.
+registry-image-size:
+	@test -n "$(IMAGE)" || { echo "usage: make registry-image-size IMAGE=repo/name:TAG" >&2; exit 2; }
+	scripts/registry_image_size.sh $(IMAGE)
+
 clean:
 	rm -rf $(VENV) $(LEGACY_VENV) .pytest_cache .ruff_cache
