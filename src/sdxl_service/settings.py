@@ -56,7 +56,8 @@ class Settings(BaseSettings):
     render_native: bool = True
     min_side: int = 64
     max_side: int = 2048
-    max_pixels: int = 2048 * 2048
+    # 1536² keeps one image well inside a 24 GiB card (2048² may not fit).
+    max_pixels: int = 1536 * 1536
     max_n: int = 10
     max_prompt_chars: int = 4000
 
