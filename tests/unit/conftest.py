@@ -5,9 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from sdxl_service.settings import Preset, Settings
 from sdxl_service.tiny import ensure_tiny_pair
+
+# The tiny models gain nothing from intra-op threads, and OpenMP threads spin
+# when other processes hold the cores: on this 2-core machine under load the
+# engine tests took 26 s with 2 threads and 12 s with 1.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

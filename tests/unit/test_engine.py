@@ -1,0 +1,404 @@
+"""The engine on the real tiny pair: loading, rendering, refiner modes, cancel, OOM, speed-ups."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sdxl_service import engine as engine_module
+from sdxl_service.engine import (
+    Engine,
+    load_pipelines,
+    resolve_device,
+    resolve_dtype,
+    resolve_preset,
+    resolve_vae_dtype,
+    sequential_strength,
+)
+from sdxl_service.jobs import (
+    ImageTask,
+    OutOfMemory,
+    RefinerMode,
+    RenderBatch,
+    RenderCancelled,
+    RenderParams,
+)
+from sdxl_service.schedulers import SCHEDULERS
+from sdxl_service.settings import Preset, Settings
+
+STEPS = 4
+
+
+def params(**overrides: object) -> RenderParams:
+    values: dict[str, object] = {
+        "width": 64,
+        "height": 64,
+        "steps": STEPS,
+        "guidance_scale": 5.0,
+        "high_noise_frac": 0.8,
+        "refiner": RefinerMode.ENSEMBLE,
+        "scheduler": "euler",
+    }
+    values.update(overrides)
+    return RenderParams(**values)
+
+
+def tasks(*seeds: int, negative: str = "") -> list[ImageTask]:
+    return [ImageTask("a red fox in the snow", negative, seed) for seed in seeds]
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+@contextmanager
+def count_unet_calls(engine: Engine) -> Iterator[dict[str, int]]:
+    calls = {"base": 0, "refiner": 0}
+
+    def counter(stage: str):
+        return lambda *_: calls.__setitem__(stage, calls[stage] + 1)
+
+    hooks = [
+        engine.base.unet.register_forward_hook(counter("base")),
+        engine.refiner.unet.register_forward_hook(counter("refiner")),
+    ]
+    try:
+        yield calls
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+# --- loading -----------------------------------------------------------------
+
+
+def test_refiner_shares_text_encoder_2_and_vae_with_base(tiny_engine: Engine) -> None:
+    base, refiner = tiny_engine.base, tiny_engine.refiner
+    assert refiner.text_encoder_2 is base.text_encoder_2
+    assert refiner.vae is base.vae
+    assert refiner.unet is not base.unet
+    assert refiner.text_encoder is None
+    assert refiner.config.requires_aesthetics_score is True
+
+
+def test_describe_reports_what_was_loaded(tiny_engine: Engine, tiny_pair) -> None:
+    info = tiny_engine.describe()
+    assert info["preset"] == "tiny"
+    assert info["base"] == str(tiny_pair[0])
+    assert info["refiner"] == str(tiny_pair[1])
+    assert info["device"] == "cpu"
+    assert info["dtype"] == "float32"
+    assert info["native_resolution"] == 64 == tiny_engine.native_resolution
+    assert info["optimisations"] == {
+        "attention": "sdpa",
+        "vae_dtype": "float32",
+        "channels_last": False,
+        "fuse_qkv": False,
+        "compile": False,
+    }
+
+
+def test_missing_weights_variant_falls_back_to_default_weights(tiny_pair) -> None:
+    base, refiner = load_pipelines(
+        str(tiny_pair[0]), str(tiny_pair[1]), dtype=torch.float32, variant="fp16"
+    )
+    assert refiner.vae is base.vae
+    assert base.unet.dtype == torch.float32
+
+
+# --- rendering ---------------------------------------------------------------
+
+
+def test_render_returns_one_rgb_image_per_task_at_the_requested_size(tiny_engine: Engine) -> None:
+    images = tiny_engine.render(RenderBatch(params(width=96, height=64), tasks(1, 2)))
+    assert len(images) == 2
+    for image in images:
+        assert image.mode == "RGB"
+        assert image.size == (96, 64)
+
+
+def test_empty_batch_renders_nothing(tiny_engine: Engine) -> None:
+    assert tiny_engine.render(RenderBatch(params(), [])) == []
+
+
+def test_seed_reproduces_identical_pixels(tiny_engine: Engine) -> None:
+    first = tiny_engine.render(RenderBatch(params(), tasks(42)))[0]
+    second = tiny_engine.render(RenderBatch(params(), tasks(42)))[0]
+    assert np.array_equal(pixels(first), pixels(second))
+
+
+def test_different_seeds_give_different_images(tiny_engine: Engine) -> None:
+    one, other = tiny_engine.render(RenderBatch(params(), tasks(1, 2)))
+    assert np.abs(pixels(one) - pixels(other)).mean() > 1.0
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "euler_a"])
+def test_image_in_a_batch_equals_the_same_seed_rendered_alone(
+    tiny_engine: Engine, scheduler: str
+) -> None:
+    # Mixed prompts and negatives: an image must not depend on its neighbours.
+    batch = [
+        ImageTask("a lighthouse at dusk", "blurry, low quality", 11),
+        ImageTask("a red fox in the snow", "", 12),
+        ImageTask("a bowl of ramen", "text", 13),
+    ]
+    batched = tiny_engine.render(RenderBatch(params(scheduler=scheduler), batch))
+    for task, image in zip(batch, batched, strict=True):
+        alone = tiny_engine.render(RenderBatch(params(scheduler=scheduler), [task]))[0]
+        assert np.allclose(pixels(image), pixels(alone), atol=2), task
+
+
+def test_base_stage_matches_the_stock_diffusers_pipeline(tiny_engine: Engine) -> None:
+    """Own prompt-embedding path == diffusers' (empty negative -> zeros, as SDXL base expects)."""
+    base = tiny_engine.base
+    for negative in ("", "blurry"):
+        ours = tiny_engine.render(
+            RenderBatch(params(refiner=RefinerMode.NONE), tasks(5, negative=negative))
+        )[0]
+        with torch.inference_mode():
+            latents = base(
+                prompt=["a red fox in the snow"],
+                negative_prompt=[negative] if negative else None,
+                num_inference_steps=STEPS,
+                guidance_scale=5.0,
+                width=64,
+                height=64,
+                generator=[torch.Generator("cpu").manual_seed(5)],
+                output_type="latent",
+            ).images
+            stock = tiny_engine._decode(latents)[0]
+        assert np.allclose(pixels(ours), pixels(stock), atol=1), negative
+
+
+@pytest.mark.parametrize("mode", list(RefinerMode))
+def test_each_refiner_mode_runs_its_stages(tiny_engine: Engine, mode: RefinerMode) -> None:
+    stages: list[str] = []
+    tiny_engine.stage_observer = lambda stage, seconds: stages.append(stage)
+    try:
+        with count_unet_calls(tiny_engine) as calls:
+            images = tiny_engine.render(RenderBatch(params(refiner=mode, steps=10), tasks(3)))
+    finally:
+        tiny_engine.stage_observer = None
+    assert len(images) == 1
+    # Classifier-free guidance runs each UNet once per step on a doubled batch.
+    if mode is RefinerMode.NONE:
+        assert stages == ["base", "decode"]
+        assert calls == {"base": 10, "refiner": 0}
+    elif mode is RefinerMode.ENSEMBLE:
+        assert stages == ["base", "refiner", "decode"]
+        assert calls == {"base": 8, "refiner": 2}
+    else:
+        assert stages == ["base", "refiner", "decode"]
+        assert calls == {"base": 10, "refiner": 2}
+
+
+def test_refiner_modes_give_different_images(tiny_engine: Engine) -> None:
+    rendered = {
+        mode: pixels(tiny_engine.render(RenderBatch(params(refiner=mode), tasks(9)))[0])
+        for mode in RefinerMode
+    }
+    assert not np.array_equal(rendered[RefinerMode.ENSEMBLE], rendered[RefinerMode.NONE])
+    assert not np.array_equal(rendered[RefinerMode.SEQUENTIAL], rendered[RefinerMode.NONE])
+    assert not np.array_equal(rendered[RefinerMode.ENSEMBLE], rendered[RefinerMode.SEQUENTIAL])
+
+
+@pytest.mark.parametrize("scheduler", sorted(SCHEDULERS))
+def test_each_scheduler_splits_the_steps_between_base_and_refiner(
+    tiny_engine: Engine, scheduler: str
+) -> None:
+    with count_unet_calls(tiny_engine) as calls:
+        images = tiny_engine.render(RenderBatch(params(scheduler=scheduler, steps=10), tasks(4, 5)))
+    assert len(images) == 2
+    assert calls["base"] > 0 and calls["refiner"] > 0
+    assert calls["base"] + calls["refiner"] == 10
+    assert pixels(images[0]).std() > 0
+
+
+def test_stage_observer_gets_seconds_per_stage(tiny_settings: Settings) -> None:
+    timings: list[tuple[str, float]] = []
+    engine = Engine.load(tiny_settings, stage_observer=lambda s, t: timings.append((s, t)))
+    engine.render(RenderBatch(params(), tasks(1)))
+    assert [stage for stage, _ in timings] == ["base", "refiner", "decode"]
+    assert all(seconds > 0 for _, seconds in timings)
+
+
+def test_sequential_strength_gives_the_refiner_its_share_of_steps() -> None:
+    # diffusers runs int(steps * strength) img2img steps.
+    for steps, frac, refiner_steps in [(30, 0.8, 6), (4, 0.8, 1), (10, 0.7, 3), (25, 0.8, 5)]:
+        strength = sequential_strength(steps, frac)
+        assert 0 < strength <= 1
+        assert int(steps * strength) == refiner_steps
+    assert int(10 * sequential_strength(10, 0.01)) == 10
+
+
+# --- cancellation and out of memory ------------------------------------------
+
+
+def test_should_stop_cancels_the_render_within_a_step(tiny_engine: Engine) -> None:
+    polls = []
+
+    def stop_on_third_poll() -> bool:
+        polls.append(1)
+        return len(polls) >= 3
+
+    batch = RenderBatch(params(steps=20), tasks(1), should_stop=stop_on_third_poll)
+    with count_unet_calls(tiny_engine) as calls, pytest.raises(RenderCancelled):
+        tiny_engine.render(batch)
+    # Polled before the base, then after each step: stopped after step 2 of 20.
+    assert len(polls) == 3
+    assert calls == {"base": 2, "refiner": 0}
+
+
+def test_should_stop_is_checked_between_stages(tiny_engine: Engine) -> None:
+    base_steps = 8  # of 10 at high_noise_frac 0.8
+    polls = []
+
+    def stop_once_the_base_is_done() -> bool:
+        polls.append(1)
+        # Poll 1 precedes the base, polls 2..9 follow its steps; 10 is the hand-over.
+        return len(polls) == 1 + base_steps + 1
+
+    batch = RenderBatch(params(steps=10), tasks(1), should_stop=stop_once_the_base_is_done)
+    with count_unet_calls(tiny_engine) as calls, pytest.raises(RenderCancelled):
+        tiny_engine.render(batch)
+    assert calls == {"base": base_steps, "refiner": 0}
+
+
+def test_out_of_memory_is_reported_and_the_engine_keeps_working(
+    tiny_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def exhausted(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(tiny_engine.base.unet, "forward", exhausted)
+    with pytest.raises(OutOfMemory) as raised:
+        tiny_engine.render(RenderBatch(params(), tasks(1, 2)))
+    message = str(raised.value)
+    assert "out of memory" in message
+    assert "2 image(s) at 64x64" in message
+    assert "Tried to allocate 20.00 GiB" in message
+
+    monkeypatch.undo()
+    assert len(tiny_engine.render(RenderBatch(params(), tasks(1)))) == 1
+
+
+# --- optimisations -----------------------------------------------------------
+
+
+def test_channels_last_and_fused_qkv_render_the_same_image(
+    tiny_engine: Engine, tiny_settings_factory
+) -> None:
+    from diffusers.models.attention_processor import FusedAttnProcessor2_0
+
+    optimised = Engine.load(tiny_settings_factory(channels_last=True, fuse_qkv=True))
+    assert optimised.optimisations["channels_last"] is True
+    assert optimised.optimisations["fuse_qkv"] is True
+    conv = optimised.base.unet.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    for unet in (optimised.base.unet, optimised.refiner.unet):
+        processors = set(map(type, unet.attn_processors.values()))
+        assert processors == {FusedAttnProcessor2_0}
+
+    for mode in (RefinerMode.ENSEMBLE, RefinerMode.SEQUENTIAL):
+        batch = RenderBatch(params(refiner=mode), tasks(21, 22))
+        plain_images = tiny_engine.render(batch)
+        optimised_images = optimised.render(batch)
+        for plain, fast in zip(plain_images, optimised_images, strict=True):
+            assert np.allclose(pixels(plain), pixels(fast), atol=2)
+
+
+def test_eager_attention_renders_the_same_image(tiny_engine: Engine, tiny_settings_factory) -> None:
+    from diffusers.models.attention_processor import AttnProcessor
+
+    eager = Engine.load(tiny_settings_factory(attention="eager"))
+    assert set(map(type, eager.base.unet.attn_processors.values())) == {AttnProcessor}
+    batch = RenderBatch(params(), tasks(31))
+    assert np.allclose(pixels(tiny_engine.render(batch)[0]), pixels(eager.render(batch)[0]), atol=2)
+
+
+def test_bf16_vae_decode_is_close_to_float32(tiny_engine: Engine, tiny_settings_factory) -> None:
+    bf16_vae = Engine.load(tiny_settings_factory(vae_dtype="bf16"))
+    assert bf16_vae.vae.dtype == torch.bfloat16
+    assert bf16_vae.base.unet.dtype == torch.float32
+    batch = RenderBatch(params(), tasks(41))
+    difference = np.abs(pixels(tiny_engine.render(batch)[0]) - pixels(bf16_vae.render(batch)[0]))
+    assert difference.mean() < 3
+
+
+def test_compile_is_skipped_off_cuda_unless_forced(tiny_settings_factory) -> None:
+    engine = Engine.load(tiny_settings_factory(compile=True))
+    assert engine.optimisations["compile"] is False
+
+
+def test_unknown_attention_is_refused(tiny_settings_factory) -> None:
+    with pytest.raises(ValueError, match="attention"):
+        Engine.load(tiny_settings_factory(attention="flash9"))
+
+
+# --- resolution of auto settings ---------------------------------------------
+
+
+def test_auto_preset_is_sdxl_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_preset(Settings(preset=Preset.AUTO)) is Preset.SDXL
+
+
+def test_auto_preset_falls_back_to_tiny_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with caplog.at_level(logging.WARNING, logger=engine_module.__name__):
+        assert resolve_preset(Settings(preset=Preset.AUTO)) is Preset.TINY
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings and "TINY" in warnings[0].getMessage()
+
+
+def test_explicit_preset_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_preset(Settings(preset=Preset.SDXL)) is Preset.SDXL
+    assert resolve_preset(Settings(preset=Preset.TINY)) is Preset.TINY
+
+
+@pytest.mark.parametrize(
+    ("cuda", "mps", "expected"),
+    [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")],
+)
+def test_auto_device_prefers_cuda_then_mps(
+    monkeypatch: pytest.MonkeyPatch, cuda: bool, mps: bool, expected: str
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    assert resolve_device(Settings(device="auto")) == expected
+    assert resolve_device(Settings(device="cuda:1")) == "cuda:1"
+
+
+def test_dtype_resolution() -> None:
+    assert resolve_dtype(Settings(dtype="auto"), "cuda") == torch.float16
+    assert resolve_dtype(Settings(dtype="auto"), "cuda:0") == torch.float16
+    assert resolve_dtype(Settings(dtype="auto"), "cpu") == torch.float32
+    assert resolve_dtype(Settings(dtype="auto"), "mps") == torch.float32
+    for name, dtype in [
+        ("float16", torch.float16),
+        ("fp16", torch.float16),
+        ("bfloat16", torch.bfloat16),
+        ("bf16", torch.bfloat16),
+        ("float32", torch.float32),
+        ("FP32", torch.float32),
+    ]:
+        assert resolve_dtype(Settings(dtype=name), "cpu") == dtype
+    with pytest.raises(ValueError, match="float16"):
+        resolve_dtype(Settings(dtype="int8"), "cuda")
+
+
+def test_vae_decodes_in_float32_when_fp16_would_overflow(tiny_engine: Engine) -> None:
+    vae = tiny_engine.vae  # force_upcast: true, like SDXL's
+    assert resolve_vae_dtype(Settings(vae_dtype="auto"), torch.float16, vae) == torch.float32
+    assert resolve_vae_dtype(Settings(vae_dtype="auto"), torch.bfloat16, vae) == torch.bfloat16
+    assert resolve_vae_dtype(Settings(vae_dtype="bf16"), torch.float16, vae) == torch.bfloat16
+    assert resolve_vae_dtype(Settings(vae_dtype="fp16"), torch.float16, vae) == torch.float16
