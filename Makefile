@@ -5,7 +5,7 @@ LEGACY_VENV ?= .venv-openai028
 PORT ?= 9225
 BIN := $(VENV)/bin
 
-.PHONY: install legacy-client serve test lint format bench bench-gpu build examples registry-image-size clean
+.PHONY: install legacy-client serve test lint format bench bench-gpu build containerize examples registry-image-size clean
 
 install: $(VENV)/.installed
 
@@ -45,6 +45,12 @@ bench-gpu: install
 
 build: install
 	$(BIN)/bentoml build --version $$(git describe --always --dirty 2>/dev/null || echo dev)
+
+# Needs a docker engine. TMPDIR inside the repo works around BentoML #5566
+# (a dockerfile_template is refused when the build context is outside the cwd).
+containerize: build
+	mkdir -p build
+	TMPDIR=$(CURDIR)/build $(BIN)/bentoml containerize stable-diffusion-xl-with-refiner:latest
 
 # Renders the registry's example prompts through a running service (real weights).
 EXAMPLES_URL ?= http://localhost:$(PORT)/v1
