@@ -18,7 +18,7 @@ from PIL import Image
 from .jobs import OutOfMemory, RefinerMode, RenderBatch, RenderCancelled
 from .schedulers import make_scheduler
 from .settings import Preset, Settings
-from .tiny import ensure_tiny_pair
+from .tiny import cast_module, ensure_tiny_pair
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ def apply_optimisations(
 
     vae_dtype = resolve_vae_dtype(settings, dtype, vae)
     if vae.dtype != vae_dtype:
-        vae.to(dtype=vae_dtype)
+        cast_module(vae, vae_dtype)
     applied["vae_dtype"] = dtype_name(vae_dtype)
 
     if settings.channels_last:
@@ -241,6 +241,7 @@ class Engine:
         refiner_source: str = "",
         stage_observer: StageObserver | None = None,
         force_compile: bool = False,
+        compile_mode: str = COMPILE_MODE,
     ) -> None:
         self.base = base
         self.refiner = refiner
@@ -264,6 +265,7 @@ class Engine:
             device=self.device,
             dtype=self.dtype,
             force_compile=force_compile,
+            compile_mode=compile_mode,
         )
 
     @classmethod

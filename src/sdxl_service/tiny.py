@@ -2,7 +2,9 @@
 
 Same classes, same folder layout and the same conditioning shapes as
 stabilityai/stable-diffusion-xl-{base,refiner}-1.0, only narrow, so that the
-real loading and rendering code runs on a CPU in about a second.
+real loading and rendering code runs on a CPU in a fraction of a second. The
+GPU bench builds the full-size pair with the same functions from the
+published configs.
 """
 
 from __future__ import annotations
@@ -97,7 +99,8 @@ def build_clip_tokenizer(pad_token: str = EOS_TOKEN) -> Any:
     )
 
 
-def _text_config(vocab: dict[str, int], *, hidden_act: str) -> dict[str, Any]:
+def _text_config(*, hidden_act: str) -> dict[str, Any]:
+    vocab = clip_vocab()
     return {
         "vocab_size": len(vocab),
         "hidden_size": TEXT_HIDDEN,
@@ -112,6 +115,16 @@ def _text_config(vocab: dict[str, int], *, hidden_act: str) -> dict[str, Any]:
         "eos_token_id": vocab[EOS_TOKEN],
         "pad_token_id": vocab[EOS_TOKEN],
     }
+
+
+def text_encoder_config() -> dict[str, Any]:
+    # CLIP ViT-L's activation; SDXL's first text encoder.
+    return _text_config(hidden_act="quick_gelu")
+
+
+def text_encoder_2_config() -> dict[str, Any]:
+    # OpenCLIP bigG's activation; SDXL's second (shared) text encoder.
+    return _text_config(hidden_act="gelu")
 
 
 def base_unet_config() -> dict[str, Any]:
@@ -202,58 +215,115 @@ def scheduler_config() -> dict[str, Any]:
     }
 
 
-def build_tiny_pipelines() -> tuple[Any, Any]:
-    """Random-weight base and refiner pipelines, identical on every call."""
+def tiny_configs() -> dict[str, dict[str, Any]]:
+    """The tiny pair's component configs, keyed like the GPU bench's bench/configs/*.json."""
+    return {
+        "base_unet": base_unet_config(),
+        "refiner_unet": refiner_unet_config(),
+        "vae": vae_config(),
+        "text_encoder": text_encoder_config(),
+        "text_encoder_2": text_encoder_2_config(),
+    }
+
+
+def _text_model_kwargs(config: dict[str, Any]) -> dict[str, Any]:
+    # Keys of a saved transformers config.json that are not constructor arguments.
+    return {
+        key: value
+        for key, value in config.items()
+        if key not in ("architectures", "model_type") and not key.startswith("_")
+    }
+
+
+def cast_module(module: Any, dtype: Any) -> Any:
+    """`module` in `dtype`, in place.
+
+    Not `ModelMixin.to(dtype)`: diffusers 0.42 warns there about float32-only
+    submodules even when a model declares none.
+    """
     import torch
+
+    casts = {torch.float32: "float", torch.float16: "half", torch.bfloat16: "bfloat16"}
+    if dtype not in casts:
+        raise ValueError(f"cannot cast a module to {dtype}")
+    return getattr(module, casts[dtype])()
+
+
+def build_modules(configs: dict[str, dict[str, Any]], dtype: Any = None) -> dict[str, Any]:
+    """SDXL's five weighted components from their configs, randomly initialised.
+
+    Built on torch's current default device (`with torch.device(...)`); each
+    module is cast to `dtype` as soon as it exists, which keeps the float32
+    peak to one module when building full-size SDXL on a GPU.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    def cast(module: Any) -> Any:
+        return module if dtype is None else cast_module(module, dtype)
+
+    # The order fixes which random numbers each module draws: keep it.
+    return {
+        "vae": cast(AutoencoderKL.from_config(configs["vae"])),
+        "text_encoder": cast(
+            CLIPTextModel(CLIPTextConfig(**_text_model_kwargs(configs["text_encoder"])))
+        ),
+        "text_encoder_2": cast(
+            CLIPTextModelWithProjection(
+                CLIPTextConfig(**_text_model_kwargs(configs["text_encoder_2"]))
+            )
+        ),
+        "base_unet": cast(UNet2DConditionModel.from_config(configs["base_unet"])),
+        "refiner_unet": cast(UNet2DConditionModel.from_config(configs["refiner_unet"])),
+    }
+
+
+def assemble_pipelines(modules: dict[str, Any]) -> tuple[Any, Any]:
+    """Base and refiner as the SDXL repos define them, sharing text_encoder_2 and the VAE."""
     from diffusers import (
-        AutoencoderKL,
         EulerDiscreteScheduler,
         StableDiffusionXLImg2ImgPipeline,
         StableDiffusionXLPipeline,
-        UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    vocab = clip_vocab()
-    # fork_rng: seeding must not leak into the caller's global RNG state.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY_SEED)
-        vae = AutoencoderKL.from_config(vae_config())
-        text_encoder = CLIPTextModel(CLIPTextConfig(**_text_config(vocab, hidden_act="quick_gelu")))
-        text_encoder_2 = CLIPTextModelWithProjection(
-            CLIPTextConfig(**_text_config(vocab, hidden_act="gelu"))
-        )
-        base_unet = UNet2DConditionModel.from_config(base_unet_config())
-        refiner_unet = UNet2DConditionModel.from_config(refiner_unet_config())
 
     # As in the SDXL repos, the second tokenizer pads with "!" (id 0), the first with EOS.
     tokenizer = build_clip_tokenizer()
     tokenizer_2 = build_clip_tokenizer(pad_token="!")
-
     base = StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
+        vae=modules["vae"],
+        text_encoder=modules["text_encoder"],
+        text_encoder_2=modules["text_encoder_2"],
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
-        unet=base_unet,
+        unet=modules["base_unet"],
         scheduler=EulerDiscreteScheduler.from_config(scheduler_config()),
         force_zeros_for_empty_prompt=True,
         add_watermarker=False,
     )
     refiner = StableDiffusionXLImg2ImgPipeline(
-        vae=vae,
+        vae=modules["vae"],
         text_encoder=None,
-        text_encoder_2=text_encoder_2,
+        text_encoder_2=modules["text_encoder_2"],
         tokenizer=None,
         tokenizer_2=tokenizer_2,
-        unet=refiner_unet,
+        unet=modules["refiner_unet"],
         scheduler=EulerDiscreteScheduler.from_config(scheduler_config()),
         requires_aesthetics_score=True,
         force_zeros_for_empty_prompt=False,
         add_watermarker=False,
     )
     return base, refiner
+
+
+def build_tiny_pipelines() -> tuple[Any, Any]:
+    """Random-weight base and refiner pipelines, identical on every call."""
+    import torch
+
+    # fork_rng: seeding must not leak into the caller's global RNG state.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        modules = build_modules(tiny_configs())
+    return assemble_pipelines(modules)
 
 
 def tiny_pair_dir(cache_dir: Path) -> Path:
