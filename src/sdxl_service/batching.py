@@ -165,7 +165,9 @@ class BatchScheduler:
         with self._cond:
             if self._stopping:
                 return self._rejected(OutcomeStatus.ERROR, _SHUTDOWN)
-            backlog = len(self._queue) + len(self._running)
+            # Images nobody waits for any more (cancelled, timed out) stop at
+            # their next denoising step: they must not turn new work away.
+            backlog = len(self._queue) + sum(not q.pending.finished for q in self._running)
             if backlog + n > self._max_queue:
                 return self._queue_full_locked(backlog, n)
             pending = _PendingJob(

@@ -34,8 +34,12 @@ class PipelineHost:
             from .engine import Engine  # torch and diffusers load here, in this process only
 
             observer = self.metrics.observe_stage if self.metrics else None
-            self.engine = Engine.load(self.settings, stage_observer=observer)
-            logger.info("pipelines loaded: %s", self.engine.describe())
+            engine = Engine.load(self.settings, stage_observer=observer)
+            # The first call pays for kernel selection (and compilation when on);
+            # pay it before /readyz says yes, not in a user's request.
+            engine.warmup()
+            self.engine = engine
+            logger.info("pipelines loaded and warm: %s", engine.describe())
         except Exception as exc:
             logger.exception("loading the pipelines failed")
             self.load_error = f"{type(exc).__name__}: {exc}"

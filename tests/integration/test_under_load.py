@@ -16,8 +16,9 @@ from tests.service_process import RunningService, start_service, stop_service
 
 pytestmark = pytest.mark.integration
 
-# Work that keeps the tiny preset busy for many seconds on a 2-core machine.
-LONG_JOB = {"prompt": "long", "size": "1024x1024", "n": 4, "num_inference_steps": 40}
+# Work that keeps the tiny preset busy for half a minute on a 2-core machine,
+# in many short denoising steps (a cancelled job stops at the next one).
+LONG_JOB = {"prompt": "long", "size": "512x512", "n": 4, "num_inference_steps": 150}
 SHORT_JOB = {"prompt": "short", "size": "64x64", "num_inference_steps": 2}
 
 
@@ -51,7 +52,8 @@ def timed_post(url: str, body: dict) -> tuple[float, httpx.Response]:
 
 
 def test_health_answers_fast_while_generations_run(service: RunningService) -> None:
-    threads = [post_in_background(service.api, LONG_JOB, 120) for _ in range(3)]
+    # The clients walk away after 5 s, which also cancels their work.
+    threads = [post_in_background(service.api, LONG_JOB, 5.0) for _ in range(3)]
     time.sleep(1.0)
     slowest = 0.0
     for path in ("/livez", "/readyz", "/v1", "/v1/models") * 10:
@@ -63,7 +65,7 @@ def test_health_answers_fast_while_generations_run(service: RunningService) -> N
     # The old service blocked 110 s here; milliseconds are measured in `make bench`.
     assert slowest < 1.0
     for thread in threads:
-        thread.join(timeout=300)
+        thread.join()
 
 
 def test_disconnect_stops_work_and_next_request_starts_promptly(service: RunningService) -> None:
@@ -77,7 +79,7 @@ def test_disconnect_stops_work_and_next_request_starts_promptly(service: Running
     waited, response = timed_post(service.api, SHORT_JOB)
 
     assert response.status_code == 200
-    assert waited < alone + 8.0, f"short request waited {waited:.1f}s behind abandoned work"
+    assert waited < alone + 3.0, f"short request waited {waited:.1f}s behind abandoned work"
     generated_after = metric(service, "sdxl_images_generated_total")
     assert generated_after - generated_before == 1, "the abandoned images were still made"
 
@@ -112,7 +114,7 @@ def test_request_past_its_timeout_is_504_and_work_is_dropped(tight_service: Runn
     assert response.status_code == 504, response.text
     assert response.json()["error"]["code"] == "timeout"
     assert response.headers["x-should-retry"] == "false"
-    assert waited < 15
+    assert waited < 8
     waited, response = timed_post(tight_service.api, SHORT_JOB)
     assert response.status_code == 200
-    assert waited < 8
+    assert waited < 3

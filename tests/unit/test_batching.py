@@ -280,6 +280,25 @@ def test_queue_full_is_rejected_with_retry_after_and_nothing_queued() -> None:
     run(main())
 
 
+def test_cancelled_running_images_do_not_count_against_the_queue() -> None:
+    async def main() -> None:
+        render = FakeRender()
+        sched = scheduler(render, max_queue_images=2)
+        render.gate("long")  # never released: only should_stop ends it
+        long = asyncio.create_task(sched.submit(make_job("long", 2, size=16)))
+        await wait_event(render.started["long"])
+        sched.cancel("long")
+
+        # Submitted before the worker has noticed: the GPU frees up at the next step.
+        outcome = await sched.submit(make_job("next", 2, seed=5))
+
+        assert_ok(outcome, [5, 6])
+        assert (await long).status is OutcomeStatus.CANCELLED
+        await sched.stop()
+
+    run(main())
+
+
 # --- cancellation and timeouts ----------------------------------------------
 
 
