@@ -213,7 +213,8 @@ def run_config(
     for n in args.batch:
         # Compiled graphs are specialised to the batch size: warm up each one.
         needs_warmup = not warm_batches or (config.compile and n not in warm_batches)
-        warmup_estimate = (records[0]["warmup_s"] if records else 0.0) if needs_warmup else 0.0
+        first_warmup = records[0].get("warmup_s", 0.0) if records else 0.0
+        warmup_estimate = first_warmup if needs_warmup else 0.0
         estimate = warmup_estimate + n * (seconds_per_image or 0.0) * 1.3
         if seconds_per_image is not None and estimate > deadline.left():
             records.append({**common, "batch": n, "status": "skipped: time budget"})

@@ -270,6 +270,23 @@ def test_should_stop_is_checked_between_stages(tiny_engine: Engine) -> None:
     assert calls == {"base": base_steps, "refiner": 0}
 
 
+def test_a_cancelled_batch_stops_decoding_between_images(tiny_engine: Engine) -> None:
+    polls = []
+    # 4 steps at 0.8: polls 1-7 cover the stages (3 base + 1 refiner steps); 8 comes
+    # after the first image is decoded.
+    batch = RenderBatch(
+        params(), tasks(1, 2, 3), should_stop=lambda: polls.append(1) or len(polls) >= 8
+    )
+    decodes = []
+    hook = tiny_engine.vae.decoder.register_forward_hook(lambda *_: decodes.append(1))
+    try:
+        with pytest.raises(RenderCancelled):
+            tiny_engine.render(batch)
+    finally:
+        hook.remove()
+    assert len(decodes) == 1
+
+
 def test_out_of_memory_is_reported_and_the_engine_keeps_working(
     tiny_engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
