@@ -462,7 +462,9 @@ def progress(message: str) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--matrix", action="store_true", help="baseline, then each lever added")
+    parser.add_argument(
+        "--matrix", action="store_true", help="eager, then one optimisation added at a time"
+    )
     parser.add_argument("--dtype", default="fp16,bf16", help="comma list of fp16, bf16, fp32")
     parser.add_argument("--batch", default=None, help="comma list of batch sizes")
     parser.add_argument("--size", type=int, default=None, help="square side in pixels")
@@ -477,7 +479,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile-mode", default="max-autotune")
     parser.add_argument("--vae-dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     parser.add_argument(
-        "--budget-s", type=float, default=450, help="whole run, imports and warmup included"
+        "--budget-s",
+        type=float,
+        default=450,
+        help="seconds for the whole run, builds and warmups included (not torch's "
+        "import); a --compile run outside --matrix is not cut off",
     )
     parser.add_argument("--min-child-s", type=float, default=60, help=argparse.SUPPRESS)
     parser.add_argument("--out", help="results JSON (default bench/results/gpu-<card>.json)")

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .jobs import OutOfMemory, RefinerMode, RenderBatch, RenderCancelled
+from .jobs import ImageTask, OutOfMemory, RefinerMode, RenderBatch, RenderCancelled, RenderParams
 from .schedulers import make_scheduler
 from .settings import Preset, Settings
 from .tiny import cast_module, ensure_tiny_pair
@@ -319,8 +319,6 @@ class Engine:
 
     def warmup(self, steps: int = 2) -> None:
         """One small render at native resolution (compiles kernels when compile is on)."""
-        from .jobs import ImageTask, RenderParams
-
         side = self.native_resolution
         params = RenderParams(side, side, steps, 5.0, 0.5, RefinerMode.ENSEMBLE, "euler")
         self.render(RenderBatch(params, [ImageTask("warmup", "", 0)]))
