@@ -41,6 +41,7 @@ class RunningService:
 
 
 def start_service(workdir: Path, extra_env: dict[str, str] | None = None) -> RunningService:
+    workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log_path = workdir / "service.log"
     env = {
