@@ -16,6 +16,7 @@ logger = logging.getLogger(__name__)
 
 # Seconds a client should wait while the pipeline process starts or loads.
 LOADING_RETRY_AFTER = 10.0
+CONNECT_ATTEMPTS = 3
 
 
 class PipelineClient(Protocol):
@@ -27,10 +28,14 @@ class PipelineClient(Protocol):
 
 
 def _is_connection_error(exc: Exception) -> bool:
+    # BentoML's remote proxy talks aiohttp; a pipeline process that is not
+    # listening yet refuses the connection.
+    import aiohttp
     import httpx
     from bentoml.exceptions import BentoMLException
 
-    return isinstance(exc, httpx.TransportError | ConnectionError) or (
+    transport_errors = aiohttp.ClientConnectionError | httpx.TransportError | ConnectionError
+    return isinstance(exc, transport_errors) or (
         isinstance(exc, BentoMLException) and getattr(exc, "error_code", 0) in (502, 503)
     )
 
@@ -40,17 +45,23 @@ class BentoPipelineClient:
         self._handle = handle
 
     async def generate(self, job: GenerationJob) -> GenerationOutcome:
-        try:
-            result = await self._handle.to_async.generate(job=job)
-        except Exception as exc:
-            if _is_connection_error(exc):
-                return GenerationOutcome(
-                    status=OutcomeStatus.LOADING,
-                    message="The model server is starting; try again shortly.",
-                    retry_after=LOADING_RETRY_AFTER,
-                )
-            raise
-        return GenerationOutcome.model_validate(result)
+        for attempt in range(1, CONNECT_ATTEMPTS + 1):
+            try:
+                result = await self._handle.to_async.generate(job=job)
+                return GenerationOutcome.model_validate(result)
+            except Exception as exc:
+                if not _is_connection_error(exc):
+                    raise
+                # Seen under load: the pipeline server closes an idle keep-alive
+                # connection just as the pool reuses it ("Server disconnected"),
+                # before the request reached it. Sending again risks at worst one
+                # duplicate render after a pipeline crash; a 500 would be worse.
+                logger.warning("pipeline connection failed (%s), attempt %d", exc, attempt)
+        return GenerationOutcome(
+            status=OutcomeStatus.LOADING,
+            message="The model server is not reachable (starting?); try again shortly.",
+            retry_after=LOADING_RETRY_AFTER,
+        )
 
     async def cancel(self, request_id: str) -> bool:
         try:

@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+from typing import Any
+
+import aiohttp
+import pytest
+
+from sdxl_service.jobs import GenerationJob, OutcomeStatus, RefinerMode
+from sdxl_service.pipeline_client import CONNECT_ATTEMPTS, BentoPipelineClient
+
+JOB = GenerationJob(
+    request_id="r",
+    seeds=[1],
+    prompt="x",
+    width=64,
+    height=64,
+    steps=2,
+    guidance_scale=5.0,
+    high_noise_frac=0.8,
+    refiner=RefinerMode.ENSEMBLE,
+    scheduler="euler",
+)
+
+
+class FlakyHandle:
+    """Stands in for BentoML's remote proxy: fails `failures` times, then answers."""
+
+    def __init__(self, failures: int, error: Exception) -> None:
+        self.calls = 0
+        self.failures = failures
+        self.error = error
+        self.to_async = SimpleNamespace(generate=self.generate)
+
+    async def generate(self, job: GenerationJob) -> dict[str, Any]:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise self.error
+        return {"status": "ok", "images": []}
+
+
+def generate(handle: FlakyHandle):
+    return asyncio.run(BentoPipelineClient(handle).generate(JOB))
+
+
+def test_dropped_keep_alive_connection_is_retried() -> None:
+    handle = FlakyHandle(1, aiohttp.ServerDisconnectedError())
+    assert generate(handle).status is OutcomeStatus.OK
+    assert handle.calls == 2
+
+
+def test_unreachable_pipeline_is_loading_not_an_error() -> None:
+    handle = FlakyHandle(99, aiohttp.ClientConnectionError("refused"))
+    outcome = generate(handle)
+    assert outcome.status is OutcomeStatus.LOADING
+    assert outcome.retry_after and outcome.retry_after > 0
+    assert handle.calls == CONNECT_ATTEMPTS
+
+
+def test_other_errors_are_not_retried() -> None:
+    handle = FlakyHandle(1, ValueError("bug"))
+    with pytest.raises(ValueError):
+        generate(handle)
+    assert handle.calls == 1
