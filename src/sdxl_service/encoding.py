@@ -5,14 +5,24 @@ from __future__ import annotations
 import base64
 import io
 
+import cv2
+import numpy as np
 from PIL import Image
 
 from .jobs import RenderedImage
 
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
-# zlib level 1: bench/encoding shows higher levels cost several times the CPU
-# for a few percent smaller files on diffusion output (noise-like detail).
-PNG_COMPRESS_LEVEL = 1
+# PNG through OpenCV: Pillow offers no choice of PNG row filter, and its
+# adaptive filtering dominates the cost. The "up" filter with Huffman-only
+# zlib encodes a 1024x1024 image ~3x faster than Pillow at level 1 and smaller
+# (make bench: ~30 ms vs ~115 ms with base64, 2.7 vs 2.9 MB).
+PNG_PARAMS = [
+    cv2.IMWRITE_PNG_COMPRESSION, 1,
+    cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP,
+    cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_HUFFMAN_ONLY,
+]  # fmt: skip
+# libwebp method 0 is ~3x faster than Pillow's default 4 at quality 95, same size.
+WEBP_METHOD = 0
 
 
 def to_pil(image: RenderedImage) -> Image.Image:
@@ -27,12 +37,18 @@ def resize_to(image: Image.Image, width: int, height: int) -> Image.Image:
 
 def encode_image(image: Image.Image, output_format: str, compression: int | None = None) -> bytes:
     """`compression` is OpenAI's output_compression (0-100, jpeg/webp; 100 = best quality)."""
-    buffer = io.BytesIO()
     if output_format == "png":
-        image.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-    elif output_format in ("jpeg", "webp"):
-        quality = 95 if compression is None else max(1, compression)
-        image.save(buffer, format=output_format.upper(), quality=quality)
+        bgr = np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])
+        ok, encoded = cv2.imencode(".png", bgr, PNG_PARAMS)
+        if not ok:
+            raise RuntimeError("PNG encoding failed")
+        return encoded.tobytes()
+    buffer = io.BytesIO()
+    quality = 95 if compression is None else max(1, compression)
+    if output_format == "jpeg":
+        image.save(buffer, format="JPEG", quality=quality)
+    elif output_format == "webp":
+        image.save(buffer, format="WEBP", quality=quality, method=WEBP_METHOD)
     else:
         raise ValueError(f"unknown output format {output_format!r}")
     return buffer.getvalue()
