@@ -15,7 +15,15 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .jobs import ImageTask, OutOfMemory, RefinerMode, RenderBatch, RenderCancelled, RenderParams
+from .jobs import (
+    ImageTask,
+    OutOfMemory,
+    RefinerMode,
+    RenderBatch,
+    RenderCancelled,
+    RenderKind,
+    RenderParams,
+)
 from .schedulers import make_scheduler
 from .settings import Preset, Settings
 from .tiny import cast_module, ensure_tiny_pair
@@ -148,6 +156,33 @@ def load_pipelines(
     return base, refiner
 
 
+def edit_pipelines(base: Any, refiner: Any) -> tuple[Any, Any, Any]:
+    """Base img2img, base inpaint and refiner inpaint pipelines over the loaded modules.
+
+    Built with the constructors, not `from_pipe`: from_pipe ends with
+    `pipeline.to(dtype)` (float32 unless told), which would cast the shared
+    UNets and the VAE kept in its own dtype. The config flags are passed on by
+    hand because `components` holds modules only.
+    """
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline
+
+    def flags(pipeline: Any) -> dict[str, Any]:
+        return {
+            "requires_aesthetics_score": pipeline.config.get("requires_aesthetics_score", False),
+            "force_zeros_for_empty_prompt": pipeline.config.force_zeros_for_empty_prompt,
+            "add_watermarker": False,
+        }
+
+    pipelines = (
+        StableDiffusionXLImg2ImgPipeline(**base.components, **flags(base)),
+        StableDiffusionXLInpaintPipeline(**base.components, **flags(base)),
+        StableDiffusionXLInpaintPipeline(**refiner.components, **flags(refiner)),
+    )
+    for pipeline in pipelines:
+        pipeline.set_progress_bar_config(disable=True)
+    return pipelines
+
+
 def apply_optimisations(
     base: Any,
     refiner: Any,
@@ -259,6 +294,8 @@ class Engine:
         self._refiner_scheduler_config = dict(refiner.scheduler.config)
         for pipeline in (base, refiner):
             pipeline.set_progress_bar_config(disable=True)
+        # Edits run the same modules through these (no extra memory).
+        self.base_img2img, self.base_inpaint, self.refiner_inpaint = edit_pipelines(base, refiner)
         self.optimisations = apply_optimisations(
             base,
             refiner,
@@ -351,8 +388,16 @@ class Engine:
             torch.cuda.empty_cache()
 
     def _render(self, batch: RenderBatch) -> list[Image.Image]:
+        latents = self._denoise(batch)
+        self._check_stop(batch)
+        with self._stage("decode"):
+            return self._decode(latents, batch.should_stop)
+
+    def _denoise(self, batch: RenderBatch) -> torch.Tensor:
+        """The batch's final latents: base and refiner as its RenderParams say."""
         params = batch.params
         mode = RefinerMode(params.refiner)
+        kind = RenderKind(params.kind)
         prompts = [task.prompt for task in batch.tasks]
         negative_prompts = [task.negative_prompt for task in batch.tasks]
         # One CPU generator per image: the same seed gives the same starting noise
@@ -374,41 +419,120 @@ class Engine:
             "output_type": "latent",
             "callback_on_step_end": stop_if_asked,
         }
+        size = {"width": params.width, "height": params.height}
 
-        self._check_stop(batch)
-        with self._stage("base"):
-            self.base.scheduler = make_scheduler(params.scheduler, self._base_scheduler_config)
-            latents = self.base(
-                **self._base_prompt_embeddings(prompts, negative_prompts, params.guidance_scale),
-                width=params.width,
-                height=params.height,
-                denoising_end=params.high_noise_frac if mode is RefinerMode.ENSEMBLE else None,
-                **common,
-            ).images
-
-        if mode is not RefinerMode.NONE:
+        base, refiner = self.base, self.refiner
+        base_inputs: dict[str, Any] = dict(size)
+        refiner_inputs: dict[str, Any] = {}
+        latents: torch.Tensor | None = None
+        # An edit starts at noise level `strength`. In the ensemble the base takes
+        # the part of that above high_noise_frac; when none is, the refiner alone
+        # edits from `strength` (handing it un-denoised base latents at
+        # denoising_start would start it from a noise level they do not have).
+        refiner_only = False
+        if kind is not RenderKind.TEXT_TO_IMAGE:
             self._check_stop(batch)
-            with self._stage("refiner"):
-                self.refiner.scheduler = make_scheduler(
-                    params.scheduler, self._refiner_scheduler_config
+            with self._stage("vae_encode"):
+                latents = self._encode([task.init_image for task in batch.tasks], params)
+            base_inputs = {"image": latents, "strength": params.strength}
+            if kind is RenderKind.INPAINT:
+                masks = [
+                    Image.frombytes("L", (params.width, params.height), task.mask)
+                    for task in batch.tasks
+                ]
+                refiner_inputs = {"mask_image": masks, **size}
+                base_inputs |= refiner_inputs
+                base, refiner = self.base_inpaint, self.refiner_inpaint
+            else:
+                base = self.base_img2img
+            refiner_only = mode is RefinerMode.ENSEMBLE and self._base_steps_of_edit(params) == 0
+
+        if not refiner_only:
+            self._check_stop(batch)
+            with self._stage("base"):
+                base.scheduler = make_scheduler(params.scheduler, self._base_scheduler_config)
+                embeddings = self._base_prompt_embeddings(
+                    prompts, negative_prompts, params.guidance_scale
                 )
-                if mode is RefinerMode.ENSEMBLE:
-                    handover = {"denoising_start": params.high_noise_frac}
-                else:
-                    handover = {
-                        "strength": sequential_strength(params.steps, params.high_noise_frac)
-                    }
-                latents = self.refiner(
-                    prompt=prompts,
-                    negative_prompt=negative_prompts,
-                    image=latents,
-                    **handover,
+                latents = base(
+                    **embeddings,
+                    **base_inputs,
+                    denoising_end=params.high_noise_frac if mode is RefinerMode.ENSEMBLE else None,
                     **common,
                 ).images
 
+        if mode is RefinerMode.NONE:
+            return latents
         self._check_stop(batch)
-        with self._stage("decode"):
-            return self._decode(latents, batch.should_stop)
+        with self._stage("refiner"):
+            refiner.scheduler = make_scheduler(params.scheduler, self._refiner_scheduler_config)
+            if refiner_only:
+                handover = {"strength": params.strength}
+            elif mode is RefinerMode.ENSEMBLE:
+                handover = {"denoising_start": params.high_noise_frac}
+            else:
+                # An edit's refiner pass re-noises no more than the edit itself did.
+                share = sequential_strength(params.steps, params.high_noise_frac)
+                handover = {"strength": min(params.strength, share)}
+            return refiner(
+                prompt=prompts,
+                negative_prompt=negative_prompts,
+                image=latents,
+                **handover,
+                **refiner_inputs,
+                **common,
+            ).images
+
+    def _base_steps_of_edit(self, params: RenderParams) -> int:
+        """Denoising steps the base runs of an ensemble edit.
+
+        The steps of the edit's schedule (diffusers' img2img `get_timesteps`:
+        the last int(steps * strength)) at or above the `denoising_end` cut-off.
+        """
+        scheduler = make_scheduler(params.scheduler, self._base_scheduler_config)
+        scheduler.set_timesteps(params.steps)
+        skipped = params.steps - min(int(params.steps * params.strength), params.steps)
+        train_steps = scheduler.config.num_train_timesteps
+        cutoff = round(train_steps - params.high_noise_frac * train_steps)
+        return int((scheduler.timesteps[skipped * scheduler.order :] >= cutoff).sum())
+
+    def _encode(self, images: list[bytes | None], params: RenderParams) -> torch.Tensor:
+        """Init images (raw RGB) -> latents scaled as the UNets take them.
+
+        Done here, not by the pipelines: their encode casts the shared VAE to the
+        UNet dtype after upcasting it (undoing a float32 VAE kept for fp16), and
+        samples the posterior. Its mean is used instead, so the seed decides only
+        the added noise (SDXL's VAE posterior is narrow: no visible difference).
+        One image at a time, as in `_decode`; the n images of one request share
+        their bytes and are encoded once.
+        """
+        vae = self.vae
+        config = vae.config
+        latents_mean = getattr(config, "latents_mean", None)
+        latents_std = getattr(config, "latents_std", None)
+        encoded: dict[bytes, torch.Tensor] = {}
+        latents = []
+        for rgb in images:
+            if rgb is None:
+                raise ValueError(f"a {params.kind} render needs an init image for every task")
+            if rgb not in encoded:
+                pixels = torch.frombuffer(bytearray(rgb), dtype=torch.uint8)
+                pixels = pixels.view(params.height, params.width, 3).permute(2, 0, 1)[None]
+                sample = pixels.to(device=self.device, dtype=vae.dtype) / 127.5 - 1.0
+                mean = vae.encode(sample).latent_dist.mode()
+                if latents_mean is not None and latents_std is not None:
+                    shift = torch.tensor(latents_mean, device=mean.device, dtype=mean.dtype)
+                    scale = torch.tensor(latents_std, device=mean.device, dtype=mean.dtype)
+                    mean = (
+                        (mean - shift.view(1, -1, 1, 1))
+                        * config.scaling_factor
+                        / scale.view(1, -1, 1, 1)
+                    )
+                else:
+                    mean = mean * config.scaling_factor
+                encoded[rgb] = mean
+            latents.append(encoded[rgb])
+        return torch.cat(latents).to(self.dtype)
 
     def _base_prompt_embeddings(
         self, prompts: list[str], negative_prompts: list[str], guidance_scale: float

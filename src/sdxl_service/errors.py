@@ -72,6 +72,11 @@ def invalid_value(param: str, message: str, code: str = "invalid_value") -> APIE
     return APIError(400, message, param=param, code=code)
 
 
+def missing_parameter(param: str | None) -> APIError:
+    message = f"Missing required parameter: '{param}'."
+    return APIError(400, message, param=param, code="missing_required_parameter")
+
+
 def unavailable(message: str, retry_after: float, code: str) -> APIError:
     # x-should-retry lets the openai client retry on its own, honouring Retry-After.
     return APIError(
@@ -98,8 +103,7 @@ def validation_error(exc: RequestValidationError) -> APIError:
     if kind == "json_invalid":
         return APIError(400, "The request body is not valid JSON.", code="invalid_json")
     if kind == "missing":
-        message = f"Missing required parameter: '{param}'."
-        return APIError(400, message, param=param, code="missing_required_parameter")
+        return missing_parameter(param)
     if kind == "model_attributes_type" or (param is None and kind.endswith("_type")):
         return APIError(400, "The request body must be a JSON object.", code="invalid_request_body")
     detail = str(first.get("msg", "invalid value")).removeprefix("Value error, ")

@@ -79,15 +79,17 @@ class MountRootAlias:
         await self.app(scope, receive, send)
 
 
-async def completed_events(response: ImagesResponse) -> AsyncIterator[bytes]:
-    """stream=true: one `image_generation.completed` event per image.
+async def completed_events(
+    response: ImagesResponse, event_type: str = "image_generation.completed"
+) -> AsyncIterator[bytes]:
+    """stream=true: one completed event per image (`image_edit.completed` for edits).
 
     Partial previews are not produced (partial_images=0 behaviour): SDXL latents
     mid-way are noise, and decoding them would cost the GPU a VAE pass each.
     """
     for item in response.data:
         event = {
-            "type": "image_generation.completed",
+            "type": event_type,
             "b64_json": item.b64_json,
             "created_at": response.created,
             "size": response.size,
@@ -141,15 +143,23 @@ def create_app(get_serving: Callable[[], ImagesServing], max_body_bytes: int) ->
         data, content_type = await images.file(file_id)
         return Response(data, media_type=content_type, headers={"Cache-Control": "private"})
 
-    @app.post("/images/edits")
-    @app.post("/images/variations")
-    async def not_supported(request: Request) -> JSONResponse:
-        return APIError(
-            400,
-            f"{request.url.path} is not supported yet; this server does text-to-image "
-            "(POST /v1/images/generations).",
-            code="unsupported_endpoint",
-        ).response()
+    @app.post("/images/edits", response_model=ImagesResponse, response_model_exclude_none=True)
+    async def edit_image(
+        request: Request, images: ImagesServing = Depends(serving)
+    ) -> ImagesResponse | StreamingResponse:
+        # multipart/form-data, read by ImagesServing: `image` may come as
+        # `image[]`, which FastAPI's declared form parameters cannot express.
+        body, response = await images.edit(request)
+        if body.stream:
+            events = completed_events(response, "image_edit.completed")
+            return StreamingResponse(events, media_type="text/event-stream")
+        return response
+
+    @app.post("/images/variations", response_model=ImagesResponse, response_model_exclude_none=True)
+    async def create_image_variation(
+        request: Request, images: ImagesServing = Depends(serving)
+    ) -> ImagesResponse:
+        return await images.create_variation(request)
 
     # Last: BentoML mounts this app "passively" and would answer unknown
     # paths under /v1 with a plain-text 404 of its own.

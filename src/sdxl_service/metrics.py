@@ -22,8 +22,9 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 PREFIX = "sdxl"
 
 # Stages of one image, in the order it goes through them; engine.py reports
-# base/refiner/decode, the scheduler queue_wait, the HTTP service encode.
-STAGES = ("queue_wait", "base", "refiner", "decode", "encode")
+# vae_encode (edits' input images)/base/refiner/decode, the scheduler
+# queue_wait, the HTTP service encode.
+STAGES = ("queue_wait", "vae_encode", "base", "refiner", "decode", "encode")
 
 BATCH_BUCKETS = tuple(float(n) for n in range(1, 17))
 # From a 64x64 tiny-preset image (ms) to a queued SDXL request (minutes).
@@ -74,7 +75,7 @@ class _Collectors:
         self.stage_seconds = Histogram(
             f"{PREFIX}_stage_seconds",
             "Seconds one image (queue_wait, encode) or one pipeline call "
-            "(base, refiner, decode) spent in a stage.",
+            "(vae_encode, base, refiner, decode) spent in a stage.",
             ["stage"],
             registry=registry,
             buckets=SECONDS_BUCKETS,

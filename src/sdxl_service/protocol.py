@@ -40,18 +40,21 @@ class OpenAIModel(BaseModel):
         return self
 
 
-class ImageGenerationRequest(OpenAIModel):
-    prompt: str = Field(min_length=1)
+class ImageRequest(OpenAIModel):
+    """What every Images endpoint takes: OpenAI's common parameters and this server's extensions.
+
+    Edits and variations take them as multipart form fields (strings that
+    pydantic converts), generations as JSON.
+    """
+
     model: str | None = None
     n: int | None = Field(default=None, ge=1)
     size: str | None = None
     quality: Quality | None = None
-    style: Literal["vivid", "natural"] | None = None
     response_format: Literal["url", "b64_json"] | None = None
     output_format: OutputFormat | None = None
     output_compression: int | None = Field(default=None, ge=0, le=100)
     background: Literal["transparent", "opaque", "auto"] | None = None
-    moderation: Literal["low", "auto"] | None = None
     stream: bool | None = None
     partial_images: int | None = Field(default=None, ge=0, le=3)
     user: str | None = None
@@ -73,6 +76,27 @@ class ImageGenerationRequest(OpenAIModel):
         if size is not None and size != AUTO_SIZE:
             parse_size(size)
         return size
+
+
+class ImageGenerationRequest(ImageRequest):
+    prompt: str = Field(min_length=1)
+    style: Literal["vivid", "natural"] | None = None
+    moderation: Literal["low", "auto"] | None = None
+
+
+class ImageEditRequest(ImageRequest):
+    """The form fields of POST /images/edits; `image` and `mask` are its files."""
+
+    prompt: str = Field(min_length=1)
+    input_fidelity: Literal["high", "low"] | None = None
+    # Extension: how much of the picture is re-drawn, from 0 (nothing) to 1 (all).
+    strength: float | None = Field(default=None, gt=0.0, le=1.0)
+
+
+class ImageVariationRequest(ImageRequest):
+    """The form fields of POST /images/variations; `image` is its file."""
+
+    strength: float | None = Field(default=None, gt=0.0, le=1.0)
 
 
 class ImageData(BaseModel):

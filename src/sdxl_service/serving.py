@@ -11,33 +11,59 @@ import logging
 import secrets
 import time
 import uuid
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from PIL import Image
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import FormData, UploadFile
 
 from .encoding import CONTENT_TYPES, encode_image, resize_to, to_base64, to_pil
-from .errors import APIError, invalid_value, unavailable
+from .errors import APIError, invalid_value, missing_parameter, unavailable
 from .files import FileStore
-from .jobs import GenerationJob, GenerationOutcome, OutcomeStatus, RefinerMode, RenderedImage
+from .jobs import (
+    GenerationJob,
+    GenerationOutcome,
+    OutcomeStatus,
+    RefinerMode,
+    RenderedImage,
+    RenderKind,
+)
 from .metrics import ServiceMetrics
 from .pipeline_client import LOADING_RETRY_AFTER, PipelineClient
 from .protocol import (
     OPENAI_IMAGE_MODEL_PREFIX,
     OPENAI_IMAGE_MODELS,
     ImageData,
+    ImageEditRequest,
     ImageGenerationRequest,
+    ImageRequest,
     ImagesResponse,
+    ImageVariationRequest,
     ModelCard,
     ModelList,
 )
 from .settings import SERVICE_ID, Settings
-from .sizing import AUTO_SIZE, SizeLimits, parse_size, render_size
+from .sizing import AUTO_SIZE, SizeLimits, fit_size, parse_size, render_size
+from .uploads import open_image, repaint_mask, to_rgb
 
 logger = logging.getLogger(__name__)
 
 AUTO_SIZE_PIXELS = (1024, 1024)
+# Default `strength` (share of the schedule re-drawn) of an edit without a mask,
+# with one (OpenAI repaints the transparent region from scratch; what lies
+# under it is often erased pixels), and of a variation (keeps the composition).
+EDIT_STRENGTH = 0.75
+INPAINT_STRENGTH = 1.0
+VARIATION_STRENGTH = 0.6
+VARIATION_SIZES = ((256, 256), (512, 512), (1024, 1024))
+# Multipart parts accepted per request: `image` (or `image[]`) and `mask`, with
+# room for clients that send more images (refused with a clear 400).
+MAX_FORM_FILES = 16
 # OpenAI quality -> denoising steps (base + refiner together).
 QUALITY_STEPS = {"low": 20, "medium": 30, "standard": 30, "high": 50, "hd": 50}
 DISCONNECT_POLL_SECONDS = 0.25
@@ -50,6 +76,14 @@ TINY_WARNING = (
 
 
 @dataclass(frozen=True)
+class EditSource:
+    """The uploaded picture of an edit or variation, and the region to repaint."""
+
+    image: Image.Image  # RGB, as uploaded
+    mask: Image.Image | None = None  # L, 255 where the picture is repainted
+
+
+@dataclass(frozen=True)
 class ResolvedRequest:
     job: GenerationJob
     width: int  # the size answered, which may differ from the job's render size
@@ -58,6 +92,11 @@ class ResolvedRequest:
     output_format: str
     output_compression: int | None
     quality: str
+    # Inpainting, at the answered size: the picture, whose pixels are kept
+    # exactly outside the mask (diffusers keeps them only in latent space,
+    # through a lossy VAE round trip), and the mask.
+    kept_picture: Image.Image | None = None
+    repaint_mask: Image.Image | None = None
 
 
 class ClientDisconnected(Exception):
@@ -122,23 +161,47 @@ class ImagesServing:
             code="model_not_found",
         )
 
-    def _requested_size(self, req: ImageGenerationRequest) -> tuple[int, int]:
+    def _requested_size(
+        self, req: ImageRequest, default_size: tuple[int, int] | None, source: EditSource | None
+    ) -> tuple[int, int]:
         if req.width is not None or req.height is not None:
             if req.width is None or req.height is None:
                 param = "height" if req.height is None else "width"
                 raise invalid_value(param, "width and height must be given together.")
             width, height, param = req.width, req.height, "width"
-        elif req.size in (None, AUTO_SIZE):
-            (width, height), param = AUTO_SIZE_PIXELS, "size"
-        else:
+        elif req.size not in (None, AUTO_SIZE):
             (width, height), param = parse_size(req.size), "size"
+        elif default_size is not None:
+            (width, height), param = default_size, "size"
+        elif source is not None:
+            try:
+                return fit_size(*source.image.size, self.limits)
+            except ValueError as exc:
+                message = f"No size this server renders fits the image ({exc}); give a size."
+                raise invalid_value("image", message) from None
+        else:
+            raise ValueError("default_size=None needs an edit source")
         try:
             self.limits.check(width, height)
         except ValueError as exc:
             raise invalid_value(param, f"Invalid size: {exc}.") from None
         return width, height
 
-    def resolve(self, req: ImageGenerationRequest, native_resolution: int) -> ResolvedRequest:
+    def resolve(
+        self,
+        req: ImageRequest,
+        native_resolution: int,
+        *,
+        prompt: str,
+        source: EditSource | None = None,
+        strength: float = 1.0,
+        default_size: tuple[int, int] | None = AUTO_SIZE_PIXELS,
+    ) -> ResolvedRequest:
+        """The job and answer for a request; raises APIError for a bad value.
+
+        `source`: the picture of an edit or variation (resized here, so this
+        takes CPU time for those). `default_size` None: the picture's own size.
+        """
         s = self.settings
         self._check_model(req.model)
         if req.background == "transparent":
@@ -154,7 +217,7 @@ class ImagesServing:
         n = req.n or 1
         if n > s.max_n:
             raise invalid_value("n", f"n must be between 1 and {s.max_n}, got {n}.")
-        if len(req.prompt) > s.max_prompt_chars:
+        if len(prompt) > s.max_prompt_chars:
             raise invalid_value(
                 "prompt", f"The prompt is longer than {s.max_prompt_chars} characters."
             )
@@ -163,7 +226,7 @@ class ImagesServing:
             raise invalid_value(
                 "output_compression", "output_compression applies to jpeg and webp only."
             )
-        width, height = self._requested_size(req)
+        width, height = self._requested_size(req, default_size, source)
         render_w, render_h = render_size(
             width,
             height,
@@ -174,9 +237,31 @@ class ImagesServing:
         quality = req.quality or "auto"
         steps = req.num_inference_steps or QUALITY_STEPS.get(quality, s.steps)
         seed = req.seed if req.seed is not None else secrets.randbelow(2**32)
+
+        kept_picture = repaint = None
+        edit_fields: dict[str, Any] = {}
+        if source is not None:
+            # diffusers runs the last int(steps * strength) steps of the schedule.
+            if int(steps * strength) < 1:
+                raise invalid_value(
+                    "strength",
+                    f"strength {strength} of {steps} steps runs no denoising step; "
+                    "raise strength or num_inference_steps.",
+                )
+            edit_fields = {
+                "kind": RenderKind.IMAGE_TO_IMAGE,
+                "strength": strength,
+                "init_image": resize_to(source.image, render_w, render_h).tobytes(),
+            }
+            if source.mask is not None:
+                kept_picture = resize_to(source.image, width, height)
+                repaint = _resize_mask(source.mask, width, height)
+                edit_fields["kind"] = RenderKind.INPAINT
+                edit_fields["mask"] = _resize_mask(source.mask, render_w, render_h).tobytes()
+
         job = GenerationJob(
             request_id=uuid.uuid4().hex,
-            prompt=req.prompt,
+            prompt=prompt,
             negative_prompt=req.negative_prompt or "",
             seeds=[seed + i for i in range(n)],
             width=render_w,
@@ -187,6 +272,7 @@ class ImagesServing:
             refiner=req.refiner or RefinerMode(s.refiner),
             scheduler=req.scheduler or s.scheduler,
             deadline=time.time() + s.request_timeout,
+            **edit_fields,
         )
         return ResolvedRequest(
             job=job,
@@ -196,9 +282,12 @@ class ImagesServing:
             output_format=output_format,
             output_compression=req.output_compression,
             quality=quality,
+            kept_picture=kept_picture,
+            repaint_mask=repaint,
         )
 
-    async def generate(self, req: ImageGenerationRequest, http_request: Request) -> ImagesResponse:
+    async def _native_resolution(self) -> int:
+        """The model's native resolution once loaded; 503 while loading or after a failed load."""
         info = await self.model_info()
         if info and info.get("error"):
             raise APIError(
@@ -213,7 +302,63 @@ class ImagesServing:
             raise unavailable(
                 "The model is still loading; try again shortly.", LOADING_RETRY_AFTER, "loading"
             )
-        resolved = self.resolve(req, int(info["native_resolution"]))
+        return int(info["native_resolution"])
+
+    async def generate(self, req: ImageGenerationRequest, http_request: Request) -> ImagesResponse:
+        native_resolution = await self._native_resolution()
+        resolved = self.resolve(req, native_resolution, prompt=req.prompt)
+        return await self._answer(resolved, http_request)
+
+    async def edit(self, http_request: Request) -> tuple[ImageEditRequest, ImagesResponse]:
+        """POST /images/edits: img2img over the picture, or inpainting with a mask."""
+        async with _multipart_form(http_request) as form:
+            req = _validate_form(ImageEditRequest, form)
+            image = await _upload(form, "image", "image[]")
+            mask = await _upload(form, "mask") if "mask" in form else None
+        source = await run_in_threadpool(_edit_source, image, mask)
+        native_resolution = await self._native_resolution()
+        default_strength = EDIT_STRENGTH if source.mask is None else INPAINT_STRENGTH
+        resolved = await run_in_threadpool(
+            self.resolve,
+            req,
+            native_resolution,
+            prompt=req.prompt,
+            source=source,
+            strength=req.strength or default_strength,
+            default_size=None,
+        )
+        return req, await self._answer(resolved, http_request)
+
+    async def create_variation(self, http_request: Request) -> ImagesResponse:
+        """POST /images/variations: an edit of a square picture with no prompt."""
+        async with _multipart_form(http_request) as form:
+            req = _validate_form(ImageVariationRequest, form)
+            image = await _upload(form, "image", "image[]")
+        if req.stream:
+            raise invalid_value("stream", "Variations are answered in one response; drop stream.")
+        source = await run_in_threadpool(_edit_source, image, None)
+        if source.image.width != source.image.height:
+            raise invalid_value(
+                "image",
+                f"Variations take a square image; this one is "
+                f"{source.image.width}x{source.image.height}.",
+            )
+        native_resolution = await self._native_resolution()
+        resolved = await run_in_threadpool(
+            self.resolve,
+            req,
+            native_resolution,
+            prompt="",
+            source=source,
+            strength=req.strength or VARIATION_STRENGTH,
+        )
+        if (resolved.width, resolved.height) not in VARIATION_SIZES:
+            sizes = ", ".join(f"{w}x{h}" for w, h in VARIATION_SIZES)
+            param = "size" if req.width is None else "width"
+            raise invalid_value(param, f"Variations come in {sizes}.")
+        return await self._answer(resolved, http_request)
+
+    async def _answer(self, resolved: ResolvedRequest, http_request: Request) -> ImagesResponse:
         outcome = await self._run(resolved.job, http_request)
         images = self._images_or_error(outcome)
         base_url = self._public_base_url(http_request)
@@ -281,6 +426,8 @@ class ImagesServing:
         for rendered in images:
             started = time.perf_counter()
             picture = resize_to(to_pil(rendered), resolved.width, resolved.height)
+            if resolved.repaint_mask is not None and resolved.kept_picture is not None:
+                picture = Image.composite(picture, resolved.kept_picture, resolved.repaint_mask)
             encoded = encode_image(picture, resolved.output_format, resolved.output_compression)
             if self.metrics:
                 self.metrics.observe_stage("encode", time.perf_counter() - started)
@@ -324,3 +471,73 @@ class ImagesServing:
                 404, "No such image, or it has expired.", param="file_id", code="file_not_found"
             )
         return stored.data, stored.content_type
+
+
+# ---- multipart uploads (edits, variations) -----------------------------------
+
+
+def _multipart_form(http_request: Request) -> AbstractAsyncContextManager[FormData]:
+    """The parsed form, as a context that deletes its spooled files on exit."""
+    content_type = http_request.headers.get("content-type", "")
+    # A form with no file comes url-encoded, or with no body at all: parsed,
+    # to answer "missing image" rather than "wrong content type".
+    form_types = ("multipart/form-data", "application/x-www-form-urlencoded")
+    if content_type and not content_type.startswith(form_types):
+        raise APIError(
+            400,
+            f"POST {http_request.url.path} takes multipart/form-data, with the image as a file "
+            f"part; got content-type '{content_type}'.",
+            code="invalid_content_type",
+        )
+    return http_request.form(max_files=MAX_FORM_FILES)
+
+
+RequestModel = TypeVar("RequestModel", bound=ImageRequest)
+_FILE_FIELDS = ("image", "image[]", "mask")
+
+
+def _validate_form(model: type[RequestModel], form: FormData) -> RequestModel:
+    """The form's text fields as `model`; errors come out as for JSON bodies."""
+    fields = {
+        key: value
+        for key, value in form.multi_items()
+        if isinstance(value, str) and key not in _FILE_FIELDS
+    }
+    try:
+        return model.model_validate(fields)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from None
+
+
+async def _upload(form: FormData, *names: str) -> bytes:
+    """The bytes of the one file sent under any of `names` (`image` or `image[]`)."""
+    param = names[0]
+    parts = [value for key, value in form.multi_items() if key in names]
+    if not parts:
+        raise missing_parameter(param)
+    if len(parts) > 1:
+        raise invalid_value(param, f"One {param} per request, got {len(parts)}.")
+    if not isinstance(parts[0], UploadFile):
+        raise invalid_value(param, f"'{param}' must be a file part (with a filename), not text.")
+    return await parts[0].read()
+
+
+def _edit_source(image_data: bytes, mask_data: bytes | None) -> EditSource:
+    try:
+        picture = open_image(image_data)
+    except ValueError as exc:
+        raise invalid_value("image", f"Invalid image: {exc}.") from None
+    mask = None
+    if mask_data is not None:
+        try:
+            mask = repaint_mask(open_image(mask_data), picture.size)
+        except ValueError as exc:
+            raise invalid_value("mask", f"Invalid mask: {exc}.") from None
+    return EditSource(to_rgb(picture), mask)
+
+
+def _resize_mask(mask: Image.Image, width: int, height: int) -> Image.Image:
+    # Nearest: the mask stays two-valued.
+    if mask.size == (width, height):
+        return mask
+    return mask.resize((width, height), Image.Resampling.NEAREST)

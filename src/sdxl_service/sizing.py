@@ -65,3 +65,24 @@ def render_size(
     if render_w < width or render_h < height:
         return width, height
     return render_w, render_h
+
+
+def fit_size(width: int, height: int, limits: SizeLimits) -> tuple[int, int]:
+    """The size nearest `width` x `height` (same aspect ratio) that `limits` allow.
+
+    Scaled down to fit max_side and max_pixels, up to reach min_side, sides in
+    multiples of 8. Raises ValueError when the aspect ratio cannot fit at all.
+    """
+    scale = min(1.0, limits.max_side / max(width, height))
+    scale = min(scale, math.sqrt(limits.max_pixels / (width * height)))
+    scale = max(scale, limits.min_side / min(width, height))
+    nearest = (_round_to(width * scale, 8), _round_to(height * scale, 8))
+    try:
+        limits.check(*nearest)
+        return nearest
+    except ValueError:
+        pass
+    # Rounding up may have crossed a bound; multiples of 8 below cannot cross the upper ones.
+    floored = (max(8, int(width * scale) // 8 * 8), max(8, int(height * scale) // 8 * 8))
+    limits.check(*floored)
+    return floored

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import httpx
 import pytest
+from PIL import Image
 
 pytestmark = pytest.mark.integration
 
@@ -87,10 +89,48 @@ def test_unknown_path_and_method(http: httpx.Client) -> None:
     assert_error(http.get("/images/files/not-a-real-id"), 404, "file_id", "file_not_found")
 
 
-def test_edits_and_variations_are_refused_clearly(http: httpx.Client) -> None:
-    for path in ("/images/edits", "/images/variations"):
-        error = assert_error(http.post(path, files={"image": ("a.png", b"x")}), 400, None)
-        assert "generations" in error["message"]
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+PICTURE = ("picture.png", png(Image.new("RGB", (64, 64), (200, 40, 40))), "image/png")
+OPAQUE_MASK = ("mask.png", png(Image.new("RGBA", (64, 64), (0, 0, 0, 255))), "image/png")
+SMALL_MASK = ("mask.png", png(Image.new("RGBA", (32, 32), (0, 0, 0, 0))), "image/png")
+
+
+@pytest.mark.parametrize(
+    ("path", "files", "fields", "param"),
+    [
+        ("/images/edits", {}, {"prompt": "x"}, "image"),
+        ("/images/edits", {"image": ("a.png", b"GIF89a?", "image/gif")}, {"prompt": "x"}, "image"),
+        ("/images/edits", {"image": PICTURE}, {}, "prompt"),
+        ("/images/edits", {"image": PICTURE, "mask": SMALL_MASK}, {"prompt": "x"}, "mask"),
+        ("/images/edits", {"image": PICTURE, "mask": OPAQUE_MASK}, {"prompt": "x"}, "mask"),
+        ("/images/edits", {"image": PICTURE}, {"prompt": "x", "strength": "1.5"}, "strength"),
+        ("/images/edits", {"image": PICTURE}, {"prompt": "x", "strength": "0.01"}, "strength"),
+        ("/images/edits", {"image": PICTURE}, {"prompt": "x", "n": "11"}, "n"),
+        ("/images/edits", {"image": PICTURE}, {"prompt": "x", "size": "8x8"}, "size"),
+        ("/images/variations", {"image": PICTURE}, {"size": "64x64"}, "size"),
+        ("/images/variations", {"image": ("a.png", png(Image.new("RGB", (64, 32))))}, {}, "image"),
+    ],
+)
+def test_bad_edits_and_variations_are_400_naming_the_parameter(
+    http: httpx.Client, path: str, files: dict, fields: dict, param: str
+) -> None:
+    error = assert_error(http.post(path, files=files, data=fields), 400, param)
+    assert error["type"] == "invalid_request_error"
+
+
+def test_edit_as_json_is_told_to_send_multipart(http: httpx.Client) -> None:
+    error = assert_error(http.post("/images/edits", json={"prompt": "x"}), 400, None)
+    assert "multipart/form-data" in error["message"]
+
+
+def test_oversized_upload_is_413(http: httpx.Client) -> None:
+    big = ("big.png", b"\x89PNG" + bytes(51 * 1024 * 1024), "image/png")
+    assert_error(http.post("/images/edits", files={"image": big}, data={"prompt": "x"}), 413, None)
 
 
 def test_oversized_body_is_413(http: httpx.Client) -> None:

@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 pytestmark = pytest.mark.integration
 
@@ -51,6 +52,38 @@ print(json.dumps(out))
 """
 
 
+EDITS = """
+import base64, io, json, sys
+import openai
+from PIL import Image
+
+openai.api_base = sys.argv[1]
+openai.api_key = "random-string"
+picture, mask, small_mask = sys.argv[2:5]
+
+
+def sizes(response):
+    return [
+        Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))).size
+        for item in response["data"]
+    ]
+
+
+out = {}
+edit = openai.Image.create_edit(
+    image=open(picture, "rb"), mask=open(mask, "rb"), prompt="a red fox", n=1, size="512x512"
+)
+out["edit"] = sizes(edit)
+out["variation"] = sizes(openai.Image.create_variation(image=open(picture, "rb"), n=2, size="256x256"))
+try:
+    openai.Image.create_edit(image=open(picture, "rb"), mask=open(small_mask, "rb"), prompt="x")
+    out["error"] = "no error"
+except openai.error.OpenAIError as exc:
+    out["error"] = [type(exc).__name__, exc.http_status, exc.error.param]
+print(json.dumps(out))
+"""
+
+
 def legacy_python() -> str:
     python = os.environ.get("SDXL_LEGACY_PYTHON")
     if not python or not Path(python).exists():
@@ -58,9 +91,9 @@ def legacy_python() -> str:
     return python
 
 
-def run_legacy(script: str, service_url: str) -> dict:
+def run_legacy(script: str, service_url: str, *args: str) -> dict:
     completed = subprocess.run(
-        [legacy_python(), "-c", script, service_url],
+        [legacy_python(), "-c", script, service_url, *args],
         capture_output=True,
         text=True,
         timeout=300,
@@ -79,3 +112,17 @@ def test_legacy_client_gets_typed_errors(service_url: str) -> None:
     result = run_legacy(ERRORS, service_url)
     assert result["n0"] == ["InvalidRequestError", 400, "n"]
     assert result["model"] == ["InvalidRequestError", 404, "model"]
+
+
+def test_legacy_client_edits_and_variations(service_url: str, tmp_path: Path) -> None:
+    picture, mask, small_mask = (tmp_path / f"{name}.png" for name in ("picture", "mask", "small"))
+    Image.new("RGB", (64, 64), (30, 120, 200)).save(picture)
+    transparent_left = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
+    transparent_left.paste((0, 0, 0, 0), (0, 0, 32, 64))
+    transparent_left.save(mask)
+    Image.new("RGBA", (32, 32), (0, 0, 0, 0)).save(small_mask)
+
+    result = run_legacy(EDITS, service_url, str(picture), str(mask), str(small_mask))
+    assert result["edit"] == [[512, 512]]
+    assert result["variation"] == [[256, 256], [256, 256]]
+    assert result["error"] == ["InvalidRequestError", 400, "mask"]

@@ -27,6 +27,7 @@ from sdxl_service.jobs import (
     RefinerMode,
     RenderBatch,
     RenderCancelled,
+    RenderKind,
     RenderParams,
 )
 from sdxl_service.schedulers import SCHEDULERS
@@ -51,6 +52,23 @@ def params(**overrides: object) -> RenderParams:
 
 def tasks(*seeds: int, negative: str = "") -> list[ImageTask]:
     return [ImageTask("a red fox in the snow", negative, seed) for seed in seeds]
+
+
+def noise_picture(seed: int, width: int = 64, height: int = 64) -> bytes:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), np.uint8).tobytes()
+
+
+# Left half repainted: whole 8-pixel latent columns, so the latent mask is exact.
+LEFT_HALF = np.repeat([[255] * 32 + [0] * 32], 64, axis=0).astype(np.uint8).tobytes()
+
+
+def edit_params(kind: RenderKind = RenderKind.IMAGE_TO_IMAGE, **overrides: object) -> RenderParams:
+    return params(kind=kind, **{"strength": 0.75, "steps": 10, **overrides})
+
+
+def edits(*seeds: int, picture: bytes | None = None, mask: bytes | None = None) -> list[ImageTask]:
+    picture = picture or noise_picture(0)
+    return [ImageTask("a red fox in the snow", "", seed, picture, mask) for seed in seeds]
 
 
 def pixels(image: Image.Image) -> np.ndarray:
@@ -235,6 +253,157 @@ def test_sequential_strength_gives_the_refiner_its_share_of_steps() -> None:
         assert 0 < strength <= 1
         assert int(steps * strength) == refiner_steps
     assert int(10 * sequential_strength(10, 0.01)) == 10
+
+
+# --- edits: img2img and inpainting --------------------------------------------
+
+
+def test_edit_pipelines_share_every_module_with_base_and_refiner(tiny_engine: Engine) -> None:
+    for derived, source in [
+        (tiny_engine.base_img2img, tiny_engine.base),
+        (tiny_engine.base_inpaint, tiny_engine.base),
+        (tiny_engine.refiner_inpaint, tiny_engine.refiner),
+    ]:
+        for name, module in source.components.items():
+            if name != "scheduler":
+                assert getattr(derived, name) is module, name
+        assert derived.config.requires_aesthetics_score == source.config.get(
+            "requires_aesthetics_score", False
+        )
+        assert derived.watermark is None
+
+
+@pytest.mark.parametrize("kind", [RenderKind.IMAGE_TO_IMAGE, RenderKind.INPAINT])
+@pytest.mark.parametrize("mode", list(RefinerMode))
+def test_edit_renders_one_image_per_task_at_the_render_size(
+    tiny_engine: Engine, kind: RenderKind, mode: RefinerMode
+) -> None:
+    picture = noise_picture(1, 96, 64)
+    mask = np.full((64, 96), 255, np.uint8).tobytes() if kind is RenderKind.INPAINT else None
+    batch = RenderBatch(
+        edit_params(kind, width=96, height=64, refiner=mode),
+        edits(1, 2, picture=picture, mask=mask),
+    )
+    images = tiny_engine.render(batch)
+    assert [(image.mode, image.size) for image in images] == [("RGB", (96, 64))] * 2
+    assert np.abs(pixels(images[0]) - pixels(images[1])).mean() > 1.0
+
+
+@pytest.mark.parametrize("kind", [RenderKind.IMAGE_TO_IMAGE, RenderKind.INPAINT])
+def test_edit_seed_reproduces_identical_pixels(tiny_engine: Engine, kind: RenderKind) -> None:
+    mask = LEFT_HALF if kind is RenderKind.INPAINT else None
+    batch = RenderBatch(edit_params(kind), edits(42, mask=mask))
+    first, second = tiny_engine.render(batch)[0], tiny_engine.render(batch)[0]
+    assert np.array_equal(pixels(first), pixels(second))
+
+
+def test_edits_of_different_pictures_batch_like_each_alone(tiny_engine: Engine) -> None:
+    """Compatible edits of different requests share a call; each keeps its own picture."""
+    tasks = [*edits(5, picture=noise_picture(1)), *edits(6, picture=noise_picture(2))]
+    batched = tiny_engine.render(RenderBatch(edit_params(), tasks))
+    for task, image in zip(tasks, batched, strict=True):
+        alone = tiny_engine.render(RenderBatch(edit_params(), [task]))[0]
+        assert np.allclose(pixels(image), pixels(alone), atol=2)
+    assert np.abs(pixels(batched[0]) - pixels(batched[1])).mean() > 1.0
+
+
+def test_edit_starts_from_the_picture_and_strength_sets_how_far_it_moves(
+    tiny_engine: Engine,
+) -> None:
+    # In latent space: the random tiny VAE does not give a picture back in pixels.
+    with torch.inference_mode():
+        picture = tiny_engine._encode([noise_picture(0)], edit_params())[0]
+        distance = {}
+        for strength in (0.2, 0.5, 1.0):
+            batch = RenderBatch(edit_params(strength=strength), edits(3))
+            distance[strength] = (tiny_engine._denoise(batch)[0] - picture).abs().mean().item()
+        other = tiny_engine._encode([noise_picture(9)], edit_params())[0]
+        other_edit = tiny_engine._denoise(
+            RenderBatch(edit_params(strength=0.2), edits(3, picture=noise_picture(9)))
+        )[0]
+    assert distance[0.2] < distance[0.5] < distance[1.0]
+    assert (other_edit - other).abs().mean() < (other_edit - picture).abs().mean()
+
+
+@pytest.mark.parametrize("mode", list(RefinerMode))
+@pytest.mark.parametrize("strength", [0.15, 0.75, 1.0])
+def test_inpainting_keeps_the_latents_outside_the_mask(
+    tiny_engine: Engine, mode: RefinerMode, strength: float
+) -> None:
+    """diffusers' guarantee for 4-channel UNets: outside the mask the result is the picture."""
+    edit = edit_params(RenderKind.INPAINT, refiner=mode, strength=strength)
+    with torch.inference_mode():
+        picture = tiny_engine._encode([noise_picture(0)], edit)
+        latents = tiny_engine._denoise(RenderBatch(edit, edits(1, 2, mask=LEFT_HALF)))
+    kept, repainted = slice(4, 8), slice(0, 4)  # latent columns (8 px each)
+    assert torch.equal(latents[..., kept], picture.expand(2, -1, -1, -1)[..., kept])
+    assert (latents[0, ..., repainted] - latents[1, ..., repainted]).abs().mean() > 0.01
+
+
+@pytest.mark.parametrize(
+    ("mode", "strength", "expected"),
+    [
+        # 10 steps, strength 0.75: the last 7 of the schedule; 5 above 0.8's cut-off.
+        (RefinerMode.ENSEMBLE, 0.75, {"base": 5, "refiner": 2}),
+        (RefinerMode.SEQUENTIAL, 0.75, {"base": 7, "refiner": 2}),
+        (RefinerMode.NONE, 0.75, {"base": 7, "refiner": 0}),
+        # All of a light edit lies below the hand-over: the refiner makes it alone.
+        (RefinerMode.ENSEMBLE, 0.15, {"base": 0, "refiner": 1}),
+        # The sequential refiner re-noises no more than the edit did.
+        (RefinerMode.SEQUENTIAL, 0.15, {"base": 1, "refiner": 1}),
+    ],
+)
+@pytest.mark.parametrize("kind", [RenderKind.IMAGE_TO_IMAGE, RenderKind.INPAINT])
+def test_edit_splits_its_steps_between_base_and_refiner(
+    tiny_engine: Engine,
+    kind: RenderKind,
+    mode: RefinerMode,
+    strength: float,
+    expected: dict[str, int],
+) -> None:
+    mask = LEFT_HALF if kind is RenderKind.INPAINT else None
+    batch = RenderBatch(edit_params(kind, refiner=mode, strength=strength), edits(1, mask=mask))
+    with count_unet_calls(tiny_engine) as calls:
+        tiny_engine.render(batch)
+    assert calls == expected
+
+
+def test_a_light_ensemble_edit_at_30_steps_is_the_refiners_alone(tiny_engine: Engine) -> None:
+    # strength 0.21 > 1 - 0.8, yet its first step (t=166 of 30 leading steps) is
+    # below the cut-off at t=200: the base would add noise and hand over a step early.
+    batch = RenderBatch(edit_params(steps=30, strength=0.21), edits(1))
+    with count_unet_calls(tiny_engine) as calls:
+        tiny_engine.render(batch)
+    assert calls == {"base": 0, "refiner": int(30 * 0.21)}
+
+
+def test_edit_reports_its_vae_encode_stage(tiny_engine: Engine) -> None:
+    stages: list[str] = []
+    tiny_engine.stage_observer = lambda stage, seconds: stages.append(stage)
+    try:
+        tiny_engine.render(RenderBatch(edit_params(), edits(1)))
+    finally:
+        tiny_engine.stage_observer = None
+    assert stages == ["vae_encode", "base", "refiner", "decode"]
+
+
+def test_the_n_images_of_a_request_encode_their_picture_once(tiny_engine: Engine) -> None:
+    encodes = []
+    hook = tiny_engine.vae.encoder.register_forward_hook(lambda *_: encodes.append(1))
+    try:
+        tiny_engine.render(RenderBatch(edit_params(), edits(1, 2, 3)))
+    finally:
+        hook.remove()
+    assert len(encodes) == 1
+
+
+def test_edit_leaves_the_vae_in_its_own_dtype(tiny_settings_factory) -> None:
+    """diffusers' own encode would cast the shared VAE to the UNet dtype after upcasting."""
+    engine = Engine.load(tiny_settings_factory(vae_dtype="bf16"))
+    for kind, mask in [(RenderKind.IMAGE_TO_IMAGE, None), (RenderKind.INPAINT, LEFT_HALF)]:
+        engine.render(RenderBatch(edit_params(kind, steps=4), edits(1, mask=mask)))
+        assert engine.vae.dtype == torch.bfloat16
+        assert engine.base.unet.dtype == torch.float32
 
 
 # --- cancellation and out of memory ------------------------------------------

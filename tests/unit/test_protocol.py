@@ -4,7 +4,12 @@ import pytest
 from pydantic import ValidationError
 
 from sdxl_service.jobs import RefinerMode
-from sdxl_service.protocol import SCHEDULER_NAMES, ImageGenerationRequest
+from sdxl_service.protocol import (
+    SCHEDULER_NAMES,
+    ImageEditRequest,
+    ImageGenerationRequest,
+    ImageVariationRequest,
+)
 
 
 def test_minimal_request_defaults_are_unset() -> None:
@@ -39,3 +44,23 @@ def test_scheduler_names_match_the_engine() -> None:
     from sdxl_service.schedulers import SCHEDULERS
 
     assert set(SCHEDULER_NAMES) == set(SCHEDULERS)
+
+
+def test_edit_form_strings_parse_like_json_values() -> None:
+    request = ImageEditRequest.model_validate(
+        {"prompt": "x", "n": "2", "strength": "0.4", "stream": "true", "seed": "0"}
+    )
+    assert (request.n, request.strength, request.stream, request.seed) == (2, 0.4, True, 0)
+
+
+@pytest.mark.parametrize("model", [ImageEditRequest, ImageVariationRequest])
+@pytest.mark.parametrize("strength", ["0", "-0.1", "1.01", "lots"])
+def test_strength_is_above_0_and_at_most_1(model: type, strength: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        model.model_validate({"prompt": "x", "strength": strength})
+    assert info.value.errors()[0]["loc"] == ("strength",)
+
+
+def test_a_variation_has_no_prompt() -> None:
+    request = ImageVariationRequest.model_validate({"prompt": "ignored"})
+    assert request.model_extra == {"prompt": "ignored"}

@@ -12,10 +12,24 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from sdxl_service.encoding import resize_to
 from sdxl_service.files import LocalFileStore
 from sdxl_service.http_app import create_app
-from sdxl_service.jobs import GenerationJob, GenerationOutcome, OutcomeStatus, RenderedImage
-from sdxl_service.serving import QUALITY_STEPS, ImagesServing
+from sdxl_service.jobs import (
+    GenerationJob,
+    GenerationOutcome,
+    OutcomeStatus,
+    RefinerMode,
+    RenderedImage,
+    RenderKind,
+)
+from sdxl_service.serving import (
+    EDIT_STRENGTH,
+    INPAINT_STRENGTH,
+    QUALITY_STEPS,
+    VARIATION_STRENGTH,
+    ImagesServing,
+)
 from sdxl_service.settings import Settings
 
 
@@ -221,3 +235,217 @@ def test_stream_sends_one_completed_event_per_image(client) -> None:
         assert payload["type"] == "image_generation.completed"
         assert payload["seed"] == seed
         assert decode(payload["b64_json"]).size == (64, 64)
+
+
+# --- edits and variations (multipart) -----------------------------------------
+
+
+@pytest.fixture
+def edits_client(painter: SeedPainter, tmp_path) -> TestClient:
+    settings = Settings(files_dir=tmp_path, max_body_bytes=1_000_000)
+    serving = ImagesServing(settings, painter, LocalFileStore(tmp_path, 60))
+    return TestClient(create_app(lambda: serving, settings.max_body_bytes))
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def noise(width: int, height: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), np.uint8))
+
+
+def left_half_transparent(width: int, height: int) -> Image.Image:
+    mask = Image.new("RGBA", (width, height), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (0, 0, width // 2, height))
+    return mask
+
+
+def part(image: Image.Image, name: str = "picture.png") -> tuple[str, bytes, str]:
+    return (name, png(image), "image/png")
+
+
+def test_edit_is_img2img_of_the_picture_at_its_own_size(edits_client, painter) -> None:
+    picture = noise(96, 64)
+    response = edits_client.post(
+        "/images/edits", files={"image": part(picture)}, data={"prompt": "a fox", "seed": "3"}
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["size"] == "96x64"
+    assert decode(response.json()["data"][0]["b64_json"]).size == (96, 64)
+    job = painter.jobs[-1]
+    assert (job.kind, job.strength, job.prompt, job.mask) == (
+        RenderKind.IMAGE_TO_IMAGE,
+        EDIT_STRENGTH,
+        "a fox",
+        None,
+    )
+    # Rendered at native scale, as generations are; the picture resized to match.
+    assert job.width * job.height >= 128 * 128 * 0.95
+    sent = Image.frombytes("RGB", (job.width, job.height), job.init_image)
+    assert np.array_equal(np.asarray(sent), np.asarray(resize_to(picture, job.width, job.height)))
+
+
+def test_edit_with_mask_repaints_only_the_transparent_region(edits_client, painter) -> None:
+    picture = noise(64, 64)
+    response = edits_client.post(
+        "/images/edits",
+        files={"image": part(picture), "mask": part(left_half_transparent(64, 64))},
+        data={"prompt": "a fox", "seed": "3"},
+    )
+    assert response.status_code == 200, response.text
+    job = painter.jobs[-1]
+    assert (job.kind, job.strength) == (RenderKind.INPAINT, INPAINT_STRENGTH)
+    mask = np.asarray(Image.frombytes("L", (job.width, job.height), job.mask))
+    assert (mask[:, : job.width // 2] == 255).all() and (mask[:, job.width // 2 :] == 0).all()
+    answer = np.asarray(decode(response.json()["data"][0]["b64_json"]))
+    # The painter paints (seed, 0, 0); outside the mask the picture comes back exactly.
+    assert np.array_equal(answer[:, 32:], np.asarray(picture)[:, 32:])
+    assert (answer[:, :32] == (3, 0, 0)).all()
+
+
+def test_edit_takes_image_brackets_and_every_option_as_form_fields(edits_client, painter) -> None:
+    fields = {
+        "prompt": "x",
+        "n": "2",
+        "seed": "7",
+        "size": "128x128",
+        "strength": "0.3",
+        "refiner": "none",
+        "num_inference_steps": "12",
+        "guidance_scale": "7.5",
+        "high_noise_frac": "0.7",
+        "scheduler": "euler_a",
+        "negative_prompt": "blurry",
+        "output_format": "webp",
+        "output_compression": "80",
+        "input_fidelity": "high",
+        "unknown_field": "ignored",
+    }
+    response = edits_client.post(
+        "/images/edits", files=[("image[]", part(noise(96, 64)))], data=fields
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert [item["seed"] for item in body["data"]] == [7, 8]
+    assert body["size"] == "128x128" and body["output_format"] == "webp"
+    assert decode(body["data"][0]["b64_json"]).size == (128, 128)
+    job = painter.jobs[-1]
+    assert job.seeds == [7, 8] and job.strength == 0.3 and job.refiner is RefinerMode.NONE
+    assert (job.steps, job.guidance_scale, job.high_noise_frac) == (12, 7.5, 0.7)
+    assert (job.scheduler, job.negative_prompt) == ("euler_a", "blurry")
+
+
+def test_edit_stream_sends_image_edit_completed_events(edits_client) -> None:
+    response = edits_client.post(
+        "/images/edits",
+        files={"image": part(noise(64, 64))},
+        data={"prompt": "x", "n": "2", "seed": "4", "stream": "true"},
+    )
+    events = [block for block in response.text.split("\n\n") if block]
+    assert [event.split("\n")[0] for event in events] == ["event: image_edit.completed"] * 2
+    payload = json.loads(events[1].split("\n")[1].removeprefix("data: "))
+    assert payload["type"] == "image_edit.completed" and payload["seed"] == 5
+
+
+def test_variation_is_an_edit_of_the_picture_with_no_prompt(edits_client, painter) -> None:
+    response = edits_client.post(
+        "/images/variations",
+        files={"image": part(noise(64, 64))},
+        data={"n": "2", "size": "256x256"},
+    )
+    assert response.status_code == 200, response.text
+    assert [decode(item["b64_json"]).size for item in response.json()["data"]] == [(256, 256)] * 2
+    job = painter.jobs[-1]
+    assert (job.kind, job.prompt, job.strength) == (
+        RenderKind.IMAGE_TO_IMAGE,
+        "",
+        VARIATION_STRENGTH,
+    )
+    assert len(job.seeds) == 2
+
+
+def test_variation_size_defaults_to_1024(edits_client) -> None:
+    response = edits_client.post("/images/variations", files={"image": part(noise(64, 64))})
+    assert response.json()["size"] == "1024x1024"
+
+
+def error_of(response) -> dict[str, Any]:
+    assert response.status_code == 400, response.text
+    assert "detail" not in response.json()
+    return response.json()["error"]
+
+
+PICTURE = part(noise(64, 64))
+
+
+@pytest.mark.parametrize(
+    ("files", "fields", "param"),
+    [
+        ({}, {"prompt": "x"}, "image"),
+        ({"image": PICTURE}, {}, "prompt"),
+        ({"image": ("a.png", b"not a picture", "image/png")}, {"prompt": "x"}, "image"),
+        ({"image": ("a.png", b"", "image/png")}, {"prompt": "x"}, "image"),
+        ([("image", PICTURE), ("image[]", PICTURE)], {"prompt": "x"}, "image"),
+        ({}, {"prompt": "x", "image": "picture.png"}, "image"),
+        (
+            {"image": PICTURE, "mask": part(left_half_transparent(32, 64))},
+            {"prompt": "x"},
+            "mask",
+        ),
+        ({"image": PICTURE, "mask": part(noise(64, 64))}, {"prompt": "x"}, "mask"),
+        ({"image": PICTURE}, {"prompt": "x", "strength": "0"}, "strength"),
+        ({"image": PICTURE}, {"prompt": "x", "strength": "1.5"}, "strength"),
+        ({"image": PICTURE}, {"prompt": "x", "strength": "much"}, "strength"),
+        ({"image": PICTURE}, {"prompt": "x", "strength": "0.01"}, "strength"),  # 0 of 30 steps
+        ({"image": PICTURE}, {"prompt": "x", "n": "11"}, "n"),
+        ({"image": PICTURE}, {"prompt": "x", "size": "100x100"}, "size"),
+        ({"image": PICTURE}, {"prompt": "x", "response_format": "gif"}, "response_format"),
+        ({"image": PICTURE}, {"prompt": "x", "background": "transparent"}, "background"),
+        ({"image": PICTURE}, {"prompt": "x", "output_compression": "50"}, "output_compression"),
+    ],
+)
+def test_bad_edits_are_400_naming_the_parameter(edits_client, files, fields, param) -> None:
+    error = error_of(edits_client.post("/images/edits", files=files, data=fields))
+    assert error["param"] == param
+    assert error["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    ("files", "fields", "param"),
+    [
+        ({}, {}, "image"),
+        ({"image": part(noise(64, 32))}, {}, "image"),  # not square
+        ({"image": PICTURE}, {"size": "640x640"}, "size"),
+        ({"image": PICTURE}, {"stream": "true"}, "stream"),
+        ({"image": PICTURE}, {"strength": "2"}, "strength"),
+        ({"image": PICTURE}, {"n": "0"}, "n"),
+    ],
+)
+def test_bad_variations_are_400_naming_the_parameter(edits_client, files, fields, param) -> None:
+    error = error_of(edits_client.post("/images/variations", files=files, data=fields))
+    assert error["param"] == param
+
+
+def test_edit_sent_as_json_is_told_to_use_multipart(edits_client) -> None:
+    error = error_of(edits_client.post("/images/edits", json={"prompt": "x", "image": "..."}))
+    assert error["code"] == "invalid_content_type" and "multipart/form-data" in error["message"]
+
+
+def test_edit_with_an_unknown_model_is_404(edits_client) -> None:
+    response = edits_client.post(
+        "/images/edits", files={"image": PICTURE}, data={"prompt": "x", "model": "sd-1.5"}
+    )
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "model_not_found"
+
+
+def test_edit_upload_over_the_body_limit_is_413(client) -> None:
+    response = client.post(
+        "/images/edits", files={"image": part(noise(128, 128))}, data={"prompt": "x"}
+    )
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "too_large"

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from sdxl_service.sizing import SizeLimits, parse_size, render_size
+from sdxl_service.sizing import SizeLimits, fit_size, parse_size, render_size
 
 LIMITS = SizeLimits(min_side=64, max_side=2048, max_pixels=2048 * 2048)
 
@@ -47,3 +47,29 @@ def test_native_sizes_render_as_asked() -> None:
 
 def test_render_native_off_renders_exactly() -> None:
     assert render_size(256, 256, 1024, render_native=False, max_pixels=2048**2) == (256, 256)
+
+
+# The service's defaults: max_pixels below max_side².
+SERVICE_LIMITS = SizeLimits(min_side=64, max_side=2048, max_pixels=1536 * 1536)
+
+
+@pytest.mark.parametrize(
+    ("size", "fitted"),
+    [
+        ((512, 512), (512, 512)),
+        ((1000, 750), (1000, 752)),  # nearest multiples of 8
+        ((4000, 3000), (1776, 1328)),  # down to max_pixels, same aspect ratio
+        ((4096, 512), (2048, 256)),  # down to max_side
+        ((40, 30), (88, 64)),  # up to min_side
+    ],
+)
+def test_fit_size_keeps_the_aspect_ratio_within_the_limits(
+    size: tuple[int, int], fitted: tuple[int, int]
+) -> None:
+    assert fit_size(*size, SERVICE_LIMITS) == fitted
+    SERVICE_LIMITS.check(*fitted)
+
+
+def test_fit_size_refuses_an_aspect_ratio_no_size_allows() -> None:
+    with pytest.raises(ValueError, match="between 64 and 2048"):
+        fit_size(10_000, 100, SERVICE_LIMITS)
