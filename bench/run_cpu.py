@@ -12,6 +12,7 @@ import io
 import json
 import os
 import platform
+import re
 import statistics
 import tempfile
 import threading
@@ -149,15 +150,30 @@ def http_times(api: str, repeat: int) -> list[float]:
 # ---- throughput and liveness -------------------------------------------------------
 
 
-def throughput(api: str, concurrency: int, requests: int) -> float:
+def batch_counters(root: str) -> tuple[float, float]:
+    """(batches, images) so far, from the service's sdxl_batch_images histogram."""
+    text = httpx.get(f"{root}/metrics", timeout=30).text
+
+    def total(name: str) -> float:
+        return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+
+    return total("sdxl_batch_images_count"), total("sdxl_batch_images_sum")
+
+
+def throughput(root: str, concurrency: int, requests: int) -> tuple[float, float]:
+    """(images per second, mean images per pipeline call) for closed-loop clients."""
+
     def one(i: int) -> None:
         body = {**SMALL_JOB, "seed": i, "prompt": f"bench {i}"}
-        httpx.post(f"{api}/images/generations", json=body, timeout=300).raise_for_status()
+        httpx.post(f"{root}/v1/images/generations", json=body, timeout=300).raise_for_status()
 
+    batches_before, images_before = batch_counters(root)
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(one, range(requests)))
-    return requests / (time.perf_counter() - start)
+    rate = requests / (time.perf_counter() - start)
+    batches_after, images_after = batch_counters(root)
+    return rate, (images_after - images_before) / max(1.0, batches_after - batches_before)
 
 
 def liveness_while_saturated(root: str, probes: int) -> dict[str, float]:
@@ -234,12 +250,13 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "Throughput (images/s, 64x64, 4 steps, n=1 per request):",
         "",
-        "| concurrency | batching on | batching off | on / off |",
-        "|---|---|---|---|",
+        "| concurrency | batching on | images per call (on) | batching off | on / off |",
+        "|---|---|---|---|---|",
     ]
     for c in t["concurrency"]:
         on, off = t["on"][str(c)], t["off"][str(c)]
-        lines.append(f"| {c} | {on:.2f} | {off:.2f} | {on / off:.2f}x |")
+        batch = t["mean_batch"][str(c)]
+        lines.append(f"| {c} | {on:.2f} | {batch:.1f} | {off:.2f} | {on / off:.2f}x |")
     lines += [
         "",
         "Liveness while 16 clients keep the pipeline saturated:",
@@ -293,7 +310,7 @@ def main() -> None:
 
     concurrency = [1, 4, 8, 16]
     results["overhead"] = {}
-    tput: dict[str, Any] = {"concurrency": concurrency, "on": {}, "off": {}}
+    tput: dict[str, Any] = {"concurrency": concurrency, "on": {}, "off": {}, "mean_batch": {}}
     for mode, max_batch in (("on", "8"), ("off", "1")):
         print(f"service, batching {mode} ...", flush=True)
         service = start_service(work / f"batching-{mode}", {"SDXL_MAX_BATCH_IMAGES": max_batch})
@@ -309,8 +326,11 @@ def main() -> None:
             }
             for c in concurrency:
                 requests = max(8, 2 * c) if args.quick else max(16, 4 * c)
-                tput[mode][str(c)] = throughput(service.api, c, requests)
-                print(f"  c={c}: {tput[mode][str(c)]:.2f} images/s", flush=True)
+                rate, mean_batch = throughput(service.root, c, requests)
+                tput[mode][str(c)] = rate
+                if mode == "on":
+                    tput["mean_batch"][str(c)] = mean_batch
+                print(f"  c={c}: {rate:.2f} images/s, {mean_batch:.1f} images per call", flush=True)
             if mode == "on":
                 print("liveness while saturated ...", flush=True)
                 results["liveness"] = liveness_while_saturated(
