@@ -120,7 +120,8 @@ def bench_encoding(repeat: int) -> list[dict[str, Any]]:
 # ---- service overhead ---------------------------------------------------------
 
 
-def direct_engine_times(cache_dir: Path, repeat: int) -> list[float]:
+def direct_engine_render(cache_dir: Path) -> Callable[[], Any]:
+    """The same work the service does for SMALL_JOB, sizes included, in-process."""
     from sdxl_service.engine import Engine
     from sdxl_service.jobs import ImageTask, RefinerMode, RenderBatch, RenderParams
     from sdxl_service.settings import Preset, Settings
@@ -128,7 +129,6 @@ def direct_engine_times(cache_dir: Path, repeat: int) -> list[float]:
 
     settings = Settings(preset=Preset.TINY, cache_dir=cache_dir)
     engine = Engine.load(settings)
-    # The same work the service does for SMALL_JOB, sizes included.
     width, height = render_size(
         64, 64, engine.native_resolution, render_native=True, max_pixels=settings.max_pixels
     )
@@ -137,16 +137,30 @@ def direct_engine_times(cache_dir: Path, repeat: int) -> list[float]:
     )
     batch = RenderBatch(params, [ImageTask("bench", "", 1)])
     engine.render(batch)  # warm-up
-    return timed(lambda: engine.render(batch), repeat)
+    return lambda: engine.render(batch)
 
 
-def http_times(api: str, repeat: int) -> list[float]:
+def overhead(api: str, render: Callable[[], Any], repeat: int) -> dict[str, float]:
+    """HTTP end to end vs the engine alone, interleaved so that drift in this
+    shared machine's load hits both alike; overhead = paired differences."""
     with httpx.Client(timeout=120) as client:
         body = {**SMALL_JOB, "seed": 1}
-        client.post(f"{api}/images/generations", json=body).raise_for_status()
-        return timed(
-            lambda: client.post(f"{api}/images/generations", json=body).raise_for_status(), repeat
-        )
+
+        def post() -> None:
+            client.post(f"{api}/images/generations", json=body).raise_for_status()
+
+        post()
+        engine_times, http_times = [], []
+        for _ in range(repeat):
+            engine_times += timed(render, 1)
+            http_times += timed(post, 1)
+    differences = [h - e for h, e in zip(http_times, engine_times, strict=True)]
+    return {
+        "engine_p50_ms": 1000 * percentile(engine_times, 50),
+        "http_p50_ms": 1000 * percentile(http_times, 50),
+        "overhead_p50_ms": 1000 * percentile(differences, 50),
+        "overhead_p95_ms": 1000 * percentile(differences, 95),
+    }
 
 
 # ---- throughput and liveness -------------------------------------------------------
@@ -310,7 +324,7 @@ def main() -> None:
     }
 
     print("encoding ...", flush=True)
-    results["encoding"] = bench_encoding(3 if args.quick else 10)
+    results["encoding"] = bench_encoding(3 if args.quick else 20)
     results["png_b64_1024_ms"] = next(
         r["ms_p50"]
         for r in results["encoding"]
@@ -318,7 +332,7 @@ def main() -> None:
     )
 
     print("direct engine ...", flush=True)
-    engine_times = direct_engine_times(cache_dir, repeat)
+    render = direct_engine_render(cache_dir)
 
     concurrency = [1, 4, 8, 16]
     results["overhead"] = {}
@@ -327,15 +341,7 @@ def main() -> None:
         print(f"service, batching {mode} ...", flush=True)
         service = start_service(work / f"batching-{mode}", {"SDXL_MAX_BATCH_IMAGES": max_batch})
         try:
-            http = http_times(service.api, repeat)
-            e50, e95 = percentile(engine_times, 50), percentile(engine_times, 95)
-            h50, h95 = percentile(http, 50), percentile(http, 95)
-            results["overhead"][mode] = {
-                "engine_p50_ms": 1000 * e50,
-                "http_p50_ms": 1000 * h50,
-                "overhead_p50_ms": 1000 * (h50 - e50),
-                "overhead_p95_ms": 1000 * (h95 - e95),
-            }
+            results["overhead"][mode] = overhead(service.api, render, repeat)
             for c in concurrency:
                 requests = max(8, 2 * c) if args.quick else max(16, 4 * c)
                 rate, mean_batch = throughput(service.root, c, requests)
