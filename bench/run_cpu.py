@@ -238,8 +238,8 @@ def markdown(results: dict[str, Any]) -> str:
     on, off = results["overhead"]["on"], results["overhead"]["off"]
     rows = [
         (
-            f"service overhead p50, no batch wait (HTTP {off['http_p50_ms']:.1f} ms - engine "
-            f"{off['engine_p50_ms']:.1f} ms)",
+            f"service overhead p50, no batch wait (paired; HTTP p50 {off['http_p50_ms']:.1f} ms,"
+            f" engine p50 {off['engine_p50_ms']:.1f} ms)",
             f"{off['overhead_p50_ms']:.1f} ms",
             f"< {TARGETS['overhead_p50_ms']:.0f} ms",
         ),
