@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import io
 from pathlib import Path
 
@@ -11,6 +10,8 @@ import numpy as np
 import pytest
 from openai import OpenAI
 from PIL import Image
+
+from tests.decoded import decode, pixels
 
 pytestmark = pytest.mark.integration
 
@@ -32,16 +33,6 @@ def pictures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     mask.save(paths["mask"])
     Image.fromarray(rng.integers(0, 256, (64, 96, 3), np.uint8)).save(paths["wide"])
     return paths
-
-
-def decode(b64: str) -> Image.Image:
-    image = Image.open(io.BytesIO(base64.b64decode(b64)))
-    image.load()
-    return image
-
-
-def pixels(b64: str) -> np.ndarray:
-    return np.asarray(decode(b64), dtype=np.int16)
 
 
 def test_edit_answers_the_size_asked(client: OpenAI, pictures: dict[str, Path]) -> None:

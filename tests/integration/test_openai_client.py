@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import io
 
 import httpx
@@ -11,22 +10,14 @@ import pytest
 from openai import OpenAI
 from PIL import Image
 
+from tests.decoded import decode, pixels
+
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def client(service_url: str) -> OpenAI:
     return OpenAI(base_url=service_url, api_key="any-string", max_retries=0, timeout=300)
-
-
-def decode(b64: str) -> Image.Image:
-    image = Image.open(io.BytesIO(base64.b64decode(b64)))
-    image.load()
-    return image
-
-
-def pixels(b64: str) -> np.ndarray:
-    return np.asarray(decode(b64), dtype=np.int16)
 
 
 def test_generate_two_images_at_1024(client: OpenAI) -> None:

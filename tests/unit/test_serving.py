@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 from typing import Any
@@ -31,6 +30,7 @@ from sdxl_service.serving import (
     ImagesServing,
 )
 from sdxl_service.settings import Settings
+from tests.decoded import decode
 
 
 class SeedPainter:
@@ -78,10 +78,6 @@ def client(painter: SeedPainter, tmp_path) -> TestClient:
     settings = Settings(files_dir=tmp_path, max_body_bytes=10_000)
     serving = ImagesServing(settings, painter, LocalFileStore(tmp_path, 60))
     return TestClient(create_app(lambda: serving, settings.max_body_bytes))
-
-
-def decode(b64: str) -> Image.Image:
-    return Image.open(io.BytesIO(base64.b64decode(b64)))
 
 
 def test_small_request_renders_native_and_answers_requested_size(client, painter) -> None:
