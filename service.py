@@ -39,12 +39,12 @@ class SDXLPipeline:
     def __is_ready__(self) -> bool:
         return self.host.is_ready()
 
+    def __is_alive__(self) -> bool:
+        return self.host.is_alive()
+
     @bentoml.on_shutdown
     async def shutdown(self) -> None:
         await self.host.stop()
-
-    def __is_alive__(self) -> bool:
-        return self.host.is_alive()
 
     @bentoml.api
     async def generate(self, job: GenerationJob) -> GenerationOutcome:
