@@ -28,6 +28,11 @@ API_PREFIX = "/v1"
     resources={"gpu": 1},
     workers=1,
     traffic={"timeout": settings.traffic_timeout},
+    # BentoML's client to this service replaces its connection pool every 100
+    # requests and every 300 s by closing the old one, which kills the calls
+    # still in flight ("Server disconnected") while their images keep the GPU
+    # busy for nobody. Generations are long; keep one pool for good.
+    runner_connection={"max_requests": 2**31, "max_age": 1e9},
 )
 class SDXLPipeline:
     def __init__(self) -> None:

@@ -7,6 +7,7 @@ import re
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -118,3 +119,16 @@ def test_request_past_its_timeout_is_504_and_work_is_dropped(tight_service: Runn
     waited, response = timed_post(tight_service.api, SHORT_JOB)
     assert response.status_code == 200
     assert waited < 3
+
+
+def test_pipeline_connections_survive_many_requests(service: RunningService) -> None:
+    # BentoML's client replaced its connection pool every 100 calls by closing
+    # it under the calls in flight; 110 concurrent calls cross that mark.
+    def one(i: int) -> int:
+        body = {**SHORT_JOB, "seed": i, "prompt": f"many {i}"}
+        return httpx.post(f"{service.api}/images/generations", json=body, timeout=120).status_code
+
+    with ThreadPoolExecutor(12) as pool:
+        statuses = list(pool.map(one, range(110)))
+    assert statuses == [200] * 110
+    assert "pipeline connection failed" not in service.log_path.read_text()
