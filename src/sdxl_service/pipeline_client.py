@@ -52,10 +52,10 @@ class BentoPipelineClient:
             except Exception as exc:
                 if not _is_connection_error(exc):
                     raise
-                # Seen under load: the pipeline server closes an idle keep-alive
-                # connection just as the pool reuses it ("Server disconnected"),
-                # before the request reached it. Sending again risks at worst one
-                # duplicate render after a pipeline crash; a 500 would be worse.
+                # A pipeline process that is starting or restarting refuses or
+                # drops the call before working on it; try again before saying
+                # 503. (BentoML's own pool refresh used to cause this under load:
+                # service.py turns it off.)
                 logger.warning("pipeline connection failed (%s), attempt %d", exc, attempt)
         return GenerationOutcome(
             status=OutcomeStatus.LOADING,
