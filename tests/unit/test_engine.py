@@ -588,3 +588,20 @@ def test_vae_decodes_in_float32_when_fp16_would_overflow(tiny_engine: Engine) ->
     assert resolve_vae_dtype(Settings(vae_dtype="auto"), torch.bfloat16, vae) == torch.bfloat16
     assert resolve_vae_dtype(Settings(vae_dtype="bf16"), torch.float16, vae) == torch.bfloat16
     assert resolve_vae_dtype(Settings(vae_dtype="fp16"), torch.float16, vae) == torch.float16
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_engine_renders_close_to_float32(
+    tiny_engine: Engine, tiny_settings_factory, dtype: str
+) -> None:
+    """The GPU's dtypes, exercised where the CPU allows: UNets and text encoders
+    in half precision, the VAE kept where it does not overflow."""
+    engine = Engine.load(tiny_settings_factory(dtype=dtype))
+    assert engine.base.unet.dtype == engine.refiner.unet.dtype == getattr(torch, dtype)
+    for mode in RefinerMode:
+        batch = RenderBatch(params(refiner=mode), tasks(5))
+        half, full = engine.render(batch)[0], tiny_engine.render(batch)[0]
+        difference = np.abs(pixels(half) - pixels(full)).mean()
+        assert difference < 3, f"{dtype} {mode}: mean pixel difference {difference:.1f}"
+    edit = engine.render(RenderBatch(edit_params(steps=4), edits(1)))[0]
+    assert edit.mode == "RGB"
