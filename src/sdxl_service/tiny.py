@@ -140,7 +140,8 @@ _ATTENTION_DEEP_DOWN = [
 _ATTENTION_DEEP_UP = ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"]
 
 
-def base_unet_config() -> dict[str, Any]:
+def _unet_config(**differences: Any) -> dict[str, Any]:
+    """What the tiny base and refiner UNets share; each passes what SDXL's differ in."""
     return {
         "sample_size": TINY_SAMPLE_SIZE,
         "in_channels": 4,
@@ -150,42 +151,34 @@ def base_unet_config() -> dict[str, Any]:
         "down_block_types": _ATTENTION_DEEP_DOWN,
         "up_block_types": _ATTENTION_DEEP_UP,
         "mid_block_type": "UNetMidBlock2DCrossAttn",
-        # Deeper transformer stacks further down, as SDXL's [1, 2, 10].
-        "transformer_layers_per_block": [1, 1, 1, 2],
         "attention_head_dim": [2, 2, 4, 4],
-        "cross_attention_dim": 2 * TEXT_HIDDEN,
         "use_linear_projection": True,
         "addition_embed_type": "text_time",
         "addition_time_embed_dim": TIME_EMBED_DIM,
-        "projection_class_embeddings_input_dim": TEXT_PROJECTION + BASE_TIME_IDS * TIME_EMBED_DIM,
         "norm_num_groups": 16,
         "flip_sin_to_cos": True,
         "freq_shift": 0,
+        **differences,
     }
+
+
+def base_unet_config() -> dict[str, Any]:
+    return _unet_config(
+        # Deeper transformer stacks further down, as SDXL's [1, 2, 10].
+        transformer_layers_per_block=[1, 1, 1, 2],
+        # Both text encoders, concatenated.
+        cross_attention_dim=2 * TEXT_HIDDEN,
+        projection_class_embeddings_input_dim=TEXT_PROJECTION + BASE_TIME_IDS * TIME_EMBED_DIM,
+    )
 
 
 def refiner_unet_config() -> dict[str, Any]:
-    return {
-        "sample_size": TINY_SAMPLE_SIZE,
-        "in_channels": 4,
-        "out_channels": 4,
-        "layers_per_block": 1,
-        "block_out_channels": [16, 32, 64, 64],
-        "down_block_types": _ATTENTION_DEEP_DOWN,
-        "up_block_types": _ATTENTION_DEEP_UP,
-        "mid_block_type": "UNetMidBlock2DCrossAttn",
-        "transformer_layers_per_block": 1,
-        "attention_head_dim": [2, 2, 4, 4],
-        "cross_attention_dim": TEXT_HIDDEN,
-        "use_linear_projection": True,
-        "addition_embed_type": "text_time",
-        "addition_time_embed_dim": TIME_EMBED_DIM,
-        "projection_class_embeddings_input_dim": TEXT_PROJECTION
-        + REFINER_TIME_IDS * TIME_EMBED_DIM,
-        "norm_num_groups": 16,
-        "flip_sin_to_cos": True,
-        "freq_shift": 0,
-    }
+    return _unet_config(
+        transformer_layers_per_block=1,
+        # text_encoder_2 only; aesthetic score instead of the target size.
+        cross_attention_dim=TEXT_HIDDEN,
+        projection_class_embeddings_input_dim=TEXT_PROJECTION + REFINER_TIME_IDS * TIME_EMBED_DIM,
+    )
 
 
 def vae_config() -> dict[str, Any]:
