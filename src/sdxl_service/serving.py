@@ -99,10 +99,6 @@ class ResolvedRequest:
     repaint_mask: Image.Image | None = None
 
 
-class ClientDisconnected(Exception):
-    pass
-
-
 class ImagesServing:
     def __init__(
         self,
@@ -381,7 +377,8 @@ class ImagesServing:
                 if done:
                     return task.result()
                 if await http_request.is_disconnected():
-                    raise ClientDisconnected(job.request_id)
+                    # Nobody reads this answer; 499 keeps it out of the error log.
+                    raise APIError(499, "The client closed the request.", code="cancelled")
                 if time.time() > deadline + 1.0:
                     return GenerationOutcome(
                         status=OutcomeStatus.TIMEOUT,
