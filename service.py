@@ -1,7 +1,7 @@
-"""BentoML wiring: the pipeline service (GPU) and the OpenAI-facing HTTP service.
+"""BentoML wiring: the render service (GPU) and the OpenAI-facing HTTP service.
 
 Logic lives in src/sdxl_service; torch and diffusers are imported only inside
-the pipeline process, so `bentoml build` and the HTTP process stay light.
+the render process, so `bentoml build` and the HTTP process stay light.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ API_PREFIX = "/v1"
 
 
 @bentoml.service(
-    name="sdxl-pipeline",
+    name="sdxl-renderer",
     resources={"gpu": 1},
     workers=1,
     traffic={"timeout": settings.traffic_timeout},
@@ -34,12 +34,12 @@ API_PREFIX = "/v1"
     # busy for nobody. Generations are long; keep one pool for good.
     runner_connection={"max_requests": 2**31, "max_age": 1e9},
 )
-class SDXLPipeline:
+class RenderService:
     def __init__(self) -> None:
         from sdxl_service.metrics import ServiceMetrics
-        from sdxl_service.pipeline import PipelineHost
+        from sdxl_service.render_host import RenderHost
 
-        self.host = PipelineHost(settings, ServiceMetrics())
+        self.host = RenderHost(settings, ServiceMetrics())
 
     def __is_ready__(self) -> bool:
         return self.host.is_ready()
@@ -75,17 +75,17 @@ def _current_serving() -> Any:
 )
 @bentoml.asgi_app(create_app(_current_serving, settings.max_body_bytes), path=API_PREFIX)
 class ImagesAPI:
-    pipeline = bentoml.depends(SDXLPipeline)
+    renderer = bentoml.depends(RenderService)
 
     def __init__(self) -> None:
         from sdxl_service.files import open_file_store
         from sdxl_service.metrics import ServiceMetrics
-        from sdxl_service.pipeline_client import BentoPipelineClient
+        from sdxl_service.render_client import BentoRenderClient
         from sdxl_service.serving import ImagesServing
 
         self.serving = ImagesServing(
             settings,
-            BentoPipelineClient(self.pipeline),
+            BentoRenderClient(self.renderer),
             open_file_store(settings),
             ServiceMetrics(),
         )

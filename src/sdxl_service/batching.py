@@ -78,7 +78,7 @@ class _QueuedImage:
     enqueued_at: float = field(default_factory=time.monotonic)
 
 
-class BatchScheduler:
+class Batcher:
     """Queues the images of `GenerationJob`s and renders compatible ones together."""
 
     def __init__(

@@ -15,17 +15,10 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .jobs import (
-    ImageTask,
-    OutOfMemory,
-    RefinerMode,
-    RenderBatch,
-    RenderCancelled,
-    RenderKind,
-    RenderParams,
-)
+from .choices import Attention, DType, Preset, RefinerMode, RenderKind, SchedulerName
+from .jobs import ImageTask, OutOfMemory, RenderBatch, RenderCancelled, RenderParams
 from .schedulers import make_scheduler
-from .settings import Preset, Settings
+from .settings import Settings
 from .tiny import cast_module, ensure_tiny_pair
 
 logger = logging.getLogger(__name__)
@@ -82,7 +75,7 @@ def resolve_device(settings: Settings) -> str:
 
 
 def resolve_dtype(settings: Settings, device: str) -> torch.dtype:
-    if settings.dtype != "auto":
+    if settings.dtype != DType.AUTO:
         return parse_dtype(settings.dtype)
     return torch.float16 if device.startswith("cuda") else torch.float32
 
@@ -95,7 +88,7 @@ def resolve_vae_dtype(settings: Settings, dtype: torch.dtype, vae: Any) -> torch
     one decodes in float32, as diffusers does, but is kept there instead of
     being cast up and down around every decode.
     """
-    if settings.vae_dtype != "auto":
+    if settings.vae_dtype != DType.AUTO:
         return parse_dtype(settings.vae_dtype)
     if dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
         return torch.float32
@@ -204,12 +197,10 @@ def apply_optimisations(
     vae = base.vae
     applied: dict[str, Any] = {}
 
-    if settings.attention not in ("sdpa", "eager"):
-        raise ValueError(f"unknown attention {settings.attention!r}; use 'sdpa' or 'eager'")
-    processor_class = AttnProcessor2_0 if settings.attention == "sdpa" else AttnProcessor
+    processor_class = AttnProcessor2_0 if settings.attention == Attention.SDPA else AttnProcessor
     for module in [*unets, vae]:
         module.set_attn_processor(processor_class())
-    applied["attention"] = settings.attention
+    applied["attention"] = str(settings.attention)
 
     vae_dtype = resolve_vae_dtype(settings, dtype, vae)
     if vae.dtype != vae_dtype:
@@ -222,7 +213,7 @@ def apply_optimisations(
     applied["channels_last"] = settings.channels_last
 
     if settings.fuse_qkv:
-        if settings.attention == "eager":
+        if settings.attention == Attention.EAGER:
             logger.warning(
                 "fuse_qkv runs the fused projections through SDPA; attention=eager ignored"
             )
@@ -357,8 +348,16 @@ class Engine:
     def warmup(self, steps: int = 2) -> None:
         """One small render at native resolution (compiles kernels when compile is on)."""
         side = self.native_resolution
-        params = RenderParams(side, side, steps, 5.0, 0.5, RefinerMode.ENSEMBLE, "euler")
-        self.render(RenderBatch(params, [ImageTask("warmup", "", 0)]))
+        params = RenderParams(
+            width=side,
+            height=side,
+            steps=steps,
+            guidance_scale=5.0,
+            high_noise_frac=0.5,
+            refiner=RefinerMode.ENSEMBLE,
+            scheduler=SchedulerName.EULER,
+        )
+        self.render(RenderBatch(params=params, tasks=[ImageTask(prompt="warmup", seed=0)]))
 
     # --- rendering ----------------------------------------------------------
 

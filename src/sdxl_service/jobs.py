@@ -1,8 +1,9 @@
-"""The work that travels from the HTTP service to the pipeline service, and back.
+"""The work that travels from the HTTP service to the render service, and back.
 
-`GenerationJob` / `GenerationOutcome` are pydantic because they cross the
-process boundary between the two BentoML services; `RenderBatch` and friends
-are plain dataclasses used inside the pipeline process.
+One definition of each, keyword-only. `RenderParams`, `GenerationJob` and the
+outcome are pydantic because they cross the process boundary between the two
+BentoML services; `ImageTask` and `RenderBatch` are plain dataclasses used
+inside the render process.
 """
 
 from __future__ import annotations
@@ -10,20 +11,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .choices import RefinerMode, RenderKind, SchedulerName
 
-class RenderKind(StrEnum):
-    TEXT_TO_IMAGE = "text_to_image"  # generations
-    IMAGE_TO_IMAGE = "image_to_image"  # edits without a mask, variations
-    INPAINT = "inpaint"  # edits with a mask: only the masked region is repainted
-
-
-class RefinerMode(StrEnum):
-    ENSEMBLE = "ensemble"  # base denoises [0, frac), refiner [frac, 1] on latents
-    SEQUENTIAL = "sequential"  # refiner img2img over the finished base image
-    NONE = "none"  # base only
+# bytes travel as base64 in the JSON between the two services, not as lists.
+_WIRE_BYTES = ConfigDict(ser_json_bytes="base64", val_json_bytes="base64")
 
 
 class OutcomeStatus(StrEnum):
@@ -36,27 +31,27 @@ class OutcomeStatus(StrEnum):
     ERROR = "error"
 
 
-@dataclass(frozen=True)
-class RenderParams:
-    """Everything the images of one pipeline call must share."""
+class RenderParams(BaseModel):
+    """Everything the images of one pipeline call must share (hashable: the batch key)."""
 
-    width: int
+    model_config = ConfigDict(frozen=True)
+
+    width: int  # render resolution, multiples of 8
     height: int
     steps: int
     guidance_scale: float
     high_noise_frac: float
     refiner: RefinerMode
-    scheduler: str
-    # Last and defaulted, so text-to-image callers (benchmarks) need not name them.
+    scheduler: SchedulerName
     kind: RenderKind = RenderKind.TEXT_TO_IMAGE
     # Share of the schedule an edit re-noises and denoises (1.0 for text-to-image).
-    strength: float = 1.0
+    strength: float = Field(default=1.0, gt=0.0, le=1.0)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ImageTask:
     prompt: str
-    negative_prompt: str
+    negative_prompt: str = ""
     seed: int
     # Per image rather than per batch, so that edits of different pictures with
     # the same RenderParams still share a pipeline call. The images of one job
@@ -65,72 +60,61 @@ class ImageTask:
     mask: bytes | None = field(default=None, repr=False)  # L, 255 where the image is repainted
 
 
-@dataclass
+def _never() -> bool:
+    return False
+
+
+@dataclass(kw_only=True)
 class RenderBatch:
     """One pipeline call: compatible images, one generator (seed) per image."""
 
     params: RenderParams
     tasks: list[ImageTask]
     # Polled at every denoising step; True aborts the call with RenderCancelled.
-    should_stop: Callable[[], bool] = field(default=lambda: False)
+    should_stop: Callable[[], bool] = _never
 
 
 class GenerationJob(BaseModel):
     """One request's images (n of them, seeds seed..seed+n-1)."""
 
-    # bytes travel as base64 in the JSON between the two services.
-    model_config = ConfigDict(frozen=True, ser_json_bytes="base64", val_json_bytes="base64")
+    model_config = ConfigDict(frozen=True, **_WIRE_BYTES)
 
     request_id: str
+    params: RenderParams
     prompt: str
     negative_prompt: str = ""
     seeds: list[int]
-    width: int  # render resolution, multiples of 8
-    height: int
-    steps: int
-    guidance_scale: float
-    high_noise_frac: float
-    refiner: RefinerMode
-    scheduler: str
-    kind: RenderKind = RenderKind.TEXT_TO_IMAGE
-    strength: float = Field(default=1.0, gt=0.0, le=1.0)
     # Edits: the picture already resized to the render resolution (raw RGB,
     # row-major) and, for inpainting, its mask (raw L, 255 = repaint).
     init_image: bytes | None = Field(default=None, repr=False)
     mask: bytes | None = Field(default=None, repr=False)
-    # Unix time after which nobody waits for the images any more.
+    # Unix time after which nobody waits for the images any more; the batcher
+    # is the one component that acts on it.
     deadline: float | None = None
 
     @model_validator(mode="after")
-    def _images_fit_the_kind(self) -> GenerationJob:
-        wants_image = self.kind is not RenderKind.TEXT_TO_IMAGE
-        wants_mask = self.kind is RenderKind.INPAINT
-        pixels = self.width * self.height
+    def _images_fit_the_kind(self) -> Self:
+        kind = self.params.kind
+        wants_image = kind is not RenderKind.TEXT_TO_IMAGE
+        wants_mask = kind is RenderKind.INPAINT
+        width, height = self.params.width, self.params.height
         if wants_image != (self.init_image is not None) or wants_mask != (self.mask is not None):
-            raise ValueError(f"a {self.kind} job takes init_image={wants_image}, mask={wants_mask}")
-        if self.init_image is not None and len(self.init_image) != 3 * pixels:
-            raise ValueError(f"init_image must be {self.width}x{self.height} RGB bytes")
-        if self.mask is not None and len(self.mask) != pixels:
-            raise ValueError(f"mask must be {self.width}x{self.height} L bytes")
+            raise ValueError(f"a {kind} job takes init_image={wants_image}, mask={wants_mask}")
+        if self.init_image is not None and len(self.init_image) != 3 * width * height:
+            raise ValueError(f"init_image must be {width}x{height} RGB bytes")
+        if self.mask is not None and len(self.mask) != width * height:
+            raise ValueError(f"mask must be {width}x{height} L bytes")
         return self
-
-    @property
-    def params(self) -> RenderParams:
-        return RenderParams(
-            width=self.width,
-            height=self.height,
-            steps=self.steps,
-            guidance_scale=self.guidance_scale,
-            high_noise_frac=self.high_noise_frac,
-            refiner=self.refiner,
-            scheduler=self.scheduler,
-            kind=self.kind,
-            strength=self.strength,
-        )
 
     def tasks(self) -> list[ImageTask]:
         return [
-            ImageTask(self.prompt, self.negative_prompt, seed, self.init_image, self.mask)
+            ImageTask(
+                prompt=self.prompt,
+                negative_prompt=self.negative_prompt,
+                seed=seed,
+                init_image=self.init_image,
+                mask=self.mask,
+            )
             for seed in self.seeds
         ]
 
@@ -144,8 +128,7 @@ class OutOfMemory(Exception):
 
 
 class RenderedImage(BaseModel):
-    # bytes travel as base64 in the JSON between the two services.
-    model_config = ConfigDict(ser_json_bytes="base64", val_json_bytes="base64")
+    model_config = _WIRE_BYTES
 
     seed: int
     width: int
@@ -161,3 +144,16 @@ class GenerationOutcome(BaseModel):
     images: list[RenderedImage] = []
     # Seconds the caller should wait before retrying (queue full, loading).
     retry_after: float | None = None
+
+
+# Seconds a client should wait while the render process starts or loads.
+LOADING_RETRY_AFTER = 10.0
+
+
+def still_loading(
+    message: str = "The model is still loading; try again shortly.",
+) -> GenerationOutcome:
+    """The answer while the models load or the render process (re)starts."""
+    return GenerationOutcome(
+        status=OutcomeStatus.LOADING, message=message, retry_after=LOADING_RETRY_AFTER
+    )

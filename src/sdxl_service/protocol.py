@@ -11,14 +11,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .jobs import RefinerMode
+from .choices import RefinerMode, SchedulerName
 from .sizing import AUTO_SIZE, parse_size
 
 logger = logging.getLogger(__name__)
 
-# Kept in step with schedulers.SCHEDULERS by a unit test; the HTTP process
-# validates names without importing diffusers.
-SCHEDULER_NAMES = ("euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "unipc")
 OPENAI_IMAGE_MODELS = ("dall-e-2", "dall-e-3")
 OPENAI_IMAGE_MODEL_PREFIX = "gpt-image-"
 # torch generators take 64-bit seeds; leave room for seed + i.
@@ -66,7 +63,7 @@ class ImageRequest(OpenAIModel):
     guidance_scale: float | None = Field(default=None, ge=0.0, le=30.0)
     high_noise_frac: float | None = Field(default=None, gt=0.0, lt=1.0)
     refiner: RefinerMode | None = None
-    scheduler: Literal[SCHEDULER_NAMES] | None = None  # type: ignore[valid-type]
+    scheduler: SchedulerName | None = None
     width: int | None = Field(default=None, ge=8)
     height: int | None = Field(default=None, ge=8)
 

@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .choices import SchedulerName
+
 
 @dataclass(frozen=True)
 class SchedulerRecipe:
@@ -24,27 +26,21 @@ class SchedulerRecipe:
     overrides: Mapping[str, Any] = field(default_factory=dict)
 
 
-SCHEDULERS: dict[str, SchedulerRecipe] = {
+SCHEDULERS: dict[SchedulerName, SchedulerRecipe] = {
     # SDXL 1.0's own scheduler.
-    "euler": SchedulerRecipe("EulerDiscreteScheduler"),
-    "euler_a": SchedulerRecipe("EulerAncestralDiscreteScheduler"),
-    "dpmpp_2m": SchedulerRecipe(
+    SchedulerName.EULER: SchedulerRecipe("EulerDiscreteScheduler"),
+    SchedulerName.EULER_A: SchedulerRecipe("EulerAncestralDiscreteScheduler"),
+    SchedulerName.DPMPP_2M: SchedulerRecipe(
         "DPMSolverMultistepScheduler",
         {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False},
     ),
-    "dpmpp_2m_karras": SchedulerRecipe(
+    SchedulerName.DPMPP_2M_KARRAS: SchedulerRecipe(
         "DPMSolverMultistepScheduler",
         {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
     ),
-    "ddim": SchedulerRecipe("DDIMScheduler"),
-    "unipc": SchedulerRecipe("UniPCMultistepScheduler"),
+    SchedulerName.DDIM: SchedulerRecipe("DDIMScheduler"),
+    SchedulerName.UNIPC: SchedulerRecipe("UniPCMultistepScheduler"),
 }
-
-DEFAULT_SCHEDULER = "euler"
-
-
-def scheduler_names() -> list[str]:
-    return sorted(SCHEDULERS)
 
 
 def make_scheduler(name: str, config: Mapping[str, Any]) -> Any:
@@ -54,11 +50,10 @@ def make_scheduler(name: str, config: Mapping[str, Any]) -> Any:
     solver history); sharing one between calls would leak it.
     """
     try:
-        recipe = SCHEDULERS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown scheduler {name!r}; valid names: {', '.join(scheduler_names())}"
-        ) from None
+        recipe = SCHEDULERS[SchedulerName(name)]
+    except ValueError:
+        names = ", ".join(SchedulerName)
+        raise ValueError(f"unknown scheduler {name!r}; valid names: {names}") from None
 
     import diffusers
 

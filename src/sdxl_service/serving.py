@@ -1,6 +1,6 @@
 """The Images API behaviour: request -> generation job -> encoded response.
 
-Handed a `PipelineClient` and a `FileStore`; knows nothing of BentoML or of
+Handed a `RenderClient` and a `FileStore`; knows nothing of BentoML or of
 model internals, so it is tested with a real tiny pipeline or with fakes.
 """
 
@@ -34,7 +34,6 @@ from .jobs import (
     RenderKind,
 )
 from .metrics import ServiceMetrics
-from .pipeline_client import LOADING_RETRY_AFTER, PipelineClient
 from .protocol import (
     OPENAI_IMAGE_MODEL_PREFIX,
     OPENAI_IMAGE_MODELS,
@@ -47,6 +46,7 @@ from .protocol import (
     ModelCard,
     ModelList,
 )
+from .render_client import LOADING_RETRY_AFTER, RenderClient
 from .settings import SERVICE_ID, Settings
 from .sizing import AUTO_SIZE, SizeLimits, fit_size, parse_size, render_size
 from .uploads import open_image, repaint_mask, to_rgb
@@ -103,7 +103,7 @@ class ImagesServing:
     def __init__(
         self,
         settings: Settings,
-        pipeline: PipelineClient,
+        pipeline: RenderClient,
         files: FileStore,
         metrics: ServiceMetrics | None = None,
     ) -> None:

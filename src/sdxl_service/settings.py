@@ -1,27 +1,36 @@
 """All configuration of the service, read from `SDXL_*` environment variables.
 
-Every variable here is documented in the README's configuration table.
+Every variable here is documented in the README's configuration table. Each is
+typed (enums, bounds, patterns) and checked when the service starts:
+`load_settings` turns a bad value into one message naming the variable and
+what it accepts, before any model loads.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
-from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, Self
 
-from pydantic import Field
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .choices import Attention, DType, Preset, RefinerMode, SchedulerName
 
 SERVICE_ID = "stable-diffusion-xl-with-refiner"
 DEFAULT_PORT = 9225
+ENV_PREFIX = "SDXL_"
 
-
-class Preset(StrEnum):
-    AUTO = "auto"
-    SDXL = "sdxl"
-    TINY = "tiny"
+# Spellings people use for the dtypes (torch's own names and short forms).
+_DTYPE_ALIASES = {
+    "fp16": DType.FLOAT16,
+    "half": DType.FLOAT16,
+    "bf16": DType.BFLOAT16,
+    "fp32": DType.FLOAT32,
+    "float": DType.FLOAT32,
+}
 
 
 def _default_cache_dir() -> Path:
@@ -30,16 +39,16 @@ def _default_cache_dir() -> Path:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SDXL_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
     # --- models -------------------------------------------------------------
     preset: Preset = Preset.AUTO
     base_model: str = "stabilityai/stable-diffusion-xl-base-1.0"
     refiner_model: str = "stabilityai/stable-diffusion-xl-refiner-1.0"
     # "auto": cuda > mps > cpu.
-    device: str = "auto"
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
     # "auto": float16 on CUDA, float32 elsewhere.
-    dtype: str = "auto"
+    dtype: DType = DType.AUTO
     # Weights variant asked of the hub ("fp16" halves the download); folders
     # without it fall back to the default weights.
     variant: str | None = "fp16"
@@ -49,46 +58,101 @@ class Settings(BaseSettings):
     steps: int = Field(30, ge=1, le=150)
     guidance_scale: float = Field(5.0, ge=0.0, le=30.0)
     high_noise_frac: float = Field(0.8, gt=0.0, lt=1.0)
-    scheduler: str = "euler"
-    refiner: str = "ensemble"
+    scheduler: SchedulerName = SchedulerName.EULER
+    refiner: RefinerMode = RefinerMode.ENSEMBLE
     # Sizes well below the model's native resolution are rendered at native
     # scale and downscaled; off renders exactly the requested size.
     render_native: bool = True
-    min_side: int = 64
-    max_side: int = 2048
+    min_side: int = Field(64, ge=8)
+    max_side: int = Field(2048, ge=8)
     # 1536² keeps one image well inside a 24 GiB card (2048² may not fit).
-    max_pixels: int = 1536 * 1536
-    max_n: int = 10
-    max_prompt_chars: int = 4000
+    max_pixels: int = Field(1536 * 1536, ge=64)
+    max_n: int = Field(10, ge=1)
+    max_prompt_chars: int = Field(4000, ge=1)
 
     # --- serving ------------------------------------------------------------
-    # Seconds BentoML lets one request run (10 SDXL images take minutes on a GPU).
-    traffic_timeout: int = 900
-    request_timeout: float = 600.0
+    # Seconds BentoML lets one request run; above request_timeout, so that our
+    # own 504 (with the work cancelled) answers first.
+    traffic_timeout: int = Field(900, ge=1)
+    # Seconds a generation may take from arrival to its images, queue included.
+    request_timeout: float = Field(600.0, gt=0)
     max_batch_images: int = Field(8, ge=1)
     batch_wait_ms: int = Field(10, ge=0)
     max_queue_images: int = Field(64, ge=1)
-    max_body_bytes: int = 50 * 1024 * 1024
+    max_body_bytes: int = Field(50 * 1024 * 1024, ge=1024)
 
     # --- files served for response_format=url -------------------------------
-    url_ttl: int = 3600
+    url_ttl: int = Field(3600, ge=1)
     public_url: str | None = None
     files_dir: Path = Field(
         default_factory=lambda: Path(tempfile.gettempdir()) / "sdxl-service-files"
     )
     # s3://bucket/prefix to share files between replicas; empty = files_dir.
-    files_url: str | None = None
+    files_url: str | None = Field(None, pattern=r"^(s3://[^/]+(/.*)?)?$")
     s3_endpoint_url: str | None = None
 
     # --- GPU optimisations (each switchable) --------------------------------
-    attention: str = "sdpa"
+    attention: Attention = Attention.SDPA
     channels_last: bool = True
     fuse_qkv: bool = False
     compile: bool = False
     # dtype of the VAE decode: the stock SDXL VAE overflows in fp16, bf16 works.
-    vae_dtype: str = "auto"
+    vae_dtype: DType = DType.AUTO
+
+    @field_validator("dtype", "vae_dtype", mode="before")
+    @classmethod
+    def _dtype_alias(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            name = value.strip().lower()
+            return _DTYPE_ALIASES.get(name, name)
+        return value
+
+    @field_validator("files_url", "public_url", "s3_endpoint_url", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.min_side > self.max_side:
+            raise ValueError(f"SDXL_MIN_SIDE ({self.min_side}) exceeds SDXL_MAX_SIDE")
+        if self.traffic_timeout <= self.request_timeout:
+            raise ValueError(
+                f"SDXL_TRAFFIC_TIMEOUT ({self.traffic_timeout}) must exceed "
+                f"SDXL_REQUEST_TIMEOUT ({self.request_timeout})"
+            )
+        return self
+
+
+class SettingsError(SystemExit):
+    """A bad `SDXL_*` value: ends the process with a message that says which and why.
+
+    A SystemExit, so `bentoml serve` stops at once with this message rather
+    than a traceback, before any model loads.
+    """
+
+
+def describe_errors(error: ValidationError) -> str:
+    """One line per bad variable: its name, the value given and what is accepted."""
+    lines = []
+    for item in error.errors():
+        field = str(item["loc"][0]) if item.get("loc") else ""
+        name = f"{ENV_PREFIX}{field.upper()}" if field else "settings"
+        given = f"={item['input']!r}" if field and isinstance(item.get("input"), str) else ""
+        expected = (item.get("ctx") or {}).get("expected")
+        detail = f"expected {expected}" if expected else item["msg"].removeprefix("Value error, ")
+        lines.append(f"  {name}{given}: {detail}")
+    return "invalid settings:\n" + "\n".join(lines)
+
+
+def load_settings() -> Settings:
+    """The settings from the environment; SettingsError for any bad value."""
+    try:
+        return Settings()
+    except ValidationError as error:
+        raise SettingsError(describe_errors(error)) from None
 
 
 @lru_cache
 def get_settings() -> Settings:
-    return Settings()
+    return load_settings()

@@ -1,4 +1,4 @@
-"""BatchScheduler: grouping, fairness, backpressure, cancellation, faults.
+"""Batcher: grouping, fairness, backpressure, cancellation, faults.
 
 The render functions here run on the scheduler's worker thread. Tests that need
 a definite queue state hold the worker inside a "gate" render until the jobs
@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from prometheus_client import CollectorRegistry
 
-from sdxl_service.batching import BatchScheduler
+from sdxl_service.batching import Batcher
 from sdxl_service.jobs import (
     GenerationJob,
     GenerationOutcome,
@@ -117,10 +117,10 @@ class FakeRender:
         return [sorted({p for p, _ in call}) for call in self.calls]
 
 
-def scheduler(render: Callable[[RenderBatch], list[Image.Image]], **kw: Any) -> BatchScheduler:
+def scheduler(render: Callable[[RenderBatch], list[Image.Image]], **kw: Any) -> Batcher:
     options: dict[str, Any] = dict(max_batch_images=8, batch_wait_ms=0, max_queue_images=64)
     options.update(kw)
-    return BatchScheduler(render, **options)
+    return Batcher(render, **options)
 
 
 async def wait_event(event: threading.Event) -> None:
@@ -128,7 +128,7 @@ async def wait_event(event: threading.Event) -> None:
 
 
 async def hold_worker(
-    render: FakeRender, sched: BatchScheduler, n: int = 1
+    render: FakeRender, sched: Batcher, n: int = 1
 ) -> tuple[threading.Event, asyncio.Task]:
     """Keeps the worker busy in a render of its own until the event is set."""
     release = render.gate("gate")

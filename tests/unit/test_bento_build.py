@@ -98,7 +98,7 @@ def test_bento_serves_the_manifests_port_with_the_gpu_preset(built: dict[str, An
     assert info["service"] == "service:ImagesAPI"
     services = {s["name"]: s for s in info["services"]}
     assert services[BENTO_NAME]["config"]["http"]["port"] == DEFAULT_PORT
-    assert services["sdxl-pipeline"]["config"]["resources"] == {"gpu": 1}
+    assert services["sdxl-renderer"]["config"]["resources"] == {"gpu": 1}
     manifest = json.loads(
         (REPO / "registry" / f"diffuser-{BENTO_NAME}" / "manifest.json").read_text()
     )

@@ -1,7 +1,7 @@
-"""The pipeline process: loads the engine in the background and feeds it batches.
+"""The render process: loads the engine in the background and feeds it batches.
 
 Loading SDXL takes minutes; doing it off the event loop keeps /livez and the
-pipeline's own APIs answering (LOADING, with Retry-After) meanwhile.
+render service's own APIs answering (LOADING, with Retry-After) meanwhile.
 """
 
 from __future__ import annotations
@@ -10,22 +10,21 @@ import logging
 import threading
 from typing import Any
 
-from .batching import BatchScheduler
-from .jobs import GenerationJob, GenerationOutcome, OutcomeStatus
+from .batching import Batcher
+from .jobs import GenerationJob, GenerationOutcome, OutcomeStatus, still_loading
 from .metrics import ServiceMetrics
-from .pipeline_client import LOADING_RETRY_AFTER
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
 
 
-class PipelineHost:
+class RenderHost:
     def __init__(self, settings: Settings, metrics: ServiceMetrics | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
         self.engine: Any = None
         self.load_error: str | None = None
-        self._scheduler: BatchScheduler | None = None
+        self._batcher: Batcher | None = None
         self._loader = threading.Thread(target=self._load, name="sdxl-load", daemon=True)
         self._loader.start()
 
@@ -38,56 +37,44 @@ class PipelineHost:
             # The first call pays for kernel selection (and compilation when on);
             # pay it before /readyz says yes, not in a user's request.
             engine.warmup()
+            self._batcher = Batcher(
+                engine.render,
+                max_batch_images=self.settings.max_batch_images,
+                batch_wait_ms=self.settings.batch_wait_ms,
+                max_queue_images=self.settings.max_queue_images,
+                metrics=self.metrics,
+            )
             self.engine = engine
             logger.info("pipelines loaded and warm: %s", engine.describe())
         except Exception as exc:
             logger.exception("loading the pipelines failed")
             self.load_error = f"{type(exc).__name__}: {exc}"
 
-    def wait_loaded(self, timeout: float | None = None) -> bool:
-        self._loader.join(timeout)
-        return self.engine is not None
-
     def is_ready(self) -> bool:
-        return self.engine is not None
+        return self._batcher is not None
 
     def is_alive(self) -> bool:
         # A failed load will not heal itself: let the orchestrator restart us.
         return self.load_error is None
-
-    def _get_scheduler(self) -> BatchScheduler:
-        if self._scheduler is None:
-            self._scheduler = BatchScheduler(
-                self.engine.render,
-                max_batch_images=self.settings.max_batch_images,
-                batch_wait_ms=self.settings.batch_wait_ms,
-                max_queue_images=self.settings.max_queue_images,
-                metrics=self.metrics,
-            )
-        return self._scheduler
 
     async def generate(self, job: GenerationJob) -> GenerationOutcome:
         if self.load_error:
             return GenerationOutcome(
                 status=OutcomeStatus.ERROR, message=f"The model failed to load: {self.load_error}"
             )
-        if self.engine is None:
-            return GenerationOutcome(
-                status=OutcomeStatus.LOADING,
-                message="The model is still loading; try again shortly.",
-                retry_after=LOADING_RETRY_AFTER,
-            )
-        return await self._get_scheduler().submit(job)
+        if self._batcher is None:
+            return still_loading()
+        return await self._batcher.submit(job)
 
     async def stop(self) -> None:
-        if self._scheduler is not None:
-            await self._scheduler.stop()
+        if self._batcher is not None:
+            await self._batcher.stop()
 
     def cancel(self, request_id: str) -> bool:
-        return self._scheduler is not None and self._scheduler.cancel(request_id)
+        return self._batcher is not None and self._batcher.cancel(request_id)
 
     def describe(self) -> dict[str, Any]:
-        info: dict[str, Any] = {"loaded": self.engine is not None, "error": self.load_error}
+        info: dict[str, Any] = {"loaded": self.is_ready(), "error": self.load_error}
         if self.engine is not None:
             info.update(self.engine.describe())
         return info

@@ -8,7 +8,7 @@ import aiohttp
 import pytest
 
 from sdxl_service.jobs import GenerationJob, OutcomeStatus, RefinerMode
-from sdxl_service.pipeline_client import CONNECT_ATTEMPTS, BentoPipelineClient
+from sdxl_service.render_client import CONNECT_ATTEMPTS, BentoRenderClient
 
 JOB = GenerationJob(
     request_id="r",
@@ -41,7 +41,7 @@ class FlakyHandle:
 
 
 def generate(handle: FlakyHandle):
-    return asyncio.run(BentoPipelineClient(handle).generate(JOB))
+    return asyncio.run(BentoRenderClient(handle).generate(JOB))
 
 
 def test_dropped_keep_alive_connection_is_retried() -> None:

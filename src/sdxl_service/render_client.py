@@ -1,8 +1,8 @@
-"""How the HTTP service talks to the pipeline service.
+"""How the HTTP service talks to the render service.
 
-`PipelineClient` is what the HTTP layer needs; `BentoPipelineClient` adapts the
+`RenderClient` is what the HTTP layer needs; `BentoRenderClient` adapts the
 BentoML dependency handle to it (the remote proxy returns plain dicts, and a
-pipeline process that is still starting refuses connections).
+render process that is still starting refuses connections).
 """
 
 from __future__ import annotations
@@ -10,16 +10,14 @@ from __future__ import annotations
 import logging
 from typing import Any, Protocol
 
-from .jobs import GenerationJob, GenerationOutcome, OutcomeStatus
+from .jobs import GenerationJob, GenerationOutcome, still_loading
 
 logger = logging.getLogger(__name__)
 
-# Seconds a client should wait while the pipeline process starts or loads.
-LOADING_RETRY_AFTER = 10.0
 CONNECT_ATTEMPTS = 3
 
 
-class PipelineClient(Protocol):
+class RenderClient(Protocol):
     async def generate(self, job: GenerationJob) -> GenerationOutcome: ...
 
     async def cancel(self, request_id: str) -> bool: ...
@@ -28,7 +26,7 @@ class PipelineClient(Protocol):
 
 
 def _is_connection_error(exc: Exception) -> bool:
-    # BentoML's remote proxy talks aiohttp; a pipeline process that is not
+    # BentoML's remote proxy talks aiohttp; a render process that is not
     # listening yet refuses the connection.
     import aiohttp
     import httpx
@@ -40,7 +38,7 @@ def _is_connection_error(exc: Exception) -> bool:
     )
 
 
-class BentoPipelineClient:
+class BentoRenderClient:
     def __init__(self, handle: Any) -> None:
         self._handle = handle
 
@@ -52,22 +50,18 @@ class BentoPipelineClient:
             except Exception as exc:
                 if not _is_connection_error(exc):
                     raise
-                # A pipeline process that is starting or restarting refuses or
+                # A render process that is starting or restarting refuses or
                 # drops the call before working on it; try again before saying
                 # 503. (BentoML's own pool refresh used to cause this under load:
                 # service.py turns it off.)
-                logger.warning("pipeline connection failed (%s), attempt %d", exc, attempt)
-        return GenerationOutcome(
-            status=OutcomeStatus.LOADING,
-            message="The model server is not reachable (starting?); try again shortly.",
-            retry_after=LOADING_RETRY_AFTER,
-        )
+                logger.warning("render service connection failed (%s), attempt %d", exc, attempt)
+        return still_loading("The render service is not reachable (starting?); try again shortly.")
 
     async def cancel(self, request_id: str) -> bool:
         try:
             return bool(await self._handle.to_async.cancel(request_id=request_id))
         except Exception:
-            # Nothing left to cancel when the pipeline process is gone.
+            # Nothing left to cancel when the render process is gone.
             logger.warning("could not cancel %s", request_id, exc_info=True)
             return False
 

@@ -1,0 +1,50 @@
+"""The named choices of the API and the settings: one list of each.
+
+The HTTP process validates requests against these without importing torch or
+diffusers; `schedulers.py` maps every `SchedulerName` to a diffusers class (a
+unit test keeps the two in step), and settings take the same types, so a name
+the API refuses is also refused as a default.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Preset(StrEnum):
+    AUTO = "auto"  # sdxl with a CUDA GPU, tiny without (loudly)
+    SDXL = "sdxl"
+    TINY = "tiny"
+
+
+class RefinerMode(StrEnum):
+    ENSEMBLE = "ensemble"  # base denoises [0, frac), refiner [frac, 1] on latents
+    SEQUENTIAL = "sequential"  # refiner img2img over the finished base image
+    NONE = "none"  # base only
+
+
+class RenderKind(StrEnum):
+    TEXT_TO_IMAGE = "text_to_image"  # generations
+    IMAGE_TO_IMAGE = "image_to_image"  # edits without a mask, variations
+    INPAINT = "inpaint"  # edits with a mask: only the masked region is repainted
+
+
+class SchedulerName(StrEnum):
+    EULER = "euler"  # SDXL 1.0's own
+    EULER_A = "euler_a"
+    DPMPP_2M = "dpmpp_2m"
+    DPMPP_2M_KARRAS = "dpmpp_2m_karras"
+    DDIM = "ddim"
+    UNIPC = "unipc"
+
+
+class Attention(StrEnum):
+    SDPA = "sdpa"  # torch's scaled_dot_product_attention (flash / memory-efficient kernels)
+    EAGER = "eager"  # diffusers' plain attention, for debugging
+
+
+class DType(StrEnum):
+    AUTO = "auto"
+    FLOAT16 = "float16"
+    BFLOAT16 = "bfloat16"
+    FLOAT32 = "float32"
