@@ -15,8 +15,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
 
 import bentoml
 
-from sdxl_service.http_app import MountRootAlias, create_app
+from sdxl_service.http_app import create_app
 from sdxl_service.jobs import GenerationJob, GenerationOutcome
+from sdxl_service.middleware import MountRootAlias
 from sdxl_service.settings import DEFAULT_PORT, SERVICE_ID, get_settings
 
 settings = get_settings()

@@ -17,6 +17,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .jobs import LOADING_RETRY_AFTER, GenerationOutcome, OutcomeStatus
+
 logger = logging.getLogger(__name__)
 
 _TYPE_BY_STATUS = {
@@ -77,14 +79,43 @@ def missing_parameter(param: str | None) -> APIError:
     return APIError(400, message, param=param, code="missing_required_parameter")
 
 
-def unavailable(message: str, retry_after: float, code: str) -> APIError:
+def unavailable(message: str, retry_after: float, code: str, status: int = 503) -> APIError:
     # x-should-retry lets the openai client retry on its own, honouring Retry-After.
     return APIError(
-        503,
+        status,
         message,
         code=code,
         headers={"Retry-After": str(max(1, round(retry_after))), "x-should-retry": "true"},
     )
+
+
+def client_closed() -> APIError:
+    # Nobody reads this answer; 499 keeps it out of the error log.
+    return APIError(499, "The client closed the request.", code="cancelled")
+
+
+# How each way a generation can end without images reaches the client: HTTP
+# status, error code, and whether the openai client should retry on its own
+# (after Retry-After) or give up.
+_OUTCOME_ERRORS: dict[OutcomeStatus, tuple[int, str, bool]] = {
+    OutcomeStatus.QUEUE_FULL: (429, "queue_full", True),
+    OutcomeStatus.LOADING: (503, "loading", True),
+    OutcomeStatus.TIMEOUT: (504, "timeout", False),
+    OutcomeStatus.OUT_OF_MEMORY: (503, "out_of_memory", False),
+    OutcomeStatus.CANCELLED: (499, "cancelled", False),
+    OutcomeStatus.ERROR: (500, "generation_failed", False),
+}
+
+
+def outcome_error(outcome: GenerationOutcome) -> APIError:
+    """The OpenAI error for a generation that ended without images."""
+    status, code, should_retry = _OUTCOME_ERRORS[outcome.status]
+    message = outcome.message or outcome.status.value
+    if should_retry:
+        return unavailable(message, outcome.retry_after or LOADING_RETRY_AFTER, code, status)
+    if status == 499:
+        return APIError(status, message, code=code)
+    return APIError(status, message, code=code, headers={"x-should-retry": "false"})
 
 
 def _param_from_location(loc: Sequence[Any]) -> str | None:

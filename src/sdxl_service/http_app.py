@@ -2,109 +2,34 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
+from typing import Annotated
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Match
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import APIError, install_error_handlers
-from .protocol import ImageGenerationRequest, ImagesResponse, ModelList
+from .forms import read_image_form
+from .middleware import BodySizeLimit
+from .protocol import (
+    ImageEditRequest,
+    ImageGenerationRequest,
+    ImagesResponse,
+    ImageVariationRequest,
+    ModelList,
+)
+from .responses import completed_events
 from .serving import ImagesServing
 
 _ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 
-class BodySizeLimit:
-    """413 for bodies over the limit, whether Content-Length says so or not.
-
-    The body is read here, before FastAPI, because FastAPI turns any error
-    raised while it reads a body into its own 400.
-    """
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
-            await self.app(scope, receive, send)
-            return
-        too_large = APIError(
-            413, f"The request body is larger than {self.max_bytes} bytes.", code="too_large"
-        ).response()
-        declared = dict(scope["headers"]).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            await too_large(scope, receive, send)
-            return
-        body = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client went away before sending its body
-            body += message.get("body", b"")
-            if len(body) > self.max_bytes:
-                await too_large(scope, receive, send)
-                return
-            if not message.get("more_body", False):
-                break
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if replayed:
-                # Later reads wait for the disconnect, as they would have.
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": bytes(body), "more_body": False}
-
-        await self.app(scope, replay, send)
+def _serving(request: Request) -> ImagesServing:
+    return request.app.state.get_serving()  # type: ignore[no-any-return]
 
 
-class MountRootAlias:
-    """Serves `/v1` as `/v1/` instead of Starlette's 307 redirect.
-
-    The Prem app health-checks `GET {baseUrl}/v1` and counts only a 2xx as up.
-    """
-
-    def __init__(self, app: ASGIApp, path: str) -> None:
-        self.app = app
-        self.path = path
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] == self.path:
-            scope = {**scope, "path": self.path + "/", "raw_path": (self.path + "/").encode()}
-        await self.app(scope, receive, send)
-
-
-async def completed_events(
-    response: ImagesResponse, event_type: str = "image_generation.completed"
-) -> AsyncIterator[bytes]:
-    """stream=true: one completed event per image (`image_edit.completed` for edits).
-
-    Partial previews are not produced (partial_images=0 behaviour): SDXL latents
-    mid-way are noise, and decoding them would cost the GPU a VAE pass each.
-    """
-    for item in response.data:
-        event = {
-            "type": event_type,
-            "b64_json": item.b64_json,
-            "created_at": response.created,
-            "size": response.size,
-            "quality": response.quality,
-            "background": response.background,
-            "output_format": response.output_format,
-            "seed": item.seed,
-            "usage": {
-                "input_tokens": 0,
-                "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
-                "output_tokens": 0,
-                "total_tokens": 0,
-            },
-        }
-        yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
+Serving = Annotated[ImagesServing, Depends(_serving)]
 
 
 def create_app(get_serving: Callable[[], ImagesServing], max_body_bytes: int) -> FastAPI:
@@ -112,11 +37,10 @@ def create_app(get_serving: Callable[[], ImagesServing], max_body_bytes: int) ->
         title="stable-diffusion-xl-with-refiner",
         summary="OpenAI-compatible Images API for SDXL base 1.0 + refiner 1.0",
     )
+    # Looked up per request: BentoML builds the serving object after the app.
+    app.state.get_serving = get_serving
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
-
-    def serving() -> ImagesServing:
-        return get_serving()
 
     @app.get("/")
     async def health() -> dict[str, bool]:
@@ -124,14 +48,14 @@ def create_app(get_serving: Callable[[], ImagesServing], max_body_bytes: int) ->
         return {"status": True}
 
     @app.get("/models", response_model=ModelList, response_model_exclude_none=True)
-    async def list_models(images: ImagesServing = Depends(serving)) -> ModelList:
+    async def list_models(images: Serving) -> ModelList:
         return await images.list_models()
 
     @app.post(
         "/images/generations", response_model=ImagesResponse, response_model_exclude_none=True
     )
     async def create_image(
-        body: ImageGenerationRequest, request: Request, images: ImagesServing = Depends(serving)
+        body: ImageGenerationRequest, request: Request, images: Serving
     ) -> ImagesResponse | StreamingResponse:
         response = await images.generate(body, request)
         if body.stream:
@@ -139,27 +63,23 @@ def create_app(get_serving: Callable[[], ImagesServing], max_body_bytes: int) ->
         return response
 
     @app.get("/images/files/{file_id}", name="image_file")
-    async def image_file(file_id: str, images: ImagesServing = Depends(serving)) -> Response:
+    async def image_file(file_id: str, images: Serving) -> Response:
         data, content_type = await images.file(file_id)
         return Response(data, media_type=content_type, headers={"Cache-Control": "private"})
 
     @app.post("/images/edits", response_model=ImagesResponse, response_model_exclude_none=True)
-    async def edit_image(
-        request: Request, images: ImagesServing = Depends(serving)
-    ) -> ImagesResponse | StreamingResponse:
-        # multipart/form-data, read by ImagesServing: `image` may come as
-        # `image[]`, which FastAPI's declared form parameters cannot express.
-        body, response = await images.edit(request)
-        if body.stream:
+    async def edit_image(request: Request, images: Serving) -> ImagesResponse | StreamingResponse:
+        form = await read_image_form(request, ImageEditRequest, takes_mask=True)
+        response = await images.edit(form, request)
+        if form.fields.stream:
             events = completed_events(response, "image_edit.completed")
             return StreamingResponse(events, media_type="text/event-stream")
         return response
 
     @app.post("/images/variations", response_model=ImagesResponse, response_model_exclude_none=True)
-    async def create_image_variation(
-        request: Request, images: ImagesServing = Depends(serving)
-    ) -> ImagesResponse:
-        return await images.create_variation(request)
+    async def create_image_variation(request: Request, images: Serving) -> ImagesResponse:
+        form = await read_image_form(request, ImageVariationRequest, takes_mask=False)
+        return await images.create_variation(form, request)
 
     # Last: BentoML mounts this app "passively" and would answer unknown
     # paths under /v1 with a plain-text 404 of its own.

@@ -1,16 +1,19 @@
 """Images uploaded to edits and variations: decoding, checks, and the mask.
 
-Raises ValueError with a reason a client can act on; the caller names the
-parameter. Runs in the HTTP service, off the event loop (decoding a large
-photo takes a while).
+The helpers raise ValueError with a reason a client can act on;
+`decode_edit_source` names the parameter. Runs in the HTTP service, off the
+event loop (decoding a large photo takes a while).
 """
 
 from __future__ import annotations
 
 import io
 import warnings
+from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import invalid_value
 
 # A 48-megapixel phone photo fits; a small file that claims more pixels would
 # take gigabytes once decoded (PIL's own bomb check starts at 89 M).
@@ -20,6 +23,29 @@ MAX_UPLOAD_PIXELS = 50_000_000
 REPAINT_BELOW_ALPHA = 128
 # Transparent parts of an image edited without a mask are flattened onto white.
 FLATTEN_BACKGROUND = (255, 255, 255)
+
+
+@dataclass(frozen=True)
+class EditSource:
+    """The uploaded picture of an edit or variation, and the region to repaint."""
+
+    image: Image.Image  # RGB, as uploaded
+    mask: Image.Image | None = None  # L, 255 where the picture is repainted
+
+
+def decode_edit_source(image_data: bytes, mask_data: bytes | None) -> EditSource:
+    """The picture (flattened to RGB) and its repaint mask; 400 naming `image` or `mask`."""
+    try:
+        picture = open_image(image_data)
+    except ValueError as exc:
+        raise invalid_value("image", f"Invalid image: {exc}.") from None
+    mask = None
+    if mask_data is not None:
+        try:
+            mask = repaint_mask(open_image(mask_data), picture.size)
+        except ValueError as exc:
+            raise invalid_value("mask", f"Invalid mask: {exc}.") from None
+    return EditSource(to_rgb(picture), mask)
 
 
 def open_image(data: bytes) -> Image.Image:

@@ -11,24 +11,18 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from sdxl_service.choices import RefinerMode, RenderKind
 from sdxl_service.encoding import resize_to
 from sdxl_service.files import LocalFileStore
 from sdxl_service.http_app import create_app
-from sdxl_service.jobs import (
-    GenerationJob,
-    GenerationOutcome,
-    OutcomeStatus,
-    RefinerMode,
-    RenderedImage,
-    RenderKind,
-)
-from sdxl_service.serving import (
+from sdxl_service.jobs import GenerationJob, GenerationOutcome, OutcomeStatus, RenderedImage
+from sdxl_service.resolution import (
     EDIT_STRENGTH,
     INPAINT_STRENGTH,
     QUALITY_STEPS,
     VARIATION_STRENGTH,
-    ImagesServing,
 )
+from sdxl_service.serving import ImagesServing
 from sdxl_service.settings import Settings
 from tests.decoded import decode
 
@@ -47,12 +41,13 @@ class SeedPainter:
         self.jobs.append(job)
         if self.outcome is not None:
             return self.outcome
+        width, height = job.params.width, job.params.height
         images = [
             RenderedImage(
                 seed=seed,
-                width=job.width,
-                height=job.height,
-                rgb=bytes([seed % 256, 0, 0]) * (job.width * job.height),
+                width=width,
+                height=height,
+                rgb=bytes([seed % 256, 0, 0]) * (width * height),
             )
             for seed in job.seeds
         ]
@@ -84,7 +79,7 @@ def test_small_request_renders_native_and_answers_requested_size(client, painter
     response = client.post("/images/generations", json={"prompt": "x", "size": "128x64", "seed": 9})
     assert response.status_code == 200
     job = painter.jobs[-1]
-    assert job.width * job.height >= 128 * 128 * 0.95
+    assert job.params.width * job.params.height >= 128 * 128 * 0.95
     image = decode(response.json()["data"][0]["b64_json"])
     assert image.size == (128, 64)
     assert np.asarray(image)[0, 0, 0] == 9
@@ -106,12 +101,12 @@ def test_random_seed_when_none_given(client, painter) -> None:
 
 def test_quality_maps_to_steps_and_steps_override(client, painter) -> None:
     client.post("/images/generations", json={"prompt": "x", "quality": "hd", "size": "64x64"})
-    assert painter.jobs[-1].steps == QUALITY_STEPS["hd"]
+    assert painter.jobs[-1].params.steps == QUALITY_STEPS["hd"]
     client.post(
         "/images/generations",
         json={"prompt": "x", "quality": "hd", "size": "64x64", "num_inference_steps": 7},
     )
-    assert painter.jobs[-1].steps == 7
+    assert painter.jobs[-1].params.steps == 7
 
 
 def test_auto_size_is_1024(client, painter) -> None:
@@ -207,17 +202,6 @@ def test_unknown_paths_and_methods_are_openai_errors(client) -> None:
     assert response.json()["error"]["code"] == "method_not_allowed"
 
 
-def test_expired_url_files_are_purged_when_new_ones_are_stored(painter, tmp_path) -> None:
-    store = LocalFileStore(tmp_path, ttl_seconds=0)
-    serving = ImagesServing(Settings(files_dir=tmp_path), painter, store)
-    client = TestClient(create_app(lambda: serving, 10_000))
-    body = {"prompt": "x", "size": "64x64", "response_format": "url"}
-    client.post("/images/generations", json=body)
-    serving._last_purge = 0.0  # the first sweep ran before the file existed
-    client.post("/images/generations", json=body)
-    assert list(tmp_path.glob("*.json")) == []
-
-
 def test_stream_sends_one_completed_event_per_image(client) -> None:
     body = {"prompt": "x", "size": "64x64", "n": 2, "seed": 4, "stream": True}
     response = client.post("/images/generations", json=body)
@@ -273,16 +257,18 @@ def test_edit_is_img2img_of_the_picture_at_its_own_size(edits_client, painter) -
     assert response.json()["size"] == "96x64"
     assert decode(response.json()["data"][0]["b64_json"]).size == (96, 64)
     job = painter.jobs[-1]
-    assert (job.kind, job.strength, job.prompt, job.mask) == (
+    assert (job.params.kind, job.params.strength, job.prompt, job.mask) == (
         RenderKind.IMAGE_TO_IMAGE,
         EDIT_STRENGTH,
         "a fox",
         None,
     )
     # Rendered at native scale, as generations are; the picture resized to match.
-    assert job.width * job.height >= 128 * 128 * 0.95
-    sent = Image.frombytes("RGB", (job.width, job.height), job.init_image)
-    assert np.array_equal(np.asarray(sent), np.asarray(resize_to(picture, job.width, job.height)))
+    assert job.params.width * job.params.height >= 128 * 128 * 0.95
+    sent = Image.frombytes("RGB", (job.params.width, job.params.height), job.init_image)
+    assert np.array_equal(
+        np.asarray(sent), np.asarray(resize_to(picture, job.params.width, job.params.height))
+    )
 
 
 def test_edit_with_mask_repaints_only_the_transparent_region(edits_client, painter) -> None:
@@ -294,9 +280,11 @@ def test_edit_with_mask_repaints_only_the_transparent_region(edits_client, paint
     )
     assert response.status_code == 200, response.text
     job = painter.jobs[-1]
-    assert (job.kind, job.strength) == (RenderKind.INPAINT, INPAINT_STRENGTH)
-    mask = np.asarray(Image.frombytes("L", (job.width, job.height), job.mask))
-    assert (mask[:, : job.width // 2] == 255).all() and (mask[:, job.width // 2 :] == 0).all()
+    assert (job.params.kind, job.params.strength) == (RenderKind.INPAINT, INPAINT_STRENGTH)
+    mask = np.asarray(Image.frombytes("L", (job.params.width, job.params.height), job.mask))
+    assert (mask[:, : job.params.width // 2] == 255).all() and (
+        mask[:, job.params.width // 2 :] == 0
+    ).all()
     answer = np.asarray(decode(response.json()["data"][0]["b64_json"]))
     # The painter paints (seed, 0, 0); outside the mask the picture comes back exactly.
     assert np.array_equal(answer[:, 32:], np.asarray(picture)[:, 32:])
@@ -330,9 +318,17 @@ def test_edit_takes_image_brackets_and_every_option_as_form_fields(edits_client,
     assert body["size"] == "128x128" and body["output_format"] == "webp"
     assert decode(body["data"][0]["b64_json"]).size == (128, 128)
     job = painter.jobs[-1]
-    assert job.seeds == [7, 8] and job.strength == 0.3 and job.refiner is RefinerMode.NONE
-    assert (job.steps, job.guidance_scale, job.high_noise_frac) == (12, 7.5, 0.7)
-    assert (job.scheduler, job.negative_prompt) == ("euler_a", "blurry")
+    assert (
+        job.seeds == [7, 8]
+        and job.params.strength == 0.3
+        and job.params.refiner is RefinerMode.NONE
+    )
+    assert (job.params.steps, job.params.guidance_scale, job.params.high_noise_frac) == (
+        12,
+        7.5,
+        0.7,
+    )
+    assert (job.params.scheduler, job.negative_prompt) == ("euler_a", "blurry")
 
 
 def test_edit_stream_sends_image_edit_completed_events(edits_client) -> None:
@@ -356,7 +352,7 @@ def test_variation_is_an_edit_of_the_picture_with_no_prompt(edits_client, painte
     assert response.status_code == 200, response.text
     assert [decode(item["b64_json"]).size for item in response.json()["data"]] == [(256, 256)] * 2
     job = painter.jobs[-1]
-    assert (job.kind, job.prompt, job.strength) == (
+    assert (job.params.kind, job.prompt, job.params.strength) == (
         RenderKind.IMAGE_TO_IMAGE,
         "",
         VARIATION_STRENGTH,

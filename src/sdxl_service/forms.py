@@ -1,0 +1,82 @@
+"""The multipart forms of POST /images/edits and /images/variations.
+
+Read here, not through FastAPI's declared form parameters, because OpenAI
+clients send the picture as `image` or `image[]`, which those cannot express.
+The routes get plain values: the validated text fields and the file bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.datastructures import FormData, UploadFile
+
+from .errors import APIError, invalid_value, missing_parameter
+from .protocol import ImageRequest
+
+# Parts accepted per request: `image` (or `image[]`) and `mask`, with room for
+# clients that send more images (refused with a clear 400).
+MAX_FORM_FILES = 16
+FILE_FIELDS = ("image", "image[]", "mask")
+# A form with no file comes url-encoded, or with no body at all: parsed, to
+# answer "missing image" rather than "wrong content type".
+FORM_CONTENT_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+
+RequestModel = TypeVar("RequestModel", bound=ImageRequest)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImageForm(Generic[RequestModel]):
+    fields: RequestModel
+    image: bytes
+    mask: bytes | None = None
+
+
+async def read_image_form(
+    request: Request, model: type[RequestModel], *, takes_mask: bool
+) -> ImageForm[RequestModel]:
+    """The form's fields as `model` and its files; 400s name the parameter."""
+    content_type = request.headers.get("content-type", "")
+    if content_type and not content_type.startswith(FORM_CONTENT_TYPES):
+        raise APIError(
+            400,
+            f"POST {request.url.path} takes multipart/form-data, with the image as a file "
+            f"part; got content-type '{content_type[:100]}'.",
+            code="invalid_content_type",
+        )
+    # The context deletes the form's spooled files on exit.
+    async with request.form(max_files=MAX_FORM_FILES) as form:
+        fields = _validate_fields(model, form)
+        image = await _one_file(form, "image", "image[]")
+        mask = await _one_file(form, "mask") if takes_mask and "mask" in form else None
+    return ImageForm(fields=fields, image=image, mask=mask)
+
+
+def _validate_fields(model: type[RequestModel], form: FormData) -> RequestModel:
+    """The form's text fields as `model`; errors come out as for JSON bodies."""
+    fields = {
+        key: value
+        for key, value in form.multi_items()
+        if isinstance(value, str) and key not in FILE_FIELDS
+    }
+    try:
+        return model.model_validate(fields)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from None
+
+
+async def _one_file(form: FormData, *names: str) -> bytes:
+    """The bytes of the one file sent under any of `names` (`image` or `image[]`)."""
+    param = names[0]
+    parts = [value for key, value in form.multi_items() if key in names]
+    if not parts:
+        raise missing_parameter(param)
+    if len(parts) > 1:
+        raise invalid_value(param, f"One {param} per request, got {len(parts)}.")
+    if not isinstance(parts[0], UploadFile):
+        raise invalid_value(param, f"'{param}' must be a file part (with a filename), not text.")
+    return await parts[0].read()

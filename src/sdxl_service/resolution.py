@@ -1,0 +1,265 @@
+"""The request rules: an Images API request -> the job to render and the answer's shape.
+
+Pure functions of the request, the settings and the model's native size (and,
+for edits, the uploaded picture): everything about defaults, bounds and which
+combinations are refused lives here, as diffusers gathers its checks in
+`check_inputs`. A bad value raises `APIError` naming the parameter.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+from .choices import RenderKind
+from .encoding import resize_to
+from .errors import APIError, invalid_value
+from .jobs import GenerationJob, RenderParams
+from .protocol import (
+    OPENAI_IMAGE_MODEL_PREFIX,
+    OPENAI_IMAGE_MODELS,
+    ImageEditRequest,
+    ImageGenerationRequest,
+    ImageRequest,
+    ImageVariationRequest,
+)
+from .settings import SERVICE_ID, Settings
+from .sizing import AUTO_SIZE, SizeLimits, fit_size, parse_size, render_size
+from .uploads import EditSource
+
+AUTO_SIZE_PIXELS = (1024, 1024)
+# Default `strength` (share of the schedule re-drawn) of an edit without a mask,
+# with one (OpenAI repaints the transparent region from scratch; what lies
+# under it is often erased pixels), and of a variation (keeps the composition).
+EDIT_STRENGTH = 0.75
+INPAINT_STRENGTH = 1.0
+VARIATION_STRENGTH = 0.6
+VARIATION_SIZES = ((256, 256), (512, 512), (1024, 1024))
+# OpenAI quality -> denoising steps (base + refiner together).
+QUALITY_STEPS = {"low": 20, "medium": 30, "standard": 30, "high": 50, "hd": 50}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResolvedRequest:
+    job: GenerationJob
+    width: int  # the size answered, which may differ from the job's render size
+    height: int
+    response_format: str
+    output_format: str
+    output_compression: int | None
+    quality: str
+    # Inpainting, at the answered size: the picture, whose pixels are kept
+    # exactly outside the mask (diffusers keeps them only in latent space,
+    # through a lossy VAE round trip), and the mask.
+    kept_picture: Image.Image | None = None
+    repaint_mask: Image.Image | None = None
+
+
+def resolve_generation(
+    req: ImageGenerationRequest, settings: Settings, native_resolution: int
+) -> ResolvedRequest:
+    return _resolve(req, settings, native_resolution, prompt=req.prompt)
+
+
+def resolve_edit(
+    req: ImageEditRequest, source: EditSource, settings: Settings, native_resolution: int
+) -> ResolvedRequest:
+    """img2img over the picture, or inpainting with a mask; at the picture's size by default.
+
+    Resizes the picture, so this takes CPU time: call it off the event loop.
+    """
+    default_strength = EDIT_STRENGTH if source.mask is None else INPAINT_STRENGTH
+    return _resolve(
+        req,
+        settings,
+        native_resolution,
+        prompt=req.prompt,
+        source=source,
+        strength=req.strength or default_strength,
+        default_size=None,
+    )
+
+
+def resolve_variation(
+    req: ImageVariationRequest, source: EditSource, settings: Settings, native_resolution: int
+) -> ResolvedRequest:
+    """An edit of a square picture with no prompt, in OpenAI's three sizes."""
+    if req.stream:
+        raise invalid_value("stream", "Variations are answered in one response; drop stream.")
+    width, height = source.image.size
+    if width != height:
+        raise invalid_value(
+            "image", f"Variations take a square image; this one is {width}x{height}."
+        )
+    resolved = _resolve(
+        req,
+        settings,
+        native_resolution,
+        prompt="",
+        source=source,
+        strength=req.strength or VARIATION_STRENGTH,
+    )
+    if (resolved.width, resolved.height) not in VARIATION_SIZES:
+        sizes = ", ".join(f"{w}x{h}" for w, h in VARIATION_SIZES)
+        param = "size" if req.width is None else "width"
+        raise invalid_value(param, f"Variations come in {sizes}.")
+    return resolved
+
+
+def check_model(model: str | None, settings: Settings) -> None:
+    """404 unless `model` names this server, an OpenAI image model, or one of its weights."""
+    if model is None or model in (SERVICE_ID, *OPENAI_IMAGE_MODELS):
+        return
+    if model.startswith(OPENAI_IMAGE_MODEL_PREFIX) or model in (
+        settings.base_model,
+        settings.refiner_model,
+    ):
+        return
+    raise APIError(
+        404,
+        f"The model '{model}' does not exist; this server serves '{SERVICE_ID}'.",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def _resolve(
+    req: ImageRequest,
+    settings: Settings,
+    native_resolution: int,
+    *,
+    prompt: str,
+    source: EditSource | None = None,
+    strength: float = 1.0,
+    default_size: tuple[int, int] | None = AUTO_SIZE_PIXELS,
+) -> ResolvedRequest:
+    s = settings
+    # 1. What the request may ask at all.
+    check_model(req.model, s)
+    if req.background == "transparent":
+        raise invalid_value(
+            "background",
+            "SDXL cannot make transparent images; use background 'opaque' or 'auto'.",
+            code="unsupported_value",
+        )
+    if req.stream and req.response_format == "url":
+        raise invalid_value(
+            "response_format", "Streamed images are sent as b64_json; drop response_format."
+        )
+    n = req.n or 1
+    if n > s.max_n:
+        raise invalid_value("n", f"n must be between 1 and {s.max_n}, got {n}.")
+    if len(prompt) > s.max_prompt_chars:
+        raise invalid_value("prompt", f"The prompt is longer than {s.max_prompt_chars} characters.")
+    output_format = req.output_format or "png"
+    if req.output_compression is not None and output_format == "png":
+        raise invalid_value(
+            "output_compression", "output_compression applies to jpeg and webp only."
+        )
+
+    # 2. The size answered, and the (possibly larger) size rendered.
+    width, height = _requested_size(req, s, default_size, source)
+    render_w, render_h = render_size(
+        width, height, native_resolution, render_native=s.render_native, max_pixels=s.max_pixels
+    )
+
+    # 3. Sampling: steps, guidance, refiner, scheduler, seeds.
+    quality = req.quality or "auto"
+    steps = req.num_inference_steps or QUALITY_STEPS.get(quality, s.steps)
+    seed = req.seed if req.seed is not None else secrets.randbelow(2**32)
+    if source is not None and int(steps * strength) < 1:
+        # diffusers runs the last int(steps * strength) steps of the schedule.
+        raise invalid_value(
+            "strength",
+            f"strength {strength} of {steps} steps runs no denoising step; "
+            "raise strength or num_inference_steps.",
+        )
+    kind = RenderKind.TEXT_TO_IMAGE
+    if source is not None:
+        kind = RenderKind.IMAGE_TO_IMAGE if source.mask is None else RenderKind.INPAINT
+    params = RenderParams(
+        width=render_w,
+        height=render_h,
+        steps=steps,
+        guidance_scale=s.guidance_scale if req.guidance_scale is None else req.guidance_scale,
+        high_noise_frac=req.high_noise_frac or s.high_noise_frac,
+        refiner=req.refiner or s.refiner,
+        scheduler=req.scheduler or s.scheduler,
+        kind=kind,
+        strength=strength,
+    )
+
+    # 4. Edits: the picture at the render size; inpainting keeps it and the mask
+    #    at the answered size for compositing.
+    pictures: dict[str, Any] = {}
+    kept_picture = repaint = None
+    if source is not None:
+        pictures["init_image"] = resize_to(source.image, render_w, render_h).tobytes()
+        if source.mask is not None:
+            pictures["mask"] = _resize_mask(source.mask, render_w, render_h).tobytes()
+            kept_picture = resize_to(source.image, width, height)
+            repaint = _resize_mask(source.mask, width, height)
+
+    job = GenerationJob(
+        request_id=uuid.uuid4().hex,
+        params=params,
+        prompt=prompt,
+        negative_prompt=req.negative_prompt or "",
+        seeds=[seed + i for i in range(n)],
+        deadline=time.time() + s.request_timeout,
+        **pictures,
+    )
+    return ResolvedRequest(
+        job=job,
+        width=width,
+        height=height,
+        response_format=req.response_format or "b64_json",
+        output_format=output_format,
+        output_compression=req.output_compression,
+        quality=quality,
+        kept_picture=kept_picture,
+        repaint_mask=repaint,
+    )
+
+
+def _requested_size(
+    req: ImageRequest,
+    settings: Settings,
+    default_size: tuple[int, int] | None,
+    source: EditSource | None,
+) -> tuple[int, int]:
+    limits = SizeLimits(settings.min_side, settings.max_side, settings.max_pixels)
+    if req.width is not None or req.height is not None:
+        if req.width is None or req.height is None:
+            param = "height" if req.height is None else "width"
+            raise invalid_value(param, "width and height must be given together.")
+        width, height, param = req.width, req.height, "width"
+    elif req.size not in (None, AUTO_SIZE):
+        (width, height), param = parse_size(req.size), "size"
+    elif default_size is not None:
+        (width, height), param = default_size, "size"
+    elif source is not None:
+        try:
+            return fit_size(*source.image.size, limits)
+        except ValueError as exc:
+            message = f"No size this server renders fits the image ({exc}); give a size."
+            raise invalid_value("image", message) from None
+    else:
+        raise ValueError("default_size=None needs an edit source")
+    try:
+        limits.check(width, height)
+    except ValueError as exc:
+        raise invalid_value(param, f"Invalid size: {exc}.") from None
+    return width, height
+
+
+def _resize_mask(mask: Image.Image, width: int, height: int) -> Image.Image:
+    # Nearest: the mask stays two-valued.
+    if mask.size == (width, height):
+        return mask
+    return mask.resize((width, height), Image.Resampling.NEAREST)

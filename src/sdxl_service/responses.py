@@ -1,0 +1,97 @@
+"""Rendered images -> the Images API answer: composite, encode, store (url) or base64.
+
+Also the answer's stream form (`stream=true`) and the public URL of /v1 behind
+proxies. Runs in the HTTP service; `build_images` is CPU work for a thread.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from PIL import Image
+
+from .encoding import CONTENT_TYPES, encode_image, resize_to, to_base64, to_pil
+from .files import FileStore
+from .jobs import RenderedImage
+from .metrics import ServiceMetrics
+from .protocol import ImageData, ImagesResponse
+from .resolution import ResolvedRequest
+from .settings import Settings
+
+# OpenAI's usage block; SDXL counts no tokens.
+_NO_USAGE = {
+    "input_tokens": 0,
+    "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
+    "output_tokens": 0,
+    "total_tokens": 0,
+}
+
+
+def build_images(
+    images: list[RenderedImage],
+    resolved: ResolvedRequest,
+    *,
+    files: FileStore,
+    base_url: str,
+    metrics: ServiceMetrics | None = None,
+) -> ImagesResponse:
+    """The answer to a request whose images were rendered."""
+    data = []
+    for rendered in images:
+        started = time.perf_counter()
+        picture = resize_to(to_pil(rendered), resolved.width, resolved.height)
+        if resolved.repaint_mask is not None and resolved.kept_picture is not None:
+            picture = Image.composite(picture, resolved.kept_picture, resolved.repaint_mask)
+        encoded = encode_image(picture, resolved.output_format, resolved.output_compression)
+        if metrics is not None:
+            metrics.observe_stage("encode", time.perf_counter() - started)
+        if resolved.response_format == "url":
+            file_id = files.put(encoded, CONTENT_TYPES[resolved.output_format])
+            data.append(ImageData(url=f"{base_url}/images/files/{file_id}", seed=rendered.seed))
+        else:
+            data.append(ImageData(b64_json=to_base64(encoded), seed=rendered.seed))
+    return ImagesResponse(
+        created=int(time.time()),
+        data=data,
+        size=f"{resolved.width}x{resolved.height}",
+        output_format=resolved.output_format,  # type: ignore[arg-type]
+        quality=resolved.quality,
+    )
+
+
+def public_base_url(request: Request, settings: Settings) -> str:
+    """Absolute URL of /v1 as the client sees it (behind proxies too)."""
+    root = request.scope.get("root_path", "")
+    if settings.public_url:
+        return settings.public_url.rstrip("/") + root
+    headers = request.headers
+    proto = headers.get("x-forwarded-proto", request.url.scheme).split(",")[0].strip()
+    host = headers.get("x-forwarded-host", headers.get("host", request.url.netloc))
+    host = host.split(",")[0].strip()
+    return f"{proto}://{host}{root}"
+
+
+async def completed_events(
+    response: ImagesResponse, event_type: str = "image_generation.completed"
+) -> AsyncIterator[bytes]:
+    """stream=true: one completed event per image (`image_edit.completed` for edits).
+
+    Partial previews are not produced (partial_images=0 behaviour): SDXL latents
+    mid-way are noise, and decoding them would cost the GPU a VAE pass each.
+    """
+    for item in response.data:
+        event = {
+            "type": event_type,
+            "b64_json": item.b64_json,
+            "created_at": response.created,
+            "size": response.size,
+            "quality": response.quality,
+            "background": response.background,
+            "output_format": response.output_format,
+            "seed": item.seed,
+            "usage": _NO_USAGE,
+        }
+        yield f"event: {event_type}\ndata: {json.dumps(event)}\n\n".encode()

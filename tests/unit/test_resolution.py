@@ -1,0 +1,151 @@
+"""The request rules, as pure functions of the request, the settings and the native size."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from PIL import Image
+
+from sdxl_service.choices import RefinerMode, RenderKind, SchedulerName
+from sdxl_service.errors import APIError
+from sdxl_service.protocol import ImageEditRequest, ImageGenerationRequest, ImageVariationRequest
+from sdxl_service.resolution import (
+    EDIT_STRENGTH,
+    INPAINT_STRENGTH,
+    QUALITY_STEPS,
+    resolve_edit,
+    resolve_generation,
+    resolve_variation,
+)
+from sdxl_service.settings import Settings
+from sdxl_service.uploads import EditSource
+
+NATIVE = 1024
+SETTINGS = Settings(refiner="sequential", scheduler="dpmpp_2m", steps=25, request_timeout=60)
+
+
+def generation(**fields: object) -> ImageGenerationRequest:
+    return ImageGenerationRequest.model_validate({"prompt": "a fox", **fields})
+
+
+def refused(call, *args) -> APIError:
+    with pytest.raises(APIError) as caught:
+        call(*args)
+    return caught.value
+
+
+def test_defaults_come_from_the_settings() -> None:
+    before = time.time()
+    resolved = resolve_generation(generation(), SETTINGS, NATIVE)
+    params = resolved.job.params
+    assert (params.refiner, params.scheduler, params.steps) == (
+        RefinerMode.SEQUENTIAL,
+        SchedulerName.DPMPP_2M,
+        SETTINGS.steps,  # quality auto: SDXL_STEPS
+    )
+    assert (resolved.width, resolved.height, resolved.response_format) == (1024, 1024, "b64_json")
+    assert resolved.job.deadline is not None
+    assert before + 60 <= resolved.job.deadline <= time.time() + 60
+
+
+def test_quality_picks_the_step_count() -> None:
+    params = resolve_generation(generation(quality="hd"), SETTINGS, NATIVE).job.params
+    assert params.steps == QUALITY_STEPS["hd"]
+
+
+def test_request_values_override_settings() -> None:
+    req = generation(refiner="none", scheduler="ddim", num_inference_steps=9, guidance_scale=0)
+    params = resolve_generation(req, SETTINGS, NATIVE).job.params
+    assert (params.refiner, params.scheduler, params.steps, params.guidance_scale) == (
+        RefinerMode.NONE,
+        SchedulerName.DDIM,
+        9,
+        0.0,
+    )
+
+
+def test_n_images_get_consecutive_seeds() -> None:
+    job = resolve_generation(generation(n=3, seed=41), SETTINGS, NATIVE).job
+    assert job.seeds == [41, 42, 43]
+
+
+def test_small_sizes_render_at_native_scale() -> None:
+    resolved = resolve_generation(generation(size="256x128"), SETTINGS, NATIVE)
+    assert (resolved.width, resolved.height) == (256, 128)
+    assert abs(resolved.job.params.width / resolved.job.params.height - 2) < 0.02
+    assert resolved.job.params.width * resolved.job.params.height >= 0.9 * NATIVE**2
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"n": 11}, "n"),
+        ({"prompt": "x" * 4001}, "prompt"),
+        ({"size": "1004x1000"}, "size"),  # not multiples of 8
+        ({"size": "4096x4096"}, "size"),
+        ({"width": 512}, "height"),
+        ({"background": "transparent"}, "background"),
+        ({"stream": True, "response_format": "url"}, "response_format"),
+        ({"output_compression": 50}, "output_compression"),
+    ],
+)
+def test_bad_generations_name_the_parameter(fields: dict[str, object], param: str) -> None:
+    error = refused(resolve_generation, generation(**fields), SETTINGS, NATIVE)
+    assert (error.status, error.param) == (400, param)
+
+
+def test_an_unknown_model_is_404() -> None:
+    error = refused(resolve_generation, generation(model="sd-1.5"), SETTINGS, NATIVE)
+    assert (error.status, error.code) == (404, "model_not_found")
+
+
+def picture(width: int, height: int) -> Image.Image:
+    return Image.new("RGB", (width, height), (10, 20, 30))
+
+
+def test_an_edit_is_img2img_at_the_pictures_size() -> None:
+    req = ImageEditRequest(prompt="x")
+    resolved = resolve_edit(req, EditSource(picture(96, 64)), SETTINGS, NATIVE)
+    params = resolved.job.params
+    assert (resolved.width, resolved.height) == (96, 64)
+    assert (params.kind, params.strength) == (RenderKind.IMAGE_TO_IMAGE, EDIT_STRENGTH)
+    assert len(resolved.job.init_image or b"") == 3 * params.width * params.height
+
+
+def test_an_edit_with_a_mask_inpaints_and_keeps_the_picture_for_compositing() -> None:
+    mask = Image.new("L", (64, 64), 255)
+    resolved = resolve_edit(
+        ImageEditRequest(prompt="x"), EditSource(picture(64, 64), mask), SETTINGS, NATIVE
+    )
+    assert (resolved.job.params.kind, resolved.job.params.strength) == (
+        RenderKind.INPAINT,
+        INPAINT_STRENGTH,
+    )
+    assert resolved.kept_picture is not None and resolved.kept_picture.size == (64, 64)
+    assert resolved.repaint_mask is not None and resolved.repaint_mask.size == (64, 64)
+
+
+def test_an_edit_that_runs_no_step_is_refused() -> None:
+    req = ImageEditRequest(prompt="x", strength=0.01)
+    error = refused(resolve_edit, req, EditSource(picture(64, 64)), SETTINGS, NATIVE)
+    assert error.param == "strength"
+
+
+def test_variations_take_square_pictures_in_openai_sizes() -> None:
+    resolved = resolve_variation(
+        ImageVariationRequest(), EditSource(picture(64, 64)), SETTINGS, NATIVE
+    )
+    assert (resolved.width, resolved.height, resolved.job.prompt) == (1024, 1024, "")
+    not_square = refused(
+        resolve_variation, ImageVariationRequest(), EditSource(picture(64, 32)), SETTINGS, NATIVE
+    )
+    assert not_square.param == "image"
+    odd_size = refused(
+        resolve_variation,
+        ImageVariationRequest(size="640x640"),
+        EditSource(picture(64, 64)),
+        SETTINGS,
+        NATIVE,
+    )
+    assert odd_size.param == "size"
