@@ -1,10 +1,14 @@
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from sdxl_service.settings import Preset, Settings
+from sdxl_service.choices import DType, Preset, RefinerMode, SchedulerName
+from sdxl_service.settings import Settings, SettingsError, load_settings
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -28,5 +32,83 @@ def test_settings_come_from_sdxl_environment_variables(monkeypatch: pytest.Monke
 
 def test_invalid_setting_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SDXL_MAX_BATCH_IMAGES", "0")
-    with pytest.raises(ValueError, match="max_batch_images"):
-        Settings()
+    with pytest.raises(SettingsError, match="SDXL_MAX_BATCH_IMAGES='0'"):
+        load_settings()
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "allowed"),
+    [
+        ("SDXL_REFINER", "both", "'ensemble', 'sequential' or 'none'"),
+        ("SDXL_SCHEDULER", "magic", "'euler', 'euler_a'"),
+        ("SDXL_ATTENTION", "flash", "'sdpa' or 'eager'"),
+        ("SDXL_DEVICE", "tpu", "auto|cpu|mps|cuda"),
+        ("SDXL_DTYPE", "int8", "'float16', 'bfloat16' or 'float32'"),
+        ("SDXL_PRESET", "large", "'auto', 'sdxl' or 'tiny'"),
+        ("SDXL_VAE_DTYPE", "fp8", "'float16'"),
+        ("SDXL_FILES_URL", "http://bucket", "s3://"),
+    ],
+)
+def test_a_bad_value_names_the_variable_and_what_it_accepts(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, allowed: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    message = str(caught.value)
+    assert f"{variable}='{value}'" in message
+    assert allowed in message
+
+
+def test_every_bad_variable_is_reported_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SDXL_REFINER", "both")
+    monkeypatch.setenv("SDXL_STEPS", "0")
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    assert "SDXL_REFINER='both'" in str(caught.value)
+    assert "SDXL_STEPS='0'" in str(caught.value)
+
+
+def test_settings_that_contradict_each_other_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SDXL_REQUEST_TIMEOUT", "900")
+    monkeypatch.setenv("SDXL_TRAFFIC_TIMEOUT", "600")
+    with pytest.raises(SettingsError, match="SDXL_TRAFFIC_TIMEOUT"):
+        load_settings()
+
+
+@pytest.mark.parametrize(("alias", "dtype"), [("fp16", DType.FLOAT16), ("BF16", DType.BFLOAT16)])
+def test_dtype_aliases_are_accepted(
+    monkeypatch: pytest.MonkeyPatch, alias: str, dtype: DType
+) -> None:
+    monkeypatch.setenv("SDXL_DTYPE", alias)
+    assert load_settings().dtype is dtype
+
+
+def test_the_settings_enums_are_the_apis(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SDXL_SCHEDULER", "dpmpp_2m_karras")
+    monkeypatch.setenv("SDXL_REFINER", "none")
+    settings = load_settings()
+    assert settings.scheduler is SchedulerName.DPMPP_2M_KARRAS
+    assert settings.refiner is RefinerMode.NONE
+
+
+def test_bentoml_serve_stops_at_once_on_a_bad_setting(tmp_path: Path) -> None:
+    """Before any model loads: the CLI exits with the message, no worker starts."""
+    bentoml = Path(sys.executable).parent / "bentoml"
+    env = {
+        **os.environ,
+        "SDXL_REFINER": "both",
+        "BENTOML_HOME": str(tmp_path / "bentoml"),
+        "BENTOML_DO_NOT_TRACK": "true",
+    }
+    result = subprocess.run(
+        [str(bentoml), "serve", "service:ImagesAPI", "--port", "0"],
+        cwd=README.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "SDXL_REFINER='both'" in result.stderr + result.stdout
+    assert "ensemble" in result.stderr + result.stdout
