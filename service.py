@@ -92,4 +92,4 @@ class ImagesAPI:
         )
 
 
-ImagesAPI.add_asgi_middleware(MountRootAlias, path=API_PREFIX)
+ImagesAPI.add_asgi_middleware(MountRootAlias, path=API_PREFIX)  # type: ignore[attr-defined]

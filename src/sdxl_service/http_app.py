@@ -86,7 +86,9 @@ def create_app(get_serving: Callable[[], ImagesServing], max_body_bytes: int) ->
     @app.api_route("/{unknown_path:path}", methods=_ALL_METHODS, include_in_schema=False)
     async def unknown_path(request: Request) -> JSONResponse:
         for route in app.router.routes:
-            if route.name != "unknown_path" and route.matches(request.scope)[0] == Match.PARTIAL:
+            if getattr(route, "name", None) == "unknown_path":
+                continue
+            if route.matches(request.scope)[0] == Match.PARTIAL:
                 message = f"Method {request.method} is not allowed on {request.url.path}."
                 return APIError(405, message, code="method_not_allowed").response()
         message = f"Unknown path: {request.method} {request.url.path}."

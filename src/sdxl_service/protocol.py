@@ -7,7 +7,7 @@ client sends whatever keywords it is given); they are logged, never an error.
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -119,7 +119,7 @@ class ModelCard(BaseModel):
     owned_by: str = "stabilityai"
     preset: str | None = None
     warning: str | None = None
-    details: dict[str, object] = {}
+    details: dict[str, Any] = {}
 
 
 class ModelList(BaseModel):

@@ -57,14 +57,14 @@ def build_images(
         created=int(time.time()),
         data=data,
         size=f"{resolved.width}x{resolved.height}",
-        output_format=resolved.output_format,  # type: ignore[arg-type]
+        output_format=resolved.output_format,
         quality=resolved.quality,
     )
 
 
 def public_base_url(request: Request, settings: Settings) -> str:
     """Absolute URL of /v1 as the client sees it (behind proxies too)."""
-    root = request.scope.get("root_path", "")
+    root = str(request.scope.get("root_path", ""))
     if settings.public_url:
         return settings.public_url.rstrip("/") + root
     headers = request.headers
