@@ -70,6 +70,15 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
+# Errors quote at most this much of what the client sent.
+EXCERPT_CHARS = 64
+
+
+def excerpt(value: str) -> str:
+    """`value`, or its start: an error message never echoes a megabyte back."""
+    return value if len(value) <= EXCERPT_CHARS else value[:EXCERPT_CHARS] + "…"
+
+
 def invalid_value(param: str, message: str, code: str = "invalid_value") -> APIError:
     return APIError(400, message, param=param, code=code)
 
@@ -134,7 +143,9 @@ def validation_error(exc: RequestValidationError) -> APIError:
     if kind == "json_invalid":
         return APIError(400, "The request body is not valid JSON.", code="invalid_json")
     if kind == "missing":
-        return missing_parameter(param)
+        # No body at all: the only JSON body is a generation's, and what it
+        # cannot do without is its prompt.
+        return missing_parameter(param or "prompt")
     if kind == "model_attributes_type" or (param is None and kind.endswith("_type")):
         return APIError(400, "The request body must be a JSON object.", code="invalid_request_body")
     detail = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
@@ -154,10 +165,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         status = exc.status_code
+        path = excerpt(request.url.path)
         if status == 404:
-            message = f"Unknown path: {request.method} {request.url.path}."
+            message = f"Unknown path: {request.method} {path}."
         elif status == 405:
-            message = f"Method {request.method} is not allowed on {request.url.path}."
+            message = f"Method {request.method} is not allowed on {path}."
         else:
             message = str(exc.detail) or HTTPStatus(status).phrase
         code = HTTPStatus(status).phrase.lower().replace(" ", "_")

@@ -21,6 +21,10 @@ from .protocol import ImageRequest
 # Parts accepted per request: `image` (or `image[]`) and `mask`, with room for
 # clients that send more images (refused with a clear 400).
 MAX_FORM_FILES = 16
+MAX_FORM_FIELDS = 64
+# Text fields (the files are bounded by SDXL_MAX_BODY_BYTES): the longest
+# prompt in UTF-8 with room to spare.
+MAX_FIELD_BYTES = 256 * 1024
 FILE_FIELDS = ("image", "image[]", "mask")
 # A form with no file comes url-encoded, or with no body at all: parsed, to
 # answer "missing image" rather than "wrong content type".
@@ -49,7 +53,10 @@ async def read_image_form(
             code="invalid_content_type",
         )
     # The context deletes the form's spooled files on exit.
-    async with request.form(max_files=MAX_FORM_FILES) as form:
+    form_parts = request.form(
+        max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FIELDS, max_part_size=MAX_FIELD_BYTES
+    )
+    async with form_parts as form:
         fields = _validate_fields(model, form)
         image = await _one_file(form, "image", "image[]")
         mask = await _one_file(form, "mask") if takes_mask and "mask" in form else None

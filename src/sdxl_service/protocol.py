@@ -18,6 +18,11 @@ logger = logging.getLogger(__name__)
 
 OPENAI_IMAGE_MODELS = ("dall-e-2", "dall-e-3")
 OPENAI_IMAGE_MODEL_PREFIX = "gpt-image-"
+MAX_NAME_CHARS = 256
+MAX_USER_CHARS = 1024
+# Prompts are bounded by SDXL_MAX_PROMPT_CHARS in resolution.py; this bound
+# only keeps an absurd body from reaching it.
+MAX_TEXT_CHARS = 100_000
 # torch generators take 64-bit seeds; leave room for seed + i.
 MAX_SEED = 2**63 - 1 - 64
 
@@ -44,9 +49,11 @@ class ImageRequest(OpenAIModel):
     pydantic converts), generations as JSON.
     """
 
-    model: str | None = None
+    # Bounds on every free-text field: a megabyte of text costs memory and time
+    # in both processes before any rule could refuse it.
+    model: str | None = Field(default=None, max_length=MAX_NAME_CHARS)
     n: int | None = Field(default=None, ge=1)
-    size: str | None = None
+    size: str | None = Field(default=None, max_length=MAX_NAME_CHARS)
     quality: Quality | None = None
     response_format: Literal["url", "b64_json"] | None = None
     output_format: OutputFormat | None = None
@@ -54,10 +61,10 @@ class ImageRequest(OpenAIModel):
     background: Literal["transparent", "opaque", "auto"] | None = None
     stream: bool | None = None
     partial_images: int | None = Field(default=None, ge=0, le=3)
-    user: str | None = None
+    user: str | None = Field(default=None, max_length=MAX_USER_CHARS)
 
     # Extensions (the current openai client sends them with extra_body).
-    negative_prompt: str | None = None
+    negative_prompt: str | None = Field(default=None, max_length=MAX_TEXT_CHARS)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     num_inference_steps: int | None = Field(default=None, ge=1, le=150)
     guidance_scale: float | None = Field(default=None, ge=0.0, le=30.0)
@@ -76,7 +83,7 @@ class ImageRequest(OpenAIModel):
 
 
 class ImageGenerationRequest(ImageRequest):
-    prompt: str = Field(min_length=1)
+    prompt: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
     style: Literal["vivid", "natural"] | None = None
     moderation: Literal["low", "auto"] | None = None
 
@@ -84,7 +91,7 @@ class ImageGenerationRequest(ImageRequest):
 class ImageEditRequest(ImageRequest):
     """The form fields of POST /images/edits; `image` and `mask` are its files."""
 
-    prompt: str = Field(min_length=1)
+    prompt: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
     input_fidelity: Literal["high", "low"] | None = None
     # Extension: how much of the picture is re-drawn, from 0 (nothing) to 1 (all).
     strength: float | None = Field(default=None, gt=0.0, le=1.0)

@@ -18,7 +18,7 @@ from PIL import Image
 
 from .choices import RenderKind
 from .encoding import resize_to
-from .errors import APIError, invalid_value
+from .errors import APIError, excerpt, invalid_value
 from .jobs import GenerationJob, RenderParams
 from .protocol import (
     OPENAI_IMAGE_MODEL_PREFIX,
@@ -122,7 +122,7 @@ def check_model(model: str | None, settings: Settings) -> None:
         return
     raise APIError(
         404,
-        f"The model '{model}' does not exist; this server serves '{SERVICE_ID}'.",
+        f"The model '{excerpt(model)}' does not exist; this server serves '{SERVICE_ID}'.",
         param="model",
         code="model_not_found",
     )
@@ -154,8 +154,10 @@ def _resolve(
     n = req.n or 1
     if n > s.max_n:
         raise invalid_value("n", f"n must be between 1 and {s.max_n}, got {n}.")
-    if len(prompt) > s.max_prompt_chars:
-        raise invalid_value("prompt", f"The prompt is longer than {s.max_prompt_chars} characters.")
+    for param, text in (("prompt", prompt), ("negative_prompt", req.negative_prompt or "")):
+        if len(text) > s.max_prompt_chars:
+            message = f"The {param} is longer than {s.max_prompt_chars} characters."
+            raise invalid_value(param, message)
     output_format = req.output_format or "png"
     if req.output_compression is not None and output_format == "png":
         raise invalid_value(
@@ -218,13 +220,23 @@ def _resolve(
         job=job,
         width=width,
         height=height,
-        response_format=req.response_format or "b64_json",
+        response_format=req.response_format or _default_response_format(req),
         output_format=output_format,
         output_compression=req.output_compression,
         quality=quality,
         kept_picture=kept_picture,
         repaint_mask=repaint,
     )
+
+
+def _default_response_format(req: ImageRequest) -> str:
+    # OpenAI answers dall-e-2/3 with a url unless asked otherwise, and clients
+    # built for them (LangChain's DallEAPIWrapper) read only the url. Everyone
+    # else (the Prem app, gpt-image clients, no model) gets b64_json, which
+    # the registry's example reads; so do streams, which carry images inline.
+    if req.model in OPENAI_IMAGE_MODELS and not req.stream:
+        return "url"
+    return "b64_json"
 
 
 def _requested_size(

@@ -16,13 +16,16 @@ _SIZE_PATTERN = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
 # native scale instead (SDXL is visibly worse under ~768 px for 1024 native).
 NATIVE_SHORT_SIDE_FRACTION = 0.75
 AUTO_SIZE = "auto"
+# Errors quote at most this much of a bad value (a 1 MB one is not sent back).
+_SHOWN_CHARS = 40
 
 
 def parse_size(size: str) -> tuple[int, int]:
     """`"1024x768"` -> (1024, 768); raises ValueError with a readable reason."""
     match = _SIZE_PATTERN.match(size)
     if not match:
-        raise ValueError(f"'{size}' is not a size; use WIDTHxHEIGHT (e.g. 1024x1024) or 'auto'")
+        shown = size if len(size) <= _SHOWN_CHARS else size[:_SHOWN_CHARS] + "…"
+        raise ValueError(f"'{shown}' is not a size; use WIDTHxHEIGHT (e.g. 1024x1024) or 'auto'")
     return int(match.group(1)), int(match.group(2))
 
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from sdxl_service.jobs import RefinerMode
+from sdxl_service.choices import RefinerMode, SchedulerName
 from sdxl_service.protocol import (
-    SCHEDULER_NAMES,
+    MAX_TEXT_CHARS,
     ImageEditRequest,
     ImageGenerationRequest,
     ImageVariationRequest,
@@ -40,10 +40,27 @@ def test_bad_values_name_the_field(field: str, value: object) -> None:
     assert info.value.errors()[0]["loc"][0] == field
 
 
-def test_scheduler_names_match_the_engine() -> None:
+def test_every_scheduler_the_api_names_has_a_recipe() -> None:
     from sdxl_service.schedulers import SCHEDULERS
 
-    assert set(SCHEDULER_NAMES) == set(SCHEDULERS)
+    assert set(SCHEDULERS) == set(SchedulerName)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("prompt", "x" * (MAX_TEXT_CHARS + 1)),
+        ("negative_prompt", "x" * (MAX_TEXT_CHARS + 1)),
+        ("user", "u" * 2000),
+        ("model", "m" * 1000),
+        ("size", "1" * 1000 + "x1024"),
+    ],
+)
+def test_free_text_fields_are_bounded(field: str, value: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        ImageGenerationRequest.model_validate({"prompt": "x", field: value})
+    assert info.value.errors()[0]["loc"] == (field,)
+    assert value not in str(info.value.errors()[0]["msg"])
 
 
 def test_edit_form_strings_parse_like_json_values() -> None:

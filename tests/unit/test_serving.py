@@ -441,3 +441,49 @@ def test_edit_upload_over_the_body_limit_is_413(client) -> None:
     )
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "too_large"
+
+
+# --- what real clients and hostile input found ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("model", "answer"),
+    [("dall-e-2", "url"), ("dall-e-3", "url"), ("gpt-image-1", "b64_json"), (None, "b64_json")],
+)
+def test_dall_e_requests_default_to_url_as_openai_answers_them(client, model, answer) -> None:
+    body = {"prompt": "x", "size": "64x64", "model": model}
+    item = client.post("/images/generations", json=body).json()["data"][0]
+    assert item.get(answer) and not item.get({"url": "b64_json", "b64_json": "url"}[answer])
+
+
+def test_a_dall_e_stream_still_carries_its_images_inline(client) -> None:
+    body = {"prompt": "x", "size": "64x64", "model": "dall-e-3", "stream": True}
+    response = client.post("/images/generations", json=body)
+    payload = json.loads(response.text.split("\n")[1].removeprefix("data: "))
+    assert decode(payload["b64_json"]).size == (64, 64)
+
+
+@pytest.mark.parametrize("headers", [{}, {"content-type": "application/json"}])
+def test_an_empty_body_names_the_missing_prompt(client, headers) -> None:
+    response = client.post("/images/generations", content=b"", headers=headers)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "prompt"
+    assert response.json()["error"]["message"] == "Missing required parameter: 'prompt'."
+
+
+def test_a_negative_prompt_is_bounded_like_the_prompt(client, painter) -> None:
+    body = {"prompt": "x", "size": "64x64", "negative_prompt": "n" * 4001}
+    response = client.post("/images/generations", json=body)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "negative_prompt"
+    assert painter.jobs == []
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "status"), [("model", "m" * 200, 404), ("size", "9" * 100 + "x", 400)]
+)
+def test_errors_quote_only_the_start_of_a_bad_value(client, field, value, status) -> None:
+    response = client.post("/images/generations", json={"prompt": "x", field: value})
+    assert response.status_code == status
+    message = response.json()["error"]["message"]
+    assert value not in message and value[:20] in message
