@@ -15,13 +15,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
 
 import bentoml
 
+from sdxl_service.api_keys import APIKeyAuth, APIKeys
 from sdxl_service.http_app import create_app
+from sdxl_service.http_metric_labels import bound_http_metric_labels
 from sdxl_service.jobs import GenerationJob, GenerationOutcome
-from sdxl_service.middleware import MountRootAlias
+from sdxl_service.middleware import MountRootAlias, OpenAIErrorsEverywhere
 from sdxl_service.settings import DEFAULT_PORT, SERVICE_ID, get_settings
 
 settings = get_settings()
 API_PREFIX = "/v1"
+bound_http_metric_labels()
 
 
 @bentoml.service(
@@ -65,13 +68,23 @@ class RenderService:
         return self.host.describe()
 
 
+# BentoML's own CORS middleware, for browser clients on other origins.
+CORS = {
+    "enabled": True,
+    "access_control_allow_origins": settings.cors_origins,
+    "access_control_allow_methods": ["GET", "POST", "OPTIONS"],
+    "access_control_allow_headers": ["Authorization", "Content-Type", "OpenAI-Organization"],
+    "access_control_max_age": 600,
+}
+
+
 def _current_serving() -> Any:
     return bentoml.get_current_service().serving
 
 
 @bentoml.service(
     name=SERVICE_ID,
-    http={"port": DEFAULT_PORT},
+    http={"port": DEFAULT_PORT, **({"cors": CORS} if settings.cors_origins else {})},
     traffic={"timeout": settings.traffic_timeout},
 )
 @bentoml.asgi_app(create_app(_current_serving, settings.max_body_bytes), path=API_PREFIX)
@@ -92,4 +105,11 @@ class ImagesAPI:
         )
 
 
+# Outermost first: a request without an accepted key is refused before its body is read.
+ImagesAPI.add_asgi_middleware(  # type: ignore[attr-defined]
+    APIKeyAuth,
+    keys=APIKeys([key.get_secret_value() for key in settings.api_keys], settings.api_keys_file),
+    metrics_public=settings.metrics_public,
+)
+ImagesAPI.add_asgi_middleware(OpenAIErrorsEverywhere)  # type: ignore[attr-defined]
 ImagesAPI.add_asgi_middleware(MountRootAlias, path=API_PREFIX)  # type: ignore[attr-defined]

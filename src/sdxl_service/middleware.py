@@ -1,10 +1,21 @@
-"""ASGI middleware of the /v1 app: the request body limit, and `/v1` without its slash."""
+"""ASGI middleware: the request body limit, `/v1` without its slash, and the
+OpenAI envelope for the errors BentoML answers itself.
+
+`BodySizeLimit` wraps the /v1 FastAPI app; the others wrap BentoML's whole app
+(`add_asgi_middleware` in service.py).
+"""
 
 from __future__ import annotations
 
+import json
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import APIError
+from .errors import APIError, client_closed, excerpt
+from .http_metric_labels import real_path
+
+# BentoML's own endpoints: probes and Prometheus read them, not OpenAI clients.
+BENTOML_PATHS = ("/livez", "/readyz", "/healthz", "/metrics")
 
 
 class BodySizeLimit:
@@ -33,7 +44,11 @@ class BodySizeLimit:
         while True:
             message = await receive()
             if message["type"] != "http.request":
-                return  # the client went away before sending its body
+                # The client went away part-way through its body. Nobody reads
+                # the answer, but BentoML's traffic middleware waits for one
+                # (and keeps the request "in progress") until it comes.
+                await client_closed().response()(scope, receive, send)
+                return
             body += message.get("body", b"")
             if len(body) > self.max_bytes:
                 await too_large(scope, receive, send)
@@ -67,3 +82,51 @@ class MountRootAlias:
         if scope["type"] == "http" and scope["path"] == self.path:
             scope = {**scope, "path": self.path + "/", "raw_path": (self.path + "/").encode()}
         await self.app(scope, receive, send)
+
+
+class OpenAIErrorsEverywhere:
+    """Any error BentoML answers in plain text (an unknown path outside /v1, a
+    /v1 path its router cannot match) leaves in the OpenAI envelope instead.
+
+    BentoML's probes and /metrics keep their own answers.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = real_path(scope)
+        if scope["type"] != "http" or path in BENTOML_PATHS:
+            await self.app(scope, receive, send)
+            return
+        replaced: list[int] = []
+
+        async def send_enveloped(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = dict(message.get("headers", []))
+                is_json = headers.get(b"content-type", b"").startswith(b"application/json")
+                if message["status"] >= 400 and not is_json:
+                    replaced.append(message["status"])
+                    return
+            elif replaced:
+                if not message.get("more_body", False):
+                    await self._send_error(scope, replaced[0], path, send)
+                return
+            await send(message)
+
+        await self.app(scope, receive, send_enveloped)
+
+    @staticmethod
+    async def _send_error(scope: Scope, status: int, path: str, send: Send) -> None:
+        method = scope.get("method", "GET")
+        if status == 404:
+            error = APIError(404, f"Unknown path: {method} {excerpt(path)}.", code="not_found")
+        elif status == 405:
+            message = f"Method {method} is not allowed on {excerpt(path)}."
+            error = APIError(405, message, code="method_not_allowed")
+        else:
+            error = APIError(status, "The server could not process the request.", code="error")
+        body = json.dumps(error.body()).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})

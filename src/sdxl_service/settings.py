@@ -12,10 +12,10 @@ import os
 import tempfile
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Self
+from typing import Annotated, Any, Self
 
-from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .choices import Attention, DType, Preset, RefinerMode, SchedulerName
 
@@ -91,6 +91,17 @@ class Settings(BaseSettings):
     files_url: str | None = Field(None, pattern=r"^(s3://[^/]+(/.*)?)?$")
     s3_endpoint_url: str | None = None
 
+    # --- who may call it -----------------------------------------------------
+    # Comma-separated bearer keys; with none (and no file) any key or none is
+    # accepted, as the registry's example sends "random-string".
+    api_keys: Annotated[list[SecretStr], NoDecode] = []
+    # One key a line ('#' comments), re-read when the file changes.
+    api_keys_file: Path | None = None
+    # /metrics without a key even when keys are required.
+    metrics_public: bool = False
+    # Comma-separated origins allowed to call the API from a browser ("*": any).
+    cors_origins: Annotated[list[str], NoDecode] = []
+
     # --- GPU optimisations (each switchable) --------------------------------
     attention: Attention = Attention.SDPA
     channels_last: bool = True
@@ -105,6 +116,20 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             name = value.strip().lower()
             return _DTYPE_ALIASES.get(name, name)
+        return value
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("api_keys_file")
+    @classmethod
+    def _readable_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{value} is not a readable file")
         return value
 
     @field_validator("files_url", "public_url", "s3_endpoint_url", mode="before")
