@@ -87,7 +87,10 @@ def _current_serving() -> Any:
     http={"port": DEFAULT_PORT, **({"cors": CORS} if settings.cors_origins else {})},
     traffic={"timeout": settings.traffic_timeout},
 )
-@bentoml.asgi_app(create_app(_current_serving, settings.max_body_bytes), path=API_PREFIX)
+@bentoml.asgi_app(
+    create_app(_current_serving, settings.max_body_bytes, settings.max_body_bytes_in_flight),
+    path=API_PREFIX,
+)
 class ImagesAPI:
     renderer = bentoml.depends(RenderService)
 

@@ -2,9 +2,10 @@
 
 With `SDXL_API_KEYS` or `SDXL_API_KEYS_FILE` set, every request needs
 `Authorization: Bearer <key>` (what every OpenAI client sends), except the
-probes, the Prem app's health check and, with `SDXL_METRICS_PUBLIC`, /metrics; anything else is a 401 in
-OpenAI's envelope. Keys are compared in constant time and never logged. The
-file is re-read when it changes, so keys rotate without a restart.
+probes, the Prem app's health check and, with `SDXL_METRICS_PUBLIC`,
+/metrics; anything else is a 401 in OpenAI's envelope. Keys are compared in
+constant time and never logged. The file is re-read when it changes, so keys
+rotate without a restart.
 """
 
 from __future__ import annotations

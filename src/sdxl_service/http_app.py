@@ -11,7 +11,7 @@ from starlette.routing import Match
 
 from .errors import APIError, excerpt, install_error_handlers
 from .forms import read_image_form
-from .middleware import BodySizeLimit
+from .middleware import BodyBudget, BodySizeLimit
 from .protocol import (
     ImageEditRequest,
     ImageGenerationRequest,
@@ -32,7 +32,11 @@ def _serving(request: Request) -> ImagesServing:
 Serving = Annotated[ImagesServing, Depends(_serving)]
 
 
-def create_app(get_serving: Callable[[], ImagesServing], max_body_bytes: int) -> FastAPI:
+def create_app(
+    get_serving: Callable[[], ImagesServing],
+    max_body_bytes: int,
+    max_body_bytes_in_flight: int | None = None,
+) -> FastAPI:
     app = FastAPI(
         title="stable-diffusion-xl-with-refiner",
         summary="OpenAI-compatible Images API for SDXL base 1.0 + refiner 1.0",
@@ -40,7 +44,8 @@ def create_app(get_serving: Callable[[], ImagesServing], max_body_bytes: int) ->
     # Looked up per request: BentoML builds the serving object after the app.
     app.state.get_serving = get_serving
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
+    budget = BodyBudget(max_body_bytes_in_flight or 4 * max_body_bytes)
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes, budget=budget)
 
     @app.get("/")
     async def health() -> dict[str, bool]:

@@ -80,6 +80,9 @@ class Settings(BaseSettings):
     batch_wait_ms: int = Field(10, ge=0)
     max_queue_images: int = Field(64, ge=1)
     max_body_bytes: int = Field(50 * 1024 * 1024, ge=1024)
+    # Request bodies held at once by the HTTP process (uploads, mostly); past
+    # it new ones get 429 before they are read.
+    max_body_bytes_in_flight: int = Field(256 * 1024 * 1024, ge=1024)
 
     # --- files served for response_format=url -------------------------------
     url_ttl: int = Field(3600, ge=1)
@@ -141,6 +144,8 @@ class Settings(BaseSettings):
     def _consistent(self) -> Self:
         if self.min_side > self.max_side:
             raise ValueError(f"SDXL_MIN_SIDE ({self.min_side}) exceeds SDXL_MAX_SIDE")
+        if self.max_body_bytes_in_flight < self.max_body_bytes:
+            raise ValueError("SDXL_MAX_BODY_BYTES_IN_FLIGHT must be at least SDXL_MAX_BODY_BYTES")
         if self.traffic_timeout <= self.request_timeout:
             raise ValueError(
                 f"SDXL_TRAFFIC_TIMEOUT ({self.traffic_timeout}) must exceed "

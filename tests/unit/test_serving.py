@@ -487,3 +487,20 @@ def test_errors_quote_only_the_start_of_a_bad_value(client, field, value, status
     assert response.status_code == status
     message = response.json()["error"]["message"]
     assert value not in message and value[:20] in message
+
+
+def test_uploads_past_the_bytes_in_flight_budget_get_429_before_being_read(painter, tmp_path):
+    settings = Settings(files_dir=tmp_path)
+    serving = ImagesServing(settings, painter, LocalFileStore(tmp_path, 60))
+    app = create_app(lambda: serving, max_body_bytes=100_000, max_body_bytes_in_flight=150_000)
+    budget = next(m.kwargs["budget"] for m in app.user_middleware if "budget" in m.kwargs)
+    client = TestClient(app)
+    budget.held = 120_000  # other uploads are being received
+    response = client.post("/images/edits", files={"image": part(noise(128, 128))})
+    assert response.status_code == 429
+    assert response.json()["error"]["code"] == "uploads_busy"
+    assert response.headers["x-should-retry"] == "true"
+    budget.held = 0
+    ok = client.post("/images/edits", files={"image": part(noise(64, 64))}, data={"prompt": "x"})
+    assert ok.status_code == 200
+    assert budget.held == 0  # every byte reserved was released
