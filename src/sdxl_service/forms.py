@@ -17,6 +17,7 @@ from starlette.datastructures import FormData, UploadFile
 
 from .errors import APIError, invalid_value, missing_parameter
 from .protocol import ImageRequest
+from .uploads import ACCEPTED_FORMATS, SIGNATURE_BYTES, looks_like_image
 
 # Parts accepted per request: `image` (or `image[]`) and `mask`, with room for
 # clients that send more images (refused with a clear 400).
@@ -84,6 +85,12 @@ async def _one_file(form: FormData, *names: str) -> bytes:
         raise missing_parameter(param)
     if len(parts) > 1:
         raise invalid_value(param, f"One {param} per request, got {len(parts)}.")
-    if not isinstance(parts[0], UploadFile):
+    upload = parts[0]
+    if not isinstance(upload, UploadFile):
         raise invalid_value(param, f"'{param}' must be a file part (with a filename), not text.")
-    return await parts[0].read()
+    head = await upload.read(SIGNATURE_BYTES)
+    if not head:
+        raise invalid_value(param, f"Invalid {param}: the file is empty.")
+    if not looks_like_image(head):
+        raise invalid_value(param, f"Invalid {param}: not a {ACCEPTED_FORMATS} image.")
+    return head + await upload.read()

@@ -25,6 +25,27 @@ REPAINT_BELOW_ALPHA = 128
 FLATTEN_BACKGROUND = (255, 255, 255)
 
 
+# The first bytes of the formats accepted: a file that starts otherwise is
+# refused before it is read into memory or handed to a decoder.
+_SIGNATURES = (
+    b"\x89PNG\r\n\x1a\n",
+    b"\xff\xd8\xff",  # JPEG
+    b"GIF87a",
+    b"GIF89a",
+    b"BM",
+    b"II*\x00",  # TIFF, little-endian
+    b"MM\x00*",  # TIFF, big-endian
+)
+SIGNATURE_BYTES = 16
+ACCEPTED_FORMATS = "PNG, JPEG, WEBP, GIF, BMP or TIFF"
+
+
+def looks_like_image(head: bytes) -> bool:
+    """Whether a file starting with `head` can be one of the accepted formats."""
+    is_webp = head[:4] == b"RIFF" and head[8:12] == b"WEBP"
+    return is_webp or head.startswith(_SIGNATURES)
+
+
 @dataclass(frozen=True)
 class EditSource:
     """The uploaded picture of an edit or variation, and the region to repaint."""

@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdxl_service.uploads import MAX_UPLOAD_PIXELS, open_image, repaint_mask, to_rgb
+from sdxl_service.uploads import (
+    MAX_UPLOAD_PIXELS,
+    SIGNATURE_BYTES,
+    looks_like_image,
+    open_image,
+    repaint_mask,
+    to_rgb,
+)
 
 
 def encoded(image: Image.Image, image_format: str = "PNG", **options: object) -> bytes:
@@ -89,3 +96,17 @@ def test_palette_mask_with_a_transparent_index_works() -> None:
 def test_masks_that_cannot_mean_anything_are_refused(mask: Image.Image, reason: str) -> None:
     with pytest.raises(ValueError, match=reason):
         repaint_mask(mask, (4, 4))
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"])
+def test_every_accepted_format_passes_the_signature_check(fmt: str) -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format=fmt)
+    assert looks_like_image(buffer.getvalue()[:SIGNATURE_BYTES])
+
+
+@pytest.mark.parametrize(
+    "head", [b"", b"%PDF-1.7", b"PK\x03\x04", b"<svg xmlns=", b"RIFF\0\0\0\0WAVE"]
+)
+def test_other_files_fail_the_signature_check(head: bytes) -> None:
+    assert not looks_like_image(head)
