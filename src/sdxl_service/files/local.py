@@ -1,50 +1,12 @@
-"""Storage of the images answered as `url` (response_format=url).
-
-Each image gets an unguessable id and lives for `SDXL_URL_TTL` seconds. The
-local folder is the default; `SDXL_FILES_URL=s3://bucket/prefix` shares the
-files between replicas behind one Kubernetes Service (see files_s3.py).
-"""
+"""The default file store: one local folder, `<id>` holds the bytes, `<id>.json` the metadata."""
 
 from __future__ import annotations
 
 import json
-import re
-import secrets
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
-from .settings import Settings
-
-# 32 url-safe random bytes: 256 bits, not guessable.
-_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{43}$")
-
-
-def new_file_id() -> str:
-    return secrets.token_urlsafe(32)
-
-
-def is_valid_file_id(file_id: str) -> bool:
-    return bool(_ID_PATTERN.match(file_id))
-
-
-@dataclass(frozen=True)
-class StoredFile:
-    data: bytes
-    content_type: str
-    expires_at: float
-
-
-class FileStore(Protocol):
-    def put(self, data: bytes, content_type: str) -> str:
-        """Stores the bytes and returns their new id."""
-
-    def get(self, file_id: str) -> StoredFile | None:
-        """The file, or None when it never existed or has expired."""
-
-    def purge_expired(self) -> int:
-        """Deletes expired files; returns how many."""
+from .store import StoredFile, is_valid_file_id, new_file_id
 
 
 class LocalFileStore:
@@ -92,13 +54,3 @@ class LocalFileStore:
     def _delete(self, file_id: str) -> None:
         for path in (self.folder / f"{file_id}.json", self.folder / file_id):
             path.unlink(missing_ok=True)
-
-
-def open_file_store(settings: Settings) -> FileStore:
-    if settings.files_url:
-        from .files_s3 import S3FileStore
-
-        return S3FileStore.from_url(
-            settings.files_url, settings.url_ttl, endpoint_url=settings.s3_endpoint_url
-        )
-    return LocalFileStore(settings.files_dir, settings.url_ttl)

@@ -5,7 +5,8 @@ With several replicas behind one Kubernetes Service, the replica that answers
 files must live somewhere all replicas share: `SDXL_FILES_URL=s3://bucket/prefix`.
 Credentials come from boto3's usual chain (`AWS_ACCESS_KEY_ID` /
 `AWS_SECRET_ACCESS_KEY`, an instance or pod role); `SDXL_S3_ENDPOINT_URL`
-points it at MinIO, Ceph, R2 and the like.
+points it at MinIO, Ceph, R2 and the like. Only this module imports boto3, and
+`open_file_store` imports it only when `SDXL_FILES_URL` is set.
 
 Each object `<prefix>/<id>` carries its content type as `Content-Type` and its
 expiry (unix seconds) as the user metadata `expires-at`. `get` enforces the
@@ -29,7 +30,7 @@ from botocore.client import BaseClient
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from .files import StoredFile, is_valid_file_id, new_file_id
+from .store import StoredFile, is_valid_file_id, new_file_id
 
 EXPIRES_AT_KEY = "expires-at"
 # DeleteObjects takes at most 1000 keys per call.
