@@ -1,4 +1,4 @@
-"""Cross-request batching of images in the pipeline process.
+"""Cross-request batching of images in the render process.
 
 Images of different requests that share `RenderParams` run as one pipeline
 call. This is hand-rolled rather than BentoML's adaptive batching
@@ -20,12 +20,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import math
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from PIL.Image import Image
 
@@ -38,7 +39,6 @@ from sdxl_service.jobs import (
     RenderBatch,
     RenderCancelled,
     RenderedImage,
-    RenderParams,
 )
 from sdxl_service.metrics import ServiceMetrics
 
@@ -54,32 +54,34 @@ _EWMA_WEIGHT = 0.3
 # (daemon) thread is abandoned so that shutdown never hangs.
 _STOP_JOIN_S = 10.0
 
+_SHUTDOWN = "service is shutting down"
+_TIMED_OUT = "request timed out"
 
-@dataclass(eq=False)
+
+@dataclass(eq=False, kw_only=True)
 class _PendingJob:
     job: GenerationJob
-    params: RenderParams
-    future: asyncio.Future[GenerationOutcome]
-    loop: asyncio.AbstractEventLoop
-    results: list[RenderedImage | None]
-    remaining: int
-    # Set once, under the scheduler's lock, by whoever decides the outcome.
+    future: asyncio.Future[GenerationOutcome]  # of the submitting event loop
+    results: list[RenderedImage | None]  # in seed order, None until rendered
+    # Set once, under the batcher's lock, by whoever decides the outcome.
     finished: bool = False
 
-    def expired(self, now: float) -> bool:
-        return self.job.deadline is not None and now >= self.job.deadline
 
-
-@dataclass(eq=False)
+@dataclass(eq=False, kw_only=True)
 class _QueuedImage:
     pending: _PendingJob
     index: int  # position in the job's seeds
     task: ImageTask
-    enqueued_at: float = field(default_factory=time.monotonic)
+    enqueued_at: float  # time.monotonic()
 
 
 class Batcher:
-    """Queues the images of `GenerationJob`s and renders compatible ones together."""
+    """Queues the images of `GenerationJob`s and renders compatible ones together.
+
+    The Batcher owns the request deadline (`GenerationJob.deadline`): no other
+    component of the service acts on it. Everything it does with it sits in
+    the "deadline" section below.
+    """
 
     def __init__(
         self,
@@ -103,101 +105,50 @@ class Batcher:
 
         self._cond = threading.Condition()
         self._queue: collections.deque[_QueuedImage] = collections.deque()
-        self._running: list[_QueuedImage] = []
         self._pending: dict[str, list[_PendingJob]] = {}
         self._seconds_per_image: float | None = None
         self._stopping = False
-        self._thread: threading.Thread | None = None
+        # Started by the first submit.
+        self._thread = threading.Thread(target=self._work, name="sdxl-batch-worker", daemon=True)
 
     # --- public -------------------------------------------------------------
-
-    @property
-    def queued_images(self) -> int:
-        with self._cond:
-            return len(self._queue)
-
-    @property
-    def running_images(self) -> int:
-        with self._cond:
-            return len(self._running)
-
-    def start(self) -> None:
-        """Starts the worker thread; `submit` does it on first use."""
-        with self._cond:
-            if self._stopping:
-                raise RuntimeError("scheduler is stopped")
-            self._start_locked()
-
-    def _start_locked(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(
-                target=self._work, name="sdxl-batch-worker", daemon=True
-            )
-            self._thread.start()
-
-    async def stop(self) -> None:
-        """Answers everything still pending with ERROR and ends the worker thread."""
-        with self._cond:
-            self._stopping = True
-            for pendings in list(self._pending.values()):
-                for pending in pendings:
-                    self._finish_locked(pending, _outcome(OutcomeStatus.ERROR, _SHUTDOWN))
-            self._cond.notify_all()
-            thread = self._thread
-        if thread is not None:
-            # A running render sees should_stop() and ends at its next step.
-            await asyncio.to_thread(thread.join, _STOP_JOIN_S)
-            if thread.is_alive():
-                logger.warning("batch worker still rendering after %.0f s; abandoned", _STOP_JOIN_S)
 
     async def submit(self, job: GenerationJob) -> GenerationOutcome:
         """Renders the job's images, batched with compatible work of other jobs.
 
         Expected failures come back as the outcome's status, never raised.
         """
-        loop = asyncio.get_running_loop()
         n = len(job.seeds)
         if n == 0:
             return GenerationOutcome(status=OutcomeStatus.OK)
-        if job.deadline is not None and self._clock() >= job.deadline:
+        if self._past_deadline(job):
             return self._rejected(OutcomeStatus.TIMEOUT, "request timed out before it was queued")
 
         with self._cond:
             if self._stopping:
                 return self._rejected(OutcomeStatus.ERROR, _SHUTDOWN)
-            # Images nobody waits for any more (cancelled, timed out) stop at
-            # their next denoising step: they must not turn new work away.
-            backlog = len(self._queue) + sum(not q.pending.finished for q in self._running)
+            # Images queued or rendering for jobs still wanted. Those of jobs
+            # nobody waits for any more (cancelled, timed out) stop at their
+            # next denoising step: they must not turn new work away.
+            wanted = (p for pendings in self._pending.values() for p in pendings)
+            backlog = sum(p.results.count(None) for p in wanted)
             if backlog + n > self._max_queue:
                 return self._queue_full_locked(backlog, n)
-            pending = _PendingJob(
-                job=job,
-                params=job.params,
-                future=loop.create_future(),
-                loop=loop,
-                results=[None] * n,
-                remaining=n,
-            )
+            future = asyncio.get_running_loop().create_future()
+            pending = _PendingJob(job=job, future=future, results=[None] * n)
             self._pending.setdefault(job.request_id, []).append(pending)
             now = time.monotonic()
             for index, task in enumerate(job.tasks()):
-                self._queue.append(_QueuedImage(pending, index, task, enqueued_at=now))
+                self._queue.append(
+                    _QueuedImage(pending=pending, index=index, task=task, enqueued_at=now)
+                )
             self._gauges_locked()
-            self._start_locked()
+            if self._thread.ident is None:
+                self._thread.start()
             self._cond.notify_all()
 
         try:
-            timeout = None if job.deadline is None else max(0.0, job.deadline - self._clock())
-            try:
-                # shield: a timeout must not cancel the future the worker resolves.
-                return await asyncio.wait_for(asyncio.shield(pending.future), timeout)
-            except TimeoutError:
-                with self._cond:
-                    self._finish_locked(
-                        pending, _outcome(OutcomeStatus.TIMEOUT, "request timed out")
-                    )
-                # Whatever decided first (the images may have just arrived).
-                return await pending.future
+            return await self._outcome_by_deadline(pending)
         except asyncio.CancelledError:
             self.cancel(job.request_id)
             raise
@@ -207,16 +158,60 @@ class Batcher:
         else waits for it. True when there was something to cancel."""
         with self._cond:
             pendings = [p for p in self._pending.get(request_id, []) if not p.finished]
-            for pending in pendings:
-                self._finish_locked(pending, _outcome(OutcomeStatus.CANCELLED, "request cancelled"))
+            self._finish_all(pendings, OutcomeStatus.CANCELLED, "request cancelled")
             return bool(pendings)
+
+    async def stop(self) -> None:
+        """Answers everything still pending with ERROR and ends the worker thread."""
+        with self._cond:
+            self._stopping = True
+            everything = [p for pendings in self._pending.values() for p in pendings]
+            self._finish_all(everything, OutcomeStatus.ERROR, _SHUTDOWN)
+            self._cond.notify_all()
+        if self._thread.ident is not None:  # started, and no submit starts it any more
+            # A running render sees should_stop() and ends at its next step.
+            await asyncio.to_thread(self._thread.join, _STOP_JOIN_S)
+            if self._thread.is_alive():
+                logger.warning("batch worker still rendering after %.0f s; abandoned", _STOP_JOIN_S)
+
+    # --- the deadline: acted on here and nowhere else in the service ---------
+    # A job past its deadline gets TIMEOUT: on time from `submit`'s wait even
+    # while a render step runs; its queued images are dropped before the next
+    # batch is picked (`_expire_queued_locked`); its running images stop at the
+    # next denoising step once no job of the batch is still wanted (`_unwanted`).
+
+    def _past_deadline(self, job: GenerationJob) -> bool:
+        return job.deadline is not None and self._clock() >= job.deadline
+
+    async def _outcome_by_deadline(self, pending: _PendingJob) -> GenerationOutcome:
+        deadline = pending.job.deadline
+        timeout = None if deadline is None else max(0.0, deadline - self._clock())
+        try:
+            # shield: a timeout must not cancel the future the worker resolves.
+            return await asyncio.wait_for(asyncio.shield(pending.future), timeout)
+        except TimeoutError:
+            self._finish_all([pending], OutcomeStatus.TIMEOUT, _TIMED_OUT)
+            # Whatever decided first (the images may have just arrived).
+            return await pending.future
+
+    def _expire_locked(self, pendings: Iterable[_PendingJob]) -> None:
+        expired = [p for p in pendings if not p.finished and self._past_deadline(p.job)]
+        self._finish_all(expired, OutcomeStatus.TIMEOUT, _TIMED_OUT)
+
+    def _expire_queued_locked(self) -> None:
+        self._expire_locked(dict.fromkeys(q.pending for q in self._queue))
+
+    def _unwanted(self, pendings: list[_PendingJob]) -> bool:
+        """A batch's should_stop, polled at every denoising step."""
+        with self._cond:
+            return self._stopping or all(p.finished or self._past_deadline(p.job) for p in pendings)
 
     # --- admission ----------------------------------------------------------
 
     def _rejected(self, status: OutcomeStatus, message: str) -> GenerationOutcome:
         if self._metrics is not None:
             self._metrics.reject(status.value)
-        return _outcome(status, message)
+        return GenerationOutcome(status=status, message=message)
 
     def _queue_full_locked(self, backlog: int, n: int) -> GenerationOutcome:
         if n > self._max_queue:
@@ -236,7 +231,17 @@ class Batcher:
         outcome.retry_after = float(max(1, math.ceil(excess * per_image)))
         return outcome
 
-    # --- bookkeeping (callers hold self._cond) ------------------------------
+    # --- outcomes ----------------------------------------------------------
+
+    def _finish_all(
+        self, pendings: Iterable[_PendingJob], status: OutcomeStatus, message: str
+    ) -> None:
+        """Answers every job not answered yet; the first outcome decided stands."""
+        # The lock is re-entrant (Condition's default RLock): callers that
+        # hold it already may call this too.
+        with self._cond:
+            for pending in list(pendings):
+                self._finish_locked(pending, GenerationOutcome(status=status, message=message))
 
     def _finish_locked(self, pending: _PendingJob, outcome: GenerationOutcome) -> None:
         if pending.finished:
@@ -244,30 +249,21 @@ class Batcher:
         pending.finished = True
         if any(q.pending is pending for q in self._queue):
             self._queue = collections.deque(q for q in self._queue if q.pending is not pending)
-        same_id = self._pending.get(pending.job.request_id, [])
-        if pending in same_id:
-            same_id.remove(pending)
+        same_id = self._pending[pending.job.request_id]  # every unfinished job is there
+        same_id.remove(pending)
         if not same_id:
-            self._pending.pop(pending.job.request_id, None)
+            del self._pending[pending.job.request_id]
         if self._metrics is not None and outcome.status is not OutcomeStatus.OK:
             self._metrics.reject(outcome.status.value)
         self._gauges_locked()
         # RuntimeError: its loop is closed, nobody can await the outcome any more.
         with contextlib.suppress(RuntimeError):
-            pending.loop.call_soon_threadsafe(_resolve, pending.future, outcome)
+            pending.future.get_loop().call_soon_threadsafe(_resolve, pending.future, outcome)
 
     def _gauges_locked(self) -> None:
         if self._metrics is not None:
             self._metrics.set_queue_depth(len(self._queue))
             self._metrics.set_requests_in_flight(sum(map(len, self._pending.values())))
-
-    def _expire_locked(self, pending: _PendingJob) -> None:
-        self._finish_locked(pending, _outcome(OutcomeStatus.TIMEOUT, "request timed out"))
-
-    def _drop_dead_locked(self) -> None:
-        now = self._clock()
-        for pending in {q.pending for q in self._queue if q.pending.expired(now)}:
-            self._expire_locked(pending)
 
     # --- worker thread ------------------------------------------------------
 
@@ -275,25 +271,16 @@ class Batcher:
         while True:
             with self._cond:
                 images = self._next_batch_locked()
-                if images is None:
-                    return
-                self._running = images
-                self._gauges_locked()
+            if images is None:
+                return
             try:
                 self._run(images)
             except Exception:
                 # _run answers its jobs itself; this keeps the worker alive
                 # whatever goes wrong in the bookkeeping.
                 logger.exception("batch worker: unexpected failure")
-                with self._cond:
-                    for pending in {q.pending for q in images}:
-                        self._finish_locked(
-                            pending, _outcome(OutcomeStatus.ERROR, "internal error")
-                        )
-            finally:
-                with self._cond:
-                    self._running = []
-                    self._gauges_locked()
+                pendings = dict.fromkeys(q.pending for q in images)
+                self._finish_all(pendings, OutcomeStatus.ERROR, "internal error")
 
     def _next_batch_locked(self) -> list[_QueuedImage] | None:
         """Waits for work and picks the next batch; None when stopping.
@@ -308,12 +295,13 @@ class Batcher:
         while True:
             if self._stopping:
                 return None
-            self._drop_dead_locked()
+            self._expire_queued_locked()
             if not self._queue:
                 self._cond.wait()
                 continue
             head = self._queue[0]
-            selected = [q for q in self._queue if q.pending.params == head.pending.params]
+            params = head.pending.job.params
+            selected = [q for q in self._queue if q.pending.job.params == params]
             selected = selected[: self._max_batch]
             if len(selected) >= self._max_batch or len(selected) < len(self._queue):
                 break
@@ -324,6 +312,7 @@ class Batcher:
 
         taken = set(map(id, selected))
         self._queue = collections.deque(q for q in self._queue if id(q) not in taken)
+        self._gauges_locked()
         if self._metrics is not None:
             now = time.monotonic()
             for q in selected:
@@ -337,106 +326,70 @@ class Batcher:
             images = [q for q in images if not q.pending.finished]
         if not images:
             return
-        pendings = list({id(q.pending): q.pending for q in images}.values())
-
-        def should_stop() -> bool:
-            with self._cond:
-                if self._stopping:
-                    return True
-                now = self._clock()
-                return all(p.finished or p.expired(now) for p in pendings)
-
+        pendings = list(dict.fromkeys(q.pending for q in images))
+        params = images[0].pending.job.params
         batch = RenderBatch(
-            params=images[0].pending.params,
+            params=params,
             tasks=[q.task for q in images],
-            should_stop=should_stop,
+            should_stop=functools.partial(self._unwanted, pendings),
         )
         started = time.monotonic()
         try:
             rendered = self._render(batch)
         except RenderCancelled:
             with self._cond:
-                for pending in pendings:
-                    if self._stopping:
-                        status, message = OutcomeStatus.ERROR, _SHUTDOWN
-                    elif pending.expired(self._clock()):
-                        status, message = OutcomeStatus.TIMEOUT, "request timed out"
-                    else:
-                        status, message = OutcomeStatus.CANCELLED, "request cancelled"
-                    self._finish_locked(pending, _outcome(status, message))
+                # Why should_stop said yes, first match wins: shutdown, the
+                # deadline, else every job was cancelled.
+                if self._stopping:
+                    self._finish_all(pendings, OutcomeStatus.ERROR, _SHUTDOWN)
+                self._expire_locked(pendings)
+                self._finish_all(pendings, OutcomeStatus.CANCELLED, "request cancelled")
             return
         except OutOfMemory:
             if len(images) > 1:
                 half = len(images) // 2
-                logger.warning(
-                    "out of memory rendering %d images; retrying as %d + %d",
-                    len(images),
-                    half,
-                    len(images) - half,
-                )
+                logger.warning("out of memory rendering %d images; retrying in halves", len(images))
                 self._run(images[:half])
                 self._run(images[half:])
                 return
-            params = images[0].pending.params
-            message = (
-                f"out of GPU memory rendering one {params.width}x{params.height} image; "
-                "try a smaller size or n"
-            )
-            with self._cond:
-                self._finish_locked(pendings[0], _outcome(OutcomeStatus.OUT_OF_MEMORY, message))
+            size = f"{params.width}x{params.height}"
+            message = f"out of GPU memory rendering one {size} image; try a smaller size or n"
+            self._finish_all(pendings, OutcomeStatus.OUT_OF_MEMORY, message)
             return
         except Exception as exc:
             logger.exception("render of %d images failed", len(images))
             message = f"image generation failed: {type(exc).__name__}: {exc}"
-            with self._cond:
-                for pending in pendings:
-                    self._finish_locked(pending, _outcome(OutcomeStatus.ERROR, message))
+            self._finish_all(pendings, OutcomeStatus.ERROR, message)
             return
 
         elapsed = time.monotonic() - started
         if len(rendered) != len(images):
             logger.error("render returned %d images for %d tasks", len(rendered), len(images))
-            with self._cond:
-                for pending in pendings:
-                    self._finish_locked(pending, _outcome(OutcomeStatus.ERROR, "internal error"))
+            self._finish_all(pendings, OutcomeStatus.ERROR, "internal error")
             return
 
-        per_image = elapsed / len(images)
         if self._metrics is not None:
             self._metrics.observe_batch(len(images))
             self._metrics.count_images(len(images))
         with self._cond:
+            per_image, old = elapsed / len(images), self._seconds_per_image
             self._seconds_per_image = (
-                per_image
-                if self._seconds_per_image is None
-                else _EWMA_WEIGHT * per_image + (1 - _EWMA_WEIGHT) * self._seconds_per_image
+                per_image if old is None else old + _EWMA_WEIGHT * (per_image - old)
             )
-            now = self._clock()
+            # Images that arrive after their job's deadline are not delivered.
+            self._expire_locked(pendings)
             for q, image in zip(images, rendered, strict=True):
-                pending = q.pending
-                if pending.finished:
+                if q.pending.finished:
                     continue
-                if pending.expired(now):
-                    self._expire_locked(pending)
-                    continue
-                if image.mode != "RGB":
-                    image = image.convert("RGB")
-                pending.results[q.index] = RenderedImage(
-                    seed=q.task.seed, width=image.width, height=image.height, rgb=image.tobytes()
+                rgb = image if image.mode == "RGB" else image.convert("RGB")
+                results = q.pending.results
+                results[q.index] = RenderedImage(
+                    seed=q.task.seed, width=rgb.width, height=rgb.height, rgb=rgb.tobytes()
                 )
-                pending.remaining -= 1
-                if pending.remaining == 0:
-                    results = [r for r in pending.results if r is not None]
-                    self._finish_locked(
-                        pending, GenerationOutcome(status=OutcomeStatus.OK, images=results)
-                    )
-
-
-_SHUTDOWN = "service is shutting down"
-
-
-def _outcome(status: OutcomeStatus, message: str) -> GenerationOutcome:
-    return GenerationOutcome(status=status, message=message)
+                if all(r is not None for r in results):
+                    ok = [r for r in results if r is not None]  # all of them, typed
+                    done = GenerationOutcome(status=OutcomeStatus.OK, images=ok)
+                    self._finish_locked(q.pending, done)
 
 
 def _resolve(future: asyncio.Future[GenerationOutcome], outcome: GenerationOutcome) -> None:

@@ -1,17 +1,20 @@
-"""Batcher: grouping, fairness, backpressure, cancellation, faults.
+"""Batcher: grouping, fairness, backpressure, cancellation, deadlines, faults.
 
-The render functions here run on the scheduler's worker thread. Tests that need
+The render functions here run on the batcher's worker thread. Tests that need
 a definite queue state hold the worker inside a "gate" render until the jobs
-they need are queued, so no test depends on how fast a thread wakes up.
+they need are queued, and wait for states (an event the render sets, a metric,
+an outcome), so no test depends on how fast a thread wakes up. Every Batcher
+comes from the `make_batcher` fixture, which stops it even when the test fails.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import numpy as np
@@ -21,25 +24,35 @@ from PIL import Image
 from prometheus_client import CollectorRegistry
 
 from sdxl_service.batching import Batcher
+from sdxl_service.choices import RefinerMode, SchedulerName
 from sdxl_service.jobs import (
     GenerationJob,
     GenerationOutcome,
     OutcomeStatus,
     OutOfMemory,
-    RefinerMode,
     RenderBatch,
     RenderCancelled,
+    RenderParams,
 )
 from sdxl_service.metrics import ServiceMetrics
 
 # Generous: only reached when a behaviour is broken, never in a passing run.
 WAIT_S = 10.0
+GUARD_S = 30.0
 
 pytestmark = pytest.mark.timeout(60)
 
+RenderFn = Callable[[RenderBatch], list[Image.Image]]
 
-def run(coro: Coroutine[Any, Any, None]) -> None:
-    asyncio.run(asyncio.wait_for(coro, 30))
+
+def asyncio_test(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
+    """Runs an async test in a fresh event loop (no pytest plugin needed)."""
+
+    @functools.wraps(test)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        asyncio.run(asyncio.wait_for(test(*args, **kwargs), GUARD_S))
+
+    return wrapper
 
 
 def make_job(
@@ -54,15 +67,17 @@ def make_job(
 ) -> GenerationJob:
     return GenerationJob(
         request_id=request_id,
+        params=RenderParams(
+            width=size,
+            height=size,
+            steps=steps,
+            guidance_scale=5.0,
+            high_noise_frac=0.8,
+            refiner=RefinerMode.ENSEMBLE,
+            scheduler=SchedulerName.EULER,
+        ),
         prompt=prompt if prompt is not None else request_id,
         seeds=[seed + i for i in range(n)],
-        width=size,
-        height=size,
-        steps=steps,
-        guidance_scale=5.0,
-        high_noise_frac=0.8,
-        refiner=RefinerMode.ENSEMBLE,
-        scheduler="euler",
         deadline=deadline,
     )
 
@@ -117,10 +132,60 @@ class FakeRender:
         return [sorted({p for p, _ in call}) for call in self.calls]
 
 
-def scheduler(render: Callable[[RenderBatch], list[Image.Image]], **kw: Any) -> Batcher:
-    options: dict[str, Any] = dict(max_batch_images=8, batch_wait_ms=0, max_queue_images=64)
-    options.update(kw)
-    return Batcher(render, **options)
+class FakeClock:
+    """Unix time that moves only when a test says so (deadlines without waiting)."""
+
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+@pytest.fixture
+def render() -> FakeRender:
+    return FakeRender()
+
+
+@pytest.fixture
+def make_batcher(registry: CollectorRegistry) -> Iterator[Callable[..., Batcher]]:
+    """`make_batcher(render, **options)`; every Batcher made is stopped after
+    the test, passed or failed, so no worker thread outlives it."""
+    made: list[Batcher] = []
+
+    def make(render: RenderFn, **options: Any) -> Batcher:
+        settings: dict[str, Any] = dict(max_batch_images=8, batch_wait_ms=0, max_queue_images=64)
+        settings.update(options)
+        batcher = Batcher(render, metrics=ServiceMetrics(registry), **settings)
+        made.append(batcher)
+        return batcher
+
+    yield make
+    for batcher in made:
+        # The test's event loop is closed by now: outcomes still sent have
+        # nobody to await them, and stop() tolerates that. A gate render
+        # sees should_stop and ends, so the worker thread ends too.
+        asyncio.run(batcher.stop())
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Waits for a state that another thread or task brings about."""
+    while not condition():
+        await asyncio.sleep(0.001)
+
+
+def gauge(registry: CollectorRegistry, name: str) -> float | None:
+    return registry.get_sample_value(name)
+
+
+async def queued(registry: CollectorRegistry, images: int) -> None:
+    """Waits until `images` images are queued (submitted, not yet rendering)."""
+    await until(lambda: gauge(registry, "sdxl_queue_images") == images)
 
 
 async def wait_event(event: threading.Event) -> None:
@@ -128,11 +193,11 @@ async def wait_event(event: threading.Event) -> None:
 
 
 async def hold_worker(
-    render: FakeRender, sched: Batcher, n: int = 1
-) -> tuple[threading.Event, asyncio.Task]:
+    render: FakeRender, batcher: Batcher, n: int = 1
+) -> tuple[threading.Event, asyncio.Task[GenerationOutcome]]:
     """Keeps the worker busy in a render of its own until the event is set."""
     release = render.gate("gate")
-    task = asyncio.create_task(sched.submit(make_job("gate", n, size=16, seed=90_000)))
+    task = asyncio.create_task(batcher.submit(make_job("gate", n, size=16, seed=90_000)))
     await wait_event(render.started["gate"])
     return release, task
 
@@ -145,399 +210,423 @@ def assert_ok(outcome: GenerationOutcome, seeds: list[int], size: int = 8) -> No
         assert im.rgb == seed_image(im.seed, size).tobytes()
 
 
+MakeBatcher = Callable[..., Batcher]
+
+
 # --- grouping ---------------------------------------------------------------
 
 
-def test_compatible_jobs_share_one_render_call() -> None:
-    async def main() -> None:
-        render = FakeRender()
-        sched = scheduler(render)
-        release, gate = await hold_worker(render, sched)
-        a = asyncio.create_task(sched.submit(make_job("a", 2, seed=10)))
-        b = asyncio.create_task(sched.submit(make_job("b", 3, seed=20)))
-        await asyncio.sleep(0)
-        release.set()
-        assert_ok(await a, [10, 11])
-        assert_ok(await b, [20, 21, 22])
-        await gate
-        assert render.calls[1:] == [[("a", 10), ("a", 11), ("b", 20), ("b", 21), ("b", 22)]]
-        await sched.stop()
-
-    run(main())
+@asyncio_test
+async def test_compatible_jobs_share_one_render_call(
+    render: FakeRender, make_batcher: MakeBatcher, registry: CollectorRegistry
+) -> None:
+    batcher = make_batcher(render)
+    release, gate = await hold_worker(render, batcher)
+    a = asyncio.create_task(batcher.submit(make_job("a", 2, seed=10)))
+    b = asyncio.create_task(batcher.submit(make_job("b", 3, seed=20)))
+    await queued(registry, 5)
+    release.set()
+    assert_ok(await a, [10, 11])
+    assert_ok(await b, [20, 21, 22])
+    await gate
+    assert render.calls[1:] == [[("a", 10), ("a", 11), ("b", 20), ("b", 21), ("b", 22)]]
 
 
-def test_batch_wait_gathers_a_job_that_arrives_later() -> None:
-    async def main() -> None:
-        render = FakeRender()
-        # The batch fills at 2 images, so the long wait is never spent in full.
-        sched = scheduler(render, max_batch_images=2, batch_wait_ms=WAIT_S * 1000)
-        a = asyncio.create_task(sched.submit(make_job("a", seed=1)))
-        await asyncio.sleep(0.05)
-        b = asyncio.create_task(sched.submit(make_job("b", seed=2)))
-        assert_ok(await a, [1])
-        assert_ok(await b, [2])
-        assert render.prompts_per_call() == [["a", "b"]]
-        await sched.stop()
-
-    run(main())
-
-
-def test_incompatible_jobs_render_separately_without_waiting() -> None:
-    async def main() -> None:
-        render = FakeRender()
-        # Other-params work in the queue means no waiting for company: with a
-        # 100 s batch wait, the asyncio.wait_for below would fail otherwise.
-        # The gate and c fill their batches, so they never wait either.
-        sched = scheduler(render, batch_wait_ms=100_000, max_batch_images=4)
-        release, gate = await hold_worker(render, sched, n=4)
-        a = asyncio.create_task(sched.submit(make_job("a", seed=1, size=8)))
-        b = asyncio.create_task(sched.submit(make_job("b", seed=2, size=16)))
-        c = asyncio.create_task(sched.submit(make_job("c", 4, seed=3, size=8, steps=3)))
-        await asyncio.sleep(0)
-        release.set()
-        assert_ok(await asyncio.wait_for(a, WAIT_S), [1])
-        assert_ok(await asyncio.wait_for(b, WAIT_S), [2], size=16)
-        assert_ok(await asyncio.wait_for(c, WAIT_S), [3, 4, 5, 6])
-        await gate
-        assert render.prompts_per_call()[1:] == [["a"], ["b"], ["c"]]
-        await sched.stop()
-
-    run(main())
+@asyncio_test
+async def test_batch_wait_gathers_a_job_that_arrives_later(
+    render: FakeRender, make_batcher: MakeBatcher, registry: CollectorRegistry
+) -> None:
+    # The batch fills at 2 images, so the long wait is never spent in full
+    # (the gate brings 2 of its own).
+    batcher = make_batcher(render, max_batch_images=2, batch_wait_ms=WAIT_S * 1000)
+    release, gate = await hold_worker(render, batcher, n=2)
+    a = asyncio.create_task(batcher.submit(make_job("a", seed=1)))
+    await queued(registry, 1)
+    release.set()
+    # The gate's answer comes from the worker, which then turns to a, alone.
+    await gate
+    b = asyncio.create_task(batcher.submit(make_job("b", seed=2)))
+    assert_ok(await a, [1])
+    assert_ok(await b, [2])
+    assert render.prompts_per_call()[1:] == [["a", "b"]]
 
 
-def test_max_batch_images_splits_a_large_job_and_reassembles_seed_order() -> None:
-    async def main() -> None:
-        render = FakeRender()
-        sched = scheduler(render, max_batch_images=3)
-        release, gate = await hold_worker(render, sched)
-        a = asyncio.create_task(sched.submit(make_job("a", 2, seed=100)))
-        b = asyncio.create_task(sched.submit(make_job("b", 7, seed=200)))
-        await asyncio.sleep(0)
-        release.set()
-        assert_ok(await a, [100, 101])
-        assert_ok(await b, list(range(200, 207)))
-        await gate
-        sizes = [len(call) for call in render.calls[1:]]
-        assert sizes == [3, 3, 3]
-        assert render.calls[1] == [("a", 100), ("a", 101), ("b", 200)]
-        await sched.stop()
+@asyncio_test
+async def test_incompatible_jobs_render_separately_without_waiting(
+    render: FakeRender, make_batcher: MakeBatcher, registry: CollectorRegistry
+) -> None:
+    # Other-params work in the queue means no waiting for company: with a
+    # 100 s batch wait, the test would run into its guard otherwise.
+    # The gate and c fill their batches, so they never wait either.
+    batcher = make_batcher(render, batch_wait_ms=100_000, max_batch_images=4)
+    release, gate = await hold_worker(render, batcher, n=4)
+    a = asyncio.create_task(batcher.submit(make_job("a", seed=1, size=8)))
+    b = asyncio.create_task(batcher.submit(make_job("b", seed=2, size=16)))
+    c = asyncio.create_task(batcher.submit(make_job("c", 4, seed=3, size=8, steps=3)))
+    await queued(registry, 6)
+    release.set()
+    assert_ok(await a, [1])
+    assert_ok(await b, [2], size=16)
+    assert_ok(await c, [3, 4, 5, 6])
+    await gate
+    assert render.prompts_per_call()[1:] == [["a"], ["b"], ["c"]]
 
-    run(main())
+
+@asyncio_test
+async def test_max_batch_images_splits_a_large_job_and_reassembles_seed_order(
+    render: FakeRender, make_batcher: MakeBatcher, registry: CollectorRegistry
+) -> None:
+    batcher = make_batcher(render, max_batch_images=3)
+    release, gate = await hold_worker(render, batcher)
+    a = asyncio.create_task(batcher.submit(make_job("a", 2, seed=100)))
+    b = asyncio.create_task(batcher.submit(make_job("b", 7, seed=200)))
+    await queued(registry, 9)
+    release.set()
+    assert_ok(await a, [100, 101])
+    assert_ok(await b, list(range(200, 207)))
+    await gate
+    sizes = [len(call) for call in render.calls[1:]]
+    assert sizes == [3, 3, 3]
+    assert render.calls[1] == [("a", 100), ("a", 101), ("b", 200)]
 
 
-def test_oldest_image_decides_the_batch_fifo() -> None:
-    async def main() -> None:
-        render = FakeRender()
-        sched = scheduler(render)
-        release, gate = await hold_worker(render, sched)
-        hold_a = render.gate("a")
-        a = asyncio.create_task(sched.submit(make_job("a", seed=1, size=8)))
-        b = asyncio.create_task(sched.submit(make_job("b", seed=2, size=16)))
-        c = asyncio.create_task(sched.submit(make_job("c", seed=3, size=8)))
-        await asyncio.sleep(0)
-        release.set()
-        await wait_event(render.started["a"])
-        # Arrives while a+c render; b is older, so b goes first even though
-        # d could have joined a batch of its own params.
-        d = asyncio.create_task(sched.submit(make_job("d", seed=4, size=8)))
-        await asyncio.sleep(0)
-        hold_a.set()
-        for task, seed, size in ((a, 1, 8), (b, 2, 16), (c, 3, 8), (d, 4, 8)):
-            assert_ok(await task, [seed], size=size)
-        await gate
-        assert render.prompts_per_call()[1:] == [["a", "c"], ["b"], ["d"]]
-        await sched.stop()
-
-    run(main())
+@asyncio_test
+async def test_the_oldest_queued_image_decides_the_next_batch(
+    render: FakeRender, make_batcher: MakeBatcher, registry: CollectorRegistry
+) -> None:
+    batcher = make_batcher(render)
+    release, gate = await hold_worker(render, batcher)
+    hold_a = render.gate("a")
+    a = asyncio.create_task(batcher.submit(make_job("a", seed=1, size=8)))
+    b = asyncio.create_task(batcher.submit(make_job("b", seed=2, size=16)))
+    c = asyncio.create_task(batcher.submit(make_job("c", seed=3, size=8)))
+    await queued(registry, 3)
+    release.set()
+    await wait_event(render.started["a"])
+    # Arrives while a+c render; b is older, so b goes first even though
+    # d could have joined a batch of its own params.
+    d = asyncio.create_task(batcher.submit(make_job("d", seed=4, size=8)))
+    await queued(registry, 2)
+    hold_a.set()
+    for task, seed, size in ((a, 1, 8), (b, 2, 16), (c, 3, 8), (d, 4, 8)):
+        assert_ok(await task, [seed], size=size)
+    await gate
+    assert render.prompts_per_call()[1:] == [["a", "c"], ["b"], ["d"]]
 
 
 # --- backpressure -----------------------------------------------------------
 
 
-def test_queue_full_is_rejected_with_retry_after_and_nothing_queued() -> None:
-    async def main() -> None:
-        render = FakeRender()
-        registry = CollectorRegistry()
-        sched = scheduler(render, max_queue_images=4, metrics=ServiceMetrics(registry))
-        release, gate = await hold_worker(render, sched)
-        queued = asyncio.create_task(sched.submit(make_job("q", 3, seed=10)))
-        await asyncio.sleep(0)
-        assert (sched.running_images, sched.queued_images) == (1, 3)
+@asyncio_test
+async def test_queue_full_is_rejected_with_retry_after_and_nothing_queued(
+    render: FakeRender, make_batcher: MakeBatcher, registry: CollectorRegistry
+) -> None:
+    batcher = make_batcher(render, max_queue_images=4)
+    release, gate = await hold_worker(render, batcher)
+    waiting = asyncio.create_task(batcher.submit(make_job("q", 3, seed=10)))
+    await queued(registry, 3)
+    # One image rendering (the gate) and three queued: the queue is full.
+    assert gauge(registry, "sdxl_requests_in_flight") == 2
 
-        outcome = await sched.submit(make_job("late", 1, seed=50))
+    outcome = await batcher.submit(make_job("late", 1, seed=50))
 
-        assert outcome.status is OutcomeStatus.QUEUE_FULL
-        assert outcome.retry_after is not None and outcome.retry_after >= 1
-        assert "busy" in outcome.message
-        assert sched.queued_images == 3
-        assert registry.get_sample_value("sdxl_rejected_total", {"reason": "queue_full"}) == 1
-        release.set()
-        assert_ok(await queued, [10, 11, 12])
-        await gate
-        assert render.seeds_seen("late") == []
-        await sched.stop()
-
-    run(main())
+    assert outcome.status is OutcomeStatus.QUEUE_FULL
+    assert outcome.retry_after is not None and outcome.retry_after >= 1
+    assert "busy" in outcome.message
+    assert gauge(registry, "sdxl_queue_images") == 3
+    assert registry.get_sample_value("sdxl_rejected_total", {"reason": "queue_full"}) == 1
+    release.set()
+    assert_ok(await waiting, [10, 11, 12])
+    await gate
+    assert render.seeds_seen("late") == []
 
 
-def test_cancelled_running_images_do_not_count_against_the_queue() -> None:
-    async def main() -> None:
-        render = FakeRender()
-        sched = scheduler(render, max_queue_images=2)
-        render.gate("long")  # never released: only should_stop ends it
-        long = asyncio.create_task(sched.submit(make_job("long", 2, size=16)))
-        await wait_event(render.started["long"])
-        sched.cancel("long")
+@asyncio_test
+async def test_cancelled_running_images_do_not_count_against_the_queue(
+    render: FakeRender, make_batcher: MakeBatcher
+) -> None:
+    batcher = make_batcher(render, max_queue_images=2)
+    render.gate("long")  # never released: only should_stop ends it
+    long = asyncio.create_task(batcher.submit(make_job("long", 2, size=16)))
+    await wait_event(render.started["long"])
+    batcher.cancel("long")
 
-        # Submitted before the worker has noticed: the GPU frees up at the next step.
-        outcome = await sched.submit(make_job("next", 2, seed=5))
+    # Submitted before the worker has noticed: the GPU frees up at the next step.
+    outcome = await batcher.submit(make_job("next", 2, seed=5))
 
-        assert_ok(outcome, [5, 6])
-        assert (await long).status is OutcomeStatus.CANCELLED
-        await sched.stop()
-
-    run(main())
+    assert_ok(outcome, [5, 6])
+    assert (await long).status is OutcomeStatus.CANCELLED
 
 
-# --- cancellation and timeouts ----------------------------------------------
+# --- cancellation -------------------------------------------------------------
 
 
-def test_cancel_of_a_queued_job_drops_its_images() -> None:
-    async def main() -> None:
-        render = FakeRender()
-        sched = scheduler(render)
-        release, gate = await hold_worker(render, sched)
-        a = asyncio.create_task(sched.submit(make_job("a", 3, seed=10)))
-        b = asyncio.create_task(sched.submit(make_job("b", 1, seed=20)))
-        await asyncio.sleep(0)
+@asyncio_test
+async def test_cancel_of_a_queued_job_drops_its_images(
+    render: FakeRender, make_batcher: MakeBatcher, registry: CollectorRegistry
+) -> None:
+    batcher = make_batcher(render)
+    release, gate = await hold_worker(render, batcher)
+    a = asyncio.create_task(batcher.submit(make_job("a", 3, seed=10)))
+    b = asyncio.create_task(batcher.submit(make_job("b", 1, seed=20)))
+    await queued(registry, 4)
 
-        assert sched.cancel("a") is True
-        assert sched.queued_images == 1
-        assert (await a).status is OutcomeStatus.CANCELLED
-        assert sched.cancel("a") is False
-        release.set()
-        assert_ok(await b, [20])
-        await gate
-        assert render.seeds_seen("a") == []
-        await sched.stop()
-
-    run(main())
+    assert batcher.cancel("a") is True
+    assert gauge(registry, "sdxl_queue_images") == 1
+    assert (await a).status is OutcomeStatus.CANCELLED
+    assert batcher.cancel("a") is False
+    release.set()
+    assert_ok(await b, [20])
+    await gate
+    assert render.seeds_seen("a") == []
 
 
-def test_cancel_of_the_only_job_stops_the_running_batch_and_next_job_runs() -> None:
-    async def main() -> None:
-        render = FakeRender()
-        sched = scheduler(render)
-        render.gate("long")  # never released: only should_stop ends it
-        long = asyncio.create_task(sched.submit(make_job("long", 2, size=16)))
-        await wait_event(render.started["long"])
-        nxt = asyncio.create_task(sched.submit(make_job("next", seed=5)))
-        await asyncio.sleep(0)
+@asyncio_test
+async def test_cancel_of_the_only_job_stops_the_running_batch_and_next_job_runs(
+    render: FakeRender, make_batcher: MakeBatcher, registry: CollectorRegistry
+) -> None:
+    batcher = make_batcher(render)
+    render.gate("long")  # never released: only should_stop ends it
+    long = asyncio.create_task(batcher.submit(make_job("long", 2, size=16)))
+    await wait_event(render.started["long"])
+    nxt = asyncio.create_task(batcher.submit(make_job("next", seed=5)))
+    await queued(registry, 1)
 
-        assert sched.cancel("long") is True
+    assert batcher.cancel("long") is True
 
-        assert (await long).status is OutcomeStatus.CANCELLED
-        assert_ok(await asyncio.wait_for(nxt, WAIT_S), [5])
-        assert render.stopped_by_callback == ["long"]
-        assert render.batches[0].should_stop() is True
-        await sched.stop()
-
-    run(main())
+    assert (await long).status is OutcomeStatus.CANCELLED
+    assert_ok(await nxt, [5])
+    assert render.stopped_by_callback == ["long"]
+    assert render.batches[0].should_stop() is True
 
 
-def test_cancel_of_one_job_keeps_a_batch_running_for_the_other() -> None:
-    async def main() -> None:
-        render = FakeRender()
-        sched = scheduler(render)
-        release, gate = await hold_worker(render, sched)
-        hold = render.gate("a")
-        a = asyncio.create_task(sched.submit(make_job("a", seed=1)))
-        b = asyncio.create_task(sched.submit(make_job("b", seed=2)))
-        await asyncio.sleep(0)
-        release.set()
-        await wait_event(render.started["a"])
-        batch = render.batches[1]
-        assert [t.prompt for t in batch.tasks] == ["a", "b"]
+@asyncio_test
+async def test_cancel_of_one_job_keeps_a_batch_running_for_the_other(
+    render: FakeRender, make_batcher: MakeBatcher, registry: CollectorRegistry
+) -> None:
+    batcher = make_batcher(render)
+    release, gate = await hold_worker(render, batcher)
+    hold = render.gate("a")
+    a = asyncio.create_task(batcher.submit(make_job("a", seed=1)))
+    b = asyncio.create_task(batcher.submit(make_job("b", seed=2)))
+    await queued(registry, 2)
+    release.set()
+    await wait_event(render.started["a"])
+    batch = render.batches[1]
+    assert [t.prompt for t in batch.tasks] == ["a", "b"]
 
-        assert sched.cancel("a") is True
-        assert (await a).status is OutcomeStatus.CANCELLED
-        assert batch.should_stop() is False
-        hold.set()
+    assert batcher.cancel("a") is True
+    assert (await a).status is OutcomeStatus.CANCELLED
+    assert batch.should_stop() is False
+    hold.set()
 
-        assert_ok(await b, [2])
-        assert render.stopped_by_callback == []
-        await gate
-        await sched.stop()
-
-    run(main())
+    assert_ok(await b, [2])
+    assert render.stopped_by_callback == []
+    await gate
 
 
-def test_cancelling_the_submit_task_cancels_the_job() -> None:
-    async def main() -> None:
-        render = FakeRender()
-        sched = scheduler(render)
-        render.gate("long")
-        task = asyncio.create_task(sched.submit(make_job("long", size=16)))
-        await wait_event(render.started["long"])
+@asyncio_test
+async def test_cancelling_the_submit_task_cancels_the_job(
+    render: FakeRender, make_batcher: MakeBatcher, registry: CollectorRegistry
+) -> None:
+    batcher = make_batcher(render)
+    render.gate("long")
+    task = asyncio.create_task(batcher.submit(make_job("long", size=16)))
+    await wait_event(render.started["long"])
 
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
 
-        assert_ok(await asyncio.wait_for(sched.submit(make_job("next", seed=9)), WAIT_S), [9])
-        assert render.stopped_by_callback == ["long"]
-        assert (sched.queued_images, sched.running_images) == (0, 0)
-        await sched.stop()
-
-    run(main())
-
-
-def test_deadline_passing_while_rendering_times_out_and_stops_the_batch() -> None:
-    async def main() -> None:
-        render = FakeRender()
-        sched = scheduler(render)
-        render.gate("slow")  # never released
-        outcome = await sched.submit(make_job("slow", size=16, deadline=time.time() + 0.3))
-        assert outcome.status is OutcomeStatus.TIMEOUT
-        assert_ok(await asyncio.wait_for(sched.submit(make_job("next", seed=3)), WAIT_S), [3])
-        assert render.stopped_by_callback == ["slow"]
-        await sched.stop()
-
-    run(main())
+    assert_ok(await batcher.submit(make_job("next", seed=9)), [9])
+    assert render.stopped_by_callback == ["long"]
+    assert gauge(registry, "sdxl_queue_images") == 0
+    assert gauge(registry, "sdxl_requests_in_flight") == 0
 
 
-def test_deadline_passing_while_queued_times_out_without_rendering() -> None:
-    async def main() -> None:
-        render = FakeRender()
-        sched = scheduler(render)
-        release, gate = await hold_worker(render, sched)
-        outcome = await sched.submit(make_job("late", seed=4, deadline=time.time() + 0.1))
-        assert outcome.status is OutcomeStatus.TIMEOUT
-        assert sched.queued_images == 0
-        expired = await sched.submit(make_job("expired", seed=5, deadline=time.time() - 1))
-        assert expired.status is OutcomeStatus.TIMEOUT
-        release.set()
-        await gate
-        assert render.seeds_seen("late") == render.seeds_seen("expired") == []
-        await sched.stop()
+# --- deadlines (the Batcher is the one component that acts on them) ----------
 
-    run(main())
+
+@asyncio_test
+async def test_deadline_passing_while_rendering_times_out_and_stops_the_batch(
+    render: FakeRender, make_batcher: MakeBatcher
+) -> None:
+    clock = FakeClock()
+    batcher = make_batcher(render, clock=clock)
+    render.gate("slow")  # never released
+    slow = asyncio.create_task(batcher.submit(make_job("slow", size=16, deadline=clock.now + 100)))
+    await wait_event(render.started["slow"])
+
+    clock.now += 101
+
+    assert (await slow).status is OutcomeStatus.TIMEOUT
+    assert_ok(await batcher.submit(make_job("next", seed=3)), [3])
+    assert render.stopped_by_callback == ["slow"]
+
+
+@asyncio_test
+async def test_the_caller_gets_timeout_at_the_deadline_even_while_a_render_step_runs(
+    make_batcher: MakeBatcher,
+) -> None:
+    # A step that cannot poll should_stop (a long VAE decode, say) must not
+    # hold the answer back: the caller's wait ends at the deadline itself.
+    step_started, step_may_end = threading.Event(), threading.Event()
+
+    def one_long_step(batch: RenderBatch) -> list[Image.Image]:
+        step_started.set()
+        step_may_end.wait(WAIT_S)
+        return [seed_image(t.seed, batch.params.width) for t in batch.tasks]
+
+    batcher = make_batcher(one_long_step)
+    outcome = await batcher.submit(make_job("slow", deadline=time.time() + 0.2))
+    assert step_started.is_set()
+    step_may_end.set()
+
+    assert outcome.status is OutcomeStatus.TIMEOUT
+    assert_ok(await batcher.submit(make_job("next", seed=3)), [3])
+
+
+@asyncio_test
+async def test_deadline_passing_while_queued_times_out_without_rendering(
+    render: FakeRender, make_batcher: MakeBatcher, registry: CollectorRegistry
+) -> None:
+    batcher = make_batcher(render)
+    release, gate = await hold_worker(render, batcher)
+    outcome = await batcher.submit(make_job("late", seed=4, deadline=time.time() + 0.1))
+    assert outcome.status is OutcomeStatus.TIMEOUT
+    assert gauge(registry, "sdxl_queue_images") == 0
+    expired = await batcher.submit(make_job("expired", seed=5, deadline=time.time() - 1))
+    assert expired.status is OutcomeStatus.TIMEOUT
+    release.set()
+    await gate
+    assert render.seeds_seen("late") == render.seeds_seen("expired") == []
+
+
+@asyncio_test
+async def test_queued_images_past_the_deadline_are_dropped_before_the_next_batch(
+    render: FakeRender, make_batcher: MakeBatcher, registry: CollectorRegistry
+) -> None:
+    clock = FakeClock()
+    batcher = make_batcher(render, clock=clock)
+    release, gate = await hold_worker(render, batcher)
+    late = asyncio.create_task(batcher.submit(make_job("late", deadline=clock.now + 100)))
+    on_time = asyncio.create_task(batcher.submit(make_job("on_time", seed=7)))
+    await queued(registry, 2)
+
+    clock.now += 101
+    release.set()
+
+    assert (await late).status is OutcomeStatus.TIMEOUT
+    assert_ok(await on_time, [7])
+    await gate
+    assert render.seeds_seen("late") == []
+    reason = {"reason": "timeout"}
+    assert registry.get_sample_value("sdxl_rejected_total", reason) == 1
 
 
 # --- faults -------------------------------------------------------------------
 
 
-def test_out_of_memory_splits_the_batch_and_every_job_succeeds() -> None:
+@asyncio_test
+async def test_out_of_memory_splits_the_batch_and_every_job_succeeds(
+    make_batcher: MakeBatcher, registry: CollectorRegistry
+) -> None:
     def oom_above_two(batch: RenderBatch) -> Exception | None:
         return OutOfMemory() if len(batch.tasks) > 2 and batch.tasks[0].prompt != "gate" else None
 
-    async def main() -> None:
-        render = FakeRender(fail=oom_above_two)
-        sched = scheduler(render)
-        release, gate = await hold_worker(render, sched)
-        a = asyncio.create_task(sched.submit(make_job("a", 3, seed=10)))
-        b = asyncio.create_task(sched.submit(make_job("b", 2, seed=20)))
-        await asyncio.sleep(0)
-        release.set()
-        assert_ok(await a, [10, 11, 12])
-        assert_ok(await b, [20, 21])
-        await gate
-        assert [len(call) for call in render.calls[1:]] == [5, 2, 3, 1, 2]
-        await sched.stop()
-
-    run(main())
+    render = FakeRender(fail=oom_above_two)
+    batcher = make_batcher(render)
+    release, gate = await hold_worker(render, batcher)
+    a = asyncio.create_task(batcher.submit(make_job("a", 3, seed=10)))
+    b = asyncio.create_task(batcher.submit(make_job("b", 2, seed=20)))
+    await queued(registry, 5)
+    release.set()
+    assert_ok(await a, [10, 11, 12])
+    assert_ok(await b, [20, 21])
+    await gate
+    assert [len(call) for call in render.calls[1:]] == [5, 2, 3, 1, 2]
 
 
-def test_out_of_memory_on_one_image_fails_its_job_and_service_stays_up() -> None:
+@asyncio_test
+async def test_out_of_memory_on_one_image_fails_its_job_and_service_stays_up(
+    make_batcher: MakeBatcher, registry: CollectorRegistry
+) -> None:
     def oom_when_large(batch: RenderBatch) -> Exception | None:
         return OutOfMemory() if batch.params.width >= 64 else None
 
-    async def main() -> None:
-        render = FakeRender(fail=oom_when_large)
-        registry = CollectorRegistry()
-        sched = scheduler(render, metrics=ServiceMetrics(registry))
-        outcome = await sched.submit(make_job("huge", 2, size=64))
-        assert outcome.status is OutcomeStatus.OUT_OF_MEMORY
-        assert "smaller size or n" in outcome.message
-        assert_ok(await sched.submit(make_job("small", seed=1)), [1])
-        # 2 images -> 1 + 1; the job failed on the first, the second is skipped.
-        assert [len(call) for call in render.calls] == [2, 1, 1]
-        reason = {"reason": "out_of_memory"}
-        assert registry.get_sample_value("sdxl_rejected_total", reason) == 1
-        await sched.stop()
-
-    run(main())
+    render = FakeRender(fail=oom_when_large)
+    batcher = make_batcher(render)
+    outcome = await batcher.submit(make_job("huge", 2, size=64))
+    assert outcome.status is OutcomeStatus.OUT_OF_MEMORY
+    assert "smaller size or n" in outcome.message
+    assert_ok(await batcher.submit(make_job("small", seed=1)), [1])
+    # 2 images -> 1 + 1; the job failed on the first, the second is skipped.
+    assert [len(call) for call in render.calls] == [2, 1, 1]
+    reason = {"reason": "out_of_memory"}
+    assert registry.get_sample_value("sdxl_rejected_total", reason) == 1
 
 
-def test_unexpected_exception_is_an_error_and_scheduler_keeps_serving(
-    caplog: pytest.LogCaptureFixture,
+@asyncio_test
+async def test_unexpected_exception_is_an_error_and_the_batcher_keeps_serving(
+    make_batcher: MakeBatcher, caplog: pytest.LogCaptureFixture
 ) -> None:
     def explode(batch: RenderBatch) -> Exception | None:
         return ValueError("boom") if batch.tasks[0].prompt == "bad" else None
 
-    async def main() -> None:
-        render = FakeRender(fail=explode)
-        sched = scheduler(render)
-        with caplog.at_level(logging.ERROR, logger="sdxl_service.batching"):
-            outcome = await sched.submit(make_job("bad"))
-        assert outcome.status is OutcomeStatus.ERROR
-        assert "boom" in outcome.message
-        assert "Traceback" not in outcome.message
-        assert any(r.exc_info and "boom" in str(r.exc_info[1]) for r in caplog.records)
-        assert_ok(await sched.submit(make_job("good", seed=3)), [3])
-        await sched.stop()
-
-    run(main())
+    batcher = make_batcher(FakeRender(fail=explode))
+    with caplog.at_level(logging.ERROR, logger="sdxl_service.batching"):
+        outcome = await batcher.submit(make_job("bad"))
+    assert outcome.status is OutcomeStatus.ERROR
+    assert "boom" in outcome.message
+    assert "Traceback" not in outcome.message
+    assert any(r.exc_info and "boom" in str(r.exc_info[1]) for r in caplog.records)
+    assert_ok(await batcher.submit(make_job("good", seed=3)), [3])
 
 
-def test_stop_answers_pending_jobs_and_does_not_hang() -> None:
-    async def main() -> None:
-        render = FakeRender()
-        sched = scheduler(render)
-        render.gate("long")  # never released
-        long = asyncio.create_task(sched.submit(make_job("long", size=16)))
-        await wait_event(render.started["long"])
-        queued = asyncio.create_task(sched.submit(make_job("queued")))
-        await asyncio.sleep(0)
+@asyncio_test
+async def test_stop_answers_pending_jobs_and_does_not_hang(
+    render: FakeRender, make_batcher: MakeBatcher, registry: CollectorRegistry
+) -> None:
+    batcher = make_batcher(render)
+    render.gate("long")  # never released
+    long = asyncio.create_task(batcher.submit(make_job("long", size=16)))
+    await wait_event(render.started["long"])
+    waiting = asyncio.create_task(batcher.submit(make_job("queued")))
+    await queued(registry, 1)
 
-        await asyncio.wait_for(sched.stop(), WAIT_S)
+    await batcher.stop()
 
-        assert (await long).status is OutcomeStatus.ERROR
-        assert (await queued).status is OutcomeStatus.ERROR
-        after = await sched.submit(make_job("after"))
-        assert after.status is OutcomeStatus.ERROR
-        assert "shutting down" in after.message
-
-    run(main())
+    assert (await long).status is OutcomeStatus.ERROR
+    assert (await waiting).status is OutcomeStatus.ERROR
+    after = await batcher.submit(make_job("after"))
+    assert after.status is OutcomeStatus.ERROR
+    assert "shutting down" in after.message
 
 
 # --- metrics ------------------------------------------------------------------
 
 
-def test_metrics_record_batches_images_and_queue_wait() -> None:
-    async def main() -> None:
-        registry = CollectorRegistry()
-        render = FakeRender()
-        sched = scheduler(render, metrics=ServiceMetrics(registry))
-        release, gate = await hold_worker(render, sched)
-        a = asyncio.create_task(sched.submit(make_job("a", 3)))
-        await asyncio.sleep(0)
-        assert registry.get_sample_value("sdxl_queue_images") == 3
-        assert registry.get_sample_value("sdxl_requests_in_flight") == 2
-        release.set()
-        await a
-        await gate
-        await sched.stop()
+@asyncio_test
+async def test_metrics_record_batches_images_and_queue_wait(
+    render: FakeRender, make_batcher: MakeBatcher, registry: CollectorRegistry
+) -> None:
+    batcher = make_batcher(render)
+    release, gate = await hold_worker(render, batcher)
+    a = asyncio.create_task(batcher.submit(make_job("a", 3)))
+    await queued(registry, 3)
+    assert registry.get_sample_value("sdxl_requests_in_flight") == 2
+    release.set()
+    await a
+    await gate
+    await batcher.stop()
 
-        value = registry.get_sample_value
-        assert value("sdxl_images_generated_total") == 4
-        assert value("sdxl_batch_images_count") == 2
-        assert value("sdxl_batch_images_sum") == 4
-        assert value("sdxl_stage_seconds_count", {"stage": "queue_wait"}) == 4
-        assert value("sdxl_queue_images") == 0
-        assert value("sdxl_requests_in_flight") == 0
-
-    run(main())
+    value = registry.get_sample_value
+    assert value("sdxl_images_generated_total") == 4
+    assert value("sdxl_batch_images_count") == 2
+    assert value("sdxl_batch_images_sum") == 4
+    assert value("sdxl_stage_seconds_count", {"stage": "queue_wait"}) == 4
+    assert value("sdxl_queue_images") == 0
+    assert value("sdxl_requests_in_flight") == 0
 
 
 # --- a real render function -----------------------------------------------------
@@ -566,35 +655,33 @@ def noise_render(batch: RenderBatch) -> list[Image.Image]:
     return [Image.fromarray(x.permute(1, 2, 0).numpy(), "RGB") for x in rgb]
 
 
-def test_seed_reproduces_image_in_batch_with_a_real_render() -> None:
-    async def main() -> None:
-        solo = scheduler(noise_render, batch_wait_ms=0)
-        alone = await solo.submit(make_job("alone", 2, seed=42, size=32, steps=3))
-        await solo.stop()
-        # 1 + 2 + 3 images fill the batch of 6; the long wait makes sure they meet.
-        sizes: list[int] = []
+@asyncio_test
+async def test_seed_reproduces_image_in_batch_with_a_real_render(
+    make_batcher: MakeBatcher,
+) -> None:
+    solo = make_batcher(noise_render, batch_wait_ms=0)
+    alone = await solo.submit(make_job("alone", 2, seed=42, size=32, steps=3))
+    # 1 + 2 + 3 images fill the batch of 6; the long wait makes sure they meet.
+    sizes: list[int] = []
 
-        def recorded(batch: RenderBatch) -> list[Image.Image]:
-            sizes.append(len(batch.tasks))
-            return noise_render(batch)
+    def recorded(batch: RenderBatch) -> list[Image.Image]:
+        sizes.append(len(batch.tasks))
+        return noise_render(batch)
 
-        sched = scheduler(recorded, batch_wait_ms=WAIT_S * 1000, max_batch_images=6)
-        together = await asyncio.gather(
-            sched.submit(make_job("x", 1, seed=7, size=32, steps=3)),
-            sched.submit(make_job("y", 2, seed=42, size=32, steps=3)),
-            sched.submit(make_job("z", 3, seed=1000, size=32, steps=3)),
-        )
-        await sched.stop()
+    batcher = make_batcher(recorded, batch_wait_ms=WAIT_S * 1000, max_batch_images=6)
+    together = await asyncio.gather(
+        batcher.submit(make_job("x", 1, seed=7, size=32, steps=3)),
+        batcher.submit(make_job("y", 2, seed=42, size=32, steps=3)),
+        batcher.submit(make_job("z", 3, seed=1000, size=32, steps=3)),
+    )
 
-        assert sizes == [6]
-        assert all(o.status is OutcomeStatus.OK for o in [alone, *together])
-        batched = together[1]
-        assert [im.seed for im in batched.images] == [42, 43]
-        for one, other in zip(alone.images, batched.images, strict=True):
-            a = np.frombuffer(one.rgb, np.uint8).astype(int)
-            b = np.frombuffer(other.rgb, np.uint8).astype(int)
-            # Float math may round a pixel differently in a batch on CPU.
-            assert np.abs(a - b).max() <= 1
-        assert alone.images[0].rgb != alone.images[1].rgb
-
-    run(main())
+    assert sizes == [6]
+    assert all(o.status is OutcomeStatus.OK for o in [alone, *together])
+    batched = together[1]
+    assert [im.seed for im in batched.images] == [42, 43]
+    for one, other in zip(alone.images, batched.images, strict=True):
+        a = np.frombuffer(one.rgb, np.uint8).astype(int)
+        b = np.frombuffer(other.rgb, np.uint8).astype(int)
+        # Float math may round a pixel differently in a batch on CPU.
+        assert np.abs(a - b).max() <= 1
+    assert alone.images[0].rgb != alone.images[1].rgb

@@ -1,3 +1,5 @@
+"""BentoRenderClient: how the HTTP service reaches the render service."""
+
 from __future__ import annotations
 
 import asyncio
@@ -7,20 +9,23 @@ from typing import Any
 import aiohttp
 import pytest
 
-from sdxl_service.jobs import GenerationJob, OutcomeStatus, RefinerMode
+from sdxl_service.choices import RefinerMode, SchedulerName
+from sdxl_service.jobs import GenerationJob, GenerationOutcome, OutcomeStatus, RenderParams
 from sdxl_service.render_client import CONNECT_ATTEMPTS, BentoRenderClient
 
 JOB = GenerationJob(
     request_id="r",
-    seeds=[1],
+    params=RenderParams(
+        width=64,
+        height=64,
+        steps=2,
+        guidance_scale=5.0,
+        high_noise_frac=0.8,
+        refiner=RefinerMode.ENSEMBLE,
+        scheduler=SchedulerName.EULER,
+    ),
     prompt="x",
-    width=64,
-    height=64,
-    steps=2,
-    guidance_scale=5.0,
-    high_noise_frac=0.8,
-    refiner=RefinerMode.ENSEMBLE,
-    scheduler="euler",
+    seeds=[1],
 )
 
 
@@ -40,7 +45,7 @@ class FlakyHandle:
         return {"status": "ok", "images": []}
 
 
-def generate(handle: FlakyHandle):
+def generate(handle: FlakyHandle) -> GenerationOutcome:
     return asyncio.run(BentoRenderClient(handle).generate(JOB))
 
 
@@ -50,7 +55,7 @@ def test_dropped_keep_alive_connection_is_retried() -> None:
     assert handle.calls == 2
 
 
-def test_unreachable_pipeline_is_loading_not_an_error() -> None:
+def test_an_unreachable_render_service_is_loading_not_an_error() -> None:
     handle = FlakyHandle(99, aiohttp.ClientConnectionError("refused"))
     outcome = generate(handle)
     assert outcome.status is OutcomeStatus.LOADING
