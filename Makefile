@@ -5,7 +5,7 @@ LEGACY_VENV ?= .venv-openai028
 PORT ?= 9225
 BIN := $(VENV)/bin
 
-.PHONY: install legacy-client serve test lint format bench bench-gpu build containerize examples registry-image-size clean
+.PHONY: install legacy-client serve test test-unit lint format bench bench-gpu build containerize examples registry-image-size clean
 
 install: $(VENV)/.installed
 
@@ -37,6 +37,10 @@ format: install
 
 test: install legacy-client lint
 	SDXL_LEGACY_PYTHON=$(abspath $(LEGACY_VENV))/bin/python $(BIN)/python -m pytest
+
+# The fast inner loop: unit tests only, no service started, no lint.
+test-unit: install
+	$(BIN)/python -m pytest tests/unit
 
 bench: install
 	$(BIN)/python -m bench.run_cpu
