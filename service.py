@@ -100,11 +100,12 @@ class ImagesAPI:
         from sdxl_service.render_client import BentoRenderClient
         from sdxl_service.serving import ImagesServing
 
+        metrics = ServiceMetrics()
         self.serving = ImagesServing(
             settings,
-            BentoRenderClient(self.renderer),
+            BentoRenderClient(self.renderer, metrics),
             open_file_store(settings),
-            ServiceMetrics(),
+            metrics,
         )
 
 

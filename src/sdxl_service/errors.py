@@ -111,6 +111,7 @@ _OUTCOME_ERRORS: dict[OutcomeStatus, tuple[int, str, bool]] = {
     OutcomeStatus.LOADING: (503, "loading", True),
     OutcomeStatus.TIMEOUT: (504, "timeout", False),
     OutcomeStatus.OUT_OF_MEMORY: (503, "out_of_memory", False),
+    OutcomeStatus.WORKER_RESTARTED: (503, "worker_restarted", True),
     OutcomeStatus.CANCELLED: (499, "cancelled", False),
     OutcomeStatus.ERROR: (500, "generation_failed", False),
 }

@@ -28,6 +28,8 @@ class OutcomeStatus(StrEnum):
     CANCELLED = "cancelled"
     TIMEOUT = "timeout"
     OUT_OF_MEMORY = "out_of_memory"
+    # The render worker died (killed, CUDA failure) while it held the images.
+    WORKER_RESTARTED = "worker_restarted"
     ERROR = "error"
 
 

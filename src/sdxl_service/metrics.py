@@ -22,7 +22,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 PREFIX = "sdxl"
 
 # Stages of one image, in the order it goes through them; engine.py reports
-# vae_encode (edits' input images)/base/refiner/decode, the scheduler
+# vae_encode (edits' input images)/base/refiner/decode, the batcher
 # queue_wait, the HTTP service encode.
 STAGES = ("queue_wait", "vae_encode", "base", "refiner", "decode", "encode")
 
@@ -80,6 +80,17 @@ class _Collectors:
             registry=registry,
             buckets=SECONDS_BUCKETS,
         )
+        self.render_worker_starts = Counter(
+            f"{PREFIX}_render_worker_starts",
+            "Render worker processes started; past one per worker, each is a restart after a "
+            "crash.",
+            registry=registry,
+        )
+        self.render_calls_lost = Counter(
+            f"{PREFIX}_render_calls_lost",
+            "Requests whose render worker died while it held their images.",
+            registry=registry,
+        )
         self.rejected = Counter(
             f"{PREFIX}_rejected",
             "Generation requests answered without images, by reason.",
@@ -127,6 +138,12 @@ class ServiceMetrics:
 
     def reject(self, reason: str) -> None:
         self._c.rejected.labels(reason=reason).inc()
+
+    def count_render_worker_start(self) -> None:
+        self._c.render_worker_starts.inc()
+
+    def count_render_call_lost(self) -> None:
+        self._c.render_calls_lost.inc()
 
     def set_queue_depth(self, n: int) -> None:
         self._c.queue_images.set(n)

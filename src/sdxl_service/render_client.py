@@ -10,7 +10,14 @@ from __future__ import annotations
 import logging
 from typing import Any, Protocol
 
-from .jobs import GenerationJob, GenerationOutcome, still_loading
+from .jobs import (
+    LOADING_RETRY_AFTER,
+    GenerationJob,
+    GenerationOutcome,
+    OutcomeStatus,
+    still_loading,
+)
+from .metrics import ServiceMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +30,13 @@ class RenderClient(Protocol):
     async def cancel(self, request_id: str) -> bool: ...
 
     async def describe(self) -> dict[str, Any]: ...
+
+
+def _was_dropped(exc: Exception) -> bool:
+    """The render service closed the connection after taking the call (not a refusal)."""
+    import aiohttp
+
+    return isinstance(exc, aiohttp.ServerDisconnectedError)
 
 
 def _is_connection_error(exc: Exception) -> bool:
@@ -39,10 +53,12 @@ def _is_connection_error(exc: Exception) -> bool:
 
 
 class BentoRenderClient:
-    def __init__(self, handle: Any) -> None:
+    def __init__(self, handle: Any, metrics: ServiceMetrics | None = None) -> None:
         self._handle = handle
+        self._metrics = metrics
 
     async def generate(self, job: GenerationJob) -> GenerationOutcome:
+        dropped = False
         for attempt in range(1, CONNECT_ATTEMPTS + 1):
             try:
                 result = await self._handle.to_async.generate(job=job)
@@ -50,12 +66,29 @@ class BentoRenderClient:
             except Exception as exc:
                 if not _is_connection_error(exc):
                     raise
-                # A render process that is starting or restarting refuses or
-                # drops the call before working on it; try again before saying
-                # 503. (BentoML's own pool refresh used to cause this under load:
-                # service.py turns it off.)
                 logger.warning("render service connection failed (%s), attempt %d", exc, attempt)
+                if _was_dropped(exc):
+                    # A pooled keep-alive connection the server had already
+                    # closed fails like this before any work: try again.
+                    dropped = True
+                elif dropped:
+                    # Dropped, then refused: the process that held the call is
+                    # gone and a new one is starting. Say so now, not after
+                    # the new one has loaded.
+                    return self._worker_lost()
+        if dropped:
+            return self._worker_lost()
         return still_loading("The render service is not reachable (starting?); try again shortly.")
+
+    def _worker_lost(self) -> GenerationOutcome:
+        if self._metrics is not None:
+            self._metrics.count_render_call_lost()
+        return GenerationOutcome(
+            status=OutcomeStatus.WORKER_RESTARTED,
+            message="The render worker stopped while it made these images and is restarting; "
+            "retry shortly.",
+            retry_after=LOADING_RETRY_AFTER,
+        )
 
     async def cancel(self, request_id: str) -> bool:
         try:

@@ -22,6 +22,8 @@ class RenderHost:
     def __init__(self, settings: Settings, metrics: ServiceMetrics | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
+        if metrics is not None:
+            metrics.count_render_worker_start()
         self.engine: Any = None
         self.load_error: str | None = None
         self._batcher: Batcher | None = None

@@ -68,3 +68,27 @@ def test_other_errors_are_not_retried() -> None:
     with pytest.raises(ValueError):
         generate(handle)
     assert handle.calls == 1
+
+
+class DroppingThenRefusing(FlakyHandle):
+    """The render worker dies while it holds the call, then its successor is not up yet."""
+
+    async def generate(self, job: GenerationJob) -> dict[str, Any]:
+        self.calls += 1
+        if self.calls == 1:
+            raise aiohttp.ServerDisconnectedError()
+        raise aiohttp.ClientConnectionError("refused")
+
+
+def test_a_worker_that_dies_with_the_call_is_reported_at_once_and_counted() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from sdxl_service.metrics import ServiceMetrics
+
+    registry = CollectorRegistry()
+    handle = DroppingThenRefusing(0, ValueError())
+    outcome = asyncio.run(BentoRenderClient(handle, ServiceMetrics(registry)).generate(JOB))
+    assert outcome.status is OutcomeStatus.WORKER_RESTARTED
+    assert outcome.retry_after and outcome.retry_after > 0
+    assert handle.calls == 2  # no waiting out the other attempts
+    assert registry.get_sample_value("sdxl_render_calls_lost_total") == 1

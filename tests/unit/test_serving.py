@@ -133,6 +133,7 @@ def test_url_response_is_stored_and_served(client) -> None:
         (OutcomeStatus.LOADING, 503, "loading", "true"),
         (OutcomeStatus.TIMEOUT, 504, "timeout", "false"),
         (OutcomeStatus.OUT_OF_MEMORY, 503, "out_of_memory", "false"),
+        (OutcomeStatus.WORKER_RESTARTED, 503, "worker_restarted", "true"),
         (OutcomeStatus.ERROR, 500, "generation_failed", "false"),
     ],
 )
