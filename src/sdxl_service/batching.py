@@ -22,7 +22,6 @@ import collections
 import contextlib
 import functools
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -30,7 +29,9 @@ from dataclasses import dataclass
 
 from PIL.Image import Image
 
-from sdxl_service.jobs import (
+from .admission import QueueCapacity
+from .batch_policy import next_batch
+from .jobs import (
     GenerationJob,
     GenerationOutcome,
     ImageTask,
@@ -39,17 +40,14 @@ from sdxl_service.jobs import (
     RenderBatch,
     RenderCancelled,
     RenderedImage,
+    RenderParams,
 )
-from sdxl_service.metrics import ServiceMetrics
+from .metrics import ServiceMetrics
 
 logger = logging.getLogger(__name__)
 
 RenderFn = Callable[[RenderBatch], list[Image]]
 
-# Weight of the latest pipeline call in the seconds-per-image estimate behind
-# Retry-After: recent enough to follow a change of sizes, smooth enough to
-# ignore one odd call.
-_EWMA_WEIGHT = 0.3
 # How long `stop` waits for a render call to notice should_stop; past it the
 # (daemon) thread is abandoned so that shutdown never hangs.
 _STOP_JOIN_S = 10.0
@@ -73,6 +71,10 @@ class _QueuedImage:
     index: int  # position in the job's seeds
     task: ImageTask
     enqueued_at: float  # time.monotonic()
+
+    @property
+    def params(self) -> RenderParams:
+        return self.pending.job.params
 
 
 class Batcher:
@@ -98,7 +100,7 @@ class Batcher:
         self._render = render
         self._max_batch = max_batch_images
         self._batch_wait_s = batch_wait_ms / 1000
-        self._max_queue = max_queue_images
+        self._capacity = QueueCapacity(max_queue_images)
         self._metrics = metrics
         # Unix time, the scale of GenerationJob.deadline.
         self._clock = clock
@@ -106,7 +108,6 @@ class Batcher:
         self._cond = threading.Condition()
         self._queue: collections.deque[_QueuedImage] = collections.deque()
         self._pending: dict[str, list[_PendingJob]] = {}
-        self._seconds_per_image: float | None = None
         self._stopping = False
         # Started by the first submit.
         self._thread = threading.Thread(target=self._work, name="sdxl-batch-worker", daemon=True)
@@ -122,18 +123,22 @@ class Batcher:
         if n == 0:
             return GenerationOutcome(status=OutcomeStatus.OK)
         if self._past_deadline(job):
-            return self._rejected(OutcomeStatus.TIMEOUT, "request timed out before it was queued")
+            late = "request timed out before it was queued"
+            return self._rejected(GenerationOutcome(status=OutcomeStatus.TIMEOUT, message=late))
 
         with self._cond:
             if self._stopping:
-                return self._rejected(OutcomeStatus.ERROR, _SHUTDOWN)
+                return self._rejected(
+                    GenerationOutcome(status=OutcomeStatus.ERROR, message=_SHUTDOWN)
+                )
             # Images queued or rendering for jobs still wanted. Those of jobs
             # nobody waits for any more (cancelled, timed out) stop at their
             # next denoising step: they must not turn new work away.
             wanted = (p for pendings in self._pending.values() for p in pendings)
             backlog = sum(p.results.count(None) for p in wanted)
-            if backlog + n > self._max_queue:
-                return self._queue_full_locked(backlog, n)
+            refusal = self._capacity.refusal(backlog, n)
+            if refusal is not None:
+                return self._rejected(refusal)
             future = asyncio.get_running_loop().create_future()
             pending = _PendingJob(job=job, future=future, results=[None] * n)
             self._pending.setdefault(job.request_id, []).append(pending)
@@ -208,27 +213,9 @@ class Batcher:
 
     # --- admission ----------------------------------------------------------
 
-    def _rejected(self, status: OutcomeStatus, message: str) -> GenerationOutcome:
+    def _rejected(self, outcome: GenerationOutcome) -> GenerationOutcome:
         if self._metrics is not None:
-            self._metrics.reject(status.value)
-        return GenerationOutcome(status=status, message=message)
-
-    def _queue_full_locked(self, backlog: int, n: int) -> GenerationOutcome:
-        if n > self._max_queue:
-            message = (
-                f"request for {n} images exceeds the queue capacity of "
-                f"{self._max_queue} images; ask for fewer images per request"
-            )
-        else:
-            message = (
-                f"server busy: {backlog} images queued or rendering "
-                f"(limit {self._max_queue}); retry later"
-            )
-        # Time until enough images finished for this request to fit.
-        excess = min(backlog, backlog + n - self._max_queue)
-        per_image = self._seconds_per_image or 1.0
-        outcome = self._rejected(OutcomeStatus.QUEUE_FULL, message)
-        outcome.retry_after = float(max(1, math.ceil(excess * per_image)))
+            self._metrics.reject(outcome.status.value)
         return outcome
 
     # --- outcomes ----------------------------------------------------------
@@ -283,15 +270,7 @@ class Batcher:
                 self._finish_all(pendings, OutcomeStatus.ERROR, "internal error")
 
     def _next_batch_locked(self) -> list[_QueuedImage] | None:
-        """Waits for work and picks the next batch; None when stopping.
-
-        FIFO: the oldest queued image decides the params, then same-params
-        images join in queue order. If the batch is not full it waits for
-        company until the oldest image has waited batch_wait_ms — counted from
-        its arrival, so work that already queued behind a busy GPU is not held
-        back further. It does not wait while other-params work is queued: with
-        a backlog the GPU should not idle, and that work would wait too.
-        """
+        """Waits for work and takes the next batch (batch_policy.py); None when stopping."""
         while True:
             if self._stopping:
                 return None
@@ -299,16 +278,15 @@ class Batcher:
             if not self._queue:
                 self._cond.wait()
                 continue
-            head = self._queue[0]
-            params = head.pending.job.params
-            selected = [q for q in self._queue if q.pending.job.params == params]
-            selected = selected[: self._max_batch]
-            if len(selected) >= self._max_batch or len(selected) < len(self._queue):
+            selected, wait_s = next_batch(
+                self._queue,
+                max_images=self._max_batch,
+                wait_s=self._batch_wait_s,
+                now=time.monotonic(),
+            )
+            if selected:
                 break
-            left = head.enqueued_at + self._batch_wait_s - time.monotonic()
-            if left <= 0:
-                break
-            self._cond.wait(left)
+            self._cond.wait(wait_s)
 
         taken = set(map(id, selected))
         self._queue = collections.deque(q for q in self._queue if id(q) not in taken)
@@ -372,10 +350,7 @@ class Batcher:
             self._metrics.observe_batch(len(images))
             self._metrics.count_images(len(images))
         with self._cond:
-            per_image, old = elapsed / len(images), self._seconds_per_image
-            self._seconds_per_image = (
-                per_image if old is None else old + _EWMA_WEIGHT * (per_image - old)
-            )
+            self._capacity.record_call(elapsed, len(images))
             # Images that arrive after their job's deadline are not delivered.
             self._expire_locked(pendings)
             for q, image in zip(images, rendered, strict=True):
