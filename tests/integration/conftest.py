@@ -13,8 +13,10 @@ from tests.service_process import RunningService, start_service, stop_service
 @pytest.fixture(scope="session")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningService]:
     running = start_service(tmp_path_factory.mktemp("service"))
-    yield running
-    stop_service(running)
+    try:
+        yield running
+    finally:
+        stop_service(running)
 
 
 @pytest.fixture(scope="session")
