@@ -57,6 +57,7 @@ PROMPTS = (
     "oil painting of a lighthouse in a storm, dramatic waves, by the sea",
 )
 NEGATIVE_PROMPT = "blurry, low quality, watermark"
+SCHEDULER = "euler"  # SDXL 1.0's own
 DTYPE_NAMES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
 
@@ -72,7 +73,8 @@ class BenchConfig:
     vae_dtype: str = "auto"
 
     def settings(self, device: str, dtype: str) -> Any:
-        from sdxl_service.settings import Preset, Settings
+        from sdxl_service.choices import Preset
+        from sdxl_service.settings import Settings
 
         return Settings(
             preset=Preset.SDXL,
@@ -111,7 +113,7 @@ def load_configs(directory: Path = CONFIGS_DIR) -> dict[str, dict[str, Any]]:
 
 def build_pair(configs: dict[str, dict[str, Any]], *, device: str, dtype: torch.dtype):
     """Random-weight base + refiner built on `device`; the same weights for the same seed."""
-    from sdxl_service.tiny import assemble_pipelines, build_modules
+    from sdxl_service.engine.components import assemble_pipelines, build_modules
 
     torch.manual_seed(WEIGHTS_SEED)  # seeds CUDA too: every build draws the same weights
     with torch.device(device):
@@ -129,7 +131,8 @@ def free_device_memory() -> None:
 
 
 def make_batch(args: argparse.Namespace, n: int, steps: int) -> Any:
-    from sdxl_service.jobs import ImageTask, RefinerMode, RenderBatch, RenderParams
+    from sdxl_service.choices import RefinerMode
+    from sdxl_service.jobs import ImageTask, RenderBatch, RenderParams
 
     params = RenderParams(
         width=args.size,
@@ -138,22 +141,21 @@ def make_batch(args: argparse.Namespace, n: int, steps: int) -> Any:
         guidance_scale=5.0,
         high_noise_frac=args.high_noise_frac,
         refiner=RefinerMode.ENSEMBLE,
-        scheduler="euler",
+        scheduler=SCHEDULER,
     )
-    tasks = [ImageTask(PROMPTS[i % len(PROMPTS)], NEGATIVE_PROMPT, 1000 + i) for i in range(n)]
-    return RenderBatch(params, tasks)
+    tasks = [
+        ImageTask(prompt=PROMPTS[i % len(PROMPTS)], negative_prompt=NEGATIVE_PROMPT, seed=1000 + i)
+        for i in range(n)
+    ]
+    return RenderBatch(params=params, tasks=tasks)
 
 
-def ensemble_split(steps: int, high_noise_frac: float) -> tuple[int, int]:
-    """(base, refiner) steps, as diffusers splits SDXL's Euler schedule at high_noise_frac."""
-    from sdxl_service.schedulers import make_scheduler
-    from sdxl_service.tiny import scheduler_config
+def workload_split(args: argparse.Namespace) -> tuple[int, int]:
+    """(base, refiner) steps of the workload, as the engine splits them."""
+    from sdxl_service.engine.components import scheduler_config
+    from sdxl_service.engine.handover import ensemble_split
 
-    scheduler = make_scheduler("euler", scheduler_config())
-    scheduler.set_timesteps(steps)
-    cutoff = round(1000 * (1 - high_noise_frac))
-    base_steps = int((scheduler.timesteps >= cutoff).sum())
-    return base_steps, steps - base_steps
+    return ensemble_split(args.steps, args.high_noise_frac, SCHEDULER, scheduler_config())
 
 
 def synchronize(device: str) -> None:
@@ -177,8 +179,8 @@ def run_config(
     configs: dict[str, dict[str, Any]],
 ) -> tuple[list[dict[str, Any]], dict[tuple[int, int], np.ndarray]]:
     """Build, optimise, warm up and time one config; return run records and the images."""
+    from sdxl_service.choices import Preset
     from sdxl_service.engine import Engine
-    from sdxl_service.settings import Preset
 
     device = args.device
     records: list[dict[str, Any]] = []
@@ -387,7 +389,7 @@ def results_path(args: argparse.Namespace) -> Path:
 def write_results(path: Path, args: argparse.Namespace, runs: list[dict[str, Any]]) -> None:
     import diffusers
 
-    base_steps, refiner_steps = ensemble_split(args.steps, args.high_noise_frac)
+    base_steps, refiner_steps = workload_split(args)
     document = {
         "card": card_name(args),
         "device": args.device,
@@ -402,7 +404,7 @@ def write_results(path: Path, args: argparse.Namespace, runs: list[dict[str, Any
             "base_steps": base_steps,
             "refiner_steps": refiner_steps,
             "high_noise_frac": args.high_noise_frac,
-            "scheduler": "euler",
+            "scheduler": SCHEDULER,
             "guidance_scale": 5.0,
             "batches": args.batch,
             "weights": "random, from bench/configs/*.json" if not args.smoke else "tiny configs",

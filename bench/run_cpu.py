@@ -122,9 +122,10 @@ def bench_encoding(repeat: int) -> list[dict[str, Any]]:
 
 def direct_engine_render(cache_dir: Path) -> Callable[[], Any]:
     """The same work the service does for SMALL_JOB, sizes included, in-process."""
+    from sdxl_service.choices import Preset, RefinerMode, SchedulerName
     from sdxl_service.engine import Engine
-    from sdxl_service.jobs import ImageTask, RefinerMode, RenderBatch, RenderParams
-    from sdxl_service.settings import Preset, Settings
+    from sdxl_service.jobs import ImageTask, RenderBatch, RenderParams
+    from sdxl_service.settings import Settings
     from sdxl_service.sizing import render_size
 
     settings = Settings(preset=Preset.TINY, cache_dir=cache_dir)
@@ -133,9 +134,15 @@ def direct_engine_render(cache_dir: Path) -> Callable[[], Any]:
         64, 64, engine.native_resolution, render_native=True, max_pixels=settings.max_pixels
     )
     params = RenderParams(
-        width, height, 4, settings.guidance_scale, 0.8, RefinerMode.ENSEMBLE, "euler"
+        width=width,
+        height=height,
+        steps=4,
+        guidance_scale=settings.guidance_scale,
+        high_noise_frac=0.8,
+        refiner=RefinerMode.ENSEMBLE,
+        scheduler=SchedulerName.EULER,
     )
-    batch = RenderBatch(params, [ImageTask("bench", "", 1)])
+    batch = RenderBatch(params=params, tasks=[ImageTask(prompt="bench", seed=1)])
     engine.render(batch)  # warm-up
     return lambda: engine.render(batch)
 

@@ -3,8 +3,8 @@
 Same classes, same folder layout and the same conditioning shapes as
 stabilityai/stable-diffusion-xl-{base,refiner}-1.0, only narrow, so that the
 real loading and rendering code runs on a CPU in a fraction of a second. The
-GPU bench builds the full-size pair with the same functions from the
-published configs.
+builders are `engine.components`', which the GPU bench uses for the
+full-size pair from the published configs.
 """
 
 from __future__ import annotations
@@ -16,13 +16,18 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .engine.components import (
+    BOS_TOKEN,
+    CLIP_MAX_LENGTH,
+    EOS_TOKEN,
+    assemble_pipelines,
+    build_modules,
+    clip_vocab,
+)
+
 # Bump when any config below changes: the folder name is the cache key.
 TINY_VERSION = "tiny-v2"
 TINY_SEED = 20230726  # SDXL 1.0's release date; any fixed value works
-
-BOS_TOKEN = "<|startoftext|>"
-EOS_TOKEN = "<|endoftext|>"
-CLIP_MAX_LENGTH = 77
 
 # 32-wide text encoders: base cross-attention sees both concatenated (32 + 32),
 # as SDXL concatenates 768 + 1280 into 2048.
@@ -35,34 +40,6 @@ REFINER_TIME_IDS = 5  # original size, crop top-left, aesthetic score
 # Latent side 8 -> native 64 px: the tiny preset never renders above what a
 # request asks for, which keeps CPU tests fast.
 TINY_SAMPLE_SIZE = 8
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte -> printable character table (ByteLevel pre-tokenizer)."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    chars = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, map(chr, chars), strict=True))
-
-
-def clip_vocab() -> dict[str, int]:
-    """Byte-level vocabulary: every byte alone and as a word end, then BOS/EOS.
-
-    EOS gets the highest id, as in the real CLIP vocabulary, because CLIP text
-    models with a legacy `eos_token_id` pool at `input_ids.argmax()`.
-    """
-    symbols = list(_bytes_to_unicode().values())
-    tokens = symbols + [s + "</w>" for s in symbols] + [BOS_TOKEN, EOS_TOKEN]
-    return {token: index for index, token in enumerate(tokens)}
 
 
 def write_clip_tokenizer_files(folder: Path, pad_token: str = EOS_TOKEN) -> None:
@@ -82,21 +59,6 @@ def write_clip_tokenizer_files(folder: Path, pad_token: str = EOS_TOKEN) -> None
         "pad_token": pad_token,
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
-
-
-def build_clip_tokenizer(pad_token: str = EOS_TOKEN) -> Any:
-    """A CLIPTokenizer that needs no download; every text maps to in-vocabulary ids."""
-    from transformers import CLIPTokenizer
-
-    return CLIPTokenizer(
-        vocab=clip_vocab(),
-        merges=[],
-        bos_token=BOS_TOKEN,
-        eos_token=EOS_TOKEN,
-        unk_token=EOS_TOKEN,
-        pad_token=pad_token,
-        model_max_length=CLIP_MAX_LENGTH,
-    )
 
 
 def _text_config(*, hidden_act: str) -> dict[str, Any]:
@@ -199,25 +161,6 @@ def vae_config() -> dict[str, Any]:
     }
 
 
-def scheduler_config() -> dict[str, Any]:
-    """SDXL 1.0's published EulerDiscreteScheduler config (both repos ship the same)."""
-    return {
-        "num_train_timesteps": 1000,
-        "beta_start": 0.00085,
-        "beta_end": 0.012,
-        "beta_schedule": "scaled_linear",
-        "prediction_type": "epsilon",
-        "steps_offset": 1,
-        "timestep_spacing": "leading",
-        "interpolation_type": "linear",
-        "use_karras_sigmas": False,
-        "sample_max_value": 1.0,
-        "set_alpha_to_one": False,
-        "skip_prk_steps": True,
-        "clip_sample": False,
-    }
-
-
 def tiny_configs() -> dict[str, dict[str, Any]]:
     """The tiny pair's component configs, keyed like the GPU bench's bench/configs/*.json."""
     return {
@@ -227,95 +170,6 @@ def tiny_configs() -> dict[str, dict[str, Any]]:
         "text_encoder": text_encoder_config(),
         "text_encoder_2": text_encoder_2_config(),
     }
-
-
-def _text_model_kwargs(config: dict[str, Any]) -> dict[str, Any]:
-    # Keys of a saved transformers config.json that are not constructor arguments.
-    return {
-        key: value
-        for key, value in config.items()
-        if key not in ("architectures", "model_type") and not key.startswith("_")
-    }
-
-
-def cast_module(module: Any, dtype: Any) -> Any:
-    """`module` in `dtype`, in place.
-
-    Not `ModelMixin.to(dtype)`: diffusers 0.42 warns there about float32-only
-    submodules even when a model declares none.
-    """
-    import torch
-
-    casts = {torch.float32: "float", torch.float16: "half", torch.bfloat16: "bfloat16"}
-    if dtype not in casts:
-        raise ValueError(f"cannot cast a module to {dtype}")
-    return getattr(module, casts[dtype])()
-
-
-def build_modules(configs: dict[str, dict[str, Any]], dtype: Any = None) -> dict[str, Any]:
-    """SDXL's five weighted components from their configs, randomly initialised.
-
-    Built on torch's current default device (`with torch.device(...)`); each
-    module is cast to `dtype` as soon as it exists, which keeps the float32
-    peak to one module when building full-size SDXL on a GPU.
-    """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    def cast(module: Any) -> Any:
-        return module if dtype is None else cast_module(module, dtype)
-
-    # The order fixes which random numbers each module draws: keep it.
-    return {
-        "vae": cast(AutoencoderKL.from_config(configs["vae"])),
-        "text_encoder": cast(
-            CLIPTextModel(CLIPTextConfig(**_text_model_kwargs(configs["text_encoder"])))
-        ),
-        "text_encoder_2": cast(
-            CLIPTextModelWithProjection(
-                CLIPTextConfig(**_text_model_kwargs(configs["text_encoder_2"]))
-            )
-        ),
-        "base_unet": cast(UNet2DConditionModel.from_config(configs["base_unet"])),
-        "refiner_unet": cast(UNet2DConditionModel.from_config(configs["refiner_unet"])),
-    }
-
-
-def assemble_pipelines(modules: dict[str, Any]) -> tuple[Any, Any]:
-    """Base and refiner as the SDXL repos define them, sharing text_encoder_2 and the VAE."""
-    from diffusers import (
-        EulerDiscreteScheduler,
-        StableDiffusionXLImg2ImgPipeline,
-        StableDiffusionXLPipeline,
-    )
-
-    # As in the SDXL repos, the second tokenizer pads with "!" (id 0), the first with EOS.
-    tokenizer = build_clip_tokenizer()
-    tokenizer_2 = build_clip_tokenizer(pad_token="!")
-    base = StableDiffusionXLPipeline(
-        vae=modules["vae"],
-        text_encoder=modules["text_encoder"],
-        text_encoder_2=modules["text_encoder_2"],
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2,
-        unet=modules["base_unet"],
-        scheduler=EulerDiscreteScheduler.from_config(scheduler_config()),
-        force_zeros_for_empty_prompt=True,
-        add_watermarker=False,
-    )
-    refiner = StableDiffusionXLImg2ImgPipeline(
-        vae=modules["vae"],
-        text_encoder=None,
-        text_encoder_2=modules["text_encoder_2"],
-        tokenizer=None,
-        tokenizer_2=tokenizer_2,
-        unet=modules["refiner_unet"],
-        scheduler=EulerDiscreteScheduler.from_config(scheduler_config()),
-        requires_aesthetics_score=True,
-        force_zeros_for_empty_prompt=False,
-        add_watermarker=False,
-    )
-    return base, refiner
 
 
 def build_tiny_pipelines() -> tuple[Any, Any]:

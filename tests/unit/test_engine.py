@@ -11,27 +11,18 @@ import pytest
 import torch
 from PIL import Image
 
-from sdxl_service import engine as engine_module
-from sdxl_service.engine import (
-    Engine,
-    load_pipelines,
+from sdxl_service.choices import Preset, RefinerMode, RenderKind
+from sdxl_service.engine import Engine, devices
+from sdxl_service.engine.devices import (
     resolve_device,
     resolve_dtype,
     resolve_preset,
     resolve_vae_dtype,
-    sequential_strength,
 )
-from sdxl_service.jobs import (
-    ImageTask,
-    OutOfMemory,
-    RefinerMode,
-    RenderBatch,
-    RenderCancelled,
-    RenderKind,
-    RenderParams,
-)
+from sdxl_service.engine.loading import load_pipelines
+from sdxl_service.jobs import ImageTask, OutOfMemory, RenderBatch, RenderCancelled, RenderParams
 from sdxl_service.schedulers import SCHEDULERS
-from sdxl_service.settings import Preset, Settings
+from sdxl_service.settings import Settings
 
 STEPS = 4
 
@@ -51,7 +42,10 @@ def params(**overrides: object) -> RenderParams:
 
 
 def tasks(*seeds: int, negative: str = "") -> list[ImageTask]:
-    return [ImageTask("a red fox in the snow", negative, seed) for seed in seeds]
+    return [
+        ImageTask(prompt="a red fox in the snow", negative_prompt=negative, seed=seed)
+        for seed in seeds
+    ]
 
 
 def noise_picture(seed: int, width: int = 64, height: int = 64) -> bytes:
@@ -68,7 +62,16 @@ def edit_params(kind: RenderKind = RenderKind.IMAGE_TO_IMAGE, **overrides: objec
 
 def edits(*seeds: int, picture: bytes | None = None, mask: bytes | None = None) -> list[ImageTask]:
     picture = picture or noise_picture(0)
-    return [ImageTask("a red fox in the snow", "", seed, picture, mask) for seed in seeds]
+    return [
+        ImageTask(
+            prompt="a red fox in the snow",
+            negative_prompt="",
+            seed=seed,
+            init_image=picture,
+            mask=mask,
+        )
+        for seed in seeds
+    ]
 
 
 def pixels(image: Image.Image) -> np.ndarray:
@@ -134,7 +137,7 @@ def test_missing_weights_variant_falls_back_to_default_weights(tiny_pair) -> Non
 
 
 def test_render_returns_one_rgb_image_per_task_at_the_requested_size(tiny_engine: Engine) -> None:
-    images = tiny_engine.render(RenderBatch(params(width=96, height=64), tasks(1, 2)))
+    images = tiny_engine.render(RenderBatch(params=params(width=96, height=64), tasks=tasks(1, 2)))
     assert len(images) == 2
     for image in images:
         assert image.mode == "RGB"
@@ -142,17 +145,17 @@ def test_render_returns_one_rgb_image_per_task_at_the_requested_size(tiny_engine
 
 
 def test_empty_batch_renders_nothing(tiny_engine: Engine) -> None:
-    assert tiny_engine.render(RenderBatch(params(), [])) == []
+    assert tiny_engine.render(RenderBatch(params=params(), tasks=[])) == []
 
 
 def test_seed_reproduces_identical_pixels(tiny_engine: Engine) -> None:
-    first = tiny_engine.render(RenderBatch(params(), tasks(42)))[0]
-    second = tiny_engine.render(RenderBatch(params(), tasks(42)))[0]
+    first = tiny_engine.render(RenderBatch(params=params(), tasks=tasks(42)))[0]
+    second = tiny_engine.render(RenderBatch(params=params(), tasks=tasks(42)))[0]
     assert np.array_equal(pixels(first), pixels(second))
 
 
 def test_different_seeds_give_different_images(tiny_engine: Engine) -> None:
-    one, other = tiny_engine.render(RenderBatch(params(), tasks(1, 2)))
+    one, other = tiny_engine.render(RenderBatch(params=params(), tasks=tasks(1, 2)))
     assert np.abs(pixels(one) - pixels(other)).mean() > 1.0
 
 
@@ -162,13 +165,13 @@ def test_image_in_a_batch_equals_the_same_seed_rendered_alone(
 ) -> None:
     # Mixed prompts and negatives: an image must not depend on its neighbours.
     batch = [
-        ImageTask("a lighthouse at dusk", "blurry, low quality", 11),
-        ImageTask("a red fox in the snow", "", 12),
-        ImageTask("a bowl of ramen", "text", 13),
+        ImageTask(prompt="a lighthouse at dusk", negative_prompt="blurry, low quality", seed=11),
+        ImageTask(prompt="a red fox in the snow", negative_prompt="", seed=12),
+        ImageTask(prompt="a bowl of ramen", negative_prompt="text", seed=13),
     ]
-    batched = tiny_engine.render(RenderBatch(params(scheduler=scheduler), batch))
+    batched = tiny_engine.render(RenderBatch(params=params(scheduler=scheduler), tasks=batch))
     for task, image in zip(batch, batched, strict=True):
-        alone = tiny_engine.render(RenderBatch(params(scheduler=scheduler), [task]))[0]
+        alone = tiny_engine.render(RenderBatch(params=params(scheduler=scheduler), tasks=[task]))[0]
         assert np.allclose(pixels(image), pixels(alone), atol=2), task
 
 
@@ -177,7 +180,7 @@ def test_base_stage_matches_the_stock_diffusers_pipeline(tiny_engine: Engine) ->
     base = tiny_engine.base
     for negative in ("", "blurry"):
         ours = tiny_engine.render(
-            RenderBatch(params(refiner=RefinerMode.NONE), tasks(5, negative=negative))
+            RenderBatch(params=params(refiner=RefinerMode.NONE), tasks=tasks(5, negative=negative))
         )[0]
         with torch.inference_mode():
             latents = base(
@@ -190,7 +193,7 @@ def test_base_stage_matches_the_stock_diffusers_pipeline(tiny_engine: Engine) ->
                 generator=[torch.Generator("cpu").manual_seed(5)],
                 output_type="latent",
             ).images
-            stock = tiny_engine._decode(latents)[0]
+            stock = tiny_engine.latent_codec.decode(latents)[0]
         assert np.allclose(pixels(ours), pixels(stock), atol=1), negative
 
 
@@ -200,7 +203,9 @@ def test_each_refiner_mode_runs_its_stages(tiny_engine: Engine, mode: RefinerMod
     tiny_engine.stage_observer = lambda stage, seconds: stages.append(stage)
     try:
         with count_unet_calls(tiny_engine) as calls:
-            images = tiny_engine.render(RenderBatch(params(refiner=mode, steps=10), tasks(3)))
+            images = tiny_engine.render(
+                RenderBatch(params=params(refiner=mode, steps=10), tasks=tasks(3))
+            )
     finally:
         tiny_engine.stage_observer = None
     assert len(images) == 1
@@ -218,7 +223,9 @@ def test_each_refiner_mode_runs_its_stages(tiny_engine: Engine, mode: RefinerMod
 
 def test_refiner_modes_give_different_images(tiny_engine: Engine) -> None:
     rendered = {
-        mode: pixels(tiny_engine.render(RenderBatch(params(refiner=mode), tasks(9)))[0])
+        mode: pixels(
+            tiny_engine.render(RenderBatch(params=params(refiner=mode), tasks=tasks(9)))[0]
+        )
         for mode in RefinerMode
     }
     assert not np.array_equal(rendered[RefinerMode.ENSEMBLE], rendered[RefinerMode.NONE])
@@ -231,7 +238,9 @@ def test_each_scheduler_splits_the_steps_between_base_and_refiner(
     tiny_engine: Engine, scheduler: str
 ) -> None:
     with count_unet_calls(tiny_engine) as calls:
-        images = tiny_engine.render(RenderBatch(params(scheduler=scheduler, steps=10), tasks(4, 5)))
+        images = tiny_engine.render(
+            RenderBatch(params=params(scheduler=scheduler, steps=10), tasks=tasks(4, 5))
+        )
     assert len(images) == 2
     assert calls["base"] > 0 and calls["refiner"] > 0
     assert calls["base"] + calls["refiner"] == 10
@@ -241,18 +250,9 @@ def test_each_scheduler_splits_the_steps_between_base_and_refiner(
 def test_stage_observer_gets_seconds_per_stage(tiny_settings: Settings) -> None:
     timings: list[tuple[str, float]] = []
     engine = Engine.load(tiny_settings, stage_observer=lambda s, t: timings.append((s, t)))
-    engine.render(RenderBatch(params(), tasks(1)))
+    engine.render(RenderBatch(params=params(), tasks=tasks(1)))
     assert [stage for stage, _ in timings] == ["base", "refiner", "decode"]
     assert all(seconds > 0 for _, seconds in timings)
-
-
-def test_sequential_strength_gives_the_refiner_its_share_of_steps() -> None:
-    # diffusers runs int(steps * strength) img2img steps.
-    for steps, frac, refiner_steps in [(30, 0.8, 6), (4, 0.8, 1), (10, 0.7, 3), (25, 0.8, 5)]:
-        strength = sequential_strength(steps, frac)
-        assert 0 < strength <= 1
-        assert int(steps * strength) == refiner_steps
-    assert int(10 * sequential_strength(10, 0.01)) == 10
 
 
 # --- edits: img2img and inpainting --------------------------------------------
@@ -281,8 +281,8 @@ def test_edit_renders_one_image_per_task_at_the_render_size(
     picture = noise_picture(1, 96, 64)
     mask = np.full((64, 96), 255, np.uint8).tobytes() if kind is RenderKind.INPAINT else None
     batch = RenderBatch(
-        edit_params(kind, width=96, height=64, refiner=mode),
-        edits(1, 2, picture=picture, mask=mask),
+        params=edit_params(kind, width=96, height=64, refiner=mode),
+        tasks=edits(1, 2, picture=picture, mask=mask),
     )
     images = tiny_engine.render(batch)
     assert [(image.mode, image.size) for image in images] == [("RGB", (96, 64))] * 2
@@ -292,7 +292,7 @@ def test_edit_renders_one_image_per_task_at_the_render_size(
 @pytest.mark.parametrize("kind", [RenderKind.IMAGE_TO_IMAGE, RenderKind.INPAINT])
 def test_edit_seed_reproduces_identical_pixels(tiny_engine: Engine, kind: RenderKind) -> None:
     mask = LEFT_HALF if kind is RenderKind.INPAINT else None
-    batch = RenderBatch(edit_params(kind), edits(42, mask=mask))
+    batch = RenderBatch(params=edit_params(kind), tasks=edits(42, mask=mask))
     first, second = tiny_engine.render(batch)[0], tiny_engine.render(batch)[0]
     assert np.array_equal(pixels(first), pixels(second))
 
@@ -300,9 +300,9 @@ def test_edit_seed_reproduces_identical_pixels(tiny_engine: Engine, kind: Render
 def test_edits_of_different_pictures_batch_like_each_alone(tiny_engine: Engine) -> None:
     """Compatible edits of different requests share a call; each keeps its own picture."""
     tasks = [*edits(5, picture=noise_picture(1)), *edits(6, picture=noise_picture(2))]
-    batched = tiny_engine.render(RenderBatch(edit_params(), tasks))
+    batched = tiny_engine.render(RenderBatch(params=edit_params(), tasks=tasks))
     for task, image in zip(tasks, batched, strict=True):
-        alone = tiny_engine.render(RenderBatch(edit_params(), [task]))[0]
+        alone = tiny_engine.render(RenderBatch(params=edit_params(), tasks=[task]))[0]
         assert np.allclose(pixels(image), pixels(alone), atol=2)
     assert np.abs(pixels(batched[0]) - pixels(batched[1])).mean() > 1.0
 
@@ -312,14 +312,14 @@ def test_edit_starts_from_the_picture_and_strength_sets_how_far_it_moves(
 ) -> None:
     # In latent space: the random tiny VAE does not give a picture back in pixels.
     with torch.inference_mode():
-        picture = tiny_engine._encode([noise_picture(0)], edit_params())[0]
+        picture = tiny_engine.latent_codec.encode([noise_picture(0)], edit_params())[0]
         distance = {}
         for strength in (0.2, 0.5, 1.0):
-            batch = RenderBatch(edit_params(strength=strength), edits(3))
+            batch = RenderBatch(params=edit_params(strength=strength), tasks=edits(3))
             distance[strength] = (tiny_engine._denoise(batch)[0] - picture).abs().mean().item()
-        other = tiny_engine._encode([noise_picture(9)], edit_params())[0]
+        other = tiny_engine.latent_codec.encode([noise_picture(9)], edit_params())[0]
         other_edit = tiny_engine._denoise(
-            RenderBatch(edit_params(strength=0.2), edits(3, picture=noise_picture(9)))
+            RenderBatch(params=edit_params(strength=0.2), tasks=edits(3, picture=noise_picture(9)))
         )[0]
     assert distance[0.2] < distance[0.5] < distance[1.0]
     assert (other_edit - other).abs().mean() < (other_edit - picture).abs().mean()
@@ -333,8 +333,8 @@ def test_inpainting_keeps_the_latents_outside_the_mask(
     """diffusers' guarantee for 4-channel UNets: outside the mask the result is the picture."""
     edit = edit_params(RenderKind.INPAINT, refiner=mode, strength=strength)
     with torch.inference_mode():
-        picture = tiny_engine._encode([noise_picture(0)], edit)
-        latents = tiny_engine._denoise(RenderBatch(edit, edits(1, 2, mask=LEFT_HALF)))
+        picture = tiny_engine.latent_codec.encode([noise_picture(0)], edit)
+        latents = tiny_engine._denoise(RenderBatch(params=edit, tasks=edits(1, 2, mask=LEFT_HALF)))
     kept, repainted = slice(4, 8), slice(0, 4)  # latent columns (8 px each)
     assert torch.equal(latents[..., kept], picture.expand(2, -1, -1, -1)[..., kept])
     assert (latents[0, ..., repainted] - latents[1, ..., repainted]).abs().mean() > 0.01
@@ -362,7 +362,9 @@ def test_edit_splits_its_steps_between_base_and_refiner(
     expected: dict[str, int],
 ) -> None:
     mask = LEFT_HALF if kind is RenderKind.INPAINT else None
-    batch = RenderBatch(edit_params(kind, refiner=mode, strength=strength), edits(1, mask=mask))
+    batch = RenderBatch(
+        params=edit_params(kind, refiner=mode, strength=strength), tasks=edits(1, mask=mask)
+    )
     with count_unet_calls(tiny_engine) as calls:
         tiny_engine.render(batch)
     assert calls == expected
@@ -371,7 +373,7 @@ def test_edit_splits_its_steps_between_base_and_refiner(
 def test_a_light_ensemble_edit_at_30_steps_is_the_refiners_alone(tiny_engine: Engine) -> None:
     # strength 0.21 > 1 - 0.8, yet its first step (t=166 of 30 leading steps) is
     # below the cut-off at t=200: the base would add noise and hand over a step early.
-    batch = RenderBatch(edit_params(steps=30, strength=0.21), edits(1))
+    batch = RenderBatch(params=edit_params(steps=30, strength=0.21), tasks=edits(1))
     with count_unet_calls(tiny_engine) as calls:
         tiny_engine.render(batch)
     assert calls == {"base": 0, "refiner": int(30 * 0.21)}
@@ -381,7 +383,7 @@ def test_edit_reports_its_vae_encode_stage(tiny_engine: Engine) -> None:
     stages: list[str] = []
     tiny_engine.stage_observer = lambda stage, seconds: stages.append(stage)
     try:
-        tiny_engine.render(RenderBatch(edit_params(), edits(1)))
+        tiny_engine.render(RenderBatch(params=edit_params(), tasks=edits(1)))
     finally:
         tiny_engine.stage_observer = None
     assert stages == ["vae_encode", "base", "refiner", "decode"]
@@ -391,7 +393,7 @@ def test_the_n_images_of_a_request_encode_their_picture_once(tiny_engine: Engine
     encodes = []
     hook = tiny_engine.vae.encoder.register_forward_hook(lambda *_: encodes.append(1))
     try:
-        tiny_engine.render(RenderBatch(edit_params(), edits(1, 2, 3)))
+        tiny_engine.render(RenderBatch(params=edit_params(), tasks=edits(1, 2, 3)))
     finally:
         hook.remove()
     assert len(encodes) == 1
@@ -401,7 +403,7 @@ def test_edit_leaves_the_vae_in_its_own_dtype(tiny_settings_factory) -> None:
     """diffusers' own encode would cast the shared VAE to the UNet dtype after upcasting."""
     engine = Engine.load(tiny_settings_factory(vae_dtype="bf16"))
     for kind, mask in [(RenderKind.IMAGE_TO_IMAGE, None), (RenderKind.INPAINT, LEFT_HALF)]:
-        engine.render(RenderBatch(edit_params(kind, steps=4), edits(1, mask=mask)))
+        engine.render(RenderBatch(params=edit_params(kind, steps=4), tasks=edits(1, mask=mask)))
         assert engine.vae.dtype == torch.bfloat16
         assert engine.base.unet.dtype == torch.float32
 
@@ -416,7 +418,7 @@ def test_should_stop_cancels_the_render_within_a_step(tiny_engine: Engine) -> No
         polls.append(1)
         return len(polls) >= 3
 
-    batch = RenderBatch(params(steps=20), tasks(1), should_stop=stop_on_third_poll)
+    batch = RenderBatch(params=params(steps=20), tasks=tasks(1), should_stop=stop_on_third_poll)
     with count_unet_calls(tiny_engine) as calls, pytest.raises(RenderCancelled):
         tiny_engine.render(batch)
     # Polled before the base, then after each step: stopped after step 2 of 20.
@@ -433,7 +435,9 @@ def test_should_stop_is_checked_between_stages(tiny_engine: Engine) -> None:
         # Poll 1 precedes the base, polls 2..9 follow its steps; 10 is the hand-over.
         return len(polls) == 1 + base_steps + 1
 
-    batch = RenderBatch(params(steps=10), tasks(1), should_stop=stop_once_the_base_is_done)
+    batch = RenderBatch(
+        params=params(steps=10), tasks=tasks(1), should_stop=stop_once_the_base_is_done
+    )
     with count_unet_calls(tiny_engine) as calls, pytest.raises(RenderCancelled):
         tiny_engine.render(batch)
     assert calls == {"base": base_steps, "refiner": 0}
@@ -444,7 +448,9 @@ def test_a_cancelled_batch_stops_decoding_between_images(tiny_engine: Engine) ->
     # 4 steps at 0.8: polls 1-7 cover the stages (3 base + 1 refiner steps); 8 comes
     # after the first image is decoded.
     batch = RenderBatch(
-        params(), tasks(1, 2, 3), should_stop=lambda: polls.append(1) or len(polls) >= 8
+        params=params(),
+        tasks=tasks(1, 2, 3),
+        should_stop=lambda: polls.append(1) or len(polls) >= 8,
     )
     decodes = []
     hook = tiny_engine.vae.decoder.register_forward_hook(lambda *_: decodes.append(1))
@@ -464,14 +470,14 @@ def test_out_of_memory_is_reported_and_the_engine_keeps_working(
 
     monkeypatch.setattr(tiny_engine.base.unet, "forward", exhausted)
     with pytest.raises(OutOfMemory) as raised:
-        tiny_engine.render(RenderBatch(params(), tasks(1, 2)))
+        tiny_engine.render(RenderBatch(params=params(), tasks=tasks(1, 2)))
     message = str(raised.value)
     assert "out of memory" in message
     assert "2 image(s) at 64x64" in message
     assert "Tried to allocate 20.00 GiB" in message
 
     monkeypatch.undo()
-    assert len(tiny_engine.render(RenderBatch(params(), tasks(1)))) == 1
+    assert len(tiny_engine.render(RenderBatch(params=params(), tasks=tasks(1)))) == 1
 
 
 # --- optimisations -----------------------------------------------------------
@@ -492,7 +498,7 @@ def test_channels_last_and_fused_qkv_render_the_same_image(
         assert processors == {FusedAttnProcessor2_0}
 
     for mode in (RefinerMode.ENSEMBLE, RefinerMode.SEQUENTIAL):
-        batch = RenderBatch(params(refiner=mode), tasks(21, 22))
+        batch = RenderBatch(params=params(refiner=mode), tasks=tasks(21, 22))
         plain_images = tiny_engine.render(batch)
         optimised_images = optimised.render(batch)
         for plain, fast in zip(plain_images, optimised_images, strict=True):
@@ -504,7 +510,7 @@ def test_eager_attention_renders_the_same_image(tiny_engine: Engine, tiny_settin
 
     eager = Engine.load(tiny_settings_factory(attention="eager"))
     assert set(map(type, eager.base.unet.attn_processors.values())) == {AttnProcessor}
-    batch = RenderBatch(params(), tasks(31))
+    batch = RenderBatch(params=params(), tasks=tasks(31))
     assert np.allclose(pixels(tiny_engine.render(batch)[0]), pixels(eager.render(batch)[0]), atol=2)
 
 
@@ -512,7 +518,7 @@ def test_bf16_vae_decode_is_close_to_float32(tiny_engine: Engine, tiny_settings_
     bf16_vae = Engine.load(tiny_settings_factory(vae_dtype="bf16"))
     assert bf16_vae.vae.dtype == torch.bfloat16
     assert bf16_vae.base.unet.dtype == torch.float32
-    batch = RenderBatch(params(), tasks(41))
+    batch = RenderBatch(params=params(), tasks=tasks(41))
     difference = np.abs(pixels(tiny_engine.render(batch)[0]) - pixels(bf16_vae.render(batch)[0]))
     assert difference.mean() < 3
 
@@ -539,7 +545,7 @@ def test_auto_preset_falls_back_to_tiny_with_a_warning(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with caplog.at_level(logging.WARNING, logger=engine_module.__name__):
+    with caplog.at_level(logging.WARNING, logger=devices.__name__):
         assert resolve_preset(Settings(preset=Preset.AUTO)) is Preset.TINY
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings and "TINY" in warnings[0].getMessage()
@@ -599,9 +605,9 @@ def test_half_precision_engine_renders_close_to_float32(
     engine = Engine.load(tiny_settings_factory(dtype=dtype))
     assert engine.base.unet.dtype == engine.refiner.unet.dtype == getattr(torch, dtype)
     for mode in RefinerMode:
-        batch = RenderBatch(params(refiner=mode), tasks(5))
+        batch = RenderBatch(params=params(refiner=mode), tasks=tasks(5))
         half, full = engine.render(batch)[0], tiny_engine.render(batch)[0]
         difference = np.abs(pixels(half) - pixels(full)).mean()
         assert difference < 3, f"{dtype} {mode}: mean pixel difference {difference:.1f}"
-    edit = engine.render(RenderBatch(edit_params(steps=4), edits(1)))[0]
+    edit = engine.render(RenderBatch(params=edit_params(steps=4), tasks=edits(1)))[0]
     assert edit.mode == "RGB"

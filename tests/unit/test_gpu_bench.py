@@ -11,7 +11,13 @@ from pathlib import Path
 import torch
 
 from bench import gpu_bench
-from sdxl_service.tiny import assemble_pipelines, build_clip_tokenizer, build_modules
+from sdxl_service.engine.components import (
+    assemble_pipelines,
+    build_clip_tokenizer,
+    build_modules,
+    scheduler_config,
+)
+from sdxl_service.engine.handover import ensemble_split
 
 REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "bench" / "gpu_bench.py"
@@ -52,11 +58,12 @@ def test_default_workload_is_1024px_30_steps_at_high_noise_frac_0_8() -> None:
     assert args.dtype == ["fp16", "bf16"]
     # Not 24 + 6: SDXL's Euler schedule ("leading", 33 apart: 958, 925, ..., 1) has
     # 23 timesteps at or above diffusers' cut-off of 1000 * (1 - 0.8) = 200.
-    assert gpu_bench.ensemble_split(30, 0.8) == (23, 7)
+    assert gpu_bench.workload_split(args) == (23, 7)
 
 
 def test_reported_split_is_what_the_engine_runs(tiny_engine) -> None:
-    from sdxl_service.jobs import ImageTask, RefinerMode, RenderBatch, RenderParams
+    from sdxl_service.choices import RefinerMode
+    from sdxl_service.jobs import ImageTask, RenderBatch, RenderParams
 
     calls = {"base": 0, "refiner": 0}
     hooks = [
@@ -68,12 +75,20 @@ def test_reported_split_is_what_the_engine_runs(tiny_engine) -> None:
         ),
     ]
     try:
-        params = RenderParams(64, 64, 30, 5.0, 0.8, RefinerMode.ENSEMBLE, "euler")
-        tiny_engine.render(RenderBatch(params, [ImageTask("x", "", 0)]))
+        params = RenderParams(
+            width=64,
+            height=64,
+            steps=30,
+            guidance_scale=5.0,
+            high_noise_frac=0.8,
+            refiner=RefinerMode.ENSEMBLE,
+            scheduler="euler",
+        )
+        tiny_engine.render(RenderBatch(params=params, tasks=[ImageTask(prompt="x", seed=0)]))
     finally:
         for hook in hooks:
             hook.remove()
-    assert (calls["base"], calls["refiner"]) == gpu_bench.ensemble_split(30, 0.8)
+    assert (calls["base"], calls["refiner"]) == ensemble_split(30, 0.8, "euler", scheduler_config())
 
 
 def test_matrix_adds_one_optimisation_at_a_time_and_compiles_last() -> None:

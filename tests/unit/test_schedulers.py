@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import diffusers
 import pytest
 from diffusers import (
     DDIMScheduler,
@@ -11,8 +12,10 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
-from sdxl_service.schedulers import DEFAULT_SCHEDULER, SCHEDULERS, make_scheduler
-from sdxl_service.tiny import scheduler_config
+from sdxl_service.choices import SchedulerName
+from sdxl_service.engine.components import scheduler_config
+from sdxl_service.schedulers import SCHEDULERS, make_scheduler
+from sdxl_service.settings import Settings
 
 EXPECTED_CLASSES = {
     "euler": EulerDiscreteScheduler,
@@ -68,6 +71,15 @@ def test_unknown_name_lists_the_valid_ones() -> None:
         assert name in message
 
 
-def test_default_is_sdxls_own_euler() -> None:
-    assert DEFAULT_SCHEDULER == "euler"
-    assert SCHEDULERS[DEFAULT_SCHEDULER].class_name == "EulerDiscreteScheduler"
+def test_every_choice_has_a_recipe_of_a_diffusers_scheduler() -> None:
+    assert set(SCHEDULERS) == set(SchedulerName)
+    for name, recipe in SCHEDULERS.items():
+        scheduler_class = getattr(diffusers, recipe.class_name, None)
+        assert scheduler_class is not None, name
+        assert issubclass(scheduler_class, diffusers.SchedulerMixin), name
+
+
+def test_default_setting_builds_sdxls_own_euler() -> None:
+    # The field's default, not Settings(): SDXL_SCHEDULER in the environment must not count.
+    default = Settings.model_fields["scheduler"].default
+    assert type(make_scheduler(default, scheduler_config())) is EulerDiscreteScheduler

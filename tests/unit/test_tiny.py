@@ -11,12 +11,11 @@ from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipelin
 from transformers import CLIPTokenizer
 
 from sdxl_service import tiny
+from sdxl_service.engine.components import EOS_TOKEN, build_clip_tokenizer
 from sdxl_service.tiny import (
     BASE_TIME_IDS,
-    EOS_TOKEN,
     REFINER_TIME_IDS,
     TINY_VERSION,
-    build_clip_tokenizer,
     build_tiny_pipelines,
     ensure_tiny_pair,
 )

@@ -1,0 +1,104 @@
+"""Where and in what precision the models run: the `auto` settings resolved, dtypes by name."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from ..choices import DType, Preset
+from ..settings import Settings
+
+logger = logging.getLogger(__name__)
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return _DTYPES[name.strip().lower()]
+    except KeyError:
+        raise ValueError(
+            f"unknown dtype {name!r}; use float16/fp16, bfloat16/bf16 or float32/fp32"
+        ) from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def cast_module(module: Any, dtype: torch.dtype) -> Any:
+    """`module` in `dtype`, in place.
+
+    Not `ModelMixin.to(dtype)`: diffusers 0.42 warns there about float32-only
+    submodules even when a model declares none.
+    """
+    casts = {torch.float32: "float", torch.float16: "half", torch.bfloat16: "bfloat16"}
+    if dtype not in casts:
+        raise ValueError(f"cannot cast a module to {dtype}")
+    return getattr(module, casts[dtype])()
+
+
+def resolve_preset(settings: Settings) -> Preset:
+    if settings.preset is not Preset.AUTO:
+        return Preset(settings.preset)
+    if torch.cuda.is_available():
+        return Preset.SDXL
+    logger.warning(
+        "!!! No CUDA GPU found: SDXL_PRESET=auto falls back to the TINY preset, a random-weight "
+        "SDXL pair whose images are noise. Set SDXL_PRESET=sdxl to load the real models anyway. !!!"
+    )
+    return Preset.TINY
+
+
+def resolve_device(settings: Settings) -> str:
+    if settings.device != "auto":
+        return settings.device
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def resolve_dtype(settings: Settings, device: str) -> torch.dtype:
+    if settings.dtype != DType.AUTO:
+        return parse_dtype(settings.dtype)
+    return torch.float16 if device.startswith("cuda") else torch.float32
+
+
+def resolve_vae_dtype(settings: Settings, dtype: torch.dtype, vae: Any) -> torch.dtype:
+    """The dtype the VAE decodes in.
+
+    `auto` follows the pipeline dtype, except fp16 with a VAE that declares
+    `force_upcast` (the stock SDXL VAE, which overflows to NaN in fp16): that
+    one decodes in float32, as diffusers does, but is kept there instead of
+    being cast up and down around every decode.
+    """
+    if settings.vae_dtype != DType.AUTO:
+        return parse_dtype(settings.vae_dtype)
+    if dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+        return torch.float32
+    return dtype
+
+
+def is_cuda(device: str | torch.device) -> bool:
+    return torch.device(device).type == "cuda"
+
+
+def synchronize(device: str | torch.device) -> None:
+    kind = torch.device(device).type
+    if kind == "cuda":
+        torch.cuda.synchronize(device)
+    elif kind == "mps":
+        torch.mps.synchronize()

@@ -1,0 +1,322 @@
+"""The Engine: both SDXL pipelines on one device, rendering one batch of images at a time."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+from ..choices import Preset, RefinerMode, RenderKind, SchedulerName
+from ..jobs import ImageTask, OutOfMemory, RenderBatch, RenderCancelled, RenderParams
+from ..schedulers import make_scheduler
+from ..settings import Settings
+from .devices import (
+    dtype_name,
+    is_cuda,
+    resolve_device,
+    resolve_dtype,
+    resolve_preset,
+    synchronize,
+)
+from .handover import ensemble_split, refiner_handover
+from .latents import LatentCodec
+from .loading import edit_pipelines, load_pipelines
+from .optimisations import COMPILE_MODE, apply_optimisations
+from .prompts import base_prompt_embeddings
+
+logger = logging.getLogger(__name__)
+
+StageObserver = Callable[[str, float], None]
+
+
+@dataclass(frozen=True)
+class DenoisePlan:
+    """What one batch runs: which pipelines, which stages, where the refiner takes over."""
+
+    base: Any  # the base pipeline for the render kind (text-to-image, img2img or inpaint)
+    refiner: Any
+    encodes_init_images: bool  # edits: the init images are the starting latents
+    inpaints: bool
+    base_runs: bool
+    denoising_end: float | None  # where the base stops; None: at the end of its schedule
+    refiner_handover: dict[str, Any] | None  # None: no refiner pass
+
+
+class Engine:
+    """Both SDXL pipelines on one device, rendering one `RenderBatch` at a time."""
+
+    def __init__(
+        self,
+        base: Any,
+        refiner: Any,
+        settings: Settings,
+        *,
+        preset: Preset = Preset.SDXL,
+        device: str | None = None,
+        dtype: torch.dtype | None = None,
+        base_source: str = "",
+        refiner_source: str = "",
+        stage_observer: StageObserver | None = None,
+        force_compile: bool = False,
+        compile_mode: str = COMPILE_MODE,
+    ) -> None:
+        self.base = base
+        self.refiner = refiner
+        self.settings = settings
+        self.preset = preset
+        self.device = device or str(base.device)
+        self.dtype = dtype or base.unet.dtype
+        self.base_source = base_source
+        self.refiner_source = refiner_source
+        self.stage_observer = stage_observer
+        self.native_resolution = int(base.unet.config.sample_size) * int(base.vae_scale_factor)
+        # Kept apart: each render gets fresh schedulers built from these.
+        self._base_scheduler_config = dict(base.scheduler.config)
+        self._refiner_scheduler_config = dict(refiner.scheduler.config)
+        for pipeline in (base, refiner):
+            pipeline.set_progress_bar_config(disable=True)
+        # Edits run the same modules through these (no extra memory).
+        self.base_img2img, self.base_inpaint, self.refiner_inpaint = edit_pipelines(base, refiner)
+        self.latent_codec = LatentCodec(base.vae, device=self.device, dtype=self.dtype)
+        self.optimisations = apply_optimisations(
+            base,
+            refiner,
+            settings,
+            device=self.device,
+            dtype=self.dtype,
+            force_compile=force_compile,
+            compile_mode=compile_mode,
+        )
+
+    @classmethod
+    def load(cls, settings: Settings, stage_observer: StageObserver | None = None) -> Engine:
+        # Here, not at the top: tiny builds its pair with this package's components.
+        from ..tiny import ensure_tiny_pair
+
+        preset = resolve_preset(settings)
+        device = resolve_device(settings)
+        dtype = resolve_dtype(settings, device)
+        if preset is Preset.TINY:
+            base_dir, refiner_dir = ensure_tiny_pair(settings.cache_dir)
+            base_source, refiner_source = str(base_dir), str(refiner_dir)
+        else:
+            base_source, refiner_source = settings.base_model, settings.refiner_model
+        # Half-precision variants halve the download; fp32 runs want the full weights.
+        variant = settings.variant if is_cuda(device) and dtype != torch.float32 else None
+
+        started = time.perf_counter()
+        base, refiner = load_pipelines(base_source, refiner_source, dtype=dtype, variant=variant)
+        base.to(device)
+        refiner.to(device)  # moves only the refiner's UNet: the rest is shared or already there
+        engine = cls(
+            base,
+            refiner,
+            settings,
+            preset=preset,
+            device=device,
+            dtype=dtype,
+            base_source=base_source,
+            refiner_source=refiner_source,
+            stage_observer=stage_observer,
+        )
+        logger.info(
+            "pipelines loaded in %.1f s: %s", time.perf_counter() - started, engine.describe()
+        )
+        return engine
+
+    @property
+    def vae(self) -> Any:
+        return self.base.vae
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "base": self.base_source,
+            "refiner": self.refiner_source,
+            "preset": str(self.preset),
+            "device": self.device,
+            "dtype": dtype_name(self.dtype),
+            "native_resolution": self.native_resolution,
+            "optimisations": dict(self.optimisations),
+        }
+
+    def warmup(self, steps: int = 2) -> None:
+        """One small render at native resolution (compiles kernels when compile is on)."""
+        side = self.native_resolution
+        params = RenderParams(
+            width=side,
+            height=side,
+            steps=steps,
+            guidance_scale=5.0,
+            high_noise_frac=0.5,
+            refiner=RefinerMode.ENSEMBLE,
+            scheduler=SchedulerName.EULER,
+        )
+        self.render(RenderBatch(params=params, tasks=[ImageTask(prompt="warmup", seed=0)]))
+
+    # --- rendering ----------------------------------------------------------
+
+    def render(self, batch: RenderBatch) -> list[Image.Image]:
+        """RGB images of `params.width` x `params.height`, in task order."""
+        if not batch.tasks:
+            return []
+        out_of_memory: str | None = None
+        try:
+            with torch.inference_mode():
+                return self._render(batch)
+        except torch.OutOfMemoryError as error:
+            # Only the message leaves this block: the traceback pins the frames
+            # (and their tensors) until the handler ends.
+            out_of_memory = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        self._free_memory()
+        params = batch.params
+        raise OutOfMemory(
+            f"{self.device} ran out of memory rendering {len(batch.tasks)} image(s) at "
+            f"{params.width}x{params.height}; try fewer images or a smaller size"
+            + (f" ({out_of_memory})" if out_of_memory else "")
+        )
+
+    def _free_memory(self) -> None:
+        gc.collect()
+        if is_cuda(self.device):
+            torch.cuda.empty_cache()
+
+    def _render(self, batch: RenderBatch) -> list[Image.Image]:
+        latents = self._denoise(batch)
+        self._check_stop(batch)
+        with self._stage("decode"):
+            return self.latent_codec.decode(latents, batch.should_stop)
+
+    def _plan(self, params: RenderParams) -> DenoisePlan:
+        mode = RefinerMode(params.refiner)
+        kind = RenderKind(params.kind)
+        edit = kind is not RenderKind.TEXT_TO_IMAGE
+        if kind is RenderKind.INPAINT:
+            base, refiner = self.base_inpaint, self.refiner_inpaint
+        elif edit:
+            base, refiner = self.base_img2img, self.refiner
+        else:
+            base, refiner = self.base, self.refiner
+        # An edit starts at noise level `strength`. In the ensemble the base takes
+        # the part of that above high_noise_frac; when none is, the refiner alone
+        # edits from `strength` (handing it un-denoised base latents at
+        # denoising_start would start it from a noise level they do not have).
+        base_runs = True
+        if edit and mode is RefinerMode.ENSEMBLE:
+            base_steps, _ = ensemble_split(
+                params.steps,
+                params.high_noise_frac,
+                params.scheduler,
+                self._base_scheduler_config,
+                strength=params.strength,
+            )
+            base_runs = base_steps > 0
+        return DenoisePlan(
+            base=base,
+            refiner=refiner,
+            encodes_init_images=edit,
+            inpaints=kind is RenderKind.INPAINT,
+            base_runs=base_runs,
+            denoising_end=params.high_noise_frac if mode is RefinerMode.ENSEMBLE else None,
+            refiner_handover=refiner_handover(params, base_runs=base_runs),
+        )
+
+    def _denoise(self, batch: RenderBatch) -> torch.Tensor:
+        """The batch's final latents: base and refiner as its RenderParams say."""
+        params = batch.params
+        plan = self._plan(params)
+        prompts = [task.prompt for task in batch.tasks]
+        negative_prompts = [task.negative_prompt for task in batch.tasks]
+
+        # 1. Generators and the arguments both stages share
+        # One CPU generator per image: the same seed gives the same starting noise
+        # on any machine (CPU dev box or any GPU), and an image does not depend on
+        # its neighbours in the batch. Drawing 4 x h/8 x w/8 numbers on the CPU and
+        # copying them costs microseconds next to a UNet step.
+        generators = [torch.Generator("cpu").manual_seed(task.seed) for task in batch.tasks]
+
+        def stop_if_asked(_pipeline: Any, _step: int, _timestep: Any, tensors: dict) -> dict:
+            self._check_stop(batch)
+            return tensors
+
+        common = {
+            "num_inference_steps": params.steps,
+            "guidance_scale": params.guidance_scale,
+            "num_images_per_prompt": 1,
+            "generator": generators,
+            "output_type": "latent",
+            "callback_on_step_end": stop_if_asked,
+        }
+        size = {"width": params.width, "height": params.height}
+
+        # 2. Encode the init images and masks (edits)
+        latents: torch.Tensor | None = None
+        base_inputs: dict[str, Any] = dict(size)
+        refiner_inputs: dict[str, Any] = {}
+        if plan.encodes_init_images:
+            self._check_stop(batch)
+            with self._stage("vae_encode"):
+                latents = self.latent_codec.encode(
+                    [task.init_image for task in batch.tasks], params
+                )
+            base_inputs = {"image": latents, "strength": params.strength}
+            if plan.inpaints:
+                masks = [self._mask(task, params) for task in batch.tasks]
+                refiner_inputs = {"mask_image": masks, **size}
+                base_inputs |= refiner_inputs
+
+        # 3. Base
+        if plan.base_runs:
+            self._check_stop(batch)
+            with self._stage("base"):
+                plan.base.scheduler = make_scheduler(params.scheduler, self._base_scheduler_config)
+                embeddings = base_prompt_embeddings(
+                    self.base, prompts, negative_prompts, params.guidance_scale
+                )
+                latents = plan.base(
+                    **embeddings, **base_inputs, denoising_end=plan.denoising_end, **common
+                ).images
+        assert latents is not None  # the base ran, or the edit's latents were encoded
+
+        # 4. Refiner
+        if plan.refiner_handover is None:
+            return latents
+        self._check_stop(batch)
+        with self._stage("refiner"):
+            plan.refiner.scheduler = make_scheduler(
+                params.scheduler, self._refiner_scheduler_config
+            )
+            refined: torch.Tensor = plan.refiner(
+                prompt=prompts,
+                negative_prompt=negative_prompts,
+                image=latents,
+                **plan.refiner_handover,
+                **refiner_inputs,
+                **common,
+            ).images
+            return refined
+
+    @staticmethod
+    def _mask(task: ImageTask, params: RenderParams) -> Image.Image:
+        if task.mask is None:
+            raise ValueError("an inpaint render needs a mask for every task")
+        return Image.frombytes("L", (params.width, params.height), task.mask)
+
+    def _check_stop(self, batch: RenderBatch) -> None:
+        if batch.should_stop():
+            raise RenderCancelled("render cancelled: nobody waits for these images")
+
+    @contextmanager
+    def _stage(self, stage: str) -> Iterator[None]:
+        synchronize(self.device)
+        started = time.perf_counter()
+        yield
+        synchronize(self.device)
+        if self.stage_observer is not None:
+            self.stage_observer(stage, time.perf_counter() - started)

@@ -1,0 +1,103 @@
+"""The VAE's side of a render: raw RGB pictures to UNet latents, and latents back to images."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from PIL import Image
+
+from ..jobs import RenderCancelled, RenderParams
+
+
+def _never() -> bool:
+    return False
+
+
+class LatentCodec:
+    """Pictures <-> latents scaled as the UNets take them, over one (shared) VAE.
+
+    The VAE's dtype is read at every call: the optimisations may cast it after
+    the codec is made. `dtype` is the UNets' dtype, the one encoded latents get.
+    """
+
+    def __init__(self, vae: Any, *, device: str, dtype: torch.dtype) -> None:
+        self.vae = vae
+        self.device = device
+        self.dtype = dtype
+
+    def to_unet(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE latents -> the UNets' latent space, in the dtype and device of `latents`."""
+        config = self.vae.config
+        latents_mean = getattr(config, "latents_mean", None)
+        latents_std = getattr(config, "latents_std", None)
+        scaling_factor = float(config.scaling_factor)
+        if latents_mean is None or latents_std is None:
+            return latents * scaling_factor
+        mean, std = self._channel_stats(latents, latents_mean, latents_std)
+        return (latents - mean) * scaling_factor / std
+
+    def to_vae(self, latents: torch.Tensor) -> torch.Tensor:
+        """The inverse of `to_unet`."""
+        config = self.vae.config
+        latents_mean = getattr(config, "latents_mean", None)
+        latents_std = getattr(config, "latents_std", None)
+        scaling_factor = float(config.scaling_factor)
+        if latents_mean is None or latents_std is None:
+            return latents / scaling_factor
+        mean, std = self._channel_stats(latents, latents_mean, latents_std)
+        return latents * std / scaling_factor + mean
+
+    @staticmethod
+    def _channel_stats(
+        latents: torch.Tensor, mean: Any, std: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        def per_channel(values: Any) -> torch.Tensor:
+            tensor = torch.tensor(values, device=latents.device, dtype=latents.dtype)
+            return tensor.view(1, -1, 1, 1)
+
+        return per_channel(mean), per_channel(std)
+
+    def encode(self, images: list[bytes | None], params: RenderParams) -> torch.Tensor:
+        """Init images (raw RGB, params' width x height) -> latents as the UNets take them.
+
+        Done here, not by the pipelines: their encode casts the shared VAE to the
+        UNet dtype after upcasting it (undoing a float32 VAE kept for fp16), and
+        samples the posterior. Its mean is used instead, so the seed decides only
+        the added noise (SDXL's VAE posterior is narrow: no visible difference).
+        One image at a time, as in `decode`; the n images of one request share
+        their bytes and are encoded once.
+        """
+        vae = self.vae
+        encoded: dict[bytes, torch.Tensor] = {}
+        latents = []
+        for rgb in images:
+            if rgb is None:
+                raise ValueError(f"a {params.kind} render needs an init image for every task")
+            if rgb not in encoded:
+                pixels = torch.frombuffer(bytearray(rgb), dtype=torch.uint8)
+                pixels = pixels.view(params.height, params.width, 3).permute(2, 0, 1)[None]
+                sample = pixels.to(device=self.device, dtype=vae.dtype) / 127.5 - 1.0
+                encoded[rgb] = self.to_unet(vae.encode(sample).latent_dist.mode())
+            latents.append(encoded[rgb])
+        return torch.cat(latents).to(self.dtype)
+
+    def decode(
+        self, latents: torch.Tensor, should_stop: Callable[[], bool] = _never
+    ) -> list[Image.Image]:
+        """RGB images, one per latent; `should_stop` is polled between images."""
+        vae = self.vae
+        latents = self.to_vae(latents.to(device=self.device, dtype=vae.dtype))
+        images: list[Image.Image] = []
+        # One image at a time: decode at 1024 px is conv-bound already at batch 1,
+        # its float32 activations for a batch of 8 would take gigabytes, and a
+        # cancelled batch stops between images.
+        for one in latents.split(1):
+            if images and should_stop():
+                raise RenderCancelled("render cancelled: nobody waits for these images")
+            pixels = vae.decode(one, return_dict=False)[0]
+            pixels = (pixels.float() / 2 + 0.5).clamp(0, 1)
+            rgb = (pixels[0].permute(1, 2, 0) * 255).round().to(torch.uint8).cpu().numpy()
+            images.append(Image.fromarray(rgb))
+        return images

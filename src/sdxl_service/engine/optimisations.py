@@ -1,0 +1,92 @@
+"""The speed-ups the settings switch on: attention, VAE dtype, memory format, fused QKV, compile."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from ..choices import Attention
+from ..settings import Settings
+from .devices import cast_module, dtype_name, is_cuda, resolve_vae_dtype
+
+logger = logging.getLogger(__name__)
+
+COMPILE_MODE = "max-autotune"
+
+
+def apply_optimisations(
+    base: Any,
+    refiner: Any,
+    settings: Settings,
+    *,
+    device: str,
+    dtype: torch.dtype,
+    force_compile: bool = False,
+    compile_mode: str = COMPILE_MODE,
+) -> dict[str, Any]:
+    """Switch on the optimisations `settings` asks for; return what is on.
+
+    The one place the service and the GPU bench configure the models. Call it
+    once, on unoptimised pipelines already on `device`.
+    """
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    unets = [base.unet, refiner.unet]
+    vae = base.vae
+    applied: dict[str, Any] = {}
+
+    processor_class = AttnProcessor2_0 if settings.attention == Attention.SDPA else AttnProcessor
+    for module in [*unets, vae]:
+        module.set_attn_processor(processor_class())
+    applied["attention"] = str(settings.attention)
+
+    vae_dtype = resolve_vae_dtype(settings, dtype, vae)
+    if vae.dtype != vae_dtype:
+        cast_module(vae, vae_dtype)
+    applied["vae_dtype"] = dtype_name(vae_dtype)
+
+    if settings.channels_last:
+        for module in [*unets, vae]:
+            module.to(memory_format=torch.channels_last)
+    applied["channels_last"] = settings.channels_last
+
+    if settings.fuse_qkv:
+        if settings.attention == Attention.EAGER:
+            logger.warning(
+                "fuse_qkv runs the fused projections through SDPA; attention=eager ignored"
+            )
+            applied["attention"] = "sdpa"
+        # Module by module: the VAE is shared, and pipeline.fuse_qkv_projections
+        # on both pipelines would fuse it twice.
+        for module in [*unets, vae]:
+            module.fuse_qkv_projections()
+    applied["fuse_qkv"] = settings.fuse_qkv
+
+    compiled = False
+    if settings.compile:
+        if is_cuda(device) or force_compile:
+            _configure_inductor()
+            # In place (`Module.compile`), so the pipelines keep their own module
+            # types and configs.
+            for unet in unets:
+                unet.compile(mode=compile_mode, fullgraph=True)
+            vae.decoder.compile(mode=compile_mode, fullgraph=True)
+            compiled = True
+        else:
+            logger.warning("SDXL_COMPILE is on but the device is %s: not compiling", device)
+    applied["compile"] = compile_mode if compiled else False
+    return applied
+
+
+def _configure_inductor() -> None:
+    # The inductor settings diffusers' "accelerate inference of text-to-image
+    # diffusion models" guide uses for SDXL. Coordinate-descent tuning lengthens
+    # the (already minutes-long) max-autotune compile; not measured here yet.
+    import torch._inductor.config as inductor_config
+
+    inductor_config.conv_1x1_as_mm = True
+    inductor_config.coordinate_descent_tuning = True
+    inductor_config.epilogue_fusion = False
+    inductor_config.coordinate_descent_check_all_directions = True

@@ -1,0 +1,79 @@
+"""The base/refiner step split, as diffusers runs it on SDXL's schedule, without a UNet."""
+
+from __future__ import annotations
+
+import pytest
+
+from sdxl_service.choices import RefinerMode, RenderKind, SchedulerName
+from sdxl_service.engine.components import scheduler_config
+from sdxl_service.engine.handover import ensemble_split, refiner_handover, sequential_strength
+from sdxl_service.jobs import RenderParams
+
+
+def test_30_steps_at_0_8_split_23_base_and_7_refiner() -> None:
+    # Not 24 + 6: SDXL's Euler schedule ("leading", 33 apart: 958, 925, ..., 1) has
+    # 23 timesteps at or above diffusers' cut-off of 1000 * (1 - 0.8) = 200.
+    assert ensemble_split(30, 0.8, SchedulerName.EULER, scheduler_config()) == (23, 7)
+
+
+@pytest.mark.parametrize("scheduler", list(SchedulerName))
+def test_every_step_goes_to_one_of_the_two(scheduler: SchedulerName) -> None:
+    for steps in (10, 25, 30):
+        base, refiner = ensemble_split(steps, 0.8, scheduler, scheduler_config())
+        assert base > 0 and refiner > 0
+        assert base + refiner == steps
+
+
+@pytest.mark.parametrize(
+    ("steps", "strength", "expected"),
+    [
+        # The last 7 of 10 steps; 5 of them above 0.8's cut-off.
+        (10, 0.75, (5, 2)),
+        # strength 0.21 > 1 - 0.8, yet its first step (t=166) is below the cut-off at t=200.
+        (30, 0.21, (0, 6)),
+        (10, 0.15, (0, 1)),
+    ],
+)
+def test_an_edit_splits_only_the_steps_it_runs(
+    steps: int, strength: float, expected: tuple[int, int]
+) -> None:
+    split = ensemble_split(steps, 0.8, SchedulerName.EULER, scheduler_config(), strength=strength)
+    assert split == expected
+
+
+def test_sequential_strength_gives_the_refiner_its_share_of_steps() -> None:
+    # diffusers runs int(steps * strength) img2img steps.
+    for steps, frac, refiner_steps in [(30, 0.8, 6), (4, 0.8, 1), (10, 0.7, 3), (25, 0.8, 5)]:
+        strength = sequential_strength(steps, frac)
+        assert 0 < strength <= 1
+        assert int(steps * strength) == refiner_steps
+    assert int(10 * sequential_strength(10, 0.01)) == 10
+
+
+def params(refiner: RefinerMode, **overrides: object) -> RenderParams:
+    values: dict[str, object] = {
+        "width": 64,
+        "height": 64,
+        "steps": 10,
+        "guidance_scale": 5.0,
+        "high_noise_frac": 0.8,
+        "refiner": refiner,
+        "scheduler": SchedulerName.EULER,
+    }
+    return RenderParams(**{**values, **overrides})
+
+
+def test_refiner_handover_by_mode() -> None:
+    assert refiner_handover(params(RefinerMode.NONE), base_runs=True) is None
+    ensemble = refiner_handover(params(RefinerMode.ENSEMBLE), base_runs=True)
+    assert ensemble == {"denoising_start": 0.8}
+    sequential = refiner_handover(params(RefinerMode.SEQUENTIAL), base_runs=True)
+    assert sequential == {"strength": sequential_strength(10, 0.8)}
+
+
+def test_an_edit_refiner_never_renoises_more_than_the_edit() -> None:
+    light = params(RefinerMode.SEQUENTIAL, kind=RenderKind.IMAGE_TO_IMAGE, strength=0.15)
+    assert refiner_handover(light, base_runs=True) == {"strength": 0.15}
+    # With no base step, the refiner makes the whole edit from its strength.
+    alone = params(RefinerMode.ENSEMBLE, kind=RenderKind.IMAGE_TO_IMAGE, strength=0.15)
+    assert refiner_handover(alone, base_runs=False) == {"strength": 0.15}
