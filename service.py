@@ -95,18 +95,26 @@ class ImagesAPI:
     renderer = bentoml.depends(RenderService)
 
     def __init__(self) -> None:
-        from sdxl_service.files import open_file_store
+        from sdxl_service.files import FileSweeper, open_file_store
         from sdxl_service.metrics import ServiceMetrics
         from sdxl_service.render_client import BentoRenderClient
         from sdxl_service.serving import ImagesServing
 
         metrics = ServiceMetrics()
+        files = open_file_store(settings)
         self.serving = ImagesServing(
-            settings,
-            BentoRenderClient(self.renderer, metrics),
-            open_file_store(settings),
-            metrics,
+            settings, BentoRenderClient(self.renderer, metrics), files, metrics
         )
+        self.sweeper = FileSweeper(files)
+
+    @bentoml.on_startup
+    async def start_sweeping(self) -> None:
+        # Expired url files go on a timer, not only when a new one is stored.
+        self.sweeper.start()
+
+    @bentoml.on_shutdown
+    async def stop_sweeping(self) -> None:
+        await self.sweeper.stop()
 
 
 # Outermost first: a request without an accepted key is refused before its body is read.
