@@ -34,6 +34,10 @@ _KNOWN_PATHS = frozenset(
         "/v1/images/generations",
         "/v1/images/edits",
         "/v1/images/variations",
+        # The render service's APIs (service.py), called by the HTTP service.
+        "/generate",
+        "/cancel",
+        "/describe",
     }
 )
 _FILE_ROUTE = re.compile(r"^/v1/images/files/[^/]*$")

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import io
+import socket
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
 from PIL import Image
+
+from tests.polling import metric, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -165,3 +169,81 @@ def test_service_still_up_after_errors(http: httpx.Client) -> None:
         assert http.post("/images/generations", json=body).status_code == 400
     response = http.post("/images/generations", json={"prompt": "x", "size": "64x64"})
     assert response.status_code == 200
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1images/generations",
+        "/nothing/here",
+        "/v1/images/files/abc%0Adef",
+        "/v1/images/files/%0A",
+    ],
+)
+def test_paths_bentoml_would_answer_in_plain_text_get_the_envelope(service: Any, path: str) -> None:
+    response = httpx.post(f"{service.root}{path}", json={"prompt": "x"})
+    assert response.status_code in (404, 405), response.text
+    assert response.headers["content-type"].startswith("application/json")
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error"
+
+
+def test_bentoml_probes_and_metrics_keep_their_own_answers(service: Any) -> None:
+    assert httpx.get(f"{service.root}/livez").status_code == 200
+    metrics = httpx.get(f"{service.root}/metrics")
+    assert metrics.status_code == 200 and "sdxl_queue_images" in metrics.text
+
+
+def http_series(service: Any) -> set[str]:
+    """The label sets of BentoML's HTTP request metrics on /metrics."""
+    text = httpx.get(f"{service.root}/metrics").text
+    return {line.split(" ")[0] for line in text.splitlines() if "_request_total{" in line}
+
+
+def test_distinct_paths_do_not_grow_the_metrics(service: Any) -> None:
+    with httpx.Client(base_url=service.root) as client:
+        # Every route template once, then a thousand made-up paths and file ids.
+        for path in ("/v1/images/files/x", "/v1/nope", "/nope", "/v1/images/files/%0A"):
+            client.get(path)
+        before = http_series(service)
+        for i in range(500):
+            client.get(f"/v1/images/files/guess-{i}")
+            client.get(f"/made-up/{i}")
+        after = http_series(service)
+    assert after == before
+    assert any('endpoint="/v1/images/files/{file_id}"' in series for series in after)
+
+
+def requests_answered(service: Any, code: str) -> float:
+    return metric(
+        service.root,
+        "bentoml_service_request_total",
+        endpoint="/v1/images/generations",
+        http_response_code=code,
+    )
+
+
+def test_a_client_that_hangs_up_mid_body_is_answered_and_leaves_nothing_in_progress(
+    service: Any,
+) -> None:
+    address = urlsplit(service.root)
+    before = requests_answered(service, "499")
+    for _ in range(5):
+        with socket.create_connection((address.hostname, address.port)) as sock:
+            sock.sendall(
+                b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+                b'{"prompt":'
+            )
+    wait_until(
+        lambda: requests_answered(service, "499") >= before + 5,
+        timeout=60,
+        message="the five cut-off requests to be answered 499",
+    )
+    in_progress = metric(
+        service.root,
+        "bentoml_service_request_in_progress",
+        endpoint="/v1/images/generations",
+    )
+    assert in_progress == 0
