@@ -62,7 +62,13 @@ class BentoRenderClient:
         for attempt in range(1, CONNECT_ATTEMPTS + 1):
             try:
                 result = await self._handle.to_async.generate(job=job)
-                return GenerationOutcome.model_validate(result)
+                outcome = GenerationOutcome.model_validate(result)
+                if dropped and outcome.status is OutcomeStatus.LOADING:
+                    # Dropped, then answered by a worker that is still loading:
+                    # the one that held the call died and BentoML started anew
+                    # (on the same socket, so no refusal in between).
+                    return self._worker_lost()
+                return outcome
             except Exception as exc:
                 if not _is_connection_error(exc):
                     raise

@@ -92,3 +92,18 @@ def test_a_worker_that_dies_with_the_call_is_reported_at_once_and_counted() -> N
     assert outcome.retry_after and outcome.retry_after > 0
     assert handle.calls == 2  # no waiting out the other attempts
     assert registry.get_sample_value("sdxl_render_calls_lost_total") == 1
+
+
+class DroppingThenLoading(FlakyHandle):
+    """The worker dies holding the call; its successor, on the same socket, is loading."""
+
+    async def generate(self, job: GenerationJob) -> dict[str, Any]:
+        self.calls += 1
+        if self.calls == 1:
+            raise aiohttp.ServerDisconnectedError()
+        return {"status": "loading", "message": "loading", "retry_after": 10}
+
+
+def test_a_worker_replaced_on_the_same_socket_is_reported_as_restarted() -> None:
+    outcome = generate(DroppingThenLoading(0, ValueError()))
+    assert outcome.status is OutcomeStatus.WORKER_RESTARTED
