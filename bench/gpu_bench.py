@@ -7,13 +7,19 @@ directly on the GPU, so nothing is downloaded, and renders 1024x1024 images,
 
     python bench/gpu_bench.py --matrix          # baseline, then each optimisation added
     python bench/gpu_bench.py --dtype bf16 --channels-last --fuse-qkv --batch 1,8
+    python bench/gpu_bench.py --dtype fp16 --batch 1,2,4,8 --max-size 1536 \
+        --save-pretrained /tmp/weights          # also: the pair saved for `bentoml serve`
 
 `--matrix` compares every run's pixels with the unoptimised run of the same
 dtype (same random weights, same seeds) and runs torch.compile last, in a
-child process killed when the time budget (--budget-s) runs out. Results go to
-bench/results/gpu-<card>.json (rewritten after every run) and a markdown
-table to stdout. Exits 2 at once without CUDA. `--smoke` runs the same code on
-the CPU with the tiny configs: a check of the script, not a measurement.
+child process killed when the time budget (--budget-s) runs out. By default
+that row compiles the UNets' repeated transformer blocks (diffusers'
+`compile_repeated_blocks`, about a minute); `--matrix-compile full` compiles
+whole UNets and the VAE decoder as SDXL_COMPILE does (max-autotune: minutes).
+Results go to bench/results/gpu-<card>.json (rewritten after every render) and
+a markdown table to stdout. Exits 2 at once without CUDA. `--smoke` runs the
+same code on the CPU with the tiny configs: a check of the script, not a
+measurement. bench/gpu/run.sh runs this script as parts of the whole GPU run.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -59,6 +66,10 @@ PROMPTS = (
 NEGATIVE_PROMPT = "blurry, low quality, watermark"
 SCHEDULER = "euler"  # SDXL 1.0's own
 DTYPE_NAMES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+# What a config's `compile` switches on: the service's SDXL_COMPILE (whole UNets
+# and the VAE decoder, --compile-mode), or only the UNets' repeated transformer
+# blocks, compiled once per shape and reused by every block alike (fullgraph).
+COMPILE_FULL, COMPILE_BLOCKS = "full", "blocks"
 
 
 @dataclass(frozen=True)
@@ -69,7 +80,7 @@ class BenchConfig:
     attention: str = "eager"
     channels_last: bool = False
     fuse_qkv: bool = False
-    compile: bool = False
+    compile: str = ""  # "", COMPILE_FULL or COMPILE_BLOCKS
     vae_dtype: str = "auto"
 
     def settings(self, device: str, dtype: str) -> Any:
@@ -83,12 +94,12 @@ class BenchConfig:
             attention=self.attention,
             channels_last=self.channels_last,
             fuse_qkv=self.fuse_qkv,
-            compile=self.compile,
+            compile=self.compile == COMPILE_FULL,
             vae_dtype=self.vae_dtype,
         )
 
 
-def matrix_configs(dtype: str) -> list[BenchConfig]:
+def matrix_configs(dtype: str, compile_kind: str = COMPILE_BLOCKS) -> list[BenchConfig]:
     """The unoptimised run, then one optimisation added at a time (compile last)."""
     eager = BenchConfig("eager")
     steps = [
@@ -100,7 +111,7 @@ def matrix_configs(dtype: str) -> list[BenchConfig]:
     if dtype == "fp16":
         # fp16 runs decode in fp32 (the stock VAE overflows in fp16); bf16 does not overflow.
         steps.append(replace(steps[-1], name="+vae_bf16", vae_dtype="bf16"))
-    steps.append(replace(steps[-1], name="+compile", compile=True))
+    steps.append(replace(steps[-1], name="+compile", compile=compile_kind))
     return steps
 
 
@@ -121,6 +132,38 @@ def build_pair(configs: dict[str, dict[str, Any]], *, device: str, dtype: torch.
     return assemble_pipelines(modules)
 
 
+def save_pair(base: Any, refiner: Any, folder: Path, *, smoke: bool) -> None:
+    """The pair in diffusers layout with fp16-variant files, as the SDXL repos ship it,
+    for `bentoml serve` to load through the same `from_pretrained` path as real weights.
+
+    Saved before any optimisation (channels_last weights are not contiguous).
+    The smoke run also writes the default (variant-less) files, which the
+    service loads on a CPU; a GPU run in fp16 asks for the variant.
+    """
+    from sdxl_service.tiny import write_clip_tokenizer_files
+
+    staging = folder.with_name(folder.name + ".partial")
+    for name, pipeline in (("base", base), ("refiner", refiner)):
+        pipeline.save_pretrained(staging / name, variant="fp16")
+        if smoke:
+            pipeline.save_pretrained(staging / name)
+    # SDXL's tokenizer folders: vocab.json + merges.txt, as the tiny preset writes them.
+    write_clip_tokenizer_files(staging / "base" / "tokenizer")
+    write_clip_tokenizer_files(staging / "base" / "tokenizer_2", pad_token="!")
+    write_clip_tokenizer_files(staging / "refiner" / "tokenizer_2", pad_token="!")
+    (staging / "COMPLETE").write_text("random weights from bench/configs\n")
+    staging.rename(folder)
+
+
+def compile_repeated_blocks(base: Any, refiner: Any, device: str) -> str | bool:
+    """Compile both UNets' repeated transformer blocks (a CUDA device only, as the Engine)."""
+    if torch.device(device).type != "cuda":
+        return False
+    for unet in (base.unet, refiner.unet):
+        unet.compile_repeated_blocks(fullgraph=True)
+    return f"{COMPILE_BLOCKS}: UNet {', '.join(base.unet._repeated_blocks)}"
+
+
 def free_device_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
@@ -130,13 +173,13 @@ def free_device_memory() -> None:
 # --- measuring ---------------------------------------------------------------
 
 
-def make_batch(args: argparse.Namespace, n: int, steps: int) -> Any:
+def make_batch(args: argparse.Namespace, n: int, steps: int, size: int | None = None) -> Any:
     from sdxl_service.choices import RefinerMode
     from sdxl_service.jobs import ImageTask, RenderBatch, RenderParams
 
     params = RenderParams(
-        width=args.size,
-        height=args.size,
+        width=size or args.size,
+        height=size or args.size,
         steps=steps,
         guidance_scale=5.0,
         high_noise_frac=args.high_noise_frac,
@@ -177,8 +220,13 @@ def run_config(
     args: argparse.Namespace,
     deadline: Deadline,
     configs: dict[str, dict[str, Any]],
+    emit: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[tuple[int, int], np.ndarray]]:
-    """Build, optimise, warm up and time one config; return run records and the images."""
+    """Build, optimise, warm up and time one config; return run records and the images.
+
+    `emit` is called with the records so far after each of them, so that a run
+    killed halfway leaves what it measured.
+    """
     from sdxl_service.choices import Preset
     from sdxl_service.engine import Engine
 
@@ -190,6 +238,10 @@ def run_config(
     free_device_memory()
     started = time.monotonic()
     base, refiner = build_pair(configs, device=device, dtype=getattr(torch, DTYPE_NAMES[dtype]))
+    if args.save_pretrained and not Path(args.save_pretrained).is_dir():
+        progress(f"saving the pair to {args.save_pretrained}")
+        save_pair(base, refiner, Path(args.save_pretrained), smoke=args.smoke)
+        progress("saved")
     stage_seconds: dict[str, float] = {}
     engine = Engine(
         base,
@@ -205,32 +257,47 @@ def run_config(
         ),
         compile_mode=args.compile_mode,
     )
+    if config.compile == COMPILE_BLOCKS:
+        engine.optimisations["compile"] = compile_repeated_blocks(base, refiner, device)
     synchronize(device)
     build_s = time.monotonic() - started
     weights_gib = torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else None
     common["optimisations"] = engine.optimisations
 
     seconds_per_image: float | None = None
-    warm_batches: set[int] = set()
-    for n in args.batch:
-        # Compiled graphs are specialised to the batch size: warm up each one.
-        needs_warmup = not warm_batches or (config.compile and n not in warm_batches)
+    warm: set[tuple[int, int]] = set()
+    # The batches at the workload's size, then one image at --max-size.
+    shapes = [(n, args.size) for n in args.batch]
+    if args.max_size and args.max_size != args.size:
+        shapes.append((1, args.max_size))
+    for n, size in shapes:
+        # Compiled graphs are specialised to the shape: warm up each one; eager
+        # runs once, and again at a new size (cuDNN picks its kernels per shape).
+        needs_warmup = (
+            not warm
+            or size not in {s for _, s in warm}
+            or (config.compile and (n, size) not in warm)
+        )
         first_warmup = records[0].get("warmup_s", 0.0) if records else 0.0
         warmup_estimate = first_warmup if needs_warmup else 0.0
-        estimate = warmup_estimate + n * (seconds_per_image or 0.0) * 1.3
+        scale = n * (size / args.size) ** 2
+        estimate = warmup_estimate + scale * (seconds_per_image or 0.0) * 1.3
+        record: dict[str, Any] = {**common, "batch": n, "size": size}
         if seconds_per_image is not None and estimate > deadline.left():
-            records.append({**common, "batch": n, "status": "skipped: time budget"})
+            records.append({**record, "status": "skipped: time budget"})
+            if emit:
+                emit(records)
             continue
-        record: dict[str, Any] = {**common, "batch": n, "build_s": round(build_s, 2)}
+        record["build_s"] = round(build_s, 2)
         try:
             warmup_s = 0.0
             if needs_warmup:
                 synchronize(device)
                 t0 = time.monotonic()
-                engine.render(make_batch(args, n, WARMUP_STEPS))
+                engine.render(make_batch(args, n, WARMUP_STEPS, size))
                 synchronize(device)
                 warmup_s = time.monotonic() - t0
-                warm_batches.add(n)
+                warm.add((n, size))
             record["warmup_s"] = round(warmup_s, 2)
 
             stage_seconds.clear()
@@ -238,18 +305,21 @@ def run_config(
                 torch.cuda.reset_peak_memory_stats()
             synchronize(device)
             t0 = time.monotonic()
-            rendered = engine.render(make_batch(args, n, args.steps))
+            rendered = engine.render(make_batch(args, n, args.steps, size))
             synchronize(device)
             seconds = time.monotonic() - t0
         except Exception as error:  # OOM included: recorded, and the matrix goes on
             record.update(status="error", error=f"{type(error).__name__}: {error}"[:500])
             records.append(record)
+            if emit:
+                emit(records)
             free_device_memory()
             continue
-        if n == 1 or seconds_per_image is None:
+        if size == args.size and (n == 1 or seconds_per_image is None):
             seconds_per_image = seconds / n
-        for index, image in enumerate(rendered):
-            images[(n, index)] = np.asarray(image)
+        if size == args.size:
+            for index, image in enumerate(rendered):
+                images[(n, index)] = np.asarray(image)
         record.update(
             status="ok",
             seconds=round(seconds, 3),
@@ -262,8 +332,16 @@ def run_config(
                 if torch.cuda.is_available()
                 else None
             ),
+            # Closer to what nvidia-smi shows: the allocator's cache included.
+            peak_reserved_gib=(
+                round(torch.cuda.max_memory_reserved() / 2**30, 2)
+                if torch.cuda.is_available()
+                else None
+            ),
         )
         records.append(record)
+        if emit:
+            emit(records)
 
     del engine, base, refiner
     free_device_memory()
@@ -292,10 +370,12 @@ def attach_comparison(
     images: dict[tuple[int, int], np.ndarray],
     reference: dict[tuple[int, int], np.ndarray],
     reference_name: str,
+    size: int,
 ) -> None:
     per_image = compare(images, reference)
     for record in records:
-        if record.get("status") != "ok":
+        # Images are kept at the workload's size only (not the --max-size row).
+        if record.get("status") != "ok" or record.get("size") != size:
             continue
         batch_stats = [v for (n, _), v in per_image.items() if n == record["batch"]]
         if not batch_stats:
@@ -334,6 +414,8 @@ def run_in_child(
             str(args.high_noise_frac),
             "--compile-mode",
             args.compile_mode,
+            "--max-size",
+            str(args.max_size or 0),
             "--vae-dtype",
             config.vae_dtype,
             "--budget-s",
@@ -345,7 +427,9 @@ def run_in_child(
             "--eager" if config.attention == "eager" else "--sdpa",
         ]
         command += ["--channels-last"] * config.channels_last + ["--fuse-qkv"] * config.fuse_qkv
-        command += ["--compile"] * config.compile + ["--smoke"] * args.smoke
+        command += ["--compile"] * (config.compile == COMPILE_FULL)
+        command += ["--compile-blocks"] * (config.compile == COMPILE_BLOCKS)
+        command += ["--smoke"] * args.smoke
         started = time.monotonic()
         try:
             completed = subprocess.run(command, timeout=timeout, capture_output=True, text=True)
@@ -407,6 +491,7 @@ def write_results(path: Path, args: argparse.Namespace, runs: list[dict[str, Any
             "scheduler": SCHEDULER,
             "guidance_scale": 5.0,
             "batches": args.batch,
+            "max_size": args.max_size or None,
             "weights": "random, from bench/configs/*.json" if not args.smoke else "tiny configs",
             "compile_mode": args.compile_mode,
         },
@@ -418,10 +503,10 @@ def write_results(path: Path, args: argparse.Namespace, runs: list[dict[str, Any
 
 def markdown_table(runs: list[dict[str, Any]]) -> str:
     header = (
-        "| config | dtype | batch | s/image | images/s | base s | refiner s | decode s "
+        "| config | dtype | size | batch | s/image | images/s | base s | refiner s | decode s "
         "| peak GiB | max abs diff | min PSNR dB | status |"
     )
-    lines = [header, "|" + "---|" * 12]
+    lines = [header, "|" + "---|" * 13]
 
     def cell(value: Any) -> str:
         return "" if value is None else str(value)
@@ -438,6 +523,7 @@ def markdown_table(runs: list[dict[str, Any]]) -> str:
                 for v in (
                     run["config"],
                     run["dtype"],
+                    run.get("size"),
                     run.get("batch"),
                     run.get("seconds_per_image"),
                     run.get("images_per_s"),
@@ -477,8 +563,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     attention.add_argument("--eager", dest="attention", action="store_const", const="eager")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--fuse-qkv", action="store_true")
-    parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--compile-mode", default="max-autotune")
+    parser.add_argument("--compile", action="store_true", help="as SDXL_COMPILE: whole UNets")
+    parser.add_argument(
+        "--compile-blocks", action="store_true", help="the UNets' repeated blocks only"
+    )
+    parser.add_argument("--compile-mode", default="max-autotune", help="for --compile")
+    parser.add_argument(
+        "--matrix-compile",
+        default=COMPILE_BLOCKS,
+        choices=[COMPILE_BLOCKS, COMPILE_FULL],
+        help="what the matrix's +compile row compiles",
+    )
+    parser.add_argument(
+        "--max-size", type=int, default=0, help="then one image at this square side (0: none)"
+    )
+    parser.add_argument(
+        "--save-pretrained",
+        help="save the (unoptimised) pair here first, diffusers layout, fp16 variant",
+    )
     parser.add_argument("--vae-dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     parser.add_argument(
         "--budget-s",
@@ -517,13 +619,14 @@ def single_config(args: argparse.Namespace) -> BenchConfig:
         "fuse_qkv" if args.fuse_qkv else "",
         f"vae_{args.vae_dtype}" if args.vae_dtype != "auto" else "",
         "compile" if args.compile else "",
+        "compile_blocks" if args.compile_blocks else "",
     ]
     return BenchConfig(
         name="+".join(s for s in switches if s),
         attention=args.attention,
         channels_last=args.channels_last,
         fuse_qkv=args.fuse_qkv,
-        compile=args.compile,
+        compile=COMPILE_FULL if args.compile else COMPILE_BLOCKS if args.compile_blocks else "",
         vae_dtype=args.vae_dtype,
     )
 
@@ -539,7 +642,7 @@ def run_matrix(
     references: dict[str, dict[tuple[int, int], np.ndarray]] = {}
     compiled: list[tuple[BenchConfig, str]] = []
     for dtype in args.dtype:
-        for config in matrix_configs(dtype):
+        for config in matrix_configs(dtype, args.matrix_compile):
             if config.compile:
                 compiled.append((config, dtype))
                 continue
@@ -556,10 +659,12 @@ def run_matrix(
                 # itself compared with the first dtype's, which shows what the dtype costs.
                 if references:
                     first = next(iter(references))
-                    attach_comparison(records, images, references[first], f"eager {first}")
+                    attach_comparison(
+                        records, images, references[first], f"eager {first}", args.size
+                    )
                 references[dtype] = images
             else:
-                attach_comparison(records, images, references[dtype], f"eager {dtype}")
+                attach_comparison(records, images, references[dtype], f"eager {dtype}", args.size)
             runs += records
             write_results(path, args, runs)
 
@@ -568,7 +673,7 @@ def run_matrix(
     for config, dtype in compiled[:1]:
         progress(f"{config.name} {dtype} in a child ({deadline.left():.0f} s of budget left)")
         records, images = run_in_child(config, dtype, args, deadline)
-        attach_comparison(records, images, references.get(dtype, {}), f"eager {dtype}")
+        attach_comparison(records, images, references.get(dtype, {}), f"eager {dtype}", args.size)
         runs += records
         write_results(path, args, runs)
     return runs
@@ -597,7 +702,12 @@ def main(argv: list[str] | None = None) -> int:
         for dtype in args.dtype:
             config = single_config(args)
             progress(f"{config.name} {dtype}: building and running")
-            records, images = run_config(config, dtype, args, deadline, configs)
+            done = list(runs)
+
+            def emit(records: list[dict[str, Any]], done: list[dict[str, Any]] = done) -> None:
+                write_results(path, args, done + records)
+
+            records, images = run_config(config, dtype, args, deadline, configs, emit)
             runs += records
             all_images.update({f"{n}_{i}": image for (n, i), image in images.items()})
             write_results(path, args, runs)
