@@ -38,6 +38,11 @@ class SchedulerName(StrEnum):
     UNIPC = "unipc"
 
 
+class PromptSyntax(StrEnum):
+    A1111 = "a1111"  # AUTOMATIC1111's emphasis: (word:1.3), (word), [word], BREAK
+    NONE = "none"  # text taken literally (long prompts are still chunked)
+
+
 class Attention(StrEnum):
     SDPA = "sdpa"  # torch's scaled_dot_product_attention (flash / memory-efficient kernels)
     EAGER = "eager"  # diffusers' plain attention, for debugging

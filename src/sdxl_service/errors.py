@@ -112,6 +112,7 @@ _OUTCOME_ERRORS: dict[OutcomeStatus, tuple[int, str, bool]] = {
     OutcomeStatus.TIMEOUT: (504, "timeout", False),
     OutcomeStatus.OUT_OF_MEMORY: (503, "out_of_memory", False),
     OutcomeStatus.WORKER_RESTARTED: (503, "worker_restarted", True),
+    OutcomeStatus.INVALID_LORA: (400, "invalid_lora", False),
     OutcomeStatus.CANCELLED: (499, "cancelled", False),
     OutcomeStatus.ERROR: (500, "generation_failed", False),
 }
@@ -121,6 +122,8 @@ def outcome_error(outcome: GenerationOutcome) -> APIError:
     """The OpenAI error for a generation that ended without images."""
     status, code, should_retry = _OUTCOME_ERRORS[outcome.status]
     message = outcome.message or outcome.status.value
+    if outcome.status is OutcomeStatus.INVALID_LORA:
+        return invalid_value("loras", message, code=code)
     if should_retry:
         return unavailable(message, outcome.retry_after or LOADING_RETRY_AFTER, code, status)
     if status == 499:

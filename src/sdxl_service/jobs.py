@@ -30,7 +30,18 @@ class OutcomeStatus(StrEnum):
     OUT_OF_MEMORY = "out_of_memory"
     # The render worker died (killed, CUDA failure) while it held the images.
     WORKER_RESTARTED = "worker_restarted"
+    # A LoRA named by the request could not be applied (not an SDXL LoRA, damaged).
+    INVALID_LORA = "invalid_lora"
     ERROR = "error"
+
+
+class LoraWeight(BaseModel):
+    """One LoRA adapter of a render, by name (a file of SDXL_LORA_DIR), and its scale."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    scale: float
 
 
 class RenderParams(BaseModel):
@@ -48,6 +59,8 @@ class RenderParams(BaseModel):
     kind: RenderKind = RenderKind.TEXT_TO_IMAGE
     # Share of the schedule an edit re-noises and denoises (1.0 for text-to-image).
     strength: float = Field(default=1.0, gt=0.0, le=1.0)
+    # Sorted by name: the same set is the same batch key, whatever the order asked.
+    loras: tuple[LoraWeight, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)

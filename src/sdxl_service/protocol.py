@@ -6,6 +6,7 @@ client sends whatever keywords it is given); they are logged, never an error.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any, Literal
 
@@ -19,6 +20,8 @@ logger = logging.getLogger(__name__)
 OPENAI_IMAGE_MODELS = ("dall-e-2", "dall-e-3")
 OPENAI_IMAGE_MODEL_PREFIX = "gpt-image-"
 MAX_NAME_CHARS = 256
+# The real bound is SDXL_MAX_LORAS; this one only keeps absurd lists out.
+MAX_LORAS_LISTED = 64
 MAX_USER_CHARS = 1024
 # Prompts are bounded by SDXL_MAX_PROMPT_CHARS in resolution.py; this bound
 # only keeps an absurd body from reaching it.
@@ -40,6 +43,15 @@ class OpenAIModel(BaseModel):
         if self.model_extra:
             logger.info("ignoring unknown request fields: %s", sorted(self.model_extra))
         return self
+
+
+class LoraRequest(BaseModel):
+    """One LoRA of a request; names and scale bounds are checked in lora_requests.py."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(max_length=MAX_NAME_CHARS)
+    scale: float = 1.0
 
 
 class ImageRequest(OpenAIModel):
@@ -73,6 +85,18 @@ class ImageRequest(OpenAIModel):
     scheduler: SchedulerName | None = None
     width: int | None = Field(default=None, ge=8)
     height: int | None = Field(default=None, ge=8)
+    loras: list[LoraRequest] | None = Field(default=None, max_length=MAX_LORAS_LISTED)
+
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _loras_from_a_form_field(cls, value: Any) -> Any:
+        # Multipart forms carry the list as one JSON text field.
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except ValueError:
+                raise ValueError("loras must be a JSON list of {name, scale}") from None
+        return value
 
     @field_validator("size")
     @classmethod

@@ -12,6 +12,7 @@ import secrets
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -20,6 +21,8 @@ from .choices import RenderKind
 from .encoding import resize_to
 from .errors import APIError, excerpt, invalid_value
 from .jobs import GenerationJob, RenderParams
+from .lora_catalog import LoraCatalog
+from .lora_requests import lora_set, take_inline_loras
 from .protocol import (
     OPENAI_IMAGE_MODEL_PREFIX,
     OPENAI_IMAGE_MODELS,
@@ -40,6 +43,8 @@ EDIT_STRENGTH = 0.75
 INPAINT_STRENGTH = 1.0
 VARIATION_STRENGTH = 0.6
 VARIATION_SIZES = ((256, 256), (512, 512), (1024, 1024))
+# Where a request names LoRAs but the server was given no catalog.
+_NO_LORAS = LoraCatalog(Path("/nonexistent/sdxl-loras"))
 # OpenAI quality -> denoising steps (base + refiner together).
 QUALITY_STEPS = {"low": 20, "medium": 30, "standard": 30, "high": 50, "hd": 50}
 
@@ -61,13 +66,20 @@ class ResolvedRequest:
 
 
 def resolve_generation(
-    req: ImageGenerationRequest, settings: Settings, native_resolution: int
+    req: ImageGenerationRequest,
+    settings: Settings,
+    native_resolution: int,
+    catalog: LoraCatalog | None = None,
 ) -> ResolvedRequest:
-    return _resolve(req, settings, native_resolution, prompt=req.prompt)
+    return _resolve(req, settings, native_resolution, prompt=req.prompt, catalog=catalog)
 
 
 def resolve_edit(
-    req: ImageEditRequest, source: EditSource, settings: Settings, native_resolution: int
+    req: ImageEditRequest,
+    source: EditSource,
+    settings: Settings,
+    native_resolution: int,
+    catalog: LoraCatalog | None = None,
 ) -> ResolvedRequest:
     """img2img over the picture, or inpainting with a mask; at the picture's size by default.
 
@@ -82,11 +94,16 @@ def resolve_edit(
         source=source,
         strength=req.strength or default_strength,
         default_size=None,
+        catalog=catalog,
     )
 
 
 def resolve_variation(
-    req: ImageVariationRequest, source: EditSource, settings: Settings, native_resolution: int
+    req: ImageVariationRequest,
+    source: EditSource,
+    settings: Settings,
+    native_resolution: int,
+    catalog: LoraCatalog | None = None,
 ) -> ResolvedRequest:
     """An edit of a square picture with no prompt, in OpenAI's three sizes."""
     if req.stream:
@@ -103,6 +120,7 @@ def resolve_variation(
         prompt="",
         source=source,
         strength=req.strength or VARIATION_STRENGTH,
+        catalog=catalog,
     )
     if (resolved.width, resolved.height) not in VARIATION_SIZES:
         sizes = ", ".join(f"{w}x{h}" for w, h in VARIATION_SIZES)
@@ -111,15 +129,22 @@ def resolve_variation(
     return resolved
 
 
-def check_model(model: str | None, settings: Settings) -> None:
-    """404 unless `model` names this server, an OpenAI image model, or one of its weights."""
+def check_model(
+    model: str | None, settings: Settings, catalog: LoraCatalog | None = None
+) -> str | None:
+    """The LoRA a `<service>:<lora>` model names (None for the others); 404 unless
+    `model` names this server, an OpenAI image model, one of its weights, or one
+    of its LoRAs."""
     if model is None or model in (SERVICE_ID, *OPENAI_IMAGE_MODELS):
-        return
+        return None
     if model.startswith(OPENAI_IMAGE_MODEL_PREFIX) or model in (
         settings.base_model,
         settings.refiner_model,
     ):
-        return
+        return None
+    service, _, lora = model.partition(":")
+    if service == SERVICE_ID and catalog is not None and catalog.find(lora) is not None:
+        return lora
     raise APIError(
         404,
         f"The model '{excerpt(model)}' does not exist; this server serves '{SERVICE_ID}'.",
@@ -137,10 +162,11 @@ def _resolve(
     source: EditSource | None = None,
     strength: float = 1.0,
     default_size: tuple[int, int] | None = AUTO_SIZE_PIXELS,
+    catalog: LoraCatalog | None = None,
 ) -> ResolvedRequest:
     s = settings
     # 1. What the request may ask at all.
-    check_model(req.model, s)
+    model_lora = check_model(req.model, s, catalog)
     if req.background == "transparent":
         raise invalid_value(
             "background",
@@ -163,6 +189,12 @@ def _resolve(
         raise invalid_value(
             "output_compression", "output_compression applies to jpeg and webp only."
         )
+    # LoRAs: the list, the prompt's inline tags and the model's suffix add up.
+    prompt, inline = take_inline_loras(prompt)
+    asked = [(lora.name, lora.scale) for lora in req.loras or []] + inline
+    if model_lora is not None:
+        asked.append((model_lora, 1.0))
+    loras = lora_set(asked, catalog or _NO_LORAS, s.max_loras) if asked else ()
 
     # 2. The size answered, and the (possibly larger) size rendered.
     width, height = _requested_size(req, s, default_size, source)
@@ -194,6 +226,7 @@ def _resolve(
         scheduler=req.scheduler or s.scheduler,
         kind=kind,
         strength=strength,
+        loras=loras,
     )
 
     # 4. Edits: the picture at the render size; inpainting keeps it and the mask

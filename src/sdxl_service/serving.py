@@ -20,6 +20,7 @@ from .errors import APIError, client_closed, outcome_error
 from .files import FileStore
 from .forms import ImageForm
 from .jobs import GenerationJob, GenerationOutcome, OutcomeStatus, still_loading
+from .lora_catalog import LoraCatalog
 from .metrics import ServiceMetrics
 from .protocol import (
     ImageEditRequest,
@@ -55,6 +56,7 @@ class ImagesServing:
         self.renderer = renderer
         self.files = files
         self.metrics = metrics
+        self.loras = LoraCatalog(settings.lora_folder)
         self._model_info: dict[str, Any] | None = None
         self._started = int(time.time())
 
@@ -79,7 +81,14 @@ class ImagesServing:
             warning=TINY_WARNING if preset == "tiny" else None,
             details=info,
         )
-        return ModelList(data=[card])
+        # Each LoRA as a model of its own, so clients that can send no extra
+        # field can still pick one by name.
+        loras = await run_in_threadpool(self.loras.available)
+        lora_cards = [
+            ModelCard(id=f"{SERVICE_ID}:{name}", created=self._started, lora=lora.describe())
+            for name, lora in sorted(loras.items())
+        ]
+        return ModelList(data=[card, *lora_cards])
 
     async def _native_resolution(self) -> int:
         """The model's native resolution once loaded; 503 while loading or after a failed load."""
@@ -101,7 +110,7 @@ class ImagesServing:
 
     async def generate(self, req: ImageGenerationRequest, http_request: Request) -> ImagesResponse:
         native = await self._native_resolution()
-        resolved = resolve_generation(req, self.settings, native)
+        resolved = resolve_generation(req, self.settings, native, self.loras)
         return await self._answer(resolved, http_request)
 
     async def edit(
@@ -110,7 +119,9 @@ class ImagesServing:
         """POST /images/edits: img2img over the picture, or inpainting with a mask."""
         source = await run_in_threadpool(decode_edit_source, form.image, form.mask)
         native = await self._native_resolution()
-        resolved = await run_in_threadpool(resolve_edit, form.fields, source, self.settings, native)
+        resolved = await run_in_threadpool(
+            resolve_edit, form.fields, source, self.settings, native, self.loras
+        )
         return await self._answer(resolved, http_request)
 
     async def create_variation(
@@ -120,7 +131,7 @@ class ImagesServing:
         source = await run_in_threadpool(decode_edit_source, form.image, None)
         native = await self._native_resolution()
         resolved = await run_in_threadpool(
-            resolve_variation, form.fields, source, self.settings, native
+            resolve_variation, form.fields, source, self.settings, native, self.loras
         )
         return await self._answer(resolved, http_request)
 

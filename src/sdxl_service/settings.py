@@ -17,7 +17,7 @@ from typing import Annotated, Any, Self
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from .choices import Attention, DType, Preset, RefinerMode, SchedulerName
+from .choices import Attention, DType, Preset, PromptSyntax, RefinerMode, SchedulerName
 
 SERVICE_ID = "stable-diffusion-xl-with-refiner"
 DEFAULT_PORT = 9225
@@ -69,6 +69,15 @@ class Settings(BaseSettings):
     max_pixels: int = Field(1536 * 1536, ge=64)
     max_n: int = Field(10, ge=1)
     max_prompt_chars: int = Field(4000, ge=1)
+    prompt_syntax: PromptSyntax = PromptSyntax.A1111
+
+    # --- LoRA adapters --------------------------------------------------------
+    # `<name>.safetensors` or `<name>/pytorch_lora_weights.safetensors`; default
+    # <SDXL_CACHE_DIR>/loras. Read at every request: new files need no restart.
+    lora_dir: Path | None = None
+    max_loras: int = Field(4, ge=0, le=16)
+    # Adapters kept loaded (most recently used); past it the oldest is unloaded.
+    lora_cache: int = Field(8, ge=1)
 
     # --- serving ------------------------------------------------------------
     # Seconds BentoML lets one request run; above request_timeout, so that our
@@ -112,6 +121,10 @@ class Settings(BaseSettings):
     compile: bool = False
     # dtype of the VAE decode: the stock SDXL VAE overflows in fp16, bf16 works.
     vae_dtype: DType = DType.AUTO
+
+    @property
+    def lora_folder(self) -> Path:
+        return self.lora_dir if self.lora_dir is not None else self.cache_dir / "loras"
 
     @field_validator("dtype", "vae_dtype", mode="before")
     @classmethod

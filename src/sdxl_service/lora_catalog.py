@@ -1,0 +1,139 @@
+"""The LoRA adapters in SDXL_LORA_DIR: which there are, their format, what they touch.
+
+A LoRA is `<name>.safetensors` or a folder `<name>/` holding
+`pytorch_lora_weights.safetensors`. Only the files' headers are read (tensor
+names, through safetensors' lazy reader), so the HTTP process can list and
+check them without torch; the render process loads the weights. The folder is
+read again whenever it changes, so files added while the service runs are
+found without a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
+# A name is a file name without its extension: no path separators, no leading
+# dot (so no `..`), no spaces.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$"
+_NAME = re.compile(NAME_PATTERN)
+
+# Tensor-name prefixes of each component, by format.
+_KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+_DIFFUSERS_PREFIXES = {
+    "unet": "unet.",
+    "text_encoder": "text_encoder.",
+    "text_encoder_2": "text_encoder_2.",
+}
+_REFINER_PREFIX = "refiner."
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoraFile:
+    name: str
+    path: Path
+    format: str  # "kohya" or "diffusers"
+    components: tuple[str, ...]  # of unet, text_encoder, text_encoder_2, refiner
+    problem: str | None = None  # why it cannot be used, for a file that is no LoRA
+
+    def describe(self) -> dict[str, object]:
+        return {"name": self.name, "format": self.format, "components": list(self.components)}
+
+
+def is_valid_name(name: str) -> bool:
+    return bool(_NAME.match(name))
+
+
+def read_lora_file(name: str, path: Path) -> LoraFile:
+    """The LoRA at `path`; ValueError when it is no LoRA this service can read."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as tensors:
+            keys = list(tensors.keys())
+    except Exception as exc:  # safetensors raises its own error types for damage
+        raise ValueError(f"the file of LoRA '{name}' is not a readable safetensors file") from exc
+    fmt, components = _format_of(name, keys)
+    return LoraFile(name=name, path=path, format=fmt, components=components)
+
+
+def _format_of(name: str, keys: list[str]) -> tuple[str, tuple[str, ...]]:
+    for fmt, prefixes in (("kohya", _KOHYA_PREFIXES), ("diffusers", _DIFFUSERS_PREFIXES)):
+        components = [
+            c for c, prefix in prefixes.items() if any(k.startswith(prefix) for k in keys)
+        ]
+        if components:
+            if any(key.startswith(_REFINER_PREFIX) for key in keys):
+                components.append("refiner")
+            return fmt, tuple(components)
+    raise ValueError(f"LoRA '{name}' holds no UNet or text-encoder LoRA weights")
+
+
+class LoraCatalog:
+    """The LoRAs of one folder, listed again when the folder changes."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._lock = threading.Lock()
+        self._stamp: tuple[float, ...] | None = None
+        self._entries: dict[str, LoraFile] = {}
+
+    def available(self) -> dict[str, LoraFile]:
+        """Every readable LoRA by name."""
+        return {name: entry for name, entry in self._current().items() if entry.problem is None}
+
+    def find(self, name: str) -> LoraFile | None:
+        """The LoRA called `name`, readable or not (its `problem` says why not)."""
+        if not is_valid_name(name):
+            return None
+        return self._current().get(name)
+
+    def _current(self) -> dict[str, LoraFile]:
+        stamp = self._folder_stamp()
+        with self._lock:
+            if stamp != self._stamp:
+                self._entries = self._scan()
+                self._stamp = stamp
+            return self._entries
+
+    def _candidates(self) -> dict[str, Path]:
+        if not self.folder.is_dir():
+            return {}
+        found: dict[str, Path] = {}
+        for entry in sorted(self.folder.iterdir()):
+            if entry.is_file() and entry.suffix == ".safetensors":
+                found[entry.stem] = entry
+            elif entry.is_dir() and (entry / DIFFUSERS_WEIGHTS).is_file():
+                found[entry.name] = entry / DIFFUSERS_WEIGHTS
+        return {name: path for name, path in found.items() if is_valid_name(name)}
+
+    def _folder_stamp(self) -> tuple[float, ...]:
+        # The folder's own mtime changes when a file is added or removed; the
+        # files' cover one replaced in place.
+        candidates = self._candidates()
+        stamps = [self.folder.stat().st_mtime] if self.folder.is_dir() else []
+        for path in candidates.values():
+            try:
+                stat = path.stat()
+            except OSError:
+                continue
+            stamps += [stat.st_mtime, float(stat.st_size)]
+        return tuple(stamps)
+
+    def _scan(self) -> dict[str, LoraFile]:
+        entries = {}
+        for name, path in self._candidates().items():
+            try:
+                entries[name] = read_lora_file(name, path)
+            except ValueError as exc:
+                logger.warning("LoRA %s cannot be used: %s", name, exc)
+                entries[name] = LoraFile(
+                    name=name, path=path, format="", components=(), problem=str(exc)
+                )
+        return entries
