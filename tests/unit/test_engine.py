@@ -21,7 +21,7 @@ from sdxl_service.engine.devices import (
 )
 from sdxl_service.engine.loading import load_pipelines
 from sdxl_service.jobs import ImageTask, OutOfMemory, RenderBatch, RenderCancelled, RenderParams
-from sdxl_service.schedulers import SCHEDULERS
+from sdxl_service.schedulers import SCHEDULERS, make_scheduler
 from sdxl_service.settings import Settings
 
 STEPS = 4
@@ -72,6 +72,12 @@ def edits(*seeds: int, picture: bytes | None = None, mask: bytes | None = None) 
         )
         for seed in seeds
     ]
+
+
+def encoded(engine: Engine, picture: bytes, params: RenderParams, *seeds: int) -> torch.Tensor:
+    """The picture's latents as the engine starts the images of `seeds` from them."""
+    generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+    return engine.latent_codec.encode([picture] * len(seeds), params, generators)
 
 
 def pixels(image: Image.Image) -> np.ndarray:
@@ -197,6 +203,42 @@ def test_base_stage_matches_the_stock_diffusers_pipeline(tiny_engine: Engine) ->
         assert np.allclose(pixels(ours), pixels(stock), atol=1), negative
 
 
+@pytest.mark.parametrize("scheduler", ["euler", "euler_a"])
+@pytest.mark.parametrize("mode", [RefinerMode.ENSEMBLE, RefinerMode.SEQUENTIAL])
+def test_refiner_modes_match_the_stock_diffusers_recipes(
+    tiny_engine: Engine, mode: RefinerMode, scheduler: str
+) -> None:
+    """diffusers' documented recipes: the ensemble hands latents over at
+    high_noise_frac; the refiner as img2img runs at strength 1 - high_noise_frac
+    over the finished base image (30 steps at 0.8: int(5.999...) = 5 steps)."""
+    steps = 30 if mode is RefinerMode.SEQUENTIAL else 10
+    render = params(refiner=mode, steps=steps, scheduler=scheduler)
+    ours = tiny_engine.render(RenderBatch(params=render, tasks=tasks(5, 6)))
+    if mode is RefinerMode.ENSEMBLE:
+        base_stage, refiner_stage = {"denoising_end": 0.8}, {"denoising_start": 0.8}
+    else:
+        base_stage, refiner_stage = {}, {"strength": 1 - 0.8}
+    generators = [torch.Generator("cpu").manual_seed(seed) for seed in (5, 6)]
+    common = {
+        "prompt": ["a red fox in the snow"] * 2,
+        "num_inference_steps": steps,
+        "guidance_scale": 5.0,
+        "generator": generators,
+        "output_type": "latent",
+    }
+    base, refiner = tiny_engine.base, tiny_engine.refiner
+    with torch.inference_mode():
+        base.scheduler = make_scheduler(scheduler, tiny_engine._base_scheduler_config)
+        latents = base(**common, width=64, height=64, **base_stage).images
+        refiner.scheduler = make_scheduler(scheduler, tiny_engine._refiner_scheduler_config)
+        with count_unet_calls(tiny_engine) as calls:
+            latents = refiner(**common, image=latents, **refiner_stage).images
+        stock = tiny_engine.latent_codec.decode(latents)
+    assert calls["refiner"] == (5 if mode is RefinerMode.SEQUENTIAL else 2)
+    for mine, theirs in zip(ours, stock, strict=True):
+        assert np.abs(pixels(mine) - pixels(theirs)).max() <= 1
+
+
 @pytest.mark.parametrize("mode", list(RefinerMode))
 def test_each_refiner_mode_runs_its_stages(tiny_engine: Engine, mode: RefinerMode) -> None:
     stages: list[str] = []
@@ -217,8 +259,9 @@ def test_each_refiner_mode_runs_its_stages(tiny_engine: Engine, mode: RefinerMod
         assert stages == ["base", "refiner", "decode"]
         assert calls == {"base": 8, "refiner": 2}
     else:
+        # diffusers' int(10 * (1 - 0.8)) = int(1.999...) = 1 step.
         assert stages == ["base", "refiner", "decode"]
-        assert calls == {"base": 10, "refiner": 2}
+        assert calls == {"base": 10, "refiner": 1}
 
 
 def test_refiner_modes_give_different_images(tiny_engine: Engine) -> None:
@@ -312,12 +355,12 @@ def test_edit_starts_from_the_picture_and_strength_sets_how_far_it_moves(
 ) -> None:
     # In latent space: the random tiny VAE does not give a picture back in pixels.
     with torch.inference_mode():
-        picture = tiny_engine.latent_codec.encode([noise_picture(0)], edit_params())[0]
+        picture = encoded(tiny_engine, noise_picture(0), edit_params(), 3)[0]
         distance = {}
         for strength in (0.2, 0.5, 1.0):
             batch = RenderBatch(params=edit_params(strength=strength), tasks=edits(3))
             distance[strength] = (tiny_engine._denoise(batch)[0] - picture).abs().mean().item()
-        other = tiny_engine.latent_codec.encode([noise_picture(9)], edit_params())[0]
+        other = encoded(tiny_engine, noise_picture(9), edit_params(), 3)[0]
         other_edit = tiny_engine._denoise(
             RenderBatch(params=edit_params(strength=0.2), tasks=edits(3, picture=noise_picture(9)))
         )[0]
@@ -333,10 +376,11 @@ def test_inpainting_keeps_the_latents_outside_the_mask(
     """diffusers' guarantee for 4-channel UNets: outside the mask the result is the picture."""
     edit = edit_params(RenderKind.INPAINT, refiner=mode, strength=strength)
     with torch.inference_mode():
-        picture = tiny_engine.latent_codec.encode([noise_picture(0)], edit)
+        # Each image's own sample of the picture's posterior.
+        picture = encoded(tiny_engine, noise_picture(0), edit, 1, 2)
         latents = tiny_engine._denoise(RenderBatch(params=edit, tasks=edits(1, 2, mask=LEFT_HALF)))
     kept, repainted = slice(4, 8), slice(0, 4)  # latent columns (8 px each)
-    assert torch.equal(latents[..., kept], picture.expand(2, -1, -1, -1)[..., kept])
+    assert torch.equal(latents[..., kept], picture[..., kept])
     assert (latents[0, ..., repainted] - latents[1, ..., repainted]).abs().mean() > 0.01
 
 
@@ -345,7 +389,7 @@ def test_inpainting_keeps_the_latents_outside_the_mask(
     [
         # 10 steps, strength 0.75: the last 7 of the schedule; 5 above 0.8's cut-off.
         (RefinerMode.ENSEMBLE, 0.75, {"base": 5, "refiner": 2}),
-        (RefinerMode.SEQUENTIAL, 0.75, {"base": 7, "refiner": 2}),
+        (RefinerMode.SEQUENTIAL, 0.75, {"base": 7, "refiner": 1}),
         (RefinerMode.NONE, 0.75, {"base": 7, "refiner": 0}),
         # All of a light edit lies below the hand-over: the refiner makes it alone.
         (RefinerMode.ENSEMBLE, 0.15, {"base": 0, "refiner": 1}),

@@ -41,13 +41,29 @@ def test_an_edit_splits_only_the_steps_it_runs(
     assert split == expected
 
 
-def test_sequential_strength_gives_the_refiner_its_share_of_steps() -> None:
-    # diffusers runs int(steps * strength) img2img steps.
-    for steps, frac, refiner_steps in [(30, 0.8, 6), (4, 0.8, 1), (10, 0.7, 3), (25, 0.8, 5)]:
-        strength = sequential_strength(steps, frac)
-        assert 0 < strength <= 1
-        assert int(steps * strength) == refiner_steps
-    assert int(10 * sequential_strength(10, 0.01)) == 10
+def test_sequential_strength_is_diffusers_1_minus_high_noise_frac() -> None:
+    # diffusers' refiner recipe: img2img at strength 1 - high_noise_frac.
+    assert sequential_strength(30, 0.8) == 1 - 0.8
+    assert sequential_strength(10, 0.7) == 1 - 0.7
+
+
+def test_sequential_refiner_runs_the_steps_diffusers_runs() -> None:
+    # diffusers' img2img runs int(steps * strength) steps, float error included:
+    # 30 * (1 - 0.8) = 5.999..., so 5 where 6 would be the exact share.
+    for steps, frac, refiner_steps in [(30, 0.8, 5), (10, 0.8, 1), (10, 0.7, 3), (25, 0.8, 4)]:
+        assert int(steps * sequential_strength(steps, frac)) == refiner_steps
+    assert int(10 * sequential_strength(10, 0.01)) == 9
+
+
+@pytest.mark.parametrize(("steps", "frac"), [(4, 0.8), (2, 0.9), (1, 0.8), (49, 0.99)])
+def test_sequential_refiner_runs_one_step_where_diffusers_would_run_none(
+    steps: int, frac: float
+) -> None:
+    # diffusers raises ValueError for an img2img of no step.
+    assert int(steps * (1 - frac)) == 0
+    strength = sequential_strength(steps, frac)
+    assert 0 < strength <= 1
+    assert int(steps * strength) == 1
 
 
 def params(refiner: RefinerMode, **overrides: object) -> RenderParams:
@@ -68,12 +84,14 @@ def test_refiner_handover_by_mode() -> None:
     ensemble = refiner_handover(params(RefinerMode.ENSEMBLE), base_runs=True)
     assert ensemble == {"denoising_start": 0.8}
     sequential = refiner_handover(params(RefinerMode.SEQUENTIAL), base_runs=True)
-    assert sequential == {"strength": sequential_strength(10, 0.8)}
+    assert sequential == {"strength": 1 - 0.8}
 
 
 def test_an_edit_refiner_never_renoises_more_than_the_edit() -> None:
     light = params(RefinerMode.SEQUENTIAL, kind=RenderKind.IMAGE_TO_IMAGE, strength=0.15)
     assert refiner_handover(light, base_runs=True) == {"strength": 0.15}
+    heavy = params(RefinerMode.SEQUENTIAL, kind=RenderKind.IMAGE_TO_IMAGE, strength=0.75)
+    assert refiner_handover(heavy, base_runs=True) == {"strength": 1 - 0.8}
     # With no base step, the refiner makes the whole edit from its strength.
     alone = params(RefinerMode.ENSEMBLE, kind=RenderKind.IMAGE_TO_IMAGE, strength=0.15)
     assert refiner_handover(alone, base_runs=False) == {"strength": 0.15}

@@ -41,15 +41,18 @@ def ensemble_split(
 
 
 def sequential_strength(steps: int, high_noise_frac: float) -> float:
-    """img2img strength for the sequential refiner: the last (1 - high_noise_frac) of the steps.
+    """img2img strength for the sequential refiner: diffusers' `1 - high_noise_frac`.
 
-    The refiner re-noises the finished base latents to the noise level at
-    `high_noise_frac` and denoises from there, the same share of the schedule
-    it takes in the ensemble. At least one step, and half a step of slack
-    because diffusers truncates `int(steps * strength)`.
+    The refiner re-noises the finished base image and runs the last
+    int(steps * strength) steps of the schedule, as diffusers' refiner recipe
+    with `num_inference_steps=steps` does — float error included:
+    30 * (1 - 0.8) = 5.999..., so 5 steps. Where that is none (diffusers would
+    raise), the strength of one step instead.
     """
-    refiner_steps = max(1, round(steps * (1.0 - high_noise_frac)))
-    return min(1.0, (refiner_steps + 0.5) / steps)
+    strength = 1.0 - high_noise_frac
+    if int(steps * strength) >= 1:
+        return strength
+    return min(1.0, 1.5 / steps)
 
 
 def refiner_handover(params: RenderParams, *, base_runs: bool) -> dict[str, Any] | None:

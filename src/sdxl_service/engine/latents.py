@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -13,6 +13,11 @@ from ..jobs import RenderCancelled, RenderParams
 
 def _never() -> bool:
     return False
+
+
+def posterior_dtype(vae: Any) -> torch.dtype:
+    """The dtype diffusers samples the VAE posterior in: float32 where it upcasts the VAE."""
+    return torch.float32 if vae.config.force_upcast else vae.dtype
 
 
 class LatentCodec:
@@ -59,29 +64,45 @@ class LatentCodec:
 
         return per_channel(mean), per_channel(std)
 
-    def encode(self, images: list[bytes | None], params: RenderParams) -> torch.Tensor:
+    def encode(
+        self,
+        images: Sequence[bytes | None],
+        params: RenderParams,
+        generators: Sequence[torch.Generator],
+    ) -> torch.Tensor:
         """Init images (raw RGB, params' width x height) -> latents as the UNets take them.
 
-        Done here, not by the pipelines: their encode casts the shared VAE to the
-        UNet dtype after upcasting it (undoing a float32 VAE kept for fp16), and
-        samples the posterior. Its mean is used instead, so the seed decides only
-        the added noise (SDXL's VAE posterior is narrow: no visible difference).
-        One image at a time, as in `decode`; the n images of one request share
-        their bytes and are encoded once.
+        Each image's latents are a sample of the VAE posterior drawn with its
+        own generator, as diffusers' img2img and inpaint pipelines draw it
+        before the noise: the same seed gives the stock pipelines' edit.
+        Done here, not by the pipelines: their encode casts the shared VAE to
+        the UNet dtype after upcasting it (undoing a float32 VAE kept for fp16).
+        A picture is encoded once (the n images of one request share it, not
+        their seeds); only the sampling is per image.
         """
-        vae = self.vae
-        encoded: dict[bytes, torch.Tensor] = {}
+        posteriors: dict[bytes, Any] = {}
         latents = []
-        for rgb in images:
+        for rgb, generator in zip(images, generators, strict=True):
             if rgb is None:
                 raise ValueError(f"a {params.kind} render needs an init image for every task")
-            if rgb not in encoded:
-                pixels = torch.frombuffer(bytearray(rgb), dtype=torch.uint8)
-                pixels = pixels.view(params.height, params.width, 3).permute(2, 0, 1)[None]
-                sample = pixels.to(device=self.device, dtype=vae.dtype) / 127.5 - 1.0
-                encoded[rgb] = self.to_unet(vae.encode(sample).latent_dist.mode())
-            latents.append(encoded[rgb])
-        return torch.cat(latents).to(self.dtype)
+            if rgb not in posteriors:
+                posteriors[rgb] = self._posterior(rgb, params)
+            # Scaled in the UNets' dtype, as the pipelines scale it.
+            sample = posteriors[rgb].sample(generator).to(self.dtype)
+            latents.append(self.to_unet(sample))
+        return torch.cat(latents)
+
+    def _posterior(self, rgb: bytes, params: RenderParams) -> Any:
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        vae = self.vae
+        pixels = torch.frombuffer(bytearray(rgb), dtype=torch.uint8)
+        # diffusers' VaeImageProcessor: x / 255 * 2 - 1 in float32, in the same
+        # memory layout (the layout picks the VAE's conv kernels).
+        pixels = pixels.view(1, params.height, params.width, 3).permute(0, 3, 1, 2)
+        sample = (pixels.to(device=self.device, dtype=torch.float32) / 255.0) * 2.0 - 1.0
+        parameters = vae.encode(sample.to(vae.dtype)).latent_dist.parameters
+        return DiagonalGaussianDistribution(parameters.to(posterior_dtype(vae)))
 
     def decode(
         self, latents: torch.Tensor, should_stop: Callable[[], bool] = _never

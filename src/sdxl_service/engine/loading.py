@@ -60,7 +60,9 @@ def edit_pipelines(base: Any, refiner: Any) -> tuple[Any, Any, Any]:
     UNets and the VAE kept in its own dtype. The config flags are passed on by
     hand because `components` holds modules only.
     """
-    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    from .inpainting import InpaintPipeline
 
     def flags(pipeline: Any) -> dict[str, Any]:
         return {
@@ -71,8 +73,8 @@ def edit_pipelines(base: Any, refiner: Any) -> tuple[Any, Any, Any]:
 
     pipelines: tuple[Any, Any, Any] = (
         StableDiffusionXLImg2ImgPipeline(**base.components, **flags(base)),
-        StableDiffusionXLInpaintPipeline(**base.components, **flags(base)),
-        StableDiffusionXLInpaintPipeline(**refiner.components, **flags(refiner)),
+        InpaintPipeline(**base.components, **flags(base)),
+        InpaintPipeline(**refiner.components, **flags(refiner)),
     )
     for pipeline in pipelines:
         pipeline.set_progress_bar_config(disable=True)

@@ -1,0 +1,73 @@
+"""diffusers' SDXL inpaint pipeline, handed the picture as latents the engine sampled itself.
+
+Given a picture, the stock pipeline samples two VAE posteriors with each
+image's generator: the picture's (`prepare_latents`, before the noise) and the
+masked picture's (`prepare_mask_latents`, after it), although a 4-channel UNet
+never reads the masked picture's latents. The engine samples the first itself
+(latents.py) and hands over latents, so the stock pipeline skips the second —
+and every later draw from the generators (an ancestral scheduler's noise, the
+refiner's) would come one draw early. `masked_picture_draws=True` makes that
+draw where the stock pipeline makes it, without the encode.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_inpaint import (
+    StableDiffusionXLInpaintPipeline,
+)
+from diffusers.utils.torch_utils import randn_tensor
+
+from .latents import posterior_dtype
+
+
+class InpaintPipeline(StableDiffusionXLInpaintPipeline):
+    """`StableDiffusionXLInpaintPipeline` that can draw for a masked picture it is not given."""
+
+    _masked_picture_draws = False
+
+    def __call__(self, *args: Any, masked_picture_draws: bool = False, **kwargs: Any) -> Any:
+        """The stock call; `masked_picture_draws`: `image` stands for a picture, not a hand-over."""
+        self._masked_picture_draws = masked_picture_draws
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            self._masked_picture_draws = False
+
+    def prepare_mask_latents(
+        self,
+        mask: torch.Tensor,
+        masked_image: torch.Tensor | None,
+        batch_size: int,
+        height: int,
+        width: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        generator: Any,
+        do_classifier_free_guidance: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        prepared: tuple[torch.Tensor, torch.Tensor | None] = super().prepare_mask_latents(
+            mask,
+            masked_image,
+            batch_size,
+            height,
+            width,
+            dtype,
+            device,
+            generator,
+            do_classifier_free_guidance,
+        )
+        if self._masked_picture_draws and masked_image is None:
+            # The draws of `_encode_vae_image`: one posterior sample per image.
+            vae = self.vae
+            scale = self.vae_scale_factor
+            latent = (vae.config.latent_channels, height // scale, width // scale)
+            draw = {"device": vae.device, "dtype": posterior_dtype(vae)}
+            if isinstance(generator, list):
+                for one in generator:
+                    randn_tensor((1, *latent), generator=one, **draw)
+            else:
+                randn_tensor((batch_size, *latent), generator=generator, **draw)
+        return prepared
