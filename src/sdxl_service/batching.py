@@ -35,6 +35,7 @@ from .jobs import (
     GenerationJob,
     GenerationOutcome,
     ImageTask,
+    InvalidLora,
     OutcomeStatus,
     OutOfMemory,
     RenderBatch,
@@ -333,6 +334,10 @@ class Batcher:
             size = f"{params.width}x{params.height}"
             message = f"out of GPU memory rendering one {size} image; try a smaller size or n"
             self._finish_all(pendings, OutcomeStatus.OUT_OF_MEMORY, message)
+            return
+        except InvalidLora as exc:
+            # Every job of the batch asked for the same LoRA set.
+            self._finish_all(pendings, OutcomeStatus.INVALID_LORA, str(exc))
             return
         except Exception as exc:
             logger.exception("render of %d images failed", len(images))

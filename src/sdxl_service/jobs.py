@@ -142,6 +142,11 @@ class OutOfMemory(Exception):
     """The accelerator ran out of memory; its cache was already released."""
 
 
+class InvalidLora(Exception):
+    """A LoRA of the batch cannot be applied (no SDXL LoRA, damaged); nothing of it
+    stays loaded. The message is for the client: names, never file-system paths."""
+
+
 class RenderedImage(BaseModel):
     model_config = _WIRE_BYTES
 

@@ -28,6 +28,7 @@ from sdxl_service.choices import RefinerMode, SchedulerName
 from sdxl_service.jobs import (
     GenerationJob,
     GenerationOutcome,
+    InvalidLora,
     OutcomeStatus,
     OutOfMemory,
     RenderBatch,
@@ -685,3 +686,16 @@ async def test_seed_reproduces_image_in_batch_with_a_real_render(
         # Float math may round a pixel differently in a batch on CPU.
         assert np.abs(a - b).max() <= 1
     assert alone.images[0].rgb != alone.images[1].rgb
+
+
+@asyncio_test
+async def test_a_lora_the_engine_refuses_answers_its_batch_invalid_lora(
+    make_batcher: Callable[..., Batcher],
+) -> None:
+    def refuse(batch: RenderBatch) -> list[Image.Image]:
+        raise InvalidLora("LoRA 'sd15' is not an SDXL LoRA")
+
+    batcher = make_batcher(refuse)
+    outcome = await batcher.submit(make_job("a", n=2))
+    assert outcome.status is OutcomeStatus.INVALID_LORA
+    assert outcome.message == "LoRA 'sd15' is not an SDXL LoRA"
