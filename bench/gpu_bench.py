@@ -122,7 +122,9 @@ def load_configs(directory: Path = CONFIGS_DIR) -> dict[str, dict[str, Any]]:
     return {name: json.loads((directory / f"{name}.json").read_text()) for name in COMPONENTS}
 
 
-def build_pair(configs: dict[str, dict[str, Any]], *, device: str, dtype: torch.dtype):
+def build_pair(
+    configs: dict[str, dict[str, Any]], *, device: str, dtype: torch.dtype
+) -> tuple[Any, Any]:
     """Random-weight base + refiner built on `device`; the same weights for the same seed."""
     from sdxl_service.engine.components import assemble_pipelines, build_modules
 
@@ -442,7 +444,7 @@ def run_in_child(
         records = json.loads(out.read_text())["runs"]
         with np.load(pictures) as saved:
             images = {
-                tuple(int(part) for part in key.split("_")): saved[key] for key in saved.files
+                (int(key.split("_")[0]), int(key.split("_")[1])): saved[key] for key in saved.files
             }
         for record in records:
             record["config"] = config.name
@@ -712,7 +714,8 @@ def main(argv: list[str] | None = None) -> int:
             all_images.update({f"{n}_{i}": image for (n, i), image in images.items()})
             write_results(path, args, runs)
         if args.images_out:
-            np.savez(args.images_out, **all_images)
+            # numpy's stubs type **kwds as savez's bool option.
+            np.savez(args.images_out, **all_images)  # type: ignore[arg-type]
     else:
         runs = run_matrix(args, deadline, configs, path)
 

@@ -56,7 +56,7 @@ echo "$fallback" >"$DEST/fallback.txt"
     --only-binary=:all: --implementation cp --python-version "$PYTHON_VERSION" \
     "${platforms[@]}" --dest "$DEST" -r "$DEST/needed.txt" -r "$DEST/fallback.txt"
 
-if ls "$DEST" | grep -Eiq '^(torch|transformers|accelerate|nvidia_)'; then
+if ls "$DEST" | grep -Ei '^(torch|transformers|accelerate|triton|nvidia_)' | grep -viq '^nvidia_ml_py'; then
     echo "prepare.sh: torch/transformers/accelerate must never be downloaded" >&2
     exit 1
 fi

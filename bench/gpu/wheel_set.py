@@ -51,7 +51,7 @@ NOT_NEEDED = frozenset({"boto3"})
 # Never downloaded, even as a fallback: torch's own stack and the large compiled
 # dependencies of the machine's transformers (a wrong one would break them).
 NEVER_DOWNLOADED = re.compile(
-    r"^(torch|triton|nvidia-.*|cuda-.*|transformers|accelerate|tokenizers|hf-xet|numpy|pillow"
+    r"^(torch|triton|nvidia-(?!ml-py$).*|cuda-.*|transformers|accelerate|tokenizers|hf-xet|numpy|pillow"
     r"|opencv-.*|safetensors|regex|sympy|mpmath|networkx|setuptools)$"
 )
 

@@ -104,7 +104,14 @@ def test_matrix_adds_one_optimisation_at_a_time_and_compiles_last() -> None:
     assert fp16[0] == gpu_bench.BenchConfig("eager")  # nothing switched on
     final = fp16[-1]
     assert (final.attention, final.channels_last, final.fuse_qkv) == ("sdpa", True, True)
-    assert (final.vae_dtype, final.compile) == ("bf16", True)
+    # Repeated blocks by default (about a minute); SDXL_COMPILE's whole UNets on request.
+    assert (final.vae_dtype, final.compile) == ("bf16", gpu_bench.COMPILE_BLOCKS)
+    assert (
+        gpu_bench.matrix_configs("fp16", gpu_bench.COMPILE_FULL)[-1]
+        .settings("cuda", "fp16")
+        .compile
+    )
+    assert not final.settings("cuda", "fp16").compile
     assert "+vae_bf16" not in [c.name for c in gpu_bench.matrix_configs("bf16")]
 
 
@@ -134,7 +141,7 @@ def test_smoke_matrix_runs_the_whole_script_on_the_cpu(tmp_path: Path) -> None:
         cwd=REPO,
     )
     assert completed.returncode == 0, completed.stderr[-2000:]
-    assert "| config | dtype | batch | s/image |" in completed.stdout
+    assert "| config | dtype | size | batch | s/image |" in completed.stdout
 
     results = json.loads(out.read_text())
     runs = results["runs"]
@@ -146,7 +153,7 @@ def test_smoke_matrix_runs_the_whole_script_on_the_cpu(tmp_path: Path) -> None:
         "+compile",
     }
     assert all(run["status"] == "ok" for run in runs), runs
-    assert {run["batch"] for run in runs} == {1, 2}
+    assert {(run["batch"], run["size"]) for run in runs} == {(1, 64), (2, 64)}
     # The compile row comes back from its child process, compared like the others;
     # on the CPU the engine declines to compile and says so.
     compiled = [run for run in runs if run["config"] == "+compile"]
