@@ -5,7 +5,7 @@ LEGACY_VENV ?= .venv-openai028
 PORT ?= 9225
 BIN := $(VENV)/bin
 
-.PHONY: install legacy-client serve test test-unit lint format bench bench-gpu build containerize examples registry-image-size clean
+.PHONY: install legacy-client serve test test-unit lint format bench bench-gpu bench-gpu-prepare build containerize examples registry-image-size clean
 
 install: $(VENV)/.installed
 
@@ -45,8 +45,13 @@ test-unit: install
 bench: install
 	$(BIN)/python -m bench.run_cpu
 
-bench-gpu: install
-	$(BIN)/python bench/gpu_bench.py --matrix
+# The whole GPU run (engine, HTTP service, optimisation matrix; ~8 min) on a CUDA
+# machine: bench-gpu-prepare first, where PyPI is reachable (docs/PERFORMANCE.md).
+bench-gpu-prepare: install
+	bash bench/gpu/prepare.sh
+
+bench-gpu:
+	bash bench/gpu/run.sh bench/out/gpu
 
 build: install
 	$(BIN)/bentoml build --version $$(git describe --always --dirty 2>/dev/null || echo dev)
