@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,6 +95,18 @@ def start_service(workdir: Path, extra_env: dict[str, str] | None = None) -> Run
         stop_service(service)
         raise
     return service
+
+
+@contextlib.contextmanager
+def running_service(
+    workdir: Path, extra_env: dict[str, str] | None = None
+) -> Iterator[RunningService]:
+    """The service for the length of a `with` block; stopped however the block ends."""
+    service = start_service(workdir, extra_env)
+    try:
+        yield service
+    finally:
+        stop_service(service)
 
 
 def _wait_until_ready(service: RunningService) -> None:

@@ -7,16 +7,13 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.service_process import RunningService, start_service, stop_service
+from tests.service_process import RunningService, running_service
 
 
 @pytest.fixture(scope="session")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningService]:
-    running = start_service(tmp_path_factory.mktemp("service"))
-    try:
+    with running_service(tmp_path_factory.mktemp("service")) as running:
         yield running
-    finally:
-        stop_service(running)
 
 
 @pytest.fixture(scope="session")

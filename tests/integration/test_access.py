@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from tests.service_process import RunningService, start_service, stop_service
+from tests.service_process import RunningService, running_service
 
 pytestmark = pytest.mark.integration
 
@@ -18,14 +18,9 @@ ORIGIN = "http://playground.example"
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningService]:
-    running = start_service(
-        tmp_path_factory.mktemp("access"),
-        extra_env={"SDXL_API_KEYS": f"other-key,{KEY}", "SDXL_CORS_ORIGINS": ORIGIN},
-    )
-    try:
+    env = {"SDXL_API_KEYS": f"other-key,{KEY}", "SDXL_CORS_ORIGINS": ORIGIN}
+    with running_service(tmp_path_factory.mktemp("access"), env) as running:
         yield running
-    finally:
-        stop_service(running)
 
 
 def client(service: RunningService, key: str) -> openai.OpenAI:

@@ -21,7 +21,7 @@ import openai
 import pytest
 
 from tests.polling import metric_value, scrape, wait_until
-from tests.service_process import RunningService, start_service, stop_service
+from tests.service_process import RunningService, running_service
 
 pytestmark = pytest.mark.integration
 
@@ -192,24 +192,17 @@ def test_disconnect_stops_work_and_next_request_starts_promptly(service: Running
 @pytest.fixture(scope="module")
 def full_queue_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningService]:
     """One LONG_JOB fills its queue; the default request timeout keeps it full."""
-    running = start_service(tmp_path_factory.mktemp("full-queue"), {"SDXL_MAX_QUEUE_IMAGES": "4"})
-    try:
+    env = {"SDXL_MAX_QUEUE_IMAGES": "4"}
+    with running_service(tmp_path_factory.mktemp("full-queue"), env) as running:
         yield running
-    finally:
-        stop_service(running)
 
 
 @pytest.fixture(scope="module")
 def short_timeout_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningService]:
     """A deadline far longer than SHORT_JOB needs, far shorter than PAST_DEADLINE_JOB."""
-    running = start_service(
-        tmp_path_factory.mktemp("short-timeout"),
-        {"SDXL_REQUEST_TIMEOUT": str(REQUEST_TIMEOUT_S)},
-    )
-    try:
+    env = {"SDXL_REQUEST_TIMEOUT": str(REQUEST_TIMEOUT_S)}
+    with running_service(tmp_path_factory.mktemp("short-timeout"), env) as running:
         yield running
-    finally:
-        stop_service(running)
 
 
 def test_full_queue_is_429_with_retry_after(full_queue_service: RunningService) -> None:

@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from tests.polling import metric, wait_until
-from tests.service_process import RunningService, start_service, stop_service
+from tests.service_process import RunningService, running_service
 
 pytestmark = pytest.mark.integration
 
@@ -28,11 +28,8 @@ STATE_TIMEOUT_S = 120
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningService]:
-    running = start_service(tmp_path_factory.mktemp("worker-crash"))
-    try:
+    with running_service(tmp_path_factory.mktemp("worker-crash")) as running:
         yield running
-    finally:
-        stop_service(running)
 
 
 def render_worker(service: RunningService) -> psutil.Process:
