@@ -287,7 +287,9 @@ def _requested_size(
     elif req.size not in (None, AUTO_SIZE):
         (width, height), param = parse_size(req.size), "size"
     elif default_size is not None:
-        (width, height), param = default_size, "size"
+        # No size asked: the default, brought within this server's bounds
+        # (a server limited to 512 px answers "auto" at 512, not a 400).
+        return fit_size(*default_size, limits)
     elif source is not None:
         try:
             return fit_size(*source.image.size, limits)

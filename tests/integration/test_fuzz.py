@@ -80,13 +80,12 @@ def _renderable_document() -> dict[str, Any]:
         "anyOf": [{"type": "string", "maxLength": 200}, {"type": "null"}]
     }
     properties["model"] = {"enum": [None, SERVICE_ID, "dall-e-2", "dall-e-3"]}
-    # Given: no size (and "auto") means 1024x1024 whatever SDXL_MAX_SIDE says,
-    # refused here with a 400 (found by this fuzz).
-    properties["size"] = {"enum": ["64x64", "128x128", "96x128", "128x64"]}
+    # No size and "auto" fit the server's bounds (this fuzz found them refused).
+    properties["size"] = {"enum": [None, "auto", "64x64", "128x128", "96x128", "128x64"]}
     properties["n"] = {"enum": [None, 1, 2]}
     # Required, so that quality never picks 20-50 steps (see MAX_FUZZ_STEPS).
     properties["num_inference_steps"] = {"type": "integer", "minimum": 1, "maximum": MAX_FUZZ_STEPS}
-    body["required"] = ["prompt", "size", "num_inference_steps"]
+    body["required"] = ["prompt", "num_inference_steps"]
     properties["background"] = {"enum": [None, "opaque", "auto"]}
     # output_compression is refused with png; left out rather than paired.
     properties.pop("output_compression")

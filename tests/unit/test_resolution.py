@@ -149,3 +149,10 @@ def test_variations_take_square_pictures_in_openai_sizes() -> None:
         NATIVE,
     )
     assert odd_size.param == "size"
+
+
+def test_no_size_asked_fits_the_servers_bounds() -> None:
+    small = Settings(max_side=128, max_pixels=128 * 128)
+    for req in (generation(), generation(size="auto")):
+        resolved = resolve_generation(req, small, NATIVE)
+        assert (resolved.width, resolved.height) == (128, 128)
