@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -29,7 +29,7 @@ from .handover import ensemble_split, refiner_handover
 from .latents import LatentCodec
 from .loading import edit_pipelines, load_pipelines
 from .optimisations import COMPILE_MODE, apply_optimisations
-from .prompts import base_prompt_embeddings
+from .prompts import chunk_count_groups, prompt_embeddings
 
 logger = logging.getLogger(__name__)
 
@@ -234,9 +234,19 @@ class Engine:
     def _denoise(self, batch: RenderBatch) -> torch.Tensor:
         """The batch's final latents: base and refiner as its RenderParams say."""
         params = batch.params
-        plan = self._plan(params)
+        syntax = self.settings.prompt_syntax
         prompts = [task.prompt for task in batch.tasks]
         negative_prompts = [task.negative_prompt for task in batch.tasks]
+        # Prompts of different chunk counts cannot share a call: padding the
+        # shorter with empty chunks would change its image. One call per count.
+        groups = chunk_count_groups(
+            self.base, prompts, negative_prompts, params.guidance_scale, syntax
+        )
+        if len(groups) > 1:
+            tasks = batch.tasks
+            parts = [self._denoise(replace(batch, tasks=[tasks[i] for i in g])) for g in groups]
+            return torch.cat(parts)[torch.tensor([i for g in groups for i in g]).argsort()]
+        plan = self._plan(params)
 
         # 1. Generators and the arguments both stages share
         # One CPU generator per image: the same seed gives the same starting noise
@@ -283,8 +293,8 @@ class Engine:
             self._check_stop(batch)
             with self._stage("base"):
                 plan.base.scheduler = make_scheduler(params.scheduler, self._base_scheduler_config)
-                embeddings = base_prompt_embeddings(
-                    self.base, prompts, negative_prompts, params.guidance_scale
+                embeddings = prompt_embeddings(
+                    self.base, prompts, negative_prompts, params.guidance_scale, syntax
                 )
                 latents = plan.base(
                     **embeddings, **base_inputs, denoising_end=plan.denoising_end, **common
@@ -299,9 +309,11 @@ class Engine:
             plan.refiner.scheduler = make_scheduler(
                 params.scheduler, self._refiner_scheduler_config
             )
+            embeddings = prompt_embeddings(
+                plan.refiner, prompts, negative_prompts, params.guidance_scale, syntax
+            )
             refined: torch.Tensor = plan.refiner(
-                prompt=prompts,
-                negative_prompt=negative_prompts,
+                **embeddings,
                 image=latents,
                 **plan.refiner_handover,
                 **refiner_inputs,

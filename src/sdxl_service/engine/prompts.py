@@ -1,34 +1,239 @@
-"""The base's text conditioning: prompt embeddings, image by image as SDXL base expects them."""
+"""Text conditioning for SDXL base and refiner: long prompts in 75-token chunks, A1111 emphasis.
+
+diffusers' `encode_prompt` truncates at 77 tokens. Here each prompt is cut
+into chunks of 75 tokens (a new one at every `BREAK`), each chunk is encoded
+alone as BOS + 75 tokens + EOS + padding, and the chunks' penultimate hidden
+states are concatenated along the sequence axis; the pooled embedding is the
+first chunk's. A token weighted w (A1111's emphasis) has its hidden state
+multiplied by w, and the chunk is then scaled back to its original mean.
+That is AUTOMATIC1111's method, per encoder, chunk and image.
+
+A prompt of one chunk with no emphasis takes exactly diffusers' path: the
+same ids (BOS + tokens + EOS + the tokenizer's pad), the same batched
+encoder call, no arithmetic on the result, so its tensors are bit-identical
+to `encode_prompt` and default images stay stock diffusers'.
+
+Why by hand and not compel (2.5.1, made for weighted SDXL prompts): its
+parser reads its own syntax (`word+`, `(word)1.3`, `.blend()`), neither
+A1111's brackets, `[word]` nor `BREAK`; it weights by lerping from the empty
+prompt's embedding and downweights by blending with a masked prompt, not by
+A1111's scale-and-restore-mean, so weighted prompts would not render as they
+do in A1111; and it pads the whole token sequence rather than encoding A1111's
+per-chunk BOS/EOS. What remains, tokenizing and stacking encoder calls, is
+the short code below.
+
+Chunks are cut at exactly 75 tokens: A1111's optional backtracking to a
+nearby comma is not done.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from diffusers.utils.torch_utils import get_module_execution_device
+
+from ..choices import PromptSyntax
+from ..prompt_syntax import ChunkBreak, Fragment, PromptPart, parse_prompt
+
+CHUNK_TOKENS = 75  # CLIP's 77 positions less BOS and EOS
 
 
-def base_prompt_embeddings(
-    base: Any, prompts: list[str], negative_prompts: list[str], guidance_scale: float
+@dataclass(frozen=True)
+class TokenChunk:
+    """One encoder call's worth of a prompt: 77 ids and a weight for each."""
+
+    ids: list[int]
+    weights: list[float]
+
+    @property
+    def emphasised(self) -> bool:
+        return any(weight != 1.0 for weight in self.weights)
+
+
+def token_chunks(tokenizer: Any, parts: list[PromptPart]) -> list[TokenChunk]:
+    """`parts` as chunks of BOS + up to 75 tokens + EOS + padding, as A1111 cuts them."""
+    texts = [part.text for part in parts if isinstance(part, Fragment)]
+    # verbose=False: the token count past 77 is expected here, not worth a warning.
+    tokenized = iter(tokenizer(texts, add_special_tokens=False, verbose=False).input_ids)
+    chunks: list[TokenChunk] = []
+    ids: list[int] = []
+    weights: list[float] = []
+
+    def close_chunk() -> None:
+        padding = CHUNK_TOKENS - len(ids)
+        chunks.append(
+            TokenChunk(
+                ids=[tokenizer.bos_token_id, *ids, tokenizer.eos_token_id]
+                + [tokenizer.pad_token_id] * padding,
+                weights=[1.0, *weights, 1.0] + [1.0] * padding,
+            )
+        )
+        ids.clear()
+        weights.clear()
+
+    for part in parts:
+        if isinstance(part, ChunkBreak):
+            close_chunk()
+            continue
+        for token in next(tokenized):
+            if len(ids) == CHUNK_TOKENS:
+                close_chunk()
+            ids.append(token)
+            weights.append(part.weight)
+    if ids or not chunks:
+        close_chunk()
+    return chunks
+
+
+def _text_encoders(pipeline: Any) -> list[tuple[Any, Any]]:
+    """(tokenizer, text encoder) pairs in diffusers' order: the refiner has the second only."""
+    if pipeline.tokenizer is None:
+        return [(pipeline.tokenizer_2, pipeline.text_encoder_2)]
+    return [
+        (pipeline.tokenizer, pipeline.text_encoder),
+        (pipeline.tokenizer_2, pipeline.text_encoder_2),
+    ]
+
+
+def _guides(pipeline: Any, guidance_scale: float) -> bool:
+    """Whether the pipeline runs classifier-free guidance, as its own property decides."""
+    return guidance_scale > 1 and pipeline.unet.config.time_cond_proj_dim is None
+
+
+def chunk_count(pipeline: Any, text: str, syntax: PromptSyntax) -> int:
+    parts = parse_prompt(text, syntax)
+    return max(len(token_chunks(tokenizer, parts)) for tokenizer, _ in _text_encoders(pipeline))
+
+
+def image_chunk_counts(
+    pipeline: Any,
+    prompts: list[str],
+    negative_prompts: list[str],
+    guidance_scale: float,
+    syntax: PromptSyntax,
+) -> list[int]:
+    """How many chunks each image's conditioning has: its prompt's or its negative's, longer.
+
+    Images of equal counts share a pipeline call unchanged; an image is never
+    padded for its batch neighbours, so it is the same alone and batched.
+    """
+    guides = _guides(pipeline, guidance_scale)
+    return [
+        max(
+            chunk_count(pipeline, prompt, syntax),
+            chunk_count(pipeline, negative, syntax) if guides else 1,
+        )
+        for prompt, negative in zip(prompts, negative_prompts, strict=True)
+    ]
+
+
+def chunk_count_groups(
+    pipeline: Any,
+    prompts: list[str],
+    negative_prompts: list[str],
+    guidance_scale: float,
+    syntax: PromptSyntax,
+) -> list[list[int]]:
+    """The batch's image indices grouped by chunk count, shortest first: one call each."""
+    counts = image_chunk_counts(pipeline, prompts, negative_prompts, guidance_scale, syntax)
+    return [
+        [index for index, count in enumerate(counts) if count == total]
+        for total in sorted(set(counts))
+    ]
+
+
+def _emphasise(hidden: torch.Tensor, chunks: list[TokenChunk]) -> torch.Tensor:
+    """A1111's emphasis on one chunk of a batch: z * w, then back to the original mean.
+
+    Image by image, so an image's result does not depend on its neighbours;
+    an image with no emphasis is left untouched, bit for bit.
+    """
+    if not any(chunk.emphasised for chunk in chunks):
+        return hidden
+    rows = []
+    for z, chunk in zip(hidden, chunks, strict=True):
+        if chunk.emphasised:
+            weights = torch.tensor(chunk.weights, dtype=z.dtype, device=z.device)
+            original_mean = z.mean()
+            z = z * weights[:, None]
+            new_mean = z.mean()
+            if new_mean != 0:  # all-zero weights: nothing to scale back
+                z = z * (original_mean / new_mean)
+        rows.append(z)
+    return torch.stack(rows)
+
+
+def encode_texts(
+    pipeline: Any, texts: list[str], syntax: PromptSyntax, chunk_total: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states (batch, 77 * chunk_total, features) and pooled embeddings of `texts`.
+
+    Texts shorter than `chunk_total` chunks are padded with chunks of the
+    empty prompt, as A1111 pads a prompt to its negative's length.
+    """
+    device = pipeline._execution_device
+    parts = [parse_prompt(text, syntax) for text in texts]
+    per_encoder: list[torch.Tensor] = []
+    pooled: torch.Tensor | None = None
+    for tokenizer, text_encoder in _text_encoders(pipeline):
+        (empty_chunk,) = token_chunks(tokenizer, [Fragment("")])
+        chunked = []
+        for text_parts in parts:
+            chunks = token_chunks(tokenizer, text_parts)
+            if len(chunks) > chunk_total:
+                raise ValueError(f"a prompt of {len(chunks)} chunks in a call of {chunk_total}")
+            chunked.append(chunks + [empty_chunk] * (chunk_total - len(chunks)))
+        hidden_states = []
+        for index in range(chunk_total):
+            column = [chunks[index] for chunks in chunked]
+            ids = torch.tensor([chunk.ids for chunk in column])
+            output = text_encoder(
+                ids.to(get_module_execution_device(text_encoder)), output_hidden_states=True
+            )
+            # As diffusers: the pooled output is the encoder's whose first output
+            # is 2-D (text_encoder_2's projection), the hidden states penultimate.
+            if index == 0 and pooled is None and output[0].ndim == 2:
+                pooled = output[0]
+            hidden_states.append(_emphasise(output.hidden_states[-2], column))
+        per_encoder.append(torch.cat(hidden_states, dim=1))
+    assert pooled is not None  # every SDXL pipeline has text_encoder_2
+    embeds = torch.concat(per_encoder, dim=-1)
+    return embeds.to(dtype=pipeline.text_encoder_2.dtype, device=device), pooled
+
+
+def prompt_embeddings(
+    pipeline: Any,
+    prompts: list[str],
+    negative_prompts: list[str],
+    guidance_scale: float,
+    syntax: PromptSyntax = PromptSyntax.A1111,
 ) -> dict[str, Any]:
-    """Text embeddings for the `base` pipeline, with empty negatives zeroed image by image.
+    """The `prompt_embeds` family of arguments for an SDXL base or refiner pipeline.
+
+    Every image of one call must have the same `image_chunk_counts` (the
+    engine groups them so); its prompt and negative are padded to that.
 
     diffusers zeroes the negative embeddings (force_zeros_for_empty_prompt,
-    how SDXL base was tuned) only when no negative prompt is passed at all;
-    done per image here so an image with no negative prompt is the same
-    whether or not its batch neighbours have one.
+    how SDXL base was tuned; the refiner's config is False) only when no
+    negative prompt is passed at all; done per image here so an image with
+    no negative prompt is the same whether or not its batch neighbours have one.
     """
-    do_guidance = guidance_scale > 1 and base.unet.config.time_cond_proj_dim is None
-    embeds, negative_embeds, pooled, negative_pooled = base.encode_prompt(
-        prompt=prompts,
-        device=base._execution_device,
-        num_images_per_prompt=1,
-        do_classifier_free_guidance=do_guidance,
-        negative_prompt=negative_prompts if do_guidance else None,
-    )
-    if do_guidance and base.config.force_zeros_for_empty_prompt:
-        empty = torch.tensor([not text for text in negative_prompts], device=embeds.device)
-        negative_embeds = torch.where(empty[:, None, None], 0, negative_embeds)
-        negative_pooled = torch.where(empty[:, None], 0, negative_pooled)
+    guides = _guides(pipeline, guidance_scale)
+    counts = image_chunk_counts(pipeline, prompts, negative_prompts, guidance_scale, syntax)
+    chunk_total = max(counts)
+    embeds, pooled = encode_texts(pipeline, prompts, syntax, chunk_total)
+    negative_embeds: torch.Tensor | None = None
+    negative_pooled: torch.Tensor | None = None
+    if guides:
+        negative_embeds, negative_pooled = encode_texts(
+            pipeline, negative_prompts, syntax, chunk_total
+        )
+        if pipeline.config.force_zeros_for_empty_prompt:
+            empty = torch.tensor([not text for text in negative_prompts], device=embeds.device)
+            negative_embeds = torch.where(empty[:, None, None], 0, negative_embeds)
+            negative_pooled = torch.where(empty[:, None], 0, negative_pooled)
     return {
         "prompt_embeds": embeds,
         "negative_prompt_embeds": negative_embeds,
