@@ -26,6 +26,8 @@ PREFIX = "sdxl"
 # queue_wait, the HTTP service encode.
 STAGES = ("queue_wait", "vae_encode", "base", "refiner", "decode", "encode")
 
+LORA_LOAD_OUTCOMES = ("ok", "failed")
+
 BATCH_BUCKETS = tuple(float(n) for n in range(1, 17))
 # From a 64x64 tiny-preset image (ms) to a queued SDXL request (minutes).
 SECONDS_BUCKETS = (
@@ -97,6 +99,23 @@ class _Collectors:
             ["reason"],
             registry=registry,
         )
+        self.lora_loads = Counter(
+            f"{PREFIX}_lora_loads",
+            "LoRA adapters loaded into the base pipeline, by outcome (ok, failed).",
+            ["outcome"],
+            registry=registry,
+        )
+        self.lora_load_seconds = Histogram(
+            f"{PREFIX}_lora_load_seconds",
+            "Seconds one LoRA adapter took to load (the batch that needs it waits).",
+            registry=registry,
+            buckets=SECONDS_BUCKETS,
+        )
+        self.lora_cache_hits = Counter(
+            f"{PREFIX}_lora_cache_hits",
+            "LoRA adapters a batch found already loaded.",
+            registry=registry,
+        )
 
 
 _lock = threading.Lock()
@@ -144,6 +163,16 @@ class ServiceMetrics:
 
     def count_render_call_lost(self) -> None:
         self._c.render_calls_lost.inc()
+
+    def count_lora_load(self, outcome: str, seconds: float | None = None) -> None:
+        if outcome not in LORA_LOAD_OUTCOMES:
+            raise ValueError(f"unknown outcome {outcome!r}; expected one of {LORA_LOAD_OUTCOMES}")
+        self._c.lora_loads.labels(outcome=outcome).inc()
+        if seconds is not None:
+            self._c.lora_load_seconds.observe(seconds)
+
+    def count_lora_cache_hit(self) -> None:
+        self._c.lora_cache_hits.inc()
 
     def set_queue_depth(self, n: int) -> None:
         self._c.queue_images.set(n)

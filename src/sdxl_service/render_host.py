@@ -35,7 +35,7 @@ class RenderHost:
             from .engine import Engine  # torch and diffusers load here, in this process only
 
             observer = self.metrics.observe_stage if self.metrics else None
-            engine = Engine.load(self.settings, stage_observer=observer)
+            engine = Engine.load(self.settings, stage_observer=observer, metrics=self.metrics)
             # The first call pays for kernel selection (and compilation when on);
             # pay it before /readyz says yes, not in a user's request.
             engine.warmup()

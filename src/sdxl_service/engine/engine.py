@@ -15,6 +15,8 @@ from PIL import Image
 
 from ..choices import Preset, RefinerMode, RenderKind, SchedulerName
 from ..jobs import ImageTask, OutOfMemory, RenderBatch, RenderCancelled, RenderParams
+from ..lora_catalog import LoraCatalog
+from ..metrics import ServiceMetrics
 from ..schedulers import make_scheduler
 from ..settings import Settings
 from .devices import (
@@ -28,6 +30,7 @@ from .devices import (
 from .handover import ensemble_split, refiner_handover
 from .latents import LatentCodec
 from .loading import edit_pipelines, load_pipelines
+from .loras import LoraAdapters
 from .optimisations import COMPILE_MODE, apply_optimisations
 from .prompts import chunk_count_groups, prompt_embeddings
 
@@ -64,6 +67,7 @@ class Engine:
         base_source: str = "",
         refiner_source: str = "",
         stage_observer: StageObserver | None = None,
+        metrics: ServiceMetrics | None = None,
         force_compile: bool = False,
         compile_mode: str = COMPILE_MODE,
     ) -> None:
@@ -76,6 +80,9 @@ class Engine:
         self.base_source = base_source
         self.refiner_source = refiner_source
         self.stage_observer = stage_observer
+        self.loras = LoraAdapters(
+            base, LoraCatalog(settings.lora_folder), capacity=settings.lora_cache, metrics=metrics
+        )
         self.native_resolution = int(base.unet.config.sample_size) * int(base.vae_scale_factor)
         # Kept apart: each render gets fresh schedulers built from these.
         self._base_scheduler_config = dict(base.scheduler.config)
@@ -96,7 +103,12 @@ class Engine:
         )
 
     @classmethod
-    def load(cls, settings: Settings, stage_observer: StageObserver | None = None) -> Engine:
+    def load(
+        cls,
+        settings: Settings,
+        stage_observer: StageObserver | None = None,
+        metrics: ServiceMetrics | None = None,
+    ) -> Engine:
         # Here, not at the top: tiny builds its pair with this package's components.
         from ..tiny import ensure_tiny_pair
 
@@ -125,6 +137,7 @@ class Engine:
             base_source=base_source,
             refiner_source=refiner_source,
             stage_observer=stage_observer,
+            metrics=metrics,
         )
         logger.info(
             "pipelines loaded in %.1f s: %s", time.perf_counter() - started, engine.describe()
@@ -144,6 +157,7 @@ class Engine:
             "dtype": dtype_name(self.dtype),
             "native_resolution": self.native_resolution,
             "optimisations": dict(self.optimisations),
+            **self.loras.describe(),
         }
 
     def warmup(self, steps: int = 2) -> None:
@@ -168,6 +182,8 @@ class Engine:
             return []
         out_of_memory: str | None = None
         try:
+            # Outside inference mode: PEFT creates the adapters' parameters.
+            self.loras.activate(batch.params.loras)
             with torch.inference_mode():
                 return self._render(batch)
         except torch.OutOfMemoryError as error:
@@ -305,7 +321,7 @@ class Engine:
         if plan.refiner_handover is None:
             return latents
         self._check_stop(batch)
-        with self._stage("refiner"):
+        with self._stage("refiner"), self.loras.refiner_scope():
             plan.refiner.scheduler = make_scheduler(
                 params.scheduler, self._refiner_scheduler_config
             )

@@ -1,0 +1,226 @@
+"""LoRA adapters on the base pipeline: loaded by name, kept while used, switched per batch.
+
+diffusers' PEFT backend injects each adapter's layers into the base UNet and
+the text encoders the file has weights for (`load_lora_weights` reads kohya /
+A1111 and diffusers / PEFT files alike). The layers stay; what changes from
+batch to batch is which adapters are active and at what scale
+(`set_adapters`), or that LoRA is off altogether (`disable_lora`). A disabled
+PEFT layer returns its base layer's output untouched, so a batch without
+LoRA renders exactly the image it rendered before any adapter was loaded.
+
+The refiner runs without LoRA: its UNet gets no adapter (a file's `refiner.`
+weights are not applied), and its text encoder, `text_encoder_2`, is the
+base's own module, so the adapters on it are switched off for the refiner
+stage (`refiner_scope`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..jobs import InvalidLora, LoraWeight
+from ..lora_catalog import LoraCatalog, LoraFile
+from ..metrics import ServiceMetrics
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_PREFIX = "lora_"
+# Components of the base pipeline a LoRA file can have layers for.
+BASE_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+
+
+def adapter_name(name: str) -> str:
+    """A PEFT adapter name for LoRA `name`: PEFT keeps adapters in ModuleDicts,
+    whose keys may not hold dots; the digest keeps `a.b` and `a_b` apart."""
+    safe = re.sub(r"[^A-Za-z0-9_]", "_", name)
+    digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+    return f"{ADAPTER_PREFIX}{safe}_{digest}"
+
+
+@dataclass(frozen=True)
+class LoadedLora:
+    name: str
+    adapter: str
+    stamp: tuple[int, int]  # mtime_ns and size of the file loaded: a replaced file reloads
+    layers: int  # LoRA layers injected
+
+
+class LoraAdapters:
+    """The LoRAs loaded into one base pipeline, the most recently used `capacity` of them.
+
+    Called from the render thread only, like the rest of the Engine.
+    """
+
+    def __init__(
+        self,
+        base: Any,
+        catalog: LoraCatalog,
+        *,
+        capacity: int,
+        metrics: ServiceMetrics | None = None,
+    ) -> None:
+        self.base = base
+        self.catalog = catalog
+        self.capacity = capacity
+        self.metrics = metrics
+        self._loaded: OrderedDict[str, LoadedLora] = OrderedDict()
+        # Once any adapter was injected, PEFT layers stay in the modules (empty
+        # after a delete) and must be switched off for batches without LoRA.
+        self._has_layers = False
+        self._enabled = False
+
+    def loaded(self) -> list[str]:
+        """Names of the loaded LoRAs, least recently used first."""
+        return list(self._loaded)
+
+    def describe(self) -> dict[str, Any]:
+        return {"loras_loaded": self.loaded(), "lora_cache": self.capacity}
+
+    def activate(self, loras: Sequence[LoraWeight]) -> None:
+        """Make exactly `loras` active at their scales (none: LoRA off); loads what is missing.
+
+        Raises InvalidLora, with nothing of that LoRA left loaded, when one
+        cannot be applied.
+        """
+        adapters = [(self._ensure_loaded(lora.name), lora.scale) for lora in loras]
+        self._evict(keep={lora.name for lora in loras})
+        # A zero scale adds nothing: leaving it out keeps such a render the
+        # no-LoRA image bit for bit, without multiplying by zero.
+        active = [(loaded.adapter, scale) for loaded, scale in adapters if scale != 0]
+        if active:
+            self.base.enable_lora()
+            self.base.set_adapters(
+                [adapter for adapter, _ in active],
+                adapter_weights=[scale for _, scale in active],
+            )
+        elif self._has_layers:
+            self.base.disable_lora()
+        self._enabled = bool(active)
+
+    @contextmanager
+    def refiner_scope(self) -> Iterator[None]:
+        """LoRA off in `text_encoder_2`, which the refiner shares with the base, meanwhile."""
+        from diffusers.loaders.lora_base import (
+            disable_lora_for_text_encoder,
+            enable_lora_for_text_encoder,
+        )
+
+        if not self._enabled:
+            yield
+            return
+        encoder = self.base.text_encoder_2
+        disable_lora_for_text_encoder(encoder)
+        try:
+            yield
+        finally:
+            enable_lora_for_text_encoder(encoder)
+
+    # --- loading --------------------------------------------------------------
+
+    def _ensure_loaded(self, name: str) -> LoadedLora:
+        entry = self.catalog.find(name)
+        if entry is None:
+            raise InvalidLora(f"LoRA '{name}' is not in the LoRA folder (any more)")
+        if entry.problem is not None:
+            self._count_load("failed")
+            raise InvalidLora(f"LoRA '{name}' cannot be used: {entry.problem}")
+        stamp = _file_stamp(entry)
+        loaded = self._loaded.get(name)
+        if loaded is not None and loaded.stamp == stamp:
+            self._loaded.move_to_end(name)
+            if self.metrics is not None:
+                self.metrics.count_lora_cache_hit()
+            return loaded
+        if loaded is not None:  # the file was replaced since
+            self._unload(name)
+        started = time.perf_counter()
+        try:
+            loaded = self._load(entry, stamp)
+        except InvalidLora:
+            self._count_load("failed")
+            raise
+        seconds = time.perf_counter() - started
+        self._count_load("ok", seconds)
+        logger.info("LoRA %s loaded in %.2f s (%d layers)", name, seconds, loaded.layers)
+        self._loaded[name] = loaded
+        return loaded
+
+    def _load(self, entry: LoraFile, stamp: tuple[int, int]) -> LoadedLora:
+        from safetensors.torch import load_file
+
+        adapter = adapter_name(entry.name)
+        not_sdxl = f"LoRA '{entry.name}' is not an SDXL LoRA this service can load"
+        try:
+            state_dict = load_file(str(entry.path))
+        except Exception as exc:  # damaged or truncated: safetensors' own error types
+            raise InvalidLora(f"{not_sdxl}: its file cannot be read") from exc
+        self._has_layers = True
+        try:
+            self.base.load_lora_weights(state_dict, adapter_name=adapter)
+            layers = self._count_layers(adapter)
+            if layers == 0:
+                raise ValueError("no layer of the SDXL base matches its weights")
+        except Exception as exc:
+            # Wrong shapes (an SD 1.5 LoRA) fail after some layers were injected.
+            logger.warning("LoRA %s failed to load: %s", entry.name, exc)
+            self._delete_adapter(adapter)
+            if isinstance(exc, torch.OutOfMemoryError):
+                raise  # the Engine answers it as out of memory
+            raise InvalidLora(f"{not_sdxl}: its weights do not fit SDXL's layers") from exc
+        return LoadedLora(name=entry.name, adapter=adapter, stamp=stamp, layers=layers)
+
+    def _count_layers(self, adapter: str) -> int:
+        from peft.tuners.lora import LoraLayer
+
+        return sum(
+            1
+            for component in BASE_COMPONENTS
+            for module in getattr(self.base, component).modules()
+            if isinstance(module, LoraLayer) and adapter in module.lora_A
+        )
+
+    def _evict(self, keep: set[str]) -> None:
+        # The batch's own LoRAs stay even past capacity (max_loras may exceed it).
+        for name in list(self._loaded):
+            if len(self._loaded) <= self.capacity:
+                break
+            if name not in keep:
+                self._unload(name)
+
+    def _unload(self, name: str) -> None:
+        loaded = self._loaded.pop(name)
+        self._delete_adapter(loaded.adapter)
+        logger.info("LoRA %s unloaded", name)
+
+    def _delete_adapter(self, adapter: str) -> None:
+        """Every trace of `adapter` in the base's modules, however far its load got."""
+        from diffusers.utils.peft_utils import delete_adapter_layers
+
+        for component in BASE_COMPONENTS:
+            module = getattr(self.base, component)
+            delete_adapter_layers(module, adapter)
+            config = getattr(module, "peft_config", None)
+            if isinstance(config, dict):
+                config.pop(adapter, None)
+
+    def _count_load(self, outcome: str, seconds: float | None = None) -> None:
+        if self.metrics is not None:
+            self.metrics.count_lora_load(outcome, seconds)
+
+
+def _file_stamp(entry: LoraFile) -> tuple[int, int]:
+    try:
+        stat = entry.path.stat()
+    except OSError as exc:
+        raise InvalidLora(f"LoRA '{entry.name}' is not in the LoRA folder (any more)") from exc
+    return stat.st_mtime_ns, stat.st_size
