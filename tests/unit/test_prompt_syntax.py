@@ -8,14 +8,14 @@ from sdxl_service.choices import PromptSyntax
 from sdxl_service.prompt_syntax import ChunkBreak, Fragment, PromptPart, parse_prompt
 
 
-def pairs(parts: list[PromptPart]) -> list[tuple[str, float] | str]:
+def pairs(parts: list[PromptPart]) -> list[tuple[str, object] | str]:
     return [
         "BREAK" if isinstance(part, ChunkBreak) else (part.text, pytest.approx(part.weight))
         for part in parts
     ]
 
 
-def a1111(text: str) -> list[tuple[str, float] | str]:
+def a1111(text: str) -> list[tuple[str, object] | str]:
     return pairs(parse_prompt(text, PromptSyntax.A1111))
 
 

@@ -6,6 +6,9 @@ The tiny tokenizer is byte-level: every character of a word is a token, so
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -22,6 +25,7 @@ from sdxl_service.engine.prompts import (
 )
 from sdxl_service.jobs import ImageTask, RenderBatch, RenderParams
 from sdxl_service.prompt_syntax import ChunkBreak, Fragment
+from sdxl_service.settings import Settings
 
 EMBEDDINGS = (
     "prompt_embeds",
@@ -54,9 +58,15 @@ def pixels(image: Image.Image) -> np.ndarray:
     return np.asarray(image, dtype=np.int16)
 
 
-def embed(pipeline: object, prompts: list[str], negatives: list[str] | None = None, **kw: object):
+def embed(
+    pipeline: object,
+    prompts: list[str],
+    negatives: list[str] | None = None,
+    syntax: PromptSyntax = PromptSyntax.A1111,
+) -> dict[str, Any]:
+    """Guided embeddings; no negative prompts unless given."""
     negatives = negatives if negatives is not None else [""] * len(prompts)
-    return prompt_embeddings(pipeline, prompts, negatives, 5.0, **kw)  # type: ignore[arg-type]
+    return prompt_embeddings(pipeline, prompts, negatives, 5.0, syntax)
 
 
 # --- tokens into chunks -------------------------------------------------------
@@ -190,7 +200,9 @@ def test_emphasis_changes_the_image_and_a_weight_of_one_does_not(tiny_engine: En
 
 
 def test_syntax_none_takes_brackets_literally(
-    tiny_engine: Engine, tiny_settings_factory, monkeypatch: pytest.MonkeyPatch
+    tiny_engine: Engine,
+    tiny_settings_factory: Callable[..., Settings],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     base = tiny_engine.base
     literal = embed(base, ["(cat:1.5)"], syntax=PromptSyntax.NONE)["prompt_embeds"]
@@ -229,3 +241,16 @@ def test_prompts_of_different_lengths_batch_like_each_alone(tiny_engine: Engine)
         assert torch.allclose(latents[index], tiny_engine._denoise(alone)[0], atol=1e-3)
         image = tiny_engine.render(alone)[0]
         assert np.allclose(pixels(images[index]), pixels(image), atol=2), task
+
+
+def test_without_guidance_a_long_negative_neither_pads_nor_splits(tiny_engine: Engine) -> None:
+    counts = chunk_count_groups(
+        tiny_engine.base, ["a cat", "a dog"], [LONG, ""], 1.0, PromptSyntax.A1111
+    )
+    assert counts == [[0, 1]]
+    embeddings = prompt_embeddings(tiny_engine.refiner, [LONG], [LONG], 1.0)
+    assert embeddings["prompt_embeds"].shape[1] == 154
+    assert embeddings["negative_prompt_embeds"] is None
+    task = ImageTask(prompt=LONG, negative_prompt=LONG, seed=3)
+    (image,) = tiny_engine.render(RenderBatch(params=params(guidance_scale=1.0), tasks=[task]))
+    assert image.size == (64, 64)
