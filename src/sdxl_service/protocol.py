@@ -151,6 +151,7 @@ class ModelCard(BaseModel):
     preset: str | None = None
     warning: str | None = None
     details: dict[str, Any] = {}
+    lora: dict[str, Any] | None = None  # a LoRA's card: name, format, components
 
 
 class ModelList(BaseModel):
