@@ -20,10 +20,15 @@ from sdxl_service.engine.loras import adapter_name
 from sdxl_service.jobs import ImageTask, InvalidLora, LoraWeight, RenderBatch, RenderParams
 from sdxl_service.metrics import ServiceMetrics
 from sdxl_service.schedulers import make_scheduler
+from tests.lora_files import (
+    save_diffusers,
+    save_kohya,
+    sd15_shaped_layers,
+    text_encoder_2_layers,
+    unet_layers,
+)
 
 PROMPT = "a red fox in the snow"
-UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
 def params(*loras: tuple[str, float], **overrides: Any) -> RenderParams:
@@ -49,54 +54,6 @@ def render(
     return np.asarray(engine.render(batch)[0], dtype=np.int16)
 
 
-# --- LoRAs made here ------------------------------------------------------------
-
-
-def peft_layers(model: Any, targets: list[str], seed: int) -> dict[str, torch.Tensor]:
-    """A rank-4 LoRA of `model` with random (non-zero) up and down weights."""
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    torch.manual_seed(seed)
-    config = LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False)
-    model.add_adapter(config)
-    layers: dict[str, torch.Tensor] = get_peft_model_state_dict(model)
-    # Big enough that the tiny models' images move by more than a few levels.
-    return {key: value * 3 for key, value in layers.items()}
-
-
-def unet_layers(base_dir: Path, seed: int) -> dict[str, torch.Tensor]:
-    from diffusers import UNet2DConditionModel
-
-    # A copy from disk: the engine's own UNet is never touched.
-    return peft_layers(UNet2DConditionModel.from_pretrained(base_dir / "unet"), UNET_TARGETS, seed)
-
-
-def text_encoder_2_layers(base_dir: Path, seed: int) -> dict[str, torch.Tensor]:
-    from transformers import CLIPTextModelWithProjection
-
-    encoder = CLIPTextModelWithProjection.from_pretrained(base_dir / "text_encoder_2")
-    return peft_layers(encoder, TEXT_TARGETS, seed)
-
-
-def save_diffusers(folder: Path, name: str, **layers: dict[str, torch.Tensor]) -> Path:
-    from diffusers import StableDiffusionXLPipeline
-
-    StableDiffusionXLPipeline.save_lora_weights(folder / name, **layers)
-    return folder / name / "pytorch_lora_weights.safetensors"
-
-
-def save_kohya(folder: Path, name: str, unet: dict[str, torch.Tensor]) -> Path:
-    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
-    from safetensors.torch import save_file
-
-    kohya = convert_state_dict_to_kohya({f"unet.{key}": value for key, value in unet.items()})
-    assert all(key.startswith("lora_unet_") for key in kohya)
-    path = folder / f"{name}.safetensors"
-    save_file({key: value.contiguous() for key, value in kohya.items()}, path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def lora_dir(tmp_path_factory: pytest.TempPathFactory, tiny_pair: tuple[Path, Path]) -> Path:
     folder = tmp_path_factory.mktemp("loras")
@@ -109,12 +66,7 @@ def lora_dir(tmp_path_factory: pytest.TempPathFactory, tiny_pair: tuple[Path, Pa
     save_diffusers(
         folder, "words", text_encoder_2_lora_layers=text_encoder_2_layers(base_dir, seed=4)
     )
-    # An SD 1.5 LoRA's cross-attention reads 768-wide text states: shapes SDXL has not.
-    sd15 = {
-        key: torch.randn(4, 768) if "attn2.to_k.lora_A" in key else value
-        for key, value in unet_layers(base_dir, seed=5).items()
-    }
-    save_diffusers(folder, "sd15", unet_lora_layers=sd15)
+    save_diffusers(folder, "sd15", unet_lora_layers=sd15_shaped_layers(base_dir, seed=5))
     whole = (folder / "style" / "pytorch_lora_weights.safetensors").read_bytes()
     (folder / "cut.safetensors").write_bytes(whole[: len(whole) - 100])
     return folder
