@@ -147,7 +147,8 @@ def test_dockerfile_environment(built: dict[str, Any]) -> None:
     assert f"ARG SDXL_CACHE_DIR={VOLUME}/sdxl-service" in dockerfile
     # Either would move the server off defaultPort; other SDXL_* come from `docker run -e`.
     assert not re.search(r"^(ENV|ARG) (BENTOML_PORT|PORT)\b", dockerfile, re.M)
-    assert not re.search(r"^(ENV|ARG) SDXL_(?!PRESET|CACHE_DIR)", dockerfile, re.M)
+    assert f"ARG SDXL_LORA_DIR={VOLUME}/loras" in dockerfile
+    assert not re.search(r"^(ENV|ARG) SDXL_(?!PRESET|CACHE_DIR|LORA_DIR)", dockerfile, re.M)
     assert re.search(rf"^EXPOSE {DEFAULT_PORT}$", dockerfile, re.M)
 
 
@@ -155,7 +156,7 @@ def test_dockerfile_models_folder_belongs_to_the_server_user(built: dict[str, An
     dockerfile = built["dockerfile"]
     useradd = dockerfile.index(f"ARG BENTO_USER_UID={BENTO_USER_UID}")
     models = re.search(
-        rf"RUN mkdir -p {VOLUME}/huggingface {VOLUME}/sdxl-service && \\\n"
+        rf"RUN mkdir -p {VOLUME}/huggingface {VOLUME}/sdxl-service {VOLUME}/loras && \\\n"
         rf"\s+chown -R {BENTO_USER_UID}:{BENTO_USER_UID} {VOLUME}\n",
         dockerfile,
     )
@@ -175,3 +176,8 @@ def test_container_entrypoint_runs_bentoml_serve(built: dict[str, Any]) -> None:
     script = (built["path"] / "env" / "docker" / "entrypoint.sh").read_text()
     # No arguments: `bentoml serve $BENTO_PATH`, which takes the port from service.py.
     assert 'set -- bentoml serve "$@" "$BENTO_PATH"' in script
+
+
+def test_the_bento_keeps_loras_on_the_models_volume(built: dict[str, Any]) -> None:
+    envs = {e["name"]: e["value"] for e in built["info"]["envs"]}
+    assert envs["SDXL_LORA_DIR"] == f"{VOLUME}/loras"
