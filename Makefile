@@ -39,8 +39,9 @@ test: install legacy-client lint
 	SDXL_LEGACY_PYTHON=$(abspath $(LEGACY_VENV))/bin/python $(BIN)/python -m pytest
 
 # The fast inner loop: unit tests only, no service started, no lint.
+# The inner loop: unit tests without the slow script smoke runs (make test runs all).
 test-unit: install
-	$(BIN)/python -m pytest tests/unit
+	$(BIN)/python -m pytest tests/unit -m "not slow"
 
 bench: install
 	$(BIN)/python -m bench.run_cpu

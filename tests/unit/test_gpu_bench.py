@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from bench import gpu_bench
@@ -131,6 +132,7 @@ def test_without_cuda_it_exits_2_at_once_with_a_clear_message() -> None:
     assert completed.stdout == ""
 
 
+@pytest.mark.slow
 def test_smoke_matrix_runs_the_whole_script_on_the_cpu(tmp_path: Path) -> None:
     out = tmp_path / "smoke.json"
     completed = subprocess.run(

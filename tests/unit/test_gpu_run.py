@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from bench import gpu_bench
@@ -70,6 +71,7 @@ def test_saved_pair_loads_through_from_pretrained_with_the_fp16_variant(tmp_path
         assert torch.equal(loaded.unet.state_dict()[name], parameter), name
 
 
+@pytest.mark.slow
 def test_smoke_run_exercises_every_part_and_writes_results(tmp_path: Path) -> None:
     out = tmp_path / "out"
     completed = subprocess.run(
