@@ -5,7 +5,7 @@ LEGACY_VENV ?= .venv-openai028
 PORT ?= 9225
 BIN := $(VENV)/bin
 
-.PHONY: install legacy-client serve test test-unit lint format bench bench-gpu bench-gpu-prepare build containerize examples registry-image-size clean
+.PHONY: install legacy-client browser serve test test-unit lint format bench bench-gpu bench-gpu-prepare build containerize examples registry-image-size clean
 
 install: $(VENV)/.installed
 
@@ -35,7 +35,12 @@ format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-test: install legacy-client lint
+# The playground's browser tests drive Debian's Chromium with Playwright: browser
+# downloads are impossible on these machines, so the package comes from apt.
+browser:
+	@command -v chromium >/dev/null || { apt-get update -q && apt-get install -y -q chromium; }
+
+test: install legacy-client browser lint
 	SDXL_LEGACY_PYTHON=$(abspath $(LEGACY_VENV))/bin/python $(BIN)/python -m pytest
 
 # The fast inner loop: unit tests only, no service started, no lint.

@@ -117,6 +117,12 @@ class ImagesAPI:
         await self.sweeper.stop()
 
 
+if settings.playground:
+    from sdxl_service.playground import create_playground_app
+
+    # At "/": BentoML mounts passively, so only the page's own paths reach it.
+    ImagesAPI.mount_asgi_app(create_playground_app(), path="/", name="playground")  # type: ignore[attr-defined]
+
 # Outermost first: a request without an accepted key is refused before its body is read.
 ImagesAPI.add_asgi_middleware(  # type: ignore[attr-defined]
     APIKeyAuth,

@@ -42,7 +42,7 @@ _KNOWN_PATHS = frozenset(
 )
 _FILE_ROUTE = re.compile(r"^/v1/images/files/[^/]*$")
 # BentoML's index page assets.
-_ASSETS = ("/static_content/", "/assets/")
+_ASSETS = ("/static_content/", "/assets/", "/playground/")
 _REAL_PATH_KEY = "sdxl.real_path"
 
 

@@ -92,6 +92,8 @@ class Settings(BaseSettings):
     # Request bodies held at once by the HTTP process (uploads, mostly); past
     # it new ones get 429 before they are read.
     max_body_bytes_in_flight: int = Field(256 * 1024 * 1024, ge=1024)
+    # The page at `GET /` to try prompts in a browser.
+    playground: bool = True
 
     # --- files served for response_format=url -------------------------------
     url_ttl: int = Field(3600, ge=1)

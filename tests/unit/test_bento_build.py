@@ -84,8 +84,10 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def test_bento_packs_only_the_service_code(built: dict[str, Any]) -> None:
     src = built["path"] / "src"
     packed = {p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file()}
+    package = REPO / "src" / "sdxl_service"
     expected = {"service.py", "bentofile.yaml"} | {
-        p.relative_to(REPO).as_posix() for p in (REPO / "src" / "sdxl_service").rglob("*.py")
+        p.relative_to(REPO).as_posix()
+        for p in [*package.rglob("*.py"), *(package / "playground" / "assets").iterdir()]
     }
     # service.py puts the bento's src/ folder on sys.path: the package must sit there.
     assert "src/sdxl_service/settings.py" in expected

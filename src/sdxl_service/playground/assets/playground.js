@@ -1,0 +1,184 @@
+// The playground: the service's own /v1 API, streamed, shown as it comes.
+"use strict";
+
+const API = "/v1";
+const KEY_STORAGE = "sdxl-playground-api-key";
+const FIELDS = [
+  "prompt", "negative_prompt", "size", "n", "output_format", "seed",
+  "num_inference_steps", "guidance_scale", "refiner", "scheduler", "lora", "lora_scale",
+];
+const $ = (id) => document.getElementById(id);
+
+function headers(extra = {}) {
+  const key = localStorage.getItem(KEY_STORAGE);
+  return key ? { ...extra, Authorization: `Bearer ${key}` } : extra;
+}
+
+// Resolves once the person has typed a key (the server answered 401).
+function askForKey() {
+  return new Promise((resolve) => {
+    const dialog = $("key-dialog");
+    dialog.addEventListener("close", () => {
+      const key = $("key-input").value.trim();
+      if (key) localStorage.setItem(KEY_STORAGE, key);
+      resolve(Boolean(key));
+    }, { once: true });
+    dialog.showModal();
+  });
+}
+
+// fetch, asking for an API key and trying again once when the server wants one.
+async function call(path, options = {}) {
+  let response = await fetch(API + path, { ...options, headers: headers(options.headers) });
+  if (response.status === 401 && (await askForKey())) {
+    response = await fetch(API + path, { ...options, headers: headers(options.headers) });
+  }
+  return response;
+}
+
+async function loadModels() {
+  const response = await call("/models");
+  if (!response.ok) return;
+  const models = (await response.json()).data || [];
+  const select = $("lora");
+  for (const card of models) {
+    if (card.warning) $("model-note").textContent = card.warning;
+    if (!card.lora) continue;
+    const option = document.createElement("option");
+    option.value = card.lora.name;
+    option.textContent = `${card.lora.name} (${card.lora.components.join(", ")})`;
+    select.append(option);
+  }
+}
+
+function requestBody() {
+  const value = (id) => $(id).value.trim();
+  const body = {
+    prompt: value("prompt"),
+    size: value("size"),
+    n: Number(value("n")),
+    output_format: value("output_format"),
+    num_inference_steps: Number(value("num_inference_steps")),
+    guidance_scale: Number(value("guidance_scale")),
+    refiner: value("refiner"),
+    scheduler: value("scheduler"),
+    stream: true,
+  };
+  if (value("negative_prompt")) body.negative_prompt = value("negative_prompt");
+  if (value("seed") !== "") body.seed = Number(value("seed"));
+  if (value("lora")) body.loras = [{ name: value("lora"), scale: Number(value("lora_scale")) }];
+  return body;
+}
+
+function showError(message) {
+  const error = $("error");
+  error.textContent = message;
+  error.hidden = !message;
+}
+
+// One server-sent event block ("event: x\ndata: {...}") -> its JSON data.
+function parseEvent(block) {
+  const data = block.split("\n").filter((line) => line.startsWith("data:"));
+  return data.length ? JSON.parse(data.map((line) => line.slice(5).trim()).join("\n")) : null;
+}
+
+async function* events(response) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, { stream: true });
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const event = parseEvent(buffer.slice(0, end));
+      buffer = buffer.slice(end + 2);
+      if (event) yield event;
+    }
+  }
+}
+
+function addImage(event, params, slot) {
+  const figure = slot || document.createElement("figure");
+  figure.replaceChildren();
+  const image = document.createElement("img");
+  image.src = `data:image/${event.output_format};base64,${event.b64_json}`;
+  image.alt = params.prompt;
+  const caption = document.createElement("figcaption");
+  const partial = event.type.endsWith("partial_image");
+  const label = document.createElement("span");
+  label.textContent = partial ? `preview ${event.partial_image_index + 1}` : `seed ${event.seed}`;
+  caption.append(label);
+  if (!partial) {
+    figure.dataset.params = JSON.stringify({ ...params, seed: event.seed, n: 1 });
+    image.title = "Use these settings again";
+    image.addEventListener("click", () => reuse(JSON.parse(figure.dataset.params)));
+    const download = document.createElement("a");
+    download.href = image.src;
+    download.download = `sdxl-${event.seed}.${event.output_format}`;
+    download.textContent = "download";
+    caption.append(download);
+  }
+  figure.append(image, caption);
+  if (!slot) $("gallery").prepend(figure);
+  return figure;
+}
+
+function reuse(params) {
+  for (const field of FIELDS) {
+    if (field in params && $(field)) $(field).value = params[field] ?? "";
+  }
+  if (params.loras && params.loras[0]) {
+    $("lora").value = params.loras[0].name;
+    $("lora_scale").value = params.loras[0].scale;
+  }
+  window.scrollTo({ top: 0, behavior: "smooth" });
+}
+
+async function generate(submit) {
+  submit.preventDefault();
+  showError("");
+  const params = requestBody();
+  const button = $("generate");
+  button.disabled = true;
+  $("status").textContent = "generating…";
+  try {
+    const response = await call("/images/generations", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(params),
+    });
+    if (!response.ok) {
+      const body = await response.json().catch(() => null);
+      showError(body && body.error ? body.error.message : `HTTP ${response.status}`);
+      return;
+    }
+    // Events come image by image: an image's previews, then the image itself,
+    // take one place in the gallery.
+    let current = null;
+    let completed = 0;
+    for await (const event of events(response)) {
+      if (event.type === "error" || event.error) {
+        showError((event.error && event.error.message) || "the generation failed");
+        break;
+      }
+      const figure = addImage(event, params, current);
+      if (event.type.endsWith("partial_image")) {
+        current = figure;
+      } else {
+        current = null;
+        completed += 1;
+      }
+      $("status").textContent = `${completed} of ${params.n} done`;
+    }
+  } catch (error) {
+    showError(String(error));
+  } finally {
+    button.disabled = false;
+    if (!$("error").hidden) $("status").textContent = "";
+  }
+}
+
+$("form").addEventListener("submit", generate);
+loadModels().catch((error) => showError(String(error)));

@@ -1,0 +1,88 @@
+"""The playground in a real browser: headless Chromium (Debian's package) driven by Playwright."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        # --no-sandbox: the tests run as root, where Chromium's sandbox refuses to start.
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            yield launched
+        finally:
+            launched.close()
+
+
+@pytest.fixture
+def page(browser: Any, service: Any) -> Iterator[Any]:
+    context = browser.new_context(viewport={"width": 1100, "height": 900})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(f"{service.root}/")
+    yield page
+    context.close()
+    assert errors == []
+
+
+def images(page: Any) -> list[list[int]]:
+    return page.evaluate(
+        "[...document.querySelectorAll('#gallery figure img')]"
+        ".map(image => [image.naturalWidth, image.naturalHeight])"
+    )
+
+
+def generate(page: Any, expected_images: int) -> None:
+    page.click("#generate")
+    page.wait_for_function(
+        f"document.querySelectorAll('#gallery figure img').length >= {expected_images}",
+        timeout=120_000,
+    )
+
+
+def test_a_prompt_becomes_images_of_the_size_asked_with_their_seeds(page: Any) -> None:
+    page.fill("#prompt", "a lighthouse at dusk")
+    page.select_option("#size", "256x256")
+    page.fill("#n", "2")
+    page.fill("#seed", "42")
+    page.fill("#num_inference_steps", "4")
+    generate(page, 2)
+    assert images(page) == [[256, 256], [256, 256]]
+    captions = page.eval_on_selector_all(
+        "#gallery figcaption span", "s => s.map(x => x.textContent)"
+    )
+    assert sorted(captions) == ["seed 42", "seed 43"]
+
+
+def test_reusing_an_images_settings_gives_the_same_image(page: Any) -> None:
+    page.fill("#prompt", "a red fox")
+    page.select_option("#size", "256x256")
+    page.fill("#num_inference_steps", "4")
+    generate(page, 1)
+    first = page.get_attribute("#gallery figure img", "src")
+    seed = page.text_content("#gallery figcaption span")
+    page.click("#gallery figure img")  # puts its settings, seed included, back in the form
+    assert f"seed {page.input_value('#seed')}" == seed
+    generate(page, 2)
+    assert page.get_attribute("#gallery figure:first-child img", "src") == first
+
+
+def test_a_bad_value_shows_the_apis_message(page: Any) -> None:
+    page.fill("#prompt", "x")
+    page.fill("#n", "0")
+    page.click("#generate")
+    page.wait_for_selector("#error:not([hidden])", timeout=60_000)
+    assert "'n'" in page.text_content("#error")
