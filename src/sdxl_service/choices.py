@@ -43,6 +43,11 @@ class PromptSyntax(StrEnum):
     NONE = "none"  # text taken literally (long prompts are still chunked)
 
 
+class PreviewDecoder(StrEnum):
+    APPROX = "approx"  # a fixed linear map from latents to RGB: no weights, blurry
+    VAE = "vae"  # the full VAE: exact, a full decode per preview
+
+
 class Attention(StrEnum):
     SDPA = "sdpa"  # torch's scaled_dot_product_attention (flash / memory-efficient kernels)
     EAGER = "eager"  # diffusers' plain attention, for debugging

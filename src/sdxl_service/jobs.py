@@ -11,11 +11,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .choices import RefinerMode, RenderKind, SchedulerName
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 # bytes travel as base64 in the JSON between the two services, not as lists.
 _WIRE_BYTES = ConfigDict(ser_json_bytes="base64", val_json_bytes="base64")
@@ -87,6 +90,10 @@ class RenderBatch:
     tasks: list[ImageTask]
     # Polled at every denoising step; True aborts the call with RenderCancelled.
     should_stop: Callable[[], bool] = _never
+    # Live previews: on_preview(task index, preview index, image at the render
+    # size), preview_counts[i] previews (0..3) for task i. None or all 0: none.
+    on_preview: Callable[[int, int, Image.Image], None] | None = None
+    preview_counts: tuple[int, ...] = ()
 
 
 class GenerationJob(BaseModel):

@@ -17,7 +17,15 @@ from typing import Annotated, Any, Self
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from .choices import Attention, DType, Preset, PromptSyntax, RefinerMode, SchedulerName
+from .choices import (
+    Attention,
+    DType,
+    Preset,
+    PreviewDecoder,
+    PromptSyntax,
+    RefinerMode,
+    SchedulerName,
+)
 
 SERVICE_ID = "stable-diffusion-xl-with-refiner"
 DEFAULT_PORT = 9225
@@ -70,6 +78,8 @@ class Settings(BaseSettings):
     max_n: int = Field(10, ge=1)
     max_prompt_chars: int = Field(4000, ge=1)
     prompt_syntax: PromptSyntax = PromptSyntax.A1111
+    # How partial images are decoded from the predicted clean latents.
+    preview_decoder: PreviewDecoder = PreviewDecoder.APPROX
 
     # --- LoRA adapters --------------------------------------------------------
     # `<name>.safetensors` or `<name>/pytorch_lora_weights.safetensors`; default

@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,6 +32,7 @@ from .latents import LatentCodec
 from .loading import edit_pipelines, load_pipelines
 from .loras import LoraAdapters
 from .optimisations import COMPILE_MODE, apply_optimisations
+from .previews import batch_part, preview_tap
 from .prompts import chunk_count_groups, prompt_embeddings
 
 logger = logging.getLogger(__name__)
@@ -259,10 +260,16 @@ class Engine:
             self.base, prompts, negative_prompts, params.guidance_scale, syntax
         )
         if len(groups) > 1:
-            tasks = batch.tasks
-            parts = [self._denoise(replace(batch, tasks=[tasks[i] for i in g])) for g in groups]
+            parts = [self._denoise(batch_part(batch, g)) for g in groups]
             return torch.cat(parts)[torch.tensor([i for g in groups for i in g]).argsort()]
         plan = self._plan(params)
+        previews = preview_tap(
+            batch,
+            self.settings.preview_decoder,
+            self.latent_codec,
+            base_runs=plan.base_runs,
+            scheduler_config=self._base_scheduler_config,
+        )
 
         # 1. Generators and the arguments both stages share
         # One CPU generator per image: the same seed gives the same starting noise
@@ -309,6 +316,8 @@ class Engine:
             self._check_stop(batch)
             with self._stage("base"):
                 plan.base.scheduler = make_scheduler(params.scheduler, self._base_scheduler_config)
+                if previews is not None:
+                    previews.attach(plan.base.scheduler)
                 embeddings = prompt_embeddings(
                     self.base, prompts, negative_prompts, params.guidance_scale, syntax
                 )
@@ -325,6 +334,8 @@ class Engine:
             plan.refiner.scheduler = make_scheduler(
                 params.scheduler, self._refiner_scheduler_config
             )
+            if previews is not None:
+                previews.attach(plan.refiner.scheduler)
             embeddings = prompt_embeddings(
                 plan.refiner, prompts, negative_prompts, params.guidance_scale, syntax
             )
