@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from http import HTTPStatus
-from typing import Any
+from typing import Any, NamedTuple
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -106,29 +106,36 @@ def client_closed() -> APIError:
 # How each way a generation can end without images reaches the client: HTTP
 # status, error code, and whether the openai client should retry on its own
 # (after Retry-After) or give up.
-_OUTCOME_ERRORS: dict[OutcomeStatus, tuple[int, str, bool]] = {
-    OutcomeStatus.QUEUE_FULL: (429, "queue_full", True),
-    OutcomeStatus.LOADING: (503, "loading", True),
-    OutcomeStatus.TIMEOUT: (504, "timeout", False),
-    OutcomeStatus.OUT_OF_MEMORY: (503, "out_of_memory", False),
-    OutcomeStatus.WORKER_RESTARTED: (503, "worker_restarted", True),
-    OutcomeStatus.INVALID_LORA: (400, "invalid_lora", False),
-    OutcomeStatus.CANCELLED: (499, "cancelled", False),
-    OutcomeStatus.ERROR: (500, "generation_failed", False),
+class _OutcomeError(NamedTuple):
+    status: int
+    code: str
+    # True: Retry-After and x-should-retry: true; False: x-should-retry: false;
+    # None: neither (a client error, or nobody left to read it).
+    should_retry: bool | None
+    param: str | None = None
+
+
+_OUTCOME_ERRORS: dict[OutcomeStatus, _OutcomeError] = {
+    OutcomeStatus.QUEUE_FULL: _OutcomeError(429, "queue_full", True),
+    OutcomeStatus.LOADING: _OutcomeError(503, "loading", True),
+    OutcomeStatus.TIMEOUT: _OutcomeError(504, "timeout", False),
+    OutcomeStatus.OUT_OF_MEMORY: _OutcomeError(503, "out_of_memory", False),
+    OutcomeStatus.WORKER_RESTARTED: _OutcomeError(503, "worker_restarted", True),
+    OutcomeStatus.INVALID_LORA: _OutcomeError(400, "invalid_lora", None, param="loras"),
+    OutcomeStatus.CANCELLED: _OutcomeError(499, "cancelled", None),
+    OutcomeStatus.ERROR: _OutcomeError(500, "generation_failed", False),
 }
 
 
 def outcome_error(outcome: GenerationOutcome) -> APIError:
     """The OpenAI error for a generation that ended without images."""
-    status, code, should_retry = _OUTCOME_ERRORS[outcome.status]
+    error = _OUTCOME_ERRORS[outcome.status]
     message = outcome.message or outcome.status.value
-    if outcome.status is OutcomeStatus.INVALID_LORA:
-        return invalid_value("loras", message, code=code)
-    if should_retry:
-        return unavailable(message, outcome.retry_after or LOADING_RETRY_AFTER, code, status)
-    if status == 499:
-        return APIError(status, message, code=code)
-    return APIError(status, message, code=code, headers={"x-should-retry": "false"})
+    if error.should_retry:
+        retry_after = outcome.retry_after or LOADING_RETRY_AFTER
+        return unavailable(message, retry_after, error.code, error.status)
+    headers = {} if error.should_retry is None else {"x-should-retry": "false"}
+    return APIError(error.status, message, param=error.param, code=error.code, headers=headers)
 
 
 def _param_from_location(loc: Sequence[Any]) -> str | None:

@@ -40,7 +40,7 @@ def take_inline_loras(prompt: str) -> tuple[str, list[tuple[str, float]]]:
 
 
 def lora_set(
-    asked: Iterable[tuple[str, float]], catalog: LoraCatalog, max_loras: int
+    asked: Iterable[tuple[str, float]], catalog: LoraCatalog | None, max_loras: int
 ) -> tuple[LoraWeight, ...]:
     """The checked, merged, sorted LoRAs of a request; 400 naming `loras` otherwise."""
     scales: dict[str, float] = {}
@@ -59,7 +59,7 @@ def lora_set(
             raise invalid_value(
                 "loras", f"The scale of LoRA '{name}' is {scale:g}; it must be between -2 and 2."
             )
-        found = catalog.find(name)
+        found = catalog.find(name) if catalog is not None else None
         if found is None:
             raise invalid_value(
                 "loras",

@@ -12,7 +12,6 @@ import secrets
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -43,8 +42,6 @@ EDIT_STRENGTH = 0.75
 INPAINT_STRENGTH = 1.0
 VARIATION_STRENGTH = 0.6
 VARIATION_SIZES = ((256, 256), (512, 512), (1024, 1024))
-# Where a request names LoRAs but the server was given no catalog.
-_NO_LORAS = LoraCatalog(Path("/nonexistent/sdxl-loras"))
 # OpenAI quality -> denoising steps (base + refiner together).
 QUALITY_STEPS = {"low": 20, "medium": 30, "standard": 30, "high": 50, "hd": 50}
 
@@ -194,7 +191,7 @@ def _resolve(
     asked = [(lora.name, lora.scale) for lora in req.loras or []] + inline
     if model_lora is not None:
         asked.append((model_lora, 1.0))
-    loras = lora_set(asked, catalog or _NO_LORAS, s.max_loras) if asked else ()
+    loras = lora_set(asked, catalog, s.max_loras) if asked else ()
 
     # 2. The size answered, and the (possibly larger) size rendered.
     width, height = _requested_size(req, s, default_size, source)
