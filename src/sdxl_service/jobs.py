@@ -113,6 +113,8 @@ class GenerationJob(BaseModel):
     # Unix time after which nobody waits for the images any more; the batcher
     # is the one component that acts on it.
     deadline: float | None = None
+    # Previews streamed per image while it renders (stream=true, partial_images).
+    partial_images: int = Field(default=0, ge=0, le=3)
 
     @model_validator(mode="after")
     def _images_fit_the_kind(self) -> Self:

@@ -80,6 +80,8 @@ class Settings(BaseSettings):
     prompt_syntax: PromptSyntax = PromptSyntax.A1111
     # How partial images are decoded from the predicted clean latents.
     preview_decoder: PreviewDecoder = PreviewDecoder.APPROX
+    # The tiny autoencoder of SDXL_PREVIEW_DECODER=taesd: a hub id or a folder.
+    preview_model: str = "madebyollin/taesdxl"
 
     # --- LoRA adapters --------------------------------------------------------
     # `<name>.safetensors` or `<name>/pytorch_lora_weights.safetensors`; default
@@ -90,6 +92,12 @@ class Settings(BaseSettings):
     lora_cache: int = Field(8, ge=1)
 
     # --- serving ------------------------------------------------------------
+    # GPUs the render workers use: "all" visible ones, a count (the first N),
+    # or a comma-separated list of indices.
+    gpus: str = Field("all", pattern=r"^\s*(all|\d+|\d+(\s*,\s*\d+)*)\s*$")
+    # Render workers (processes, each with both pipelines); default one per
+    # GPU of SDXL_GPUS, and 1 without a GPU.
+    workers: int | None = Field(None, ge=1, le=64)
     # Seconds BentoML lets one request run; above request_timeout, so that our
     # own 504 (with the work cancelled) answers first.
     traffic_timeout: int = Field(900, ge=1)
