@@ -46,6 +46,7 @@ class PromptSyntax(StrEnum):
 class PreviewDecoder(StrEnum):
     APPROX = "approx"  # a fixed linear map from latents to RGB: no weights, blurry
     VAE = "vae"  # the full VAE: exact, a full decode per preview
+    TAESD = "taesd"  # the tiny autoencoder (SDXL_PREVIEW_MODEL): close to the VAE, cheap
 
 
 class Attention(StrEnum):

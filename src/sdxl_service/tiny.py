@@ -4,7 +4,8 @@ Same classes, same folder layout and the same conditioning shapes as
 stabilityai/stable-diffusion-xl-{base,refiner}-1.0, only narrow, so that the
 real loading and rendering code runs on a CPU in a fraction of a second. The
 builders are `engine.components`', which the GPU bench uses for the
-full-size pair from the published configs.
+full-size pair from the published configs. Beside the pair, a narrow
+AutoencoderTiny stands in for madebyollin/taesdxl (the taesd preview decoder).
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ from .engine.components import (
     EOS_TOKEN,
     assemble_pipelines,
     build_modules,
+    build_taesd,
     clip_vocab,
 )
 
 # Bump when any config below changes: the folder name is the cache key.
-TINY_VERSION = "tiny-v2"
+TINY_VERSION = "tiny-v3"
 TINY_SEED = 20230726  # SDXL 1.0's release date; any fixed value works
 
 # 32-wide text encoders: base cross-attention sees both concatenated (32 + 32),
@@ -161,6 +163,26 @@ def vae_config() -> dict[str, Any]:
     }
 
 
+def taesd_config() -> dict[str, Any]:
+    """madebyollin/taesdxl's architecture (AutoencoderTiny's defaults), only narrow and shallow.
+
+    Same latent API as the real one: SDXL's 4 latent channels, three x2
+    upsamplings (x8, as the VAE), and scaling_factor 1.0: taesd decodes the
+    UNet's latents as they are, where the SDXL VAE first divides them by 0.13025.
+    """
+    return {
+        "in_channels": 3,
+        "out_channels": 3,
+        "encoder_block_out_channels": [8, 8, 8, 8],
+        "decoder_block_out_channels": [8, 8, 8, 8],
+        "num_encoder_blocks": [1, 1, 1, 1],
+        "num_decoder_blocks": [1, 1, 1, 1],
+        "latent_channels": 4,
+        "upsampling_scaling_factor": 2,
+        "scaling_factor": 1.0,
+    }
+
+
 def tiny_configs() -> dict[str, dict[str, Any]]:
     """The tiny pair's component configs, keyed like the GPU bench's bench/configs/*.json."""
     return {
@@ -183,12 +205,28 @@ def build_tiny_pipelines() -> tuple[Any, Any]:
     return assemble_pipelines(modules)
 
 
+def build_tiny_taesd() -> Any:
+    """The random-weight tiny AutoencoderTiny, identical on every call."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED + 1)
+        return build_taesd(taesd_config())
+
+
 def tiny_pair_dir(cache_dir: Path) -> Path:
     return Path(cache_dir) / TINY_VERSION
 
 
+def tiny_taesd_dir(cache_dir: Path) -> Path:
+    """The tiny preset's SDXL_PREVIEW_MODEL, written by `ensure_tiny_pair`."""
+    return tiny_pair_dir(cache_dir) / "taesd"
+
+
 def ensure_tiny_pair(cache_dir: Path) -> tuple[Path, Path]:
     """Build the tiny pair under `cache_dir` unless already there; return (base, refiner) folders.
+
+    The tiny taesd is saved beside them (`tiny_taesd_dir`).
 
     Safe when several processes start at once: each builds in its own temporary
     folder and renames it into place; the first rename wins, the others discard
@@ -205,6 +243,7 @@ def ensure_tiny_pair(cache_dir: Path) -> tuple[Path, Path]:
         base, refiner = build_tiny_pipelines()
         base.save_pretrained(staging / "base")
         refiner.save_pretrained(staging / "refiner")
+        build_tiny_taesd().save_pretrained(staging / "taesd")
         write_clip_tokenizer_files(staging / "base" / "tokenizer")
         write_clip_tokenizer_files(staging / "base" / "tokenizer_2", pad_token="!")
         write_clip_tokenizer_files(staging / "refiner" / "tokenizer_2", pad_token="!")

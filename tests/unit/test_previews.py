@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -9,19 +10,25 @@ import pytest
 import torch
 from PIL import Image
 
-from sdxl_service.choices import RefinerMode, RenderKind
+from sdxl_service.choices import Preset, PreviewDecoder, RefinerMode, RenderKind
 from sdxl_service.engine import Engine
 from sdxl_service.engine import engine as engine_module
+from sdxl_service.engine.loading import PreviewModelError, load_preview_model
 from sdxl_service.engine.previews import (
+    PreviewDecoders,
     PreviewTap,
     approx_decoder,
     capture_clean_latents,
     preview_schedule,
     preview_tap,
+    taesd_decoder,
     total_steps,
 )
 from sdxl_service.jobs import ImageTask, RenderBatch, RenderParams
 from sdxl_service.schedulers import make_scheduler
+from sdxl_service.tiny import build_tiny_taesd, taesd_config, tiny_pair_dir, tiny_taesd_dir
+
+DECODERS = [str(decoder) for decoder in PreviewDecoder]
 
 Preview = tuple[int, int, Image.Image]
 
@@ -63,7 +70,11 @@ def same_pixels(a: list[Image.Image], b: list[Image.Image]) -> bool:
     )
 
 
-@pytest.mark.parametrize("decoder", ["approx", "vae"])
+def test_every_decoder_is_tested() -> None:
+    assert set(DECODERS) == {"approx", "vae", "taesd"}
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
 def test_previews_go_only_to_the_task_that_asked_and_leave_the_images_unchanged(
     tiny_engine: Engine, tiny_settings_factory, monkeypatch: pytest.MonkeyPatch, decoder: str
 ) -> None:
@@ -78,6 +89,135 @@ def test_previews_go_only_to_the_task_that_asked_and_leave_the_images_unchanged(
     assert same_pixels(images, plain)
 
 
+@pytest.mark.parametrize("decoder", DECODERS)
+@pytest.mark.parametrize(
+    ("mode", "scheduler", "size"),
+    [
+        (RefinerMode.ENSEMBLE, "dpmpp_2m", (96, 64)),
+        (RefinerMode.SEQUENTIAL, "euler_a", (64, 80)),
+    ],
+)
+def test_each_decoder_gives_render_size_previews_and_identical_final_images(
+    tiny_engine: Engine,
+    tiny_settings_factory,
+    monkeypatch: pytest.MonkeyPatch,
+    decoder: str,
+    mode: RefinerMode,
+    scheduler: str,
+    size: tuple[int, int],
+) -> None:
+    monkeypatch.setattr(tiny_engine, "settings", tiny_settings_factory(preview_decoder=decoder))
+    width, height = size
+    render = params(width=width, height=height, refiner=mode, scheduler=scheduler, steps=5)
+    batch = RenderBatch(params=render, tasks=tasks(5, 6, 7))
+    plain = tiny_engine.render(batch)
+
+    images, previews = render_with_previews(tiny_engine, batch, (1, 0, 3))
+
+    assert sorted((task, index) for task, index, _ in previews) == [(0, 0), (2, 0), (2, 1), (2, 2)]
+    assert all(image.size == size and image.mode == "RGB" for _, _, image in previews)
+    # Previews show something of the picture, not a blank: they differ between images.
+    first = {task: np.asarray(image) for task, index, image in previews if index == 0}
+    assert not np.array_equal(first[0], first[2])
+    assert same_pixels(images, plain)
+
+
+def test_taesd_previews_come_from_the_tiny_presets_own_taesd_loaded_once(
+    tiny_engine: Engine, tiny_settings_factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(
+        tiny_engine, "settings", tiny_settings_factory(preview_decoder=PreviewDecoder.TAESD)
+    )
+    batch = RenderBatch(params=params(), tasks=tasks(1))
+    render_with_previews(tiny_engine, batch, (1,))
+    taesd = tiny_engine.preview_decoders.taesd
+    _, previews = render_with_previews(tiny_engine, batch, (1,))
+    assert tiny_engine.preview_decoders.taesd is taesd  # not loaded again
+    assert type(taesd).__name__ == "AutoencoderTiny"
+    assert taesd.dtype == tiny_engine.dtype and str(taesd.device) == tiny_engine.device
+    # The saved tiny taesd: the same weights as a fresh build, so the same preview.
+    built = build_tiny_taesd().state_dict()
+    assert all(torch.equal(tensor, built[name]) for name, tensor in taesd.state_dict().items())
+    assert len(previews) == 1
+
+
+def test_engine_load_loads_taesd_at_startup_when_it_is_the_decoder(
+    tiny_settings_factory,
+) -> None:
+    engine = Engine.load(tiny_settings_factory(preview_decoder="taesd"))
+    assert engine.preview_decoders._taesd is not None  # before any render asked for it
+    lazy = Engine.load(tiny_settings_factory(preview_decoder="approx"))
+    assert lazy.preview_decoders._taesd is None
+
+
+def test_tiny_taesd_is_saved_with_the_tiny_pair(tiny_cache_dir: Path) -> None:
+    folder = tiny_taesd_dir(tiny_cache_dir)
+    assert folder.parent == tiny_pair_dir(tiny_cache_dir)
+    assert (folder / "config.json").is_file()
+    taesd = load_preview_model(
+        str(folder), cache_dir=tiny_cache_dir, device="cpu", dtype=torch.float32
+    )
+    # SDXL's latent API: 4 channels in, x8 out, and no scaling of the UNet's latents.
+    assert taesd.config.latent_channels == 4
+    assert taesd.config.scaling_factor == 1.0
+    with torch.inference_mode():
+        assert taesd.decode(torch.zeros(1, 4, 6, 5)).sample.shape == (1, 3, 48, 40)
+
+
+@pytest.mark.parametrize("what", ["missing folder", "empty folder", "another model"])
+def test_an_unloadable_preview_model_is_a_clear_error_naming_the_variable(
+    tiny_engine: Engine,
+    tiny_settings_factory,
+    tiny_pair: tuple[Path, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    what: str,
+) -> None:
+    source = {
+        "missing folder": tmp_path / "no-such-folder",
+        "empty folder": tmp_path,
+        "another model": tiny_pair[0] / "vae",  # an AutoencoderKL
+    }[what]
+    settings = tiny_settings_factory(preview_decoder="taesd", preview_model=str(source))
+    # The SDXL preset reads SDXL_PREVIEW_MODEL (the tiny preset has its own taesd).
+    decoders = PreviewDecoders.for_engine(
+        tiny_engine.latent_codec, settings, preset=Preset.SDXL, device="cpu", dtype=torch.float32
+    )
+    with pytest.raises(PreviewModelError, match=r"SDXL_PREVIEW_MODEL='.+'.+taesd") as error:
+        decoders.prepare("taesd")
+    assert str(source) in str(error.value)
+    if what == "another model":
+        assert "AutoencoderKL" in str(error.value)
+
+    # A render asking for taesd previews fails with the same message (not a bare traceback).
+    monkeypatch.setattr(tiny_engine, "settings", settings)
+    monkeypatch.setattr(tiny_engine, "preview_decoders", decoders)
+    with pytest.raises(PreviewModelError, match="SDXL_PREVIEW_MODEL"):
+        render_with_previews(tiny_engine, RenderBatch(params=params(), tasks=tasks(1)), (1,))
+
+
+def test_taesd_decoder_decodes_the_unet_latents_in_one_call_at_the_render_size() -> None:
+    taesd = build_tiny_taesd().eval()
+    calls: list[tuple[int, ...]] = []
+    taesd.decoder.register_forward_hook(lambda _m, args, _out: calls.append(tuple(args[0].shape)))
+    latents = torch.randn(3, 4, 6, 8, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        images = taesd_decoder(taesd, 64, 48)(latents)
+        assert calls == [(3, 4, 6, 8)]
+        expected = taesd.decode(latents).sample  # scaling_factor 1.0: the latents as they are
+    assert [image.size for image in images] == [(64, 48)] * 3
+    pixels = ((expected / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+    assert np.array_equal(np.asarray(images[1]), pixels[1].permute(1, 2, 0).numpy())
+
+    # Another scaling factor divides the latents first, as diffusers' pipelines do.
+    scaled = build_tiny_taesd()
+    scaled.register_to_config(scaling_factor=2.0)
+    with torch.inference_mode():
+        halved = taesd_decoder(scaled, 64, 48)(latents * 2.0)
+    assert same_pixels(halved, images)
+    assert taesd_config()["scaling_factor"] == 1.0
+
+
 def test_no_previews_asked_attaches_nothing(
     tiny_engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -89,7 +229,9 @@ def test_no_previews_asked_attaches_nothing(
     images, previews = render_with_previews(tiny_engine, batch, (0, 0))
     assert previews == [] and len(images) == 2
     assert (
-        preview_tap(batch, "approx", tiny_engine.latent_codec, base_runs=True, scheduler_config={})
+        preview_tap(
+            batch, "approx", tiny_engine.preview_decoders, base_runs=True, scheduler_config={}
+        )
         is None
     )
 

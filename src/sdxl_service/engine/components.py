@@ -117,6 +117,19 @@ def build_modules(configs: dict[str, dict[str, Any]], dtype: Any = None) -> dict
     }
 
 
+def build_taesd(config: dict[str, Any] | None = None, dtype: Any = None) -> Any:
+    """A randomly initialised AutoencoderTiny; without a config, madebyollin/taesdxl's.
+
+    taesdxl's published config.json is AutoencoderTiny's defaults: 64 channels,
+    (1, 3, 3, 3) encoder and (3, 3, 3, 1) decoder blocks, 4 latent channels,
+    scaling_factor 1.0.
+    """
+    from diffusers import AutoencoderTiny
+
+    taesd = AutoencoderTiny.from_config(config or {})
+    return taesd if dtype is None else cast_module(taesd, dtype)
+
+
 def assemble_pipelines(modules: dict[str, Any]) -> tuple[Any, Any]:
     """Base and refiner as the SDXL repos define them, sharing text_encoder_2 and the VAE."""
     from diffusers import (

@@ -32,7 +32,7 @@ from .latents import LatentCodec
 from .loading import edit_pipelines, load_pipelines
 from .loras import LoraAdapters
 from .optimisations import COMPILE_MODE, apply_optimisations
-from .previews import batch_part, preview_tap
+from .previews import PreviewDecoders, batch_part, preview_tap
 from .prompts import chunk_count_groups, prompt_embeddings
 
 logger = logging.getLogger(__name__)
@@ -93,6 +93,9 @@ class Engine:
         # Edits run the same modules through these (no extra memory).
         self.base_img2img, self.base_inpaint, self.refiner_inpaint = edit_pipelines(base, refiner)
         self.latent_codec = LatentCodec(base.vae, device=self.device, dtype=self.dtype)
+        self.preview_decoders = PreviewDecoders.for_engine(
+            self.latent_codec, settings, preset=preset, device=self.device, dtype=self.dtype
+        )
         self.optimisations = apply_optimisations(
             base,
             refiner,
@@ -140,6 +143,8 @@ class Engine:
             stage_observer=stage_observer,
             metrics=metrics,
         )
+        # taesd previews: loaded (downloaded) now, so that no request waits on it.
+        engine.preview_decoders.prepare(settings.preview_decoder)
         logger.info(
             "pipelines loaded in %.1f s: %s", time.perf_counter() - started, engine.describe()
         )
@@ -266,7 +271,7 @@ class Engine:
         previews = preview_tap(
             batch,
             self.settings.preview_decoder,
-            self.latent_codec,
+            self.preview_decoders,
             base_runs=plan.base_runs,
             scheduler_config=self._base_scheduler_config,
         )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -79,3 +81,45 @@ def edit_pipelines(base: Any, refiner: Any) -> tuple[Any, Any, Any]:
     for pipeline in pipelines:
         pipeline.set_progress_bar_config(disable=True)
     return pipelines
+
+
+class PreviewModelError(RuntimeError):
+    """SDXL_PREVIEW_MODEL names nothing an AutoencoderTiny loads from."""
+
+
+def load_preview_model(source: str, *, cache_dir: Path, device: str, dtype: torch.dtype) -> Any:
+    """The tiny autoencoder of SDXL_PREVIEW_DECODER=taesd, from a hub id or a diffusers folder.
+
+    Downloaded into `cache_dir` (SDXL_CACHE_DIR) like the SDXL weights. Kept
+    in the engine's dtype: taesd was trained to run in fp16 (unlike the SDXL
+    VAE, which the engine upcasts).
+    """
+    from diffusers import AutoencoderTiny
+
+    def refused(reason: str) -> PreviewModelError:
+        return PreviewModelError(
+            f"SDXL_PREVIEW_MODEL={source!r} cannot be loaded as the taesd preview decoder "
+            "(SDXL_PREVIEW_DECODER=taesd): give a hub id such as madebyollin/taesdxl or a "
+            "folder with config.json and diffusion_pytorch_model.safetensors, or choose "
+            f"SDXL_PREVIEW_DECODER=approx or vae ({reason})"
+        )
+
+    config = Path(source, "config.json")
+    if config.is_file():
+        # Another model's folder would load as random weights (with a warning) or fail oddly.
+        try:
+            class_name = json.loads(config.read_text()).get("_class_name")
+        except (OSError, ValueError, AttributeError) as error:
+            raise refused(f"unreadable {config}: {error}") from error
+        if class_name != AutoencoderTiny.__name__:
+            raise refused(f"{config} describes a {class_name}, not an AutoencoderTiny")
+    try:
+        taesd = AutoencoderTiny.from_pretrained(
+            source, cache_dir=str(cache_dir), dtype=dtype, use_safetensors=True
+        )
+    except (OSError, ValueError, NotImplementedError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise refused(f"{type(error).__name__}: {first_line}") from error
+    taesd.to(device)
+    taesd.eval()
+    return taesd

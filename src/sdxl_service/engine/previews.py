@@ -4,11 +4,18 @@ A preview shows the current estimate of the final picture: the clean latents
 (x0) the scheduler predicts at a step, not the noisy latents it steps through.
 They are taken by wrapping the `step` of each stage's fresh scheduler for one
 pipeline call, so a render without previews runs no wrapper at all.
+
+Three decoders (SDXL_PREVIEW_DECODER): `approx`, a fixed linear map;
+`vae`, the engine's own VAE; `taesd`, the tiny autoencoder of
+SDXL_PREVIEW_MODEL (madebyollin/taesdxl), loaded once per engine: at startup
+by `Engine.load` when it is the configured decoder, so that no request waits
+on its download, otherwise on the first render that asks for it.
 """
 
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -16,10 +23,12 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..choices import PreviewDecoder, RefinerMode
+from ..choices import Preset, PreviewDecoder, RefinerMode
 from ..jobs import RenderBatch, RenderParams
+from ..settings import Settings
 from .handover import ensemble_split, refiner_handover
 from .latents import LatentCodec
+from .loading import load_preview_model
 
 MAX_PREVIEWS = 3
 
@@ -109,11 +118,95 @@ def approx_decoder(width: int, height: int) -> LatentDecoder:
     return decode
 
 
-def preview_decoder(name: str, codec: LatentCodec, params: RenderParams) -> LatentDecoder:
-    """The decoder SDXL_PREVIEW_DECODER names (taesd is not built yet)."""
-    if PreviewDecoder(name) is PreviewDecoder.VAE:
-        return codec.decode
-    return approx_decoder(params.width, params.height)
+def taesd_decoder(taesd: Any, width: int, height: int) -> LatentDecoder:
+    """Latents -> RGB by the tiny autoencoder: the whole batch in one call, x8 as the VAE."""
+
+    def decode(latents: torch.Tensor) -> list[Image.Image]:
+        # As diffusers' SDXL pipeline decodes with any VAE: latents / scaling_factor.
+        # taesd's is 1.0: it decodes the UNet's latents themselves, not the SDXL
+        # VAE's (UNet latents / 0.13025).
+        scaled = latents.to(device=taesd.device, dtype=taesd.dtype) / float(
+            taesd.config.scaling_factor
+        )
+        pixels = taesd.decode(scaled, return_dict=False)[0]  # in [-1, 1], as the VAE's
+        pixels = (pixels.float() / 2 + 0.5).clamp(0, 1)
+        rgb = pixels.permute(0, 2, 3, 1).mul(255).round().to(torch.uint8).cpu().numpy()
+        images = [Image.fromarray(one) for one in rgb]
+        return [
+            image
+            if image.size == (width, height)
+            else image.resize((width, height), Image.Resampling.BILINEAR)
+            for image in images
+        ]
+
+    return decode
+
+
+def taesd_source(settings: Settings, preset: Preset) -> str:
+    """SDXL_PREVIEW_MODEL; the tiny preset's own tiny taesd, as it has its own SDXL pair."""
+    if preset is Preset.TINY:
+        from ..tiny import ensure_tiny_pair, tiny_taesd_dir
+
+        ensure_tiny_pair(settings.cache_dir)
+        return str(tiny_taesd_dir(settings.cache_dir))
+    return settings.preview_model
+
+
+class PreviewDecoders:
+    """One engine's preview decoders: its VAE's codec, and taesd loaded once when first needed."""
+
+    def __init__(self, codec: LatentCodec, load_taesd: Callable[[], Any]) -> None:
+        self.codec = codec
+        self._load_taesd = load_taesd
+        self._taesd: Any = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_engine(
+        cls,
+        codec: LatentCodec,
+        settings: Settings,
+        *,
+        preset: Preset,
+        device: str,
+        dtype: torch.dtype,
+    ) -> PreviewDecoders:
+        def load() -> Any:
+            return load_preview_model(
+                taesd_source(settings, preset),
+                cache_dir=settings.cache_dir,
+                device=device,
+                dtype=dtype,
+            )
+
+        return cls(codec, load)
+
+    @property
+    def taesd(self) -> Any:
+        """The tiny autoencoder, loaded at the first use (PreviewModelError if it cannot be)."""
+        with self._lock:
+            if self._taesd is None:
+                self._taesd = self._load_taesd()
+            return self._taesd
+
+    def use_taesd(self, taesd: Any) -> None:
+        """Decode taesd previews with this module (the GPU bench's random-weight taesdxl)."""
+        with self._lock:
+            self._taesd = taesd
+
+    def prepare(self, name: str) -> None:
+        """Loads what decoder `name` needs now (at startup), not during a render."""
+        if PreviewDecoder(name) is PreviewDecoder.TAESD:
+            _ = self.taesd
+
+    def decoder(self, name: str, params: RenderParams) -> LatentDecoder:
+        """The decoder SDXL_PREVIEW_DECODER names, for images of the render's size."""
+        choice = PreviewDecoder(name)
+        if choice is PreviewDecoder.VAE:
+            return self.codec.decode
+        if choice is PreviewDecoder.TAESD:
+            return taesd_decoder(self.taesd, params.width, params.height)
+        return approx_decoder(params.width, params.height)
 
 
 # --- which steps, which tasks -------------------------------------------------
@@ -183,7 +276,7 @@ class PreviewTap:
 def preview_tap(
     batch: RenderBatch,
     decoder: str,
-    codec: LatentCodec,
+    decoders: PreviewDecoders,
     *,
     base_runs: bool,
     scheduler_config: Mapping[str, Any],
@@ -195,7 +288,7 @@ def preview_tap(
     if len(counts) != len(batch.tasks) or not all(0 <= n <= MAX_PREVIEWS for n in counts):
         raise ValueError(f"preview_counts needs 0..{MAX_PREVIEWS} for each of the batch's tasks")
     steps = total_steps(batch.params, base_runs=base_runs, scheduler_config=scheduler_config)
-    decode = preview_decoder(decoder, codec, batch.params)
+    decode = decoders.decoder(decoder, batch.params)
     return PreviewTap(preview_schedule(counts, steps), batch.on_preview, decode)
 
 
