@@ -1,12 +1,22 @@
 """How a batch is formed: which queued images render together, and when.
 
-A pure function of the queue, so the policy can change (and be tested) apart
-from the Batcher's threads and bookkeeping.
+A pure function of the queue and of what the Batcher saw recently, so the
+policy can change (and be tested) apart from the Batcher's threads and
+bookkeeping.
+
+Why "recent demand": closed-loop clients (each sends its next request when
+the last one is answered) split into groups that never meet if the GPU starts
+on whatever is queued the moment it frees up. With 8 clients, half of them
+render while the other half queues; when the first half is answered, the
+second starts at once and the first comes back while it runs, and so on. A
+batch that waits a little for the clients just answered, but only when recent
+traffic says they exist, merges the halves; a lone client never waits.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from .jobs import RenderParams
@@ -23,23 +33,51 @@ class Queued(Protocol):
 Item = TypeVar("Item", bound=Queued)
 
 
+@dataclass(frozen=True, kw_only=True)
+class Demand:
+    """What the Batcher saw when its last pipeline call ended."""
+
+    # The params of that call: the clients it answered come back with them,
+    # and what it says of them says nothing of other params' traffic.
+    params: RenderParams | None = None
+    # Images of that call plus those of its params queued when it ended: how
+    # many images were active, so how many its closed-loop clients may bring
+    # back. A Batcher that has rendered nothing yet knows of one.
+    images: int = 1
+    # time.monotonic() when the GPU went idle; the company-wait starts here at
+    # the earliest, so images that queued behind a busy GPU are not held back
+    # for the whole wait again.
+    idle_since: float = float("-inf")
+
+
+def demand_after_call(rendered: Sequence[Queued], queue: Iterable[Queued], now: float) -> Demand:
+    """The demand a pipeline call of `rendered` leaves, `queue` waiting at its end."""
+    params = rendered[0].params
+    queued = sum(1 for item in queue if item.params == params)
+    return Demand(params=params, images=len(rendered) + queued, idle_since=now)
+
+
 def next_batch(
-    queue: Sequence[Item], *, max_images: int, wait_s: float, now: float
+    queue: Sequence[Item], *, max_images: int, wait_s: float, now: float, demand: Demand
 ) -> tuple[list[Item], float]:
     """The images to render next, or none and how long to wait for company.
 
     FIFO: the oldest queued image decides the params, then same-params images
-    join in queue order, up to `max_images`. If the batch is not full it waits
-    for company until the oldest image has waited `wait_s`, counted from its
-    arrival, so work that already queued behind a busy GPU is not held back
-    further. It does not wait while other-params work is queued: with a
-    backlog the GPU should not idle, and that work would wait too.
+    join in queue order, up to `max_images`. The batch goes at once when it
+    holds min(max_images, demand.images) images: a full batch, or every image
+    recent traffic of these params says is coming (so a lone client, demand
+    1, never waits, nor do params that were not rendered last).
+    Otherwise it waits for company until `wait_s` after the later of the GPU
+    going idle and the oldest image's arrival. It never waits while
+    other-params work is queued: with a backlog the GPU should not idle, and
+    that work would wait too.
     """
     if not queue:
         raise ValueError("next_batch needs a queued image")
     head = queue[0]
     selected = [item for item in queue if item.params == head.params][:max_images]
-    if len(selected) >= max_images or len(selected) < len(queue):
+    expected = min(max_images, demand.images) if head.params == demand.params else 1
+    if len(selected) >= expected or len(selected) < len(queue):
         return selected, 0.0
-    left = head.enqueued_at + wait_s - now
+    left = max(demand.idle_since, head.enqueued_at) + wait_s - now
     return (selected, 0.0) if left <= 0 else ([], left)

@@ -6,7 +6,9 @@ call. This is hand-rolled rather than BentoML's adaptive batching
 do: grouping by compatibility key (it mixes every request into one batch), a
 bounded queue that rejects at once (429) instead of queueing, dropping the
 queued work of cancelled or timed-out requests, and stopping a running batch at
-the next denoising step when nobody waits for any of its images.
+the next denoising step when nobody waits for any of its images. When a
+batch starts is batch_policy.py's decision; the live previews of a batch go to
+the jobs that asked for them (batch_entries.py).
 
 Threads: `submit` runs on the service's event loop; one worker thread makes
 every render call, because the GPU runs one call at a time and a call takes
@@ -25,23 +27,20 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 from PIL.Image import Image
 
 from .admission import QueueCapacity
-from .batch_policy import next_batch
+from .batch_entries import PendingJob, PreviewFn, QueuedImage, preview_routing, rendered_image
+from .batch_policy import Demand, demand_after_call, next_batch
 from .jobs import (
     GenerationJob,
     GenerationOutcome,
-    ImageTask,
     InvalidLora,
     OutcomeStatus,
     OutOfMemory,
     RenderBatch,
     RenderCancelled,
-    RenderedImage,
-    RenderParams,
 )
 from .metrics import ServiceMetrics
 
@@ -55,27 +54,6 @@ _STOP_JOIN_S = 10.0
 
 _SHUTDOWN = "service is shutting down"
 _TIMED_OUT = "request timed out"
-
-
-@dataclass(eq=False, kw_only=True)
-class _PendingJob:
-    job: GenerationJob
-    future: asyncio.Future[GenerationOutcome]  # of the submitting event loop
-    results: list[RenderedImage | None]  # in seed order, None until rendered
-    # Set once, under the batcher's lock, by whoever decides the outcome.
-    finished: bool = False
-
-
-@dataclass(eq=False, kw_only=True)
-class _QueuedImage:
-    pending: _PendingJob
-    index: int  # position in the job's seeds
-    task: ImageTask
-    enqueued_at: float  # time.monotonic()
-
-    @property
-    def params(self) -> RenderParams:
-        return self.pending.job.params
 
 
 class Batcher:
@@ -107,18 +85,24 @@ class Batcher:
         self._clock = clock
 
         self._cond = threading.Condition()
-        self._queue: collections.deque[_QueuedImage] = collections.deque()
-        self._pending: dict[str, list[_PendingJob]] = {}
+        self._queue: collections.deque[QueuedImage] = collections.deque()
+        self._pending: dict[str, list[PendingJob]] = {}
+        self._demand = Demand()
         self._stopping = False
         # Started by the first submit.
         self._thread = threading.Thread(target=self._work, name="sdxl-batch-worker", daemon=True)
 
     # --- public -------------------------------------------------------------
 
-    async def submit(self, job: GenerationJob) -> GenerationOutcome:
+    async def submit(
+        self, job: GenerationJob, *, on_preview: PreviewFn | None = None
+    ) -> GenerationOutcome:
         """Renders the job's images, batched with compatible work of other jobs.
 
         Expected failures come back as the outcome's status, never raised.
+        `on_preview(image index in the seeds, preview index, image)` gets the
+        job's `partial_images` previews per image, on the worker thread, until
+        the job is answered.
         """
         n = len(job.seeds)
         if n == 0:
@@ -141,12 +125,12 @@ class Batcher:
             if refusal is not None:
                 return self._rejected(refusal)
             future = asyncio.get_running_loop().create_future()
-            pending = _PendingJob(job=job, future=future, results=[None] * n)
+            pending = PendingJob(job=job, future=future, results=[None] * n, on_preview=on_preview)
             self._pending.setdefault(job.request_id, []).append(pending)
             now = time.monotonic()
             for index, task in enumerate(job.tasks()):
                 self._queue.append(
-                    _QueuedImage(pending=pending, index=index, task=task, enqueued_at=now)
+                    QueuedImage(pending=pending, index=index, task=task, enqueued_at=now)
                 )
             self._gauges_locked()
             if self._thread.ident is None:
@@ -189,7 +173,7 @@ class Batcher:
     def _past_deadline(self, job: GenerationJob) -> bool:
         return job.deadline is not None and self._clock() >= job.deadline
 
-    async def _outcome_by_deadline(self, pending: _PendingJob) -> GenerationOutcome:
+    async def _outcome_by_deadline(self, pending: PendingJob) -> GenerationOutcome:
         deadline = pending.job.deadline
         timeout = None if deadline is None else max(0.0, deadline - self._clock())
         try:
@@ -200,14 +184,14 @@ class Batcher:
             # Whatever decided first (the images may have just arrived).
             return await pending.future
 
-    def _expire_locked(self, pendings: Iterable[_PendingJob]) -> None:
+    def _expire_locked(self, pendings: Iterable[PendingJob]) -> None:
         expired = [p for p in pendings if not p.finished and self._past_deadline(p.job)]
         self._finish_all(expired, OutcomeStatus.TIMEOUT, _TIMED_OUT)
 
     def _expire_queued_locked(self) -> None:
         self._expire_locked(dict.fromkeys(q.pending for q in self._queue))
 
-    def _unwanted(self, pendings: list[_PendingJob]) -> bool:
+    def _unwanted(self, pendings: list[PendingJob]) -> bool:
         """A batch's should_stop, polled at every denoising step."""
         with self._cond:
             return self._stopping or all(p.finished or self._past_deadline(p.job) for p in pendings)
@@ -222,7 +206,7 @@ class Batcher:
     # --- outcomes ----------------------------------------------------------
 
     def _finish_all(
-        self, pendings: Iterable[_PendingJob], status: OutcomeStatus, message: str
+        self, pendings: Iterable[PendingJob], status: OutcomeStatus, message: str
     ) -> None:
         """Answers every job not answered yet; the first outcome decided stands."""
         # The lock is re-entrant (Condition's default RLock): callers that
@@ -231,7 +215,7 @@ class Batcher:
             for pending in list(pendings):
                 self._finish_locked(pending, GenerationOutcome(status=status, message=message))
 
-    def _finish_locked(self, pending: _PendingJob, outcome: GenerationOutcome) -> None:
+    def _finish_locked(self, pending: PendingJob, outcome: GenerationOutcome) -> None:
         if pending.finished:
             return
         pending.finished = True
@@ -270,7 +254,7 @@ class Batcher:
                 pendings = dict.fromkeys(q.pending for q in images)
                 self._finish_all(pendings, OutcomeStatus.ERROR, "internal error")
 
-    def _next_batch_locked(self) -> list[_QueuedImage] | None:
+    def _next_batch_locked(self) -> list[QueuedImage] | None:
         """Waits for work and takes the next batch (batch_policy.py); None when stopping."""
         while True:
             if self._stopping:
@@ -284,6 +268,7 @@ class Batcher:
                 max_images=self._max_batch,
                 wait_s=self._batch_wait_s,
                 now=time.monotonic(),
+                demand=self._demand,
             )
             if selected:
                 break
@@ -298,7 +283,7 @@ class Batcher:
                 self._metrics.observe_stage("queue_wait", now - q.enqueued_at)
         return selected
 
-    def _run(self, images: list[_QueuedImage]) -> None:
+    def _run(self, images: list[QueuedImage]) -> None:
         with self._cond:
             # A job may have been answered (failed, cancelled) while an
             # earlier half of an OOM split ran.
@@ -307,10 +292,13 @@ class Batcher:
             return
         pendings = list(dict.fromkeys(q.pending for q in images))
         params = images[0].pending.job.params
+        preview_counts, on_preview = preview_routing(images)
         batch = RenderBatch(
             params=params,
             tasks=[q.task for q in images],
             should_stop=functools.partial(self._unwanted, pendings),
+            on_preview=on_preview,
+            preview_counts=preview_counts,
         )
         started = time.monotonic()
         try:
@@ -356,16 +344,16 @@ class Batcher:
             self._metrics.count_images(len(images))
         with self._cond:
             self._capacity.record_call(elapsed, len(images))
+            # Before any job is answered: a client answered now and back at
+            # once must not count as one more that was waiting.
+            self._demand = demand_after_call(images, self._queue, time.monotonic())
             # Images that arrive after their job's deadline are not delivered.
             self._expire_locked(pendings)
             for q, image in zip(images, rendered, strict=True):
                 if q.pending.finished:
                     continue
-                rgb = image if image.mode == "RGB" else image.convert("RGB")
                 results = q.pending.results
-                results[q.index] = RenderedImage(
-                    seed=q.task.seed, width=rgb.width, height=rgb.height, rgb=rgb.tobytes()
-                )
+                results[q.index] = rendered_image(q.task.seed, image)
                 if all(r is not None for r in results):
                     ok = [r for r in results if r is not None]  # all of them, typed
                     done = GenerationOutcome(status=OutcomeStatus.OK, images=ok)

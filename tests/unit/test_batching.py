@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry
 
 from sdxl_service.batching import Batcher
 from sdxl_service.choices import RefinerMode, SchedulerName
+from sdxl_service.engine import Engine
 from sdxl_service.jobs import (
     GenerationJob,
     GenerationOutcome,
@@ -33,6 +34,7 @@ from sdxl_service.jobs import (
     OutOfMemory,
     RenderBatch,
     RenderCancelled,
+    RenderedImage,
     RenderParams,
 )
 from sdxl_service.metrics import ServiceMetrics
@@ -65,6 +67,7 @@ def make_job(
     size: int = 8,
     steps: int = 2,
     deadline: float | None = None,
+    partial_images: int = 0,
 ) -> GenerationJob:
     return GenerationJob(
         request_id=request_id,
@@ -80,6 +83,7 @@ def make_job(
         prompt=prompt if prompt is not None else request_id,
         seeds=[seed + i for i in range(n)],
         deadline=deadline,
+        partial_images=partial_images,
     )
 
 
@@ -180,8 +184,18 @@ async def until(condition: Callable[[], bool]) -> None:
         await asyncio.sleep(0.001)
 
 
-def gauge(registry: CollectorRegistry, name: str) -> float | None:
-    return registry.get_sample_value(name)
+def gauge(
+    registry: CollectorRegistry, name: str, labels: dict[str, str] | None = None
+) -> float | None:
+    """The sum over the samples with these labels, whatever other labels they
+    carry (the render worker's); None when there are none."""
+    values = [
+        sample.value
+        for family in registry.collect()
+        for sample in family.samples
+        if sample.name == name and (labels or {}).items() <= sample.labels.items()
+    ]
+    return sum(values) if values else None
 
 
 async def queued(registry: CollectorRegistry, images: int) -> None:
@@ -194,11 +208,12 @@ async def wait_event(event: threading.Event) -> None:
 
 
 async def hold_worker(
-    render: FakeRender, batcher: Batcher, n: int = 1
+    render: FakeRender, batcher: Batcher, n: int = 1, size: int = 16
 ) -> tuple[threading.Event, asyncio.Task[GenerationOutcome]]:
-    """Keeps the worker busy in a render of its own until the event is set."""
+    """Keeps the worker busy in a render of its own until the event is set
+    (of other params than make_job's unless `size` says otherwise)."""
     release = render.gate("gate")
-    task = asyncio.create_task(batcher.submit(make_job("gate", n, size=16, seed=90_000)))
+    task = asyncio.create_task(batcher.submit(make_job("gate", n, size=size, seed=90_000)))
     await wait_event(render.started["gate"])
     return release, task
 
@@ -240,7 +255,7 @@ async def test_batch_wait_gathers_a_job_that_arrives_later(
     # The batch fills at 2 images, so the long wait is never spent in full
     # (the gate brings 2 of its own).
     batcher = make_batcher(render, max_batch_images=2, batch_wait_ms=WAIT_S * 1000)
-    release, gate = await hold_worker(render, batcher, n=2)
+    release, gate = await hold_worker(render, batcher, n=2, size=8)
     a = asyncio.create_task(batcher.submit(make_job("a", seed=1)))
     await queued(registry, 1)
     release.set()
@@ -271,6 +286,87 @@ async def test_incompatible_jobs_render_separately_without_waiting(
     assert_ok(await c, [3, 4, 5, 6])
     await gate
     assert render.prompts_per_call()[1:] == [["a"], ["b"], ["c"]]
+
+
+# An hour: a test that waits it out is broken, and runs into its guard.
+HOUR_MS = 3_600_000
+
+
+@asyncio_test
+async def test_a_lone_client_never_waits_for_company(
+    render: FakeRender, make_batcher: MakeBatcher
+) -> None:
+    batcher = make_batcher(render, batch_wait_ms=HOUR_MS)
+    for i in range(3):  # one request after another, as one closed-loop client sends them
+        assert_ok(await asyncio.wait_for(batcher.submit(make_job(f"a{i}", seed=i)), WAIT_S), [i])
+    assert render.prompts_per_call() == [["a0"], ["a1"], ["a2"]]
+
+
+@asyncio_test
+async def test_the_next_batch_waits_for_the_clients_the_last_call_answered(
+    render: FakeRender, make_batcher: MakeBatcher, registry: CollectorRegistry
+) -> None:
+    # The gate's 3 images and a, queued behind them with the same params,
+    # make a demand of 4: a waits for 3 more, and goes once they are queued.
+    batcher = make_batcher(render, batch_wait_ms=HOUR_MS)
+    release, gate = await hold_worker(render, batcher, n=3, size=8)
+    a = asyncio.create_task(batcher.submit(make_job("a", seed=1)))
+    await queued(registry, 1)
+    release.set()
+    await gate
+    b = asyncio.create_task(batcher.submit(make_job("b", seed=2)))
+    await queued(registry, 2)
+    assert len(render.calls) == 1  # still waiting for company
+    c = asyncio.create_task(batcher.submit(make_job("c", 2, seed=3)))
+    assert_ok(await a, [1])
+    assert_ok(await b, [2])
+    assert_ok(await c, [3, 4])
+    assert render.prompts_per_call()[1:] == [["a", "b", "c"]]
+
+
+@asyncio_test
+async def test_the_wait_for_company_ends_after_batch_wait_ms(
+    render: FakeRender, make_batcher: MakeBatcher, registry: CollectorRegistry
+) -> None:
+    batcher = make_batcher(render, batch_wait_ms=50)
+    release, gate = await hold_worker(render, batcher, n=3, size=8)
+    a = asyncio.create_task(batcher.submit(make_job("a", seed=1)))
+    await queued(registry, 1)
+    release.set()
+    assert_ok(await a, [1])  # alone, once the wait is over
+    await gate
+    assert render.prompts_per_call()[1:] == [["a"]]
+
+
+@asyncio_test
+async def test_demand_of_other_params_does_not_hold_an_image_back(
+    render: FakeRender, make_batcher: MakeBatcher, registry: CollectorRegistry
+) -> None:
+    # The gate (16x16) leaves a demand of 3 for its own params, none for a's.
+    batcher = make_batcher(render, batch_wait_ms=HOUR_MS)
+    release, gate = await hold_worker(render, batcher, n=3)
+    a = asyncio.create_task(batcher.submit(make_job("a", seed=1)))
+    await queued(registry, 1)
+    release.set()
+    assert_ok(await a, [1])
+    await gate
+    assert render.prompts_per_call()[1:] == [["a"]]
+
+
+@asyncio_test
+async def test_other_params_work_ends_the_wait_for_company(
+    render: FakeRender, make_batcher: MakeBatcher, registry: CollectorRegistry
+) -> None:
+    batcher = make_batcher(render, batch_wait_ms=HOUR_MS)
+    release, gate = await hold_worker(render, batcher, n=3, size=8)
+    a = asyncio.create_task(batcher.submit(make_job("a", seed=1)))
+    await queued(registry, 1)
+    release.set()
+    await gate
+    b = asyncio.create_task(batcher.submit(make_job("b", seed=2, size=16)))
+    assert_ok(await a, [1])
+    assert_ok(await b, [2], size=16)
+    assert render.prompts_per_call()[1:] == [["a"], ["b"]]
 
 
 @asyncio_test
@@ -335,7 +431,7 @@ async def test_queue_full_is_rejected_with_retry_after_and_nothing_queued(
     assert outcome.retry_after is not None and outcome.retry_after >= 1
     assert "busy" in outcome.message
     assert gauge(registry, "sdxl_queue_images") == 3
-    assert registry.get_sample_value("sdxl_rejected_total", {"reason": "queue_full"}) == 1
+    assert gauge(registry, "sdxl_rejected_total", {"reason": "queue_full"}) == 1
     release.set()
     assert_ok(await waiting, [10, 11, 12])
     await gate
@@ -522,7 +618,7 @@ async def test_queued_images_past_the_deadline_are_dropped_before_the_next_batch
     await gate
     assert render.seeds_seen("late") == []
     reason = {"reason": "timeout"}
-    assert registry.get_sample_value("sdxl_rejected_total", reason) == 1
+    assert gauge(registry, "sdxl_rejected_total", reason) == 1
 
 
 # --- faults -------------------------------------------------------------------
@@ -564,7 +660,7 @@ async def test_out_of_memory_on_one_image_fails_its_job_and_service_stays_up(
     # 2 images -> 1 + 1; the job failed on the first, the second is skipped.
     assert [len(call) for call in render.calls] == [2, 1, 1]
     reason = {"reason": "out_of_memory"}
-    assert registry.get_sample_value("sdxl_rejected_total", reason) == 1
+    assert gauge(registry, "sdxl_rejected_total", reason) == 1
 
 
 @asyncio_test
@@ -615,19 +711,147 @@ async def test_metrics_record_batches_images_and_queue_wait(
     release, gate = await hold_worker(render, batcher)
     a = asyncio.create_task(batcher.submit(make_job("a", 3)))
     await queued(registry, 3)
-    assert registry.get_sample_value("sdxl_requests_in_flight") == 2
+    assert gauge(registry, "sdxl_requests_in_flight") == 2
     release.set()
     await a
     await gate
     await batcher.stop()
 
-    value = registry.get_sample_value
+    value = functools.partial(gauge, registry)
     assert value("sdxl_images_generated_total") == 4
     assert value("sdxl_batch_images_count") == 2
     assert value("sdxl_batch_images_sum") == 4
     assert value("sdxl_stage_seconds_count", {"stage": "queue_wait"}) == 4
     assert value("sdxl_queue_images") == 0
     assert value("sdxl_requests_in_flight") == 0
+
+
+# --- live previews ----------------------------------------------------------------
+
+
+def preview_image(seed: int, preview: int, size: int) -> Image.Image:
+    # RGBA, as a decoder might give: the Batcher hands previews on as RGB.
+    return Image.new("RGBA", (size, size), (seed % 256, preview, 9, 255))
+
+
+class PreviewRender(FakeRender):
+    """Sends every task's previews, preview by preview across the batch as the
+    engine does, then renders; `between()` runs after the first round."""
+
+    def __init__(self, between: Callable[[], object] | None = None) -> None:
+        super().__init__()
+        self.between = between
+
+    def __call__(self, batch: RenderBatch) -> list[Image.Image]:
+        counts = batch.preview_counts
+        if batch.on_preview is not None:
+            for preview in range(max(counts)):
+                for task, n in enumerate(counts):
+                    if preview < n:
+                        seed = batch.tasks[task].seed
+                        image = preview_image(seed, preview, batch.params.width)
+                        batch.on_preview(task, preview, image)
+                if preview == 0 and self.between is not None:
+                    self.between()
+        return super().__call__(batch)
+
+
+Seen = list[tuple[int, int, RenderedImage]]
+
+
+def recorder(seen: Seen) -> Callable[[int, int, RenderedImage], None]:
+    return lambda index, preview, image: seen.append((index, preview, image))
+
+
+@asyncio_test
+async def test_previews_reach_the_job_that_asked_for_them_and_no_other(
+    make_batcher: MakeBatcher, registry: CollectorRegistry
+) -> None:
+    render = PreviewRender()
+    batcher = make_batcher(render)
+    release, gate = await hold_worker(render, batcher)
+    seen: Seen = []
+    job_a = make_job("a", 2, seed=10, partial_images=2)
+    a = asyncio.create_task(batcher.submit(job_a, on_preview=recorder(seen)))
+    # Previews asked for, but nobody to hand them to: none are made.
+    b = asyncio.create_task(batcher.submit(make_job("b", 1, seed=20, partial_images=3)))
+    await queued(registry, 3)
+    release.set()
+    assert_ok(await a, [10, 11])
+    assert_ok(await b, [20])
+    await gate
+    assert render.calls[1] == [("a", 10), ("a", 11), ("b", 20)]
+    assert render.batches[1].preview_counts == (2, 2, 0)
+    assert sorted((i, preview) for i, preview, _ in seen) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    for index, preview, image in seen:
+        assert (image.seed, image.width, image.height) == (10 + index, 8, 8)
+        assert image.rgb == preview_image(10 + index, preview, 8).convert("RGB").tobytes()
+
+
+@asyncio_test
+async def test_a_batch_without_previews_asks_the_engine_for_none(
+    render: FakeRender, make_batcher: MakeBatcher
+) -> None:
+    batcher = make_batcher(render)
+    assert_ok(await batcher.submit(make_job("a", 2, seed=1)), [1, 2])
+    # A callback, but no previews asked for.
+    job = make_job("b", seed=5)
+    assert_ok(await batcher.submit(job, on_preview=lambda *_: None), [5])
+    assert [batch.preview_counts for batch in render.batches] == [(0, 0), (0,)]
+    assert [batch.on_preview for batch in render.batches] == [None, None]
+
+
+@asyncio_test
+async def test_a_failing_preview_callback_does_not_fail_the_batch(
+    make_batcher: MakeBatcher, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(index: int, preview: int, image: RenderedImage) -> None:
+        raise RuntimeError("stream closed")
+
+    batcher = make_batcher(PreviewRender())
+    with caplog.at_level(logging.ERROR, logger="sdxl_service"):
+        outcome = await batcher.submit(make_job("a", 2, partial_images=2), on_preview=broken)
+    assert_ok(outcome, [0, 1])
+    failures = [r for r in caplog.records if "preview callback of request a" in r.getMessage()]
+    assert len(failures) == 4 and all(r.exc_info for r in failures)
+
+
+@asyncio_test
+async def test_a_finished_job_gets_no_more_previews(
+    make_batcher: MakeBatcher, registry: CollectorRegistry
+) -> None:
+    # a is cancelled after the first round of previews; b keeps the batch going.
+    render = PreviewRender(between=lambda: batcher.cancel("a"))
+    batcher = make_batcher(render)
+    release, gate = await hold_worker(render, batcher)
+    seen_a: Seen = []
+    seen_b: Seen = []
+    job_a, job_b = make_job("a", seed=1, partial_images=3), make_job("b", seed=2, partial_images=2)
+    a = asyncio.create_task(batcher.submit(job_a, on_preview=recorder(seen_a)))
+    b = asyncio.create_task(batcher.submit(job_b, on_preview=recorder(seen_b)))
+    await queued(registry, 2)
+    release.set()
+    assert (await a).status is OutcomeStatus.CANCELLED
+    assert_ok(await b, [2])
+    await gate
+    assert [preview for _, preview, _ in seen_a] == [0]
+    assert [preview for _, preview, _ in seen_b] == [0, 1]
+
+
+@asyncio_test
+async def test_previews_from_the_real_tiny_engine(
+    make_batcher: MakeBatcher, tiny_engine: Engine
+) -> None:
+    batcher = make_batcher(tiny_engine.render)
+    seen: Seen = []
+    job = make_job("a", 2, seed=3, size=64, steps=4, partial_images=2)
+    outcome = await batcher.submit(job, on_preview=recorder(seen))
+    assert outcome.status is OutcomeStatus.OK
+    assert [(im.seed, im.width, im.height) for im in outcome.images] == [(3, 64, 64), (4, 64, 64)]
+    assert sorted((i, preview) for i, preview, _ in seen) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    for index, _, image in seen:
+        assert (image.seed, image.width, image.height) == (3 + index, 64, 64)
+        assert len(image.rgb) == 64 * 64 * 3
 
 
 # --- a real render function -----------------------------------------------------
@@ -658,27 +882,39 @@ def noise_render(batch: RenderBatch) -> list[Image.Image]:
 
 @asyncio_test
 async def test_seed_reproduces_image_in_batch_with_a_real_render(
-    make_batcher: MakeBatcher,
+    make_batcher: MakeBatcher, registry: CollectorRegistry
 ) -> None:
     solo = make_batcher(noise_render, batch_wait_ms=0)
     alone = await solo.submit(make_job("alone", 2, seed=42, size=32, steps=3))
-    # 1 + 2 + 3 images fill the batch of 6; the long wait makes sure they meet.
+    # 1 + 2 + 3 images fill the batch of 6; they meet in the queue while the
+    # worker is held in a render of other params.
     sizes: list[int] = []
+    release, started = threading.Event(), threading.Event()
 
     def recorded(batch: RenderBatch) -> list[Image.Image]:
-        sizes.append(len(batch.tasks))
+        if batch.tasks[0].prompt == "gate":
+            started.set()
+            assert release.wait(WAIT_S)
+        else:
+            sizes.append(len(batch.tasks))
         return noise_render(batch)
 
-    batcher = make_batcher(recorded, batch_wait_ms=WAIT_S * 1000, max_batch_images=6)
-    together = await asyncio.gather(
+    batcher = make_batcher(recorded, max_batch_images=6)
+    gate = asyncio.create_task(batcher.submit(make_job("gate", 1, size=16, steps=3)))
+    await wait_event(started)
+    together = asyncio.gather(
         batcher.submit(make_job("x", 1, seed=7, size=32, steps=3)),
         batcher.submit(make_job("y", 2, seed=42, size=32, steps=3)),
         batcher.submit(make_job("z", 3, seed=1000, size=32, steps=3)),
     )
+    await queued(registry, 6)
+    release.set()
+    await gate
+    outcomes = await together
 
     assert sizes == [6]
-    assert all(o.status is OutcomeStatus.OK for o in [alone, *together])
-    batched = together[1]
+    assert all(o.status is OutcomeStatus.OK for o in [alone, *outcomes])
+    batched = outcomes[1]
     assert [im.seed for im in batched.images] == [42, 43]
     for one, other in zip(alone.images, batched.images, strict=True):
         a = np.frombuffer(one.rgb, np.uint8).astype(int)

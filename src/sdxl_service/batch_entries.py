@@ -1,0 +1,75 @@
+"""What the Batcher keeps for each job and each queued image, and how an
+engine preview finds its way back to the job and image it belongs to."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from PIL.Image import Image
+
+from .jobs import GenerationJob, GenerationOutcome, ImageTask, RenderedImage, RenderParams
+
+logger = logging.getLogger(__name__)
+
+# (index of the image in the job's seeds, preview index from 0, the preview)
+PreviewFn = Callable[[int, int, RenderedImage], None]
+# The engine's side: (task index in the batch, preview index, image).
+EnginePreviewFn = Callable[[int, int, Image], None]
+
+
+@dataclass(eq=False, kw_only=True)
+class PendingJob:
+    job: GenerationJob
+    future: asyncio.Future[GenerationOutcome]  # of the submitting event loop
+    results: list[RenderedImage | None]  # in seed order, None until rendered
+    on_preview: PreviewFn | None = None
+    # Set once, under the batcher's lock, by whoever decides the outcome.
+    finished: bool = False
+
+
+@dataclass(eq=False, kw_only=True)
+class QueuedImage:
+    pending: PendingJob
+    index: int  # position in the job's seeds
+    task: ImageTask
+    enqueued_at: float  # time.monotonic()
+
+    @property
+    def params(self) -> RenderParams:
+        return self.pending.job.params
+
+
+def rendered_image(seed: int, image: Image) -> RenderedImage:
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    return RenderedImage(seed=seed, width=rgb.width, height=rgb.height, rgb=rgb.tobytes())
+
+
+def preview_routing(
+    images: Sequence[QueuedImage],
+) -> tuple[tuple[int, ...], EnginePreviewFn | None]:
+    """`RenderBatch.preview_counts` and `on_preview` for a batch of `images`.
+
+    Only images whose job gave a callback get previews; a batch where none
+    did gets all-zero counts and no callback, so the engine decodes nothing.
+    """
+    counts = tuple(q.pending.job.partial_images if q.pending.on_preview else 0 for q in images)
+    if not any(counts):
+        return counts, None
+
+    def route(task: int, preview: int, image: Image) -> None:
+        q = images[task]
+        callback = q.pending.on_preview
+        # Read without the Batcher's lock, which a slow callback must not hold
+        # up: `finished` only ever turns True, so a race costs one late preview.
+        if callback is None or q.pending.finished:
+            return
+        try:
+            callback(q.index, preview, rendered_image(q.task.seed, image))
+        except Exception:
+            # One job's broken stream must not fail the images of the batch.
+            logger.exception("preview callback of request %s failed", q.pending.job.request_id)
+
+    return counts, route
