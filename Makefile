@@ -5,7 +5,7 @@ LEGACY_VENV ?= .venv-openai028
 PORT ?= 9225
 BIN := $(VENV)/bin
 
-.PHONY: install legacy-client browser serve test test-unit lint format bench bench-gpu bench-gpu-prepare build containerize examples registry-image-size clean
+.PHONY: install legacy-client browser serve test test-unit lint format bench bench-previews bench-gpu bench-gpu-prepare build containerize examples registry-image-size clean
 
 install: $(VENV)/.installed
 
@@ -50,6 +50,11 @@ test-unit: install
 
 bench: install
 	$(BIN)/python -m bench.run_cpu
+
+# What live previews (partial_images=3) cost a render per SDXL_PREVIEW_DECODER,
+# engine alone on the tiny preset (~2 min); docs/PERFORMANCE.md, "Live previews".
+bench-previews: install
+	$(BIN)/python -m bench.previews_cpu
 
 # The whole GPU run (engine, HTTP service, optimisation matrix; ~8 min) on a CUDA
 # machine: bench-gpu-prepare first, where PyPI is reachable (docs/PERFORMANCE.md).

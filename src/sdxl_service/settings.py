@@ -78,7 +78,10 @@ class Settings(BaseSettings):
     max_n: int = Field(10, ge=1)
     max_prompt_chars: int = Field(4000, ge=1)
     prompt_syntax: PromptSyntax = PromptSyntax.A1111
-    # How partial images are decoded from the predicted clean latents.
+    # How partial images are decoded from the predicted clean latents. approx:
+    # the fastest decoder, and the only one within 10 % (partial_images=3) on
+    # the CPU bench (docs/PERFORMANCE.md, "Live previews"); taesd is expected
+    # to be the better choice on a GPU, not yet measured there.
     preview_decoder: PreviewDecoder = PreviewDecoder.APPROX
     # The tiny autoencoder of SDXL_PREVIEW_DECODER=taesd: a hub id or a folder.
     preview_model: str = "madebyollin/taesdxl"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -325,3 +326,24 @@ def test_approx_decoder_is_deterministic_and_upscales_to_the_render_size() -> No
     assert [image.size for image in first] == [(64, 48), (64, 48)]
     assert same_pixels(first, again)
     assert not np.array_equal(np.asarray(first[0]), np.asarray(first[1]))
+
+
+def test_cpu_preview_bench_runs_and_picks_the_fastest_decoder_within_the_bar(
+    tiny_cache_dir: Path, tmp_path: Path
+) -> None:
+    from bench import previews_cpu
+
+    out = tmp_path / "previews.json"
+    argv = ["--quick", "--sizes", "64", "--batches", "1", "--repeats", "1", "--out", str(out)]
+    assert previews_cpu.main([*argv, "--cache-dir", str(tiny_cache_dir)]) == 0
+    document = json.loads(out.read_text())
+    assert {row["decoder"] for row in document["rows"]} == {"none", *DECODERS}
+    assert all(row["median_s"] > 0 for row in document["rows"])
+    assert set(document["decode_ms"]["64x64 batch 1"]) == set(DECODERS)
+
+    def rows(**ratios: float) -> list[dict[str, Any]]:
+        return [{"decoder": d, "ratio": r} for d, r in ratios.items()]
+
+    picked = previews_cpu.verdict(rows(approx=1.02, vae=1.5, taesd=1.01) + rows(taesd=1.0))
+    assert picked["meets"] == ["approx", "taesd"] and picked["fastest_within"] == "taesd"
+    assert previews_cpu.verdict(rows(approx=1.2, vae=1.3, taesd=1.11))["fastest_within"] is None
