@@ -20,6 +20,11 @@ Results go to bench/results/gpu-<card>.json (rewritten after every render) and
 a markdown table to stdout. Exits 2 at once without CUDA. `--smoke` runs the
 same code on the CPU with the tiny configs: a check of the script, not a
 measurement. bench/gpu/run.sh runs this script as parts of the whole GPU run.
+
+Outside --matrix, a last row set measures live previews at batch 1 and
+--size: partial_images=3 decoded by each of --previews (approx, vae, taesd;
+taesd is a random-weight madebyollin/taesdxl architecture) against no
+previews, in interleaved rounds, with each decoder's time relative to it.
 """
 
 from __future__ import annotations
@@ -70,6 +75,8 @@ DTYPE_NAMES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 # and the VAE decoder, --compile-mode), or only the UNets' repeated transformer
 # blocks, compiled once per shape and reused by every block alike (fullgraph).
 COMPILE_FULL, COMPILE_BLOCKS = "full", "blocks"
+PREVIEW_DECODERS = ("approx", "vae", "taesd")
+PARTIAL_IMAGES = 3  # issue 10's bar: at most 10 % longer per image than without previews
 
 
 @dataclass(frozen=True)
@@ -345,9 +352,160 @@ def run_config(
         if emit:
             emit(records)
 
+    if args.previews:
+        run_previews(engine, args, deadline, common, records, emit, seconds_per_image)
+
     del engine, base, refiner
     free_device_memory()
     return records, images
+
+
+# --- live previews -------------------------------------------------------------
+
+
+def preview_taesd(args: argparse.Namespace, dtype: torch.dtype) -> Any:
+    """Random weights in madebyollin/taesdxl's architecture (the tiny preset's in --smoke)."""
+    from sdxl_service.engine.components import build_taesd
+    from sdxl_service.tiny import taesd_config
+
+    torch.manual_seed(WEIGHTS_SEED)
+    with torch.device(args.device):
+        return build_taesd(taesd_config() if args.smoke else None, dtype=dtype).eval()
+
+
+def run_previews(
+    engine: Any,
+    args: argparse.Namespace,
+    deadline: Deadline,
+    common: dict[str, Any],
+    records: list[dict[str, Any]],
+    emit: Callable[[list[dict[str, Any]]], None] | None,
+    seconds_per_image: float | None,
+) -> None:
+    """Batch 1 at --size with partial_images=3 per decoder and without, in interleaved rounds.
+
+    Appends one record per variant: median seconds, the median of its per-round
+    ratio to no previews, and whether the final image is the no-preview one.
+    """
+    variants = ["none", *args.previews]
+    name = common["config"]
+    settings = engine.settings
+    if "taesd" in args.previews:
+        engine.preview_decoders.use_taesd(preview_taesd(args, engine.dtype))
+
+    def batch_for(variant: str, steps: int) -> Any:
+        batch = make_batch(args, 1, steps)
+        if variant == "none":
+            return batch
+        # Kept, not encoded: encoding is the HTTP process's work.
+        return replace(
+            batch, on_preview=lambda *_: None, preview_counts=(PARTIAL_IMAGES,) * len(batch.tasks)
+        )
+
+    def render(variant: str, steps: int) -> tuple[float, np.ndarray]:
+        decoder = settings.preview_decoder if variant == "none" else variant
+        engine.settings = settings.model_copy(update={"preview_decoder": decoder})
+        synchronize(args.device)
+        t0 = time.monotonic()
+        [image] = engine.render(batch_for(variant, steps))
+        synchronize(args.device)
+        return time.monotonic() - t0, np.asarray(image)
+
+    def finish(extra: list[dict[str, Any]]) -> None:
+        engine.settings = settings
+        records.extend(extra)
+        if emit:
+            emit(records)
+
+    per_round = len(variants) * (seconds_per_image or 0.0) * 1.3
+    rounds = args.preview_repeats
+    if per_round:
+        rounds = min(rounds, int((deadline.left() - per_round / 4) // per_round))
+    if rounds < 1:
+        finish(
+            [
+                {
+                    **common,
+                    "config": f"{name} previews={v}",
+                    "batch": 1,
+                    "size": args.size,
+                    "previews": v,
+                    "status": "skipped: time budget",
+                }
+                for v in variants
+            ]
+        )
+        return
+    seconds: dict[str, list[float]] = {v: [] for v in variants}
+    finals: dict[str, np.ndarray] = {}
+    try:
+        for variant in variants:  # warm-up: each decoder's kernels at this size
+            render(variant, WARMUP_STEPS)
+        for round_ in range(rounds):
+            shift = round_ % len(variants)
+            for variant in variants[shift:] + variants[:shift]:
+                elapsed, finals[variant] = render(variant, args.steps)
+                seconds[variant].append(elapsed)
+    except Exception as error:  # OOM included: recorded, and the run goes on
+        failed = f"{type(error).__name__}: {error}"[:500]
+        finish(
+            [
+                {
+                    **common,
+                    "config": f"{name} previews={v}",
+                    "batch": 1,
+                    "size": args.size,
+                    "previews": v,
+                    "status": "error",
+                    "error": failed,
+                }
+                for v in variants
+            ]
+        )
+        free_device_memory()
+        return
+    extra = []
+    for variant in variants:
+        median = float(np.median(seconds[variant]))
+        ratios = [s / b for s, b in zip(seconds[variant], seconds["none"], strict=True)]
+        difference = np.abs(finals[variant].astype(np.int16) - finals["none"].astype(np.int16))
+        extra.append(
+            {
+                **common,
+                "config": f"{name} previews={variant}",
+                "batch": 1,
+                "size": args.size,
+                "previews": variant,
+                "partial_images": 0 if variant == "none" else PARTIAL_IMAGES,
+                "status": "ok",
+                "rounds": rounds,
+                "seconds": round(median, 3),
+                "seconds_per_image": round(median, 3),
+                "images_per_s": round(1 / median, 3),
+                "seconds_all": [round(s, 3) for s in seconds[variant]],
+                "preview_ratio": round(float(np.median(ratios)), 3),
+                "final_max_abs_diff_vs_none": int(difference.max()),
+            }
+        )
+    finish(extra)
+
+
+def previews_table(runs: list[dict[str, Any]]) -> str:
+    """The preview rows: time per image and its ratio to no previews (bar: 1.10)."""
+    rows = [run for run in runs if run.get("previews") and run.get("status") == "ok"]
+    if not rows:
+        return ""
+    lines = [
+        "| config | dtype | size | decoder | s/image | x no previews | final diff |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for run in rows:
+        lines.append(
+            f"| {run['config'].rsplit(' previews=', 1)[0]} | {run['dtype']} | {run['size']} "
+            f"| {run['previews']} | {run['seconds_per_image']} | {run['preview_ratio']:.3f} "
+            f"| {run['final_max_abs_diff_vs_none']} |"
+        )
+    return "\n".join(lines)
 
 
 def compare(
@@ -432,6 +590,7 @@ def run_in_child(
         command += ["--compile"] * (config.compile == COMPILE_FULL)
         command += ["--compile-blocks"] * (config.compile == COMPILE_BLOCKS)
         command += ["--smoke"] * args.smoke
+        command += ["--previews", "none"]
         started = time.monotonic()
         try:
             completed = subprocess.run(command, timeout=timeout, capture_output=True, text=True)
@@ -597,6 +756,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--smoke", action="store_true", help="CPU + tiny configs: checks the script"
     )
     parser.add_argument("--images-out", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--previews",
+        default=None,
+        help="comma list of preview decoders measured at batch 1 (default: "
+        f"{','.join(PREVIEW_DECODERS)}; 'none' under --matrix)",
+    )
+    parser.add_argument(
+        "--preview-repeats", type=int, default=None, help="interleaved rounds of the preview rows"
+    )
     args = parser.parse_args(argv)
 
     args.attention = args.attention or "sdpa"
@@ -611,6 +779,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for dtype in args.dtype:
         if dtype not in DTYPE_NAMES:
             parser.error(f"unknown dtype {dtype!r}; use fp16, bf16 or fp32")
+    previews = args.previews if args.previews is not None else "" if args.matrix else "all"
+    previews = ",".join(PREVIEW_DECODERS) if previews == "all" else previews
+    args.previews = [p.strip() for p in previews.split(",") if p.strip() not in ("", "none")]
+    for decoder in args.previews:
+        if decoder not in PREVIEW_DECODERS:
+            parser.error(f"unknown preview decoder {decoder!r}; use {', '.join(PREVIEW_DECODERS)}")
+    args.preview_repeats = args.preview_repeats or (1 if args.smoke else 3)
     return args
 
 
@@ -720,6 +895,9 @@ def main(argv: list[str] | None = None) -> int:
         runs = run_matrix(args, deadline, configs, path)
 
     print(markdown_table(runs))
+    if previews_table(runs):
+        print("\nLive previews (partial_images=3, batch 1):\n")
+        print(previews_table(runs))
     progress(f"results: {path}")
     return 0 if any(run.get("status") == "ok" for run in runs) else 1
 

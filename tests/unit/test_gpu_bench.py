@@ -165,3 +165,25 @@ def test_smoke_matrix_runs_the_whole_script_on_the_cpu(tmp_path: Path) -> None:
         if run["config"] != "eager":
             assert run["compared_with"] == "eager fp32"
             assert run["max_abs_diff"] <= 2  # same weights and seeds: only rounding differs
+
+
+def test_preview_rows_run_outside_the_matrix_with_every_decoder() -> None:
+    assert gpu_bench.parse_args([]).previews == ["approx", "vae", "taesd"]
+    assert gpu_bench.parse_args(["--smoke"]).preview_repeats == 1
+    assert gpu_bench.parse_args([]).preview_repeats == 3
+    assert gpu_bench.parse_args(["--matrix"]).previews == []
+    assert gpu_bench.parse_args(["--previews", "none"]).previews == []
+    assert gpu_bench.parse_args(["--previews", "taesd"]).previews == ["taesd"]
+    with pytest.raises(SystemExit):
+        gpu_bench.parse_args(["--previews", "sharp"])
+
+
+def test_preview_taesd_is_taesdxls_architecture() -> None:
+    args = gpu_bench.parse_args([])
+    args.device = "meta"
+    taesd = gpu_bench.preview_taesd(args, torch.float16)
+    # madebyollin/taesdxl: 1.2 M decoder parameters (its taesdxl_decoder.safetensors is
+    # 4.9 MB of float32), SDXL's latent API.
+    assert sum(p.numel() for p in taesd.decoder.parameters()) == 1_222_531
+    assert taesd.config.latent_channels == 4 and taesd.config.scaling_factor == 1.0
+    assert next(taesd.parameters()).dtype == torch.float16
