@@ -7,6 +7,7 @@ the render process, so `bentoml build` and the HTTP process stay light.
 from __future__ import annotations
 
 import sys
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
@@ -18,19 +19,22 @@ import bentoml
 from sdxl_service.api_keys import APIKeyAuth, APIKeys
 from sdxl_service.http_app import create_app
 from sdxl_service.http_metric_labels import bound_http_metric_labels
-from sdxl_service.jobs import GenerationJob, GenerationOutcome
+from sdxl_service.jobs import GenerationJob
 from sdxl_service.middleware import MountRootAlias, OpenAIErrorsEverywhere
 from sdxl_service.settings import DEFAULT_PORT, SERVICE_ID, get_settings
+from sdxl_service.worker_plan import plan_from_environment
 
 settings = get_settings()
+# Pins the GPUs of SDXL_GPUS for the workers started from this process.
+plan = plan_from_environment()
 API_PREFIX = "/v1"
 bound_http_metric_labels()
 
 
 @bentoml.service(
     name="sdxl-renderer",
-    resources={"gpu": 1},
-    workers=1,
+    resources={"gpu": plan.gpu_resources},
+    workers=plan.workers,
     traffic={"timeout": settings.traffic_timeout},
     # BentoML's client to this service replaces its connection pool every 100
     # requests and every 300 s by closing the old one, which kills the calls
@@ -42,8 +46,16 @@ class RenderService:
     def __init__(self) -> None:
         from sdxl_service.metrics import ServiceMetrics
         from sdxl_service.render_host import RenderHost
+        from sdxl_service.worker_registry import WorkerRegistry
 
-        self.host = RenderHost(settings, ServiceMetrics())
+        worker = bentoml.server_context.worker_index or 1
+        self.host = RenderHost(
+            settings,
+            ServiceMetrics(worker=worker),
+            worker=worker,
+            device=plan.device_for(worker),
+            registry=WorkerRegistry.from_environment(),
+        )
 
     def __is_ready__(self) -> bool:
         return self.host.is_ready()
@@ -56,12 +68,12 @@ class RenderService:
         await self.host.stop()
 
     @bentoml.api
-    async def generate(self, job: GenerationJob) -> GenerationOutcome:
-        return await self.host.generate(job)
-
-    @bentoml.api
-    async def cancel(self, request_id: str) -> bool:
-        return self.host.cancel(request_id)
+    async def render(
+        self, job: GenerationJob, only_if_idle: bool = False
+    ) -> AsyncGenerator[str, None]:
+        """One JSON RenderEvent a line; the HTTP service closing it cancels the job."""
+        async for event in self.host.stream(job, only_if_idle):
+            yield event.model_dump_json() + "\n"
 
     @bentoml.api
     async def describe(self) -> dict[str, Any]:
@@ -99,13 +111,25 @@ class ImagesAPI:
         from sdxl_service.metrics import ServiceMetrics
         from sdxl_service.render_client import BentoRenderClient
         from sdxl_service.serving import ImagesServing
+        from sdxl_service.worker_registry import WorkerRegistry
 
         metrics = ServiceMetrics()
         files = open_file_store(settings)
-        self.serving = ImagesServing(
-            settings, BentoRenderClient(self.renderer, metrics), files, metrics
+        self.workers = WorkerRegistry.from_environment()
+        self.render_client = BentoRenderClient(
+            self.renderer,
+            metrics,
+            workers=plan.workers,
+            registry=self.workers,
+            timeout=settings.traffic_timeout,
         )
+        self.serving = ImagesServing(settings, self.render_client, files, metrics)
         self.sweeper = FileSweeper(files)
+
+    def __is_ready__(self) -> bool:
+        # BentoML's own probe of the render service reaches one worker at
+        # random; ready means every one of them has loaded.
+        return self.workers is None or self.workers.all_ready(plan.workers)
 
     @bentoml.on_startup
     async def start_sweeping(self) -> None:
@@ -115,6 +139,7 @@ class ImagesAPI:
     @bentoml.on_shutdown
     async def stop_sweeping(self) -> None:
         await self.sweeper.stop()
+        await self.render_client.close()
 
 
 if settings.playground:

@@ -19,8 +19,7 @@ from .protocol import (
     ImageVariationRequest,
     ModelList,
 )
-from .responses import completed_events
-from .serving import ImagesServing
+from .serving import EventStream, ImagesServing
 
 _ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
@@ -30,6 +29,12 @@ def _serving(request: Request) -> ImagesServing:
 
 
 Serving = Annotated[ImagesServing, Depends(_serving)]
+
+
+def _answer(result: ImagesResponse | EventStream) -> ImagesResponse | StreamingResponse:
+    if isinstance(result, ImagesResponse):
+        return result
+    return StreamingResponse(result, media_type="text/event-stream")
 
 
 def create_app(
@@ -62,10 +67,7 @@ def create_app(
     async def create_image(
         body: ImageGenerationRequest, request: Request, images: Serving
     ) -> ImagesResponse | StreamingResponse:
-        response = await images.generate(body, request)
-        if body.stream:
-            return StreamingResponse(completed_events(response), media_type="text/event-stream")
-        return response
+        return _answer(await images.generate(body, request))
 
     @app.get("/images/files/{file_id}", name="image_file")
     async def image_file(file_id: str, images: Serving) -> Response:
@@ -75,11 +77,7 @@ def create_app(
     @app.post("/images/edits", response_model=ImagesResponse, response_model_exclude_none=True)
     async def edit_image(request: Request, images: Serving) -> ImagesResponse | StreamingResponse:
         form = await read_image_form(request, ImageEditRequest, takes_mask=True)
-        response = await images.edit(form, request)
-        if form.fields.stream:
-            events = completed_events(response, "image_edit.completed")
-            return StreamingResponse(events, media_type="text/event-stream")
-        return response
+        return _answer(await images.edit(form, request))
 
     @app.post("/images/variations", response_model=ImagesResponse, response_model_exclude_none=True)
     async def create_image_variation(request: Request, images: Serving) -> ImagesResponse:

@@ -186,3 +186,23 @@ def still_loading(
     return GenerationOutcome(
         status=OutcomeStatus.LOADING, message=message, retry_after=LOADING_RETRY_AFTER
     )
+
+
+class RenderEventType(StrEnum):
+    ACCEPTED = "accepted"  # a worker took the job: `worker`
+    BUSY = "busy"  # the worker is busy and the caller asked for an idle one: ask again
+    PARTIAL = "partial"  # a preview: `index` (image of the job), `partial_index`, `image`
+    OUTCOME = "outcome"  # the last event: `outcome`
+
+
+class RenderEvent(BaseModel):
+    """One line of the render stream from a render worker to the HTTP service."""
+
+    model_config = _WIRE_BYTES
+
+    type: RenderEventType
+    worker: int | None = None
+    index: int | None = None
+    partial_index: int | None = None
+    image: RenderedImage | None = None
+    outcome: GenerationOutcome | None = None

@@ -53,24 +53,28 @@ class _Collectors:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.queue_images = Gauge(
             f"{PREFIX}_queue_images",
-            "Images waiting in the batch queue of the pipeline service.",
+            "Images waiting in the batch queue of a render worker.",
+            ["worker"],
             registry=registry,
             multiprocess_mode="livesum",
         )
         self.requests_in_flight = Gauge(
             f"{PREFIX}_requests_in_flight",
-            "Generation requests submitted to the pipeline and not answered yet.",
+            "Generation requests a render worker holds and has not answered yet.",
+            ["worker"],
             registry=registry,
             multiprocess_mode="livesum",
         )
         self.images_generated = Counter(
             f"{PREFIX}_images_generated",
-            "Images rendered by the pipeline.",
+            "Images rendered, by render worker.",
+            ["worker"],
             registry=registry,
         )
         self.batch_images = Histogram(
             f"{PREFIX}_batch_images",
-            "Images per pipeline call.",
+            "Images per pipeline call, by render worker.",
+            ["worker"],
             registry=registry,
             buckets=BATCH_BUCKETS,
         )
@@ -86,6 +90,7 @@ class _Collectors:
             f"{PREFIX}_render_worker_starts",
             "Render worker processes started; past one per worker, each is a restart after a "
             "crash.",
+            ["worker"],
             registry=registry,
         )
         self.render_calls_lost = Counter(
@@ -136,11 +141,13 @@ def _collectors_for(registry: CollectorRegistry) -> _Collectors:
 class ServiceMetrics:
     """The service's metrics; cheap to create, any number of times."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, *, worker: int = 1) -> None:
         # A private registry gives a test fresh counters; the default one is
         # what /metrics serves.
         self.registry = registry if registry is not None else REGISTRY
         self._c = _collectors_for(self.registry)
+        # BentoML's index of the render worker these metrics belong to.
+        self.worker = str(worker)
 
     def observe_stage(self, stage: str, seconds: float) -> None:
         # Unknown stages are a programming error; refusing them keeps the
@@ -150,16 +157,16 @@ class ServiceMetrics:
         self._c.stage_seconds.labels(stage=stage).observe(seconds)
 
     def observe_batch(self, n: int) -> None:
-        self._c.batch_images.observe(n)
+        self._c.batch_images.labels(worker=self.worker).observe(n)
 
     def count_images(self, n: int) -> None:
-        self._c.images_generated.inc(n)
+        self._c.images_generated.labels(worker=self.worker).inc(n)
 
     def reject(self, reason: str) -> None:
         self._c.rejected.labels(reason=reason).inc()
 
     def count_render_worker_start(self) -> None:
-        self._c.render_worker_starts.inc()
+        self._c.render_worker_starts.labels(worker=self.worker).inc()
 
     def count_render_call_lost(self) -> None:
         self._c.render_calls_lost.inc()
@@ -175,7 +182,7 @@ class ServiceMetrics:
         self._c.lora_cache_hits.inc()
 
     def set_queue_depth(self, n: int) -> None:
-        self._c.queue_images.set(n)
+        self._c.queue_images.labels(worker=self.worker).set(n)
 
     def set_requests_in_flight(self, n: int) -> None:
-        self._c.requests_in_flight.set(n)
+        self._c.requests_in_flight.labels(worker=self.worker).set(n)

@@ -1,90 +1,185 @@
-"""How the HTTP service talks to the render service.
+"""How the HTTP service talks to the render workers.
 
-`RenderClient` is what the HTTP layer needs; `BentoRenderClient` adapts the
-BentoML dependency handle to it (the remote proxy returns plain dicts, and a
-render process that is still starting refuses connections).
+`RenderClient` is what the HTTP layer needs; `BentoRenderClient` implements it
+over the render service's socket. The render call is a stream of JSON lines
+(`RenderEvent`s, see render_host.py), read with httpx rather than BentoML's
+client because that one cuts streams into 8 KiB pieces with no framing and
+leaves the connection open when the reader stops: here, leaving the `stream`
+block closes the connection, and that is how a cancelled request stops its
+images on whichever worker holds them. `describe` goes through the BentoML
+handle.
+
+Several workers share the socket and the kernel picks one per connection. So
+that no worker idles while another has a queue, a call made while some worker
+looks idle asks for an idle one (`only_if_idle`) on a fresh connection; a busy
+worker says BUSY and the call is made again, at most a few times.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
+from urllib.parse import unquote, urlparse
+
+import httpx
 
 from .jobs import (
     LOADING_RETRY_AFTER,
     GenerationJob,
     GenerationOutcome,
     OutcomeStatus,
+    RenderEvent,
+    RenderEventType,
     still_loading,
 )
 from .metrics import ServiceMetrics
+from .worker_registry import WorkerRegistry
 
 logger = logging.getLogger(__name__)
 
 CONNECT_ATTEMPTS = 3
+# Tries at finding an idle worker, per worker, before queueing anywhere.
+IDLE_TRIES_PER_WORKER = 3
+RENDER_ROUTE = "/render"
+
+PartialSink = Callable[[RenderEvent], Awaitable[None]]
 
 
 class RenderClient(Protocol):
-    async def generate(self, job: GenerationJob) -> GenerationOutcome: ...
-
-    async def cancel(self, request_id: str) -> bool: ...
+    async def generate(
+        self, job: GenerationJob, on_partial: PartialSink | None = None
+    ) -> GenerationOutcome: ...
 
     async def describe(self) -> dict[str, Any]: ...
 
 
-def _was_dropped(exc: Exception) -> bool:
-    """The render service closed the connection after taking the call (not a refusal)."""
-    import aiohttp
-
-    return isinstance(exc, aiohttp.ServerDisconnectedError)
+class _WorkerLost(Exception):
+    """The stream broke after a worker had taken the job: the worker died."""
 
 
-def _is_connection_error(exc: Exception) -> bool:
-    # BentoML's remote proxy talks aiohttp; a render process that is not
-    # listening yet refuses the connection.
-    import aiohttp
-    import httpx
-    from bentoml.exceptions import BentoMLException
-
-    transport_errors = aiohttp.ClientConnectionError | httpx.TransportError | ConnectionError
-    return isinstance(exc, transport_errors) or (
-        isinstance(exc, BentoMLException) and getattr(exc, "error_code", 0) in (502, 503)
-    )
+def http_client_for(url: str, *, workers: int, timeout: float) -> httpx.AsyncClient:
+    """An httpx client for a BentoML service URL (`file://` socket, `tcp://` or http)."""
+    parsed = urlparse(url)
+    # One worker: keep connections. Several: a new connection per call, so
+    # that the kernel can hand each call to any worker.
+    limits = httpx.Limits(max_keepalive_connections=None if workers == 1 else 0)
+    # No read timeout: the batcher owns the request deadline.
+    timeouts = httpx.Timeout(timeout, connect=10.0, read=None)
+    if parsed.scheme == "file":
+        transport = httpx.AsyncHTTPTransport(uds=unquote(parsed.path), limits=limits)
+        return httpx.AsyncClient(
+            transport=transport, base_url="http://render.local", timeout=timeouts
+        )
+    base = f"http://{parsed.netloc}" if parsed.scheme == "tcp" else url
+    return httpx.AsyncClient(base_url=base, limits=limits, timeout=timeouts)
 
 
 class BentoRenderClient:
-    def __init__(self, handle: Any, metrics: ServiceMetrics | None = None) -> None:
+    def __init__(
+        self,
+        handle: Any,
+        metrics: ServiceMetrics | None = None,
+        *,
+        workers: int = 1,
+        registry: WorkerRegistry | None = None,
+        http: httpx.AsyncClient | None = None,
+        timeout: float = 900.0,
+    ) -> None:
         self._handle = handle
         self._metrics = metrics
+        self._workers = workers
+        self._registry = registry
+        self._http = http
+        self._timeout = timeout
+        # Calls in flight by the worker that took them.
+        self._held: collections.Counter[int] = collections.Counter()
 
-    async def generate(self, job: GenerationJob) -> GenerationOutcome:
-        dropped = False
-        for attempt in range(1, CONNECT_ATTEMPTS + 1):
+    def _client(self) -> httpx.AsyncClient:
+        if self._http is None:
+            # The handle knows the render service's address only once BentoML
+            # has set the dependencies up, after this object is made.
+            url = self._handle.to_async.url
+            self._http = http_client_for(url, workers=self._workers, timeout=self._timeout)
+        return self._http
+
+    def held_by_worker(self) -> dict[int, int]:
+        return {worker: n for worker, n in self._held.items() if n}
+
+    def _some_worker_idle(self) -> bool:
+        if self._workers == 1:
+            return False
+        up = (
+            self._registry.ready_workers()
+            if self._registry is not None
+            else set(range(1, self._workers + 1))
+        )
+        return any(self._held[worker] == 0 for worker in up)
+
+    async def generate(
+        self, job: GenerationJob, on_partial: PartialSink | None = None
+    ) -> GenerationOutcome:
+        job_json = job.model_dump_json()
+        idle_tries = IDLE_TRIES_PER_WORKER * self._workers
+        failures = 0
+        while True:
+            only_if_idle = idle_tries > 0 and self._some_worker_idle()
+            idle_tries -= 1
             try:
-                result = await self._handle.to_async.generate(job=job)
-                outcome = GenerationOutcome.model_validate(result)
-                if dropped and outcome.status is OutcomeStatus.LOADING:
-                    # Dropped, then answered by a worker that is still loading:
-                    # the one that held the call died and BentoML started anew
-                    # (on the same socket, so no refusal in between).
-                    return self._worker_lost()
+                body = f'{{"job":{job_json},"only_if_idle":{str(only_if_idle).lower()}}}'
+                outcome = await self._call(body, on_partial)
+            except _WorkerLost:
+                return self._worker_lost()
+            except httpx.TransportError as exc:
+                # Refused or reset before any worker took the job: the render
+                # service is (re)starting, or a kept connection had gone stale.
+                failures += 1
+                logger.warning("render service connection failed (%s), attempt %d", exc, failures)
+                if failures >= CONNECT_ATTEMPTS:
+                    return still_loading(
+                        "The render service is not reachable (starting?); try again shortly."
+                    )
+                continue
+            if outcome is not None:
                 return outcome
-            except Exception as exc:
-                if not _is_connection_error(exc):
-                    raise
-                logger.warning("render service connection failed (%s), attempt %d", exc, attempt)
-                if _was_dropped(exc):
-                    # A pooled keep-alive connection the server had already
-                    # closed fails like this before any work: try again.
-                    dropped = True
-                elif dropped:
-                    # Dropped, then refused: the process that held the call is
-                    # gone and a new one is starting. Say so now, not after
-                    # the new one has loaded.
-                    return self._worker_lost()
-        if dropped:
-            return self._worker_lost()
-        return still_loading("The render service is not reachable (starting?); try again shortly.")
+
+    async def _call(self, body: str, on_partial: PartialSink | None) -> GenerationOutcome | None:
+        """The job's outcome; None when the worker reached was busy."""
+        headers = {"content-type": "application/json"}
+        worker: int | None = None
+        try:
+            async with self._client().stream(
+                "POST", RENDER_ROUTE, content=body, headers=headers
+            ) as response:
+                if response.status_code != 200:
+                    detail = (await response.aread()).decode(errors="replace")[:300]
+                    return GenerationOutcome(
+                        status=OutcomeStatus.ERROR,
+                        message=f"render service answered {response.status_code}: {detail}",
+                    )
+                async for line in response.aiter_lines():
+                    if not line:
+                        continue
+                    event = RenderEvent.model_validate_json(line)
+                    if event.type is RenderEventType.BUSY:
+                        return None
+                    if event.type is RenderEventType.ACCEPTED and event.worker is not None:
+                        worker = event.worker
+                        self._held[worker] += 1
+                    elif event.type is RenderEventType.PARTIAL and on_partial is not None:
+                        await on_partial(event)
+                    elif event.type is RenderEventType.OUTCOME and event.outcome is not None:
+                        return event.outcome
+            # The stream ended without an outcome: the worker went away.
+            raise _WorkerLost
+        except httpx.TransportError:
+            if worker is not None:
+                raise _WorkerLost from None
+            raise
+        finally:
+            if worker is not None:
+                self._held[worker] -= 1
 
     def _worker_lost(self) -> GenerationOutcome:
         if self._metrics is not None:
@@ -96,14 +191,6 @@ class BentoRenderClient:
             retry_after=LOADING_RETRY_AFTER,
         )
 
-    async def cancel(self, request_id: str) -> bool:
-        try:
-            return bool(await self._handle.to_async.cancel(request_id=request_id))
-        except Exception:
-            # Nothing left to cancel when the render process is gone.
-            logger.warning("could not cancel %s", request_id, exc_info=True)
-            return False
-
     async def describe(self) -> dict[str, Any]:
         try:
             return dict(await self._handle.to_async.describe())
@@ -111,3 +198,19 @@ class BentoRenderClient:
             if _is_connection_error(exc):
                 return {"loaded": False, "error": None}
             raise
+
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+
+
+def _is_connection_error(exc: Exception) -> bool:
+    # BentoML's remote proxy talks aiohttp; a render process that is not
+    # listening yet refuses the connection.
+    import aiohttp
+    from bentoml.exceptions import BentoMLException
+
+    transport_errors = aiohttp.ClientConnectionError | httpx.TransportError | ConnectionError
+    return isinstance(exc, transport_errors) or (
+        isinstance(exc, BentoMLException) and getattr(exc, "error_code", 0) in (502, 503)
+    )

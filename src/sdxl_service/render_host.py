@@ -2,38 +2,79 @@
 
 Loading SDXL takes minutes; doing it off the event loop keeps /livez and the
 render service's own APIs answering (LOADING, with Retry-After) meanwhile.
+`stream` is one request's way through a worker: the events the HTTP service
+reads (which worker took it, previews, the outcome). Closing the stream is how
+the HTTP service cancels: it reaches the worker that holds the work, where a
+cancel call could land on any worker of the shared socket.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import threading
+from collections.abc import AsyncIterator
 from typing import Any
 
 from .batching import Batcher
-from .jobs import GenerationJob, GenerationOutcome, OutcomeStatus, still_loading
+from .jobs import (
+    GenerationJob,
+    GenerationOutcome,
+    OutcomeStatus,
+    RenderedImage,
+    RenderEvent,
+    RenderEventType,
+    still_loading,
+)
 from .metrics import ServiceMetrics
 from .settings import Settings
+from .worker_registry import WorkerRegistry, WorkerState, WorkerStatus
 
 logger = logging.getLogger(__name__)
 
 
 class RenderHost:
-    def __init__(self, settings: Settings, metrics: ServiceMetrics | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: ServiceMetrics | None = None,
+        *,
+        worker: int = 1,
+        device: str | None = None,
+        registry: WorkerRegistry | None = None,
+    ) -> None:
         self.settings = settings
+        self._device = device
         self.metrics = metrics
+        self.worker = worker
+        self.registry = registry
         if metrics is not None:
             metrics.count_render_worker_start()
         self.engine: Any = None
         self.load_error: str | None = None
         self._batcher: Batcher | None = None
+        # Jobs this worker holds (queued or rendering): "busy" for callers that
+        # would rather reach an idle worker.
+        self._held = 0
+        self._publish(WorkerState.LOADING)
         self._loader = threading.Thread(target=self._load, name="sdxl-load", daemon=True)
         self._loader.start()
+
+    def _publish(self, state: WorkerState) -> None:
+        if self.registry is None:
+            return
+        try:
+            status = WorkerStatus(self.worker, os.getpid(), state, self.settings.device)
+            self.registry.publish(status)
+        except OSError:
+            logger.warning("could not publish worker %d state", self.worker, exc_info=True)
 
     def _load(self) -> None:
         try:
             from .engine import Engine  # torch and diffusers load here, in this process only
 
+            self._pick_device()
             observer = self.metrics.observe_stage if self.metrics else None
             engine = Engine.load(self.settings, stage_observer=observer, metrics=self.metrics)
             # The first call pays for kernel selection (and compilation when on);
@@ -47,10 +88,23 @@ class RenderHost:
                 metrics=self.metrics,
             )
             self.engine = engine
-            logger.info("pipelines loaded and warm: %s", engine.describe())
+            logger.info("worker %d: pipelines loaded and warm: %s", self.worker, engine.describe())
+            self._publish(WorkerState.READY)
         except Exception as exc:
             logger.exception("loading the pipelines failed")
             self.load_error = f"{type(exc).__name__}: {exc}"
+            self._publish(WorkerState.FAILED)
+
+    def _pick_device(self) -> None:
+        """This worker's GPU (worker_plan.py), when the settings leave the device open.
+
+        Only with CUDA at hand: without a GPU BentoML still hands the worker
+        `CUDA_VISIBLE_DEVICES=0` for the service's one declared GPU.
+        """
+        import torch
+
+        if self._device and self.settings.device in ("auto", "cuda") and torch.cuda.is_available():
+            self.settings = self.settings.model_copy(update={"device": self._device})
 
     def is_ready(self) -> bool:
         return self._batcher is not None
@@ -60,13 +114,65 @@ class RenderHost:
         return self.load_error is None
 
     async def generate(self, job: GenerationJob) -> GenerationOutcome:
+        """The job's outcome, without previews."""
+        async for event in self.stream(job):
+            if event.outcome is not None:
+                return event.outcome
+        raise AssertionError("a render stream ends with its outcome")  # pragma: no cover
+
+    async def stream(
+        self, job: GenerationJob, only_if_idle: bool = False
+    ) -> AsyncIterator[RenderEvent]:
+        """ACCEPTED (or BUSY), the job's previews as they are made, then its OUTCOME.
+
+        Closing the stream early (the caller went away) cancels the job.
+        """
+        if only_if_idle and self._held:
+            yield RenderEvent(type=RenderEventType.BUSY, worker=self.worker)
+            return
+        yield RenderEvent(type=RenderEventType.ACCEPTED, worker=self.worker)
+        outcome = self._not_serving()
+        if outcome is not None:
+            yield RenderEvent(type=RenderEventType.OUTCOME, outcome=outcome)
+            return
+        assert self._batcher is not None
+        previews: asyncio.Queue[RenderEvent] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        def on_preview(index: int, partial_index: int, image: RenderedImage) -> None:
+            event = RenderEvent(
+                type=RenderEventType.PARTIAL, index=index, partial_index=partial_index, image=image
+            )
+            loop.call_soon_threadsafe(previews.put_nowait, event)
+
+        sink = on_preview if job.partial_images else None
+        self._held += 1
+        # The Batcher cancels the job's images when this task is cancelled.
+        task = asyncio.ensure_future(self._batcher.submit(job, on_preview=sink))
+        try:
+            while not task.done():
+                waiting = asyncio.ensure_future(previews.get())
+                await asyncio.wait({task, waiting}, return_when=asyncio.FIRST_COMPLETED)
+                if waiting.done():
+                    yield waiting.result()
+                else:
+                    waiting.cancel()
+            while not previews.empty():
+                yield previews.get_nowait()
+            yield RenderEvent(type=RenderEventType.OUTCOME, outcome=task.result())
+        finally:
+            self._held -= 1
+            if not task.done():
+                task.cancel()
+
+    def _not_serving(self) -> GenerationOutcome | None:
         if self.load_error:
             return GenerationOutcome(
                 status=OutcomeStatus.ERROR, message=f"The model failed to load: {self.load_error}"
             )
         if self._batcher is None:
             return still_loading()
-        return await self._batcher.submit(job)
+        return None
 
     async def stop(self) -> None:
         if self._batcher is not None:
@@ -76,7 +182,11 @@ class RenderHost:
         return self._batcher is not None and self._batcher.cancel(request_id)
 
     def describe(self) -> dict[str, Any]:
-        info: dict[str, Any] = {"loaded": self.is_ready(), "error": self.load_error}
+        info: dict[str, Any] = {
+            "loaded": self.is_ready(),
+            "error": self.load_error,
+            "worker": self.worker,
+        }
         if self.engine is not None:
             info.update(self.engine.describe())
         return info

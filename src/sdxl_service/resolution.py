@@ -244,6 +244,8 @@ def _resolve(
         negative_prompt=req.negative_prompt or "",
         seeds=[seed + i for i in range(n)],
         deadline=time.time() + s.request_timeout,
+        # As OpenAI does: previews only for streams, ignored otherwise.
+        partial_images=(req.partial_images or 0) if req.stream else 0,
         **pictures,
     )
     return ResolvedRequest(

@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import Request
 from PIL import Image
 
 from .encoding import CONTENT_TYPES, encode_image, resize_to, to_base64, to_pil
+from .errors import APIError
 from .files import FileStore
 from .jobs import RenderedImage
 from .metrics import ServiceMetrics
@@ -42,10 +44,7 @@ def build_images(
     data = []
     for rendered in images:
         started = time.perf_counter()
-        picture = resize_to(to_pil(rendered), resolved.width, resolved.height)
-        if resolved.repaint_mask is not None and resolved.kept_picture is not None:
-            picture = Image.composite(picture, resolved.kept_picture, resolved.repaint_mask)
-        encoded = encode_image(picture, resolved.output_format, resolved.output_compression)
+        encoded = encode_rendered(rendered, resolved)
         if metrics is not None:
             metrics.observe_stage("encode", time.perf_counter() - started)
         if resolved.response_format == "url":
@@ -62,6 +61,14 @@ def build_images(
     )
 
 
+def encode_rendered(rendered: RenderedImage, resolved: ResolvedRequest) -> bytes:
+    """A rendered image at the answered size (inpainting: over the kept picture), encoded."""
+    picture = resize_to(to_pil(rendered), resolved.width, resolved.height)
+    if resolved.repaint_mask is not None and resolved.kept_picture is not None:
+        picture = Image.composite(picture, resolved.kept_picture, resolved.repaint_mask)
+    return encode_image(picture, resolved.output_format, resolved.output_compression)
+
+
 def public_base_url(request: Request, settings: Settings) -> str:
     """Absolute URL of /v1 as the client sees it (behind proxies too)."""
     root = str(request.scope.get("root_path", ""))
@@ -74,14 +81,42 @@ def public_base_url(request: Request, settings: Settings) -> str:
     return f"{proto}://{host}{root}"
 
 
+def sse(event: dict[str, Any]) -> bytes:
+    return f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
+
+
+def partial_event(
+    preview: RenderedImage, partial_index: int, resolved: ResolvedRequest, event_type: str
+) -> bytes:
+    """One `*.partial_image` event: the preview at the answered size and format.
+
+    `seed` is ours, as on completed events: it says which image of n a preview
+    belongs to (OpenAI streams one image per request).
+    """
+    return sse(
+        {
+            "type": event_type,
+            "b64_json": to_base64(encode_rendered(preview, resolved)),
+            "partial_image_index": partial_index,
+            "created_at": int(time.time()),
+            "size": f"{resolved.width}x{resolved.height}",
+            "quality": resolved.quality,
+            "background": "opaque",
+            "output_format": resolved.output_format,
+            "seed": preview.seed,
+        }
+    )
+
+
+def error_event(error: APIError) -> bytes:
+    """A failure after the stream began (previews were sent), as OpenAI streams say it."""
+    return sse({"type": "error", "error": error.body()["error"]})
+
+
 async def completed_events(
     response: ImagesResponse, event_type: str = "image_generation.completed"
 ) -> AsyncIterator[bytes]:
-    """stream=true: one completed event per image (`image_edit.completed` for edits).
-
-    Partial previews are not produced (partial_images=0 behaviour): SDXL latents
-    mid-way are noise, and decoding them would cost the GPU a VAE pass each.
-    """
+    """stream=true: one completed event per image (`image_edit.completed` for edits)."""
     for item in response.data:
         event = {
             "type": event_type,
@@ -94,4 +129,4 @@ async def completed_events(
             "seed": item.seed,
             "usage": _NO_USAGE,
         }
-        yield f"event: {event_type}\ndata: {json.dumps(event)}\n\n".encode()
+        yield sse(event)

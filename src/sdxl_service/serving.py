@@ -10,8 +10,10 @@ and watches the client while the images are made.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
 
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
@@ -19,7 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from .errors import APIError, client_closed, outcome_error
 from .files import FileStore
 from .forms import ImageForm
-from .jobs import GenerationJob, GenerationOutcome, OutcomeStatus, still_loading
+from .jobs import GenerationOutcome, OutcomeStatus, RenderEvent, still_loading
 from .lora_catalog import LoraCatalog
 from .metrics import ServiceMetrics
 from .protocol import (
@@ -32,7 +34,13 @@ from .protocol import (
 )
 from .render_client import RenderClient
 from .resolution import ResolvedRequest, resolve_edit, resolve_generation, resolve_variation
-from .responses import build_images, public_base_url
+from .responses import (
+    build_images,
+    completed_events,
+    error_event,
+    partial_event,
+    public_base_url,
+)
 from .settings import SERVICE_ID, Settings
 from .uploads import decode_edit_source
 
@@ -108,20 +116,27 @@ class ImagesServing:
 
     # ---- the three endpoints ---------------------------------------------------
 
-    async def generate(self, req: ImageGenerationRequest, http_request: Request) -> ImagesResponse:
+    async def generate(
+        self, req: ImageGenerationRequest, http_request: Request
+    ) -> ImagesResponse | EventStream:
+        """The answer, or with `stream` its events (previews first when asked)."""
         native = await self._native_resolution()
         resolved = resolve_generation(req, self.settings, native, self.loras)
+        if req.stream:
+            return await self._stream(resolved, http_request, "image_generation")
         return await self._answer(resolved, http_request)
 
     async def edit(
         self, form: ImageForm[ImageEditRequest], http_request: Request
-    ) -> ImagesResponse:
+    ) -> ImagesResponse | EventStream:
         """POST /images/edits: img2img over the picture, or inpainting with a mask."""
         source = await run_in_threadpool(decode_edit_source, form.image, form.mask)
         native = await self._native_resolution()
         resolved = await run_in_threadpool(
             resolve_edit, form.fields, source, self.settings, native, self.loras
         )
+        if form.fields.stream:
+            return await self._stream(resolved, http_request, "image_edit")
         return await self._answer(resolved, http_request)
 
     async def create_variation(
@@ -146,7 +161,16 @@ class ImagesServing:
     # ---- one request's way through ---------------------------------------------
 
     async def _answer(self, resolved: ResolvedRequest, http_request: Request) -> ImagesResponse:
-        outcome = await self._render(resolved.job, http_request)
+        render = asyncio.ensure_future(self.renderer.generate(resolved.job))
+        try:
+            outcome = await self._while_connected(render, http_request)
+        finally:
+            await _stop(render)
+        return await self._images(outcome, resolved, http_request)
+
+    async def _images(
+        self, outcome: GenerationOutcome, resolved: ResolvedRequest, http_request: Request
+    ) -> ImagesResponse:
         if outcome.status is not OutcomeStatus.OK:
             raise outcome_error(outcome)
         return await run_in_threadpool(
@@ -158,12 +182,66 @@ class ImagesServing:
             metrics=self.metrics,
         )
 
-    async def _render(self, job: GenerationJob, http_request: Request) -> GenerationOutcome:
-        """Awaits the job's images; a client that goes away cancels the work.
+    async def _stream(
+        self, resolved: ResolvedRequest, http_request: Request, kind: str
+    ) -> EventStream:
+        """The events of a streamed request, once its first one is known.
+
+        Until a preview arrives nothing is sent, so a request refused (queue
+        full, bad LoRA, ...) still gets its HTTP error status; after one, a
+        failure is an `error` event.
+        """
+        previews: asyncio.Queue[RenderEvent] = asyncio.Queue()
+        render = asyncio.ensure_future(self.renderer.generate(resolved.job, previews.put))
+        try:
+            first = asyncio.ensure_future(previews.get())
+            await self._while_connected(_first_of(render, first), http_request)
+            if not first.done():
+                first.cancel()
+                response = await self._images(render.result(), resolved, http_request)
+                await _stop(render)
+                return completed_events(response, f"{kind}.completed")
+        except BaseException:
+            await _stop(render)
+            raise
+        return self._events(first.result(), render, previews, resolved, http_request, kind)
+
+    async def _events(
+        self,
+        first: RenderEvent,
+        render: asyncio.Future[GenerationOutcome],
+        previews: asyncio.Queue[RenderEvent],
+        resolved: ResolvedRequest,
+        http_request: Request,
+        kind: str,
+    ) -> EventStream:
+        # Starlette cancels this generator when the client goes away; the
+        # finally then closes the render stream, which cancels the images.
+        try:
+            event: RenderEvent | None = first
+            while event is not None:
+                assert event.image is not None and event.partial_index is not None
+                name = f"{kind}.partial_image"
+                yield await run_in_threadpool(
+                    partial_event, event.image, event.partial_index, resolved, name
+                )
+                event = await _next_preview(previews, render)
+            try:
+                response = await self._images(render.result(), resolved, http_request)
+            except APIError as error:
+                yield error_event(error)
+                return
+            async for chunk in completed_events(response, f"{kind}.completed"):
+                yield chunk
+        finally:
+            await _stop(render)
+
+    async def _while_connected(self, work: Awaitable[T], http_request: Request) -> T:
+        """`work`'s result; 499 when the client goes away first.
 
         The deadline is not watched here: the batcher owns it and answers TIMEOUT.
         """
-        task = asyncio.ensure_future(self.renderer.generate(job))
+        task = asyncio.ensure_future(work)
         try:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
@@ -174,4 +252,34 @@ class ImagesServing:
         finally:
             if not task.done():
                 task.cancel()
-                await self.renderer.cancel(job.request_id)
+
+
+EventStream = AsyncIterator[bytes]
+T = TypeVar("T")
+
+
+async def _first_of(*futures: asyncio.Future[Any]) -> None:
+    await asyncio.wait(futures, return_when=asyncio.FIRST_COMPLETED)
+
+
+async def _next_preview(
+    previews: asyncio.Queue[RenderEvent], render: asyncio.Future[GenerationOutcome]
+) -> RenderEvent | None:
+    """The next preview, in order; None once the render is over and all were taken."""
+    if not previews.empty():
+        return previews.get_nowait()
+    waiting = asyncio.ensure_future(previews.get())
+    await _first_of(render, waiting)
+    if waiting.done():
+        return waiting.result()
+    waiting.cancel()
+    return previews.get_nowait() if not previews.empty() else None
+
+
+async def _stop(render: asyncio.Future[GenerationOutcome]) -> None:
+    """Cancels the render if it still runs and waits until its stream is closed."""
+    if render.done():
+        return
+    render.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await render

@@ -170,7 +170,9 @@ def test_autoscaler_follows_the_queue_metric(deployment: dict[str, Any]) -> None
     assert rule["seriesQuery"].startswith(f"{name}{{")
     metrics = ServiceMetrics(CollectorRegistry())
     metrics.set_queue_depth(3)
-    assert f"\n{name} 3.0\n" in generate_latest(metrics.registry).decode()
+    assert f'\n{name}{{worker="1"}} 3.0\n' in generate_latest(metrics.registry).decode()
+    # Several render workers in a pod: the adapter adds them up.
+    assert rule["metricsQuery"].startswith("sum(")
 
 
 def test_metrics_are_scraped_from_the_serving_port(deployment: dict[str, Any]) -> None:

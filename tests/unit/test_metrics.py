@@ -25,11 +25,12 @@ def test_each_method_updates_its_metric(registry: CollectorRegistry) -> None:
         metrics.observe_stage(stage, 0.2)
 
     value = registry.get_sample_value
-    assert value("sdxl_queue_images") == 5
-    assert value("sdxl_requests_in_flight") == 2
-    assert value("sdxl_images_generated_total") == 4
-    assert value("sdxl_batch_images_bucket", {"le": "3.0"}) == 0
-    assert value("sdxl_batch_images_bucket", {"le": "4.0"}) == 1
+    one = {"worker": "1"}
+    assert value("sdxl_queue_images", one) == 5
+    assert value("sdxl_requests_in_flight", one) == 2
+    assert value("sdxl_images_generated_total", one) == 4
+    assert value("sdxl_batch_images_bucket", {"le": "3.0", **one}) == 0
+    assert value("sdxl_batch_images_bucket", {"le": "4.0", **one}) == 1
     assert value("sdxl_rejected_total", {"reason": "queue_full"}) == 2
     assert value("sdxl_rejected_total", {"reason": "timeout"}) == 1
     for stage in ("queue_wait", "base", "refiner", "decode", "encode"):
@@ -55,10 +56,24 @@ def test_unknown_stage_is_refused(registry: CollectorRegistry) -> None:
 def test_many_instances_share_one_set_of_collectors() -> None:
     # A second registration of the same name would raise in prometheus_client.
     first, second = ServiceMetrics(), ServiceMetrics()
-    before = REGISTRY.get_sample_value("sdxl_images_generated_total") or 0
+    one = {"worker": "1"}
+    before = REGISTRY.get_sample_value("sdxl_images_generated_total", one) or 0
     first.count_images(1)
     second.count_images(2)
-    assert REGISTRY.get_sample_value("sdxl_images_generated_total") == before + 3
+    assert REGISTRY.get_sample_value("sdxl_images_generated_total", one) == before + 3
+
+
+def test_render_worker_metrics_are_labelled_by_worker(registry: CollectorRegistry) -> None:
+    first, second = ServiceMetrics(registry, worker=1), ServiceMetrics(registry, worker=2)
+    first.count_images(2)
+    second.count_images(5)
+    second.set_queue_depth(3)
+    first.count_render_worker_start()
+    value = registry.get_sample_value
+    assert value("sdxl_images_generated_total", {"worker": "1"}) == 2
+    assert value("sdxl_images_generated_total", {"worker": "2"}) == 5
+    assert value("sdxl_queue_images", {"worker": "2"}) == 3
+    assert value("sdxl_render_worker_starts_total", {"worker": "1"}) == 1
 
 
 def test_observe_stage_fits_the_engine_stage_observer_signature(

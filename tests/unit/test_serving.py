@@ -15,7 +15,14 @@ from sdxl_service.choices import RefinerMode, RenderKind
 from sdxl_service.encoding import resize_to
 from sdxl_service.files import LocalFileStore
 from sdxl_service.http_app import create_app
-from sdxl_service.jobs import GenerationJob, GenerationOutcome, OutcomeStatus, RenderedImage
+from sdxl_service.jobs import (
+    GenerationJob,
+    GenerationOutcome,
+    OutcomeStatus,
+    RenderedImage,
+    RenderEvent,
+    RenderEventType,
+)
 from sdxl_service.resolution import (
     EDIT_STRENGTH,
     INPAINT_STRENGTH,
@@ -35,13 +42,30 @@ class SeedPainter:
         self.jobs: list[GenerationJob] = []
         self.outcome: GenerationOutcome | None = None
         self.loaded = True
-        self.cancelled: list[str] = []
+        # Previews sent before `outcome` (when set) even if it is a failure.
+        self.previews_before_outcome = True
 
-    async def generate(self, job: GenerationJob) -> GenerationOutcome:
+    async def generate(self, job: GenerationJob, on_partial: Any = None) -> GenerationOutcome:
         self.jobs.append(job)
+        width, height = job.params.width, job.params.height
+        if on_partial is not None and (self.outcome is None or self.previews_before_outcome):
+            # Previews a shade of grey per preview, image by image within a step.
+            for partial_index in range(job.partial_images):
+                for index, seed in enumerate(job.seeds):
+                    shade = bytes([10 * (partial_index + 1)] * 3)
+                    preview = RenderedImage(
+                        seed=seed, width=width, height=height, rgb=shade * (width * height)
+                    )
+                    await on_partial(
+                        RenderEvent(
+                            type=RenderEventType.PARTIAL,
+                            index=index,
+                            partial_index=partial_index,
+                            image=preview,
+                        )
+                    )
         if self.outcome is not None:
             return self.outcome
-        width, height = job.params.width, job.params.height
         images = [
             RenderedImage(
                 seed=seed,
@@ -52,10 +76,6 @@ class SeedPainter:
             for seed in job.seeds
         ]
         return GenerationOutcome(status=OutcomeStatus.OK, images=images)
-
-    async def cancel(self, request_id: str) -> bool:
-        self.cancelled.append(request_id)
-        return True
 
     async def describe(self) -> dict[str, Any]:
         if not self.loaded:
@@ -216,6 +236,93 @@ def test_stream_sends_one_completed_event_per_image(client) -> None:
         assert payload["type"] == "image_generation.completed"
         assert payload["seed"] == seed
         assert decode(payload["b64_json"]).size == (64, 64)
+
+
+def sse_events(text: str) -> list[tuple[str, dict[str, Any]]]:
+    events = []
+    for block in text.split("\n\n"):
+        if block:
+            name, data = block.split("\n")
+            events.append((name.removeprefix("event: "), json.loads(data.removeprefix("data: "))))
+    return events
+
+
+def test_stream_with_partial_images_sends_each_images_previews_before_it(client, painter) -> None:
+    body = {
+        "prompt": "x",
+        "size": "96x64",
+        "n": 2,
+        "seed": 4,
+        "stream": True,
+        "partial_images": 2,
+        "output_format": "jpeg",
+    }
+    response = client.post("/images/generations", json=body)
+    assert response.status_code == 200
+    assert painter.jobs[-1].partial_images == 2
+    events = sse_events(response.text)
+    assert len(events) == 2 * 2 + 2
+    for seed in (4, 5):
+        mine = [(name, data) for name, data in events if data["seed"] == seed]
+        names = [name for name, _ in mine]
+        assert names == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
+        assert [data.get("partial_image_index") for _, data in mine] == [0, 1, None]
+        for name, data in mine:
+            assert data["type"] == name
+            assert (data["size"], data["output_format"]) == ("96x64", "jpeg")
+            assert {"created_at", "quality", "background"} <= data.keys()
+            picture = decode(data["b64_json"])
+            assert (picture.size, picture.format) == ((96, 64), "JPEG")
+    # Each preview is the picture of its step (shade 10, then 20), resized.
+    first = decode(events[0][1]["b64_json"]).convert("L")
+    assert abs(np.asarray(first).mean() - 10) < 3
+
+
+def test_partial_images_without_stream_is_ignored(client, painter) -> None:
+    body = {"prompt": "x", "size": "64x64", "partial_images": 3}
+    response = client.post("/images/generations", json=body)
+    assert response.status_code == 200
+    assert painter.jobs[-1].partial_images == 0
+
+
+@pytest.mark.parametrize("value", [-1, 4, "many"])
+def test_partial_images_out_of_range_is_a_400_naming_it(client, value) -> None:
+    body = {"prompt": "x", "stream": True, "partial_images": value}
+    response = client.post("/images/generations", json=body)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "partial_images"
+
+
+def test_a_stream_refused_before_any_preview_gets_its_http_status(client, painter) -> None:
+    painter.previews_before_outcome = False
+    painter.outcome = GenerationOutcome(
+        status=OutcomeStatus.QUEUE_FULL, message="busy", retry_after=3.0
+    )
+    body = {"prompt": "x", "size": "64x64", "stream": True, "partial_images": 2}
+    response = client.post("/images/generations", json=body)
+    assert response.status_code == 429
+    assert response.headers["retry-after"] == "3"
+
+
+def test_a_failure_after_previews_is_an_error_event(client, painter) -> None:
+    painter.outcome = GenerationOutcome(status=OutcomeStatus.ERROR, message="CUDA went away")
+    body = {"prompt": "x", "size": "64x64", "stream": True, "partial_images": 1}
+    response = client.post("/images/generations", json=body)
+    assert response.status_code == 200
+    events = sse_events(response.text)
+    assert [name for name, _ in events] == ["image_generation.partial_image", "error"]
+    error = events[-1][1]["error"]
+    assert "CUDA went away" in error["message"] and error["type"]
+
+
+def test_edit_stream_sends_image_edit_partial_images(edits_client) -> None:
+    response = edits_client.post(
+        "/images/edits",
+        files={"image": part(noise(64, 64))},
+        data={"prompt": "x", "seed": "4", "stream": "true", "partial_images": "1"},
+    )
+    names = [name for name, _ in sse_events(response.text)]
+    assert names == ["image_edit.partial_image", "image_edit.completed"]
 
 
 # --- edits and variations (multipart) -----------------------------------------
