@@ -122,6 +122,7 @@ class ImagesAPI:
             workers=plan.workers,
             registry=self.workers,
             timeout=settings.traffic_timeout,
+            max_queue_images=settings.max_queue_images,
         )
         self.serving = ImagesServing(settings, self.render_client, files, metrics)
         self.sweeper = FileSweeper(files)

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import collections
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 from urllib.parse import unquote, urlparse
 
 import httpx
 
+from .admission import QueueCapacity
 from .jobs import (
     LOADING_RETRY_AFTER,
     GenerationJob,
@@ -40,8 +42,10 @@ from .worker_registry import WorkerRegistry
 logger = logging.getLogger(__name__)
 
 CONNECT_ATTEMPTS = 3
-# Tries at finding an idle worker, per worker, before queueing anywhere.
-IDLE_TRIES_PER_WORKER = 3
+# Tries at finding an idle (or a loaded) worker, per worker, before queueing
+# anywhere: the kernel picks the worker of each connection, so a free worker is
+# missed with probability (busy share) ** tries.
+IDLE_TRIES_PER_WORKER = 8
 RENDER_ROUTE = "/render"
 
 PartialSink = Callable[[RenderEvent], Awaitable[None]]
@@ -86,6 +90,7 @@ class BentoRenderClient:
         registry: WorkerRegistry | None = None,
         http: httpx.AsyncClient | None = None,
         timeout: float = 900.0,
+        max_queue_images: int | None = None,
     ) -> None:
         self._handle = handle
         self._metrics = metrics
@@ -95,6 +100,11 @@ class BentoRenderClient:
         self._timeout = timeout
         # Calls in flight by the worker that took them.
         self._held: collections.Counter[int] = collections.Counter()
+        # SDXL_MAX_QUEUE_IMAGES for all workers together: each worker sees only
+        # its own queue, so the limit is kept here, where every call passes.
+        self._capacity = QueueCapacity(max_queue_images) if max_queue_images else None
+        self._images_in_flight = 0
+        self._last_done: float | None = None
 
     def _client(self) -> httpx.AsyncClient:
         if self._http is None:
@@ -107,18 +117,44 @@ class BentoRenderClient:
     def held_by_worker(self) -> dict[int, int]:
         return {worker: n for worker, n in self._held.items() if n}
 
+    def _ready_workers(self) -> set[int]:
+        if self._registry is None:
+            return set(range(1, self._workers + 1))
+        return self._registry.ready_workers()
+
     def _some_worker_idle(self) -> bool:
         if self._workers == 1:
             return False
-        up = (
-            self._registry.ready_workers()
-            if self._registry is not None
-            else set(range(1, self._workers + 1))
-        )
-        return any(self._held[worker] == 0 for worker in up)
+        return any(self._held[worker] == 0 for worker in self._ready_workers())
 
     async def generate(
         self, job: GenerationJob, on_partial: PartialSink | None = None
+    ) -> GenerationOutcome:
+        n = len(job.seeds)
+        if self._capacity is not None:
+            refusal = self._capacity.refusal(self._images_in_flight, n)
+            if refusal is not None:
+                if self._metrics is not None:
+                    self._metrics.reject(refusal.status.value)
+                return refusal
+        self._images_in_flight += n
+        started = time.monotonic()
+        try:
+            outcome = await self._dispatch(job, on_partial)
+        finally:
+            self._images_in_flight -= n
+        if outcome.status is OutcomeStatus.OK and self._capacity is not None:
+            # Seconds per image at the pace images leave the service: the gap
+            # since the previous answer, or this call's own time when that is
+            # shorter (an idle service).
+            now = time.monotonic()
+            gap = now - started if self._last_done is None else now - max(started, self._last_done)
+            self._last_done = now
+            self._capacity.record_call(max(gap, 1e-3), n)
+        return outcome
+
+    async def _dispatch(
+        self, job: GenerationJob, on_partial: PartialSink | None
     ) -> GenerationOutcome:
         job_json = job.model_dump_json()
         idle_tries = IDLE_TRIES_PER_WORKER * self._workers
@@ -141,8 +177,12 @@ class BentoRenderClient:
                         "The render service is not reachable (starting?); try again shortly."
                     )
                 continue
-            if outcome is not None:
-                return outcome
+            if outcome is None:
+                continue
+            if outcome.status is OutcomeStatus.LOADING and idle_tries > 0 and self._ready_workers():
+                # A worker that is (re)starting took it while others have loaded.
+                continue
+            return outcome
 
     async def _call(self, body: str, on_partial: PartialSink | None) -> GenerationOutcome | None:
         """The job's outcome; None when the worker reached was busy."""

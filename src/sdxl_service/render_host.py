@@ -125,9 +125,12 @@ class RenderHost:
     ) -> AsyncIterator[RenderEvent]:
         """ACCEPTED (or BUSY), the job's previews as they are made, then its OUTCOME.
 
+        BUSY: the caller asked for a worker that can start the job now, and
+        this one holds work or is still loading.
+
         Closing the stream early (the caller went away) cancels the job.
         """
-        if only_if_idle and self._held:
+        if only_if_idle and (self._held or not self.is_ready()):
             yield RenderEvent(type=RenderEventType.BUSY, worker=self.worker)
             return
         yield RenderEvent(type=RenderEventType.ACCEPTED, worker=self.worker)
