@@ -67,8 +67,11 @@ def next_batch(
     holds min(max_images, demand.images) images: a full batch, or every image
     recent traffic of these params says is coming (so a lone client, demand
     1, never waits, nor do params that were not rendered last).
-    Otherwise it waits for company until `wait_s` after the later of the GPU
-    going idle and the oldest image's arrival. It never waits while
+    Otherwise it waits for company as long as it comes: until `wait_s` after
+    the later of the GPU going idle and the newest image's arrival, since
+    answered clients come back one after another, as the HTTP service answers
+    them; as the batch goes once demand is met, that is at most
+    min(max_images, demand) - 1 gaps of `wait_s`. It never waits while
     other-params work is queued: with a backlog the GPU should not idle, and
     that work would wait too.
     """
@@ -79,5 +82,5 @@ def next_batch(
     expected = min(max_images, demand.images) if head.params == demand.params else 1
     if len(selected) >= expected or len(selected) < len(queue):
         return selected, 0.0
-    left = max(demand.idle_since, head.enqueued_at) + wait_s - now
+    left = max(demand.idle_since, max(item.enqueued_at for item in selected)) + wait_s - now
     return (selected, 0.0) if left <= 0 else ([], left)

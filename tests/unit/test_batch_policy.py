@@ -84,6 +84,15 @@ def test_an_image_that_arrives_at_an_idle_gpu_waits_from_its_arrival() -> None:
     assert batch == [] and wait == pytest.approx(0.4)
 
 
+def test_every_arrival_of_company_extends_the_wait() -> None:
+    demand = Demand(params=params(), images=4, idle_since=10.0)
+    queue = [*same(1, at=10.2), *same(1, at=10.6)]
+    batch, wait = next_batch(queue, max_images=8, wait_s=0.5, now=10.9, demand=demand)
+    assert batch == [] and wait == pytest.approx(0.2)
+    batch, _ = next_batch(queue, max_images=8, wait_s=0.5, now=11.1, demand=demand)
+    assert len(batch) == 2
+
+
 def test_demand_beyond_the_batch_size_waits_only_for_a_full_batch() -> None:
     demand = Demand(params=params(), images=20, idle_since=10.0)
     batch, wait = next_batch(same(3), max_images=4, wait_s=0.5, now=10.0, demand=demand)
