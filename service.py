@@ -53,6 +53,7 @@ class RenderService:
             settings,
             ServiceMetrics(worker=worker),
             worker=worker,
+            workers=plan.workers,
             device=plan.device_for(worker),
             registry=WorkerRegistry.from_environment(),
         )

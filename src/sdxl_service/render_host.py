@@ -41,6 +41,7 @@ class RenderHost:
         metrics: ServiceMetrics | None = None,
         *,
         worker: int = 1,
+        workers: int = 1,
         device: str | None = None,
         registry: WorkerRegistry | None = None,
     ) -> None:
@@ -48,6 +49,7 @@ class RenderHost:
         self._device = device
         self.metrics = metrics
         self.worker = worker
+        self.workers = workers
         self.registry = registry
         if metrics is not None:
             metrics.count_render_worker_start()
@@ -96,7 +98,8 @@ class RenderHost:
             self._publish(WorkerState.FAILED)
 
     def _pick_device(self) -> None:
-        """This worker's GPU (worker_plan.py), when the settings leave the device open.
+        """This worker's GPU (worker_plan.py), when the settings leave the device open;
+        without one, its share of the CPU cores.
 
         Only with CUDA at hand: without a GPU BentoML still hands the worker
         `CUDA_VISIBLE_DEVICES=0` for the service's one declared GPU.
@@ -105,6 +108,10 @@ class RenderHost:
 
         if self._device and self.settings.device in ("auto", "cuda") and torch.cuda.is_available():
             self.settings = self.settings.model_copy(update={"device": self._device})
+        elif self.workers > 1:
+            # Workers sharing the CPU: torch's one thread per core in each
+            # would oversubscribe the cores many times over.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.workers))
 
     def is_ready(self) -> bool:
         return self._batcher is not None
