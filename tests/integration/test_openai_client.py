@@ -149,3 +149,53 @@ def test_stream_with_the_current_client(client: OpenAI) -> None:
     events = list(stream)
     assert [event.type for event in events] == ["image_generation.completed"]
     assert decode(events[0].b64_json).size == (64, 64)
+
+
+def test_stream_with_partial_images(client: OpenAI) -> None:
+    stream = client.images.generate(
+        prompt="x",
+        size="96x64",
+        n=2,
+        stream=True,
+        partial_images=2,
+        output_format="webp",
+        extra_body={"seed": 30},
+    )
+    events = [event.model_dump() for event in stream]
+    assert len(events) == 2 * (2 + 1)
+    for seed in (30, 31):
+        mine = [event for event in events if event["seed"] == seed]
+        # For each image: its 2 previews, in order, then the image itself.
+        assert [event["type"] for event in mine] == [
+            "image_generation.partial_image",
+            "image_generation.partial_image",
+            "image_generation.completed",
+        ]
+        assert [event.get("partial_image_index") for event in mine[:2]] == [0, 1]
+        for event in mine:
+            picture = decode(event["b64_json"])
+            assert (picture.size, picture.format) == ((96, 64), "WEBP")
+            assert (event["size"], event["output_format"]) == ("96x64", "webp")
+        # The completed image is the one a plain request makes for that seed.
+        alone = client.images.generate(
+            prompt="x",
+            size="96x64",
+            output_format="webp",
+            response_format="b64_json",
+            extra_body={"seed": seed},
+        )
+        assert np.array_equal(pixels(mine[-1]["b64_json"]), pixels(alone.data[0].b64_json))
+
+
+def test_stream_of_an_edit_with_partial_images(client: OpenAI) -> None:
+    picture = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(picture, format="PNG")
+    stream = client.images.edit(
+        image=("red.png", picture.getvalue(), "image/png"),
+        prompt="x",
+        size="64x64",
+        stream=True,
+        partial_images=1,
+    )
+    types = [event.type for event in stream]
+    assert types == ["image_edit.partial_image", "image_edit.completed"]
