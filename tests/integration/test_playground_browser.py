@@ -48,7 +48,8 @@ def images(page: Any) -> list[list[int]]:
 def generate(page: Any, expected_images: int) -> None:
     page.click("#generate")
     page.wait_for_function(
-        f"document.querySelectorAll('#gallery figure img').length >= {expected_images}",
+        # Finished images only: a figure shows previews first, then its image.
+        f"document.querySelectorAll('#gallery figure[data-previews]').length >= {expected_images}",
         timeout=120_000,
     )
 
@@ -65,6 +66,44 @@ def test_a_prompt_becomes_images_of_the_size_asked_with_their_seeds(page: Any) -
         "#gallery figcaption span", "s => s.map(x => x.textContent)"
     )
     assert sorted(captions) == ["seed 42", "seed 43"]
+
+
+# Records the natural size of every picture the gallery shows, previews included.
+WATCH_GALLERY = """() => {
+  window.shown = [];
+  new MutationObserver(() => {
+    for (const image of document.querySelectorAll('#gallery figure img')) {
+      if (image.dataset.watched) continue;
+      image.dataset.watched = '1';
+      const label = image.closest('figure').querySelector('figcaption span').textContent;
+      const record = () => window.shown.push([label, image.naturalWidth, image.naturalHeight]);
+      image.decode().then(record);
+    }
+  }).observe(document.getElementById('gallery'), {childList: true, subtree: true});
+}"""
+
+
+def test_previews_come_before_each_image(page: Any) -> None:
+    page.evaluate(WATCH_GALLERY)
+    page.fill("#prompt", "a lighthouse at dusk")
+    page.select_option("#size", "256x256")
+    page.select_option("#partial_images", "2")
+    page.fill("#n", "2")
+    page.fill("#seed", "7")
+    page.fill("#num_inference_steps", "6")
+    generate(page, 2)
+    page.wait_for_function(
+        "document.querySelectorAll('#gallery figure[data-previews]').length == 2"
+    )
+    page.wait_for_function("window.shown.length >= 6")
+    shown = page.evaluate("window.shown")
+    previews = [entry for entry in shown if entry[0].startswith("preview")]
+    finals = [entry for entry in shown if entry[0].startswith("seed")]
+    assert sorted(label for label, _, _ in previews) == ["preview 1"] * 2 + ["preview 2"] * 2
+    assert sorted(label for label, _, _ in finals) == ["seed 7", "seed 8"]
+    assert {(w, h) for _, w, h in shown} == {(256, 256)}
+    counts = page.eval_on_selector_all("#gallery figure", "fs => fs.map(f => f.dataset.previews)")
+    assert counts == ["2", "2"]
 
 
 def test_reusing_an_images_settings_gives_the_same_image(page: Any) -> None:

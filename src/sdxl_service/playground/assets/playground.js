@@ -6,6 +6,7 @@ const KEY_STORAGE = "sdxl-playground-api-key";
 const FIELDS = [
   "prompt", "negative_prompt", "size", "n", "output_format", "seed",
   "num_inference_steps", "guidance_scale", "refiner", "scheduler", "lora", "lora_scale",
+  "partial_images",
 ];
 const $ = (id) => document.getElementById(id);
 
@@ -63,6 +64,7 @@ function requestBody() {
     refiner: value("refiner"),
     scheduler: value("scheduler"),
     stream: true,
+    partial_images: Number(value("partial_images")),
   };
   if (value("negative_prompt")) body.negative_prompt = value("negative_prompt");
   if (value("seed") !== "") body.seed = Number(value("seed"));
@@ -154,20 +156,23 @@ async function generate(submit) {
       showError(body && body.error ? body.error.message : `HTTP ${response.status}`);
       return;
     }
-    // Events come image by image: an image's previews, then the image itself,
-    // take one place in the gallery.
-    let current = null;
+    // An image's previews, then the image itself, take one place in the
+    // gallery; the images of one request render together, so their events
+    // interleave, and each carries its seed.
+    const places = new Map();
     let completed = 0;
     for await (const event of events(response)) {
       if (event.type === "error" || event.error) {
         showError((event.error && event.error.message) || "the generation failed");
         break;
       }
-      const figure = addImage(event, params, current);
+      const place = places.get(event.seed);
+      const figure = addImage(event, params, place && place.figure);
       if (event.type.endsWith("partial_image")) {
-        current = figure;
+        places.set(event.seed, { figure, previews: (place ? place.previews : 0) + 1 });
       } else {
-        current = null;
+        figure.dataset.previews = String(place ? place.previews : 0);
+        places.delete(event.seed);
         completed += 1;
       }
       $("status").textContent = `${completed} of ${params.n} done`;
