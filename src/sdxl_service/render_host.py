@@ -192,11 +192,7 @@ class RenderHost:
         return self._batcher is not None and self._batcher.cancel(request_id)
 
     def describe(self) -> dict[str, Any]:
-        info: dict[str, Any] = {
-            "loaded": self.is_ready(),
-            "error": self.load_error,
-            "worker": self.worker,
-        }
+        info: dict[str, Any] = {"loaded": self.is_ready(), "error": self.load_error}
         if self.engine is not None:
             info.update(self.engine.describe())
         return info
