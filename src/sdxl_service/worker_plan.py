@@ -51,10 +51,11 @@ def visible_gpus(environ: MutableMapping[str, str]) -> list[int]:
     pinned = environ.get(CUDA_VISIBLE_DEVICES)
     if pinned is not None:
         entries = [entry.strip() for entry in pinned.split(",") if entry.strip()]
-        # "-1" (or any invalid entry) hides every device from that entry on.
+        # Indices or UUIDs (GPU-..., MIG-...); "-1" or any invalid entry hides
+        # every device from that entry on, as CUDA reads the variable.
         usable = []
         for entry in entries:
-            if not entry.isdigit():
+            if not (entry.isdigit() or entry.startswith(("GPU-", "MIG-"))):
                 break
             usable.append(entry)
         return list(range(len(usable)))

@@ -88,10 +88,6 @@ def test_visible_gpus_counts_the_pinned_devices(pinned: str, expected: list[int]
     assert visible_gpus({CUDA_VISIBLE_DEVICES: pinned}) == expected
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="visible_gpus treats CUDA's GPU-<uuid>/MIG-<uuid> entries as invalid and sees no GPU",
-)
 def test_visible_gpus_accepts_gpu_uuids() -> None:
     pinned = "GPU-8932f937-d72c-4106-c12f-20bd9faed9f6,GPU-1f2e3d4c-0000-1111-2222-333344445555"
     assert visible_gpus({CUDA_VISIBLE_DEVICES: pinned}) == [0, 1]
