@@ -146,6 +146,17 @@ class RenderHost:
             yield RenderEvent(type=RenderEventType.OUTCOME, outcome=outcome)
             return
         assert self._batcher is not None
+        if not job.partial_images:
+            # Nothing to relay while it renders: await the outcome itself, with
+            # no preview queue and no extra task (fewer event-loop turns on the
+            # way out). Cancelling the stream's task cancels the submit.
+            self._held += 1
+            try:
+                outcome = await self._batcher.submit(job)
+            finally:
+                self._held -= 1
+            yield RenderEvent(type=RenderEventType.OUTCOME, outcome=outcome)
+            return
         previews: asyncio.Queue[RenderEvent] = asyncio.Queue()
         loop = asyncio.get_running_loop()
 
@@ -155,10 +166,9 @@ class RenderHost:
             )
             loop.call_soon_threadsafe(previews.put_nowait, event)
 
-        sink = on_preview if job.partial_images else None
         self._held += 1
         # The Batcher cancels the job's images when this task is cancelled.
-        task = asyncio.ensure_future(self._batcher.submit(job, on_preview=sink))
+        task = asyncio.ensure_future(self._batcher.submit(job, on_preview=on_preview))
         try:
             while not task.done():
                 waiting = asyncio.ensure_future(previews.get())

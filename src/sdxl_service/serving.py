@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
@@ -37,6 +38,7 @@ from .resolution import ResolvedRequest, resolve_edit, resolve_generation, resol
 from .responses import (
     build_images,
     completed_events,
+    encodes_inline,
     error_event,
     partial_event,
     public_base_url,
@@ -173,7 +175,7 @@ class ImagesServing:
     ) -> ImagesResponse:
         if outcome.status is not OutcomeStatus.OK:
             raise outcome_error(outcome)
-        return await run_in_threadpool(
+        build = functools.partial(
             build_images,
             outcome.images,
             resolved,
@@ -181,6 +183,9 @@ class ImagesServing:
             base_url=public_base_url(http_request, self.settings),
             metrics=self.metrics,
         )
+        if encodes_inline(outcome.images, resolved):
+            return build()
+        return await run_in_threadpool(build)
 
     async def _stream(
         self, resolved: ResolvedRequest, http_request: Request, kind: str
@@ -222,9 +227,11 @@ class ImagesServing:
             while event is not None:
                 assert event.image is not None and event.partial_index is not None
                 name = f"{kind}.partial_image"
-                yield await run_in_threadpool(
+                encode = functools.partial(
                     partial_event, event.image, event.partial_index, resolved, name
                 )
+                inline = encodes_inline([event.image], resolved)
+                yield encode() if inline else await run_in_threadpool(encode)
                 event = await _next_preview(previews, render)
             try:
                 response = await self._images(render.result(), resolved, http_request)
