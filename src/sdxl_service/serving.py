@@ -284,9 +284,15 @@ async def _next_preview(
 
 
 async def _stop(render: asyncio.Future[GenerationOutcome]) -> None:
-    """Cancels the render if it still runs and waits until its stream is closed."""
+    """Cancels the render if it still runs and waits until its stream is closed.
+
+    Shielded: when Starlette cancels a streamed answer (its client left), anyio
+    cancels this task again at every await, and an unshielded wait would pass
+    each of those cancellations on to the render's own clean-up, which then
+    never closes the connection to the worker (so the worker never stops).
+    """
     if render.done():
         return
     render.cancel()
     with contextlib.suppress(asyncio.CancelledError):
-        await render
+        await asyncio.shield(render)

@@ -178,3 +178,25 @@ def test_a_killed_worker_leaves_the_other_serving_and_comes_back(
     )
     assert render_workers(service)[1].pid != workers[1].pid
     assert render_workers(service)[2].pid == workers[2].pid
+
+
+def test_a_stream_client_that_leaves_after_a_preview_stops_its_work(
+    service: RunningService,
+) -> None:
+    cancelled = metric(service.root, "sdxl_rejected_total", reason="cancelled")
+    body = {**LONG_JOB, "stream": True, "partial_images": 3}
+    with (
+        httpx.Client(base_url=service.api, timeout=300) as http,
+        http.stream("POST", "/images/generations", json=body) as response,
+    ):
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        assert next(lines) == "event: image_generation.partial_image"
+        worker = holding_worker(service)
+    # The connection is closed here, with two previews and the image to come.
+    wait_until(
+        lambda: held(service, worker) == 0,
+        timeout=STATE_TIMEOUT_S,
+        message="the worker to drop the request of the client that left",
+    )
+    assert metric(service.root, "sdxl_rejected_total", reason="cancelled") >= cancelled + 1
