@@ -5,7 +5,7 @@ LEGACY_VENV ?= .venv-openai028
 PORT ?= 9225
 BIN := $(VENV)/bin
 
-.PHONY: install legacy-client browser serve test test-unit lint format bench bench-previews bench-gpu bench-gpu-prepare build containerize examples registry-image-size clean
+.PHONY: install legacy-client browser serve test test-unit lint format bench bench-overhead bench-previews bench-gpu bench-gpu-prepare build containerize examples registry-image-size clean
 
 install: $(VENV)/.installed
 
@@ -48,8 +48,13 @@ test: install legacy-client browser lint
 test-unit: install
 	$(BIN)/python -m pytest tests/unit -m "not slow"
 
-bench: install
+bench: install bench-overhead
 	$(BIN)/python -m bench.run_cpu
+
+# What the service adds to one 256x256 render over the engine alone, paired and
+# interleaved in one run (~3 min idle); docs/PERFORMANCE.md, "Service overhead".
+bench-overhead: install
+	$(BIN)/python -m bench.overhead_cpu
 
 # What live previews (partial_images=3) cost a render per SDXL_PREVIEW_DECODER,
 # engine alone on the tiny preset (~2 min); docs/PERFORMANCE.md, "Live previews".

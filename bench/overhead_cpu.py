@@ -1,0 +1,262 @@
+"""`make bench-overhead`: what the service adds to one render, on the CPU, tiny preset.
+
+Starts the real service (`bentoml serve`, tests/service_process.py) and, in the
+same process, the same tiny engine; then alternates the two on the same work,
+a 256x256 n=1 text-to-image request: the engine's `render` of the batch the
+service itself would build for it (resolution.py resolves the request here
+too, render size included), and a raw httpx POST /v1/images/generations
+(b64_json) to the service. Samples come in pairs, their order alternating, so
+drift in this shared machine's load falls on both alike. Overhead is reported
+two ways: percentiles of the paired differences (HTTP minus engine of the same
+pair), and HTTP's percentile minus the engine's.
+
+The breakdown comes from the service's own stage histograms (/metrics): the
+mean per request of its pipeline stages (base, refiner, decode), its queue
+wait and its encoding, so what is left is the hop between the two services
+and the HTTP work. Writes bench/results/overhead-cpu.json and the section of
+docs/PERFORMANCE.md between the overhead-bench markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from tests.service_process import REPO, running_service
+
+RESULTS = REPO / "bench" / "results" / "overhead-cpu.json"
+PERFORMANCE_DOC = REPO / "docs" / "PERFORMANCE.md"
+START_MARK, END_MARK = "<!-- overhead-bench:start -->", "<!-- overhead-bench:end -->"
+CACHE_DIR = REPO / ".cache" / "sdxl-service"
+# The request measured; num_inference_steps pins the work whatever SDXL_STEPS says.
+REQUEST = {
+    "prompt": "bench",
+    "size": "256x256",
+    "n": 1,
+    "num_inference_steps": 4,
+    "seed": 1,
+    "response_format": "b64_json",
+}
+TARGETS_MS = {"p50": 5.0, "p95": 20.0}
+# The service's stage histograms: the engine's pipeline stages, then the rest.
+ENGINE_STAGES = ("vae_encode", "base", "refiner", "decode")
+SERVICE_STAGES = ("queue_wait", "encode")
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q))
+
+
+def engine_render() -> tuple[Callable[[], Any], dict[str, Any]]:
+    """The tiny engine in this process, rendering what the service renders for REQUEST."""
+    from sdxl_service.choices import Preset
+    from sdxl_service.engine import Engine
+    from sdxl_service.jobs import RenderBatch
+    from sdxl_service.lora_catalog import LoraCatalog
+    from sdxl_service.protocol import ImageGenerationRequest
+    from sdxl_service.resolution import resolve_generation
+    from sdxl_service.settings import Settings
+
+    settings = Settings(preset=Preset.TINY, cache_dir=CACHE_DIR)
+    engine = Engine.load(settings)
+    request = ImageGenerationRequest.model_validate(REQUEST)
+    resolved = resolve_generation(
+        request, settings, engine.native_resolution, LoraCatalog(settings.lora_folder)
+    )
+    job = resolved.job
+    batch = RenderBatch(params=job.params, tasks=job.tasks())
+    engine.render(batch)  # warm-up
+    params = job.params
+    work = {
+        "answered": f"{resolved.width}x{resolved.height}",
+        "rendered": f"{params.width}x{params.height}",
+        "native": engine.native_resolution,
+        "steps": params.steps,
+        "refiner": str(params.refiner),
+        "scheduler": str(params.scheduler),
+    }
+    return lambda: engine.render(batch), work
+
+
+def stage_totals(root: str) -> dict[str, tuple[float, float]]:
+    """(sum of seconds, count) per stage of sdxl_stage_seconds, all processes together."""
+    text = httpx.get(f"{root}/metrics", timeout=30).text
+    totals: dict[str, tuple[float, float]] = {}
+    pattern = r'^sdxl_stage_seconds_(sum|count)\{[^}]*stage="([^"]+)"[^}]*\} (\S+)$'
+    for kind, stage, value in re.findall(pattern, text, re.M):
+        seconds, count = totals.get(stage, (0.0, 0.0))
+        if kind == "sum":
+            seconds += float(value)
+        else:
+            count += float(value)
+        totals[stage] = (seconds, count)
+    return totals
+
+
+def measure(root: str, render: Callable[[], Any], samples: int, warmup: int) -> dict[str, Any]:
+    """Interleaved pairs (engine, HTTP), order alternating; warm-up pairs dropped."""
+    api = f"{root}/v1/images/generations"
+    engine_s: list[float] = []
+    http_s: list[float] = []
+    with httpx.Client(timeout=120) as client:
+
+        def post() -> None:
+            response = client.post(api, json=REQUEST)
+            response.raise_for_status()
+            assert response.json()["data"][0]["b64_json"]
+
+        def timed(fn: Callable[[], Any]) -> float:
+            started = time.perf_counter()
+            fn()
+            return time.perf_counter() - started
+
+        for _ in range(warmup):
+            timed(render)
+            timed(post)
+        before = stage_totals(root)
+        for i in range(samples):
+            if i % 2:
+                http, engine = timed(post), timed(render)
+            else:
+                engine, http = timed(render), timed(post)
+            engine_s.append(engine)
+            http_s.append(http)
+        after = stage_totals(root)
+    return summarize(engine_s, http_s, before, after, samples)
+
+
+def summarize(
+    engine_s: list[float],
+    http_s: list[float],
+    before: dict[str, tuple[float, float]],
+    after: dict[str, tuple[float, float]],
+    samples: int,
+) -> dict[str, Any]:
+    ms = 1000.0
+    diffs = [h - e for h, e in zip(http_s, engine_s, strict=True)]
+    result: dict[str, Any] = {"samples": samples}
+    for name, values in (("engine", engine_s), ("http", http_s)):
+        result[name] = {
+            "p50_ms": round(ms * percentile(values, 50), 2),
+            "p95_ms": round(ms * percentile(values, 95), 2),
+            "mean_ms": round(ms * float(np.mean(values)), 2),
+        }
+    result["overhead_paired"] = {
+        "p50_ms": round(ms * percentile(diffs, 50), 2),
+        "p95_ms": round(ms * percentile(diffs, 95), 2),
+    }
+    result["overhead_of_percentiles"] = {
+        q: round(result["http"][q] - result["engine"][q], 2) for q in ("p50_ms", "p95_ms")
+    }
+    # Mean ms per request of each stage the service timed during the samples.
+    stages = {}
+    for stage in (*ENGINE_STAGES, *SERVICE_STAGES):
+        seconds = after.get(stage, (0.0, 0.0))[0] - before.get(stage, (0.0, 0.0))[0]
+        if seconds > 0:
+            stages[stage] = round(ms * seconds / samples, 2)
+    engine_in_service = sum(stages.get(s, 0.0) for s in ENGINE_STAGES)
+    timed_by_service = engine_in_service + sum(stages.get(s, 0.0) for s in SERVICE_STAGES)
+    result["breakdown_mean_ms"] = {
+        "http_total": result["http"]["mean_ms"],
+        "engine_alone": result["engine"]["mean_ms"],
+        "stages_in_service": stages,
+        "engine_stages_in_service": round(engine_in_service, 2),
+        # HTTP in and out, validation, the hop between the two services.
+        "rest": round(result["http"]["mean_ms"] - timed_by_service, 2),
+    }
+    return result
+
+
+def markdown(results: dict[str, Any]) -> str:
+    m = results["measured"]
+    work = results["work"]
+    paired, of_p = m["overhead_paired"], m["overhead_of_percentiles"]
+    b = m["breakdown_mean_ms"]
+    rows = [
+        ("engine alone", m["engine"]["p50_ms"], m["engine"]["p95_ms"], ""),
+        ("service over HTTP", m["http"]["p50_ms"], m["http"]["p95_ms"], ""),
+        ("overhead, paired differences", paired["p50_ms"], paired["p95_ms"], "< 5 / < 20"),
+        ("overhead, HTTP p minus engine p", of_p["p50_ms"], of_p["p95_ms"], ""),
+    ]
+    lines = [
+        f"Measured {results['date']} on {results['machine']} (`make bench-overhead`, "
+        f"commit {results['commit']}): {m['samples']} interleaved pairs after "
+        f"{results['warmup']} warm-up pairs; a {work['answered']} n=1 request "
+        f"(rendered at {work['rendered']}, {work['steps']} steps, {work['refiner']}, "
+        f"{work['scheduler']}), b64_json PNG.",
+        "",
+        "| measure | p50 ms | p95 ms | target |",
+        "|---|---|---|---|",
+        *(f"| {name} | {p50:.1f} | {p95:.1f} | {target} |" for name, p50, p95, target in rows),
+        "",
+        "Where the service's time goes (mean ms per request, from its stage histograms):",
+        "",
+        "| part | mean ms |",
+        "|---|---|",
+        f"| HTTP end to end | {b['http_total']:.1f} |",
+        f"| engine alone (this process) | {b['engine_alone']:.1f} |",
+        *(f"| service stage: {k} | {v:.1f} |" for k, v in b["stages_in_service"].items()),
+        f"| rest: HTTP, validation, the hop between the services | {b['rest']:.1f} |",
+    ]
+    return "\n".join(lines)
+
+
+def write_doc(section: str) -> None:
+    text = PERFORMANCE_DOC.read_text()
+    block = f"{START_MARK}\n{section}\n{END_MARK}"
+    if START_MARK in text:
+        head, rest = text.split(START_MARK, 1)
+        text = head + block + rest.split(END_MARK, 1)[1]
+    else:
+        text += f"\n## Service overhead (CPU, tiny preset, 256x256)\n\n{block}\n"
+    PERFORMANCE_DOC.write_text(text)
+
+
+def commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True)
+    return out.stdout.decode().strip() or "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--samples", type=int, default=60, help="measured pairs (>= 60)")
+    parser.add_argument("--warmup", type=int, default=5, help="pairs dropped first")
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    args = parser.parse_args()
+    print("engine ...", flush=True)
+    render, work = engine_render()
+    results: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU",
+        "commit": commit(),
+        "warmup": args.warmup,
+        "request": REQUEST,
+        "work": work,
+        "targets_ms": TARGETS_MS,
+    }
+    print("service ...", flush=True)
+    with running_service(Path(tempfile.mkdtemp(prefix="sdxl-overhead-"))) as service:
+        results["measured"] = measure(service.root, render, args.samples, args.warmup)
+    section = markdown(results)
+    print(json.dumps(results["measured"], indent=2))
+    print(section)
+    if not args.no_write:
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+        write_doc(section)
+
+
+if __name__ == "__main__":
+    main()
