@@ -107,7 +107,7 @@ class Settings(BaseSettings):
     # Seconds a generation may take from arrival to its images, queue included.
     request_timeout: float = Field(600.0, gt=0)
     max_batch_images: int = Field(8, ge=1)
-    batch_wait_ms: int = Field(10, ge=0)
+    batch_wait_ms: int = Field(50, ge=0)
     max_queue_images: int = Field(64, ge=1)
     max_body_bytes: int = Field(50 * 1024 * 1024, ge=1024)
     # Request bodies held at once by the HTTP process (uploads, mostly); past
