@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import statistics
 import tempfile
 import threading
@@ -199,6 +200,43 @@ def throughput(root: str, concurrency: int, requests: int) -> tuple[float, float
     return rate, (images_after - images_before) / max(1.0, batches_after - batches_before)
 
 
+# The batching policy before issue 12, with its default 10 ms: a batch that is
+# not full waits for company until its oldest image has waited batch_wait_ms,
+# whatever the recent demand. It is the current policy told that a full batch
+# is always coming.
+FIXED_WAIT_POLICY = """
+
+_demand_policy = next_batch
+
+
+def next_batch(queue, *, max_images, wait_s, now, demand):  # type: ignore[no-redef]
+    fixed = Demand(params=queue[0].params, images=max_images) if queue else demand
+    return _demand_policy(queue, max_images=max_images, wait_s=wait_s, now=now, demand=fixed)
+"""
+
+
+def fixed_wait_overlay(work: Path) -> dict[str, str]:
+    """Env for a service whose batches use the fixed wait of old, the rest of
+    the code being this tree's: a copy of the package first on PYTHONPATH."""
+    package = REPO / "src" / "sdxl_service"
+    overlay = work / "fixed-wait-src"
+    shutil.rmtree(overlay, ignore_errors=True)
+    shutil.copytree(package, overlay / "sdxl_service")
+    policy = overlay / "sdxl_service" / "batch_policy.py"
+    policy.write_text(policy.read_text() + FIXED_WAIT_POLICY)
+    return {"PYTHONPATH": os.pathsep.join([str(overlay), os.environ.get("PYTHONPATH", "")])}
+
+
+def throughput_modes(work: Path) -> list[tuple[str, dict[str, str]]]:
+    """(mode, service env): the batching policy, the fixed wait of old, no batching."""
+    fixed = {"SDXL_MAX_BATCH_IMAGES": "8", "SDXL_BATCH_WAIT_MS": "10", **fixed_wait_overlay(work)}
+    return [
+        ("on", {"SDXL_MAX_BATCH_IMAGES": "8"}),
+        ("fixed", fixed),
+        ("off", {"SDXL_MAX_BATCH_IMAGES": "1"}),
+    ]
+
+
 def liveness_while_saturated(root: str, probes: int) -> dict[str, float]:
     stop = threading.Event()
 
@@ -252,7 +290,8 @@ def markdown(results: dict[str, Any]) -> str:
         ),
         ("service overhead p95, no batch wait", f"{off['overhead_p95_ms']:.1f} ms", ""),
         (
-            f"service overhead p50 with the default {Settings().batch_wait_ms} ms wait for company",
+            "service overhead p50, batching on (a lone client never waits for company;"
+            f" SDXL_BATCH_WAIT_MS={Settings().batch_wait_ms})",
             f"{on['overhead_p50_ms']:.1f} ms",
             "",
         ),
@@ -279,15 +318,25 @@ def markdown(results: dict[str, Any]) -> str:
         "|---|---|---|",
         *(f"| {name} | {value} | {target} |" for name, value, target in rows),
         "",
-        "Throughput (images/s, 64x64, 4 steps, n=1 per request):",
+        f"Throughput (images/s, 64x64, 4 steps, n=1 per request; median of {t['rounds']}"
+        " interleaved rounds, the three services side by side):",
         "",
-        "| concurrency | batching on | images per call (on) | batching off | on / off |",
-        "|---|---|---|---|---|",
+        "| concurrency | batching on | images per call (on) | fixed 10 ms wait (old policy) "
+        "| images per call (fixed) | batching off | on / off |",
+        "|---|---|---|---|---|---|---|",
     ]
     for c in t["concurrency"]:
-        on, off = t["on"][str(c)], t["off"][str(c)]
-        batch = t["mean_batch"][str(c)]
-        lines.append(f"| {c} | {on:.2f} | {batch:.1f} | {off:.2f} | {on / off:.2f}x |")
+        on, fixed, off = (t[mode][str(c)] for mode in ("on", "fixed", "off"))
+        batch, fixed_batch = t["mean_batch"]["on"][str(c)], t["mean_batch"]["fixed"][str(c)]
+        lines.append(
+            f"| {c} | {on:.2f} | {batch:.1f} | {fixed:.2f} | {fixed_batch:.1f} | {off:.2f}"
+            f" | {on / off:.2f}x |"
+        )
+    lines += [
+        "",
+        f"c=8 / c=1: {t['ratio_c8_c1']:.2f}x with the batching policy,"
+        f" {t['fixed_ratio_c8_c1']:.2f}x with the fixed wait.",
+    ]
     lines += [
         "",
         "Liveness while 16 clients keep the pipeline saturated:",
@@ -307,6 +356,80 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def bench_throughput(
+    work: Path,
+    results: dict[str, Any] | None,
+    quick: bool,
+    render: Callable[[], Any] | None = None,
+    repeat: int = 0,
+    modes: list[str] | None = None,
+) -> dict[str, Any]:
+    """Closed-loop throughput per batching mode, one service each, in one run.
+
+    The services run side by side and the measurements interleave (rounds of
+    every concurrency on every mode), so the load of this shared machine
+    drifts over all modes alike; the median round counts. With `results`, the
+    service overhead and liveness are measured on the same services.
+    """
+    concurrency = [1, 4, 8, 16]
+    rounds = 1 if quick else 3
+    chosen = [(m, env) for m, env in throughput_modes(work) if modes is None or m in modes]
+    services: dict[str, Any] = {}
+    rates: dict[str, dict[str, list[float]]] = {
+        m: {str(c): [] for c in concurrency} for m, _ in chosen
+    }
+    calls = {m: {str(c): [0.0, 0.0] for c in concurrency} for m, _ in chosen}  # batches, images
+    try:
+        for mode, env in chosen:
+            print(f"service, batching {mode} ...", flush=True)
+            services[mode] = start_service(work / f"batching-{mode}", env)
+            # Warm the pipeline's batched shapes.
+            throughput(services[mode].root, 8, 16)
+        if results is not None and render is not None:
+            for mode in ("on", "off"):
+                print(f"service overhead, batching {mode} ...", flush=True)
+                results["overhead"][mode] = overhead(services[mode].api, render, repeat)
+        for round_ in range(rounds):
+            for c in concurrency:
+                requests = max(8, 2 * c) if quick else max(16, 4 * c)
+                for mode in services:
+                    root = services[mode].root
+                    before = batch_counters(root)
+                    rate, mean_batch = throughput(root, c, requests)
+                    after = batch_counters(root)
+                    rates[mode][str(c)].append(rate)
+                    calls[mode][str(c)][0] += after[0] - before[0]
+                    calls[mode][str(c)][1] += after[1] - before[1]
+                    print(
+                        f"  round {round_ + 1}, c={c}, {mode}: {rate:.2f} images/s,"
+                        f" {mean_batch:.1f} images per call",
+                        flush=True,
+                    )
+        if results is not None:
+            print("liveness while saturated ...", flush=True)
+            results["liveness"] = liveness_while_saturated(
+                services["on"].root, 50 if quick else 200
+            )
+    finally:
+        for service in services.values():
+            stop_service(service)
+    tput: dict[str, Any] = {"concurrency": concurrency, "rounds": rounds, "mean_batch": {}}
+    for mode in services:
+        tput[mode] = {c: statistics.median(values) for c, values in rates[mode].items()}
+        tput["mean_batch"][mode] = {c: i / max(1.0, b) for c, (b, i) in calls[mode].items()}
+    for mode, key in (("on", "ratio_c8_c1"), ("fixed", "fixed_ratio_c8_c1")):
+        if mode in tput:
+            tput[key] = tput[mode]["8"] / tput[mode]["1"]
+            print(f"c=8 / c=1, batching {mode}: {tput[key]:.2f}x", flush=True)
+    for c in concurrency:
+        row = ", ".join(
+            f"{m} {tput[m][str(c)]:.2f}/s ({tput['mean_batch'][m][str(c)]:.1f} per call)"
+            for m in services
+        )
+        print(f"c={c}: {row}", flush=True)
+    return tput
+
+
 def write_doc(section: str) -> None:
     text = PERFORMANCE_DOC.read_text() if PERFORMANCE_DOC.exists() else ""
     block = f"{START_MARK}\n{section}\n{END_MARK}"
@@ -321,7 +444,17 @@ def write_doc(section: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
+    parser.add_argument(
+        "--throughput-only",
+        action="store_true",
+        help="only the throughput of each batching mode; prints, writes nothing",
+    )
+    parser.add_argument("--modes", default="on,fixed,off", help="with --throughput-only")
     args = parser.parse_args()
+    if args.throughput_only:
+        work = Path(tempfile.mkdtemp(prefix="sdxl-bench-"))
+        bench_throughput(work, None, args.quick, modes=args.modes.split(","))
+        return
     repeat = 5 if args.quick else 30
     work = Path(tempfile.mkdtemp(prefix="sdxl-bench-"))
     cache_dir = REPO / ".cache" / "sdxl-service"
@@ -341,30 +474,8 @@ def main() -> None:
     print("direct engine ...", flush=True)
     render = direct_engine_render(cache_dir)
 
-    concurrency = [1, 4, 8, 16]
     results["overhead"] = {}
-    tput: dict[str, Any] = {"concurrency": concurrency, "on": {}, "off": {}, "mean_batch": {}}
-    for mode, max_batch in (("on", "8"), ("off", "1")):
-        print(f"service, batching {mode} ...", flush=True)
-        service = start_service(work / f"batching-{mode}", {"SDXL_MAX_BATCH_IMAGES": max_batch})
-        try:
-            results["overhead"][mode] = overhead(service.api, render, repeat)
-            for c in concurrency:
-                requests = max(8, 2 * c) if args.quick else max(16, 4 * c)
-                rate, mean_batch = throughput(service.root, c, requests)
-                tput[mode][str(c)] = rate
-                if mode == "on":
-                    tput["mean_batch"][str(c)] = mean_batch
-                print(f"  c={c}: {rate:.2f} images/s, {mean_batch:.1f} images per call", flush=True)
-            if mode == "on":
-                print("liveness while saturated ...", flush=True)
-                results["liveness"] = liveness_while_saturated(
-                    service.root, 50 if args.quick else 200
-                )
-        finally:
-            stop_service(service)
-    tput["ratio_c8_c1"] = tput["on"]["8"] / tput["on"]["1"]
-    results["throughput"] = tput
+    results["throughput"] = bench_throughput(work, results, args.quick, render, repeat)
 
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
