@@ -179,7 +179,12 @@ class BentoRenderClient:
                 continue
             if outcome is None:
                 continue
-            if outcome.status is OutcomeStatus.LOADING and idle_tries > 0 and self._ready_workers():
+            if (
+                outcome.status is OutcomeStatus.LOADING
+                and self._workers > 1
+                and idle_tries > 0
+                and self._ready_workers()
+            ):
                 # A worker that is (re)starting took it while others have loaded.
                 continue
             return outcome
@@ -188,6 +193,7 @@ class BentoRenderClient:
         """The job's outcome; None when the worker reached was busy."""
         headers = {"content-type": "application/json"}
         worker: int | None = None
+        outcome: GenerationOutcome | None = None
         try:
             async with self._client().stream(
                 "POST", RENDER_ROUTE, content=body, headers=headers
@@ -198,22 +204,32 @@ class BentoRenderClient:
                         status=OutcomeStatus.ERROR,
                         message=f"render service answered {response.status_code}: {detail}",
                     )
+                # Read to the end (the worker ends the stream right after the
+                # outcome, or BUSY): a response left unfinished would close a
+                # connection that could be kept.
+                busy = False
                 async for line in response.aiter_lines():
                     if not line:
                         continue
                     event = RenderEvent.model_validate_json(line)
                     if event.type is RenderEventType.BUSY:
-                        return None
-                    if event.type is RenderEventType.ACCEPTED and event.worker is not None:
+                        busy = True
+                    elif event.type is RenderEventType.ACCEPTED and event.worker is not None:
                         worker = event.worker
                         self._held[worker] += 1
                     elif event.type is RenderEventType.PARTIAL and on_partial is not None:
                         await on_partial(event)
                     elif event.type is RenderEventType.OUTCOME and event.outcome is not None:
-                        return event.outcome
-            # The stream ended without an outcome: the worker went away.
-            raise _WorkerLost
+                        outcome = event.outcome
+                if busy:
+                    return None
+            if outcome is None:
+                # The stream ended without an outcome: the worker went away.
+                raise _WorkerLost
+            return outcome
         except httpx.TransportError:
+            if outcome is not None:
+                return outcome  # the worker went away after answering
             if worker is not None:
                 raise _WorkerLost from None
             raise

@@ -413,12 +413,6 @@ async def test_one_worker_never_asks_for_an_idle_one(tmp_path: Path) -> None:
     assert [c.only_if_idle for c in workers.calls] == [False] * 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="render_client._call returns on the OUTCOME line without reading the end of the "
-    "chunked body, so httpcore closes the connection instead of keeping it: one worker "
-    "gets a new connection per call despite http_client_for's keep-alive",
-)
 @asyncio_test
 async def test_one_worker_keeps_its_connection() -> None:
     one = FakeWorkers(answer(worker=1))
