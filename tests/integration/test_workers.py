@@ -29,6 +29,7 @@ WORKERS = 2
 QUEUE_LIMIT = 6
 # About 6 s of rendering here (one core per worker): still running when we act.
 LONG_JOB = {"prompt": "long", "size": "512x512", "num_inference_steps": 100}
+KEPT_JOB = {**LONG_JOB, "num_inference_steps": 150}
 SHORT_JOB = {"prompt": "short", "size": "64x64", "num_inference_steps": 2}
 STATE_TIMEOUT_S = 120
 
@@ -117,7 +118,8 @@ def test_a_client_that_leaves_stops_its_work_on_the_worker_that_holds_it(
 ) -> None:
     cancelled = metric(service.root, "sdxl_rejected_total", reason="cancelled")
     with ThreadPoolExecutor(1) as pool, httpx.Client(base_url=service.api, timeout=300) as http:
-        stays = pool.submit(http.post, "/images/generations", json=LONG_JOB)
+        # Longer than LONG_JOB: it must outlast everything the test does beside it.
+        stays = pool.submit(http.post, "/images/generations", json=KEPT_JOB)
         wait_until(
             lambda: held(service, 1) + held(service, 2) >= 1,
             timeout=STATE_TIMEOUT_S,
