@@ -7,9 +7,11 @@ bound that only a real failure reaches.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import time
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -40,6 +42,31 @@ def wait_until(
             described = message() if callable(message) else message
             raise AssertionError(f"timed out after {timeout:g} s waiting for {described}")
         time.sleep(interval)
+
+
+async def until(predicate: Callable[[], Any], what: str, timeout: float) -> Any:
+    """`wait_until` for a test's own event loop: polls without blocking it."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        await asyncio.sleep(0.005)
+    return value
+
+
+def asyncio_test(
+    guard_s: float,
+) -> Callable[[Callable[..., Coroutine[Any, Any, None]]], Callable[..., None]]:
+    """Runs an async test in a fresh event loop (no pytest plugin), failing it past `guard_s`."""
+
+    def decorate(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
+        @functools.wraps(test)
+        def wrapper(*args: Any, **kwargs: Any) -> None:
+            asyncio.run(asyncio.wait_for(test(*args, **kwargs), guard_s))
+
+        return wrapper
+
+    return decorate
 
 
 def scrape(root: str) -> list[Sample]:

@@ -120,13 +120,6 @@ class RenderHost:
         # A failed load will not heal itself: let the orchestrator restart us.
         return self.load_error is None
 
-    async def generate(self, job: GenerationJob) -> GenerationOutcome:
-        """The job's outcome, without previews."""
-        async for event in self.stream(job):
-            if event.outcome is not None:
-                return event.outcome
-        raise AssertionError("a render stream ends with its outcome")  # pragma: no cover
-
     async def stream(
         self, job: GenerationJob, only_if_idle: bool = False
     ) -> AsyncIterator[RenderEvent]:
@@ -197,9 +190,6 @@ class RenderHost:
     async def stop(self) -> None:
         if self._batcher is not None:
             await self._batcher.stop()
-
-    def cancel(self, request_id: str) -> bool:
-        return self._batcher is not None and self._batcher.cancel(request_id)
 
     def describe(self) -> dict[str, Any]:
         info: dict[str, Any] = {"loaded": self.is_ready(), "error": self.load_error}

@@ -199,17 +199,14 @@ class ImagesServing:
         previews: asyncio.Queue[RenderEvent] = asyncio.Queue()
         render = asyncio.ensure_future(self.renderer.generate(resolved.job, previews.put))
         try:
-            first = asyncio.ensure_future(previews.get())
-            await self._while_connected(_first_of(render, first), http_request)
-            if not first.done():
-                first.cancel()
+            first = await self._while_connected(_next_preview(previews, render), http_request)
+            if first is None:
                 response = await self._images(render.result(), resolved, http_request)
-                await _stop(render)
                 return completed_events(response, f"{kind}.completed")
         except BaseException:
             await _stop(render)
             raise
-        return self._events(first.result(), render, previews, resolved, http_request, kind)
+        return self._events(first, render, previews, resolved, http_request, kind)
 
     async def _events(
         self,
@@ -265,10 +262,6 @@ EventStream = AsyncIterator[bytes]
 T = TypeVar("T")
 
 
-async def _first_of(*futures: asyncio.Future[Any]) -> None:
-    await asyncio.wait(futures, return_when=asyncio.FIRST_COMPLETED)
-
-
 async def _next_preview(
     previews: asyncio.Queue[RenderEvent], render: asyncio.Future[GenerationOutcome]
 ) -> RenderEvent | None:
@@ -276,7 +269,8 @@ async def _next_preview(
     if not previews.empty():
         return previews.get_nowait()
     waiting = asyncio.ensure_future(previews.get())
-    await _first_of(render, waiting)
+    either: set[asyncio.Future[Any]] = {render, waiting}
+    await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
     if waiting.done():
         return waiting.result()
     waiting.cancel()

@@ -15,12 +15,10 @@ import functools
 import os
 import shutil
 import tempfile
-import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 import pytest
 import uvicorn
@@ -48,6 +46,7 @@ from sdxl_service.render_client import (
     http_client_for,
 )
 from sdxl_service.worker_registry import WorkerRegistry, WorkerState, WorkerStatus
+from tests import polling
 
 GUARD_S = 60.0
 WAIT_S = 15.0
@@ -55,24 +54,8 @@ WAIT_S = 15.0
 pytestmark = pytest.mark.timeout(120)
 
 
-def asyncio_test(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
-    """Runs an async test in a fresh event loop (no pytest plugin needed)."""
-
-    @functools.wraps(test)
-    def wrapper(*args: Any, **kwargs: Any) -> None:
-        asyncio.run(asyncio.wait_for(test(*args, **kwargs), GUARD_S))
-
-    return wrapper
-
-
-async def until(predicate: Callable[[], Any], what: str, timeout: float = WAIT_S) -> Any:
-    """Polls `predicate` on the event loop until it is truthy; AssertionError past `timeout`."""
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        await asyncio.sleep(0.005)
-    return value
+asyncio_test = polling.asyncio_test(GUARD_S)
+until = functools.partial(polling.until, timeout=WAIT_S)
 
 
 def make_job(request_id: str = "req-1", n: int = 1) -> GenerationJob:

@@ -10,10 +10,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
-import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -29,6 +27,7 @@ from sdxl_service.jobs import (
 from sdxl_service.metrics import ServiceMetrics
 from sdxl_service.render_host import RenderHost
 from sdxl_service.worker_registry import WorkerRegistry, WorkerState, WorkerStatus
+from tests import polling
 from tests.polling import wait_until
 
 GUARD_S = 120.0
@@ -37,22 +36,8 @@ WAIT_S = 60.0
 pytestmark = pytest.mark.timeout(300)
 
 
-def asyncio_test(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
-    @functools.wraps(test)
-    def wrapper(*args: Any, **kwargs: Any) -> None:
-        asyncio.run(asyncio.wait_for(test(*args, **kwargs), GUARD_S))
-
-    return wrapper
-
-
-async def until(predicate: Callable[[], Any], what: str, timeout: float = WAIT_S) -> Any:
-    """Polls `predicate` on the event loop until it is truthy; AssertionError past `timeout`."""
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        await asyncio.sleep(0.005)
-    return value
+asyncio_test = polling.asyncio_test(GUARD_S)
+until = functools.partial(polling.until, timeout=WAIT_S)
 
 
 class RecordingRegistry(WorkerRegistry):

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import threading
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ from sdxl_service.jobs import GenerationJob, GenerationOutcome, RenderBatch, Ren
 from sdxl_service.protocol import ImageGenerationRequest
 from sdxl_service.serving import ImagesServing
 from sdxl_service.settings import Settings
+from tests.polling import asyncio_test
 
 DESCRIPTION = {"loaded": True, "preset": "tiny", "native_resolution": 64}
 REQUEST = ImageGenerationRequest(prompt="x", size="64x64")
@@ -83,14 +82,8 @@ class BatcherRenderer:
         return DESCRIPTION
 
 
-def run(test: Callable[..., Awaitable[None]]) -> Callable[..., None]:
-    """Runs an async test in a fresh event loop (no pytest plugin needed)."""
-
-    @functools.wraps(test)
-    def wrapper(*args: Any, **kwargs: Any) -> None:
-        asyncio.run(test(*args, **kwargs))
-
-    return wrapper
+# A hung test fails instead of hanging the suite.
+run = asyncio_test(60.0)
 
 
 def serving(renderer: Any, tmp_path: Path, **settings: Any) -> ImagesServing:
