@@ -34,11 +34,10 @@ from typing import Any
 import httpx
 import numpy as np
 
+from bench.performance_doc import write_section
 from tests.service_process import REPO, running_service
 
 RESULTS = REPO / "bench" / "results" / "overhead-cpu.json"
-PERFORMANCE_DOC = REPO / "docs" / "PERFORMANCE.md"
-START_MARK, END_MARK = "<!-- overhead-bench:start -->", "<!-- overhead-bench:end -->"
 CACHE_DIR = REPO / ".cache" / "sdxl-service"
 # The request measured; num_inference_steps pins the work whatever SDXL_STEPS says.
 REQUEST = {
@@ -214,14 +213,7 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def write_doc(section: str) -> None:
-    text = PERFORMANCE_DOC.read_text()
-    block = f"{START_MARK}\n{section}\n{END_MARK}"
-    if START_MARK in text:
-        head, rest = text.split(START_MARK, 1)
-        text = head + block + rest.split(END_MARK, 1)[1]
-    else:
-        text += f"\n## Service overhead (CPU, tiny preset, 256x256)\n\n{block}\n"
-    PERFORMANCE_DOC.write_text(text)
+    write_section("overhead-bench", "Service overhead (CPU, tiny preset, 256x256)", section)
 
 
 def commit() -> str:

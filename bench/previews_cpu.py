@@ -26,12 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.performance_doc import write_section
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 
 RESULTS = REPO / "bench" / "results" / "previews-cpu.json"
-PERFORMANCE_DOC = REPO / "docs" / "PERFORMANCE.md"
-START_MARK, END_MARK = "<!-- preview-bench:start -->", "<!-- preview-bench:end -->"
 CACHE_DIR = REPO / ".cache" / "sdxl-service"
 DECODERS = ("approx", "vae", "taesd")
 NONE = "none"
@@ -232,14 +232,7 @@ def markdown(document: dict[str, Any]) -> str:
 
 
 def write_doc(section: str) -> None:
-    text = PERFORMANCE_DOC.read_text() if PERFORMANCE_DOC.exists() else ""
-    block = f"{START_MARK}\n{section}\n{END_MARK}"
-    if START_MARK in text:
-        head, rest = text.split(START_MARK, 1)
-        text = head + block + rest.split(END_MARK, 1)[1]
-    else:
-        text += f"\n## Live previews: decoder cost (CPU, tiny preset)\n\n{block}\n"
-    PERFORMANCE_DOC.write_text(text)
+    write_section("preview-bench", "Live previews: decoder cost (CPU, tiny preset)", section)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -28,12 +28,11 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from bench.performance_doc import write_section
 from sdxl_service.settings import Settings
 from tests.service_process import REPO, start_service, stop_service
 
 RESULTS = REPO / "bench" / "results" / "cpu.json"
-PERFORMANCE_DOC = REPO / "docs" / "PERFORMANCE.md"
-START_MARK, END_MARK = "<!-- cpu-bench:start -->", "<!-- cpu-bench:end -->"
 SMALL_JOB = {"prompt": "bench", "size": "64x64", "num_inference_steps": 4, "refiner": "ensemble"}
 PROBE_TIMEOUT_S = 10.0
 TARGETS = {
@@ -431,14 +430,7 @@ def bench_throughput(
 
 
 def write_doc(section: str) -> None:
-    text = PERFORMANCE_DOC.read_text() if PERFORMANCE_DOC.exists() else ""
-    block = f"{START_MARK}\n{section}\n{END_MARK}"
-    if START_MARK in text:
-        head, rest = text.split(START_MARK, 1)
-        text = head + block + rest.split(END_MARK, 1)[1]
-    else:
-        text += f"\n## CPU benchmark (tiny preset)\n\n{block}\n"
-    PERFORMANCE_DOC.write_text(text)
+    write_section("cpu-bench", "CPU benchmark (tiny preset)", section)
 
 
 def main() -> None:
