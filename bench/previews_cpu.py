@@ -49,20 +49,26 @@ class Workload:
     def name(self) -> str:
         return f"{self.size}x{self.size} batch {self.batch}"
 
+    def params(self) -> Any:
+        """make bench's job at this size: ensemble, Euler, STEPS steps."""
+        from sdxl_service.choices import RefinerMode, SchedulerName
+        from sdxl_service.jobs import RenderParams
+
+        return RenderParams(
+            width=self.size,
+            height=self.size,
+            steps=STEPS,
+            guidance_scale=5.0,
+            high_noise_frac=0.8,
+            refiner=RefinerMode.ENSEMBLE,
+            scheduler=SchedulerName.EULER,
+        )
+
 
 def make_batch(workload: Workload, previews: bool, sink: list[Any]) -> Any:
-    from sdxl_service.choices import RefinerMode, SchedulerName
-    from sdxl_service.jobs import ImageTask, RenderBatch, RenderParams
+    from sdxl_service.jobs import ImageTask, RenderBatch
 
-    params = RenderParams(
-        width=workload.size,
-        height=workload.size,
-        steps=STEPS,
-        guidance_scale=5.0,
-        high_noise_frac=0.8,
-        refiner=RefinerMode.ENSEMBLE,
-        scheduler=SchedulerName.EULER,
-    )
+    params = workload.params()
     tasks = [ImageTask(prompt="bench", seed=1 + i) for i in range(workload.batch)]
     if not previews:
         return RenderBatch(params=params, tasks=tasks)
@@ -129,20 +135,9 @@ def decode_costs(engine: Any, workloads: list[Workload], repeats: int) -> dict[s
     """Milliseconds of one decoder call (one preview step: every image of the batch), alone."""
     import torch
 
-    from sdxl_service.choices import RefinerMode, SchedulerName
-    from sdxl_service.jobs import RenderParams
-
     costs: dict[str, Any] = {}
     for workload in workloads:
-        params = RenderParams(
-            width=workload.size,
-            height=workload.size,
-            steps=STEPS,
-            guidance_scale=5.0,
-            high_noise_frac=0.8,
-            refiner=RefinerMode.ENSEMBLE,
-            scheduler=SchedulerName.EULER,
-        )
+        params = workload.params()
         side = workload.size // 8
         latents = torch.randn(workload.batch, 4, side, side, generator=torch.Generator())
         costs[workload.name] = {}
