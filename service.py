@@ -21,6 +21,7 @@ from sdxl_service.http_app import create_app
 from sdxl_service.http_metric_labels import bound_http_metric_labels
 from sdxl_service.jobs import GenerationJob
 from sdxl_service.middleware import MountRootAlias, OpenAIErrorsEverywhere
+from sdxl_service.render_wire import event_frame
 from sdxl_service.settings import DEFAULT_PORT, SERVICE_ID, get_settings
 from sdxl_service.worker_plan import plan_from_environment
 
@@ -41,6 +42,11 @@ bound_http_metric_labels()
     # still in flight ("Server disconnected") while their images keep the GPU
     # busy for nobody. Generations are long; keep one pool for good.
     runner_connection={"max_requests": 2**31, "max_age": 1e9},
+    # Every call here is one the HTTP service already logged and counted
+    # (bentoml_service_request_* of /v1); a second access line and metrics per
+    # call cost ~1 ms of this worker's event loop (make bench-overhead).
+    logging={"access": {"enabled": False}},
+    metrics={"enabled": False},
 )
 class RenderService:
     def __init__(self) -> None:
@@ -71,10 +77,10 @@ class RenderService:
     @bentoml.api
     async def render(
         self, job: GenerationJob, only_if_idle: bool = False
-    ) -> AsyncGenerator[str, None]:
-        """One JSON RenderEvent a line; the HTTP service closing it cancels the job."""
+    ) -> AsyncGenerator[bytes, None]:
+        """RenderEvents (render_wire.py); the HTTP service closing the stream cancels the job."""
         async for event in self.host.stream(job, only_if_idle):
-            yield event.model_dump_json() + "\n"
+            yield event_frame(event)
 
     @bentoml.api
     async def describe(self) -> dict[str, Any]:

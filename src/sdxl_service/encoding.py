@@ -29,20 +29,32 @@ def to_pil(image: RenderedImage) -> Image.Image:
     return Image.frombytes("RGB", (image.width, image.height), image.rgb)
 
 
+def pixels_of(image: RenderedImage) -> np.ndarray:
+    """The image's bytes as a height x width x 3 array, without a copy."""
+    return np.frombuffer(image.rgb, np.uint8).reshape(image.height, image.width, 3)
+
+
 def resize_to(image: Image.Image, width: int, height: int) -> Image.Image:
     if image.size == (width, height):
         return image
     return image.resize((width, height), Image.Resampling.LANCZOS, reducing_gap=3.0)
 
 
-def encode_image(image: Image.Image, output_format: str, compression: int | None = None) -> bytes:
-    """`compression` is OpenAI's output_compression (0-100, jpeg/webp; 100 = best quality)."""
+def encode_image(
+    image: Image.Image | np.ndarray, output_format: str, compression: int | None = None
+) -> bytes:
+    """`image`: a PIL image, or RGB pixels (`pixels_of`: no PIL copies on the way).
+
+    `compression` is OpenAI's output_compression (0-100, jpeg/webp; 100 = best quality).
+    """
     if output_format == "png":
-        bgr = np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])
-        ok, encoded = cv2.imencode(".png", bgr, PNG_PARAMS)
+        rgb = image if isinstance(image, np.ndarray) else np.asarray(image.convert("RGB"))
+        ok, encoded = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), PNG_PARAMS)
         if not ok:
             raise RuntimeError("PNG encoding failed")
         return encoded.tobytes()
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
     buffer = io.BytesIO()
     quality = 95 if compression is None else max(1, compression)
     if output_format == "jpeg":

@@ -1,8 +1,8 @@
 """How the HTTP service talks to the render workers.
 
 `RenderClient` is what the HTTP layer needs; `BentoRenderClient` implements it
-over the render service's socket. The render call is a stream of JSON lines
-(`RenderEvent`s, see render_host.py), read with httpx rather than BentoML's
+over the render service's socket. The render call is a stream of `RenderEvent`s
+(render_host.py) in render_wire.py's format, read with httpx rather than BentoML's
 client because that one cuts streams into 8 KiB pieces with no framing and
 leaves the connection open when the reader stops: here, leaving the `stream`
 block closes the connection, and that is how a cancelled request stops its
@@ -37,6 +37,7 @@ from .jobs import (
     still_loading,
 )
 from .metrics import ServiceMetrics
+from .render_wire import read_events
 from .worker_registry import WorkerRegistry
 
 logger = logging.getLogger(__name__)
@@ -208,10 +209,7 @@ class BentoRenderClient:
                 # outcome, or BUSY): a response left unfinished would close a
                 # connection that could be kept.
                 busy = False
-                async for line in response.aiter_lines():
-                    if not line:
-                        continue
-                    event = RenderEvent.model_validate_json(line)
+                async for event in read_events(response.aiter_bytes()):
                     if event.type is RenderEventType.BUSY:
                         busy = True
                     elif event.type is RenderEventType.ACCEPTED and event.worker is not None:

@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import Request
 from PIL import Image
 
-from .encoding import CONTENT_TYPES, encode_image, resize_to, to_base64, to_pil
+from .encoding import CONTENT_TYPES, encode_image, pixels_of, resize_to, to_base64, to_pil
 from .errors import APIError
 from .files import FileStore
 from .jobs import RenderedImage
@@ -78,6 +78,10 @@ def build_images(
 
 def encode_rendered(rendered: RenderedImage, resolved: ResolvedRequest) -> bytes:
     """A rendered image at the answered size (inpainting: over the kept picture), encoded."""
+    as_rendered = (resolved.width, resolved.height) == (rendered.width, rendered.height)
+    if as_rendered and resolved.repaint_mask is None:
+        pixels = pixels_of(rendered)
+        return encode_image(pixels, resolved.output_format, resolved.output_compression)
     picture = resize_to(to_pil(rendered), resolved.width, resolved.height)
     if resolved.repaint_mask is not None and resolved.kept_picture is not None:
         picture = Image.composite(picture, resolved.kept_picture, resolved.repaint_mask)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdxl_service.encoding import encode_image, resize_to, to_base64, to_pil
+from sdxl_service.encoding import encode_image, pixels_of, resize_to, to_base64, to_pil
 from sdxl_service.jobs import RenderedImage
 
 
@@ -55,3 +55,12 @@ def test_resize_to_requested_size() -> None:
 
 def test_base64() -> None:
     assert base64.b64decode(to_base64(b"\x00\xff")) == b"\x00\xff"
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg", "webp"])
+def test_pixels_encode_as_their_pil_image_does(fmt: str) -> None:
+    image = noise_image()
+    rendered = RenderedImage(seed=1, width=96, height=64, rgb=image.tobytes())
+    pixels = pixels_of(rendered)
+    assert pixels.shape == (64, 96, 3)
+    assert encode_image(pixels, fmt, 80) == encode_image(image, fmt, 80)

@@ -45,6 +45,7 @@ from sdxl_service.render_client import (
     BentoRenderClient,
     http_client_for,
 )
+from sdxl_service.render_wire import event_frame
 from sdxl_service.worker_registry import WorkerRegistry, WorkerState, WorkerStatus
 from tests import polling
 
@@ -198,13 +199,13 @@ class FakeWorkers:
         if script is FAIL_500:
             return PlainTextResponse("worker exploded", status_code=500)
         assert callable(script)
-        return StreamingResponse(self._lines(script, call), media_type="application/x-ndjson")
+        return StreamingResponse(self._frames(script, call), media_type="application/octet-stream")
 
-    async def _lines(self, script: Script, call: Call) -> AsyncIterator[bytes]:
+    async def _frames(self, script: Script, call: Call) -> AsyncIterator[bytes]:
         end = "error"
         try:
             async for event in script(self, call):
-                yield (event.model_dump_json() + "\n").encode()
+                yield event_frame(event)
             end = "done"
         except asyncio.CancelledError:
             end = "cancelled"
