@@ -64,12 +64,13 @@ class _WorkerLost(Exception):
     """The stream broke after a worker had taken the job: the worker died."""
 
 
-def http_client_for(url: str, *, workers: int, timeout: float) -> httpx.AsyncClient:
+def http_client_for(url: str, *, timeout: float) -> httpx.AsyncClient:
     """An httpx client for a BentoML service URL (`file://` socket, `tcp://` or http)."""
     parsed = urlparse(url)
-    # One worker: keep connections. Several: a new connection per call, so
-    # that the kernel can hand each call to any worker.
-    limits = httpx.Limits(max_keepalive_connections=None if workers == 1 else 0)
+    # A new connection per call: the kernel hands each one to any worker, and
+    # a call stops reading at its outcome, which leaves no connection to keep.
+    # Connecting over the socket costs nothing measurable (make bench-overhead).
+    limits = httpx.Limits(max_keepalive_connections=0)
     # No read timeout: the batcher owns the request deadline.
     timeouts = httpx.Timeout(timeout, connect=10.0, read=None)
     if parsed.scheme == "file":
@@ -112,7 +113,7 @@ class BentoRenderClient:
             # The handle knows the render service's address only once BentoML
             # has set the dependencies up, after this object is made.
             url = self._handle.to_async.url
-            self._http = http_client_for(url, workers=self._workers, timeout=self._timeout)
+            self._http = http_client_for(url, timeout=self._timeout)
         return self._http
 
     def held_by_worker(self) -> dict[int, int]:
@@ -205,22 +206,20 @@ class BentoRenderClient:
                         status=OutcomeStatus.ERROR,
                         message=f"render service answered {response.status_code}: {detail}",
                     )
-                # Read to the end (the worker ends the stream right after the
-                # outcome, or BUSY): a response left unfinished would close a
-                # connection that could be kept.
-                busy = False
                 async for event in read_events(response.aiter_bytes()):
                     if event.type is RenderEventType.BUSY:
-                        busy = True
-                    elif event.type is RenderEventType.ACCEPTED and event.worker is not None:
+                        return None
+                    if event.type is RenderEventType.ACCEPTED and event.worker is not None:
                         worker = event.worker
                         self._held[worker] += 1
                     elif event.type is RenderEventType.PARTIAL and on_partial is not None:
                         await on_partial(event)
                     elif event.type is RenderEventType.OUTCOME and event.outcome is not None:
+                        # Not waiting for the stream's end (one more wake-up
+                        # of both processes, ~0.5 ms): leaving the block
+                        # closes the connection, which nobody keeps anyway.
                         outcome = event.outcome
-                if busy:
-                    return None
+                        break
             if outcome is None:
                 # The stream ended without an outcome: the worker went away.
                 raise _WorkerLost

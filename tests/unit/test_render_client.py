@@ -1,7 +1,7 @@
 """BentoRenderClient against a real HTTP server on a unix socket.
 
 Each test runs uvicorn in its own event loop, serving a small Starlette app
-whose `/render` answers with JSON lines scripted per call (a stand-in for the
+whose `/render` answers with render_wire frames scripted per call (a stand-in for the
 render workers behind BentoML's shared socket). The client is built as the
 service builds it (`http_client_for` on a `file://` URL). Tests wait for states
 (what the server recorded, what the client holds), never for time to pass.
@@ -255,7 +255,7 @@ async def render_client(
     path: str, *, workers: int = 1, registry: WorkerRegistry | None = None
 ) -> AsyncIterator[Setup]:
     prometheus = CollectorRegistry()
-    http = http_client_for("file://" + path, workers=workers, timeout=30)
+    http = http_client_for("file://" + path, timeout=30)
     client = BentoRenderClient(
         SimpleNamespace(to_async=SimpleNamespace(url="file://" + path)),
         ServiceMetrics(prometheus),
@@ -397,27 +397,24 @@ async def test_one_worker_never_asks_for_an_idle_one(tmp_path: Path) -> None:
     assert [c.only_if_idle for c in workers.calls] == [False] * 3
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 @asyncio_test
-async def test_one_worker_keeps_its_connection() -> None:
-    one = FakeWorkers(answer(worker=1))
-    async with serving(one) as path, render_client(path, workers=1) as setup:
+async def test_every_call_gets_a_new_connection_closed_at_its_outcome(
+    tmp_path: Path, workers: int
+) -> None:
+    fake = FakeWorkers(answer(worker=1))
+    registry = ready_registry(tmp_path, list(range(1, workers + 1)))
+    async with (
+        serving(fake) as path,
+        render_client(path, workers=workers, registry=registry) as setup,
+    ):
         for n in range(3):
             assert await setup.client.generate(make_job(f"r{n}")) == ok(7)
-    assert len(one.connections[0]) == 1
-    assert one.connections == [one.connections[0]] * 3
-
-
-@asyncio_test
-async def test_several_workers_get_a_new_connection_per_call(tmp_path: Path) -> None:
-    several = FakeWorkers(answer(worker=1))
-    registry = ready_registry(tmp_path, [1, 2])
-    async with serving(several) as path, render_client(path, workers=2, registry=registry) as setup:
-        for n in range(3):
-            assert await setup.client.generate(make_job(f"r{n}")) == ok(7)
-            # A new connection per call: the kernel may hand it to any worker.
-            await until(lambda: not several.open_connections(), "the connection to close")
-    assert all(len(open_then) == 1 for open_then in several.connections)
-    assert len(set(several.connections)) == 3
+            # Closed by the client once the outcome is read; with several
+            # workers the kernel may hand the next one to any of them.
+            await until(lambda: not fake.open_connections(), "the connection to close")
+    assert all(len(open_then) == 1 for open_then in fake.connections)
+    assert len(set(fake.connections)) == 3
 
 
 @pytest.mark.parametrize("script", [killed_after_accepted, ends_after_accepted])
