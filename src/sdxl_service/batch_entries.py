@@ -28,6 +28,9 @@ class PendingJob:
     on_preview: PreviewFn | None = None
     # Set once, under the batcher's lock, by whoever decides the outcome.
     finished: bool = False
+    submitted_at: float = 0.0  # time.monotonic()
+    # Seconds of the pipeline calls that made its images (Server-Timing).
+    render_seconds: float = 0.0
 
 
 @dataclass(eq=False, kw_only=True)

@@ -125,9 +125,11 @@ class Batcher:
             if refusal is not None:
                 return self._rejected(refusal)
             future = asyncio.get_running_loop().create_future()
-            pending = PendingJob(job=job, future=future, results=[None] * n, on_preview=on_preview)
-            self._pending.setdefault(job.request_id, []).append(pending)
             now = time.monotonic()
+            pending = PendingJob(
+                job=job, future=future, results=[None] * n, on_preview=on_preview, submitted_at=now
+            )
+            self._pending.setdefault(job.request_id, []).append(pending)
             for index, task in enumerate(job.tasks()):
                 self._queue.append(
                     QueuedImage(pending=pending, index=index, task=task, enqueued_at=now)
@@ -349,6 +351,9 @@ class Batcher:
             self._demand = demand_after_call(images, self._queue, time.monotonic())
             # Images that arrive after their job's deadline are not delivered.
             self._expire_locked(pendings)
+            for pending in pendings:
+                pending.render_seconds += elapsed
+            now = time.monotonic()
             for q, image in zip(images, rendered, strict=True):
                 if q.pending.finished:
                     continue
@@ -356,7 +361,11 @@ class Batcher:
                 results[q.index] = rendered_image(q.task.seed, image)
                 if all(r is not None for r in results):
                     ok = [r for r in results if r is not None]  # all of them, typed
-                    done = GenerationOutcome(status=OutcomeStatus.OK, images=ok)
+                    render_s = q.pending.render_seconds
+                    waited_s = max(0.0, now - q.pending.submitted_at - render_s)
+                    done = GenerationOutcome(
+                        status=OutcomeStatus.OK, images=ok, render_s=render_s, waited_s=waited_s
+                    )
                     self._finish_locked(q.pending, done)
 
 

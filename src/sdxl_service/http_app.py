@@ -38,7 +38,9 @@ def _answer(result: ImagesResponse | EventStream) -> Response:
         # image (make bench-overhead). The route keeps response_model for the
         # OpenAPI document.
         body = result.model_dump_json(by_alias=True, exclude_none=True)
-        return Response(body, media_type="application/json")
+        timing = result._server_timing
+        headers = {"Server-Timing": timing} if timing else None
+        return Response(body, media_type="application/json", headers=headers)
     return StreamingResponse(result, media_type="text/event-stream")
 
 

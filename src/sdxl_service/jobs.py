@@ -173,6 +173,10 @@ class GenerationOutcome(BaseModel):
     images: list[RenderedImage] = []
     # Seconds the caller should wait before retrying (queue full, loading).
     retry_after: float | None = None
+    # OK: seconds of the pipeline calls that made the images (whole batches),
+    # and the rest of the job's time in the worker (queue, waiting for company).
+    render_s: float | None = None
+    waited_s: float | None = None
 
 
 # Seconds a client should wait while the render process starts or loads.

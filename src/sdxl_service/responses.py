@@ -17,7 +17,7 @@ from PIL import Image
 from .encoding import CONTENT_TYPES, encode_image, pixels_of, resize_to, to_base64, to_pil
 from .errors import APIError
 from .files import FileStore
-from .jobs import RenderedImage
+from .jobs import GenerationOutcome, RenderedImage
 from .metrics import ServiceMetrics
 from .protocol import ImageData, ImagesResponse
 from .resolution import ResolvedRequest
@@ -86,6 +86,19 @@ def encode_rendered(rendered: RenderedImage, resolved: ResolvedRequest) -> bytes
     if resolved.repaint_mask is not None and resolved.kept_picture is not None:
         picture = Image.composite(picture, resolved.kept_picture, resolved.repaint_mask)
     return encode_image(picture, resolved.output_format, resolved.output_compression)
+
+
+def server_timing(outcome: GenerationOutcome, *, encode_s: float, total_s: float) -> str:
+    """The answer's Server-Timing header (W3C), ms: where its time went.
+
+    queue: its time in the render worker besides rendering (queue, waiting
+    for company); render: the pipeline calls that made its images (whole
+    batches); encode: PNG/JPEG/WEBP and base64 or storing; total: from the
+    job's hand-over to the render service until the answer was built.
+    """
+    parts = {"queue": outcome.waited_s, "render": outcome.render_s}
+    parts |= {"encode": encode_s, "total": total_s}
+    return ", ".join(f"{name};dur={1000 * s:.1f}" for name, s in parts.items() if s is not None)
 
 
 def public_base_url(request: Request, settings: Settings) -> str:

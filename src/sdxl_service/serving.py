@@ -42,6 +42,7 @@ from .responses import (
     error_event,
     partial_event,
     public_base_url,
+    server_timing,
 )
 from .settings import SERVICE_ID, Settings
 from .uploads import decode_edit_source
@@ -163,12 +164,19 @@ class ImagesServing:
     # ---- one request's way through ---------------------------------------------
 
     async def _answer(self, resolved: ResolvedRequest, http_request: Request) -> ImagesResponse:
+        started = time.perf_counter()
         render = asyncio.ensure_future(self.renderer.generate(resolved.job))
         try:
             outcome = await self._while_connected(render, http_request)
         finally:
             await _stop(render)
-        return await self._images(outcome, resolved, http_request)
+        encoding = time.perf_counter()
+        response = await self._images(outcome, resolved, http_request)
+        done = time.perf_counter()
+        response._server_timing = server_timing(
+            outcome, encode_s=done - encoding, total_s=done - started
+        )
+        return response
 
     async def _images(
         self, outcome: GenerationOutcome, resolved: ResolvedRequest, http_request: Request

@@ -370,6 +370,28 @@ async def test_other_params_work_ends_the_wait_for_company(
 
 
 @asyncio_test
+async def test_an_outcome_says_its_render_time_and_its_time_waiting(
+    render: FakeRender, make_batcher: MakeBatcher, registry: CollectorRegistry
+) -> None:
+    batcher = make_batcher(render)
+    release, gate = await hold_worker(render, batcher)
+    a = asyncio.create_task(batcher.submit(make_job("a", 2, seed=10)))
+    b = asyncio.create_task(batcher.submit(make_job("b", 1, seed=20)))
+    await queued(registry, 3)
+    queued_at = time.monotonic()  # both were submitted before this
+    release.set()
+    released_at = time.monotonic()
+    first, second = await a, await b
+    assert_ok(first, [10, 11])
+    await gate
+    # One pipeline call made both: the same render time, inside what elapsed.
+    assert first.render_s == second.render_s
+    assert first.render_s is not None and 0 < first.render_s < time.monotonic() - released_at
+    for outcome in (first, second):
+        assert outcome.waited_s is not None and outcome.waited_s >= released_at - queued_at
+
+
+@asyncio_test
 async def test_max_batch_images_splits_a_large_job_and_reassembles_seed_order(
     render: FakeRender, make_batcher: MakeBatcher, registry: CollectorRegistry
 ) -> None:

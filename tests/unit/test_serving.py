@@ -75,7 +75,10 @@ class SeedPainter:
             )
             for seed in job.seeds
         ]
-        return GenerationOutcome(status=OutcomeStatus.OK, images=images)
+        # As a render worker reports them: seconds rendering, and the rest.
+        return GenerationOutcome(
+            status=OutcomeStatus.OK, images=images, render_s=0.1234, waited_s=0.002
+        )
 
     async def describe(self) -> dict[str, Any]:
         if not self.loaded:
@@ -103,6 +106,26 @@ def test_small_request_renders_native_and_answers_requested_size(client, painter
     image = decode(response.json()["data"][0]["b64_json"])
     assert image.size == (128, 64)
     assert np.asarray(image)[0, 0, 0] == 9
+
+
+def test_the_answer_says_where_its_time_went_in_server_timing(client) -> None:
+    response = client.post("/images/generations", json={"prompt": "x", "size": "64x64"})
+    assert response.status_code == 200
+    timing = {}
+    for part in response.headers["server-timing"].split(", "):
+        name, _, duration = part.partition(";dur=")
+        timing[name] = float(duration)
+    assert list(timing) == ["queue", "render", "encode", "total"]
+    assert (timing["queue"], timing["render"]) == (2.0, 123.4)
+    assert 0 < timing["encode"] <= timing["total"]
+    assert set(response.json()) == {
+        "created",
+        "data",
+        "size",
+        "output_format",
+        "quality",
+        "background",
+    }
 
 
 def test_seeds_are_consecutive_and_returned(client, painter) -> None:
