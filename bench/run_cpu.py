@@ -35,6 +35,10 @@ from tests.service_process import REPO, start_service, stop_service
 RESULTS = REPO / "bench" / "results" / "cpu.json"
 SMALL_JOB = {"prompt": "bench", "size": "64x64", "num_inference_steps": 4, "refiner": "ensemble"}
 PROBE_TIMEOUT_S = 10.0
+# Closed-loop throughput: clients run this long before counting starts, then
+# are counted for the window (bench_throughput).
+THROUGHPUT_SETTLE_S = 1.5
+THROUGHPUT_WINDOW_S = 6.0
 TARGETS = {
     "overhead_p50_ms": 10.0,
     "throughput_ratio_c8_c1": 3.0,
@@ -183,20 +187,45 @@ def batch_counters(root: str) -> tuple[float, float]:
     return total("sdxl_batch_images_count"), total("sdxl_batch_images_sum")
 
 
-def throughput(root: str, concurrency: int, requests: int) -> tuple[float, float]:
-    """(images per second, mean images per pipeline call) for closed-loop clients."""
+def throughput(
+    root: str, concurrency: int, seconds: float, settle_s: float = THROUGHPUT_SETTLE_S
+) -> tuple[float, float, float, float]:
+    """Closed-loop clients in their steady state: (images per second, mean
+    images per pipeline call, pipeline calls, images), over `seconds`.
 
-    def one(i: int) -> None:
-        body = {**SMALL_JOB, "seed": i, "prompt": f"bench {i}"}
-        httpx.post(f"{root}/v1/images/generations", json=body, timeout=300).raise_for_status()
+    Each client sends its next request as soon as its last one is answered,
+    for `settle_s + seconds`; only the last `seconds` count, so neither the
+    clients' start (all at once, unlike a running service) nor their end
+    (the last requests drain in ever smaller batches) weighs on the result.
+    """
+    settled = threading.Event()
+    done_at: list[float] = []
+    stop_at = time.perf_counter() + settle_s + seconds
 
-    batches_before, images_before = batch_counters(root)
-    start = time.perf_counter()
+    def client(i: int) -> None:
+        with httpx.Client(timeout=300) as http:
+            n = 0
+            while time.perf_counter() < stop_at:
+                body = {**SMALL_JOB, "seed": 1000 * i + n, "prompt": f"bench {i}"}
+                http.post(f"{root}/v1/images/generations", json=body).raise_for_status()
+                n += 1
+                if settled.is_set():
+                    done_at.append(time.perf_counter())
+
     with ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(one, range(requests)))
-    rate = requests / (time.perf_counter() - start)
-    batches_after, images_after = batch_counters(root)
-    return rate, (images_after - images_before) / max(1.0, batches_after - batches_before)
+        clients = [pool.submit(client, i) for i in range(concurrency)]
+        time.sleep(settle_s)
+        batches_before, images_before = batch_counters(root)
+        window_start = time.perf_counter()
+        settled.set()
+        time.sleep(max(0.0, stop_at - time.perf_counter()))
+        batches, images = batch_counters(root)
+        in_window = sum(1 for t in done_at if t <= stop_at)
+        for future in clients:
+            future.result()
+    calls, rendered = batches - batches_before, images - images_before
+    rate = in_window / (stop_at - window_start)
+    return rate, rendered / max(1.0, calls), calls, rendered
 
 
 # The batching policy before issue 12, with its default 10 ms: a batch that is
@@ -317,8 +346,9 @@ def markdown(results: dict[str, Any]) -> str:
         "|---|---|---|",
         *(f"| {name} | {value} | {target} |" for name, value, target in rows),
         "",
-        f"Throughput (images/s, 64x64, 4 steps, n=1 per request; median of {t['rounds']}"
-        " interleaved rounds, the three services side by side):",
+        f"Throughput (images/s, 64x64, 4 steps, n=1 per request; closed-loop clients counted"
+        f" for {t['window_s']:.0f} s after {THROUGHPUT_SETTLE_S} s of settling; median of"
+        f" {t['rounds']} interleaved rounds, the three services side by side):",
         "",
         "| concurrency | batching on | images per call (on) | fixed 10 ms wait (old policy) "
         "| images per call (fixed) | batching off | on / off |",
@@ -372,6 +402,7 @@ def bench_throughput(
     """
     concurrency = [1, 4, 8, 16]
     rounds = 1 if quick else 3
+    seconds = 2.0 if quick else THROUGHPUT_WINDOW_S
     chosen = [(m, env) for m, env in throughput_modes(work) if modes is None or m in modes]
     services: dict[str, Any] = {}
     rates: dict[str, dict[str, list[float]]] = {
@@ -383,22 +414,19 @@ def bench_throughput(
             print(f"service, batching {mode} ...", flush=True)
             services[mode] = start_service(work / f"batching-{mode}", env)
             # Warm the pipeline's batched shapes.
-            throughput(services[mode].root, 8, 16)
+            throughput(services[mode].root, 8, 2.0, settle_s=0.5)
         if results is not None and render is not None:
             for mode in ("on", "off"):
                 print(f"service overhead, batching {mode} ...", flush=True)
                 results["overhead"][mode] = overhead(services[mode].api, render, repeat)
         for round_ in range(rounds):
             for c in concurrency:
-                requests = max(8, 2 * c) if quick else max(16, 4 * c)
                 for mode in services:
                     root = services[mode].root
-                    before = batch_counters(root)
-                    rate, mean_batch = throughput(root, c, requests)
-                    after = batch_counters(root)
+                    rate, mean_batch, n_calls, n_images = throughput(root, c, seconds)
                     rates[mode][str(c)].append(rate)
-                    calls[mode][str(c)][0] += after[0] - before[0]
-                    calls[mode][str(c)][1] += after[1] - before[1]
+                    calls[mode][str(c)][0] += n_calls
+                    calls[mode][str(c)][1] += n_images
                     print(
                         f"  round {round_ + 1}, c={c}, {mode}: {rate:.2f} images/s,"
                         f" {mean_batch:.1f} images per call",
@@ -412,7 +440,12 @@ def bench_throughput(
     finally:
         for service in services.values():
             stop_service(service)
-    tput: dict[str, Any] = {"concurrency": concurrency, "rounds": rounds, "mean_batch": {}}
+    tput: dict[str, Any] = {
+        "concurrency": concurrency,
+        "rounds": rounds,
+        "window_s": seconds,
+        "mean_batch": {},
+    }
     for mode in services:
         tput[mode] = {c: statistics.median(values) for c, values in rates[mode].items()}
         tput["mean_batch"][mode] = {c: i / max(1.0, b) for c, (b, i) in calls[mode].items()}
