@@ -39,6 +39,19 @@ def test_returned_image_has_requested_size(client: OpenAI, size: str) -> None:
     assert decode(result.data[0].b64_json).size == (width, height)
 
 
+def test_an_answer_says_where_its_time_went(client: OpenAI) -> None:
+    raw = client.images.with_raw_response.generate(prompt="timed", n=2, size="64x64")
+    assert len(raw.parse().data) == 2
+    timing = {}
+    for part in raw.headers["server-timing"].split(", "):
+        name, _, duration = part.partition(";dur=")
+        timing[name] = float(duration)
+    assert list(timing) == ["queue", "render", "encode", "total"]
+    # The render worker's figures inside the HTTP service's own total.
+    assert timing["render"] > 0 and timing["encode"] > 0 and timing["queue"] >= 0
+    assert timing["queue"] + timing["render"] + timing["encode"] <= timing["total"] + 0.2
+
+
 def test_same_seed_reproduces_identical_pixels(client: OpenAI) -> None:
     kwargs = {"prompt": "low polygon panda 3d", "size": "64x64", "extra_body": {"seed": 1234}}
     first = client.images.generate(**kwargs).data[0].b64_json
