@@ -13,6 +13,8 @@ minus the render the service made for it (the answer's Server-Timing). The
 first two carry the engine's own spread from run to run (tens of ms at p95 on
 this machine); the third does not, but cannot see a render that the service
 itself slows down, which the mean engine stages in the breakdown show.
+Last, the same run measures the floor under all of it: a BentoML app with
+nothing to do (bench/floor_app.py), directly and through a second service.
 
 The breakdown comes from the service's own stage histograms (/metrics): the
 mean per request of its pipeline stages (base, refiner, decode), its queue
@@ -53,6 +55,7 @@ REQUEST = {
     "response_format": "b64_json",
 }
 TARGETS_MS = {"p50": 5.0, "p95": 20.0}
+FLOOR_SAMPLES = 200
 # The service's stage histograms: the engine's pipeline stages, then the rest.
 ENGINE_STAGES = ("vae_encode", "base", "refiner", "decode")
 SERVICE_STAGES = ("queue_wait", "encode")
@@ -155,6 +158,26 @@ def measure(root: str, render: Callable[[], Any], samples: int, warmup: int) -> 
     return result
 
 
+def framework_floor(samples: int) -> dict[str, dict[str, float]]:
+    """p50/p95 ms of BentoML's own request paths with no work (bench/floor_app.py):
+    one API, and one API calling a second service."""
+    work = Path(tempfile.mkdtemp(prefix="sdxl-floor-"))
+    floor: dict[str, dict[str, float]] = {}
+    with (
+        running_service(work, target="bench.floor_app:Outer") as app,
+        httpx.Client(base_url=app.root, timeout=30) as client,
+    ):
+        for route in ("direct", "hop"):
+            times = []
+            for i in range(samples + 20):  # the first 20 warm up
+                started = time.perf_counter()
+                client.post(f"/{route}", json={"x": i}).raise_for_status()
+                times.append(time.perf_counter() - started)
+            ms = [1000.0 * t for t in times[20:]]
+            floor[route] = {"p50_ms": percentile(ms, 50), "p95_ms": percentile(ms, 95)}
+    return floor
+
+
 def server_timing(header: str) -> dict[str, float]:
     """Seconds per part of a Server-Timing header (`name;dur=ms, ...`)."""
     parts = (part.split(";dur=") for part in header.split(", "))
@@ -216,6 +239,13 @@ def markdown(results: dict[str, Any]) -> str:
         ("overhead, HTTP p minus engine p", of_p["p50_ms"], of_p["p95_ms"], ""),
         ("overhead, per request: HTTP minus its own render", own["p50_ms"], own["p95_ms"], ""),
     ]
+    floor = results.get("floor")
+    if floor:
+        direct, hop = floor["direct"], floor["hop"]
+        rows += [
+            ("floor: a BentoML API doing nothing", direct["p50_ms"], direct["p95_ms"], ""),
+            ("floor: the same, calling a second service", hop["p50_ms"], hop["p95_ms"], ""),
+        ]
     lines = [
         f"Measured {results['date']} on {results['machine']} (`make bench-overhead`, "
         f"commit {results['commit']}): {m['samples']} interleaved pairs after "
@@ -268,6 +298,8 @@ def main() -> None:
     print("service ...", flush=True)
     with running_service(Path(tempfile.mkdtemp(prefix="sdxl-overhead-"))) as service:
         results["measured"] = measure(service.root, render, args.samples, args.warmup)
+    print("framework floor ...", flush=True)
+    results["floor"] = framework_floor(FLOOR_SAMPLES)
     section = markdown(results)
     print(json.dumps(results["measured"], indent=2))
     print(section)

@@ -51,8 +51,11 @@ class RunningService:
         return self.log_path.read_text(errors="replace")[-chars:]
 
 
-def start_service(workdir: Path, extra_env: dict[str, str] | None = None) -> RunningService:
-    """The service, answering /readyz; if it never does, what was started is stopped."""
+def start_service(
+    workdir: Path, extra_env: dict[str, str] | None = None, target: str = "service:ImagesAPI"
+) -> RunningService:
+    """The service (or another BentoML `target` of this repository), answering
+    /readyz; if it never does, what was started is stopped."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log_path = workdir / "service.log"
@@ -75,7 +78,7 @@ def start_service(workdir: Path, extra_env: dict[str, str] | None = None) -> Run
             [
                 str(bentoml_cli),
                 "serve",
-                "service:ImagesAPI",
+                target,
                 "--host",
                 "127.0.0.1",
                 "--port",
@@ -99,10 +102,10 @@ def start_service(workdir: Path, extra_env: dict[str, str] | None = None) -> Run
 
 @contextlib.contextmanager
 def running_service(
-    workdir: Path, extra_env: dict[str, str] | None = None
+    workdir: Path, extra_env: dict[str, str] | None = None, target: str = "service:ImagesAPI"
 ) -> Iterator[RunningService]:
     """The service for the length of a `with` block; stopped however the block ends."""
-    service = start_service(workdir, extra_env)
+    service = start_service(workdir, extra_env, target)
     try:
         yield service
     finally:
