@@ -20,7 +20,8 @@ from .choices import RefinerMode, RenderKind, SchedulerName
 if TYPE_CHECKING:
     from PIL import Image
 
-# bytes travel as base64 in the JSON between the two services, not as lists.
+# bytes in JSON are base64, not lists: an edit's picture and mask on their way
+# to a render worker. Rendered pixels come back raw (render_wire.py).
 _WIRE_BYTES = ConfigDict(ser_json_bytes="base64", val_json_bytes="base64")
 
 
