@@ -18,6 +18,7 @@ worker says BUSY and the call is made again, at most a few times.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -206,20 +207,21 @@ class BentoRenderClient:
                         status=OutcomeStatus.ERROR,
                         message=f"render service answered {response.status_code}: {detail}",
                     )
-                async for event in read_events(response.aiter_bytes()):
-                    if event.type is RenderEventType.BUSY:
-                        return None
-                    if event.type is RenderEventType.ACCEPTED and event.worker is not None:
-                        worker = event.worker
-                        self._held[worker] += 1
-                    elif event.type is RenderEventType.PARTIAL and on_partial is not None:
-                        await on_partial(event)
-                    elif event.type is RenderEventType.OUTCOME and event.outcome is not None:
-                        # Not waiting for the stream's end (one more wake-up
-                        # of both processes, ~0.5 ms): leaving the block
-                        # closes the connection, which nobody keeps anyway.
-                        outcome = event.outcome
-                        break
+                async with contextlib.aclosing(read_events(response.aiter_bytes())) as events:
+                    async for event in events:
+                        if event.type is RenderEventType.BUSY:
+                            return None
+                        if event.type is RenderEventType.ACCEPTED and event.worker is not None:
+                            worker = event.worker
+                            self._held[worker] += 1
+                        elif event.type is RenderEventType.PARTIAL and on_partial is not None:
+                            await on_partial(event)
+                        elif event.type is RenderEventType.OUTCOME and event.outcome is not None:
+                            # Not waiting for the stream's end (one more wake-up
+                            # of both processes, ~0.5 ms): leaving the block
+                            # closes the connection, which nobody keeps anyway.
+                            outcome = event.outcome
+                            break
             if outcome is None:
                 # The stream ended without an outcome: the worker went away.
                 raise _WorkerLost

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterable
 from typing import Any
 
 from .jobs import RenderedImage, RenderEvent
@@ -45,7 +45,7 @@ def _image_dicts(header: dict[str, Any]) -> list[dict[str, Any]]:
     return list(outcome.get("images") or []) if outcome else []
 
 
-async def read_events(chunks: AsyncIterable[bytes]) -> AsyncIterator[RenderEvent]:
+async def read_events(chunks: AsyncIterable[bytes]) -> AsyncGenerator[RenderEvent, None]:
     """The events of a render stream, each once its pixels have all arrived.
 
     A stream cut short (the worker died mid-event) just ends: the caller
