@@ -41,6 +41,7 @@ import httpx
 import numpy as np
 
 from bench.performance_doc import write_section
+from tests.decoded import server_timing
 from tests.service_process import REPO, running_service
 
 RESULTS = REPO / "bench" / "results" / "overhead-cpu.json"
@@ -126,7 +127,7 @@ def measure(root: str, render: Callable[[], Any], samples: int, warmup: int) -> 
             elapsed = time.perf_counter() - started
             response.raise_for_status()
             assert response.json()["data"][0]["b64_json"]
-            render_s.append(server_timing(response.headers["server-timing"])["render"])
+            render_s.append(server_timing(response.headers["server-timing"])["render"] / 1000.0)
             return elapsed
 
         def engine() -> float:
@@ -176,12 +177,6 @@ def framework_floor(samples: int) -> dict[str, dict[str, float]]:
             ms = [1000.0 * t for t in times[20:]]
             floor[route] = {"p50_ms": percentile(ms, 50), "p95_ms": percentile(ms, 95)}
     return floor
-
-
-def server_timing(header: str) -> dict[str, float]:
-    """Seconds per part of a Server-Timing header (`name;dur=ms, ...`)."""
-    parts = (part.split(";dur=") for part in header.split(", "))
-    return {name: float(ms) / 1000.0 for name, ms in parts}
 
 
 def summarize(

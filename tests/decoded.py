@@ -1,4 +1,4 @@
-"""Decoding the images a response carries, for assertions on real pixels."""
+"""Decoding what a response carries (its images, its Server-Timing), for assertions."""
 
 from __future__ import annotations
 
@@ -18,3 +18,9 @@ def decode(b64: str) -> Image.Image:
 def pixels(b64: str) -> np.ndarray:
     """int16 so that differences of two images do not wrap around."""
     return np.asarray(decode(b64), dtype=np.int16)
+
+
+def server_timing(header: str) -> dict[str, float]:
+    """Milliseconds per part of a Server-Timing header (`name;dur=ms, ...`), in order."""
+    parts = (part.split(";dur=") for part in header.split(", "))
+    return {name: float(ms) for name, ms in parts}

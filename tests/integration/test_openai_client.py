@@ -10,7 +10,7 @@ import pytest
 from openai import OpenAI
 from PIL import Image
 
-from tests.decoded import decode, pixels
+from tests.decoded import decode, pixels, server_timing
 
 pytestmark = pytest.mark.integration
 
@@ -42,10 +42,7 @@ def test_returned_image_has_requested_size(client: OpenAI, size: str) -> None:
 def test_an_answer_says_where_its_time_went(client: OpenAI) -> None:
     raw = client.images.with_raw_response.generate(prompt="timed", n=2, size="64x64")
     assert len(raw.parse().data) == 2
-    timing = {}
-    for part in raw.headers["server-timing"].split(", "):
-        name, _, duration = part.partition(";dur=")
-        timing[name] = float(duration)
+    timing = server_timing(raw.headers["server-timing"])
     assert list(timing) == ["queue", "render", "encode", "total"]
     # The render worker's figures inside the HTTP service's own total.
     assert timing["render"] > 0 and timing["encode"] > 0 and timing["queue"] >= 0

@@ -31,7 +31,7 @@ from sdxl_service.resolution import (
 )
 from sdxl_service.serving import ImagesServing
 from sdxl_service.settings import Settings
-from tests.decoded import decode
+from tests.decoded import decode, server_timing
 
 
 class SeedPainter:
@@ -111,10 +111,7 @@ def test_small_request_renders_native_and_answers_requested_size(client, painter
 def test_the_answer_says_where_its_time_went_in_server_timing(client) -> None:
     response = client.post("/images/generations", json={"prompt": "x", "size": "64x64"})
     assert response.status_code == 200
-    timing = {}
-    for part in response.headers["server-timing"].split(", "):
-        name, _, duration = part.partition(";dur=")
-        timing[name] = float(duration)
+    timing = server_timing(response.headers["server-timing"])
     assert list(timing) == ["queue", "render", "encode", "total"]
     assert (timing["queue"], timing["render"]) == (2.0, 123.4)
     assert 0 < timing["encode"] <= timing["total"]
