@@ -1,7 +1,7 @@
 """Rendered images -> the Images API answer: composite, encode, store (url) or base64.
 
 Also the answer's stream form (`stream=true`) and the public URL of /v1 behind
-proxies. Runs in the HTTP service; `build_images` is CPU work for a thread.
+proxies. Runs in the HTTP service; encoding is CPU work for threads.
 """
 
 from __future__ import annotations
@@ -35,38 +35,39 @@ _NO_USAGE = {
 # Encoding this many pixels or fewer (all images of an answer, at the render
 # size) takes a few ms (PNG of 256x256: ~2 ms): less than the two thread
 # handoffs of a thread pool on a busy machine, so it runs on the event loop.
-# Larger answers (a 1024x1024 PNG is ~30 ms) and `url` ones (disk) go to a thread.
+# Larger answers (a 1024x1024 PNG is ~30 ms) and `url` ones (disk) go to threads,
+# one per image (serving.py).
 INLINE_ENCODE_PIXELS = 2 * 256 * 256
 
 
 def encodes_inline(images: list[RenderedImage], resolved: ResolvedRequest) -> bool:
-    """Whether `build_images` is cheap enough to run on the event loop."""
+    """Whether encoding the answer is cheap enough to run on the event loop."""
     if resolved.response_format == "url":
         return False
     pixels = sum(image.width * image.height for image in images)
     return max(pixels, resolved.width * resolved.height * len(images)) <= INLINE_ENCODE_PIXELS
 
 
-def build_images(
-    images: list[RenderedImage],
-    resolved: ResolvedRequest,
+def answer_image(
+    rendered: RenderedImage,
     *,
+    resolved: ResolvedRequest,
     files: FileStore,
     base_url: str,
     metrics: ServiceMetrics | None = None,
-) -> ImagesResponse:
-    """The answer to a request whose images were rendered."""
-    data = []
-    for rendered in images:
-        started = time.perf_counter()
-        encoded = encode_rendered(rendered, resolved)
-        if metrics is not None:
-            metrics.observe_stage("encode", time.perf_counter() - started)
-        if resolved.response_format == "url":
-            file_id = files.put(encoded, CONTENT_TYPES[resolved.output_format])
-            data.append(ImageData(url=f"{base_url}/images/files/{file_id}", seed=rendered.seed))
-        else:
-            data.append(ImageData(b64_json=to_base64(encoded), seed=rendered.seed))
+) -> ImageData:
+    """One image of the answer: encoded, then stored (`url`) or base64."""
+    started = time.perf_counter()
+    encoded = encode_rendered(rendered, resolved)
+    if metrics is not None:
+        metrics.observe_stage("encode", time.perf_counter() - started)
+    if resolved.response_format == "url":
+        file_id = files.put(encoded, CONTENT_TYPES[resolved.output_format])
+        return ImageData(url=f"{base_url}/images/files/{file_id}", seed=rendered.seed)
+    return ImageData(b64_json=to_base64(encoded), seed=rendered.seed)
+
+
+def images_response(data: list[ImageData], resolved: ResolvedRequest) -> ImagesResponse:
     return ImagesResponse(
         created=int(time.time()),
         data=data,

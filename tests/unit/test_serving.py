@@ -133,6 +133,25 @@ def test_seeds_are_consecutive_and_returned(client, painter) -> None:
     assert painter.jobs[-1].seeds == [0, 1, 2]
 
 
+@pytest.mark.parametrize("response_format", ["b64_json", "url"])
+def test_images_encoded_in_threads_keep_their_order(client, response_format) -> None:
+    # 4 x 512x512 is past the inline limit: one thread per image.
+    body = {"prompt": "x", "n": 4, "seed": 40, "size": "512x512"}
+    data = client.post(
+        "/images/generations", json={**body, "response_format": response_format}
+    ).json()["data"]
+    assert [d["seed"] for d in data] == [40, 41, 42, 43]
+    for item in data:
+        if response_format == "url":
+            served = client.get(item["url"].removeprefix("http://testserver"))
+            image = Image.open(io.BytesIO(served.content))
+        else:
+            image = decode(item["b64_json"])
+        # SeedPainter paints each image's red channel with its seed.
+        assert image.size == (512, 512)
+        assert np.asarray(image)[0, 0, 0] == item["seed"]
+
+
 def test_random_seed_when_none_given(client, painter) -> None:
     client.post("/images/generations", json={"prompt": "x", "size": "64x64"})
     client.post("/images/generations", json={"prompt": "x", "size": "64x64"})
