@@ -275,7 +275,7 @@ def commit() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--samples", type=int, default=60, help="measured pairs (>= 60)")
+    parser.add_argument("--samples", type=int, default=200, help="measured pairs")
     parser.add_argument("--warmup", type=int, default=5, help="pairs dropped first")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
