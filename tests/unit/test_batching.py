@@ -14,7 +14,7 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -24,10 +24,8 @@ from PIL import Image
 from prometheus_client import CollectorRegistry
 
 from sdxl_service.batching import Batcher
-from sdxl_service.choices import RefinerMode, SchedulerName
 from sdxl_service.engine import Engine
 from sdxl_service.jobs import (
-    GenerationJob,
     GenerationOutcome,
     InvalidLora,
     OutcomeStatus,
@@ -35,9 +33,10 @@ from sdxl_service.jobs import (
     RenderBatch,
     RenderCancelled,
     RenderedImage,
-    RenderParams,
 )
 from sdxl_service.metrics import ServiceMetrics
+from tests import polling
+from tests.jobs import make_job
 
 # Generous: only reached when a behaviour is broken, never in a passing run.
 WAIT_S = 10.0
@@ -48,43 +47,7 @@ pytestmark = pytest.mark.timeout(60)
 RenderFn = Callable[[RenderBatch], list[Image.Image]]
 
 
-def asyncio_test(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
-    """Runs an async test in a fresh event loop (no pytest plugin needed)."""
-
-    @functools.wraps(test)
-    def wrapper(*args: Any, **kwargs: Any) -> None:
-        asyncio.run(asyncio.wait_for(test(*args, **kwargs), GUARD_S))
-
-    return wrapper
-
-
-def make_job(
-    request_id: str,
-    n: int = 1,
-    *,
-    seed: int = 0,
-    prompt: str | None = None,
-    size: int = 8,
-    steps: int = 2,
-    deadline: float | None = None,
-    partial_images: int = 0,
-) -> GenerationJob:
-    return GenerationJob(
-        request_id=request_id,
-        params=RenderParams(
-            width=size,
-            height=size,
-            steps=steps,
-            guidance_scale=5.0,
-            high_noise_frac=0.8,
-            refiner=RefinerMode.ENSEMBLE,
-            scheduler=SchedulerName.EULER,
-        ),
-        prompt=prompt if prompt is not None else request_id,
-        seeds=[seed + i for i in range(n)],
-        deadline=deadline,
-        partial_images=partial_images,
-    )
+asyncio_test = polling.asyncio_test(GUARD_S)
 
 
 def seed_image(seed: int, size: int) -> Image.Image:
@@ -213,7 +176,7 @@ async def hold_worker(
     """Keeps the worker busy in a render of its own until the event is set
     (of other params than make_job's unless `size` says otherwise)."""
     release = render.gate("gate")
-    task = asyncio.create_task(batcher.submit(make_job("gate", n, size=size, seed=90_000)))
+    task = asyncio.create_task(batcher.submit(make_job("gate", n, width=size, seed=90_000)))
     await wait_event(render.started["gate"])
     return release, task
 
@@ -276,9 +239,9 @@ async def test_incompatible_jobs_render_separately_without_waiting(
     # The gate and c fill their batches, so they never wait either.
     batcher = make_batcher(render, batch_wait_ms=100_000, max_batch_images=4)
     release, gate = await hold_worker(render, batcher, n=4)
-    a = asyncio.create_task(batcher.submit(make_job("a", seed=1, size=8)))
-    b = asyncio.create_task(batcher.submit(make_job("b", seed=2, size=16)))
-    c = asyncio.create_task(batcher.submit(make_job("c", 4, seed=3, size=8, steps=3)))
+    a = asyncio.create_task(batcher.submit(make_job("a", seed=1, width=8)))
+    b = asyncio.create_task(batcher.submit(make_job("b", seed=2, width=16)))
+    c = asyncio.create_task(batcher.submit(make_job("c", 4, seed=3, width=8, steps=3)))
     await queued(registry, 6)
     release.set()
     assert_ok(await a, [1])
@@ -363,7 +326,7 @@ async def test_other_params_work_ends_the_wait_for_company(
     await queued(registry, 1)
     release.set()
     await gate
-    b = asyncio.create_task(batcher.submit(make_job("b", seed=2, size=16)))
+    b = asyncio.create_task(batcher.submit(make_job("b", seed=2, width=16)))
     assert_ok(await a, [1])
     assert_ok(await b, [2], size=16)
     assert render.prompts_per_call()[1:] == [["a"], ["b"]]
@@ -416,15 +379,15 @@ async def test_the_oldest_queued_image_decides_the_next_batch(
     batcher = make_batcher(render)
     release, gate = await hold_worker(render, batcher)
     hold_a = render.gate("a")
-    a = asyncio.create_task(batcher.submit(make_job("a", seed=1, size=8)))
-    b = asyncio.create_task(batcher.submit(make_job("b", seed=2, size=16)))
-    c = asyncio.create_task(batcher.submit(make_job("c", seed=3, size=8)))
+    a = asyncio.create_task(batcher.submit(make_job("a", seed=1, width=8)))
+    b = asyncio.create_task(batcher.submit(make_job("b", seed=2, width=16)))
+    c = asyncio.create_task(batcher.submit(make_job("c", seed=3, width=8)))
     await queued(registry, 3)
     release.set()
     await wait_event(render.started["a"])
     # Arrives while a+c render; b is older, so b goes first even though
     # d could have joined a batch of its own params.
-    d = asyncio.create_task(batcher.submit(make_job("d", seed=4, size=8)))
+    d = asyncio.create_task(batcher.submit(make_job("d", seed=4, width=8)))
     await queued(registry, 2)
     hold_a.set()
     for task, seed, size in ((a, 1, 8), (b, 2, 16), (c, 3, 8), (d, 4, 8)):
@@ -466,7 +429,7 @@ async def test_cancelled_running_images_do_not_count_against_the_queue(
 ) -> None:
     batcher = make_batcher(render, max_queue_images=2)
     render.gate("long")  # never released: only should_stop ends it
-    long = asyncio.create_task(batcher.submit(make_job("long", 2, size=16)))
+    long = asyncio.create_task(batcher.submit(make_job("long", 2, width=16)))
     await wait_event(render.started["long"])
     batcher.cancel("long")
 
@@ -506,7 +469,7 @@ async def test_cancel_of_the_only_job_stops_the_running_batch_and_next_job_runs(
 ) -> None:
     batcher = make_batcher(render)
     render.gate("long")  # never released: only should_stop ends it
-    long = asyncio.create_task(batcher.submit(make_job("long", 2, size=16)))
+    long = asyncio.create_task(batcher.submit(make_job("long", 2, width=16)))
     await wait_event(render.started["long"])
     nxt = asyncio.create_task(batcher.submit(make_job("next", seed=5)))
     await queued(registry, 1)
@@ -550,7 +513,7 @@ async def test_cancelling_the_submit_task_cancels_the_job(
 ) -> None:
     batcher = make_batcher(render)
     render.gate("long")
-    task = asyncio.create_task(batcher.submit(make_job("long", size=16)))
+    task = asyncio.create_task(batcher.submit(make_job("long", width=16)))
     await wait_event(render.started["long"])
 
     task.cancel()
@@ -573,7 +536,7 @@ async def test_deadline_passing_while_rendering_times_out_and_stops_the_batch(
     clock = FakeClock()
     batcher = make_batcher(render, clock=clock)
     render.gate("slow")  # never released
-    slow = asyncio.create_task(batcher.submit(make_job("slow", size=16, deadline=clock.now + 100)))
+    slow = asyncio.create_task(batcher.submit(make_job("slow", width=16, deadline=clock.now + 100)))
     await wait_event(render.started["slow"])
 
     clock.now += 101
@@ -675,7 +638,7 @@ async def test_out_of_memory_on_one_image_fails_its_job_and_service_stays_up(
 
     render = FakeRender(fail=oom_when_large)
     batcher = make_batcher(render)
-    outcome = await batcher.submit(make_job("huge", 2, size=64))
+    outcome = await batcher.submit(make_job("huge", 2, width=64))
     assert outcome.status is OutcomeStatus.OUT_OF_MEMORY
     assert "smaller size or n" in outcome.message
     assert_ok(await batcher.submit(make_job("small", seed=1)), [1])
@@ -708,7 +671,7 @@ async def test_stop_answers_pending_jobs_and_does_not_hang(
 ) -> None:
     batcher = make_batcher(render)
     render.gate("long")  # never released
-    long = asyncio.create_task(batcher.submit(make_job("long", size=16)))
+    long = asyncio.create_task(batcher.submit(make_job("long", width=16)))
     await wait_event(render.started["long"])
     waiting = asyncio.create_task(batcher.submit(make_job("queued")))
     await queued(registry, 1)
@@ -866,7 +829,7 @@ async def test_previews_from_the_real_tiny_engine(
 ) -> None:
     batcher = make_batcher(tiny_engine.render)
     seen: Seen = []
-    job = make_job("a", 2, seed=3, size=64, steps=4, partial_images=2)
+    job = make_job("a", 2, seed=3, width=64, steps=4, partial_images=2)
     outcome = await batcher.submit(job, on_preview=recorder(seen))
     assert outcome.status is OutcomeStatus.OK
     assert [(im.seed, im.width, im.height) for im in outcome.images] == [(3, 64, 64), (4, 64, 64)]
@@ -907,7 +870,7 @@ async def test_seed_reproduces_image_in_batch_with_a_real_render(
     make_batcher: MakeBatcher, registry: CollectorRegistry
 ) -> None:
     solo = make_batcher(noise_render, batch_wait_ms=0)
-    alone = await solo.submit(make_job("alone", 2, seed=42, size=32, steps=3))
+    alone = await solo.submit(make_job("alone", 2, seed=42, width=32, steps=3))
     # 1 + 2 + 3 images fill the batch of 6; they meet in the queue while the
     # worker is held in a render of other params.
     sizes: list[int] = []
@@ -922,12 +885,12 @@ async def test_seed_reproduces_image_in_batch_with_a_real_render(
         return noise_render(batch)
 
     batcher = make_batcher(recorded, max_batch_images=6)
-    gate = asyncio.create_task(batcher.submit(make_job("gate", 1, size=16, steps=3)))
+    gate = asyncio.create_task(batcher.submit(make_job("gate", 1, width=16, steps=3)))
     await wait_event(started)
     together = asyncio.gather(
-        batcher.submit(make_job("x", 1, seed=7, size=32, steps=3)),
-        batcher.submit(make_job("y", 2, seed=42, size=32, steps=3)),
-        batcher.submit(make_job("z", 3, seed=1000, size=32, steps=3)),
+        batcher.submit(make_job("x", 1, seed=7, width=32, steps=3)),
+        batcher.submit(make_job("y", 2, seed=42, width=32, steps=3)),
+        batcher.submit(make_job("z", 3, seed=1000, width=32, steps=3)),
     )
     await queued(registry, 6)
     release.set()

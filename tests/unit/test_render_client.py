@@ -28,7 +28,6 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from sdxl_service.choices import RefinerMode, SchedulerName
 from sdxl_service.jobs import (
     GenerationJob,
     GenerationOutcome,
@@ -36,7 +35,6 @@ from sdxl_service.jobs import (
     RenderedImage,
     RenderEvent,
     RenderEventType,
-    RenderParams,
 )
 from sdxl_service.metrics import ServiceMetrics
 from sdxl_service.render_client import (
@@ -47,7 +45,7 @@ from sdxl_service.render_client import (
 )
 from sdxl_service.render_wire import event_frame
 from sdxl_service.worker_registry import WorkerRegistry, WorkerState, WorkerStatus
-from tests import polling
+from tests import jobs, polling
 
 GUARD_S = 60.0
 WAIT_S = 15.0
@@ -59,22 +57,7 @@ asyncio_test = polling.asyncio_test(GUARD_S)
 until = functools.partial(polling.until, timeout=WAIT_S)
 
 
-def make_job(request_id: str = "req-1", n: int = 1) -> GenerationJob:
-    return GenerationJob(
-        request_id=request_id,
-        params=RenderParams(
-            width=8,
-            height=8,
-            steps=2,
-            guidance_scale=5.0,
-            high_noise_frac=0.8,
-            refiner=RefinerMode.ENSEMBLE,
-            scheduler=SchedulerName.EULER,
-        ),
-        prompt="a lighthouse",
-        seeds=list(range(7, 7 + n)),
-        partial_images=2,
-    )
+make_job = functools.partial(jobs.make_job, seed=7, prompt="a lighthouse", partial_images=2)
 
 
 def image(seed: int, shade: int = 0) -> RenderedImage:

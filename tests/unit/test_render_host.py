@@ -16,18 +16,15 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from sdxl_service.choices import RefinerMode, SchedulerName
 from sdxl_service.jobs import (
-    GenerationJob,
     OutcomeStatus,
     RenderEvent,
     RenderEventType,
-    RenderParams,
 )
 from sdxl_service.metrics import ServiceMetrics
 from sdxl_service.render_host import RenderHost
 from sdxl_service.worker_registry import WorkerRegistry, WorkerState, WorkerStatus
-from tests import polling
+from tests import jobs, polling
 from tests.polling import wait_until
 
 GUARD_S = 120.0
@@ -91,30 +88,10 @@ def host(tiny_settings_factory, tmp_path_factory: pytest.TempPathFactory) -> Ite
         asyncio.run(render_host.stop())
 
 
-def make_job(
-    request_id: str,
-    n: int = 1,
-    *,
-    width: int = 64,
-    height: int = 48,
-    steps: int = 2,
-    partial_images: int = 0,
-) -> GenerationJob:
-    return GenerationJob(
-        request_id=request_id,
-        params=RenderParams(
-            width=width,
-            height=height,
-            steps=steps,
-            guidance_scale=5.0,
-            high_noise_frac=0.8,
-            refiner=RefinerMode.ENSEMBLE,
-            scheduler=SchedulerName.EULER,
-        ),
-        prompt="a red fox in the snow",
-        seeds=[100 + i for i in range(n)],
-        partial_images=partial_images,
-    )
+# A tiny engine render: 64x48, seeds from 100.
+make_job = functools.partial(
+    jobs.make_job, seed=100, width=64, height=48, prompt="a red fox in the snow"
+)
 
 
 async def events_of(stream: AsyncIterator[RenderEvent]) -> list[RenderEvent]:
