@@ -172,7 +172,7 @@ class BentoRenderClient:
                 return self._worker_lost()
             except httpx.TransportError as exc:
                 # Refused or reset before any worker took the job: the render
-                # service is (re)starting, or a kept connection had gone stale.
+                # service is (re)starting.
                 failures += 1
                 logger.warning("render service connection failed (%s), attempt %d", exc, failures)
                 if failures >= CONNECT_ATTEMPTS:
