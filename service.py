@@ -16,14 +16,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
 
 import bentoml
 
-from sdxl_service.api_keys import APIKeyAuth, APIKeys
-from sdxl_service.http_app import create_app
-from sdxl_service.http_metric_labels import bound_http_metric_labels
-from sdxl_service.jobs import GenerationJob
-from sdxl_service.middleware import MountRootAlias, OpenAIErrorsEverywhere
-from sdxl_service.render_wire import event_frame
+from sdxl_service.api.api_keys import APIKeyAuth, APIKeys
+from sdxl_service.api.app import create_app
+from sdxl_service.api.metric_labels import bound_http_metric_labels
+from sdxl_service.api.middleware import MountRootAlias, OpenAIErrorsEverywhere
+from sdxl_service.contract.jobs import GenerationJob
+from sdxl_service.contract.wire import event_frame
+from sdxl_service.render.worker_plan import plan_from_environment
 from sdxl_service.settings import DEFAULT_PORT, SERVICE_ID, get_settings
-from sdxl_service.worker_plan import plan_from_environment
 
 settings = get_settings()
 # Pins the GPUs of SDXL_GPUS for the workers started from this process.
@@ -50,9 +50,9 @@ bound_http_metric_labels()
 )
 class RenderService:
     def __init__(self) -> None:
+        from sdxl_service.contract.worker_registry import WorkerRegistry
         from sdxl_service.metrics import ServiceMetrics
-        from sdxl_service.render_host import RenderHost
-        from sdxl_service.worker_registry import WorkerRegistry
+        from sdxl_service.render.host import RenderHost
 
         worker = bentoml.server_context.worker_index or 1
         self.host = RenderHost(
@@ -78,7 +78,7 @@ class RenderService:
     async def render(
         self, job: GenerationJob, only_if_idle: bool = False
     ) -> AsyncGenerator[bytes, None]:
-        """RenderEvents (render_wire.py); the HTTP service closing the stream cancels the job."""
+        """RenderEvents (contract/wire.py); the HTTP service closing the stream cancels the job."""
         async for event in self.host.stream(job, only_if_idle):
             yield event_frame(event)
 
@@ -114,11 +114,11 @@ class ImagesAPI:
     renderer = bentoml.depends(RenderService)
 
     def __init__(self) -> None:
-        from sdxl_service.files import FileSweeper, open_file_store
+        from sdxl_service.api.files import FileSweeper, open_file_store
+        from sdxl_service.api.render_client import BentoRenderClient
+        from sdxl_service.api.serving import ImagesServing
+        from sdxl_service.contract.worker_registry import WorkerRegistry
         from sdxl_service.metrics import ServiceMetrics
-        from sdxl_service.render_client import BentoRenderClient
-        from sdxl_service.serving import ImagesServing
-        from sdxl_service.worker_registry import WorkerRegistry
 
         metrics = ServiceMetrics()
         files = open_file_store(settings)
@@ -151,7 +151,7 @@ class ImagesAPI:
 
 
 if settings.playground:
-    from sdxl_service.playground import create_playground_app
+    from sdxl_service.api.playground import create_playground_app
 
     # At "/": BentoML mounts passively, so only the page's own paths reach it.
     ImagesAPI.mount_asgi_app(create_playground_app(), path="/", name="playground")  # type: ignore[attr-defined]

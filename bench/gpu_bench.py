@@ -149,7 +149,7 @@ def save_pair(base: Any, refiner: Any, folder: Path, *, smoke: bool) -> None:
     The smoke run also writes the default (variant-less) files, which the
     service loads on a CPU; a GPU run in fp16 asks for the variant.
     """
-    from sdxl_service.tiny import write_clip_tokenizer_files
+    from sdxl_service.engine.tiny import write_clip_tokenizer_files
 
     staging = folder.with_name(folder.name + ".partial")
     for name, pipeline in (("base", base), ("refiner", refiner)):
@@ -184,7 +184,7 @@ def free_device_memory() -> None:
 
 def make_batch(args: argparse.Namespace, n: int, steps: int, size: int | None = None) -> Any:
     from sdxl_service.choices import RefinerMode
-    from sdxl_service.jobs import ImageTask, RenderBatch, RenderParams
+    from sdxl_service.contract.jobs import ImageTask, RenderBatch, RenderParams
 
     params = RenderParams(
         width=size or args.size,
@@ -366,7 +366,7 @@ def run_config(
 def preview_taesd(args: argparse.Namespace, dtype: torch.dtype) -> Any:
     """Random weights in madebyollin/taesdxl's architecture (the tiny preset's in --smoke)."""
     from sdxl_service.engine.components import build_taesd
-    from sdxl_service.tiny import taesd_config
+    from sdxl_service.engine.tiny import taesd_config
 
     torch.manual_seed(WEIGHTS_SEED)
     with torch.device(args.device):
@@ -867,7 +867,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return NO_CUDA_EXIT
 
-    from sdxl_service.tiny import tiny_configs
+    from sdxl_service.engine.tiny import tiny_configs
 
     configs = tiny_configs() if args.smoke else load_configs()
     deadline = Deadline(args.budget_s)

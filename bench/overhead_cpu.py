@@ -3,7 +3,7 @@
 Starts the real service (`bentoml serve`, tests/service_process.py) and, in the
 same process, the same tiny engine; then alternates the two on the same work,
 a 256x256 n=1 text-to-image request: the engine's `render` of the batch the
-service itself would build for it (resolution.py resolves the request here
+service itself would build for it (api/request_rules.py resolves the request here
 too, render size included), and a raw httpx POST /v1/images/generations
 (b64_json) to the service. Samples come in pairs, their order alternating, so
 drift in this shared machine's load falls on both alike. Overhead is reported
@@ -68,12 +68,12 @@ def percentile(values: list[float], q: float) -> float:
 
 def engine_render() -> tuple[Callable[[], Any], dict[str, Any]]:
     """The tiny engine in this process, rendering what the service renders for REQUEST."""
+    from sdxl_service.api.request_rules import resolve_generation
+    from sdxl_service.api.schemas import ImageGenerationRequest
     from sdxl_service.choices import Preset
+    from sdxl_service.contract.jobs import RenderBatch
     from sdxl_service.engine import Engine
-    from sdxl_service.jobs import RenderBatch
     from sdxl_service.lora_catalog import LoraCatalog
-    from sdxl_service.protocol import ImageGenerationRequest
-    from sdxl_service.resolution import resolve_generation
     from sdxl_service.settings import Settings
 
     settings = Settings(preset=Preset.TINY, cache_dir=CACHE_DIR)

@@ -92,7 +92,7 @@ def pillow_encoder(**options: Any) -> Callable[[Image.Image], bytes]:
 
 def bench_encoding(repeat: int) -> list[dict[str, Any]]:
     """The service's encoders beside Pillow's defaults, each with base64."""
-    from sdxl_service.encoding import encode_image, to_base64
+    from sdxl_service.api.encoding import encode_image, to_base64
 
     cases: list[tuple[str, Callable[[Image.Image], bytes]]] = [
         ("service png (OpenCV, up filter, huffman)", lambda im: encode_image(im, "png")),
@@ -126,11 +126,11 @@ def bench_encoding(repeat: int) -> list[dict[str, Any]]:
 
 def direct_engine_render(cache_dir: Path) -> Callable[[], Any]:
     """The same work the service does for SMALL_JOB, sizes included, in-process."""
+    from sdxl_service.api.sizing import render_size
     from sdxl_service.choices import Preset, RefinerMode, SchedulerName
+    from sdxl_service.contract.jobs import ImageTask, RenderBatch, RenderParams
     from sdxl_service.engine import Engine
-    from sdxl_service.jobs import ImageTask, RenderBatch, RenderParams
     from sdxl_service.settings import Settings
-    from sdxl_service.sizing import render_size
 
     settings = Settings(preset=Preset.TINY, cache_dir=cache_dir)
     engine = Engine.load(settings)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from sdxl_service.choices import RefinerMode, SchedulerName
-from sdxl_service.jobs import GenerationJob, RenderParams
+from sdxl_service.contract.jobs import GenerationJob, RenderParams
 
 
 def make_job(

@@ -14,9 +14,9 @@ from pydantic import ValidationError
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
-from sdxl_service.http_app import create_app
-from sdxl_service.protocol import ImageGenerationRequest
-from sdxl_service.resolution import QUALITY_STEPS
+from sdxl_service.api.app import create_app
+from sdxl_service.api.request_rules import QUALITY_STEPS
+from sdxl_service.api.schemas import ImageGenerationRequest
 from sdxl_service.settings import SERVICE_ID
 from tests.service_process import RunningService, start_service, stop_service
 

@@ -20,8 +20,8 @@ import pytest
 from openai import OpenAI
 from PIL import Image
 
+from sdxl_service.engine.tiny import ensure_tiny_pair
 from sdxl_service.settings import SERVICE_ID
-from sdxl_service.tiny import ensure_tiny_pair
 from tests.decoded import pixels
 from tests.lora_files import save_diffusers, save_kohya, sd15_shaped_layers, unet_layers
 from tests.service_process import REPO, RunningService, running_service

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from sdxl_service.engine.tiny import ensure_tiny_pair
 from sdxl_service.settings import Preset, Settings
-from sdxl_service.tiny import ensure_tiny_pair
 
 # The tiny models gain nothing from intra-op threads, and OpenMP threads spin
 # when other processes hold the cores: on this 2-core machine under load the

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from sdxl_service.admission import QueueCapacity
-from sdxl_service.jobs import OutcomeStatus
+from sdxl_service.api.admission import QueueCapacity
+from sdxl_service.contract.jobs import OutcomeStatus
 
 
 def test_images_that_fit_are_admitted() -> None:

@@ -11,7 +11,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from sdxl_service.api_keys import APIKeyAuth, APIKeys
+from sdxl_service.api.api_keys import APIKeyAuth, APIKeys
 
 
 def app(keys: APIKeys, metrics_public: bool = False) -> TestClient:

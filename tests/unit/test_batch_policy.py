@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from sdxl_service.batch_policy import Demand, demand_after_call, next_batch
 from sdxl_service.choices import RefinerMode, SchedulerName
-from sdxl_service.jobs import RenderParams
+from sdxl_service.contract.jobs import RenderParams
+from sdxl_service.render.batch_policy import Demand, demand_after_call, next_batch
 
 
 def params(width: int = 64) -> RenderParams:

@@ -23,9 +23,7 @@ import torch
 from PIL import Image
 from prometheus_client import CollectorRegistry
 
-from sdxl_service.batching import Batcher
-from sdxl_service.engine import Engine
-from sdxl_service.jobs import (
+from sdxl_service.contract.jobs import (
     GenerationOutcome,
     InvalidLora,
     OutcomeStatus,
@@ -34,7 +32,9 @@ from sdxl_service.jobs import (
     RenderCancelled,
     RenderedImage,
 )
+from sdxl_service.engine import Engine
 from sdxl_service.metrics import ServiceMetrics
+from sdxl_service.render.batcher import Batcher
 from tests import polling
 from tests.jobs import make_job
 
@@ -127,7 +127,7 @@ def make_batcher(registry: CollectorRegistry) -> Iterator[Callable[..., Batcher]
     made: list[Batcher] = []
 
     def make(render: RenderFn, **options: Any) -> Batcher:
-        settings: dict[str, Any] = dict(max_batch_images=8, batch_wait_ms=0, max_queue_images=64)
+        settings: dict[str, Any] = dict(max_batch_images=8, batch_wait_ms=0)
         settings.update(options)
         batcher = Batcher(render, metrics=ServiceMetrics(registry), **settings)
         made.append(batcher)
@@ -396,50 +396,6 @@ async def test_the_oldest_queued_image_decides_the_next_batch(
     assert render.prompts_per_call()[1:] == [["a", "c"], ["b"], ["d"]]
 
 
-# --- backpressure -----------------------------------------------------------
-
-
-@asyncio_test
-async def test_queue_full_is_rejected_with_retry_after_and_nothing_queued(
-    render: FakeRender, make_batcher: MakeBatcher, registry: CollectorRegistry
-) -> None:
-    batcher = make_batcher(render, max_queue_images=4)
-    release, gate = await hold_worker(render, batcher)
-    waiting = asyncio.create_task(batcher.submit(make_job("q", 3, seed=10)))
-    await queued(registry, 3)
-    # One image rendering (the gate) and three queued: the queue is full.
-    assert gauge(registry, "sdxl_requests_in_flight") == 2
-
-    outcome = await batcher.submit(make_job("late", 1, seed=50))
-
-    assert outcome.status is OutcomeStatus.QUEUE_FULL
-    assert outcome.retry_after is not None and outcome.retry_after >= 1
-    assert "busy" in outcome.message
-    assert gauge(registry, "sdxl_queue_images") == 3
-    assert gauge(registry, "sdxl_rejected_total", {"reason": "queue_full"}) == 1
-    release.set()
-    assert_ok(await waiting, [10, 11, 12])
-    await gate
-    assert render.seeds_seen("late") == []
-
-
-@asyncio_test
-async def test_cancelled_running_images_do_not_count_against_the_queue(
-    render: FakeRender, make_batcher: MakeBatcher
-) -> None:
-    batcher = make_batcher(render, max_queue_images=2)
-    render.gate("long")  # never released: only should_stop ends it
-    long = asyncio.create_task(batcher.submit(make_job("long", 2, width=16)))
-    await wait_event(render.started["long"])
-    batcher.cancel("long")
-
-    # Submitted before the worker has noticed: the GPU frees up at the next step.
-    outcome = await batcher.submit(make_job("next", 2, seed=5))
-
-    assert_ok(outcome, [5, 6])
-    assert (await long).status is OutcomeStatus.CANCELLED
-
-
 # --- cancellation -------------------------------------------------------------
 
 
@@ -656,7 +612,7 @@ async def test_unexpected_exception_is_an_error_and_the_batcher_keeps_serving(
         return ValueError("boom") if batch.tasks[0].prompt == "bad" else None
 
     batcher = make_batcher(FakeRender(fail=explode))
-    with caplog.at_level(logging.ERROR, logger="sdxl_service.batching"):
+    with caplog.at_level(logging.ERROR, logger="sdxl_service.render.batcher"):
         outcome = await batcher.submit(make_job("bad"))
     assert outcome.status is OutcomeStatus.ERROR
     assert "boom" in outcome.message

@@ -18,9 +18,9 @@ from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaint
 from PIL import Image
 
 from sdxl_service.choices import RefinerMode, RenderKind
+from sdxl_service.contract.jobs import ImageTask, RenderBatch, RenderParams
 from sdxl_service.engine import Engine
-from sdxl_service.jobs import ImageTask, RenderBatch, RenderParams
-from sdxl_service.schedulers import make_scheduler
+from sdxl_service.engine.schedulers import make_scheduler
 
 from .test_engine import LEFT_HALF, noise_picture, pixels
 

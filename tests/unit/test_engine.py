@@ -12,6 +12,13 @@ import torch
 from PIL import Image
 
 from sdxl_service.choices import Preset, RefinerMode, RenderKind
+from sdxl_service.contract.jobs import (
+    ImageTask,
+    OutOfMemory,
+    RenderBatch,
+    RenderCancelled,
+    RenderParams,
+)
 from sdxl_service.engine import Engine, devices
 from sdxl_service.engine.devices import (
     resolve_device,
@@ -20,8 +27,7 @@ from sdxl_service.engine.devices import (
     resolve_vae_dtype,
 )
 from sdxl_service.engine.loading import load_pipelines
-from sdxl_service.jobs import ImageTask, OutOfMemory, RenderBatch, RenderCancelled, RenderParams
-from sdxl_service.schedulers import SCHEDULERS, make_scheduler
+from sdxl_service.engine.schedulers import SCHEDULERS, make_scheduler
 from sdxl_service.settings import Settings
 
 STEPS = 4

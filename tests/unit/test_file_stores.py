@@ -23,14 +23,14 @@ import pytest
 from botocore.client import BaseClient
 from moto.server import ThreadedMotoServer
 
-from sdxl_service.files import (
+from sdxl_service.api.files import (
     FileStore,
     LocalFileStore,
     is_valid_file_id,
     new_file_id,
     open_file_store,
 )
-from sdxl_service.files.s3 import EXPIRES_AT_KEY, S3FileStore
+from sdxl_service.api.files.s3 import EXPIRES_AT_KEY, S3FileStore
 from sdxl_service.settings import Settings
 
 BUCKET = "sdxl-files"
@@ -282,7 +282,7 @@ def test_local_store_does_not_import_boto3(tmp_path: Path) -> None:
     # A fresh interpreter: this one has imported boto3 already.
     code = (
         "import sys\n"
-        "from sdxl_service.files import open_file_store\n"
+        "from sdxl_service.api.files import open_file_store\n"
         "from sdxl_service.settings import Settings\n"
         f"open_file_store(Settings(files_dir={str(tmp_path)!r}, files_url=''))\n"
         "assert 'boto3' not in sys.modules and 'botocore' not in sys.modules\n"

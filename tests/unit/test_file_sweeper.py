@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sdxl_service.files import SWEEP_INTERVAL_S, FileSweeper, LocalFileStore
+from sdxl_service.api.files import SWEEP_INTERVAL_S, FileSweeper, LocalFileStore
 from tests.polling import wait_until
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"pixels" * 10
@@ -94,7 +94,7 @@ def test_count_is_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> No
     store = CountingStore(tmp_path)
     _expired_files(store, 3)
 
-    with caplog.at_level(logging.INFO, logger="sdxl_service.files.sweeper"):
+    with caplog.at_level(logging.INFO, logger="sdxl_service.api.files.sweeper"):
         FileSweeper(store, clock=FakeClock()).maybe_purge()
 
     assert "Purged 3 expired url file(s)" in caplog.messages
@@ -108,7 +108,7 @@ def test_failure_is_logged_not_raised_and_waits_for_the_interval(
     sweeper = FileSweeper(store, interval_s=60, clock=clock)
     _expired_files(store, 1)
 
-    with caplog.at_level(logging.ERROR, logger="sdxl_service.files.sweeper"):
+    with caplog.at_level(logging.ERROR, logger="sdxl_service.api.files.sweeper"):
         assert sweeper.maybe_purge() is None
     [record] = caplog.records
     assert record.message.startswith("Purging expired url files failed")

@@ -14,7 +14,7 @@ import torch
 from bench import gpu_bench
 from bench.gpu import wheel_set
 from sdxl_service.engine.loading import load_pipelines
-from sdxl_service.tiny import build_tiny_pipelines
+from sdxl_service.engine.tiny import build_tiny_pipelines
 
 REPO = Path(__file__).resolve().parents[2]
 

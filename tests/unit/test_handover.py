@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from sdxl_service.choices import RefinerMode, RenderKind, SchedulerName
+from sdxl_service.contract.jobs import RenderParams
 from sdxl_service.engine.components import scheduler_config
 from sdxl_service.engine.handover import ensemble_split, refiner_handover, sequential_strength
-from sdxl_service.jobs import RenderParams
 
 
 def test_30_steps_at_0_8_split_23_base_and_7_refiner() -> None:

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from sdxl_service.http_metric_labels import RealPath, route_template
+from sdxl_service.api.metric_labels import RealPath, route_template
 
 
 @pytest.mark.parametrize(

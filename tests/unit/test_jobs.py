@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from sdxl_service.choices import RefinerMode, RenderKind, SchedulerName
-from sdxl_service.jobs import GenerationJob, ImageTask, RenderParams
+from sdxl_service.contract.jobs import GenerationJob, ImageTask, RenderParams
 
 
 def params(**overrides: object) -> RenderParams:

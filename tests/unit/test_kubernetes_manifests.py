@@ -10,7 +10,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 
-from sdxl_service.files.s3 import S3FileStore
+from sdxl_service.api.files.s3 import S3FileStore
 from sdxl_service.metrics import ServiceMetrics
 from sdxl_service.settings import DEFAULT_PORT, Settings
 

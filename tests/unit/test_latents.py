@@ -9,9 +9,9 @@ from diffusers import AutoencoderKL
 from PIL import Image
 
 from sdxl_service.choices import RefinerMode, RenderKind, SchedulerName
+from sdxl_service.contract.jobs import RenderParams
 from sdxl_service.engine.latents import LatentCodec
-from sdxl_service.jobs import RenderParams
-from sdxl_service.tiny import vae_config
+from sdxl_service.engine.tiny import vae_config
 
 # Per-channel statistics as VAEs that declare them ship them (SDXL's does not).
 LATENTS_MEAN = [0.5, -0.25, 0.125, -1.0]

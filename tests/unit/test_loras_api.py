@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from sdxl_service.errors import APIError
+from sdxl_service.api.errors import APIError
+from sdxl_service.api.lora_requests import lora_set, take_inline_loras
+from sdxl_service.api.request_rules import resolve_generation
+from sdxl_service.api.schemas import ImageGenerationRequest
 from sdxl_service.lora_catalog import LoraCatalog
-from sdxl_service.lora_requests import lora_set, take_inline_loras
-from sdxl_service.protocol import ImageGenerationRequest
-from sdxl_service.resolution import resolve_generation
 from sdxl_service.settings import SERVICE_ID, Settings
 
 WEIGHT = np.zeros((4, 8), dtype=np.float32)

@@ -15,11 +15,11 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from sdxl_service.choices import RefinerMode
+from sdxl_service.contract.jobs import ImageTask, InvalidLora, LoraWeight, RenderBatch, RenderParams
 from sdxl_service.engine import Engine
 from sdxl_service.engine.loras import adapter_name
-from sdxl_service.jobs import ImageTask, InvalidLora, LoraWeight, RenderBatch, RenderParams
+from sdxl_service.engine.schedulers import make_scheduler
 from sdxl_service.metrics import ServiceMetrics
-from sdxl_service.schedulers import make_scheduler
 from tests.lora_files import (
     save_diffusers,
     save_kohya,

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from sdxl_service.choices import Preset, PreviewDecoder, RefinerMode, RenderKind
+from sdxl_service.contract.jobs import ImageTask, RenderBatch, RenderParams
 from sdxl_service.engine import Engine
 from sdxl_service.engine import engine as engine_module
 from sdxl_service.engine.loading import PreviewModelError, load_preview_model
@@ -25,9 +26,8 @@ from sdxl_service.engine.previews import (
     taesd_decoder,
     total_steps,
 )
-from sdxl_service.jobs import ImageTask, RenderBatch, RenderParams
-from sdxl_service.schedulers import make_scheduler
-from sdxl_service.tiny import build_tiny_taesd, taesd_config, tiny_pair_dir, tiny_taesd_dir
+from sdxl_service.engine.schedulers import make_scheduler
+from sdxl_service.engine.tiny import build_tiny_taesd, taesd_config, tiny_pair_dir, tiny_taesd_dir
 
 DECODERS = [str(decoder) for decoder in PreviewDecoder]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sdxl_service.choices import PromptSyntax
-from sdxl_service.prompt_syntax import ChunkBreak, Fragment, PromptPart, parse_prompt
+from sdxl_service.engine.prompt_syntax import ChunkBreak, Fragment, PromptPart, parse_prompt
 
 
 def pairs(parts: list[PromptPart]) -> list[tuple[str, object] | str]:

@@ -15,7 +15,9 @@ import torch
 from PIL import Image
 
 from sdxl_service.choices import PromptSyntax, RefinerMode
+from sdxl_service.contract.jobs import ImageTask, RenderBatch, RenderParams
 from sdxl_service.engine import Engine
+from sdxl_service.engine.prompt_syntax import ChunkBreak, Fragment
 from sdxl_service.engine.prompts import (
     CHUNK_TOKENS,
     chunk_count,
@@ -23,8 +25,6 @@ from sdxl_service.engine.prompts import (
     prompt_embeddings,
     token_chunks,
 )
-from sdxl_service.jobs import ImageTask, RenderBatch, RenderParams
-from sdxl_service.prompt_syntax import ChunkBreak, Fragment
 from sdxl_service.settings import Settings
 
 EMBEDDINGS = (

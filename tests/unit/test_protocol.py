@@ -3,13 +3,13 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from sdxl_service.choices import RefinerMode, SchedulerName
-from sdxl_service.protocol import (
+from sdxl_service.api.schemas import (
     MAX_TEXT_CHARS,
     ImageEditRequest,
     ImageGenerationRequest,
     ImageVariationRequest,
 )
+from sdxl_service.choices import RefinerMode, SchedulerName
 
 
 def test_minimal_request_defaults_are_unset() -> None:
@@ -41,7 +41,7 @@ def test_bad_values_name_the_field(field: str, value: object) -> None:
 
 
 def test_every_scheduler_the_api_names_has_a_recipe() -> None:
-    from sdxl_service.schedulers import SCHEDULERS
+    from sdxl_service.engine.schedulers import SCHEDULERS
 
     assert set(SCHEDULERS) == set(SchedulerName)
 

@@ -1,7 +1,7 @@
 """BentoRenderClient against a real HTTP server on a unix socket.
 
 Each test runs uvicorn in its own event loop, serving a small Starlette app
-whose `/render` answers with render_wire frames scripted per call (a stand-in for the
+whose `/render` answers with contract.wire frames scripted per call (a stand-in for the
 render workers behind BentoML's shared socket). The client is built as the
 service builds it (`http_client_for` on a `file://` URL). Tests wait for states
 (what the server recorded, what the client holds), never for time to pass.
@@ -28,7 +28,13 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from sdxl_service.jobs import (
+from sdxl_service.api.render_client import (
+    CONNECT_ATTEMPTS,
+    IDLE_TRIES_PER_WORKER,
+    BentoRenderClient,
+    http_client_for,
+)
+from sdxl_service.contract.jobs import (
     GenerationJob,
     GenerationOutcome,
     OutcomeStatus,
@@ -36,15 +42,9 @@ from sdxl_service.jobs import (
     RenderEvent,
     RenderEventType,
 )
+from sdxl_service.contract.wire import event_frame
+from sdxl_service.contract.worker_registry import WorkerRegistry, WorkerState, WorkerStatus
 from sdxl_service.metrics import ServiceMetrics
-from sdxl_service.render_client import (
-    CONNECT_ATTEMPTS,
-    IDLE_TRIES_PER_WORKER,
-    BentoRenderClient,
-    http_client_for,
-)
-from sdxl_service.render_wire import event_frame
-from sdxl_service.worker_registry import WorkerRegistry, WorkerState, WorkerStatus
 from tests import jobs, polling
 
 GUARD_S = 60.0
@@ -235,7 +235,11 @@ class Setup:
 
 @contextlib.asynccontextmanager
 async def render_client(
-    path: str, *, workers: int = 1, registry: WorkerRegistry | None = None
+    path: str,
+    *,
+    workers: int = 1,
+    registry: WorkerRegistry | None = None,
+    max_queue_images: int | None = None,
 ) -> AsyncIterator[Setup]:
     prometheus = CollectorRegistry()
     http = http_client_for("file://" + path, timeout=30)
@@ -245,6 +249,7 @@ async def render_client(
         workers=workers,
         registry=registry,
         http=http,
+        max_queue_images=max_queue_images,
     )
     try:
         yield Setup(client, prometheus)
@@ -518,3 +523,46 @@ async def test_cancelling_generate_closes_the_stream_on_the_worker(
         # And the client still works.
         assert await setup.client.generate(make_job("next")) == ok(7)
     assert lost(setup.metrics) == 0
+
+
+# --- admission: SDXL_MAX_QUEUE_IMAGES, kept here for every worker together -------
+
+
+@asyncio_test
+async def test_a_full_queue_is_refused_with_retry_after_and_nothing_sent() -> None:
+    workers = FakeWorkers(hold(worker=1), answer(worker=1))
+    async with serving(workers) as path, render_client(path, max_queue_images=4) as setup:
+        held = asyncio.create_task(setup.client.generate(make_job("held", n=3)))
+        await until(lambda: setup.client.held_by_worker() == {1: 1}, "the call to be held")
+
+        refused = await setup.client.generate(make_job("late", n=2))
+        too_many = await setup.client.generate(make_job("huge", n=5))
+
+        assert refused.status is OutcomeStatus.QUEUE_FULL
+        assert refused.retry_after is not None and refused.retry_after >= 1
+        assert "busy" in refused.message
+        assert too_many.status is OutcomeStatus.QUEUE_FULL
+        assert "exceeds the queue capacity of 4" in too_many.message
+        rejected = setup.metrics.get_sample_value("sdxl_rejected_total", {"reason": "queue_full"})
+        assert rejected == 2
+        # One image more still fits beside the three held.
+        assert (await setup.client.generate(make_job("fits"))).status is OutcomeStatus.OK
+        assert [c.job.request_id for c in workers.calls] == ["held", "fits"]
+        workers.release.set()
+        assert (await held).status is OutcomeStatus.OK
+
+
+@asyncio_test
+async def test_a_cancelled_call_gives_its_room_back() -> None:
+    workers = FakeWorkers(hold(worker=1), answer(worker=1))
+    async with serving(workers) as path, render_client(path, max_queue_images=2) as setup:
+        long = asyncio.create_task(setup.client.generate(make_job("long", n=2)))
+        await until(lambda: setup.client.held_by_worker() == {1: 1}, "the call to be held")
+        assert (await setup.client.generate(make_job("refused"))).status is OutcomeStatus.QUEUE_FULL
+        long.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await long
+
+        outcome = await setup.client.generate(make_job("next", n=2))
+
+        assert outcome.status is OutcomeStatus.OK and len(outcome.images) == 2

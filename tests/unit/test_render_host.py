@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from sdxl_service.jobs import (
+from sdxl_service.contract.jobs import (
     OutcomeStatus,
     RenderEvent,
     RenderEventType,
 )
+from sdxl_service.contract.worker_registry import WorkerRegistry, WorkerState, WorkerStatus
 from sdxl_service.metrics import ServiceMetrics
-from sdxl_service.render_host import RenderHost
-from sdxl_service.worker_registry import WorkerRegistry, WorkerState, WorkerStatus
+from sdxl_service.render.host import RenderHost
 from tests import jobs, polling
 from tests.polling import wait_until
 

@@ -1,4 +1,4 @@
-"""render_wire: events survive the wire whatever pieces the socket cuts them into."""
+"""contract.wire: events survive the wire whatever pieces the socket cuts them into."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from sdxl_service.jobs import (
+from sdxl_service.contract.jobs import (
     GenerationOutcome,
     OutcomeStatus,
     RenderedImage,
     RenderEvent,
     RenderEventType,
 )
-from sdxl_service.render_wire import event_frame, read_events
+from sdxl_service.contract.wire import event_frame, read_events
 
 
 def image(seed: int, width: int, height: int) -> RenderedImage:

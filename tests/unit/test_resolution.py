@@ -7,10 +7,8 @@ import time
 import pytest
 from PIL import Image
 
-from sdxl_service.choices import RefinerMode, RenderKind, SchedulerName
-from sdxl_service.errors import APIError
-from sdxl_service.protocol import ImageEditRequest, ImageGenerationRequest, ImageVariationRequest
-from sdxl_service.resolution import (
+from sdxl_service.api.errors import APIError
+from sdxl_service.api.request_rules import (
     EDIT_STRENGTH,
     INPAINT_STRENGTH,
     QUALITY_STEPS,
@@ -18,8 +16,10 @@ from sdxl_service.resolution import (
     resolve_generation,
     resolve_variation,
 )
+from sdxl_service.api.schemas import ImageEditRequest, ImageGenerationRequest, ImageVariationRequest
+from sdxl_service.api.uploads import EditSource
+from sdxl_service.choices import RefinerMode, RenderKind, SchedulerName
 from sdxl_service.settings import Settings
-from sdxl_service.uploads import EditSource
 
 NATIVE = 1024
 SETTINGS = Settings(refiner="sequential", scheduler="dpmpp_2m", steps=25, request_timeout=60)

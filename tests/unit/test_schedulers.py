@@ -14,7 +14,7 @@ from diffusers import (
 
 from sdxl_service.choices import SchedulerName
 from sdxl_service.engine.components import scheduler_config
-from sdxl_service.schedulers import SCHEDULERS, make_scheduler
+from sdxl_service.engine.schedulers import SCHEDULERS, make_scheduler
 from sdxl_service.settings import Settings
 
 EXPECTED_CLASSES = {

@@ -11,11 +11,18 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from sdxl_service.api.app import create_app
+from sdxl_service.api.encoding import resize_to
+from sdxl_service.api.files import LocalFileStore
+from sdxl_service.api.request_rules import (
+    EDIT_STRENGTH,
+    INPAINT_STRENGTH,
+    QUALITY_STEPS,
+    VARIATION_STRENGTH,
+)
+from sdxl_service.api.serving import ImagesServing
 from sdxl_service.choices import RefinerMode, RenderKind
-from sdxl_service.encoding import resize_to
-from sdxl_service.files import LocalFileStore
-from sdxl_service.http_app import create_app
-from sdxl_service.jobs import (
+from sdxl_service.contract.jobs import (
     GenerationJob,
     GenerationOutcome,
     OutcomeStatus,
@@ -23,13 +30,6 @@ from sdxl_service.jobs import (
     RenderEvent,
     RenderEventType,
 )
-from sdxl_service.resolution import (
-    EDIT_STRENGTH,
-    INPAINT_STRENGTH,
-    QUALITY_STEPS,
-    VARIATION_STRENGTH,
-)
-from sdxl_service.serving import ImagesServing
 from sdxl_service.settings import Settings
 from tests.decoded import decode, server_timing
 

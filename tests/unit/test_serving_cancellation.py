@@ -10,12 +10,17 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from sdxl_service.batching import Batcher
-from sdxl_service.errors import APIError
-from sdxl_service.files import LocalFileStore
-from sdxl_service.jobs import GenerationJob, GenerationOutcome, RenderBatch, RenderCancelled
-from sdxl_service.protocol import ImageGenerationRequest
-from sdxl_service.serving import ImagesServing
+from sdxl_service.api.errors import APIError
+from sdxl_service.api.files import LocalFileStore
+from sdxl_service.api.schemas import ImageGenerationRequest
+from sdxl_service.api.serving import ImagesServing
+from sdxl_service.contract.jobs import (
+    GenerationJob,
+    GenerationOutcome,
+    RenderBatch,
+    RenderCancelled,
+)
+from sdxl_service.render.batcher import Batcher
 from sdxl_service.settings import Settings
 from tests.polling import asyncio_test
 
@@ -61,9 +66,7 @@ class BatcherRenderer:
     def __init__(self) -> None:
         self.render_started = threading.Event()
         self.render_stopped = threading.Event()
-        self.batcher = Batcher(
-            self._render, max_batch_images=4, batch_wait_ms=0, max_queue_images=8
-        )
+        self.batcher = Batcher(self._render, max_batch_images=4, batch_wait_ms=0)
 
     def _render(self, batch: RenderBatch) -> list[Image.Image]:
         self.render_started.set()

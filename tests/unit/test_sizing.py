@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from sdxl_service.sizing import SizeLimits, fit_size, parse_size, render_size
+from sdxl_service.api.sizing import SizeLimits, fit_size, parse_size, render_size
 
 LIMITS = SizeLimits(min_side=64, max_side=2048, max_pixels=2048 * 2048)
 

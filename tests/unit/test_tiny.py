@@ -10,9 +10,9 @@ import torch
 from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 from transformers import CLIPTokenizer
 
-from sdxl_service import tiny
+from sdxl_service.engine import tiny
 from sdxl_service.engine.components import EOS_TOKEN, build_clip_tokenizer
-from sdxl_service.tiny import (
+from sdxl_service.engine.tiny import (
     BASE_TIME_IDS,
     REFINER_TIME_IDS,
     TINY_VERSION,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdxl_service.uploads import (
+from sdxl_service.api.uploads import (
     MAX_UPLOAD_PIXELS,
     SIGNATURE_BYTES,
     looks_like_image,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sdxl_service import worker_plan
-from sdxl_service.worker_plan import (
+from sdxl_service.render import worker_plan
+from sdxl_service.render.worker_plan import (
     CUDA_VISIBLE_DEVICES,
     GpuSelectionError,
     WorkerPlan,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sdxl_service.worker_registry import (
+from sdxl_service.contract.worker_registry import (
     SHARED_DIR_ENV,
     WorkerRegistry,
     WorkerState,

@@ -12,7 +12,7 @@ from starlette.routing import Match
 from .errors import APIError, excerpt, install_error_handlers
 from .forms import read_image_form
 from .middleware import BodyBudget, BodySizeLimit
-from .protocol import (
+from .schemas import (
     ImageEditRequest,
     ImageGenerationRequest,
     ImagesResponse,

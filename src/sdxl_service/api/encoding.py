@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from .jobs import RenderedImage
+from ..contract.jobs import RenderedImage
 
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 # PNG through OpenCV: Pillow offers no choice of PNG row filter, and its

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from starlette.datastructures import FormData, UploadFile
 
 from .errors import APIError, invalid_value, missing_parameter
-from .protocol import ImageRequest
+from .schemas import ImageRequest
 from .uploads import ACCEPTED_FORMATS, SIGNATURE_BYTES, looks_like_image
 
 # Parts accepted per request: `image` (or `image[]`) and `mask`, with room for

@@ -11,9 +11,9 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+from ..contract.jobs import LoraWeight
+from ..lora_catalog import LoraCatalog, is_valid_name
 from .errors import excerpt, invalid_value
-from .jobs import LoraWeight
-from .lora_catalog import LoraCatalog, is_valid_name
 
 MIN_SCALE, MAX_SCALE = -2.0, 2.0
 _INLINE = re.compile(r"<lora:([^:>]*)(?::([^>]*))?>", re.IGNORECASE)

@@ -12,7 +12,7 @@ import json
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import APIError, client_closed, excerpt
-from .http_metric_labels import real_path
+from .metric_labels import real_path
 
 # BentoML's own endpoints: probes and Prometheus read them, not OpenAI clients.
 BENTOML_PATHS = ("/livez", "/readyz", "/healthz", "/metrics")

@@ -2,7 +2,7 @@
 
 `RenderClient` is what the HTTP layer needs; `BentoRenderClient` implements it
 over the render service's socket. The render call is a stream of `RenderEvent`s
-(render_host.py) in render_wire.py's format, read with httpx rather than BentoML's
+(render/host.py) in contract/wire.py's format, read with httpx rather than BentoML's
 client because that one cuts streams into 8 KiB pieces with no framing and
 leaves the connection open when the reader stops: here, leaving the `stream`
 block closes the connection, and that is how a cancelled request stops its
@@ -27,8 +27,7 @@ from urllib.parse import unquote, urlparse
 
 import httpx
 
-from .admission import QueueCapacity
-from .jobs import (
+from ..contract.jobs import (
     LOADING_RETRY_AFTER,
     GenerationJob,
     GenerationOutcome,
@@ -37,9 +36,10 @@ from .jobs import (
     RenderEventType,
     still_loading,
 )
-from .metrics import ServiceMetrics
-from .render_wire import read_events
-from .worker_registry import WorkerRegistry
+from ..contract.wire import read_events
+from ..contract.worker_registry import WorkerRegistry
+from ..metrics import ServiceMetrics
+from .admission import QueueCapacity
 
 logger = logging.getLogger(__name__)
 

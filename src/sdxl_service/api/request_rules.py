@@ -16,13 +16,14 @@ from typing import Any
 
 from PIL import Image
 
-from .choices import RenderKind
+from ..choices import RenderKind
+from ..contract.jobs import GenerationJob, RenderParams
+from ..lora_catalog import LoraCatalog
+from ..settings import SERVICE_ID, Settings
 from .encoding import resize_to
 from .errors import APIError, excerpt, invalid_value
-from .jobs import GenerationJob, RenderParams
-from .lora_catalog import LoraCatalog
 from .lora_requests import lora_set, take_inline_loras
-from .protocol import (
+from .schemas import (
     OPENAI_IMAGE_MODEL_PREFIX,
     OPENAI_IMAGE_MODELS,
     ImageEditRequest,
@@ -30,7 +31,6 @@ from .protocol import (
     ImageRequest,
     ImageVariationRequest,
 )
-from .settings import SERVICE_ID, Settings
 from .sizing import AUTO_SIZE, SizeLimits, fit_size, parse_size, render_size
 from .uploads import EditSource
 

@@ -14,14 +14,14 @@ from typing import Any
 from fastapi import Request
 from PIL import Image
 
+from ..contract.jobs import GenerationOutcome, RenderedImage
+from ..metrics import ServiceMetrics
+from ..settings import Settings
 from .encoding import CONTENT_TYPES, encode_image, pixels_of, resize_to, to_base64, to_pil
 from .errors import APIError
 from .files import FileStore
-from .jobs import GenerationOutcome, RenderedImage
-from .metrics import ServiceMetrics
-from .protocol import ImageData, ImagesResponse
-from .resolution import ResolvedRequest
-from .settings import Settings
+from .request_rules import ResolvedRequest
+from .schemas import ImageData, ImagesResponse
 
 # OpenAI's usage block; SDXL counts no tokens.
 _NO_USAGE = {

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from .choices import RefinerMode, SchedulerName
+from ..choices import RefinerMode, SchedulerName
 from .sizing import AUTO_SIZE, parse_size
 
 logger = logging.getLogger(__name__)
@@ -23,7 +23,7 @@ MAX_NAME_CHARS = 256
 # The real bound is SDXL_MAX_LORAS; this one only keeps absurd lists out.
 MAX_LORAS_LISTED = 64
 MAX_USER_CHARS = 1024
-# Prompts are bounded by SDXL_MAX_PROMPT_CHARS in resolution.py; this bound
+# Prompts are bounded by SDXL_MAX_PROMPT_CHARS in api/request_rules.py; this bound
 # only keeps an absurd body from reaching it.
 MAX_TEXT_CHARS = 100_000
 # torch generators take 64-bit seeds; leave room for seed + i.

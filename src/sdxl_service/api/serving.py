@@ -2,7 +2,7 @@
 
 Handed a `RenderClient` and a `FileStore`; knows nothing of BentoML or of
 model internals, so it is tested with a real tiny engine or with fakes. The
-rules for a request live in resolution.py, the answer's form in responses.py,
+rules for a request live in api/request_rules.py, the answer's form in responses.py,
 the mapping of outcomes to errors in errors.py; this class puts them in order
 and watches the client while the images are made.
 """
@@ -19,22 +19,15 @@ from typing import Any, TypeVar
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
+from ..contract.jobs import GenerationOutcome, OutcomeStatus, RenderEvent, still_loading
+from ..lora_catalog import LoraCatalog
+from ..metrics import ServiceMetrics
+from ..settings import SERVICE_ID, Settings
 from .errors import APIError, client_closed, outcome_error
 from .files import FileStore
 from .forms import ImageForm
-from .jobs import GenerationOutcome, OutcomeStatus, RenderEvent, still_loading
-from .lora_catalog import LoraCatalog
-from .metrics import ServiceMetrics
-from .protocol import (
-    ImageEditRequest,
-    ImageGenerationRequest,
-    ImagesResponse,
-    ImageVariationRequest,
-    ModelCard,
-    ModelList,
-)
 from .render_client import RenderClient
-from .resolution import ResolvedRequest, resolve_edit, resolve_generation, resolve_variation
+from .request_rules import ResolvedRequest, resolve_edit, resolve_generation, resolve_variation
 from .responses import (
     answer_image,
     completed_events,
@@ -45,7 +38,14 @@ from .responses import (
     public_base_url,
     server_timing,
 )
-from .settings import SERVICE_ID, Settings
+from .schemas import (
+    ImageEditRequest,
+    ImageGenerationRequest,
+    ImagesResponse,
+    ImageVariationRequest,
+    ModelCard,
+    ModelList,
+)
 from .uploads import decode_edit_source
 
 # How often a waiting request checks that its client is still there.

@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .choices import RefinerMode, RenderKind, SchedulerName
+from ..choices import RefinerMode, RenderKind, SchedulerName
 
 if TYPE_CHECKING:
     from PIL import Image
 
 # bytes in JSON are base64, not lists: an edit's picture and mask on their way
-# to a render worker. Rendered pixels come back raw (render_wire.py).
+# to a render worker. Rendered pixels come back raw (contract/wire.py).
 _WIRE_BYTES = ConfigDict(ser_json_bytes="base64", val_json_bytes="base64")
 
 

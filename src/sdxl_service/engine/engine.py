@@ -14,10 +14,9 @@ import torch
 from PIL import Image
 
 from ..choices import Preset, RefinerMode, RenderKind, SchedulerName
-from ..jobs import ImageTask, OutOfMemory, RenderBatch, RenderCancelled, RenderParams
+from ..contract.jobs import ImageTask, OutOfMemory, RenderBatch, RenderCancelled, RenderParams
 from ..lora_catalog import LoraCatalog
 from ..metrics import ServiceMetrics
-from ..schedulers import make_scheduler
 from ..settings import Settings
 from .devices import (
     dtype_name,
@@ -34,6 +33,7 @@ from .loras import LoraAdapters
 from .optimisations import COMPILE_MODE, apply_optimisations
 from .previews import PreviewDecoders, batch_part, preview_tap
 from .prompts import chunk_count_groups, prompt_embeddings
+from .schedulers import make_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class Engine:
         metrics: ServiceMetrics | None = None,
     ) -> Engine:
         # Here, not at the top: tiny builds its pair with this package's components.
-        from ..tiny import ensure_tiny_pair
+        from .tiny import ensure_tiny_pair
 
         preset = resolve_preset(settings)
         device = resolve_device(settings)

@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..choices import RefinerMode
-from ..jobs import RenderParams
-from ..schedulers import make_scheduler
+from ..contract.jobs import RenderParams
+from .schedulers import make_scheduler
 
 
 def ensemble_split(

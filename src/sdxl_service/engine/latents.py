@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..jobs import RenderCancelled, RenderParams
+from ..contract.jobs import RenderCancelled, RenderParams
 
 
 def _never() -> bool:

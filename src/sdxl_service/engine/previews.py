@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from ..choices import Preset, PreviewDecoder, RefinerMode
-from ..jobs import RenderBatch, RenderParams
+from ..contract.jobs import RenderBatch, RenderParams
 from ..settings import Settings
 from .handover import ensemble_split, refiner_handover
 from .latents import LatentCodec
@@ -145,7 +145,7 @@ def taesd_decoder(taesd: Any, width: int, height: int) -> LatentDecoder:
 def taesd_source(settings: Settings, preset: Preset) -> str:
     """SDXL_PREVIEW_MODEL; the tiny preset's own tiny taesd, as it has its own SDXL pair."""
     if preset is Preset.TINY:
-        from ..tiny import ensure_tiny_pair, tiny_taesd_dir
+        from .tiny import ensure_tiny_pair, tiny_taesd_dir
 
         ensure_tiny_pair(settings.cache_dir)
         return str(tiny_taesd_dir(settings.cache_dir))

@@ -35,7 +35,7 @@ import torch
 from diffusers.utils.torch_utils import get_module_execution_device
 
 from ..choices import PromptSyntax
-from ..prompt_syntax import ChunkBreak, Fragment, PromptPart, parse_prompt
+from .prompt_syntax import ChunkBreak, Fragment, PromptPart, parse_prompt
 
 CHUNK_TOKENS = 75  # CLIP's 77 positions less BOS and EOS
 

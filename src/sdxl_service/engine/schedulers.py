@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .choices import SchedulerName
+from ..choices import SchedulerName
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .engine.components import (
+from .components import (
     BOS_TOKEN,
     CLIP_MAX_LENGTH,
     EOS_TOKEN,

@@ -8,7 +8,7 @@ bounded queue that rejects at once (429) instead of queueing, dropping the
 queued work of cancelled or timed-out requests, and stopping a running batch at
 the next denoising step when nobody waits for any of its images. When a
 batch starts is batch_policy.py's decision; the live previews of a batch go to
-the jobs that asked for them (batch_entries.py).
+the jobs that asked for them (pending.py).
 
 Threads: `submit` runs on the service's event loop; one worker thread makes
 every render call, because the GPU runs one call at a time and a call takes
@@ -30,10 +30,7 @@ from collections.abc import Callable, Iterable
 
 from PIL.Image import Image
 
-from .admission import QueueCapacity
-from .batch_entries import PendingJob, PreviewFn, QueuedImage, preview_routing, rendered_image
-from .batch_policy import Demand, demand_after_call, next_batch
-from .jobs import (
+from ..contract.jobs import (
     GenerationJob,
     GenerationOutcome,
     InvalidLora,
@@ -42,7 +39,9 @@ from .jobs import (
     RenderBatch,
     RenderCancelled,
 )
-from .metrics import ServiceMetrics
+from ..metrics import ServiceMetrics
+from .batch_policy import Demand, demand_after_call, next_batch
+from .pending import PendingJob, PreviewFn, QueuedImage, preview_routing, rendered_image
 
 logger = logging.getLogger(__name__)
 
@@ -70,16 +69,14 @@ class Batcher:
         *,
         max_batch_images: int,
         batch_wait_ms: int,
-        max_queue_images: int,
         metrics: ServiceMetrics | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        if max_batch_images < 1 or max_queue_images < 1 or batch_wait_ms < 0:
-            raise ValueError("max_batch_images, max_queue_images >= 1 and batch_wait_ms >= 0")
+        if max_batch_images < 1 or batch_wait_ms < 0:
+            raise ValueError("max_batch_images >= 1 and batch_wait_ms >= 0")
         self._render = render
         self._max_batch = max_batch_images
         self._batch_wait_s = batch_wait_ms / 1000
-        self._capacity = QueueCapacity(max_queue_images)
         self._metrics = metrics
         # Unix time, the scale of GenerationJob.deadline.
         self._clock = clock
@@ -116,14 +113,8 @@ class Batcher:
                 return self._rejected(
                     GenerationOutcome(status=OutcomeStatus.ERROR, message=_SHUTDOWN)
                 )
-            # Images queued or rendering for jobs still wanted. Those of jobs
-            # nobody waits for any more (cancelled, timed out) stop at their
-            # next denoising step: they must not turn new work away.
-            wanted = (p for pendings in self._pending.values() for p in pendings)
-            backlog = sum(p.results.count(None) for p in wanted)
-            refusal = self._capacity.refusal(backlog, n)
-            if refusal is not None:
-                return self._rejected(refusal)
+            # No queue limit here: SDXL_MAX_QUEUE_IMAGES is kept by the HTTP
+            # process's render client, the one place every worker's calls pass.
             future = asyncio.get_running_loop().create_future()
             now = time.monotonic()
             pending = PendingJob(
@@ -198,7 +189,7 @@ class Batcher:
         with self._cond:
             return self._stopping or all(p.finished or self._past_deadline(p.job) for p in pendings)
 
-    # --- admission ----------------------------------------------------------
+    # --- refusals -----------------------------------------------------------
 
     def _rejected(self, outcome: GenerationOutcome) -> GenerationOutcome:
         if self._metrics is not None:
@@ -345,7 +336,6 @@ class Batcher:
             self._metrics.observe_batch(len(images))
             self._metrics.count_images(len(images))
         with self._cond:
-            self._capacity.record_call(elapsed, len(images))
             # Before any job is answered: a client answered now and back at
             # once must not count as one more that was waiting.
             self._demand = demand_after_call(images, self._queue, time.monotonic())

@@ -17,8 +17,7 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
-from .batching import Batcher
-from .jobs import (
+from ..contract.jobs import (
     GenerationJob,
     GenerationOutcome,
     OutcomeStatus,
@@ -27,9 +26,10 @@ from .jobs import (
     RenderEventType,
     still_loading,
 )
-from .metrics import ServiceMetrics
-from .settings import Settings
-from .worker_registry import WorkerRegistry, WorkerState, WorkerStatus
+from ..contract.worker_registry import WorkerRegistry, WorkerState, WorkerStatus
+from ..metrics import ServiceMetrics
+from ..settings import Settings
+from .batcher import Batcher
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class RenderHost:
 
     def _load(self) -> None:
         try:
-            from .engine import Engine  # torch and diffusers load here, in this process only
+            from ..engine import Engine  # torch and diffusers load here, in this process only
 
             self._pick_device()
             observer = self.metrics.observe_stage if self.metrics else None
@@ -86,7 +86,6 @@ class RenderHost:
                 engine.render,
                 max_batch_images=self.settings.max_batch_images,
                 batch_wait_ms=self.settings.batch_wait_ms,
-                max_queue_images=self.settings.max_queue_images,
                 metrics=self.metrics,
             )
             self.engine = engine

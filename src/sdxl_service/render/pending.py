@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from PIL.Image import Image
 
-from .jobs import GenerationJob, GenerationOutcome, ImageTask, RenderedImage, RenderParams
+from ..contract.jobs import GenerationJob, GenerationOutcome, ImageTask, RenderedImage, RenderParams
 
 logger = logging.getLogger(__name__)
 

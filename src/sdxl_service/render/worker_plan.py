@@ -105,7 +105,7 @@ def plan_workers(
 
 
 def plan_from_environment() -> WorkerPlan:
-    from .settings import get_settings
+    from ..settings import get_settings
 
     settings = get_settings()
     return plan_workers(settings.gpus, settings.workers, os.environ)

@@ -8,7 +8,7 @@ only module that imports boto3). `FileSweeper` deletes expired files.
 
 from __future__ import annotations
 
-from ..settings import Settings
+from ...settings import Settings
 from .local import LocalFileStore
 from .store import FileStore, StoredFile, is_valid_file_id, new_file_id
 from .sweeper import SWEEP_INTERVAL_S, FileSweeper
