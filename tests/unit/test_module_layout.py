@@ -165,3 +165,25 @@ def test_the_http_process_never_imports_torch_or_diffusers() -> None:
         check=False,
     )
     assert engine.stdout.strip() == "True", engine.stderr
+
+
+def test_the_readme_module_map_lists_every_module() -> None:
+    """Each module, package and sub-package of src/ has a line of its own in the README's map."""
+    readme = (PACKAGE.parents[1] / "README.md").read_text()
+    block = readme[readme.index("src/sdxl_service/\n") : readme.index("\ntests/unit/")]
+    listed = {line.split()[0] for line in block.splitlines()[1:] if line.strip()}
+    expected = set()
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE).parts
+        if parts == ("__init__.py",):
+            continue
+        if len(parts) == 1:
+            expected.add(parts[0])  # a shared module
+            continue
+        expected.add(f"{parts[0]}/")
+        if len(parts) > 2:
+            expected.add(f"{parts[1]}/")  # a sub-package (api/files/) is one line
+        elif parts[1] != "__init__.py":
+            expected.add(parts[1])
+    assert sorted(expected - listed) == []
+    assert sorted(listed - expected) == []
