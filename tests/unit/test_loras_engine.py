@@ -119,7 +119,10 @@ def test_without_lora_every_mode_gives_the_image_from_before_any_lora(
 ) -> None:
     render(engine, ("style", 1.0), ("words", 1.0))
     for mode, image in before_any_lora.items():
-        assert np.array_equal(render(engine, refiner=mode), image), mode
+        # At most one level of 255 apart: on some CPUs the base-only image moved by 1 in one
+        # pixel once adapters were injected (disabled, the UNet's output stays bit-equal; the
+        # rounding of one value near .5 is not). A LoRA left on moves pixels by tens.
+        assert np.abs(render(engine, refiner=mode) - image).max() <= 1, mode
 
 
 def stock_render(
