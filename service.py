@@ -21,6 +21,7 @@ from sdxl_service.api.app import create_app
 from sdxl_service.api.metric_labels import bound_http_metric_labels
 from sdxl_service.api.middleware import MountRootAlias, OpenAIErrorsEverywhere
 from sdxl_service.contract.jobs import GenerationJob
+from sdxl_service.contract.render_call import RENDER_ROUTE
 from sdxl_service.contract.wire import event_frame
 from sdxl_service.render.worker_plan import plan_from_environment
 from sdxl_service.settings import DEFAULT_PORT, SERVICE_ID, get_settings
@@ -74,11 +75,14 @@ class RenderService:
     async def shutdown(self) -> None:
         await self.host.stop()
 
-    @bentoml.api
+    @bentoml.api(route=RENDER_ROUTE)
     async def render(
         self, job: GenerationJob, only_if_idle: bool = False
     ) -> AsyncGenerator[bytes, None]:
-        """RenderEvents (contract/wire.py); the HTTP service closing the stream cancels the job."""
+        """A RenderCall's fields (contract/render_call.py) -> RenderEvents (contract/wire.py).
+
+        The HTTP service closing the stream cancels the job.
+        """
         async for event in self.host.stream(job, only_if_idle):
             yield event_frame(event)
 
@@ -122,12 +126,12 @@ class ImagesAPI:
 
         metrics = ServiceMetrics()
         files = open_file_store(settings)
-        self.workers = WorkerRegistry.from_environment()
+        self.worker_registry = WorkerRegistry.from_environment()
         self.render_client = BentoRenderClient(
             self.renderer,
             metrics,
             workers=plan.workers,
-            registry=self.workers,
+            registry=self.worker_registry,
             timeout=settings.traffic_timeout,
             max_queue_images=settings.max_queue_images,
         )
@@ -137,7 +141,7 @@ class ImagesAPI:
     def __is_ready__(self) -> bool:
         # BentoML's own probe of the render service reaches one worker at
         # random; ready means every one of them has loaded.
-        return self.workers is None or self.workers.all_ready(plan.workers)
+        return self.worker_registry is None or self.worker_registry.all_ready(plan.workers)
 
     @bentoml.on_startup
     async def start_sweeping(self) -> None:

@@ -35,13 +35,13 @@ from sdxl_service.api.render_client import (
     http_client_for,
 )
 from sdxl_service.contract.jobs import (
-    GenerationJob,
     GenerationOutcome,
     OutcomeStatus,
     RenderedImage,
     RenderEvent,
     RenderEventType,
 )
+from sdxl_service.contract.render_call import RENDER_ROUTE, RenderCall
 from sdxl_service.contract.wire import event_frame
 from sdxl_service.contract.worker_registry import WorkerRegistry, WorkerState, WorkerStatus
 from sdxl_service.metrics import ServiceMetrics
@@ -88,13 +88,7 @@ def partial(index: int, partial_index: int) -> RenderEvent:
 BUSY = RenderEvent(type=RenderEventType.BUSY, worker=1)
 
 
-@dataclass
-class Call:
-    job: GenerationJob
-    only_if_idle: bool
-
-
-Script = Callable[["FakeWorkers", Call], AsyncIterator[RenderEvent]]
+Script = Callable[["FakeWorkers", RenderCall], AsyncIterator[RenderEvent]]
 # A script that answers the call with an HTTP error instead of a stream.
 FAIL_500 = object()
 
@@ -103,25 +97,29 @@ FAIL_500 = object()
 
 
 def answer(worker: int = 1, result: GenerationOutcome | None = None) -> Script:
-    async def script(workers: FakeWorkers, call: Call) -> AsyncIterator[RenderEvent]:
+    async def script(workers: FakeWorkers, call: RenderCall) -> AsyncIterator[RenderEvent]:
         yield accepted(worker)
         yield outcome(result or ok(*call.job.seeds))
 
     return script
 
 
-async def previews_then_answer(workers: FakeWorkers, call: Call) -> AsyncIterator[RenderEvent]:
+async def previews_then_answer(
+    workers: FakeWorkers, call: RenderCall
+) -> AsyncIterator[RenderEvent]:
     yield accepted(1)
     for index, partial_index in [(0, 0), (0, 1), (1, 0), (1, 1)]:
         yield partial(index, partial_index)
     yield outcome(ok(*call.job.seeds))
 
 
-async def busy(workers: FakeWorkers, call: Call) -> AsyncIterator[RenderEvent]:
+async def busy(workers: FakeWorkers, call: RenderCall) -> AsyncIterator[RenderEvent]:
     yield BUSY
 
 
-async def busy_when_asked_for_idle(workers: FakeWorkers, call: Call) -> AsyncIterator[RenderEvent]:
+async def busy_when_asked_for_idle(
+    workers: FakeWorkers, call: RenderCall
+) -> AsyncIterator[RenderEvent]:
     if call.only_if_idle:
         yield BUSY
         return
@@ -132,7 +130,7 @@ async def busy_when_asked_for_idle(workers: FakeWorkers, call: Call) -> AsyncIte
 def hold(worker: int) -> Script:
     """ACCEPTED, then the outcome only once the test sets `workers.release`."""
 
-    async def script(workers: FakeWorkers, call: Call) -> AsyncIterator[RenderEvent]:
+    async def script(workers: FakeWorkers, call: RenderCall) -> AsyncIterator[RenderEvent]:
         yield accepted(worker)
         await workers.release.wait()
         yield outcome(ok(*call.job.seeds))
@@ -140,14 +138,16 @@ def hold(worker: int) -> Script:
     return script
 
 
-async def killed_after_accepted(workers: FakeWorkers, call: Call) -> AsyncIterator[RenderEvent]:
+async def killed_after_accepted(
+    workers: FakeWorkers, call: RenderCall
+) -> AsyncIterator[RenderEvent]:
     yield accepted(2)
     yield partial(0, 0)
     # The server cuts the connection mid-stream, as when the worker dies.
     raise RuntimeError("render worker killed")
 
 
-async def ends_after_accepted(workers: FakeWorkers, call: Call) -> AsyncIterator[RenderEvent]:
+async def ends_after_accepted(workers: FakeWorkers, call: RenderCall) -> AsyncIterator[RenderEvent]:
     yield accepted(1)
 
 
@@ -156,7 +156,7 @@ class FakeWorkers:
 
     def __init__(self, *scripts: Script | object) -> None:
         self.scripts = scripts
-        self.calls: list[Call] = []
+        self.calls: list[RenderCall] = []
         self.ends: list[str] = []
         self.release = asyncio.Event()
         self.server: uvicorn.Server | None = None
@@ -164,7 +164,7 @@ class FakeWorkers:
         self.connections: list[frozenset[int]] = []
 
     def app(self) -> Starlette:
-        return Starlette(routes=[Route("/render", self.render, methods=["POST"])])
+        return Starlette(routes=[Route(RENDER_ROUTE, self.render, methods=["POST"])])
 
     def open_connections(self) -> frozenset[int]:
         assert self.server is not None
@@ -173,9 +173,7 @@ class FakeWorkers:
     async def render(self, request: Request) -> Response:
         payload = await request.json()
         assert set(payload) == {"job", "only_if_idle"}
-        call = Call(
-            job=GenerationJob.model_validate(payload["job"]), only_if_idle=payload["only_if_idle"]
-        )
+        call = RenderCall.model_validate(payload)
         self.calls.append(call)
         self.connections.append(self.open_connections())
         script = self.scripts[min(len(self.calls), len(self.scripts)) - 1]
@@ -184,7 +182,7 @@ class FakeWorkers:
         assert callable(script)
         return StreamingResponse(self._frames(script, call), media_type="application/octet-stream")
 
-    async def _frames(self, script: Script, call: Call) -> AsyncIterator[bytes]:
+    async def _frames(self, script: Script, call: RenderCall) -> AsyncIterator[bytes]:
         end = "error"
         try:
             async for event in script(self, call):

@@ -34,8 +34,9 @@ from ..contract.jobs import (
     OutcomeStatus,
     RenderEvent,
     RenderEventType,
-    still_loading,
+    loading_outcome,
 )
+from ..contract.render_call import RENDER_ROUTE, RenderCall
 from ..contract.wire import read_events
 from ..contract.worker_registry import WorkerRegistry
 from ..metrics import ServiceMetrics
@@ -48,7 +49,6 @@ CONNECT_ATTEMPTS = 3
 # anywhere: the kernel picks the worker of each connection, so a free worker is
 # missed with probability (busy share) ** tries.
 IDLE_TRIES_PER_WORKER = 8
-RENDER_ROUTE = "/render"
 
 PartialSink = Callable[[RenderEvent], Awaitable[None]]
 
@@ -159,14 +159,18 @@ class BentoRenderClient:
     async def _dispatch(
         self, job: GenerationJob, on_partial: PartialSink | None
     ) -> GenerationOutcome:
-        job_json = job.model_dump_json()
+        # A job can carry an edit's pictures: each body is encoded once, not once per try.
+        bodies: dict[bool, str] = {}
         idle_tries = IDLE_TRIES_PER_WORKER * self._workers
         failures = 0
         while True:
             only_if_idle = idle_tries > 0 and self._some_worker_idle()
             idle_tries -= 1
             try:
-                body = f'{{"job":{job_json},"only_if_idle":{str(only_if_idle).lower()}}}'
+                if only_if_idle not in bodies:
+                    call = RenderCall(job=job, only_if_idle=only_if_idle)
+                    bodies[only_if_idle] = call.model_dump_json()
+                body = bodies[only_if_idle]
                 outcome = await self._call(body, on_partial)
             except _WorkerLost:
                 return self._worker_lost()
@@ -176,7 +180,7 @@ class BentoRenderClient:
                 failures += 1
                 logger.warning("render service connection failed (%s), attempt %d", exc, failures)
                 if failures >= CONNECT_ATTEMPTS:
-                    return still_loading(
+                    return loading_outcome(
                         "The render service is not reachable (starting?); try again shortly."
                     )
                 continue

@@ -126,7 +126,7 @@ def resolve_variation(
     return resolved
 
 
-def check_model(
+def lora_of_model(
     model: str | None, settings: Settings, catalog: LoraCatalog | None = None
 ) -> str | None:
     """The LoRA a `<service>:<lora>` model names (None for the others); 404 unless
@@ -163,7 +163,7 @@ def _resolve(
 ) -> ResolvedRequest:
     s = settings
     # 1. What the request may ask at all.
-    model_lora = check_model(req.model, s, catalog)
+    model_lora = lora_of_model(req.model, s, catalog)
     if req.background == "transparent":
         raise invalid_value(
             "background",

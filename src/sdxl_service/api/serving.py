@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
-from ..contract.jobs import GenerationOutcome, OutcomeStatus, RenderEvent, still_loading
+from ..contract.jobs import GenerationOutcome, OutcomeStatus, RenderEvent, loading_outcome
 from ..lora_catalog import LoraCatalog
 from ..metrics import ServiceMetrics
 from ..settings import SERVICE_ID, Settings
@@ -115,7 +115,7 @@ class ImagesServing:
         if not info.get("loaded"):
             if self.metrics:
                 self.metrics.reject(OutcomeStatus.LOADING.value)
-            raise outcome_error(still_loading())
+            raise outcome_error(loading_outcome())
         return int(info["native_resolution"])
 
     # ---- the three endpoints ---------------------------------------------------

@@ -184,7 +184,7 @@ class GenerationOutcome(BaseModel):
 LOADING_RETRY_AFTER = 10.0
 
 
-def still_loading(
+def loading_outcome(
     message: str = "The model is still loading; try again shortly.",
 ) -> GenerationOutcome:
     """The answer while the models load or the render process (re)starts."""

@@ -24,7 +24,7 @@ from ..contract.jobs import (
     RenderedImage,
     RenderEvent,
     RenderEventType,
-    still_loading,
+    loading_outcome,
 )
 from ..contract.worker_registry import WorkerRegistry, WorkerState, WorkerStatus
 from ..metrics import ServiceMetrics
@@ -183,7 +183,7 @@ class RenderHost:
                 status=OutcomeStatus.ERROR, message=f"The model failed to load: {self.load_error}"
             )
         if self._batcher is None:
-            return still_loading()
+            return loading_outcome()
         return None
 
     async def stop(self) -> None:
