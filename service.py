@@ -18,8 +18,10 @@ import bentoml
 
 from sdxl_service.api.api_keys import APIKeyAuth, APIKeys
 from sdxl_service.api.app import create_app
-from sdxl_service.api.metric_labels import bound_http_metric_labels
+from sdxl_service.api.metric_labels import RouteLabels, bound_http_metric_labels
 from sdxl_service.api.middleware import MountRootAlias, OpenAIErrorsEverywhere
+from sdxl_service.api.paths import API_PREFIX
+from sdxl_service.api.playground import create_playground_app
 from sdxl_service.contract.jobs import GenerationJob
 from sdxl_service.contract.render_call import RENDER_ROUTE
 from sdxl_service.contract.wire import event_frame
@@ -29,8 +31,6 @@ from sdxl_service.settings import DEFAULT_PORT, SERVICE_ID, get_settings
 settings = get_settings()
 # Pins the GPUs of SDXL_GPUS for the workers started from this process.
 plan = plan_from_environment()
-API_PREFIX = "/v1"
-bound_http_metric_labels()
 
 
 @bentoml.service(
@@ -105,15 +105,19 @@ def _current_serving() -> Any:
     return bentoml.get_current_service().serving
 
 
+api_app = create_app(_current_serving, settings.max_body_bytes, settings.max_body_bytes_in_flight)
+playground_app = create_playground_app() if settings.playground else None
+bound_http_metric_labels(
+    RouteLabels.of((API_PREFIX, api_app), ("", playground_app), api_prefix=API_PREFIX)
+)
+
+
 @bentoml.service(
     name=SERVICE_ID,
     http={"port": DEFAULT_PORT, **({"cors": CORS} if settings.cors_origins else {})},
     traffic={"timeout": settings.traffic_timeout},
 )
-@bentoml.asgi_app(
-    create_app(_current_serving, settings.max_body_bytes, settings.max_body_bytes_in_flight),
-    path=API_PREFIX,
-)
+@bentoml.asgi_app(api_app, path=API_PREFIX)
 class ImagesAPI:
     renderer = bentoml.depends(RenderService)
 
@@ -154,11 +158,9 @@ class ImagesAPI:
         await self.render_client.close()
 
 
-if settings.playground:
-    from sdxl_service.api.playground import create_playground_app
-
+if playground_app is not None:
     # At "/": BentoML mounts passively, so only the page's own paths reach it.
-    ImagesAPI.mount_asgi_app(create_playground_app(), path="/", name="playground")  # type: ignore[attr-defined]
+    ImagesAPI.mount_asgi_app(playground_app, path="/", name="playground")  # type: ignore[attr-defined]
 
 # Outermost first: a request without an accepted key is refused before its body is read.
 ImagesAPI.add_asgi_middleware(  # type: ignore[attr-defined]

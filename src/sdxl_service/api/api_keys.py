@@ -19,12 +19,13 @@ from pathlib import Path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .errors import APIError
+from .paths import API_PREFIX, METRICS_PATH, PROBE_PATHS
 
 logger = logging.getLogger(__name__)
 
 # The probes, and the Prem app's health check (GET /v1), which tells nothing.
-OPEN_PATHS = ("/livez", "/readyz", "/healthz", "/v1", "/v1/")
-METRICS_PATH = "/metrics"
+# The probes and the Prem app's health check (the /v1 index).
+OPEN_PATHS = (*PROBE_PATHS, API_PREFIX, API_PREFIX + "/")
 
 
 def _read_key_file(path: Path) -> list[bytes]:

@@ -9,7 +9,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Match
 
-from .errors import APIError, excerpt, install_error_handlers
+from .errors import install_error_handlers, routing_error
 from .forms import read_image_form
 from .middleware import BodyBudget, BodySizeLimit
 from .schemas import (
@@ -99,9 +99,7 @@ def create_app(
             if getattr(route, "name", None) == "unknown_path":
                 continue
             if route.matches(request.scope)[0] == Match.PARTIAL:
-                message = f"Method {request.method} is not allowed on {excerpt(request.url.path)}."
-                return APIError(405, message, code="method_not_allowed").response()
-        message = f"Unknown path: {request.method} {excerpt(request.url.path)}."
-        return APIError(404, message, code="not_found").response()
+                return routing_error(405, request.method, request.url.path).response()
+        return routing_error(404, request.method, request.url.path).response()
 
     return app

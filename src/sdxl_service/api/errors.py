@@ -164,6 +164,19 @@ def validation_error(exc: RequestValidationError) -> APIError:
     return APIError(400, message.replace("..", "."), param=param, code="invalid_value")
 
 
+def routing_error(status: int, method: str, path: str, detail: str | None = None) -> APIError:
+    """The error of a request no route takes: an unknown path (404), a method a path does not
+    have (405), or another status the router or BentoML answered. The /v1 app, its catch-all
+    route and the middleware around BentoML all answer with this one."""
+    if status == 404:
+        return APIError(404, f"Unknown path: {method} {excerpt(path)}.", code="not_found")
+    if status == 405:
+        message = f"Method {method} is not allowed on {excerpt(path)}."
+        return APIError(405, message, code="method_not_allowed")
+    phrase = HTTPStatus(status).phrase
+    return APIError(status, detail or phrase, code=phrase.lower().replace(" ", "_"))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -175,16 +188,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        status = exc.status_code
-        path = excerpt(request.url.path)
-        if status == 404:
-            message = f"Unknown path: {request.method} {path}."
-        elif status == 405:
-            message = f"Method {request.method} is not allowed on {path}."
-        else:
-            message = str(exc.detail) or HTTPStatus(status).phrase
-        code = HTTPStatus(status).phrase.lower().replace(" ", "_")
-        return APIError(status, message, code=code, headers=dict(exc.headers or {})).response()
+        error = routing_error(exc.status_code, request.method, request.url.path, str(exc.detail))
+        error.headers.update(exc.headers or {})
+        return error.response()
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

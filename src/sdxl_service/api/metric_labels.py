@@ -9,53 +9,79 @@ with `add_asgi_middleware`, so `bound_http_metric_labels` wraps that class:
 it sees a route template, and the real path travels beside it in the scope
 until `RealPath`, just inside it, puts it back. Checked against BentoML
 1.4.40 by tests/integration (1,000 distinct paths leave /metrics as it was).
+
+The templates come from the mounted apps' own routes (`RouteLabels.of`), so a
+new route is labelled as itself without anyone listing it here.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import Any
 
+from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-# The routes of this server, as labels may name them.
-_KNOWN_PATHS = frozenset(
-    {
-        "/",
-        "/livez",
-        "/readyz",
-        "/healthz",
-        "/metrics",
-        "/schema.json",
-        "/docs.json",
-        "/v1",
-        "/v1/",
-        "/v1/models",
-        "/v1/images/generations",
-        "/v1/images/edits",
-        "/v1/images/variations",
-        # The render service's APIs (service.py), called by the HTTP service.
-        "/generate",
-        "/cancel",
-        "/describe",
-    }
-)
-_FILE_ROUTE = re.compile(r"^/v1/images/files/[^/]*$")
-# BentoML's index page assets.
-_ASSETS = ("/static_content/", "/assets/", "/playground/")
+from .paths import BENTOML_ASSET_PREFIXES, BENTOML_PAGES, BENTOML_PATHS
+
 _REAL_PATH_KEY = "sdxl.real_path"
+# The /v1 app's catch-all (api/app.py) answers unknown paths; it is no route of its own.
+_CATCH_ALL = "unknown_path"
 
 
-def route_template(path: str) -> str:
+class RouteLabels:
     """The route a path belongs to: one of a fixed, small set of strings."""
-    if path in _KNOWN_PATHS:
-        return path
-    if _FILE_ROUTE.match(path):
-        return "/v1/images/files/{file_id}"
-    for prefix in _ASSETS:
-        if path.startswith(prefix):
-            return prefix + "{asset}"
-    return "/v1/{unknown}" if path.startswith("/v1/") else "/{unknown}"
+
+    def __init__(
+        self,
+        paths: Iterable[str],
+        templates: Iterable[tuple[re.Pattern[str], str]] = (),
+        prefixes: Iterable[str] = (),
+        api_prefix: str = "/v1",
+    ) -> None:
+        self.paths = frozenset(paths)
+        self.templates = tuple(templates)
+        self.prefixes = tuple(prefixes)
+        self.api_prefix = api_prefix
+
+    @classmethod
+    def of(cls, *mounted: tuple[str, Any], api_prefix: str = "/v1") -> RouteLabels:
+        """The labels of BentoML's own paths and of each (prefix, Starlette app)'s routes."""
+        paths: set[str] = {*BENTOML_PATHS, *BENTOML_PAGES}
+        templates: list[tuple[re.Pattern[str], str]] = []
+        prefixes: list[str] = list(BENTOML_ASSET_PREFIXES)
+        for prefix, app in mounted:
+            if prefix:
+                # BentoML's mount answers its prefix both with and without the slash.
+                paths.update({prefix, prefix + "/"})
+            for route in _routes(app):
+                if isinstance(route, Mount):
+                    prefixes.append(f"{prefix}{route.path}/")
+                elif isinstance(route, Route) and route.name != _CATCH_ALL:
+                    full = prefix + route.path
+                    if route.param_convertors:
+                        pattern = re.escape(prefix) + route.path_regex.pattern.removeprefix("^")
+                        templates.append((re.compile("^" + pattern), full))
+                    else:
+                        paths.add(full)
+        return cls(paths, templates, prefixes, api_prefix)
+
+    def __call__(self, path: str) -> str:
+        if path in self.paths:
+            return path
+        for pattern, template in self.templates:
+            if pattern.match(path):
+                return template
+        for prefix in self.prefixes:
+            if path.startswith(prefix):
+                return prefix + "{asset}"
+        unknown = f"{self.api_prefix}/"
+        return unknown + "{unknown}" if path.startswith(unknown) else "/{unknown}"
+
+
+def _routes(app: Any) -> list[BaseRoute]:
+    return list(getattr(app, "routes", []))
 
 
 def real_path(scope: Scope) -> str:
@@ -76,18 +102,19 @@ class RealPath:
         await self.app(scope, receive, send)
 
 
-def bound_http_metric_labels() -> None:
-    """Makes BentoML's HTTP metrics middleware label requests by route (idempotent)."""
+def bound_http_metric_labels(labels: RouteLabels) -> None:
+    """Makes BentoML's HTTP metrics middleware label requests by route (the last labels win)."""
     from bentoml._internal.server.http.instruments import RunnerTrafficMetricsMiddleware
 
     middleware: Any = RunnerTrafficMetricsMiddleware
+    middleware._route_labels = labels
     if getattr(middleware, "_labels_bounded", False):
         return
     original_call = middleware.__call__
 
     async def call_with_route_label(self: Any, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            template = route_template(scope["path"])
+            template = middleware._route_labels(scope["path"])
             if template != scope["path"]:
                 if not isinstance(self.app, RealPath):
                     self.app = RealPath(self.app)

@@ -11,11 +11,9 @@ import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import APIError, client_closed, excerpt
+from .errors import APIError, client_closed, routing_error
 from .metric_labels import real_path
-
-# BentoML's own endpoints: probes and Prometheus read them, not OpenAI clients.
-BENTOML_PATHS = ("/livez", "/readyz", "/healthz", "/metrics")
+from .paths import BENTOML_PATHS
 
 
 class BodyBudget:
@@ -172,14 +170,7 @@ class OpenAIErrorsEverywhere:
 
     @staticmethod
     async def _send_error(scope: Scope, status: int, path: str, send: Send) -> None:
-        method = scope.get("method", "GET")
-        if status == 404:
-            error = APIError(404, f"Unknown path: {method} {excerpt(path)}.", code="not_found")
-        elif status == 405:
-            message = f"Method {method} is not allowed on {excerpt(path)}."
-            error = APIError(405, message, code="method_not_allowed")
-        else:
-            error = APIError(status, "The server could not process the request.", code="error")
+        error = routing_error(status, scope.get("method", "GET"), path)
         body = json.dumps(error.body()).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
         await send({"type": "http.response.start", "status": status, "headers": headers})
