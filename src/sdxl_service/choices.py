@@ -59,3 +59,14 @@ class DType(StrEnum):
     FLOAT16 = "float16"
     BFLOAT16 = "bfloat16"
     FLOAT32 = "float32"
+
+
+# Spellings people use for the dtypes besides torch's own names: SDXL_DTYPE and
+# SDXL_VAE_DTYPE accept them (settings.py); the one table of them.
+DTYPE_ALIASES = {
+    "fp16": DType.FLOAT16,
+    "half": DType.FLOAT16,
+    "bf16": DType.BFLOAT16,
+    "fp32": DType.FLOAT32,
+    "float": DType.FLOAT32,
+}

@@ -18,6 +18,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .choices import (
+    DTYPE_ALIASES,
     Attention,
     DType,
     Preset,
@@ -30,15 +31,6 @@ from .choices import (
 SERVICE_ID = "stable-diffusion-xl-with-refiner"
 DEFAULT_PORT = 9225
 ENV_PREFIX = "SDXL_"
-
-# Spellings people use for the dtypes (torch's own names and short forms).
-_DTYPE_ALIASES = {
-    "fp16": DType.FLOAT16,
-    "half": DType.FLOAT16,
-    "bf16": DType.BFLOAT16,
-    "fp32": DType.FLOAT32,
-    "float": DType.FLOAT32,
-}
 
 
 def _default_cache_dir() -> Path:
@@ -154,7 +146,7 @@ class Settings(BaseSettings):
     def _dtype_alias(cls, value: Any) -> Any:
         if isinstance(value, str):
             name = value.strip().lower()
-            return _DTYPE_ALIASES.get(name, name)
+            return DTYPE_ALIASES.get(name, name)
         return value
 
     @field_validator("api_keys", "cors_origins", mode="before")

@@ -12,25 +12,12 @@ from ..settings import Settings
 
 logger = logging.getLogger(__name__)
 
-_DTYPES: dict[str, torch.dtype] = {
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-}
 
-
-def parse_dtype(name: str) -> torch.dtype:
-    try:
-        return _DTYPES[name.strip().lower()]
-    except KeyError:
-        raise ValueError(
-            f"unknown dtype {name!r}; use float16/fp16, bfloat16/bf16 or float32/fp32"
-        ) from None
+def torch_dtype(dtype: DType) -> torch.dtype:
+    """The torch dtype of a setting's DType (settings.py already took the aliases)."""
+    if dtype is DType.AUTO:
+        raise ValueError("`auto` has no torch dtype: resolve it first")
+    return getattr(torch, dtype.value)  # type: ignore[no-any-return]
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -73,7 +60,7 @@ def resolve_device(settings: Settings) -> str:
 
 def resolve_dtype(settings: Settings, device: str) -> torch.dtype:
     if settings.dtype != DType.AUTO:
-        return parse_dtype(settings.dtype)
+        return torch_dtype(settings.dtype)
     return torch.float16 if device.startswith("cuda") else torch.float32
 
 
@@ -86,7 +73,7 @@ def resolve_vae_dtype(settings: Settings, dtype: torch.dtype, vae: Any) -> torch
     being cast up and down around every decode.
     """
     if settings.vae_dtype != DType.AUTO:
-        return parse_dtype(settings.vae_dtype)
+        return torch_dtype(settings.vae_dtype)
     if dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
         return torch.float32
     return dtype
