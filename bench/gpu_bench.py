@@ -91,18 +91,22 @@ class BenchConfig:
     vae_dtype: str = "auto"
 
     def settings(self, device: str, dtype: str) -> Any:
+        """The engine's config of this run (the service's settings, with the run's switches)."""
         from sdxl_service.choices import Preset
+        from sdxl_service.engine.config import EngineConfig
         from sdxl_service.settings import Settings
 
-        return Settings(
-            preset=Preset.SDXL,
-            device=device,
-            dtype=DTYPE_NAMES[dtype],
-            attention=self.attention,
-            channels_last=self.channels_last,
-            fuse_qkv=self.fuse_qkv,
-            compile=self.compile == COMPILE_FULL,
-            vae_dtype=self.vae_dtype,
+        return EngineConfig.of(
+            Settings(
+                preset=Preset.SDXL,
+                device=device,
+                dtype=DTYPE_NAMES[dtype],
+                attention=self.attention,
+                channels_last=self.channels_last,
+                fuse_qkv=self.fuse_qkv,
+                compile=self.compile == COMPILE_FULL,
+                vae_dtype=self.vae_dtype,
+            )
         )
 
 
@@ -389,7 +393,7 @@ def run_previews(
     """
     variants = ["none", *args.previews]
     name = common["config"]
-    settings = engine.settings
+    engine_config = engine.config
     if "taesd" in args.previews:
         engine.preview_decoders.use_taesd(preview_taesd(args, engine.dtype))
 
@@ -403,8 +407,8 @@ def run_previews(
         )
 
     def render(variant: str, steps: int) -> tuple[float, np.ndarray]:
-        decoder = settings.preview_decoder if variant == "none" else variant
-        engine.settings = settings.model_copy(update={"preview_decoder": decoder})
+        decoder = engine_config.preview_decoder if variant == "none" else variant
+        engine.config = engine_config.model_copy(update={"preview_decoder": decoder})
         synchronize(args.device)
         t0 = time.monotonic()
         [image] = engine.render(batch_for(variant, steps))
@@ -412,7 +416,7 @@ def run_previews(
         return time.monotonic() - t0, np.asarray(image)
 
     def finish(extra: list[dict[str, Any]]) -> None:
-        engine.settings = settings
+        engine.config = engine_config
         records.extend(extra)
         if emit:
             emit(records)

@@ -73,11 +73,12 @@ def engine_render() -> tuple[Callable[[], Any], dict[str, Any]]:
     from sdxl_service.choices import Preset
     from sdxl_service.contract.jobs import RenderBatch
     from sdxl_service.engine import Engine
+    from sdxl_service.engine.config import EngineConfig
     from sdxl_service.lora_catalog import LoraCatalog
     from sdxl_service.settings import Settings
 
     settings = Settings(preset=Preset.TINY, cache_dir=CACHE_DIR)
-    engine = Engine.load(settings)
+    engine = Engine.load(EngineConfig.of(settings))
     request = ImageGenerationRequest.model_validate(REQUEST)
     resolved = resolve_generation(
         request, settings, engine.native_resolution, LoraCatalog(settings.lora_folder)

@@ -83,7 +83,7 @@ def make_batch(workload: Workload, previews: bool, sink: list[Any]) -> Any:
 
 def measure(engine: Any, workloads: list[Workload], repeats: int) -> list[dict[str, Any]]:
     """Per workload and variant: median seconds per image and the ratio to no previews."""
-    settings = engine.settings
+    engine_config = engine.config
     engine.preview_decoders.prepare("taesd")  # loaded before timing, as at startup
     variants = [NONE, *DECODERS]
     rows: list[dict[str, Any]] = []
@@ -92,7 +92,7 @@ def measure(engine: Any, workloads: list[Workload], repeats: int) -> list[dict[s
 
         def render(variant: str, workload: Workload = workload, sink: list[Any] = sink) -> float:
             decoder = DECODERS[0] if variant == NONE else variant
-            engine.settings = settings.model_copy(update={"preview_decoder": decoder})
+            engine.config = engine_config.model_copy(update={"preview_decoder": decoder})
             batch = make_batch(workload, variant != NONE, sink)
             started = time.perf_counter()
             engine.render(batch)
@@ -107,7 +107,7 @@ def measure(engine: Any, workloads: list[Workload], repeats: int) -> list[dict[s
             shift = round_ % len(variants)
             for variant in variants[shift:] + variants[:shift]:
                 seconds[variant].append(render(variant))
-        engine.settings = settings
+        engine.config = engine_config
         base = seconds[NONE]
         for variant in variants:
             paired = [s / b for s, b in zip(seconds[variant], base, strict=True)]
@@ -251,12 +251,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from sdxl_service.choices import Preset
     from sdxl_service.engine import Engine
+    from sdxl_service.engine.config import EngineConfig
     from sdxl_service.settings import Settings
 
     args = parse_args(argv)
     # The service's own settings for the tiny preset on the CPU, nothing tuned.
     settings = Settings(preset=Preset.TINY, device="cpu", cache_dir=args.cache_dir)
-    engine = Engine.load(settings)
+    engine = Engine.load(EngineConfig.of(settings))
     workloads = [Workload(size, batch) for size in args.sizes for batch in args.batches]
     rows = measure(engine, workloads, args.repeats)
     costs = decode_costs(engine, workloads, max(5, args.repeats))

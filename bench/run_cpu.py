@@ -130,10 +130,11 @@ def direct_engine_render(cache_dir: Path) -> Callable[[], Any]:
     from sdxl_service.choices import Preset, RefinerMode, SchedulerName
     from sdxl_service.contract.jobs import ImageTask, RenderBatch, RenderParams
     from sdxl_service.engine import Engine
+    from sdxl_service.engine.config import EngineConfig
     from sdxl_service.settings import Settings
 
     settings = Settings(preset=Preset.TINY, cache_dir=cache_dir)
-    engine = Engine.load(settings)
+    engine = Engine.load(EngineConfig.of(settings))
     width, height = render_size(
         64, 64, engine.native_resolution, render_native=True, max_pixels=settings.max_pixels
     )

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sdxl_service.engine.config import EngineConfig
 from sdxl_service.engine.tiny import ensure_tiny_pair
 from sdxl_service.settings import Preset, Settings
 
@@ -60,4 +61,4 @@ def tiny_settings(tiny_cache_dir: Path) -> Settings:
 def tiny_engine(tiny_settings: Settings):
     from sdxl_service.engine import Engine
 
-    return Engine.load(tiny_settings)
+    return Engine.load(EngineConfig.of(tiny_settings))

@@ -20,6 +20,7 @@ from sdxl_service.contract.jobs import (
     RenderParams,
 )
 from sdxl_service.engine import Engine, devices
+from sdxl_service.engine.config import EngineConfig
 from sdxl_service.engine.devices import (
     resolve_device,
     resolve_dtype,
@@ -298,7 +299,9 @@ def test_each_scheduler_splits_the_steps_between_base_and_refiner(
 
 def test_stage_observer_gets_seconds_per_stage(tiny_settings: Settings) -> None:
     timings: list[tuple[str, float]] = []
-    engine = Engine.load(tiny_settings, stage_observer=lambda s, t: timings.append((s, t)))
+    engine = Engine.load(
+        EngineConfig.of(tiny_settings), stage_observer=lambda s, t: timings.append((s, t))
+    )
     engine.render(RenderBatch(params=params(), tasks=tasks(1)))
     assert [stage for stage, _ in timings] == ["base", "refiner", "decode"]
     assert all(seconds > 0 for _, seconds in timings)
@@ -451,7 +454,7 @@ def test_the_n_images_of_a_request_encode_their_picture_once(tiny_engine: Engine
 
 def test_edit_leaves_the_vae_in_its_own_dtype(tiny_settings_factory) -> None:
     """diffusers' own encode would cast the shared VAE to the UNet dtype after upcasting."""
-    engine = Engine.load(tiny_settings_factory(vae_dtype="bf16"))
+    engine = Engine.load(EngineConfig.of(tiny_settings_factory(vae_dtype="bf16")))
     for kind, mask in [(RenderKind.IMAGE_TO_IMAGE, None), (RenderKind.INPAINT, LEFT_HALF)]:
         engine.render(RenderBatch(params=edit_params(kind, steps=4), tasks=edits(1, mask=mask)))
         assert engine.vae.dtype == torch.bfloat16
@@ -538,7 +541,9 @@ def test_channels_last_and_fused_qkv_render_the_same_image(
 ) -> None:
     from diffusers.models.attention_processor import FusedAttnProcessor2_0
 
-    optimised = Engine.load(tiny_settings_factory(channels_last=True, fuse_qkv=True))
+    optimised = Engine.load(
+        EngineConfig.of(tiny_settings_factory(channels_last=True, fuse_qkv=True))
+    )
     assert optimised.optimisations["channels_last"] is True
     assert optimised.optimisations["fuse_qkv"] is True
     conv = optimised.base.unet.conv_in.weight
@@ -558,14 +563,14 @@ def test_channels_last_and_fused_qkv_render_the_same_image(
 def test_eager_attention_renders_the_same_image(tiny_engine: Engine, tiny_settings_factory) -> None:
     from diffusers.models.attention_processor import AttnProcessor
 
-    eager = Engine.load(tiny_settings_factory(attention="eager"))
+    eager = Engine.load(EngineConfig.of(tiny_settings_factory(attention="eager")))
     assert set(map(type, eager.base.unet.attn_processors.values())) == {AttnProcessor}
     batch = RenderBatch(params=params(), tasks=tasks(31))
     assert np.allclose(pixels(tiny_engine.render(batch)[0]), pixels(eager.render(batch)[0]), atol=2)
 
 
 def test_bf16_vae_decode_is_close_to_float32(tiny_engine: Engine, tiny_settings_factory) -> None:
-    bf16_vae = Engine.load(tiny_settings_factory(vae_dtype="bf16"))
+    bf16_vae = Engine.load(EngineConfig.of(tiny_settings_factory(vae_dtype="bf16")))
     assert bf16_vae.vae.dtype == torch.bfloat16
     assert bf16_vae.base.unet.dtype == torch.float32
     batch = RenderBatch(params=params(), tasks=tasks(41))
@@ -574,13 +579,13 @@ def test_bf16_vae_decode_is_close_to_float32(tiny_engine: Engine, tiny_settings_
 
 
 def test_compile_is_skipped_off_cuda_unless_forced(tiny_settings_factory) -> None:
-    engine = Engine.load(tiny_settings_factory(compile=True))
+    engine = Engine.load(EngineConfig.of(tiny_settings_factory(compile=True)))
     assert engine.optimisations["compile"] is False
 
 
 def test_unknown_attention_is_refused(tiny_settings_factory) -> None:
     with pytest.raises(ValueError, match="attention"):
-        Engine.load(tiny_settings_factory(attention="flash9"))
+        Engine.load(EngineConfig.of(tiny_settings_factory(attention="flash9")))
 
 
 # --- resolution of auto settings ---------------------------------------------
@@ -588,7 +593,7 @@ def test_unknown_attention_is_refused(tiny_settings_factory) -> None:
 
 def test_auto_preset_is_sdxl_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert resolve_preset(Settings(preset=Preset.AUTO)) is Preset.SDXL
+    assert resolve_preset(EngineConfig.of(Settings(preset=Preset.AUTO))) is Preset.SDXL
 
 
 def test_auto_preset_falls_back_to_tiny_with_a_warning(
@@ -596,15 +601,15 @@ def test_auto_preset_falls_back_to_tiny_with_a_warning(
 ) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with caplog.at_level(logging.WARNING, logger=devices.__name__):
-        assert resolve_preset(Settings(preset=Preset.AUTO)) is Preset.TINY
+        assert resolve_preset(EngineConfig.of(Settings(preset=Preset.AUTO))) is Preset.TINY
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings and "TINY" in warnings[0].getMessage()
 
 
 def test_explicit_preset_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert resolve_preset(Settings(preset=Preset.SDXL)) is Preset.SDXL
-    assert resolve_preset(Settings(preset=Preset.TINY)) is Preset.TINY
+    assert resolve_preset(EngineConfig.of(Settings(preset=Preset.SDXL))) is Preset.SDXL
+    assert resolve_preset(EngineConfig.of(Settings(preset=Preset.TINY))) is Preset.TINY
 
 
 @pytest.mark.parametrize(
@@ -616,15 +621,15 @@ def test_auto_device_prefers_cuda_then_mps(
 ) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
-    assert resolve_device(Settings(device="auto")) == expected
-    assert resolve_device(Settings(device="cuda:1")) == "cuda:1"
+    assert resolve_device(EngineConfig.of(Settings(device="auto"))) == expected
+    assert resolve_device(EngineConfig.of(Settings(device="cuda:1"))) == "cuda:1"
 
 
 def test_dtype_resolution() -> None:
-    assert resolve_dtype(Settings(dtype="auto"), "cuda") == torch.float16
-    assert resolve_dtype(Settings(dtype="auto"), "cuda:0") == torch.float16
-    assert resolve_dtype(Settings(dtype="auto"), "cpu") == torch.float32
-    assert resolve_dtype(Settings(dtype="auto"), "mps") == torch.float32
+    assert resolve_dtype(EngineConfig.of(Settings(dtype="auto")), "cuda") == torch.float16
+    assert resolve_dtype(EngineConfig.of(Settings(dtype="auto")), "cuda:0") == torch.float16
+    assert resolve_dtype(EngineConfig.of(Settings(dtype="auto")), "cpu") == torch.float32
+    assert resolve_dtype(EngineConfig.of(Settings(dtype="auto")), "mps") == torch.float32
     for name, dtype in [
         ("float16", torch.float16),
         ("fp16", torch.float16),
@@ -633,17 +638,29 @@ def test_dtype_resolution() -> None:
         ("float32", torch.float32),
         ("FP32", torch.float32),
     ]:
-        assert resolve_dtype(Settings(dtype=name), "cpu") == dtype
+        assert resolve_dtype(EngineConfig.of(Settings(dtype=name)), "cpu") == dtype
     with pytest.raises(ValueError, match="float16"):
-        resolve_dtype(Settings(dtype="int8"), "cuda")
+        resolve_dtype(EngineConfig.of(Settings(dtype="int8")), "cuda")
 
 
 def test_vae_decodes_in_float32_when_fp16_would_overflow(tiny_engine: Engine) -> None:
     vae = tiny_engine.vae  # force_upcast: true, like SDXL's
-    assert resolve_vae_dtype(Settings(vae_dtype="auto"), torch.float16, vae) == torch.float32
-    assert resolve_vae_dtype(Settings(vae_dtype="auto"), torch.bfloat16, vae) == torch.bfloat16
-    assert resolve_vae_dtype(Settings(vae_dtype="bf16"), torch.float16, vae) == torch.bfloat16
-    assert resolve_vae_dtype(Settings(vae_dtype="fp16"), torch.float16, vae) == torch.float16
+    assert (
+        resolve_vae_dtype(EngineConfig.of(Settings(vae_dtype="auto")), torch.float16, vae)
+        == torch.float32
+    )
+    assert (
+        resolve_vae_dtype(EngineConfig.of(Settings(vae_dtype="auto")), torch.bfloat16, vae)
+        == torch.bfloat16
+    )
+    assert (
+        resolve_vae_dtype(EngineConfig.of(Settings(vae_dtype="bf16")), torch.float16, vae)
+        == torch.bfloat16
+    )
+    assert (
+        resolve_vae_dtype(EngineConfig.of(Settings(vae_dtype="fp16")), torch.float16, vae)
+        == torch.float16
+    )
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -652,7 +669,7 @@ def test_half_precision_engine_renders_close_to_float32(
 ) -> None:
     """The GPU's dtypes, exercised where the CPU allows: UNets and text encoders
     in half precision, the VAE kept where it does not overflow."""
-    engine = Engine.load(tiny_settings_factory(dtype=dtype))
+    engine = Engine.load(EngineConfig.of(tiny_settings_factory(dtype=dtype)))
     assert engine.base.unet.dtype == engine.refiner.unet.dtype == getattr(torch, dtype)
     for mode in RefinerMode:
         batch = RenderBatch(params=params(refiner=mode), tasks=tasks(5))

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 from sdxl_service.choices import RefinerMode
 from sdxl_service.contract.jobs import ImageTask, InvalidLora, LoraWeight, RenderBatch, RenderParams
 from sdxl_service.engine import Engine
+from sdxl_service.engine.config import EngineConfig
 from sdxl_service.engine.loras import adapter_name
 from sdxl_service.engine.schedulers import make_scheduler
 from sdxl_service.metrics import ServiceMetrics
@@ -79,7 +80,7 @@ def metrics() -> ServiceMetrics:
 
 @pytest.fixture(scope="module")
 def engine(tiny_settings_factory, lora_dir: Path, metrics: ServiceMetrics) -> Engine:
-    return Engine.load(tiny_settings_factory(lora_dir=lora_dir), metrics=metrics)
+    return Engine.load(EngineConfig.of(tiny_settings_factory(lora_dir=lora_dir)), metrics=metrics)
 
 
 @pytest.fixture(scope="module")

@@ -85,6 +85,16 @@ def test_each_part_imports_only_what_it_may(part: str) -> None:
     assert {name: targets for name, targets in wrong.items() if targets} == {}
 
 
+def test_the_engine_reads_its_own_config_not_the_settings() -> None:
+    """API keys, S3 and the limits are none of the engine's business (engine/config.py)."""
+    readers = sorted(
+        name
+        for name, path in modules().items()
+        if part_of(name) == "engine" and "sdxl_service.settings" in imports_of(name, path)
+    )
+    assert readers == []
+
+
 def test_shared_modules_import_no_part() -> None:
     wrong = {
         name: sorted(t for t in imports_of(name, modules()[name]) if part_of(t) != "shared")

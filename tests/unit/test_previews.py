@@ -15,6 +15,7 @@ from sdxl_service.choices import Preset, PreviewDecoder, RefinerMode, RenderKind
 from sdxl_service.contract.jobs import ImageTask, RenderBatch, RenderParams
 from sdxl_service.engine import Engine
 from sdxl_service.engine import engine as engine_module
+from sdxl_service.engine.config import EngineConfig
 from sdxl_service.engine.loading import PreviewModelError, load_preview_model
 from sdxl_service.engine.previews import (
     PreviewDecoders,
@@ -79,7 +80,8 @@ def test_every_decoder_is_tested() -> None:
 def test_previews_go_only_to_the_task_that_asked_and_leave_the_images_unchanged(
     tiny_engine: Engine, tiny_settings_factory, monkeypatch: pytest.MonkeyPatch, decoder: str
 ) -> None:
-    monkeypatch.setattr(tiny_engine, "settings", tiny_settings_factory(preview_decoder=decoder))
+    config = EngineConfig.of(tiny_settings_factory(preview_decoder=decoder))
+    monkeypatch.setattr(tiny_engine, "config", config)
     batch = RenderBatch(params=params(), tasks=tasks(1, 2))
     plain = tiny_engine.render(batch)
 
@@ -107,7 +109,8 @@ def test_each_decoder_gives_render_size_previews_and_identical_final_images(
     scheduler: str,
     size: tuple[int, int],
 ) -> None:
-    monkeypatch.setattr(tiny_engine, "settings", tiny_settings_factory(preview_decoder=decoder))
+    config = EngineConfig.of(tiny_settings_factory(preview_decoder=decoder))
+    monkeypatch.setattr(tiny_engine, "config", config)
     width, height = size
     render = params(width=width, height=height, refiner=mode, scheduler=scheduler, steps=5)
     batch = RenderBatch(params=render, tasks=tasks(5, 6, 7))
@@ -126,9 +129,8 @@ def test_each_decoder_gives_render_size_previews_and_identical_final_images(
 def test_taesd_previews_come_from_the_tiny_presets_own_taesd_loaded_once(
     tiny_engine: Engine, tiny_settings_factory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(
-        tiny_engine, "settings", tiny_settings_factory(preview_decoder=PreviewDecoder.TAESD)
-    )
+    config = EngineConfig.of(tiny_settings_factory(preview_decoder=PreviewDecoder.TAESD))
+    monkeypatch.setattr(tiny_engine, "config", config)
     batch = RenderBatch(params=params(), tasks=tasks(1))
     render_with_previews(tiny_engine, batch, (1,))
     taesd = tiny_engine.preview_decoders.taesd
@@ -145,9 +147,9 @@ def test_taesd_previews_come_from_the_tiny_presets_own_taesd_loaded_once(
 def test_engine_load_loads_taesd_at_startup_when_it_is_the_decoder(
     tiny_settings_factory,
 ) -> None:
-    engine = Engine.load(tiny_settings_factory(preview_decoder="taesd"))
+    engine = Engine.load(EngineConfig.of(tiny_settings_factory(preview_decoder="taesd")))
     assert engine.preview_decoders._taesd is not None  # before any render asked for it
-    lazy = Engine.load(tiny_settings_factory(preview_decoder="approx"))
+    lazy = Engine.load(EngineConfig.of(tiny_settings_factory(preview_decoder="approx")))
     assert lazy.preview_decoders._taesd is None
 
 
@@ -182,7 +184,11 @@ def test_an_unloadable_preview_model_is_a_clear_error_naming_the_variable(
     settings = tiny_settings_factory(preview_decoder="taesd", preview_model=str(source))
     # The SDXL preset reads SDXL_PREVIEW_MODEL (the tiny preset has its own taesd).
     decoders = PreviewDecoders.for_engine(
-        tiny_engine.latent_codec, settings, preset=Preset.SDXL, device="cpu", dtype=torch.float32
+        tiny_engine.latent_codec,
+        EngineConfig.of(settings),
+        preset=Preset.SDXL,
+        device="cpu",
+        dtype=torch.float32,
     )
     with pytest.raises(PreviewModelError, match=r"SDXL_PREVIEW_MODEL='.+'.+taesd") as error:
         decoders.prepare("taesd")
@@ -191,7 +197,7 @@ def test_an_unloadable_preview_model_is_a_clear_error_naming_the_variable(
         assert "AutoencoderKL" in str(error.value)
 
     # A render asking for taesd previews fails with the same message (not a bare traceback).
-    monkeypatch.setattr(tiny_engine, "settings", settings)
+    monkeypatch.setattr(tiny_engine, "config", EngineConfig.of(settings))
     monkeypatch.setattr(tiny_engine, "preview_decoders", decoders)
     with pytest.raises(PreviewModelError, match="SDXL_PREVIEW_MODEL"):
         render_with_previews(tiny_engine, RenderBatch(params=params(), tasks=tasks(1)), (1,))

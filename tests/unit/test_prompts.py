@@ -17,6 +17,7 @@ from PIL import Image
 from sdxl_service.choices import PromptSyntax, RefinerMode
 from sdxl_service.contract.jobs import ImageTask, RenderBatch, RenderParams
 from sdxl_service.engine import Engine
+from sdxl_service.engine.config import EngineConfig
 from sdxl_service.engine.prompt_syntax import ChunkBreak, Fragment
 from sdxl_service.engine.prompts import (
     CHUNK_TOKENS,
@@ -166,7 +167,7 @@ def test_words_after_token_77_change_the_image(tiny_engine: Engine) -> None:
 
 def test_a_2000_token_prompt_renders(tiny_engine: Engine) -> None:
     prompt = " ".join(["a red fox in the snow"] * 120)  # 16 tokens each, 1,920 + 120 spaces
-    assert len(prompt) <= tiny_engine.settings.max_prompt_chars
+    assert len(prompt) <= Settings().max_prompt_chars
     assert chunk_count(tiny_engine.base, prompt, PromptSyntax.A1111) >= 2000 // CHUNK_TOKENS
     image = render(tiny_engine, prompt, negative="blurry")
     assert image.shape == (64, 64, 3)
@@ -214,7 +215,8 @@ def test_syntax_none_takes_brackets_literally(
         render(tiny_engine, "(cat:1.5)"),
         render(tiny_engine, "\\(cat:1.5\\)"),
     )
-    monkeypatch.setattr(tiny_engine, "settings", tiny_settings_factory(prompt_syntax="none"))
+    config = EngineConfig.of(tiny_settings_factory(prompt_syntax="none"))
+    monkeypatch.setattr(tiny_engine, "config", config)
     literal_image = render(tiny_engine, "(cat:1.5)")
     assert np.array_equal(literal_image, escaped_image)
     assert not np.array_equal(literal_image, emphasised)

@@ -1,12 +1,12 @@
 """diffusers alone: loads the SDXL base + refiner pair and renders batches of images.
 
 Imported only inside the render process (and by tests and the benchmarks). The
-modules: `devices` (the auto settings, dtypes), `loading` (the pipelines),
-`optimisations`, `components` (modules built from configs, random weights),
-`tiny` (the random-weight tiny preset), `prompts` and `prompt_syntax`,
-`schedulers`, `loras`, `previews`, `latents` (the VAE side), `inpainting` (the
-inpaint pipeline given latents), `handover` (base/refiner step split) and
-`engine` (the `Engine` that runs them).
+modules: `config` (what the engine is told), `devices` (the auto settings,
+dtypes), `loading` (the pipelines), `optimisations`, `components` (modules built
+from configs, random weights), `tiny` (the random-weight tiny preset), `prompts`
+and `prompt_syntax`, `schedulers`, `loras`, `previews`, `latents` (the VAE
+side), `inpainting` (the inpaint pipeline given latents), `handover`
+(base/refiner step split) and `engine` (the `Engine` that runs them).
 
 Lazy: importing a submodule for a type (`engine.prompt_syntax`, say) does not
 import torch; only `Engine` itself does.

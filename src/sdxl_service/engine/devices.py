@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ..choices import DType, Preset
-from ..settings import Settings
+from .config import EngineConfig
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +36,9 @@ def cast_module(module: Any, dtype: torch.dtype) -> Any:
     return getattr(module, casts[dtype])()
 
 
-def resolve_preset(settings: Settings) -> Preset:
-    if settings.preset is not Preset.AUTO:
-        return Preset(settings.preset)
+def resolve_preset(config: EngineConfig) -> Preset:
+    if config.preset is not Preset.AUTO:
+        return Preset(config.preset)
     if torch.cuda.is_available():
         return Preset.SDXL
     logger.warning(
@@ -48,9 +48,9 @@ def resolve_preset(settings: Settings) -> Preset:
     return Preset.TINY
 
 
-def resolve_device(settings: Settings) -> str:
-    if settings.device != "auto":
-        return settings.device
+def resolve_device(config: EngineConfig) -> str:
+    if config.device != "auto":
+        return config.device
     if torch.cuda.is_available():
         return "cuda"
     if torch.backends.mps.is_available():
@@ -58,13 +58,13 @@ def resolve_device(settings: Settings) -> str:
     return "cpu"
 
 
-def resolve_dtype(settings: Settings, device: str) -> torch.dtype:
-    if settings.dtype != DType.AUTO:
-        return torch_dtype(settings.dtype)
+def resolve_dtype(config: EngineConfig, device: str) -> torch.dtype:
+    if config.dtype != DType.AUTO:
+        return torch_dtype(config.dtype)
     return torch.float16 if device.startswith("cuda") else torch.float32
 
 
-def resolve_vae_dtype(settings: Settings, dtype: torch.dtype, vae: Any) -> torch.dtype:
+def resolve_vae_dtype(config: EngineConfig, dtype: torch.dtype, vae: Any) -> torch.dtype:
     """The dtype the VAE decodes in.
 
     `auto` follows the pipeline dtype, except fp16 with a VAE that declares
@@ -72,8 +72,8 @@ def resolve_vae_dtype(settings: Settings, dtype: torch.dtype, vae: Any) -> torch
     one decodes in float32, as diffusers does, but is kept there instead of
     being cast up and down around every decode.
     """
-    if settings.vae_dtype != DType.AUTO:
-        return torch_dtype(settings.vae_dtype)
+    if config.vae_dtype != DType.AUTO:
+        return torch_dtype(config.vae_dtype)
     if dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
         return torch.float32
     return dtype

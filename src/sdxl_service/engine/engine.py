@@ -17,7 +17,7 @@ from ..choices import Preset, RefinerMode, RenderKind, SchedulerName
 from ..contract.jobs import ImageTask, OutOfMemory, RenderBatch, RenderCancelled, RenderParams
 from ..lora_catalog import LoraCatalog
 from ..metrics import ServiceMetrics
-from ..settings import Settings
+from .config import EngineConfig
 from .devices import (
     dtype_name,
     is_cuda,
@@ -60,7 +60,7 @@ class Engine:
         self,
         base: Any,
         refiner: Any,
-        settings: Settings,
+        config: EngineConfig,
         *,
         preset: Preset = Preset.SDXL,
         device: str | None = None,
@@ -74,7 +74,7 @@ class Engine:
     ) -> None:
         self.base = base
         self.refiner = refiner
-        self.settings = settings
+        self.config = config
         self.preset = preset
         self.device = device or str(base.device)
         self.dtype = dtype or base.unet.dtype
@@ -82,7 +82,7 @@ class Engine:
         self.refiner_source = refiner_source
         self.stage_observer = stage_observer
         self.loras = LoraAdapters(
-            base, LoraCatalog(settings.lora_folder), capacity=settings.lora_cache, metrics=metrics
+            base, LoraCatalog(config.lora_folder), capacity=config.lora_cache, metrics=metrics
         )
         self.native_resolution = int(base.unet.config.sample_size) * int(base.vae_scale_factor)
         # Kept apart: each render gets fresh schedulers built from these.
@@ -94,12 +94,12 @@ class Engine:
         self.base_img2img, self.base_inpaint, self.refiner_inpaint = edit_pipelines(base, refiner)
         self.latent_codec = LatentCodec(base.vae, device=self.device, dtype=self.dtype)
         self.preview_decoders = PreviewDecoders.for_engine(
-            self.latent_codec, settings, preset=preset, device=self.device, dtype=self.dtype
+            self.latent_codec, config, preset=preset, device=self.device, dtype=self.dtype
         )
         self.optimisations = apply_optimisations(
             base,
             refiner,
-            settings,
+            config,
             device=self.device,
             dtype=self.dtype,
             force_compile=force_compile,
@@ -109,23 +109,23 @@ class Engine:
     @classmethod
     def load(
         cls,
-        settings: Settings,
+        config: EngineConfig,
         stage_observer: StageObserver | None = None,
         metrics: ServiceMetrics | None = None,
     ) -> Engine:
         # Here, not at the top: tiny builds its pair with this package's components.
         from .tiny import ensure_tiny_pair
 
-        preset = resolve_preset(settings)
-        device = resolve_device(settings)
-        dtype = resolve_dtype(settings, device)
+        preset = resolve_preset(config)
+        device = resolve_device(config)
+        dtype = resolve_dtype(config, device)
         if preset is Preset.TINY:
-            base_dir, refiner_dir = ensure_tiny_pair(settings.cache_dir)
+            base_dir, refiner_dir = ensure_tiny_pair(config.cache_dir)
             base_source, refiner_source = str(base_dir), str(refiner_dir)
         else:
-            base_source, refiner_source = settings.base_model, settings.refiner_model
+            base_source, refiner_source = config.base_model, config.refiner_model
         # Half-precision variants halve the download; fp32 runs want the full weights.
-        variant = settings.variant if is_cuda(device) and dtype != torch.float32 else None
+        variant = config.variant if is_cuda(device) and dtype != torch.float32 else None
 
         started = time.perf_counter()
         base, refiner = load_pipelines(base_source, refiner_source, dtype=dtype, variant=variant)
@@ -134,7 +134,7 @@ class Engine:
         engine = cls(
             base,
             refiner,
-            settings,
+            config,
             preset=preset,
             device=device,
             dtype=dtype,
@@ -144,7 +144,7 @@ class Engine:
             metrics=metrics,
         )
         # taesd previews: loaded (downloaded) now, so that no request waits on it.
-        engine.preview_decoders.prepare(settings.preview_decoder)
+        engine.preview_decoders.prepare(config.preview_decoder)
         logger.info(
             "pipelines loaded in %.1f s: %s", time.perf_counter() - started, engine.describe()
         )
@@ -256,7 +256,7 @@ class Engine:
     def _denoise(self, batch: RenderBatch) -> torch.Tensor:
         """The batch's final latents: base and refiner as its RenderParams say."""
         params = batch.params
-        syntax = self.settings.prompt_syntax
+        syntax = self.config.prompt_syntax
         prompts = [task.prompt for task in batch.tasks]
         negative_prompts = [task.negative_prompt for task in batch.tasks]
         # Prompts of different chunk counts cannot share a call: padding the
@@ -270,7 +270,7 @@ class Engine:
         plan = self._plan(params)
         previews = preview_tap(
             batch,
-            self.settings.preview_decoder,
+            self.config.preview_decoder,
             self.preview_decoders,
             base_runs=plan.base_runs,
             scheduler_config=self._base_scheduler_config,

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ..choices import Attention
-from ..settings import Settings
+from .config import EngineConfig
 from .devices import cast_module, dtype_name, is_cuda, resolve_vae_dtype
 
 logger = logging.getLogger(__name__)
@@ -19,7 +19,7 @@ COMPILE_MODE = "max-autotune"
 def apply_optimisations(
     base: Any,
     refiner: Any,
-    settings: Settings,
+    config: EngineConfig,
     *,
     device: str,
     dtype: torch.dtype,
@@ -37,23 +37,23 @@ def apply_optimisations(
     vae = base.vae
     applied: dict[str, Any] = {}
 
-    processor_class = AttnProcessor2_0 if settings.attention == Attention.SDPA else AttnProcessor
+    processor_class = AttnProcessor2_0 if config.attention == Attention.SDPA else AttnProcessor
     for module in [*unets, vae]:
         module.set_attn_processor(processor_class())
-    applied["attention"] = str(settings.attention)
+    applied["attention"] = str(config.attention)
 
-    vae_dtype = resolve_vae_dtype(settings, dtype, vae)
+    vae_dtype = resolve_vae_dtype(config, dtype, vae)
     if vae.dtype != vae_dtype:
         cast_module(vae, vae_dtype)
     applied["vae_dtype"] = dtype_name(vae_dtype)
 
-    if settings.channels_last:
+    if config.channels_last:
         for module in [*unets, vae]:
             module.to(memory_format=torch.channels_last)
-    applied["channels_last"] = settings.channels_last
+    applied["channels_last"] = config.channels_last
 
-    if settings.fuse_qkv:
-        if settings.attention == Attention.EAGER:
+    if config.fuse_qkv:
+        if config.attention == Attention.EAGER:
             logger.warning(
                 "fuse_qkv runs the fused projections through SDPA; attention=eager ignored"
             )
@@ -62,10 +62,10 @@ def apply_optimisations(
         # on both pipelines would fuse it twice.
         for module in [*unets, vae]:
             module.fuse_qkv_projections()
-    applied["fuse_qkv"] = settings.fuse_qkv
+    applied["fuse_qkv"] = config.fuse_qkv
 
     compiled = False
-    if settings.compile:
+    if config.compile:
         if is_cuda(device) or force_compile:
             _configure_inductor()
             # In place (`Module.compile`), so the pipelines keep their own module

@@ -25,7 +25,7 @@ from PIL import Image
 
 from ..choices import Preset, PreviewDecoder, RefinerMode
 from ..contract.jobs import RenderBatch, RenderParams
-from ..settings import Settings
+from .config import EngineConfig
 from .handover import ensemble_split, refiner_handover
 from .latents import LatentCodec
 from .loading import load_preview_model
@@ -142,14 +142,14 @@ def taesd_decoder(taesd: Any, width: int, height: int) -> LatentDecoder:
     return decode
 
 
-def taesd_source(settings: Settings, preset: Preset) -> str:
+def taesd_source(config: EngineConfig, preset: Preset) -> str:
     """SDXL_PREVIEW_MODEL; the tiny preset's own tiny taesd, as it has its own SDXL pair."""
     if preset is Preset.TINY:
         from .tiny import ensure_tiny_pair, tiny_taesd_dir
 
-        ensure_tiny_pair(settings.cache_dir)
-        return str(tiny_taesd_dir(settings.cache_dir))
-    return settings.preview_model
+        ensure_tiny_pair(config.cache_dir)
+        return str(tiny_taesd_dir(config.cache_dir))
+    return config.preview_model
 
 
 class PreviewDecoders:
@@ -165,7 +165,7 @@ class PreviewDecoders:
     def for_engine(
         cls,
         codec: LatentCodec,
-        settings: Settings,
+        config: EngineConfig,
         *,
         preset: Preset,
         device: str,
@@ -173,8 +173,8 @@ class PreviewDecoders:
     ) -> PreviewDecoders:
         def load() -> Any:
             return load_preview_model(
-                taesd_source(settings, preset),
-                cache_dir=settings.cache_dir,
+                taesd_source(config, preset),
+                cache_dir=config.cache_dir,
                 device=device,
                 dtype=dtype,
             )

@@ -27,6 +27,7 @@ from ..contract.jobs import (
     loading_outcome,
 )
 from ..contract.worker_registry import WorkerRegistry, WorkerState, WorkerStatus
+from ..engine.config import EngineConfig
 from ..metrics import ServiceMetrics
 from ..settings import Settings
 from .batcher import Batcher
@@ -78,7 +79,8 @@ class RenderHost:
 
             self._pick_device()
             observer = self.metrics.observe_stage if self.metrics else None
-            engine = Engine.load(self.settings, stage_observer=observer, metrics=self.metrics)
+            config = EngineConfig.of(self.settings)
+            engine = Engine.load(config, stage_observer=observer, metrics=self.metrics)
             # The first call pays for kernel selection (and compilation when on);
             # pay it before /readyz says yes, not in a user's request.
             engine.warmup()

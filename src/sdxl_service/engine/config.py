@@ -1,0 +1,43 @@
+"""What the engine is told: the models, the device, the precision and the speed-ups.
+
+The engine sees this and nothing else of the service's settings (no API keys, no S3, no
+limits). `EngineConfig.of(settings)` takes the fields by name from anything that has them
+(the render worker passes its `Settings`); the settings module keeps the defaults and the
+checks of every SDXL_* variable, so none are repeated here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from ..choices import Attention, DType, Preset, PreviewDecoder, PromptSyntax
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, from_attributes=True)
+
+    preset: Preset
+    base_model: str
+    refiner_model: str
+    # `auto`, cpu, mps or cuda[:N]
+    device: str
+    dtype: DType
+    variant: str | None
+    # Where the tiny preset is built and hub downloads are kept.
+    cache_dir: Path
+    prompt_syntax: PromptSyntax
+    preview_decoder: PreviewDecoder
+    preview_model: str
+    lora_folder: Path
+    lora_cache: int
+    attention: Attention
+    channels_last: bool
+    fuse_qkv: bool
+    compile: bool
+    vae_dtype: DType
+
+    @classmethod
+    def of(cls, settings: object) -> EngineConfig:
+        return cls.model_validate(settings)
