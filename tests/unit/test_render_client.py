@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import os
 import shutil
 import tempfile
@@ -30,6 +31,7 @@ from starlette.routing import Route
 
 from sdxl_service.api.render_client import (
     CONNECT_ATTEMPTS,
+    CONNECTION_FAILED,
     IDLE_TRIES_PER_WORKER,
     BentoRenderClient,
     http_client_for,
@@ -453,15 +455,22 @@ async def test_connections_dropped_before_acceptance_are_tried_again_then_loadin
         writer.close()
 
     server = await asyncio.start_unix_server(drop, path=path)
+    logged: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("sdxl_service.api.render_client").addHandler(handler)
     try:
         async with render_client(path, workers=1) as setup:
             result = await setup.client.generate(make_job())
     finally:
+        logging.getLogger("sdxl_service.api.render_client").removeHandler(handler)
         server.close()
         await server.wait_closed()
         shutil.rmtree(directory, ignore_errors=True)
     assert result.status is OutcomeStatus.LOADING
     assert attempts == CONNECT_ATTEMPTS
+    # The line tests/integration/test_under_load.py makes sure a busy service never writes.
+    assert sum(CONNECTION_FAILED in line for line in logged) == CONNECT_ATTEMPTS
     assert lost(setup.metrics) == 0
 
 

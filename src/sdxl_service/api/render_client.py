@@ -50,6 +50,9 @@ CONNECT_ATTEMPTS = 3
 # missed with probability (busy share) ** tries.
 IDLE_TRIES_PER_WORKER = 8
 
+# Logged at each failed connection; tests/integration/test_under_load.py looks for it.
+CONNECTION_FAILED = "render service connection failed"
+
 PartialSink = Callable[[RenderEvent], Awaitable[None]]
 
 
@@ -178,7 +181,7 @@ class BentoRenderClient:
                 # Refused or reset before any worker took the job: the render
                 # service is (re)starting.
                 failures += 1
-                logger.warning("render service connection failed (%s), attempt %d", exc, failures)
+                logger.warning("%s (%s), attempt %d", CONNECTION_FAILED, exc, failures)
                 if failures >= CONNECT_ATTEMPTS:
                     return loading_outcome(
                         "The render service is not reachable (starting?); try again shortly."
