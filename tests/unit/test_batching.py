@@ -141,12 +141,6 @@ def make_batcher(registry: CollectorRegistry) -> Iterator[Callable[..., Batcher]
         asyncio.run(batcher.stop())
 
 
-async def until(condition: Callable[[], bool]) -> None:
-    """Waits for a state that another thread or task brings about."""
-    while not condition():
-        await asyncio.sleep(0.001)
-
-
 def gauge(
     registry: CollectorRegistry, name: str, labels: dict[str, str] | None = None
 ) -> float | None:
@@ -163,7 +157,9 @@ def gauge(
 
 async def queued(registry: CollectorRegistry, images: int) -> None:
     """Waits until `images` images are queued (submitted, not yet rendering)."""
-    await until(lambda: gauge(registry, "sdxl_queue_images") == images)
+    await polling.until(
+        lambda: gauge(registry, "sdxl_queue_images") == images, f"{images} queued images", WAIT_S
+    )
 
 
 async def wait_event(event: threading.Event) -> None:
