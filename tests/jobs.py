@@ -1,9 +1,26 @@
-"""GenerationJobs for unit tests: one factory, with defaults for what a test leaves out."""
+"""RenderParams and GenerationJobs for unit tests: one factory each, with defaults for what a
+test leaves out."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from sdxl_service.choices import RefinerMode, SchedulerName
 from sdxl_service.contract.jobs import GenerationJob, RenderParams
+
+
+def make_params(**overrides: Any) -> RenderParams:
+    """A 64x64 ensemble render of 4 Euler steps, guidance 5, the refiner from 0.8."""
+    values: dict[str, Any] = {
+        "width": 64,
+        "height": 64,
+        "steps": 4,
+        "guidance_scale": 5.0,
+        "high_noise_frac": 0.8,
+        "refiner": RefinerMode.ENSEMBLE,
+        "scheduler": SchedulerName.EULER,
+    }
+    return RenderParams(**{**values, **overrides})
 
 
 def make_job(
@@ -22,15 +39,7 @@ def make_job(
     prompt is the request id unless given."""
     return GenerationJob(
         request_id=request_id,
-        params=RenderParams(
-            width=width,
-            height=width if height is None else height,
-            steps=steps,
-            guidance_scale=5.0,
-            high_noise_frac=0.8,
-            refiner=RefinerMode.ENSEMBLE,
-            scheduler=SchedulerName.EULER,
-        ),
+        params=make_params(width=width, height=width if height is None else height, steps=steps),
         prompt=request_id if prompt is None else prompt,
         seeds=[seed + i for i in range(n)],
         deadline=deadline,

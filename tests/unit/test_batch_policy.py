@@ -7,21 +7,13 @@ from dataclasses import dataclass
 
 import pytest
 
-from sdxl_service.choices import RefinerMode, SchedulerName
 from sdxl_service.contract.jobs import RenderParams
 from sdxl_service.render.batch_policy import Demand, demand_after_call, next_batch
+from tests.jobs import make_params
 
 
 def params(width: int = 64) -> RenderParams:
-    return RenderParams(
-        width=width,
-        height=64,
-        steps=4,
-        guidance_scale=5.0,
-        high_noise_frac=0.8,
-        refiner=RefinerMode.ENSEMBLE,
-        scheduler=SchedulerName.EULER,
-    )
+    return make_params(width=width)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from sdxl_service.choices import RefinerMode, RenderKind
 from sdxl_service.contract.jobs import ImageTask, RenderBatch, RenderParams
 from sdxl_service.engine import Engine
 from sdxl_service.engine.schedulers import make_scheduler
+from tests.jobs import make_params
 
 from .test_engine import LEFT_HALF, noise_picture, pixels
 
@@ -92,12 +93,11 @@ def ours(
 
 
 def edit_params(kind: RenderKind, mode: RefinerMode, strength: float, scheduler: str) -> Any:
-    return RenderParams(
+    return make_params(
         kind=kind,
         width=SIZE,
         height=SIZE,
         steps=10,
-        guidance_scale=5.0,
         high_noise_frac=HIGH_NOISE_FRAC,
         refiner=mode,
         scheduler=scheduler,

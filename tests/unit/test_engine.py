@@ -30,22 +30,13 @@ from sdxl_service.engine.devices import (
 from sdxl_service.engine.loading import load_pipelines
 from sdxl_service.engine.schedulers import SCHEDULERS, make_scheduler
 from sdxl_service.settings import Settings
+from tests.jobs import make_params
 
 STEPS = 4
 
 
 def params(**overrides: object) -> RenderParams:
-    values: dict[str, object] = {
-        "width": 64,
-        "height": 64,
-        "steps": STEPS,
-        "guidance_scale": 5.0,
-        "high_noise_frac": 0.8,
-        "refiner": RefinerMode.ENSEMBLE,
-        "scheduler": "euler",
-    }
-    values.update(overrides)
-    return RenderParams(**values)
+    return make_params(**{"steps": STEPS, **overrides})
 
 
 def tasks(*seeds: int, negative: str = "") -> list[ImageTask]:

@@ -8,6 +8,7 @@ from sdxl_service.choices import RefinerMode, RenderKind, SchedulerName
 from sdxl_service.contract.jobs import RenderParams
 from sdxl_service.engine.components import scheduler_config
 from sdxl_service.engine.handover import ensemble_split, refiner_handover, sequential_strength
+from tests.jobs import make_params
 
 
 def test_30_steps_at_0_8_split_23_base_and_7_refiner() -> None:
@@ -67,16 +68,7 @@ def test_sequential_refiner_runs_one_step_where_diffusers_would_run_none(
 
 
 def params(refiner: RefinerMode, **overrides: object) -> RenderParams:
-    values: dict[str, object] = {
-        "width": 64,
-        "height": 64,
-        "steps": 10,
-        "guidance_scale": 5.0,
-        "high_noise_frac": 0.8,
-        "refiner": refiner,
-        "scheduler": SchedulerName.EULER,
-    }
-    return RenderParams(**{**values, **overrides})
+    return make_params(**{"steps": 10, "refiner": refiner, **overrides})
 
 
 def test_refiner_handover_by_mode() -> None:

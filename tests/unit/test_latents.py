@@ -8,10 +8,10 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 
-from sdxl_service.choices import RefinerMode, RenderKind, SchedulerName
-from sdxl_service.contract.jobs import RenderParams
+from sdxl_service.choices import RenderKind
 from sdxl_service.engine.latents import LatentCodec
 from sdxl_service.engine.tiny import vae_config
+from tests.jobs import make_params
 
 # Per-channel statistics as VAEs that declare them ship them (SDXL's does not).
 LATENTS_MEAN = [0.5, -0.25, 0.125, -1.0]
@@ -65,17 +65,7 @@ def test_each_image_samples_the_posterior_with_its_own_generator() -> None:
     vae = AutoencoderKL.from_config(vae_config())
     latent_codec = LatentCodec(vae, device="cpu", dtype=torch.float32)
     picture = np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)
-    params = RenderParams(
-        kind=RenderKind.IMAGE_TO_IMAGE,
-        width=64,
-        height=64,
-        steps=10,
-        guidance_scale=5.0,
-        high_noise_frac=0.8,
-        refiner=RefinerMode.ENSEMBLE,
-        scheduler=SchedulerName.EULER,
-        strength=0.5,
-    )
+    params = make_params(kind=RenderKind.IMAGE_TO_IMAGE, steps=10, strength=0.5)
     ours = [torch.Generator().manual_seed(seed) for seed in (1, 2)]
     theirs = [torch.Generator().manual_seed(seed) for seed in (1, 2)]
     encodes = []

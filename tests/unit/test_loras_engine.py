@@ -21,6 +21,7 @@ from sdxl_service.engine.config import EngineConfig
 from sdxl_service.engine.loras import adapter_name
 from sdxl_service.engine.schedulers import make_scheduler
 from sdxl_service.metrics import ServiceMetrics
+from tests.jobs import make_params
 from tests.lora_files import (
     save_diffusers,
     save_kohya,
@@ -33,17 +34,8 @@ PROMPT = "a red fox in the snow"
 
 
 def params(*loras: tuple[str, float], **overrides: Any) -> RenderParams:
-    values: dict[str, Any] = {
-        "width": 64,
-        "height": 64,
-        "steps": 5,
-        "guidance_scale": 5.0,
-        "high_noise_frac": 0.8,
-        "refiner": RefinerMode.ENSEMBLE,
-        "scheduler": "euler",
-        "loras": tuple(LoraWeight(name=n, scale=s) for n, s in sorted(loras)),
-    }
-    return RenderParams(**{**values, **overrides})
+    weights = tuple(LoraWeight(name=n, scale=s) for n, s in sorted(loras))
+    return make_params(**{"steps": 5, "loras": weights, **overrides})
 
 
 def render(

@@ -29,6 +29,7 @@ from sdxl_service.engine.previews import (
 )
 from sdxl_service.engine.schedulers import make_scheduler
 from sdxl_service.engine.tiny import build_tiny_taesd, taesd_config, tiny_pair_dir, tiny_taesd_dir
+from tests.jobs import make_params
 
 DECODERS = [str(decoder) for decoder in PreviewDecoder]
 
@@ -36,17 +37,7 @@ Preview = tuple[int, int, Image.Image]
 
 
 def params(**overrides: object) -> RenderParams:
-    values: dict[str, object] = {
-        "width": 64,
-        "height": 48,
-        "steps": 4,
-        "guidance_scale": 5.0,
-        "high_noise_frac": 0.8,
-        "refiner": RefinerMode.ENSEMBLE,
-        "scheduler": "euler",
-    }
-    values.update(overrides)
-    return RenderParams(**values)
+    return make_params(**{"height": 48, **overrides})
 
 
 def tasks(*seeds: int, prompt: str = "a red fox in the snow") -> list[ImageTask]:

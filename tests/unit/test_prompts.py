@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sdxl_service.choices import PromptSyntax, RefinerMode
+from sdxl_service.choices import PromptSyntax
 from sdxl_service.contract.jobs import ImageTask, RenderBatch, RenderParams
 from sdxl_service.engine import Engine
 from sdxl_service.engine.config import EngineConfig
@@ -27,6 +27,7 @@ from sdxl_service.engine.prompts import (
     token_chunks,
 )
 from sdxl_service.settings import Settings
+from tests.jobs import make_params
 
 EMBEDDINGS = (
     "prompt_embeds",
@@ -38,16 +39,7 @@ LONG = "a red fox in the snow, " + "x" * 80 + " under a starry sky"  # two chunk
 
 
 def params(**overrides: object) -> RenderParams:
-    values: dict[str, object] = {
-        "width": 64,
-        "height": 64,
-        "steps": 4,
-        "guidance_scale": 5.0,
-        "high_noise_frac": 0.8,
-        "refiner": RefinerMode.ENSEMBLE,
-        "scheduler": "euler",
-    }
-    return RenderParams(**(values | overrides))
+    return make_params(**overrides)
 
 
 def render(engine: Engine, prompt: str, negative: str = "", seed: int = 7) -> np.ndarray:
