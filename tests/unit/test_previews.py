@@ -282,15 +282,6 @@ def test_previews_are_spread_over_the_steps_base_and_refiner_run(
     assert tap.steps_done == total_steps(render, base_runs=True, scheduler_config=config)
 
 
-def test_previews_keep_task_indices_when_prompts_need_separate_calls(
-    tiny_engine: Engine,
-) -> None:
-    long_prompt = " ".join(["a red fox in the snow"] * 30)  # over 75 tokens: two chunks
-    batch = RenderBatch(params=params(), tasks=tasks(1) + tasks(2, prompt=long_prompt))
-    _, previews = render_with_previews(tiny_engine, batch, (1, 2))
-    assert sorted((task, index) for task, index, _ in previews) == [(0, 0), (1, 0), (1, 1)]
-
-
 def test_preview_steps_are_evenly_spaced() -> None:
     assert preview_schedule([3, 1, 0], 8) == {2: [(0, 0)], 4: [(0, 1), (1, 0)], 6: [(0, 2)]}
     assert preview_schedule([2], 1) == {1: [(0, 0), (0, 1)]}

@@ -6,6 +6,7 @@ The tiny tokenizer is byte-level: every character of a word is a token, so
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -15,17 +16,25 @@ import torch
 from PIL import Image
 
 from sdxl_service.choices import PromptSyntax
-from sdxl_service.contract.jobs import ImageTask, RenderBatch, RenderParams
+from sdxl_service.contract.jobs import (
+    GenerationJob,
+    GenerationOutcome,
+    ImageTask,
+    OutcomeStatus,
+    RenderBatch,
+    RenderParams,
+)
 from sdxl_service.engine import Engine
 from sdxl_service.engine.config import EngineConfig
 from sdxl_service.engine.prompt_syntax import ChunkBreak, Fragment
 from sdxl_service.engine.prompts import (
     CHUNK_TOKENS,
     chunk_count,
-    chunk_count_groups,
+    image_chunk_counts,
     prompt_embeddings,
     token_chunks,
 )
+from sdxl_service.render.batcher import Batcher
 from sdxl_service.settings import Settings
 from tests.jobs import make_params
 
@@ -217,31 +226,75 @@ def test_syntax_none_takes_brackets_literally(
 # --- batching -----------------------------------------------------------------
 
 
+MIXED = [
+    ImageTask(prompt=LONG, negative_prompt="blurry", seed=1),
+    ImageTask(prompt="a lighthouse at dusk", negative_prompt="", seed=2),
+    ImageTask(prompt="a bowl of ramen", negative_prompt=LONG, seed=3),
+    ImageTask(prompt="a (red:1.3) kite", negative_prompt="text", seed=4),
+]
+
+
+def test_each_image_counts_the_chunks_of_its_longer_text(tiny_engine: Engine) -> None:
+    counts = [tiny_engine.conditioning_chunks(task, params()) for task in MIXED]
+    assert counts == [2, 1, 2, 1]
+
+
+def test_the_engine_refuses_a_batch_that_mixes_chunk_counts(tiny_engine: Engine) -> None:
+    """Padding the shorter prompts would change their images: the batch policy splits."""
+    with pytest.raises(ValueError, match=r"mixes conditioning of \[1, 2\] 75-token chunks"):
+        tiny_engine.render(RenderBatch(params=params(), tasks=MIXED))
+
+
 def test_prompts_of_different_lengths_batch_like_each_alone(tiny_engine: Engine) -> None:
-    tasks = [
-        ImageTask(prompt=LONG, negative_prompt="blurry", seed=1),
-        ImageTask(prompt="a lighthouse at dusk", negative_prompt="", seed=2),
-        ImageTask(prompt="a bowl of ramen", negative_prompt=LONG, seed=3),
-        ImageTask(prompt="a (red:1.3) kite", negative_prompt="text", seed=4),
-    ]
-    prompts, negatives = [t.prompt for t in tasks], [t.negative_prompt for t in tasks]
-    groups = chunk_count_groups(tiny_engine.base, prompts, negatives, 5.0, PromptSyntax.A1111)
-    assert groups == [[1, 3], [0, 2]]
-    batch = RenderBatch(params=params(), tasks=tasks)
-    latents = tiny_engine._denoise(batch)
-    images = tiny_engine.render(batch)
-    for index, task in enumerate(tasks):
-        alone = RenderBatch(params=params(), tasks=[task])
-        assert torch.allclose(latents[index], tiny_engine._denoise(alone)[0], atol=1e-3)
-        image = tiny_engine.render(alone)[0]
-        assert np.allclose(pixels(images[index]), pixels(image), atol=2), task
+    """Queued together, they render in one call per chunk count, each image as it is alone."""
+    calls: list[list[int]] = []
+
+    def render(batch: RenderBatch) -> list[Image.Image]:
+        calls.append([task.seed for task in batch.tasks])
+        return tiny_engine.render(batch)
+
+    async def submit_all() -> list[GenerationOutcome]:
+        batcher = Batcher(
+            render,
+            max_batch_images=8,
+            batch_wait_ms=0,
+            chunk_count=tiny_engine.conditioning_chunks,
+        )
+        try:
+            jobs = [
+                GenerationJob(
+                    request_id=f"mixed-{task.seed}",
+                    params=params(),
+                    prompt=task.prompt,
+                    negative_prompt=task.negative_prompt,
+                    seeds=[task.seed],
+                )
+                for task in MIXED
+            ]
+            return await asyncio.gather(*(batcher.submit(job) for job in jobs))
+        finally:
+            await batcher.stop()
+
+    outcomes = asyncio.run(submit_all())
+    # The first job's image may go alone before the others are queued; never mixed.
+    assert sorted(seed for call in calls for seed in call) == [1, 2, 3, 4]
+    assert all(
+        len({tiny_engine.conditioning_chunks(MIXED[s - 1], params()) for s in call}) == 1
+        for call in calls
+    )
+    for task, outcome in zip(MIXED, outcomes, strict=True):
+        assert outcome.status is OutcomeStatus.OK, outcome.message
+        [image] = outcome.images
+        alone = tiny_engine.render(RenderBatch(params=params(), tasks=[task]))[0]
+        batched = np.frombuffer(image.rgb, np.uint8).reshape(image.height, image.width, 3)
+        assert np.allclose(batched.astype(int), pixels(alone), atol=2), task
 
 
 def test_without_guidance_a_long_negative_neither_pads_nor_splits(tiny_engine: Engine) -> None:
-    counts = chunk_count_groups(
+    counts = image_chunk_counts(
         tiny_engine.base, ["a cat", "a dog"], [LONG, ""], 1.0, PromptSyntax.A1111
     )
-    assert counts == [[0, 1]]
+    assert counts == [1, 1]
     embeddings = prompt_embeddings(tiny_engine.refiner, [LONG], [LONG], 1.0)
     assert embeddings["prompt_embeds"].shape[1] == 154
     assert embeddings["negative_prompt_embeds"] is None

@@ -31,8 +31,8 @@ from .latents import LatentCodec
 from .loading import edit_pipelines, load_pipelines
 from .loras import LoraAdapters
 from .optimisations import COMPILE_MODE, apply_optimisations
-from .previews import PreviewDecoders, batch_part, preview_tap
-from .prompts import chunk_count_groups, prompt_embeddings
+from .previews import PreviewDecoders, preview_tap
+from .prompts import image_chunk_counts, prompt_embeddings
 from .schedulers import make_scheduler
 
 logger = logging.getLogger(__name__)
@@ -182,6 +182,14 @@ class Engine:
 
     # --- rendering ----------------------------------------------------------
 
+    def conditioning_chunks(self, task: ImageTask, params: RenderParams) -> int:
+        """The 75-token chunks of the image's conditioning: images batch only with equal counts."""
+        syntax = self.config.prompt_syntax
+        negative = [task.negative_prompt]
+        return image_chunk_counts(
+            self.base, [task.prompt], negative, params.guidance_scale, syntax
+        )[0]
+
     def render(self, batch: RenderBatch) -> list[Image.Image]:
         """RGB images of `params.width` x `params.height`, in task order."""
         if not batch.tasks:
@@ -260,13 +268,16 @@ class Engine:
         prompts = [task.prompt for task in batch.tasks]
         negative_prompts = [task.negative_prompt for task in batch.tasks]
         # Prompts of different chunk counts cannot share a call: padding the
-        # shorter with empty chunks would change its image. One call per count.
-        groups = chunk_count_groups(
+        # shorter with empty chunks would change its image. The batch policy
+        # keeps them apart (render/batch_policy.py, BatchKey.chunks).
+        counts = image_chunk_counts(
             self.base, prompts, negative_prompts, params.guidance_scale, syntax
         )
-        if len(groups) > 1:
-            parts = [self._denoise(batch_part(batch, g)) for g in groups]
-            return torch.cat(parts)[torch.tensor([i for g in groups for i in g]).argsort()]
+        if len(set(counts)) > 1:
+            raise ValueError(
+                f"a batch mixes conditioning of {sorted(set(counts))} 75-token chunks; "
+                "images of different chunk counts render in separate batches"
+            )
         plan = self._plan(params)
         previews = preview_tap(
             batch,

@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -290,17 +289,3 @@ def preview_tap(
     steps = total_steps(batch.params, base_runs=base_runs, scheduler_config=scheduler_config)
     decode = decoders.decoder(decoder, batch.params)
     return PreviewTap(preview_schedule(counts, steps), batch.on_preview, decode)
-
-
-def batch_part(batch: RenderBatch, indices: Sequence[int]) -> RenderBatch:
-    """The batch of tasks `indices`, its previews reported under the whole batch's indices."""
-    tasks = [batch.tasks[i] for i in indices]
-    on_preview = batch.on_preview
-    if on_preview is None or not batch.preview_counts:
-        return replace(batch, tasks=tasks)
-
-    def report(task: int, preview: int, image: Image.Image) -> None:
-        on_preview(indices[task], preview, image)
-
-    counts = tuple(batch.preview_counts[i] for i in indices)
-    return replace(batch, tasks=tasks, on_preview=report, preview_counts=counts)

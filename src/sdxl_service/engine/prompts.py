@@ -129,21 +129,6 @@ def image_chunk_counts(
     ]
 
 
-def chunk_count_groups(
-    pipeline: Any,
-    prompts: list[str],
-    negative_prompts: list[str],
-    guidance_scale: float,
-    syntax: PromptSyntax,
-) -> list[list[int]]:
-    """The batch's image indices grouped by chunk count, shortest first: one call each."""
-    counts = image_chunk_counts(pipeline, prompts, negative_prompts, guidance_scale, syntax)
-    return [
-        [index for index, count in enumerate(counts) if count == total]
-        for total in sorted(set(counts))
-    ]
-
-
 def _emphasise(hidden: torch.Tensor, chunks: list[TokenChunk]) -> torch.Tensor:
     """A1111's emphasis on one chunk of a batch: z * w, then back to the original mean.
 
@@ -213,7 +198,7 @@ def prompt_embeddings(
     """The `prompt_embeds` family of arguments for an SDXL base or refiner pipeline.
 
     Every image of one call must have the same `image_chunk_counts` (the
-    engine groups them so); its prompt and negative are padded to that.
+    batch policy groups them so); its prompt and negative are padded to that.
 
     diffusers zeroes the negative embeddings (force_zeros_for_empty_prompt,
     how SDXL base was tuned; the refiner's config is False) only when no

@@ -22,9 +22,20 @@ from typing import Protocol, TypeVar
 from ..contract.jobs import RenderParams
 
 
+@dataclass(frozen=True)
+class BatchKey:
+    """What the images of one pipeline call share."""
+
+    params: RenderParams
+    # The 75-token chunks of an image's conditioning (its prompt's or its negative's,
+    # the longer): padding a shorter prompt with empty chunks would change its image,
+    # so images of different counts never share a call (engine/prompts.py counts them).
+    chunks: int = 1
+
+
 class Queued(Protocol):
     @property
-    def params(self) -> RenderParams: ...
+    def batch_key(self) -> BatchKey: ...
 
     @property
     def enqueued_at(self) -> float: ...  # time.monotonic()
@@ -37,10 +48,10 @@ Item = TypeVar("Item", bound=Queued)
 class Demand:
     """What the Batcher saw when its last pipeline call ended."""
 
-    # The params of that call: the clients it answered come back with them,
-    # and what it says of them says nothing of other params' traffic.
-    params: RenderParams | None = None
-    # Images of that call plus those of its params queued when it ended: how
+    # The key of that call: the clients it answered come back with it, and
+    # what it says of them says nothing of other keys' traffic.
+    key: BatchKey | None = None
+    # Images of that call plus those of its key queued when it ended: how
     # many images were active, so how many its closed-loop clients may bring
     # back. A Batcher that has rendered nothing yet knows of one.
     images: int = 1
@@ -52,9 +63,9 @@ class Demand:
 
 def demand_after_call(rendered: Sequence[Queued], queue: Iterable[Queued], now: float) -> Demand:
     """The demand a pipeline call of `rendered` leaves, `queue` waiting at its end."""
-    params = rendered[0].params
-    queued = sum(1 for item in queue if item.params == params)
-    return Demand(params=params, images=len(rendered) + queued, idle_since=now)
+    key = rendered[0].batch_key
+    queued = sum(1 for item in queue if item.batch_key == key)
+    return Demand(key=key, images=len(rendered) + queued, idle_since=now)
 
 
 def next_batch(
@@ -62,25 +73,34 @@ def next_batch(
 ) -> tuple[list[Item], float]:
     """The images to render next, or none and how long to wait for company.
 
-    FIFO: the oldest queued image decides the params, then same-params images
-    join in queue order, up to `max_images`. The batch goes at once when it
-    holds min(max_images, demand.images) images: a full batch, or every image
-    recent traffic of these params says is coming (so a lone client, demand
-    1, never waits, nor do params that were not rendered last).
+    FIFO: the oldest queued image decides the key (params and chunk count),
+    then same-key images join in queue order, up to `max_images`. The batch
+    goes at once when it holds min(max_images, demand.images) images: a full
+    batch, or every image recent traffic of this key says is coming (so a
+    lone client, demand 1, never waits, nor does a key not rendered last).
     Otherwise it waits for company as long as it comes: until `wait_s` after
     the later of the GPU going idle and the newest image's arrival, since
     answered clients come back one after another, as the HTTP service answers
     them; as the batch goes once demand is met, that is at most
     min(max_images, demand) - 1 gaps of `wait_s`. It never waits while
-    other-params work is queued: with a backlog the GPU should not idle, and
+    other-key work is queued: with a backlog the GPU should not idle, and
     that work would wait too.
     """
     if not queue:
         raise ValueError("next_batch needs a queued image")
     head = queue[0]
-    selected = [item for item in queue if item.params == head.params][:max_images]
-    expected = min(max_images, demand.images) if head.params == demand.params else 1
+    selected = [item for item in queue if item.batch_key == head.batch_key][:max_images]
+    expected = min(max_images, demand.images) if head.batch_key == demand.key else 1
     if len(selected) >= expected or len(selected) < len(queue):
         return selected, 0.0
     left = max(demand.idle_since, max(item.enqueued_at for item in selected)) + wait_s - now
     return (selected, 0.0) if left <= 0 else ([], left)
+
+
+def after_out_of_memory(batch: Sequence[Item]) -> list[list[Item]]:
+    """The batches to try instead of one that ran out of GPU memory: its two halves, in
+    order (each may halve again); none for a single image, which fails."""
+    if len(batch) < 2:
+        return []
+    half = len(batch) // 2
+    return [list(batch[:half]), list(batch[half:])]

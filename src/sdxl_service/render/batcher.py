@@ -33,19 +33,23 @@ from PIL.Image import Image
 from ..contract.jobs import (
     GenerationJob,
     GenerationOutcome,
+    ImageTask,
     InvalidLora,
     OutcomeStatus,
     OutOfMemory,
     RenderBatch,
     RenderCancelled,
+    RenderParams,
 )
 from ..metrics import ServiceMetrics
-from .batch_policy import Demand, demand_after_call, next_batch
+from .batch_policy import Demand, after_out_of_memory, demand_after_call, next_batch
 from .pending import PendingJob, PreviewFn, QueuedImage, preview_routing, rendered_image
 
 logger = logging.getLogger(__name__)
 
 RenderFn = Callable[[RenderBatch], list[Image]]
+# The 75-token chunks of an image's conditioning (Engine.conditioning_chunks).
+ChunkCountFn = Callable[[ImageTask, RenderParams], int]
 
 # How long `stop` waits for a render call to notice should_stop; past it the
 # (daemon) thread is abandoned so that shutdown never hangs.
@@ -70,11 +74,13 @@ class Batcher:
         max_batch_images: int,
         batch_wait_ms: int,
         metrics: ServiceMetrics | None = None,
+        chunk_count: ChunkCountFn | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if max_batch_images < 1 or batch_wait_ms < 0:
             raise ValueError("max_batch_images >= 1 and batch_wait_ms >= 0")
         self._render = render
+        self._chunk_count = chunk_count
         self._max_batch = max_batch_images
         self._batch_wait_s = batch_wait_ms / 1000
         self._metrics = metrics
@@ -256,6 +262,7 @@ class Batcher:
             if not self._queue:
                 self._cond.wait()
                 continue
+            self._count_chunks_locked()
             selected, wait_s = next_batch(
                 self._queue,
                 max_images=self._max_batch,
@@ -275,6 +282,16 @@ class Batcher:
             for q in selected:
                 self._metrics.observe_stage("queue_wait", now - q.enqueued_at)
         return selected
+
+    def _count_chunks_locked(self) -> None:
+        """Each newly queued image's chunk count, part of its batch key (batch_policy.py).
+
+        Here, on the worker thread: the engine's tokenizers are used by one thread only.
+        """
+        for queued in self._queue:
+            if queued.chunks is None:
+                counted = self._chunk_count(queued.task, queued.params) if self._chunk_count else 1
+                queued.chunks = counted
 
     def _run(self, images: list[QueuedImage]) -> None:
         with self._cond:
@@ -306,11 +323,11 @@ class Batcher:
                 self._finish_all(pendings, OutcomeStatus.CANCELLED, "request cancelled")
             return
         except OutOfMemory:
-            if len(images) > 1:
-                half = len(images) // 2
+            retries = after_out_of_memory(images)
+            if retries:
                 logger.warning("out of memory rendering %d images; retrying in halves", len(images))
-                self._run(images[:half])
-                self._run(images[half:])
+                for retry in retries:
+                    self._run(retry)
                 return
             size = f"{params.width}x{params.height}"
             message = f"out of GPU memory rendering one {size} image; try a smaller size or n"

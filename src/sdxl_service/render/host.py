@@ -89,6 +89,7 @@ class RenderHost:
                 max_batch_images=self.settings.max_batch_images,
                 batch_wait_ms=self.settings.batch_wait_ms,
                 metrics=self.metrics,
+                chunk_count=engine.conditioning_chunks,
             )
             self.engine = engine
             logger.info("worker %d: pipelines loaded and warm: %s", self.worker, engine.describe())

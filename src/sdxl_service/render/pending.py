@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from PIL.Image import Image
 
 from ..contract.jobs import GenerationJob, GenerationOutcome, ImageTask, RenderedImage, RenderParams
+from .batch_policy import BatchKey
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +40,16 @@ class QueuedImage:
     index: int  # position in the job's seeds
     task: ImageTask
     enqueued_at: float  # time.monotonic()
+    # Counted by the batcher's worker thread, the one that uses the engine's tokenizers.
+    chunks: int | None = None
 
     @property
     def params(self) -> RenderParams:
         return self.pending.job.params
+
+    @property
+    def batch_key(self) -> BatchKey:
+        return BatchKey(self.params, self.chunks or 1)
 
 
 def rendered_image(seed: int, image: Image) -> RenderedImage:
