@@ -19,7 +19,7 @@ from .schemas import (
     ImageVariationRequest,
     ModelList,
 )
-from .serving import EventStream, ImagesServing
+from .serving import Answer, EventStream, ImagesServing
 
 _ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
@@ -31,15 +31,14 @@ def _serving(request: Request) -> ImagesServing:
 Serving = Annotated[ImagesServing, Depends(_serving)]
 
 
-def _answer(result: ImagesResponse | EventStream) -> Response:
-    if isinstance(result, ImagesResponse):
+def _answer(result: Answer | EventStream) -> Response:
+    if isinstance(result, Answer):
         # Serialized here, once: FastAPI's response_model path dumps, validates
         # and dumps the answer again, then json.dumps it, ~1 ms per 256x256
         # image (make bench-overhead). The route keeps response_model for the
         # OpenAPI document.
-        body = result.model_dump_json(by_alias=True, exclude_none=True)
-        timing = result._server_timing
-        headers = {"Server-Timing": timing} if timing else None
+        body = result.body.model_dump_json(by_alias=True, exclude_none=True)
+        headers = {"Server-Timing": result.server_timing} if result.server_timing else None
         return Response(body, media_type="application/json", headers=headers)
     return StreamingResponse(result, media_type="text/event-stream")
 

@@ -10,7 +10,7 @@ import json
 import logging
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..choices import RefinerMode, SchedulerName
 from .sizing import AUTO_SIZE, parse_size
@@ -141,8 +141,6 @@ class ImagesResponse(BaseModel):
     output_format: OutputFormat
     quality: str
     background: Literal["opaque"] = "opaque"
-    # Not part of the body: the answer's Server-Timing header (responses.py).
-    _server_timing: str | None = PrivateAttr(default=None)
 
 
 class ModelCard(BaseModel):

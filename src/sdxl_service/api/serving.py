@@ -14,6 +14,7 @@ import contextlib
 import functools
 import time
 from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -122,7 +123,7 @@ class ImagesServing:
 
     async def generate(
         self, req: ImageGenerationRequest, http_request: Request
-    ) -> ImagesResponse | EventStream:
+    ) -> Answer | EventStream:
         """The answer, or with `stream` its events (previews first when asked)."""
         native = await self._native_resolution()
         resolved = resolve_generation(req, self.settings, native, self.loras)
@@ -132,7 +133,7 @@ class ImagesServing:
 
     async def edit(
         self, form: ImageForm[ImageEditRequest], http_request: Request
-    ) -> ImagesResponse | EventStream:
+    ) -> Answer | EventStream:
         """POST /images/edits: img2img over the picture, or inpainting with a mask."""
         source = await run_in_threadpool(decode_edit_source, form.image, form.mask)
         native = await self._native_resolution()
@@ -145,7 +146,7 @@ class ImagesServing:
 
     async def create_variation(
         self, form: ImageForm[ImageVariationRequest], http_request: Request
-    ) -> ImagesResponse:
+    ) -> Answer:
         """POST /images/variations: an edit of a square picture with no prompt."""
         source = await run_in_threadpool(decode_edit_source, form.image, None)
         native = await self._native_resolution()
@@ -164,7 +165,7 @@ class ImagesServing:
 
     # ---- one request's way through ---------------------------------------------
 
-    async def _answer(self, resolved: ResolvedRequest, http_request: Request) -> ImagesResponse:
+    async def _answer(self, resolved: ResolvedRequest, http_request: Request) -> Answer:
         started = time.perf_counter()
         render = asyncio.ensure_future(self.renderer.generate(resolved.job))
         try:
@@ -174,10 +175,8 @@ class ImagesServing:
         encoding = time.perf_counter()
         response = await self._images(outcome, resolved, http_request)
         done = time.perf_counter()
-        response._server_timing = server_timing(
-            outcome, encode_s=done - encoding, total_s=done - started
-        )
-        return response
+        timing = server_timing(outcome, encode_s=done - encoding, total_s=done - started)
+        return Answer(response, timing)
 
     async def _images(
         self, outcome: GenerationOutcome, resolved: ResolvedRequest, http_request: Request
@@ -272,6 +271,16 @@ class ImagesServing:
 
 
 EventStream = AsyncIterator[bytes]
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A synchronous answer: its body, and the Server-Timing header that goes beside it."""
+
+    body: ImagesResponse
+    server_timing: str | None = None
+
+
 T = TypeVar("T")
 
 
