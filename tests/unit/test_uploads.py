@@ -11,6 +11,8 @@ from PIL import Image
 from sdxl_service.api.uploads import (
     MAX_UPLOAD_PIXELS,
     SIGNATURE_BYTES,
+    InvalidUpload,
+    decode_edit_source,
     looks_like_image,
     open_image,
     repaint_mask,
@@ -110,3 +112,15 @@ def test_every_accepted_format_passes_the_signature_check(fmt: str) -> None:
 )
 def test_other_files_fail_the_signature_check(head: bytes) -> None:
     assert not looks_like_image(head)
+
+
+def test_an_unusable_upload_names_its_field() -> None:
+    picture = encoded(Image.new("RGB", (64, 64), (10, 200, 30)))
+    with pytest.raises(InvalidUpload, match=r"^Invalid image: the file is empty\.$") as bad:
+        decode_edit_source(b"", None)
+    assert bad.value.param == "image"
+    with pytest.raises(InvalidUpload, match=r"^Invalid mask: not an image") as bad:
+        decode_edit_source(picture, b"hello, world")
+    assert bad.value.param == "mask"
+    source = decode_edit_source(picture, None)
+    assert source.image.size == (64, 64) and source.mask is None

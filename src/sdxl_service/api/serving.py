@@ -24,7 +24,7 @@ from ..contract.jobs import GenerationOutcome, OutcomeStatus, RenderEvent, loadi
 from ..lora_catalog import LoraCatalog
 from ..metrics import ServiceMetrics
 from ..settings import SERVICE_ID, Settings
-from .errors import APIError, client_closed, outcome_error
+from .errors import APIError, client_closed, invalid_value, outcome_error
 from .files import FileStore
 from .forms import ImageForm
 from .render_client import RenderClient
@@ -47,7 +47,7 @@ from .schemas import (
     ModelCard,
     ModelList,
 )
-from .uploads import decode_edit_source
+from .uploads import EditSource, InvalidUpload, decode_edit_source
 
 # How often a waiting request checks that its client is still there.
 DISCONNECT_POLL_SECONDS = 0.25
@@ -135,7 +135,7 @@ class ImagesServing:
         self, form: ImageForm[ImageEditRequest], http_request: Request
     ) -> Answer | EventStream:
         """POST /images/edits: img2img over the picture, or inpainting with a mask."""
-        source = await run_in_threadpool(decode_edit_source, form.image, form.mask)
+        source = await _decoded(form.image, form.mask)
         native = await self._native_resolution()
         resolved = await run_in_threadpool(
             resolve_edit, form.fields, source, self.settings, native, self.loras
@@ -148,7 +148,7 @@ class ImagesServing:
         self, form: ImageForm[ImageVariationRequest], http_request: Request
     ) -> Answer:
         """POST /images/variations: an edit of a square picture with no prompt."""
-        source = await run_in_threadpool(decode_edit_source, form.image, None)
+        source = await _decoded(form.image, None)
         native = await self._native_resolution()
         resolved = await run_in_threadpool(
             resolve_variation, form.fields, source, self.settings, native, self.loras
@@ -271,6 +271,14 @@ class ImagesServing:
 
 
 EventStream = AsyncIterator[bytes]
+
+
+async def _decoded(image: bytes, mask: bytes | None) -> EditSource:
+    """The uploads of an edit, decoded off the event loop; a 400 naming the bad one."""
+    try:
+        return await run_in_threadpool(decode_edit_source, image, mask)
+    except InvalidUpload as exc:
+        raise invalid_value(exc.param, str(exc)) from None
 
 
 @dataclass(frozen=True)

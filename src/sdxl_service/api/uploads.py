@@ -1,8 +1,9 @@
 """Images uploaded to edits and variations: decoding, checks, and the mask.
 
 The helpers raise ValueError with a reason a client can act on;
-`decode_edit_source` names the parameter. Runs in the HTTP service, off the
-event loop (decoding a large photo takes a while).
+`decode_edit_source` raises `InvalidUpload`, which names the parameter too (the
+serving layer turns it into the 400). Runs in the HTTP service, off the event
+loop (decoding a large photo takes a while).
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ import warnings
 from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError
-
-from .errors import invalid_value
 
 # A 48-megapixel phone photo fits; a small file that claims more pixels would
 # take gigabytes once decoded (PIL's own bomb check starts at 89 M).
@@ -46,6 +45,14 @@ def looks_like_image(head: bytes) -> bool:
     return is_webp or head.startswith(_SIGNATURES)
 
 
+class InvalidUpload(ValueError):
+    """An uploaded file that cannot be used, and the form field it came in."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 @dataclass(frozen=True)
 class EditSource:
     """The uploaded picture of an edit or variation, and the region to repaint."""
@@ -55,17 +62,17 @@ class EditSource:
 
 
 def decode_edit_source(image_data: bytes, mask_data: bytes | None) -> EditSource:
-    """The picture (flattened to RGB) and its repaint mask; 400 naming `image` or `mask`."""
+    """The picture (flattened to RGB) and its repaint mask; InvalidUpload names the bad one."""
     try:
         picture = open_image(image_data)
     except ValueError as exc:
-        raise invalid_value("image", f"Invalid image: {exc}.") from None
+        raise InvalidUpload("image", f"Invalid image: {exc}.") from None
     mask = None
     if mask_data is not None:
         try:
             mask = repaint_mask(open_image(mask_data), picture.size)
         except ValueError as exc:
-            raise invalid_value("mask", f"Invalid mask: {exc}.") from None
+            raise InvalidUpload("mask", f"Invalid mask: {exc}.") from None
     return EditSource(to_rgb(picture), mask)
 
 
