@@ -239,7 +239,7 @@ _demand_policy = next_batch
 
 
 def next_batch(queue, *, max_images, wait_s, now, demand):  # type: ignore[no-redef]
-    fixed = Demand(params=queue[0].params, images=max_images) if queue else demand
+    fixed = Demand(key=queue[0].batch_key, images=max_images) if queue else demand
     return _demand_policy(queue, max_images=max_images, wait_s=wait_s, now=now, demand=fixed)
 """
 
@@ -251,7 +251,7 @@ def fixed_wait_overlay(work: Path) -> dict[str, str]:
     overlay = work / "fixed-wait-src"
     shutil.rmtree(overlay, ignore_errors=True)
     shutil.copytree(package, overlay / "sdxl_service")
-    policy = overlay / "sdxl_service" / "batch_policy.py"
+    policy = overlay / "sdxl_service" / "render" / "batch_policy.py"
     policy.write_text(policy.read_text() + FIXED_WAIT_POLICY)
     return {"PYTHONPATH": os.pathsep.join([str(overlay), os.environ.get("PYTHONPATH", "")])}
 
