@@ -124,11 +124,12 @@ class Engine:
             base_source, refiner_source = str(base_dir), str(refiner_dir)
         else:
             base_source, refiner_source = config.base_model, config.refiner_model
-        # Half-precision variants halve the download; fp32 runs want the full weights.
-        variant = config.variant if is_cuda(device) and dtype != torch.float32 else None
-
         started = time.perf_counter()
-        base, refiner = load_pipelines(base_source, refiner_source, dtype=dtype, variant=variant)
+        # Which files of SDXL_VARIANT each folder or repo loads is decided by what it
+        # holds and the dtype (loading.choose_variant), not by the device.
+        base, refiner = load_pipelines(
+            base_source, refiner_source, dtype=dtype, variant=config.variant
+        )
         base.to(device)
         refiner.to(device)  # moves only the refiner's UNet: the rest is shared or already there
         engine = cls(
@@ -167,8 +168,14 @@ class Engine:
         }
 
     def warmup(self, steps: int = 2) -> None:
-        """One small render at native resolution (compiles kernels when compile is on)."""
-        side = self.native_resolution
+        """One short render before the first request pays for it.
+
+        On a GPU at native resolution: kernel selection (and compilation when it is on)
+        is per shape, and that is the shape most requests have. On a CPU there is no
+        kernel selection to pay for, and a 1024x1024 render takes minutes: a small one
+        checks the whole path (base, refiner, decode) in seconds.
+        """
+        side = self.native_resolution if self._on_gpu() else min(self.native_resolution, 256)
         params = RenderParams(
             width=side,
             height=side,
@@ -179,6 +186,9 @@ class Engine:
             scheduler=SchedulerName.EULER,
         )
         self.render(RenderBatch(params=params, tasks=[ImageTask(prompt="warmup", seed=0)]))
+
+    def _on_gpu(self) -> bool:
+        return is_cuda(self.device) or self.device.startswith("mps")
 
     # --- rendering ----------------------------------------------------------
 

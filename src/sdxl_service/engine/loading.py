@@ -12,6 +12,50 @@ import torch
 logger = logging.getLogger(__name__)
 
 
+def weight_files(source: str) -> list[str] | None:
+    """The safetensors files of a diffusers folder or hub repo, relative to its root; None when
+    they cannot be listed (a hub id while offline)."""
+    folder = Path(source)
+    if folder.is_dir():
+        return sorted(str(p.relative_to(folder)) for p in folder.rglob("*.safetensors"))
+    try:
+        from huggingface_hub import list_repo_files
+
+        return [name for name in list_repo_files(source) if name.endswith(".safetensors")]
+    except Exception as error:  # offline, unknown repo, no permission: decided by dtype
+        logger.info("cannot list the files of %s (%s)", source, error)
+        return None
+
+
+def choose_variant(files: list[str] | None, variant: str | None, dtype: torch.dtype) -> str | None:
+    """The weights variant to load, from what the folder or repo holds and the dtype wanted.
+
+    Half-precision runs (fp16, bf16) take the variant files when every model has them: half
+    the bytes to read or download, cast once to the dtype. A float32 run takes the default
+    (full-precision) files when every model has them. Either falls back to the other set when
+    it is the only complete one, so a folder of fp16 files alone loads in any dtype on any
+    device. With the files unknown, the dtype decides (and diffusers falls back if need be).
+    """
+    if not variant:
+        return None
+    half = dtype in (torch.float16, torch.bfloat16)
+    if files is None:
+        return variant if half else None
+    tag = f".{variant}."
+    models: dict[str, set[bool]] = {}
+    for name in files:
+        model, _, file_name = name.rpartition("/")
+        # Files at the root are single-file checkpoints beside the diffusers layout (the
+        # stock hub repos hold one): not what from_pretrained loads.
+        if model and "/" not in model:
+            models.setdefault(model, set()).add(tag in file_name)
+    has_variant = bool(models) and all(True in kinds for kinds in models.values())
+    has_default = bool(models) and all(False in kinds for kinds in models.values())
+    if half:
+        return variant if has_variant or not has_default else None
+    return None if has_default or not has_variant else variant
+
+
 def _from_pretrained(
     pipeline_class: Any, source: str, *, dtype: torch.dtype, variant: str | None, **components: Any
 ) -> Any:
@@ -24,7 +68,9 @@ def _from_pretrained(
         "add_watermarker": False,
         **components,
     }
+    variant = choose_variant(weight_files(source), variant, dtype)
     if variant:
+        logger.info("loading the %r weights variant of %s", variant, source)
         try:
             return pipeline_class.from_pretrained(source, variant=variant, **options)
         except (ValueError, OSError) as error:

@@ -1,0 +1,106 @@
+"""Loading the pair: SDXL_VARIANT chosen by what a folder holds and the dtype wanted, and the
+warm-up before /readyz."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sdxl_service.contract.jobs import ImageTask, RenderBatch
+from sdxl_service.engine import Engine
+from sdxl_service.engine.config import EngineConfig
+from sdxl_service.engine.loading import choose_variant, weight_files
+from tests.jobs import make_params
+
+COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+DEFAULT = [f"{c}/diffusion_pytorch_model.safetensors" for c in COMPONENTS]
+FP16 = [f"{c}/diffusion_pytorch_model.fp16.safetensors" for c in COMPONENTS]
+
+
+@pytest.mark.parametrize(
+    ("files", "dtype", "chosen"),
+    [
+        # Both sets: half precision reads the half-size files, float32 the full ones.
+        (DEFAULT + FP16, torch.bfloat16, "fp16"),
+        (DEFAULT + FP16, torch.float16, "fp16"),
+        (DEFAULT + FP16, torch.float32, None),
+        # One set only: that one, whatever the dtype (and whatever the device).
+        (FP16, torch.float32, "fp16"),
+        (FP16, torch.bfloat16, "fp16"),
+        (DEFAULT, torch.float16, None),
+        # A model without the variant: the complete default set.
+        (DEFAULT + FP16[1:], torch.float16, None),
+        # The stock hub repos hold a single-file checkpoint at the root: not a model.
+        (["sd_xl_base_1.0.safetensors", *DEFAULT, *FP16], torch.float16, "fp16"),
+        # Files unknown (a hub id offline): the dtype decides.
+        (None, torch.float16, "fp16"),
+        (None, torch.float32, None),
+    ],
+)
+def test_the_variant_follows_the_files_and_the_dtype(
+    files: list[str] | None, dtype: torch.dtype, chosen: str | None
+) -> None:
+    assert choose_variant(files, "fp16", dtype) == chosen
+
+
+def test_no_variant_asked_is_none() -> None:
+    assert choose_variant(DEFAULT + FP16, None, torch.float16) is None
+
+
+@pytest.fixture(scope="module")
+def variant_only_pair(
+    tmp_path_factory: pytest.TempPathFactory, tiny_pair: tuple[Path, Path]
+) -> tuple[Path, Path]:
+    """The tiny pair saved as fp16 variant files alone (as `save_pretrained(variant=...)` or a
+    `*.fp16.*` download pattern leaves a folder); the weights stay float32, so the images of
+    both folders are the same."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    root = tmp_path_factory.mktemp("variant-only")
+    out = []
+    for cls, source, name in (
+        (StableDiffusionXLPipeline, tiny_pair[0], "base"),
+        (StableDiffusionXLImg2ImgPipeline, tiny_pair[1], "refiner"),
+    ):
+        pipeline = cls.from_pretrained(source, use_safetensors=True)
+        pipeline.save_pretrained(root / name, variant="fp16")
+        out.append(root / name)
+    return out[0], out[1]
+
+
+def engine_of(tiny_settings_factory, pair: tuple[Path, Path]) -> Engine:
+    settings = tiny_settings_factory(
+        preset="sdxl", base_model=str(pair[0]), refiner_model=str(pair[1]), variant="fp16"
+    )
+    return Engine.load(EngineConfig.of(settings))
+
+
+def test_a_folder_of_variant_files_alone_loads_in_float32_on_the_cpu(
+    tiny_settings_factory, tiny_pair: tuple[Path, Path], variant_only_pair: tuple[Path, Path]
+) -> None:
+    files = weight_files(str(variant_only_pair[0]))
+    assert files and all(".fp16." in name for name in files)
+    batch = RenderBatch(params=make_params(), tasks=[ImageTask(prompt="a red fox", seed=3)])
+    images = [
+        np.asarray(engine_of(tiny_settings_factory, pair).render(batch)[0])
+        for pair in (variant_only_pair, tiny_pair)
+    ]
+    assert np.array_equal(images[0], images[1])
+
+
+@pytest.mark.parametrize(("on_gpu", "side"), [(False, 256), (True, 1024)])
+def test_the_warm_up_renders_small_on_a_cpu_and_at_native_size_on_a_gpu(
+    tiny_engine: Engine, monkeypatch: pytest.MonkeyPatch, on_gpu: bool, side: int
+) -> None:
+    """At 1024x1024 the CPU warm-up of full-size SDXL took minutes before /readyz (issue 19)."""
+    seen: list[tuple[int, int]] = []
+    monkeypatch.setattr(tiny_engine, "native_resolution", 1024)
+    monkeypatch.setattr(tiny_engine, "_on_gpu", lambda: on_gpu)
+    monkeypatch.setattr(
+        tiny_engine, "render", lambda batch: seen.append((batch.params.width, batch.params.height))
+    )
+    tiny_engine.warmup()
+    assert seen == [(side, side)]
