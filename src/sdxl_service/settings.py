@@ -47,7 +47,7 @@ class Settings(BaseSettings):
     refiner_model: str = "stabilityai/stable-diffusion-xl-refiner-1.0"
     # "auto": cuda > mps > cpu.
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
-    # "auto": float16 on CUDA, float32 elsewhere.
+    # "auto": float16 on CUDA; bfloat16 for SDXL on a CPU that runs it (oneDNN), else float32.
     dtype: DType = DType.AUTO
     # Weights variant asked of the hub ("fp16" halves the download); folders
     # without it fall back to the default weights.

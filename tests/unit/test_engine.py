@@ -619,8 +619,19 @@ def test_auto_device_prefers_cuda_then_mps(
 def test_dtype_resolution() -> None:
     assert resolve_dtype(EngineConfig.of(Settings(dtype="auto")), "cuda") == torch.float16
     assert resolve_dtype(EngineConfig.of(Settings(dtype="auto")), "cuda:0") == torch.float16
-    assert resolve_dtype(EngineConfig.of(Settings(dtype="auto")), "cpu") == torch.float32
     assert resolve_dtype(EngineConfig.of(Settings(dtype="auto")), "mps") == torch.float32
+    auto = EngineConfig.of(Settings(dtype="auto"))
+    assert resolve_dtype(auto, "cpu", Preset.TINY) == torch.float32
+    cpu_sdxl = torch.bfloat16 if devices.cpu_runs_bf16() else torch.float32
+    assert resolve_dtype(auto, "cpu", Preset.SDXL) == cpu_sdxl
+
+
+def test_sdxl_on_a_cpu_without_bf16_runs_float32(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(devices, "cpu_runs_bf16", lambda: False)
+    auto = EngineConfig.of(Settings(dtype="auto"))
+    assert resolve_dtype(auto, "cpu", Preset.SDXL) == torch.float32
+    monkeypatch.setattr(devices, "cpu_runs_bf16", lambda: True)
+    assert resolve_dtype(auto, "cpu", Preset.SDXL) == torch.bfloat16
     for name, dtype in [
         ("float16", torch.float16),
         ("fp16", torch.float16),

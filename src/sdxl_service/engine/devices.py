@@ -58,10 +58,22 @@ def resolve_device(config: EngineConfig) -> str:
     return "cpu"
 
 
-def resolve_dtype(config: EngineConfig, device: str) -> torch.dtype:
+def cpu_runs_bf16() -> bool:
+    """Whether oneDNN runs bfloat16 on this CPU (AVX-512 or newer): torch's own check."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_dtype(config: EngineConfig, device: str, preset: Preset = Preset.SDXL) -> torch.dtype:
+    """`auto`: float16 on CUDA. On a CPU, SDXL itself in bfloat16 where oneDNN runs it: the
+    float32 pair needs ~23 GiB and runs no faster there. The tiny preset (and MPS, and CPUs
+    without bf16) in float32, where the stock recipes are matched bit for bit."""
     if config.dtype != DType.AUTO:
         return torch_dtype(config.dtype)
-    return torch.float16 if device.startswith("cuda") else torch.float32
+    if device.startswith("cuda"):
+        return torch.float16
+    if device == "cpu" and preset is Preset.SDXL and cpu_runs_bf16():
+        return torch.bfloat16
+    return torch.float32
 
 
 def resolve_vae_dtype(config: EngineConfig, dtype: torch.dtype, vae: Any) -> torch.dtype:

@@ -118,7 +118,7 @@ class Engine:
 
         preset = resolve_preset(config)
         device = resolve_device(config)
-        dtype = resolve_dtype(config, device)
+        dtype = resolve_dtype(config, device, preset)
         if preset is Preset.TINY:
             base_dir, refiner_dir = ensure_tiny_pair(config.cache_dir)
             base_source, refiner_source = str(base_dir), str(refiner_dir)

@@ -1,0 +1,37 @@
+"""make bench-fullsize's whole path (build, serve, render, stock diffusers, report) on the tiny
+configurations: the full-size run is too heavy for the suite, its code is not."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import fullsize
+
+pytestmark = pytest.mark.integration
+
+
+def test_the_fullsize_bench_runs_end_to_end_on_the_tiny_configs(tmp_path: Path) -> None:
+    out = tmp_path / "smoke.json"
+    assert (
+        fullsize.main(["--smoke", "--workdir", str(tmp_path), "--size", "64", "--out", str(out)])
+        == 0
+    )
+    record = json.loads(out.read_text())
+    # The folders hold fp16 variant files alone, and the service loaded them in float32.
+    models = tmp_path / "models-tiny"
+    files = sorted(p.name for p in (models / "base" / "unet").glob("*.safetensors"))
+    assert files == ["diffusion_pytorch_model.fp16.safetensors"]
+    assert record["dtype"] == "float32" and record["build"]["built"] is True
+    assert set(record["comparison"]) == set(fullsize.CASES)
+    for case, row in record["comparison"].items():
+        # The service's images are stock diffusers' recipes, pixel for pixel (float32).
+        assert row["pixel_max"] <= 1, (case, row)
+        assert row["service_render_s"] > 0 and row["stock_s"] > 0
+    memory = record["service"]["peak_rss_gib"]
+    assert set(memory) == {"http", "render_worker"}
+    # The HTTP process holds no model: it stays small whatever the weights.
+    assert 0 < memory["http"] < 1.0
+    assert record["service"]["ready_s"] > 0 and record["stock"]["load_s"] > 0
