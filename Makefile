@@ -5,7 +5,7 @@ LEGACY_VENV ?= .venv-openai028
 PORT ?= 9225
 BIN := $(VENV)/bin
 
-.PHONY: install legacy-client browser serve test test-unit lint format bench bench-overhead bench-previews bench-gpu bench-gpu-prepare build containerize examples registry-image-size clean
+.PHONY: install legacy-client browser serve test test-unit lint format bench bench-overhead bench-previews bench-fullsize bench-gpu bench-gpu-prepare build containerize examples registry-image-size clean
 
 install: $(VENV)/.installed
 
@@ -60,6 +60,13 @@ bench-overhead: install
 # engine alone on the tiny preset (~2 min); docs/PERFORMANCE.md, "Live previews".
 bench-previews: install
 	$(BIN)/python -m bench.previews_cpu
+
+# SDXL at its published size through the service on this CPU (bf16, 256x256, 5 steps),
+# beside stock diffusers on the same folders: builds ~7 GiB of random weights once
+# (~/.cache/sdxl-service/bench-fullsize), ~20 min, under 20 GiB; docs/PERFORMANCE.md,
+# "Full size on the CPU".
+bench-fullsize: install
+	$(BIN)/python -m bench.fullsize
 
 # The whole GPU run (engine, HTTP service, optimisation matrix; ~8 min) on a CUDA
 # machine: bench-gpu-prepare first, where PyPI is reachable (docs/PERFORMANCE.md).
