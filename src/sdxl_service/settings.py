@@ -47,7 +47,7 @@ class Settings(BaseSettings):
     refiner_model: str = "stabilityai/stable-diffusion-xl-refiner-1.0"
     # "auto": cuda > mps > cpu.
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
-    # "auto": float16 on CUDA; bfloat16 for SDXL on a CPU that runs it (oneDNN), else float32.
+    # "auto": float16 on CUDA; bfloat16 for SDXL on a CPU with bf16 instructions, else float32.
     dtype: DType = DType.AUTO
     # Weights variant asked of the hub ("fp16" halves the download); folders
     # without it fall back to the default weights.
@@ -107,6 +107,9 @@ class Settings(BaseSettings):
     max_body_bytes_in_flight: int = Field(256 * 1024 * 1024, ge=1024)
     # The page at `GET /` to try prompts in a browser.
     playground: bool = True
+    # How each image was made (prompt, seed, settings) inside the file, as AUTOMATIC1111
+    # writes it: a PNG `parameters` chunk, EXIF UserComment in JPEG and WebP.
+    image_metadata: bool = True
 
     # --- files served for response_format=url -------------------------------
     url_ttl: int = Field(3600, ge=1)

@@ -622,16 +622,31 @@ def test_dtype_resolution() -> None:
     assert resolve_dtype(EngineConfig.of(Settings(dtype="auto")), "mps") == torch.float32
     auto = EngineConfig.of(Settings(dtype="auto"))
     assert resolve_dtype(auto, "cpu", Preset.TINY) == torch.float32
-    cpu_sdxl = torch.bfloat16 if devices.cpu_runs_bf16() else torch.float32
+    cpu_sdxl = torch.bfloat16 if devices.cpu_has_bf16() else torch.float32
     assert resolve_dtype(auto, "cpu", Preset.SDXL) == cpu_sdxl
 
 
 def test_sdxl_on_a_cpu_without_bf16_runs_float32(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(devices, "cpu_runs_bf16", lambda: False)
+    monkeypatch.setattr(devices, "cpu_has_bf16", lambda: False)
     auto = EngineConfig.of(Settings(dtype="auto"))
     assert resolve_dtype(auto, "cpu", Preset.SDXL) == torch.float32
-    monkeypatch.setattr(devices, "cpu_runs_bf16", lambda: True)
+    monkeypatch.setattr(devices, "cpu_has_bf16", lambda: True)
     assert resolve_dtype(auto, "cpu", Preset.SDXL) == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    ("cpuinfo", "has"),
+    [
+        ("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512bw\n", False),
+        ("flags\t\t: fpu avx512f avx512_bf16 avx512_vnni\n", True),
+        ("flags\t\t: fpu avx512f amx_bf16 amx_tile\n", True),
+        ("Features\t: fp asimd sve bf16 i8mm\n", True),  # Arm (Graviton 3)
+        ("Features\t: fp asimd\n", False),
+        ("", False),
+    ],
+)
+def test_bf16_instructions_are_read_from_the_cpu_flags(cpuinfo: str, has: bool) -> None:
+    assert devices.cpu_has_bf16(cpuinfo) is has
     for name, dtype in [
         ("float16", torch.float16),
         ("fp16", torch.float16),
