@@ -10,6 +10,7 @@ found without a restart.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import threading
@@ -83,6 +84,7 @@ class LoraCatalog:
         self._lock = threading.Lock()
         self._stamp: tuple[float, ...] | None = None
         self._entries: dict[str, LoraFile] = {}
+        self._hashes: dict[tuple[str, int, int], str] = {}
 
     def available(self) -> dict[str, LoraFile]:
         """Every readable LoRA by name."""
@@ -93,6 +95,29 @@ class LoraCatalog:
         if not is_valid_name(name):
             return None
         return self._current().get(name)
+
+    def short_hash(self, name: str) -> str | None:
+        """The first 12 hex digits of the file's SHA-256, as A1111's `Lora hashes` names a
+        LoRA; computed once per file version (path, size, mtime)."""
+        entry = self.find(name)
+        if entry is None:
+            return None
+        try:
+            stat = entry.path.stat()
+        except OSError:
+            return None
+        key = (str(entry.path), stat.st_size, stat.st_mtime_ns)
+        with self._lock:
+            known = self._hashes.get(key)
+        if known is None:
+            digest = hashlib.sha256()
+            with entry.path.open("rb") as file:
+                for block in iter(lambda: file.read(1 << 20), b""):
+                    digest.update(block)
+            known = digest.hexdigest()[:12]
+            with self._lock:
+                self._hashes[key] = known
+        return known
 
     def _current(self) -> dict[str, LoraFile]:
         stamp = self._folder_stamp()

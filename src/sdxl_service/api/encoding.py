@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 from ..contract.jobs import RenderedImage
+from .infotext import exif_with_text, png_with_text
 
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 # PNG through OpenCV: Pillow offers no choice of PNG row filter, and its
@@ -41,26 +42,33 @@ def resize_to(image: Image.Image, width: int, height: int) -> Image.Image:
 
 
 def encode_image(
-    image: Image.Image | np.ndarray, output_format: str, compression: int | None = None
+    image: Image.Image | np.ndarray,
+    output_format: str,
+    compression: int | None = None,
+    *,
+    infotext: str | None = None,
 ) -> bytes:
     """`image`: a PIL image, or RGB pixels (`pixels_of`: no PIL copies on the way).
 
     `compression` is OpenAI's output_compression (0-100, jpeg/webp; 100 = best quality).
+    `infotext` (api/infotext.py) goes in a PNG `parameters` chunk, or EXIF UserComment.
     """
     if output_format == "png":
         rgb = image if isinstance(image, np.ndarray) else np.asarray(image.convert("RGB"))
         ok, encoded = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), PNG_PARAMS)
         if not ok:
             raise RuntimeError("PNG encoding failed")
-        return encoded.tobytes()
+        png = encoded.tobytes()
+        return png if infotext is None else png_with_text(png, infotext)
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
     buffer = io.BytesIO()
     quality = 95 if compression is None else max(1, compression)
+    extra = {} if infotext is None else {"exif": exif_with_text(infotext)}
     if output_format == "jpeg":
-        image.save(buffer, format="JPEG", quality=quality)
+        image.save(buffer, format="JPEG", quality=quality, **extra)
     elif output_format == "webp":
-        image.save(buffer, format="WEBP", quality=quality, method=WEBP_METHOD)
+        image.save(buffer, format="WEBP", quality=quality, method=WEBP_METHOD, **extra)
     else:
         raise ValueError(f"unknown output format {output_format!r}")
     return buffer.getvalue()

@@ -17,11 +17,12 @@ from typing import Any
 from PIL import Image
 
 from ..choices import RenderKind
-from ..contract.jobs import GenerationJob, RenderParams
+from ..contract.jobs import GenerationJob, LoraWeight, RenderParams
 from ..lora_catalog import LoraCatalog
 from ..settings import SERVICE_ID, Settings
 from .encoding import resize_to
 from .errors import APIError, excerpt, invalid_value
+from .infotext import Provenance
 from .lora_requests import lora_set, take_inline_loras
 from .schemas import (
     OPENAI_IMAGE_MODEL_PREFIX,
@@ -60,6 +61,8 @@ class ResolvedRequest:
     # through a lossy VAE round trip), and the mask.
     kept_picture: Image.Image | None = None
     repaint_mask: Image.Image | None = None
+    # For the infotext each image carries (api/infotext.py); None with SDXL_IMAGE_METADATA=false.
+    provenance: Provenance | None = None
 
 
 def resolve_generation(
@@ -258,7 +261,19 @@ def _resolve(
         quality=quality,
         kept_picture=kept_picture,
         repaint_mask=repaint,
+        provenance=_provenance(s, loras, catalog) if s.image_metadata else None,
     )
+
+
+def _provenance(
+    s: Settings, loras: tuple[LoraWeight, ...], catalog: LoraCatalog | None
+) -> Provenance:
+    hashes = {}
+    for lora in loras:
+        digest = catalog.short_hash(lora.name) if catalog is not None else None
+        if digest is not None:
+            hashes[lora.name] = digest
+    return Provenance(base_model=s.base_model, refiner_model=s.refiner_model, lora_hashes=hashes)
 
 
 def _default_response_format(req: ImageRequest) -> str:

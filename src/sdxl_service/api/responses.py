@@ -20,6 +20,7 @@ from ..settings import Settings
 from .encoding import CONTENT_TYPES, encode_image, pixels_of, resize_to, to_base64, to_pil
 from .errors import APIError
 from .files import FileStore
+from .infotext import infotext
 from .request_rules import ResolvedRequest
 from .schemas import ImageData, ImagesResponse
 
@@ -79,14 +80,23 @@ def images_response(data: list[ImageData], resolved: ResolvedRequest) -> ImagesR
 
 def encode_rendered(rendered: RenderedImage, resolved: ResolvedRequest) -> bytes:
     """A rendered image at the answered size (inpainting: over the kept picture), encoded."""
+    text = None
+    if resolved.provenance is not None:
+        text = infotext(
+            resolved.job,
+            resolved.provenance,
+            seed=rendered.seed,
+            width=resolved.width,
+            height=resolved.height,
+        )
+    fmt, compression = resolved.output_format, resolved.output_compression
     as_rendered = (resolved.width, resolved.height) == (rendered.width, rendered.height)
     if as_rendered and resolved.repaint_mask is None:
-        pixels = pixels_of(rendered)
-        return encode_image(pixels, resolved.output_format, resolved.output_compression)
+        return encode_image(pixels_of(rendered), fmt, compression, infotext=text)
     picture = resize_to(to_pil(rendered), resolved.width, resolved.height)
     if resolved.repaint_mask is not None and resolved.kept_picture is not None:
         picture = Image.composite(picture, resolved.kept_picture, resolved.repaint_mask)
-    return encode_image(picture, resolved.output_format, resolved.output_compression)
+    return encode_image(picture, fmt, compression, infotext=text)
 
 
 def server_timing(outcome: GenerationOutcome, *, encode_s: float, total_s: float) -> str:

@@ -1,0 +1,132 @@
+"""How an image was made, in AUTOMATIC1111's infotext format, and where it goes in the file.
+
+The text is what A1111 writes to a PNG's `parameters` chunk (and to EXIF UserComment in
+JPEG and WebP), so that its "PNG Info" tab, ComfyUI's import and the many tools that
+read that format get the prompt, the seed and the settings back:
+
+    a red fox in the snow
+    Negative prompt: blurry
+    Steps: 30, Sampler: Euler, CFG scale: 5.0, Seed: 7, Size: 1024x1024, Model: ..., Version: ...
+
+Values with a comma, a colon or a newline are quoted as A1111 quotes them (JSON strings).
+The chunk is written into the PNG that OpenCV encoded (OpenCV writes no text chunks, and
+re-encoding with Pillow would cost ~3x the encode, api/encoding.py).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import PurePath
+
+from PIL import Image
+
+from ..choices import RefinerMode, RenderKind, SchedulerName
+from ..contract.jobs import GenerationJob
+
+PNG_KEY = "parameters"
+# A1111's sampler names, and its "Schedule type" where the schedule is not the sampler's own.
+SAMPLERS = {
+    SchedulerName.EULER: ("Euler", None),
+    SchedulerName.EULER_A: ("Euler a", None),
+    SchedulerName.DPMPP_2M: ("DPM++ 2M", None),
+    SchedulerName.DPMPP_2M_KARRAS: ("DPM++ 2M", "Karras"),
+    SchedulerName.DDIM: ("DDIM", None),
+    SchedulerName.UNIPC: ("UniPC", None),
+}
+_EXIF_IFD = 0x8769
+_USER_COMMENT = 0x9286
+
+
+def service_version() -> str:
+    try:
+        return f"sdxl-service {metadata.version('sdxl-service')}"
+    except metadata.PackageNotFoundError:  # the bento copies src/ without installing it
+        return "sdxl-service"
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What an image's infotext says beyond its job: the models, LoRA hashes, the version."""
+
+    base_model: str
+    refiner_model: str
+    lora_hashes: dict[str, str] = field(default_factory=dict)
+    version: str = field(default_factory=service_version)
+
+
+def quote(value: object) -> str:
+    """A1111's `quote`: as is, unless a comma, colon or newline would break the line."""
+    text = str(value)
+    if not any(mark in text for mark in ",:\n"):
+        return text
+    return json.dumps(text, ensure_ascii=False)
+
+
+def model_name(source: str) -> str:
+    """A checkpoint's name as A1111 shows it: the file or folder name, no weights extension
+    (a hub id keeps its dots: stable-diffusion-xl-base-1.0)."""
+    name = PurePath(source.rstrip("/")).name or source
+    for extension in (".safetensors", ".ckpt"):
+        name = name.removesuffix(extension)
+    return name
+
+
+def infotext(
+    job: GenerationJob, provenance: Provenance, *, seed: int, width: int, height: int
+) -> str:
+    """The infotext of one image of `job` (its own seed, the answered size)."""
+    params = job.params
+    sampler, schedule = SAMPLERS.get(SchedulerName(params.scheduler), (str(params.scheduler), None))
+    fields: dict[str, object] = {"Steps": params.steps, "Sampler": sampler}
+    if schedule:
+        fields["Schedule type"] = schedule
+    fields |= {
+        "CFG scale": params.guidance_scale,
+        "Seed": seed,
+        "Size": f"{width}x{height}",
+        "Model": model_name(provenance.base_model),
+    }
+    if params.kind is not RenderKind.TEXT_TO_IMAGE:
+        fields["Denoising strength"] = params.strength
+    if params.refiner is not RefinerMode.NONE:
+        fields["Refiner"] = model_name(provenance.refiner_model)
+        fields["Refiner switch at"] = params.high_noise_frac
+    if provenance.lora_hashes:
+        hashes = provenance.lora_hashes.items()
+        fields["Lora hashes"] = ", ".join(f"{name}: {digest}" for name, digest in hashes)
+    fields["Version"] = provenance.version
+    lines = [job.prompt]
+    if job.negative_prompt:
+        lines.append(f"Negative prompt: {job.negative_prompt}")
+    lines.append(", ".join(f"{key}: {quote(value)}" for key, value in fields.items()))
+    return "\n".join(lines)
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_with_text(png: bytes, text: str, key: str = PNG_KEY) -> bytes:
+    """`png` with a text chunk after its header: tEXt when Latin-1 holds it, else iTXt
+    (UTF-8), as Pillow's PngInfo.add_text chooses (and so A1111's files)."""
+    if not png.startswith(b"\x89PNG\r\n\x1a\n") or png[12:16] != b"IHDR":
+        raise ValueError("not a PNG that starts with its IHDR chunk")
+    header_end = 8 + 8 + struct.unpack(">I", png[8:12])[0] + 4
+    try:
+        chunk = _png_chunk(b"tEXt", key.encode("latin-1") + b"\0" + text.encode("latin-1"))
+    except UnicodeEncodeError:
+        data = key.encode("latin-1") + b"\0\0\0\0\0" + text.encode("utf-8")
+        chunk = _png_chunk(b"iTXt", data)
+    return png[:header_end] + chunk + png[header_end:]
+
+
+def exif_with_text(text: str) -> bytes:
+    """EXIF holding `text` as UserComment, in the UNICODE form A1111 writes (piexif's
+    `UserComment.dump(text, encoding="unicode")`: UTF-16, big-endian)."""
+    exif = Image.Exif()
+    exif.get_ifd(_EXIF_IFD)[_USER_COMMENT] = b"UNICODE\0" + text.encode("utf-16-be")
+    return exif.tobytes()

@@ -1,0 +1,183 @@
+"""How an image was made, in AUTOMATIC1111's infotext, written into PNG, JPEG and WebP.
+
+Read back with A1111's own published rules (modules/infotext_utils.py,
+`parse_generation_parameters`: the last line must yield at least three `key: value`
+pairs, values in double quotes are JSON strings) and ComfyUI's import rule (the
+parameters begin at the last "\\nSteps:").
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from sdxl_service.api.app import create_app
+from sdxl_service.api.encoding import encode_image
+from sdxl_service.api.files import LocalFileStore
+from sdxl_service.api.infotext import Provenance, infotext, png_with_text, quote
+from sdxl_service.api.serving import ImagesServing
+from sdxl_service.choices import RefinerMode, RenderKind
+from sdxl_service.contract.jobs import GenerationJob, LoraWeight
+from sdxl_service.settings import Settings
+from tests.jobs import make_params
+from tests.unit.test_serving import SeedPainter
+
+# A1111's regular expression for one `key: value` of the last line, verbatim.
+RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+PROVENANCE = Provenance(
+    base_model="stabilityai/stable-diffusion-xl-base-1.0",
+    refiner_model="/models/sd_xl_refiner_1.0.safetensors",
+    lora_hashes={"style": "0123456789ab", "other.v2": "ba9876543210"},
+    version="sdxl-service 1.1.0",
+)
+
+
+def a1111_parse(text: str) -> dict[str, str]:
+    """parse_generation_parameters, its prompt / negative / last-line logic."""
+    *lines, last = text.strip().split("\n")
+    if len(RE_PARAM.findall(last)) < 3:
+        lines.append(last)
+        last = ""
+    prompt, negative, in_negative = "", "", False
+    for line in lines:
+        line = line.strip()
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[16:].strip()
+        if in_negative:
+            negative += ("" if negative == "" else "\n") + line
+        else:
+            prompt += ("" if prompt == "" else "\n") + line
+    found = {"Prompt": prompt, "Negative prompt": negative}
+    for key, value in RE_PARAM.findall(last):
+        if value[:1] == '"' and value[-1:] == '"':
+            value = json.loads(value)
+        found[key] = value
+    return found
+
+
+def job(**overrides) -> GenerationJob:
+    values = {
+        "request_id": "r",
+        "params": make_params(width=1024, height=1024, steps=30, scheduler="dpmpp_2m_karras"),
+        "prompt": "a red fox, in the snow: at dusk",
+        "negative_prompt": "blurry",
+        "seeds": [7],
+    }
+    return GenerationJob(**{**values, **overrides})
+
+
+def test_the_last_line_yields_every_key_to_a1111s_parser() -> None:
+    loras = (LoraWeight(name="other.v2", scale=0.5), LoraWeight(name="style", scale=1.0))
+    text = infotext(
+        job(params=make_params(steps=30, scheduler="dpmpp_2m_karras", loras=loras)),
+        PROVENANCE,
+        seed=8,
+        width=832,
+        height=1216,
+    )
+    assert a1111_parse(text) == {
+        "Prompt": "a red fox, in the snow: at dusk",
+        "Negative prompt": "blurry",
+        "Steps": "30",
+        "Sampler": "DPM++ 2M",
+        "Schedule type": "Karras",
+        "CFG scale": "5.0",
+        "Seed": "8",
+        "Size": "832x1216",
+        "Model": "stable-diffusion-xl-base-1.0",
+        "Refiner": "sd_xl_refiner_1.0",
+        "Refiner switch at": "0.8",
+        "Lora hashes": "style: 0123456789ab, other.v2: ba9876543210",
+        "Version": "sdxl-service 1.1.0",
+    }
+    # ComfyUI and others: the settings are what follows the last "\nSteps:".
+    assert text.rsplit("\nSteps: ", 1)[1].startswith("30, Sampler: DPM++ 2M")
+
+
+def test_an_edit_says_its_strength_and_base_only_names_no_refiner() -> None:
+    params = make_params(
+        kind=RenderKind.IMAGE_TO_IMAGE, strength=0.6, refiner=RefinerMode.NONE, scheduler="euler"
+    )
+    edit = job(params=params, negative_prompt="", init_image=bytes(64 * 64 * 3))
+    plain = Provenance(base_model="/models/my-finetune.safetensors", refiner_model="r")
+    parsed = a1111_parse(infotext(edit, plain, seed=1, width=64, height=64))
+    assert parsed["Denoising strength"] == "0.6" and parsed["Sampler"] == "Euler"
+    assert parsed["Model"] == "my-finetune"
+    assert "Refiner" not in parsed and "Schedule type" not in parsed
+    assert parsed["Negative prompt"] == "" and "Lora hashes" not in parsed
+
+
+@pytest.mark.parametrize(
+    ("value", "quoted"),
+    [("plain", "plain"), ("a, b", '"a, b"'), ("k: v", '"k: v"'), ('é\n"x"', '"é\\n\\"x\\""')],
+)
+def test_values_are_quoted_as_a1111_quotes_them(value: str, quoted: str) -> None:
+    assert quote(value) == quoted
+
+
+@pytest.mark.parametrize("prompt", ["a lighthouse at dusk", "un phare au crépuscule, 灯台"])
+def test_a_png_carries_the_text_as_its_parameters_chunk(prompt: str) -> None:
+    pixels = np.random.default_rng(0).integers(0, 256, (16, 24, 3), np.uint8)
+    text = infotext(job(prompt=prompt), PROVENANCE, seed=7, width=24, height=16)
+    png = encode_image(pixels, "png", infotext=text)
+    with Image.open(io.BytesIO(png)) as image:
+        image.load()  # a bad chunk CRC fails here
+        assert image.text["parameters"] == text
+        assert np.array_equal(np.asarray(image.convert("RGB")), pixels)
+    assert png_with_text(encode_image(pixels, "png"), text) == png
+
+
+@pytest.mark.parametrize("output_format", ["jpeg", "webp"])
+def test_jpeg_and_webp_carry_it_as_exif_user_comment(output_format: str) -> None:
+    text = infotext(job(prompt="灯台, at dusk"), PROVENANCE, seed=7, width=24, height=16)
+    data = encode_image(Image.new("RGB", (24, 16), (1, 2, 3)), output_format, infotext=text)
+    with Image.open(io.BytesIO(data)) as image:
+        comment = image.getexif().get_ifd(0x8769)[0x9286]
+    assert comment.startswith(b"UNICODE\0")
+    assert comment[8:].decode("utf-16-be") == text
+
+
+def served(tmp_path, **settings: object) -> tuple[TestClient, SeedPainter]:
+    painter = SeedPainter()
+    config = Settings(files_dir=tmp_path, max_body_bytes=10_000, **settings)
+    serving = ImagesServing(config, painter, LocalFileStore(tmp_path, 60))
+    return TestClient(create_app(lambda: serving, config.max_body_bytes)), painter
+
+
+def test_answers_carry_each_images_own_seed_and_can_be_turned_off(tmp_path) -> None:
+    client, _ = served(tmp_path)
+    body = {"prompt": "a red fox", "size": "64x64", "n": 2, "seed": 40, "scheduler": "euler"}
+    answer = client.post("/images/generations", json=body).json()
+    seeds = []
+    for item in answer["data"]:
+        with Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))) as image:
+            parsed = a1111_parse(image.text["parameters"])
+        assert parsed["Prompt"] == "a red fox" and parsed["Size"] == "64x64"
+        seeds.append(int(parsed["Seed"]))
+    assert seeds == [item["seed"] for item in answer["data"]] == [40, 41]
+
+    quiet, _ = served(tmp_path, image_metadata=False)
+    item = quiet.post("/images/generations", json=body).json()["data"][0]
+    with Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))) as image:
+        assert "parameters" not in image.text
+
+
+def test_lora_hashes_are_the_files_sha256_as_a1111_shortens_it(tmp_path) -> None:
+    import hashlib
+
+    from sdxl_service.lora_catalog import LoraCatalog
+
+    data = b"not really a LoRA, but a file all the same" * 1000
+    (tmp_path / "style.safetensors").write_bytes(data)
+    catalog = LoraCatalog(tmp_path)
+    assert catalog.short_hash("style") == hashlib.sha256(data).hexdigest()[:12]
+    assert catalog.short_hash("missing") is None
+    (tmp_path / "style.safetensors").write_bytes(data + b"!")  # a new version, a new hash
+    assert catalog.short_hash("style") == hashlib.sha256(data + b"!").hexdigest()[:12]
