@@ -62,7 +62,7 @@ bench-previews: install
 	$(BIN)/python -m bench.previews_cpu
 
 # SDXL at its published size through the service on this CPU (bf16, 256x256, 5 steps),
-# beside stock diffusers on the same folders: builds ~7 GiB of random weights once
+# beside stock diffusers on the same folders: builds ~11 GiB of random weights once
 # (~/.cache/sdxl-service/bench-fullsize), ~20 min, under 20 GiB; docs/PERFORMANCE.md,
 # "Full size on the CPU".
 bench-fullsize: install

@@ -30,8 +30,9 @@ def test_the_fullsize_bench_runs_end_to_end_on_the_tiny_configs(tmp_path: Path) 
         # The service's images are stock diffusers' recipes, pixel for pixel (float32).
         assert row["pixel_max"] <= 1, (case, row)
         assert row["service_render_s"] > 0 and row["stock_s"] > 0
-    memory = record["service"]["peak_rss_gib"]
+    memory = record["service"]["memory_gib"]
     assert set(memory) == {"http", "render_worker"}
+    assert set(memory["render_worker"]) == {"peak", "anon_now", "file_now"}
     # The HTTP process holds no model: it stays small whatever the weights.
-    assert 0 < memory["http"] < 1.0
+    assert 0 < memory["http"]["peak"] < 1.0
     assert record["service"]["ready_s"] > 0 and record["stock"]["load_s"] > 0

@@ -91,7 +91,7 @@ def test_a_folder_of_variant_files_alone_loads_in_float32_on_the_cpu(
     assert np.array_equal(images[0], images[1])
 
 
-@pytest.mark.parametrize(("on_gpu", "side"), [(False, 256), (True, 1024)])
+@pytest.mark.parametrize(("on_gpu", "side"), [(False, 64), (True, 1024)])
 def test_the_warm_up_renders_small_on_a_cpu_and_at_native_size_on_a_gpu(
     tiny_engine: Engine, monkeypatch: pytest.MonkeyPatch, on_gpu: bool, side: int
 ) -> None:

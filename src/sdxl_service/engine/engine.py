@@ -172,10 +172,11 @@ class Engine:
 
         On a GPU at native resolution: kernel selection (and compilation when it is on)
         is per shape, and that is the shape most requests have. On a CPU there is no
-        kernel selection to pay for, and a 1024x1024 render takes minutes: a small one
-        checks the whole path (base, refiner, decode) in seconds.
+        kernel selection to pay for, and a 1024x1024 render takes minutes: a 64x64 one
+        checks the whole path (base, refiner, decode) in seconds (at 256x256 it still
+        cost ~50 s of the full-size start in bf16, make bench-fullsize).
         """
-        side = self.native_resolution if self._on_gpu() else min(self.native_resolution, 256)
+        side = self.native_resolution if self._on_gpu() else min(self.native_resolution, 64)
         params = RenderParams(
             width=side,
             height=side,
