@@ -36,6 +36,10 @@ class SchedulerName(StrEnum):
     DPMPP_2M_KARRAS = "dpmpp_2m_karras"
     DDIM = "ddim"
     UNIPC = "unipc"
+    # Few-step generation: the samplers the distilled LoRAs and checkpoints were made for.
+    EULER_TRAILING = "euler_trailing"  # SDXL-Lightning, Hyper-SD: Euler, trailing timesteps
+    LCM = "lcm"  # Latent Consistency Models (LCM-LoRA)
+    TCD = "tcd"  # Trajectory Consistency Distillation (TCD-LoRA)
 
 
 class PromptSyntax(StrEnum):

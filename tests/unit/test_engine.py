@@ -695,3 +695,44 @@ def test_half_precision_engine_renders_close_to_float32(
         assert difference < 3, f"{dtype} {mode}: mean pixel difference {difference:.1f}"
     edit = engine.render(RenderBatch(params=edit_params(steps=4), tasks=edits(1)))[0]
     assert edit.mode == "RGB"
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "stock_scheduler", "options"),
+    [
+        ("euler_trailing", "EulerDiscreteScheduler", {"timestep_spacing": "trailing"}),
+        ("lcm", "LCMScheduler", {}),
+        ("tcd", "TCDScheduler", {}),
+    ],
+)
+def test_few_step_samplers_match_their_model_cards_recipes(
+    tiny_engine: Engine, scheduler: str, stock_scheduler: str, options: dict
+) -> None:
+    """SDXL-Lightning / Hyper-SD (Euler, trailing), LCM-LoRA and TCD-LoRA as their model
+    cards run them: 4 steps, guidance 0, the scheduler built from the model's config."""
+    import diffusers
+
+    render = params(refiner=RefinerMode.NONE, steps=4, guidance_scale=0.0, scheduler=scheduler)
+    ours = tiny_engine.render(RenderBatch(params=render, tasks=tasks(5, 6)))
+    base = tiny_engine.base
+    scheduler_class = getattr(diffusers, stock_scheduler)
+    with torch.inference_mode():
+        base.scheduler = scheduler_class.from_config(tiny_engine._base_scheduler_config, **options)
+        latents = base(
+            prompt=["a red fox in the snow"] * 2,
+            num_inference_steps=4,
+            guidance_scale=0.0,
+            width=64,
+            height=64,
+            generator=[torch.Generator("cpu").manual_seed(seed) for seed in (5, 6)],
+            output_type="latent",
+        ).images
+        stock = tiny_engine.latent_codec.decode(latents)
+    for mine, theirs in zip(ours, stock, strict=True):
+        assert np.abs(pixels(mine) - pixels(theirs)).max() <= 1
+    # The refiner takes over from them too (the ensemble split needs first-order steps).
+    ensemble = params(
+        refiner=RefinerMode.ENSEMBLE, steps=4, guidance_scale=1.0, scheduler=scheduler
+    )
+    [image] = tiny_engine.render(RenderBatch(params=ensemble, tasks=tasks(7)))
+    assert image.size == (64, 64)

@@ -9,6 +9,8 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    LCMScheduler,
+    TCDScheduler,
     UniPCMultistepScheduler,
 )
 
@@ -24,6 +26,9 @@ EXPECTED_CLASSES = {
     "dpmpp_2m_karras": DPMSolverMultistepScheduler,
     "ddim": DDIMScheduler,
     "unipc": UniPCMultistepScheduler,
+    "euler_trailing": EulerDiscreteScheduler,
+    "lcm": LCMScheduler,
+    "tcd": TCDScheduler,
 }
 
 
@@ -35,7 +40,8 @@ def test_each_name_builds_its_scheduler_on_the_models_noise_schedule(name: str) 
     assert scheduler.config.beta_schedule == "scaled_linear"
     assert scheduler.config.beta_start == 0.00085
     assert scheduler.config.beta_end == 0.012
-    assert scheduler.config.timestep_spacing == "leading"
+    spacing = "trailing" if name == "euler_trailing" else "leading"
+    assert scheduler.config.timestep_spacing == spacing
     assert scheduler.config.steps_offset == 1
     # First order in diffusers' sense: the ensemble split needs no step fix-up.
     assert scheduler.order == 1
@@ -52,6 +58,15 @@ def test_dpmpp_variants_differ_only_in_karras_sigmas() -> None:
     plain.set_timesteps(10)
     karras.set_timesteps(10)
     assert plain.sigmas.tolist() != karras.sigmas.tolist()
+
+
+def test_trailing_spacing_starts_a_few_step_run_at_the_noisiest_timestep() -> None:
+    leading = make_scheduler("euler", scheduler_config())
+    trailing = make_scheduler("euler_trailing", scheduler_config())
+    for scheduler in (leading, trailing):
+        scheduler.set_timesteps(4)
+    assert trailing.timesteps.tolist() == [999, 749, 499, 249]  # SDXL-Lightning's four
+    assert leading.timesteps[0] < 999
 
 
 def test_every_call_gets_a_fresh_scheduler() -> None:

@@ -36,6 +36,9 @@ SAMPLERS = {
     SchedulerName.DPMPP_2M_KARRAS: ("DPM++ 2M", "Karras"),
     SchedulerName.DDIM: ("DDIM", None),
     SchedulerName.UNIPC: ("UniPC", None),
+    SchedulerName.EULER_TRAILING: ("Euler", "SGM Uniform"),
+    SchedulerName.LCM: ("LCM", None),
+    SchedulerName.TCD: ("TCD", None),
 }
 _EXIF_IFD = 0x8769
 _USER_COMMENT = 0x9286

@@ -40,6 +40,13 @@ SCHEDULERS: dict[SchedulerName, SchedulerRecipe] = {
     ),
     SchedulerName.DDIM: SchedulerRecipe("DDIMScheduler"),
     SchedulerName.UNIPC: SchedulerRecipe("UniPCMultistepScheduler"),
+    # As SDXL-Lightning's and Hyper-SD's model cards set it up: the last timestep is the
+    # noisiest (SDXL's own "leading" spacing starts a 4-step run well below it).
+    SchedulerName.EULER_TRAILING: SchedulerRecipe(
+        "EulerDiscreteScheduler", {"timestep_spacing": "trailing"}
+    ),
+    SchedulerName.LCM: SchedulerRecipe("LCMScheduler"),
+    SchedulerName.TCD: SchedulerRecipe("TCDScheduler"),
 }
 
 
