@@ -59,6 +59,8 @@ class Settings(BaseSettings):
     guidance_scale: float = Field(5.0, ge=0.0, le=30.0)
     high_noise_frac: float = Field(0.8, gt=0.0, lt=1.0)
     scheduler: SchedulerName = SchedulerName.EULER
+    # AUTOMATIC1111's "Clip skip": 1 is SDXL's own text encoder layer, 2 the one before.
+    clip_skip: int = Field(1, ge=1, le=2)
     refiner: RefinerMode = RefinerMode.ENSEMBLE
     # Sizes well below the model's native resolution are rendered at native
     # scale and downscaled; off renders exactly the requested size.

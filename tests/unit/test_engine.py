@@ -736,3 +736,28 @@ def test_few_step_samplers_match_their_model_cards_recipes(
     )
     [image] = tiny_engine.render(RenderBatch(params=ensemble, tasks=tasks(7)))
     assert image.size == (64, 64)
+
+
+def test_clip_skip_2_is_diffusers_clip_skip_1_in_both_pipelines(tiny_engine: Engine) -> None:
+    """AUTOMATIC1111 counts from 1 (SDXL's penultimate layer); diffusers from None."""
+    render = params(refiner=RefinerMode.ENSEMBLE, steps=10, clip_skip=2)
+    ours = tiny_engine.render(RenderBatch(params=render, tasks=tasks(5)))
+    default = tiny_engine.render(RenderBatch(params=params(steps=10), tasks=tasks(5)))
+    common = {
+        "prompt": "a red fox in the snow",
+        "num_inference_steps": 10,
+        "guidance_scale": 5.0,
+        "generator": torch.Generator("cpu").manual_seed(5),
+        "output_type": "latent",
+        "clip_skip": 1,
+    }
+    base, refiner = tiny_engine.base, tiny_engine.refiner
+    with torch.inference_mode():
+        base.scheduler = make_scheduler("euler", tiny_engine._base_scheduler_config)
+        latents = base(**common, width=64, height=64, denoising_end=0.8).images
+        refiner.scheduler = make_scheduler("euler", tiny_engine._refiner_scheduler_config)
+        common["generator"] = torch.Generator("cpu").manual_seed(5)
+        latents = refiner(**common, image=latents, denoising_start=0.8).images
+        stock = tiny_engine.latent_codec.decode(latents)
+    assert np.abs(pixels(ours[0]) - pixels(stock[0])).max() <= 1
+    assert np.abs(pixels(ours[0]) - pixels(default[0])).max() > 10

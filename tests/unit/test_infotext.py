@@ -112,6 +112,9 @@ def test_an_edit_says_its_strength_and_base_only_names_no_refiner() -> None:
     assert parsed["Model"] == "my-finetune"
     assert "Refiner" not in parsed and "Schedule type" not in parsed
     assert parsed["Negative prompt"] == "" and "Lora hashes" not in parsed
+    assert "Clip skip" not in parsed
+    skipped = job(params=make_params(clip_skip=2))
+    assert a1111_parse(infotext(skipped, plain, seed=1, width=64, height=64))["Clip skip"] == "2"
 
 
 @pytest.mark.parametrize(

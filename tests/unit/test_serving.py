@@ -651,3 +651,14 @@ def test_uploads_past_the_bytes_in_flight_budget_get_429_before_being_read(paint
     ok = client.post("/images/edits", files={"image": part(noise(64, 64))}, data={"prompt": "x"})
     assert ok.status_code == 200
     assert budget.held == 0  # every byte reserved was released
+
+
+def test_clip_skip_reaches_the_job_and_a_bad_one_names_the_parameter(client, painter) -> None:
+    response = client.post("/images/generations", json={"prompt": "x", "clip_skip": 2})
+    assert response.status_code == 200
+    assert painter.jobs[-1].params.clip_skip == 2
+    client.post("/images/generations", json={"prompt": "x"})
+    assert painter.jobs[-1].params.clip_skip == 1  # SDXL_CLIP_SKIP's default
+    bad = client.post("/images/generations", json={"prompt": "x", "clip_skip": 3})
+    assert bad.status_code == 400
+    assert bad.json()["error"]["param"] == "clip_skip"

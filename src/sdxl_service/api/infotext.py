@@ -93,6 +93,8 @@ def infotext(
         "Size": f"{width}x{height}",
         "Model": model_name(provenance.base_model),
     }
+    if params.clip_skip != 1:
+        fields["Clip skip"] = params.clip_skip
     if params.kind is not RenderKind.TEXT_TO_IMAGE:
         fields["Denoising strength"] = params.strength
     if params.refiner is not RefinerMode.NONE:

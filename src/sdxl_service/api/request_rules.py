@@ -227,6 +227,7 @@ def _resolve(
         kind=kind,
         strength=strength,
         loras=loras,
+        clip_skip=req.clip_skip or s.clip_skip,
     )
 
     # 4. Edits: the picture at the render size; inpainting keeps it and the mask

@@ -83,6 +83,8 @@ class ImageRequest(OpenAIModel):
     high_noise_frac: float | None = Field(default=None, gt=0.0, lt=1.0)
     refiner: RefinerMode | None = None
     scheduler: SchedulerName | None = None
+    # AUTOMATIC1111's "Clip skip" (2: the text encoders' layer before SDXL's own).
+    clip_skip: int | None = Field(default=None, ge=1, le=2)
     width: int | None = Field(default=None, ge=8)
     height: int | None = Field(default=None, ge=8)
     loras: list[LoraRequest] | None = Field(default=None, max_length=MAX_LORAS_LISTED)

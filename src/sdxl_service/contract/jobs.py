@@ -65,6 +65,9 @@ class RenderParams(BaseModel):
     strength: float = Field(default=1.0, gt=0.0, le=1.0)
     # Sorted by name: the same set is the same batch key, whatever the order asked.
     loras: tuple[LoraWeight, ...] = ()
+    # AUTOMATIC1111's "Clip skip": 1 takes SDXL's own (penultimate) text encoder layer,
+    # 2 the one before it (diffusers' clip_skip=1).
+    clip_skip: int = Field(default=1, ge=1, le=2)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -346,7 +346,12 @@ class Engine:
                 if previews is not None:
                     previews.attach(plan.base.scheduler)
                 embeddings = prompt_embeddings(
-                    self.base, prompts, negative_prompts, params.guidance_scale, syntax
+                    self.base,
+                    prompts,
+                    negative_prompts,
+                    params.guidance_scale,
+                    syntax,
+                    params.clip_skip,
                 )
                 latents = plan.base(
                     **embeddings, **base_inputs, denoising_end=plan.denoising_end, **common
@@ -364,7 +369,12 @@ class Engine:
             if previews is not None:
                 previews.attach(plan.refiner.scheduler)
             embeddings = prompt_embeddings(
-                plan.refiner, prompts, negative_prompts, params.guidance_scale, syntax
+                plan.refiner,
+                prompts,
+                negative_prompts,
+                params.guidance_scale,
+                syntax,
+                params.clip_skip,
             )
             refined: torch.Tensor = plan.refiner(
                 **embeddings,

@@ -151,12 +151,14 @@ def _emphasise(hidden: torch.Tensor, chunks: list[TokenChunk]) -> torch.Tensor:
 
 
 def encode_texts(
-    pipeline: Any, texts: list[str], syntax: PromptSyntax, chunk_total: int
+    pipeline: Any, texts: list[str], syntax: PromptSyntax, chunk_total: int, clip_skip: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Hidden states (batch, 77 * chunk_total, features) and pooled embeddings of `texts`.
 
     Texts shorter than `chunk_total` chunks are padded with chunks of the
-    empty prompt, as A1111 pads a prompt to its negative's length.
+    empty prompt, as A1111 pads a prompt to its negative's length. `clip_skip`
+    counts as A1111 does: 1 is SDXL's penultimate layer, 2 the layer before
+    (diffusers' `clip_skip=1`: hidden_states[-(clip_skip + 2)]).
     """
     device = pipeline._execution_device
     parts = [parse_prompt(text, syntax) for text in texts]
@@ -181,7 +183,7 @@ def encode_texts(
             # is 2-D (text_encoder_2's projection), the hidden states penultimate.
             if index == 0 and pooled is None and output[0].ndim == 2:
                 pooled = output[0]
-            hidden_states.append(_emphasise(output.hidden_states[-2], column))
+            hidden_states.append(_emphasise(output.hidden_states[-1 - clip_skip], column))
         per_encoder.append(torch.cat(hidden_states, dim=1))
     assert pooled is not None  # every SDXL pipeline has text_encoder_2
     embeds = torch.concat(per_encoder, dim=-1)
@@ -194,6 +196,7 @@ def prompt_embeddings(
     negative_prompts: list[str],
     guidance_scale: float,
     syntax: PromptSyntax = PromptSyntax.A1111,
+    clip_skip: int = 1,
 ) -> dict[str, Any]:
     """The `prompt_embeds` family of arguments for an SDXL base or refiner pipeline.
 
@@ -208,12 +211,12 @@ def prompt_embeddings(
     guides = _guides(pipeline, guidance_scale)
     counts = image_chunk_counts(pipeline, prompts, negative_prompts, guidance_scale, syntax)
     chunk_total = max(counts)
-    embeds, pooled = encode_texts(pipeline, prompts, syntax, chunk_total)
+    embeds, pooled = encode_texts(pipeline, prompts, syntax, chunk_total, clip_skip)
     negative_embeds: torch.Tensor | None = None
     negative_pooled: torch.Tensor | None = None
     if guides:
         negative_embeds, negative_pooled = encode_texts(
-            pipeline, negative_prompts, syntax, chunk_total
+            pipeline, negative_prompts, syntax, chunk_total, clip_skip
         )
         if pipeline.config.force_zeros_for_empty_prompt:
             empty = torch.tensor([not text for text in negative_prompts], device=embeds.device)
