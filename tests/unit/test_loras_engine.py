@@ -119,7 +119,15 @@ def test_without_lora_every_mode_gives_the_image_from_before_any_lora(
 
 
 def stock_render(
-    tiny_pair: tuple[Path, Path], engine: Engine, path: Path, scale: float, mode: RefinerMode
+    tiny_pair: tuple[Path, Path],
+    engine: Engine,
+    path: Path,
+    scale: float,
+    mode: RefinerMode,
+    *,
+    steps: int = 5,
+    guidance_scale: float = 5.0,
+    scheduler: str = "euler",
 ) -> np.ndarray:
     """diffusers' own recipe: load_lora_weights + set_adapters on a fresh base pipeline,
     the refiner from its own folder (its own text_encoder_2, without LoRA)."""
@@ -132,13 +140,13 @@ def stock_render(
     base.set_adapters(["stock"], adapter_weights=[scale])
     common: dict[str, Any] = {
         "prompt": [PROMPT],
-        "num_inference_steps": 5,
-        "guidance_scale": 5.0,
+        "num_inference_steps": steps,
+        "guidance_scale": guidance_scale,
         "generator": [torch.Generator("cpu").manual_seed(3)],
         "output_type": "latent",
     }
     with torch.inference_mode():
-        base.scheduler = make_scheduler("euler", engine._base_scheduler_config)
+        base.scheduler = make_scheduler(scheduler, engine._base_scheduler_config)
         if mode is RefinerMode.NONE:
             latents = base(**common, width=64, height=64).images
         else:
@@ -147,7 +155,7 @@ def stock_render(
                 tiny_pair[1], vae=base.vae, add_watermarker=False
             )
             refiner.set_progress_bar_config(disable=True)
-            refiner.scheduler = make_scheduler("euler", engine._refiner_scheduler_config)
+            refiner.scheduler = make_scheduler(scheduler, engine._refiner_scheduler_config)
             latents = refiner(**common, image=latents, denoising_start=0.8).images
         image = engine.latent_codec.decode(latents)[0]
     return np.asarray(image, dtype=np.int16)
@@ -177,6 +185,42 @@ def test_lora_image_matches_stock_diffusers(
     stock = stock_render(tiny_pair, engine, path, scale, mode)
     assert np.abs(ours - stock).max() <= 1
     assert np.abs(ours - before_any_lora[mode]).max() > 10
+
+
+def test_a_lightning_style_lora_renders_in_4_steps_as_its_model_card_says(
+    engine: Engine, tiny_pair: tuple[Path, Path], lora_dir: Path
+) -> None:
+    """SDXL-Lightning's recipe: the LoRA, Euler with trailing timesteps, 4 steps, guidance 0,
+    no refiner; the stock side builds its scheduler as the model card does."""
+    from diffusers import EulerDiscreteScheduler
+
+    ours = render(
+        engine,
+        ("style", 1.0),
+        refiner=RefinerMode.NONE,
+        steps=4,
+        guidance_scale=0.0,
+        scheduler="euler_trailing",
+    )
+    path = lora_dir / "style" / "pytorch_lora_weights.safetensors"
+    stock = stock_render(
+        tiny_pair,
+        engine,
+        path,
+        1.0,
+        RefinerMode.NONE,
+        steps=4,
+        guidance_scale=0.0,
+        scheduler="euler_trailing",
+    )
+    assert np.abs(ours - stock).max() <= 1
+    card = EulerDiscreteScheduler.from_config(
+        engine._base_scheduler_config, timestep_spacing="trailing"
+    )
+    card.set_timesteps(4)
+    assert card.timesteps.tolist() == [999, 749, 499, 249]
+    leading = render(engine, ("style", 1.0), refiner=RefinerMode.NONE, steps=4, guidance_scale=0.0)
+    assert np.abs(ours - leading).max() > 10  # the spacing is what makes it Lightning's
 
 
 def test_kohya_and_diffusers_files_of_the_same_weights_give_the_same_image(
