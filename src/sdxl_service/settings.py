@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     preset: Preset = Preset.AUTO
     base_model: str = "stabilityai/stable-diffusion-xl-base-1.0"
     refiner_model: str = "stabilityai/stable-diffusion-xl-refiner-1.0"
+    # A VAE for base and refiner instead of the base's own: a hub id or a folder (say
+    # madebyollin/sdxl-vae-fp16-fix, which decodes in fp16 without the float32 upcast).
+    vae: str | None = None
     # "auto": cuda > mps > cpu.
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
     # "auto": float16 on CUDA; bfloat16 for SDXL on a CPU with bf16 instructions, else float32.

@@ -104,3 +104,52 @@ def test_the_warm_up_renders_small_on_a_cpu_and_at_native_size_on_a_gpu(
     )
     tiny_engine.warmup()
     assert seen == [(side, side)]
+
+
+@pytest.fixture(scope="module")
+def other_vae(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A VAE of the tiny layout with other weights, in a folder of its own."""
+    from diffusers import AutoencoderKL
+
+    from sdxl_service.engine.tiny import vae_config
+
+    torch.manual_seed(1234)
+    folder = tmp_path_factory.mktemp("other-vae")
+    AutoencoderKL.from_config(vae_config()).save_pretrained(folder)
+    return folder
+
+
+def test_sdxl_vae_replaces_the_vae_of_base_and_refiner(
+    tiny_settings_factory, tiny_engine: Engine, other_vae: Path
+) -> None:
+    engine = Engine.load(EngineConfig.of(tiny_settings_factory(vae=str(other_vae))))
+    assert engine.base.vae is engine.refiner.vae is engine.latent_codec.vae
+    theirs = tiny_engine.base.vae.state_dict()
+    ours = engine.base.vae.state_dict()
+    assert any(not torch.equal(ours[k], theirs[k]) for k in theirs)
+    assert engine.describe()["vae"] == str(other_vae)
+    batch = RenderBatch(params=make_params(), tasks=[ImageTask(prompt="a red fox", seed=3)])
+    changed = np.asarray(engine.render(batch)[0], dtype=int)
+    before = np.asarray(tiny_engine.render(batch)[0], dtype=int)
+    assert np.abs(changed - before).mean() > 1
+
+
+def test_an_sdxl_vae_that_is_no_vae_fails_naming_the_variable(
+    tiny_settings_factory, tmp_path: Path
+) -> None:
+    with pytest.raises(ValueError, match=r"SDXL_VAE=.+cannot be loaded as an AutoencoderKL"):
+        Engine.load(EngineConfig.of(tiny_settings_factory(vae=str(tmp_path))))
+
+
+def test_an_fp16_safe_vae_decodes_in_fp16_without_the_upcast(other_vae: Path) -> None:
+    """madebyollin/sdxl-vae-fp16-fix declares force_upcast: false; the stock VAE true."""
+    from types import SimpleNamespace
+
+    from sdxl_service.engine.devices import resolve_vae_dtype
+    from sdxl_service.settings import Settings
+
+    auto = EngineConfig.of(Settings(vae_dtype="auto"))
+    safe = SimpleNamespace(config=SimpleNamespace(force_upcast=False))
+    stock = SimpleNamespace(config=SimpleNamespace(force_upcast=True))
+    assert resolve_vae_dtype(auto, torch.float16, safe) == torch.float16
+    assert resolve_vae_dtype(auto, torch.float16, stock) == torch.float32

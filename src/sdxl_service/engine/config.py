@@ -21,6 +21,7 @@ class EngineConfig(BaseModel):
     preset: Preset
     base_model: str
     refiner_model: str
+    vae: str | None
     # `auto`, cpu, mps or cuda[:N]
     device: str
     dtype: DType

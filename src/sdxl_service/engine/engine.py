@@ -128,7 +128,7 @@ class Engine:
         # Which files of SDXL_VARIANT each folder or repo loads is decided by what it
         # holds and the dtype (loading.choose_variant), not by the device.
         base, refiner = load_pipelines(
-            base_source, refiner_source, dtype=dtype, variant=config.variant
+            base_source, refiner_source, dtype=dtype, variant=config.variant, vae_source=config.vae
         )
         base.to(device)
         refiner.to(device)  # moves only the refiner's UNet: the rest is shared or already there
@@ -159,6 +159,7 @@ class Engine:
         return {
             "base": self.base_source,
             "refiner": self.refiner_source,
+            "vae": self.config.vae or "the base model's",
             "preset": str(self.preset),
             "device": self.device,
             "dtype": dtype_name(self.dtype),

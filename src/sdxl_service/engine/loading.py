@@ -82,13 +82,44 @@ def _from_pretrained(
     return pipeline_class.from_pretrained(source, **options)
 
 
+def load_vae(source: str, *, dtype: torch.dtype, variant: str | None) -> Any:
+    """SDXL_VAE: an AutoencoderKL from a hub id, its own folder, or a pipeline folder's vae/."""
+    from diffusers import AutoencoderKL
+
+    options: dict[str, Any] = {"dtype": dtype, "use_safetensors": True}
+    folder = Path(source)
+    if (folder / "vae" / "config.json").is_file():
+        options["subfolder"] = "vae"
+        files = weight_files(source)
+    else:
+        # A VAE's own folder or repo holds its weights at the root: one model.
+        listed = weight_files(source)
+        files = None if listed is None else [f"vae/{name}" for name in listed if "/" not in name]
+    chosen = choose_variant(files, variant, dtype)
+    try:
+        return AutoencoderKL.from_pretrained(source, variant=chosen, **options)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"SDXL_VAE={source!r} cannot be loaded as an AutoencoderKL: {error}"
+        ) from error
+
+
 def load_pipelines(
-    base_source: str, refiner_source: str, *, dtype: torch.dtype, variant: str | None
+    base_source: str,
+    refiner_source: str,
+    *,
+    dtype: torch.dtype,
+    variant: str | None,
+    vae_source: str | None = None,
 ) -> tuple[Any, Any]:
-    """Base and refiner from hub ids or diffusers folders, sharing text_encoder_2 and the VAE."""
+    """Base and refiner from hub ids or diffusers folders, sharing text_encoder_2 and the VAE
+    (the base's own, or SDXL_VAE's)."""
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
-    base = _from_pretrained(StableDiffusionXLPipeline, base_source, dtype=dtype, variant=variant)
+    vae = {} if vae_source is None else {"vae": load_vae(vae_source, dtype=dtype, variant=variant)}
+    base = _from_pretrained(
+        StableDiffusionXLPipeline, base_source, dtype=dtype, variant=variant, **vae
+    )
     refiner = _from_pretrained(
         StableDiffusionXLImg2ImgPipeline,
         refiner_source,
