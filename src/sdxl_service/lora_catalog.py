@@ -64,7 +64,18 @@ def read_lora_file(name: str, path: Path) -> LoraFile:
     return LoraFile(name=name, path=path, format=fmt, components=components)
 
 
+# LyCORIS' other adapter kinds, by the names of their tensors (kohya layout): their weights
+# are products of factors, not the two matrices of a LoRA, and diffusers loads neither.
+_LYCORIS_KINDS = {".hada_w1_a": "LoHa", ".lokr_w1": "LoKr"}
+
+
 def _format_of(name: str, keys: list[str]) -> tuple[str, tuple[str, ...]]:
+    for marker, kind in _LYCORIS_KINDS.items():
+        if any(marker in key for key in keys):
+            raise ValueError(
+                f"LoRA '{name}' is a LyCORIS {kind} file, a format this service does not "
+                "support (LoRA and LoCon files are)"
+            )
     for fmt, prefixes in (("kohya", _KOHYA_PREFIXES), ("diffusers", _DIFFUSERS_PREFIXES)):
         components = [
             c for c, prefix in prefixes.items() if any(k.startswith(prefix) for k in keys)

@@ -129,3 +129,25 @@ def test_a_model_naming_no_lora_is_404(catalog: LoraCatalog) -> None:
 def test_requests_without_loras_render_as_before(catalog: LoraCatalog) -> None:
     job = resolve_generation(ImageGenerationRequest(prompt="a fox"), Settings(), 1024, catalog).job
     assert job.params.loras == () and job.prompt == "a fox"
+
+
+@pytest.mark.parametrize(
+    ("key", "kind"),
+    [
+        ("lora_unet_down_blocks_0_attn1_to_q.hada_w1_a", "LoHa"),
+        ("lora_unet_down_blocks_0_attn1_to_q.lokr_w1", "LoKr"),
+    ],
+)
+def test_lycoris_loha_and_lokr_files_are_a_400_saying_the_format_is_not_supported(
+    catalog: LoraCatalog, key: str, kind: str
+) -> None:
+    save_file(
+        {key: WEIGHT, "lora_unet_down_blocks_0_attn1_to_q.alpha": WEIGHT},
+        str(catalog.folder / "lyco.safetensors"),
+    )
+    with pytest.raises(APIError) as caught:
+        lora_set([("lyco", 1.0)], catalog, max_loras=2)
+    error = caught.value
+    assert (error.status, error.param, error.code) == (400, "loras", "invalid_lora")
+    assert f"LyCORIS {kind} file" in error.message and "not support" in error.message
+    assert "lyco" not in catalog.available() and "pixel-art" in catalog.available()
