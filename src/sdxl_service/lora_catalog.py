@@ -74,7 +74,7 @@ def _format_of(name: str, keys: list[str]) -> tuple[str, tuple[str, ...]]:
         if any(marker in key for key in keys):
             raise ValueError(
                 f"LoRA '{name}' is a LyCORIS {kind} file, a format this service does not "
-                "support (LoRA and LoCon files are)"
+                "support (LoRA files are)"
             )
     for fmt, prefixes in (("kohya", _KOHYA_PREFIXES), ("diffusers", _DIFFUSERS_PREFIXES)):
         components = [
