@@ -662,22 +662,14 @@ def test_bf16_instructions_are_read_from_the_cpu_flags(cpuinfo: str, has: bool) 
 
 def test_vae_decodes_in_float32_when_fp16_would_overflow(tiny_engine: Engine) -> None:
     vae = tiny_engine.vae  # force_upcast: true, like SDXL's
-    assert (
-        resolve_vae_dtype(EngineConfig.of(Settings(vae_dtype="auto")), torch.float16, vae)
-        == torch.float32
-    )
-    assert (
-        resolve_vae_dtype(EngineConfig.of(Settings(vae_dtype="auto")), torch.bfloat16, vae)
-        == torch.bfloat16
-    )
-    assert (
-        resolve_vae_dtype(EngineConfig.of(Settings(vae_dtype="bf16")), torch.float16, vae)
-        == torch.bfloat16
-    )
-    assert (
-        resolve_vae_dtype(EngineConfig.of(Settings(vae_dtype="fp16")), torch.float16, vae)
-        == torch.float16
-    )
+
+    def vae_dtype(setting: str, dtype: torch.dtype) -> torch.dtype:
+        return resolve_vae_dtype(EngineConfig.of(Settings(vae_dtype=setting)), dtype, vae)
+
+    assert vae_dtype("auto", torch.float16) == torch.float32
+    assert vae_dtype("auto", torch.bfloat16) == torch.bfloat16
+    assert vae_dtype("bf16", torch.float16) == torch.bfloat16
+    assert vae_dtype("fp16", torch.float16) == torch.float16
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

@@ -5,22 +5,13 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from sdxl_service.choices import RefinerMode, RenderKind, SchedulerName
+from sdxl_service.choices import RenderKind, SchedulerName
 from sdxl_service.contract.jobs import GenerationJob, ImageTask, RenderParams
+from tests.jobs import make_params
 
 
 def params(**overrides: object) -> RenderParams:
-    values: dict[str, object] = {
-        "width": 16,
-        "height": 8,
-        "steps": 10,
-        "guidance_scale": 5.0,
-        "high_noise_frac": 0.8,
-        "refiner": RefinerMode.ENSEMBLE,
-        "scheduler": SchedulerName.EULER,
-    }
-    values.update(overrides)
-    return RenderParams.model_validate(values)
+    return make_params(**{"width": 16, "height": 8, "steps": 10, **overrides})
 
 
 def job(render_params: RenderParams | None = None, **overrides: object) -> GenerationJob:
