@@ -15,6 +15,7 @@ re-encoding with Pillow would cost ~3x the encode, api/encoding.py).
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
 import zlib
@@ -44,7 +45,9 @@ _EXIF_IFD = 0x8769
 _USER_COMMENT = 0x9286
 
 
+@functools.cache
 def service_version() -> str:
+    # Once per process: reading the installed metadata costs a directory scan.
     try:
         return f"sdxl-service {metadata.version('sdxl-service')}"
     except metadata.PackageNotFoundError:  # the bento copies src/ without installing it
