@@ -58,6 +58,12 @@ class Attention(StrEnum):
     EAGER = "eager"  # diffusers' plain attention, for debugging
 
 
+class Warmup(StrEnum):
+    AUTO = "auto"  # on a GPU (kernel selection, compilation); not on a CPU, where it buys nothing
+    ON = "on"
+    OFF = "off"
+
+
 class DType(StrEnum):
     AUTO = "auto"
     FLOAT16 = "float16"

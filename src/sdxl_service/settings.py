@@ -26,6 +26,7 @@ from .choices import (
     PromptSyntax,
     RefinerMode,
     SchedulerName,
+    Warmup,
 )
 
 SERVICE_ID = "stable-diffusion-xl-with-refiner"
@@ -144,6 +145,8 @@ class Settings(BaseSettings):
     compile: bool = False
     # dtype of the VAE decode: the stock SDXL VAE overflows in fp16, bf16 works.
     vae_dtype: DType = DType.AUTO
+    # A short render before /readyz says yes (engine.Engine.warmup says when it pays).
+    warmup: Warmup = Warmup.AUTO
 
     @property
     def lora_folder(self) -> Path:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from sdxl_service.choices import Warmup
 from sdxl_service.contract.jobs import ImageTask, RenderBatch
 from sdxl_service.engine import Engine
 from sdxl_service.engine.config import EngineConfig
@@ -91,19 +92,47 @@ def test_a_folder_of_variant_files_alone_loads_in_float32_on_the_cpu(
     assert np.array_equal(images[0], images[1])
 
 
-@pytest.mark.parametrize(("on_gpu", "side"), [(False, 64), (True, 1024)])
-def test_the_warm_up_renders_small_on_a_cpu_and_at_native_size_on_a_gpu(
-    tiny_engine: Engine, monkeypatch: pytest.MonkeyPatch, on_gpu: bool, side: int
+@pytest.mark.parametrize(
+    ("mode", "on_gpu", "sides"),
+    [
+        # auto: at native size on a GPU; skipped on a CPU, where it made nothing faster
+        # and cost 15.5 s of the full-size start (issue 19).
+        (Warmup.AUTO, True, [(1024, 1024)]),
+        (Warmup.AUTO, False, []),
+        # on: a CPU renders small (at 1024x1024 the CPU warm-up took minutes).
+        (Warmup.ON, False, [(64, 64)]),
+        (Warmup.ON, True, [(1024, 1024)]),
+        (Warmup.OFF, True, []),
+        (Warmup.OFF, False, []),
+    ],
+)
+def test_the_warm_up_follows_sdxl_warmup_and_the_device(
+    tiny_engine: Engine,
+    monkeypatch: pytest.MonkeyPatch,
+    mode: Warmup,
+    on_gpu: bool,
+    sides: list[tuple[int, int]],
 ) -> None:
-    """At 1024x1024 the CPU warm-up of full-size SDXL took minutes before /readyz (issue 19)."""
     seen: list[tuple[int, int]] = []
+    monkeypatch.setattr(
+        tiny_engine, "config", tiny_engine.config.model_copy(update={"warmup": mode})
+    )
     monkeypatch.setattr(tiny_engine, "native_resolution", 1024)
     monkeypatch.setattr(tiny_engine, "_on_gpu", lambda: on_gpu)
     monkeypatch.setattr(
         tiny_engine, "render", lambda batch: seen.append((batch.params.width, batch.params.height))
     )
-    tiny_engine.warmup()
-    assert seen == [(side, side)]
+    assert tiny_engine.warmup() is bool(sides)
+    assert seen == sides
+
+
+def test_the_warm_up_renders_the_whole_path_on_the_tiny_pair(
+    tiny_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(
+        tiny_engine, "config", tiny_engine.config.model_copy(update={"warmup": Warmup.ON})
+    )
+    assert tiny_engine.warmup() is True
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from ..choices import Attention, DType, Preset, PreviewDecoder, PromptSyntax
+from ..choices import Attention, DType, Preset, PreviewDecoder, PromptSyntax, Warmup
 
 
 class EngineConfig(BaseModel):
@@ -38,6 +38,7 @@ class EngineConfig(BaseModel):
     fuse_qkv: bool
     compile: bool
     vae_dtype: DType
+    warmup: Warmup
 
     @classmethod
     def of(cls, settings: object) -> EngineConfig:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..choices import Preset, RefinerMode, RenderKind, SchedulerName
+from ..choices import Preset, RefinerMode, RenderKind, SchedulerName, Warmup
 from ..contract.jobs import ImageTask, OutOfMemory, RenderBatch, RenderCancelled, RenderParams
 from ..lora_catalog import LoraCatalog
 from ..metrics import ServiceMetrics
@@ -168,15 +168,20 @@ class Engine:
             **self.loras.describe(),
         }
 
-    def warmup(self, steps: int = 2) -> None:
-        """One short render before the first request pays for it.
+    def warmup(self, steps: int = 2) -> bool:
+        """One short render before the first request pays for it; False when skipped.
 
         On a GPU at native resolution: kernel selection (and compilation when it is on)
-        is per shape, and that is the shape most requests have. On a CPU there is no
-        kernel selection to pay for, and a 1024x1024 render takes minutes: a 64x64 one
-        checks the whole path (base, refiner, decode) in seconds (at 256x256 it still
-        cost ~50 s of the full-size start in bf16, make bench-fullsize).
+        is per shape, and that is the shape most requests have. On a CPU (SDXL_WARMUP=auto
+        skips it there) there is nothing of the kind to pay for ahead: the warm-up is a
+        full-cost render whose only gain is checking the path, and at full size even a
+        64x64 one cost 15.5 s of the 52 s to /readyz, while the first 256x256 request
+        after it ran no faster than stock diffusers' first (make bench-fullsize). With
+        SDXL_WARMUP=on a CPU renders 64x64, which checks base, refiner and decode.
         """
+        wanted = self.config.warmup
+        if wanted is Warmup.OFF or (wanted is Warmup.AUTO and not self._on_gpu()):
+            return False
         side = self.native_resolution if self._on_gpu() else min(self.native_resolution, 64)
         params = RenderParams(
             width=side,
@@ -188,6 +193,7 @@ class Engine:
             scheduler=SchedulerName.EULER,
         )
         self.render(RenderBatch(params=params, tasks=[ImageTask(prompt="warmup", seed=0)]))
+        return True
 
     def _on_gpu(self) -> bool:
         return is_cuda(self.device) or self.device.startswith("mps")

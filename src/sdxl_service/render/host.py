@@ -81,9 +81,9 @@ class RenderHost:
             observer = self.metrics.observe_stage if self.metrics else None
             config = EngineConfig.of(self.settings)
             engine = Engine.load(config, stage_observer=observer, metrics=self.metrics)
-            # The first call pays for kernel selection (and compilation when on);
-            # pay it before /readyz says yes, not in a user's request.
-            engine.warmup()
+            # On a GPU the first call pays for kernel selection (and compilation when
+            # on): paid before /readyz says yes, not in a user's request.
+            warmed = engine.warmup()
             self._batcher = Batcher(
                 engine.render,
                 max_batch_images=self.settings.max_batch_images,
@@ -92,7 +92,12 @@ class RenderHost:
                 chunk_count=engine.conditioning_chunks,
             )
             self.engine = engine
-            logger.info("worker %d: pipelines loaded and warm: %s", self.worker, engine.describe())
+            logger.info(
+                "worker %d: pipelines loaded%s: %s",
+                self.worker,
+                " and warm" if warmed else " (no warm-up: SDXL_WARMUP)",
+                engine.describe(),
+            )
             self._publish(WorkerState.READY)
         except Exception as exc:
             logger.exception("loading the pipelines failed")
