@@ -30,6 +30,9 @@ def test_the_fullsize_bench_runs_end_to_end_on_the_tiny_configs(tmp_path: Path) 
         # The service's images are stock diffusers' recipes, pixel for pixel (float32).
         assert row["pixel_max"] <= 1, (case, row)
         assert row["service_render_s"] > 0 and row["stock_s"] > 0
+        assert row["service_first_s"] > 0 and row["stock_first_s"] > 0
+        # Each round of a case is the same request: the same pixels, both sides.
+        assert row["same_pixels_each_round"] is True
     memory = record["service"]["memory_gib"]
     assert set(memory) == {"http", "render_worker"}
     assert set(memory["render_worker"]) == {"peak", "anon_now", "file_now", "peak_anon"}
