@@ -58,8 +58,11 @@ class Attention(StrEnum):
     EAGER = "eager"  # diffusers' plain attention, for debugging
 
 
-class Warmup(StrEnum):
-    AUTO = "auto"  # on a GPU (kernel selection, compilation); not on a CPU, where it buys nothing
+class Switch(StrEnum):
+    """A speed or memory measure that is worth it in some cases: `auto` leaves the choice to the
+    rule beside the setting that takes it (SDXL_WARMUP, SDXL_VAE_TILING)."""
+
+    AUTO = "auto"
     ON = "on"
     OFF = "off"
 

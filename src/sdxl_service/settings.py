@@ -26,7 +26,7 @@ from .choices import (
     PromptSyntax,
     RefinerMode,
     SchedulerName,
-    Warmup,
+    Switch,
 )
 
 SERVICE_ID = "stable-diffusion-xl-with-refiner"
@@ -146,7 +146,9 @@ class Settings(BaseSettings):
     # dtype of the VAE decode: the stock SDXL VAE overflows in fp16, bf16 works.
     vae_dtype: DType = DType.AUTO
     # A short render before /readyz says yes (engine.Engine.warmup says when it pays).
-    warmup: Warmup = Warmup.AUTO
+    warmup: Switch = Switch.AUTO
+    # The VAE decodes and encodes in tiles (latents.LatentCodec says above what size).
+    vae_tiling: Switch = Switch.AUTO
 
     @property
     def lora_folder(self) -> Path:

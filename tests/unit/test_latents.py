@@ -8,7 +8,7 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 
-from sdxl_service.choices import RenderKind
+from sdxl_service.choices import RenderKind, Switch
 from sdxl_service.engine.latents import LatentCodec
 from sdxl_service.engine.tiny import vae_config
 from tests.jobs import make_params
@@ -81,3 +81,94 @@ def test_each_image_samples_the_posterior_with_its_own_generator() -> None:
     # The generators are left where diffusers leaves them, for the noise drawn next.
     for mine, stock in zip(ours, theirs, strict=True):
         assert torch.equal(mine.get_state(), stock.get_state())
+
+
+# --- SDXL_VAE_TILING ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("tiling", "side", "tiled"),
+    [
+        # The tiny VAE's tile is 64 px (its sample_size), SDXL's 1024.
+        (Switch.OFF, 512, False),
+        (Switch.ON, 64, False),  # one tile: never split
+        (Switch.ON, 72, True),
+        # auto: above (1.5 tiles)^2 pixels, 1536x1536 for SDXL.
+        (Switch.AUTO, 96, False),
+        (Switch.AUTO, 104, True),
+    ],
+)
+def test_which_sizes_are_tiled(tiling: Switch, side: int, tiled: bool) -> None:
+    latent_codec = codec()
+    latent_codec.tiling = tiling
+    assert latent_codec.vae.tile_sample_min_size == 64
+    assert latent_codec.tiles(side, side) is tiled
+
+
+def test_auto_tiling_starts_above_1536x1536_for_sdxl() -> None:
+    latent_codec = codec(sample_size=1024)
+    latent_codec.tiling = Switch.AUTO
+    assert not latent_codec.tiles(1536, 1536)
+    assert latent_codec.tiles(1536, 1544) and latent_codec.tiles(2048, 2048)
+    assert not latent_codec.tiles(1024, 2048)  # 2 MP: under 1536^2
+
+
+def decoder_inputs(vae: AutoencoderKL) -> tuple[list[tuple[int, ...]], object]:
+    seen: list[tuple[int, ...]] = []
+    hook = vae.decoder.register_forward_hook(lambda _m, args, _o: seen.append(args[0].shape))
+    return seen, hook
+
+
+def test_a_tiled_decode_is_diffusers_tiled_decode_in_tiles_of_one_tile_at_most() -> None:
+    torch.manual_seed(0)
+    vae = AutoencoderKL.from_config(vae_config()).eval()
+    latent_codec = LatentCodec(vae, device="cpu", dtype=torch.float32, tiling=Switch.ON)
+    latents = torch.randn(1, 4, 24, 20, generator=torch.Generator().manual_seed(1))
+    seen, hook = decoder_inputs(vae)
+    with torch.inference_mode():
+        [image] = latent_codec.decode(latents)
+        hook.remove()
+        vae.enable_tiling()
+        expected = vae.decode(latent_codec.to_vae(latents), return_dict=False)[0]
+        vae.disable_tiling()
+        untiled = vae.decode(latent_codec.to_vae(latents), return_dict=False)[0]
+    assert image.size == (160, 192)
+    # Every decoder call saw one tile (8 latents a side here, 128 for SDXL) or less: the
+    # activations' size does not grow with the image.
+    assert len(seen) > 1 and all(max(shape[-2:]) <= 8 for shape in seen)
+    # The shared VAE is left untiled for whatever decodes next.
+    assert vae.use_tiling is False
+
+    def rgb(pixels: torch.Tensor) -> np.ndarray:
+        scaled = ((pixels[0].float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 0) * 255).round()
+        return scaled.to(torch.uint8).numpy()
+
+    assert np.array_equal(np.asarray(image), rgb(expected))
+    assert not np.array_equal(np.asarray(image), rgb(untiled))
+
+
+def test_an_untiled_size_decodes_in_one_call() -> None:
+    torch.manual_seed(0)
+    vae = AutoencoderKL.from_config(vae_config()).eval()
+    latent_codec = LatentCodec(vae, device="cpu", dtype=torch.float32, tiling=Switch.AUTO)
+    seen, hook = decoder_inputs(vae)
+    with torch.inference_mode():
+        [image] = latent_codec.decode(torch.randn(1, 4, 12, 12))
+    hook.remove()
+    assert image.size == (96, 96) and len(seen) == 1
+
+
+def test_a_large_edit_encodes_in_tiles() -> None:
+    torch.manual_seed(0)
+    vae = AutoencoderKL.from_config(vae_config()).eval()
+    latent_codec = LatentCodec(vae, device="cpu", dtype=torch.float32, tiling=Switch.ON)
+    picture = np.random.default_rng(0).integers(0, 256, (160, 128, 3), np.uint8)
+    params = make_params(kind=RenderKind.IMAGE_TO_IMAGE, width=128, height=160, strength=0.5)
+    seen: list[tuple[int, ...]] = []
+    hook = vae.encoder.register_forward_hook(lambda _m, args, _o: seen.append(args[0].shape))
+    with torch.inference_mode():
+        latents = latent_codec.encode([picture.tobytes()], params, [torch.Generator()])
+    hook.remove()
+    assert latents.shape == (1, 4, 20, 16)
+    assert len(seen) > 1 and all(max(shape[-2:]) <= 64 for shape in seen)
+    assert vae.use_tiling is False

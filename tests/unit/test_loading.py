@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from sdxl_service.choices import Warmup
+from sdxl_service.choices import Switch
 from sdxl_service.contract.jobs import ImageTask, RenderBatch
 from sdxl_service.engine import Engine
 from sdxl_service.engine.config import EngineConfig
@@ -97,19 +97,19 @@ def test_a_folder_of_variant_files_alone_loads_in_float32_on_the_cpu(
     [
         # auto: at native size on a GPU; skipped on a CPU, where it made nothing faster
         # and cost 15.5 s of the full-size start (issue 19).
-        (Warmup.AUTO, True, [(1024, 1024)]),
-        (Warmup.AUTO, False, []),
+        (Switch.AUTO, True, [(1024, 1024)]),
+        (Switch.AUTO, False, []),
         # on: a CPU renders small (at 1024x1024 the CPU warm-up took minutes).
-        (Warmup.ON, False, [(64, 64)]),
-        (Warmup.ON, True, [(1024, 1024)]),
-        (Warmup.OFF, True, []),
-        (Warmup.OFF, False, []),
+        (Switch.ON, False, [(64, 64)]),
+        (Switch.ON, True, [(1024, 1024)]),
+        (Switch.OFF, True, []),
+        (Switch.OFF, False, []),
     ],
 )
 def test_the_warm_up_follows_sdxl_warmup_and_the_device(
     tiny_engine: Engine,
     monkeypatch: pytest.MonkeyPatch,
-    mode: Warmup,
+    mode: Switch,
     on_gpu: bool,
     sides: list[tuple[int, int]],
 ) -> None:
@@ -130,7 +130,7 @@ def test_the_warm_up_renders_the_whole_path_on_the_tiny_pair(
     tiny_engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(
-        tiny_engine, "config", tiny_engine.config.model_copy(update={"warmup": Warmup.ON})
+        tiny_engine, "config", tiny_engine.config.model_copy(update={"warmup": Switch.ON})
     )
     assert tiny_engine.warmup() is True
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from ..choices import Attention, DType, Preset, PreviewDecoder, PromptSyntax, Warmup
+from ..choices import Attention, DType, Preset, PreviewDecoder, PromptSyntax, Switch
 
 
 class EngineConfig(BaseModel):
@@ -38,7 +38,8 @@ class EngineConfig(BaseModel):
     fuse_qkv: bool
     compile: bool
     vae_dtype: DType
-    warmup: Warmup
+    warmup: Switch
+    vae_tiling: Switch
 
     @classmethod
     def of(cls, settings: object) -> EngineConfig:

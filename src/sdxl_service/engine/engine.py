@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..choices import Preset, RefinerMode, RenderKind, SchedulerName, Warmup
+from ..choices import Preset, RefinerMode, RenderKind, SchedulerName, Switch
 from ..contract.jobs import ImageTask, OutOfMemory, RenderBatch, RenderCancelled, RenderParams
 from ..lora_catalog import LoraCatalog
 from ..metrics import ServiceMetrics
@@ -92,7 +92,9 @@ class Engine:
             pipeline.set_progress_bar_config(disable=True)
         # Edits run the same modules through these (no extra memory).
         self.base_img2img, self.base_inpaint, self.refiner_inpaint = edit_pipelines(base, refiner)
-        self.latent_codec = LatentCodec(base.vae, device=self.device, dtype=self.dtype)
+        self.latent_codec = LatentCodec(
+            base.vae, device=self.device, dtype=self.dtype, tiling=config.vae_tiling
+        )
         self.preview_decoders = PreviewDecoders.for_engine(
             self.latent_codec, config, preset=preset, device=self.device, dtype=self.dtype
         )
@@ -180,7 +182,7 @@ class Engine:
         SDXL_WARMUP=on a CPU renders 64x64, which checks base, refiner and decode.
         """
         wanted = self.config.warmup
-        if wanted is Warmup.OFF or (wanted is Warmup.AUTO and not self._on_gpu()):
+        if wanted is Switch.OFF or (wanted is Switch.AUTO and not self._on_gpu()):
             return False
         side = self.native_resolution if self._on_gpu() else min(self.native_resolution, 64)
         params = RenderParams(

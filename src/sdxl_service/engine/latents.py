@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from PIL import Image
 
+from ..choices import Switch
 from ..contract.jobs import RenderCancelled, RenderParams
+
+# SDXL_VAE_TILING=auto tiles images with more pixels than a square of this many VAE tiles
+# a side: 1536x1536 for SDXL's 1024-pixel tiles, the largest size the default
+# SDXL_MAX_PIXELS allows, so that every size allowed by default keeps its untiled pixels
+# and only larger ones (a raised limit, a hires pass) pay the blending for flat memory.
+AUTO_TILING_SIDE_IN_TILES = 1.5
 
 
 def _never() -> bool:
@@ -27,10 +35,42 @@ class LatentCodec:
     the codec is made. `dtype` is the UNets' dtype, the one encoded latents get.
     """
 
-    def __init__(self, vae: Any, *, device: str, dtype: torch.dtype) -> None:
+    def __init__(
+        self, vae: Any, *, device: str, dtype: torch.dtype, tiling: Switch = Switch.OFF
+    ) -> None:
         self.vae = vae
         self.device = device
         self.dtype = dtype
+        self.tiling = tiling
+
+    def tiles(self, height: int, width: int) -> bool:
+        """Whether a picture of this size is encoded and decoded in tiles (SDXL_VAE_TILING).
+
+        Tiled, the VAE's activations are those of one tile (its config's sample_size, 1024
+        pixels for SDXL's) whatever the image's size, and the tiles overlap by a quarter and
+        are blended: the pixels differ a little from an untiled pass (docs/PERFORMANCE.md).
+        A picture within one tile is never split, so `on` changes nothing up to 1024x1024.
+        """
+        if self.tiling is Switch.OFF:
+            return False
+        tile = int(self.vae.tile_sample_min_size)
+        if self.tiling is Switch.ON:
+            return max(height, width) > tile
+        return height * width > (AUTO_TILING_SIDE_IN_TILES * tile) ** 2
+
+    @contextmanager
+    def _tiled(self, height: int, width: int) -> Iterator[None]:
+        """diffusers' own tiling (AutoencoderKL.enable_tiling) for one call. The VAE is
+        shared, but every encode and decode of a render runs on the render thread, one
+        after the other."""
+        if not self.tiles(height, width):
+            yield
+            return
+        self.vae.enable_tiling()
+        try:
+            yield
+        finally:
+            self.vae.disable_tiling()
 
     def to_unet(self, latents: torch.Tensor) -> torch.Tensor:
         """VAE latents -> the UNets' latent space, in the dtype and device of `latents`."""
@@ -101,7 +141,8 @@ class LatentCodec:
         # memory layout (the layout picks the VAE's conv kernels).
         pixels = pixels.view(1, params.height, params.width, 3).permute(0, 3, 1, 2)
         sample = (pixels.to(device=self.device, dtype=torch.float32) / 255.0) * 2.0 - 1.0
-        parameters = vae.encode(sample.to(vae.dtype)).latent_dist.parameters
+        with self._tiled(params.height, params.width):
+            parameters = vae.encode(sample.to(vae.dtype)).latent_dist.parameters
         return DiagonalGaussianDistribution(parameters.to(posterior_dtype(vae)))
 
     def decode(
@@ -117,8 +158,14 @@ class LatentCodec:
         for one in latents.split(1):
             if images and should_stop():
                 raise RenderCancelled("render cancelled: nobody waits for these images")
-            pixels = vae.decode(one, return_dict=False)[0]
+            with self._tiled(*self.image_size(one)):
+                pixels = vae.decode(one, return_dict=False)[0]
             pixels = (pixels.float() / 2 + 0.5).clamp(0, 1)
             rgb = (pixels[0].permute(1, 2, 0) * 255).round().to(torch.uint8).cpu().numpy()
             images.append(Image.fromarray(rgb))
         return images
+
+    def image_size(self, latents: torch.Tensor) -> tuple[int, int]:
+        """(height, width) in pixels of the images these latents decode to."""
+        scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return int(latents.shape[-2]) * scale, int(latents.shape[-1]) * scale
