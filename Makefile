@@ -5,7 +5,7 @@ LEGACY_VENV ?= .venv-openai028
 PORT ?= 9225
 BIN := $(VENV)/bin
 
-.PHONY: install legacy-client browser serve test test-unit lint format bench bench-overhead bench-previews bench-fullsize bench-gpu bench-gpu-prepare build containerize examples registry-image-size clean
+.PHONY: install legacy-client browser serve test test-unit lint format bench bench-overhead bench-previews bench-fullsize bench-tiling bench-gpu bench-gpu-prepare build containerize examples registry-image-size clean
 
 install: $(VENV)/.installed
 
@@ -67,6 +67,12 @@ bench-previews: install
 # "Full size on the CPU".
 bench-fullsize: install
 	$(BIN)/python -m bench.fullsize
+
+# SDXL_VAE_TILING on the full-size VAE (random weights, bench-fullsize's folder):
+# seconds, peak memory and pixel difference per size, tiled and not (~5 min);
+# docs/PERFORMANCE.md, "VAE tiling on the CPU".
+bench-tiling: install
+	$(BIN)/python -m bench.vae_tiling
 
 # The whole GPU run (engine, HTTP service, optimisation matrix; ~8 min) on a CUDA
 # machine: bench-gpu-prepare first, where PyPI is reachable (docs/PERFORMANCE.md).

@@ -42,6 +42,13 @@ class SchedulerName(StrEnum):
     TCD = "tcd"  # Trajectory Consistency Distillation (TCD-LoRA)
 
 
+class HiresUpscaler(StrEnum):
+    """How the hires fix takes the first pass to the final size (AUTOMATIC1111's names)."""
+
+    LATENT = "latent"  # the latents, bilinear: no decode and re-encode between the passes
+    LANCZOS = "lanczos"  # the decoded image, Lanczos, then encoded again
+
+
 class PromptSyntax(StrEnum):
     A1111 = "a1111"  # AUTOMATIC1111's emphasis: (word:1.3), (word), [word], BREAK
     NONE = "none"  # text taken literally (long prompts are still chunked)

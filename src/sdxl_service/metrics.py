@@ -24,7 +24,7 @@ PREFIX = "sdxl"
 # Stages of one image, in the order it goes through them; engine.py reports
 # vae_encode (edits' input images)/base/refiner/decode, the batcher
 # queue_wait, the HTTP service encode.
-STAGES = ("queue_wait", "vae_encode", "base", "refiner", "decode", "encode")
+STAGES = ("queue_wait", "vae_encode", "base", "refiner", "hires_upscale", "decode", "encode")
 
 LORA_LOAD_OUTCOMES = ("ok", "failed")
 

@@ -23,8 +23,8 @@ from sdxl_service.api.encoding import encode_image
 from sdxl_service.api.files import LocalFileStore
 from sdxl_service.api.infotext import Provenance, infotext, png_with_text, quote
 from sdxl_service.api.serving import ImagesServing
-from sdxl_service.choices import RefinerMode, RenderKind
-from sdxl_service.contract.jobs import GenerationJob, LoraWeight
+from sdxl_service.choices import HiresUpscaler, RefinerMode, RenderKind
+from sdxl_service.contract.jobs import GenerationJob, HiresParams, LoraWeight
 from sdxl_service.settings import Settings
 from tests.jobs import make_params
 from tests.unit.test_serving import SeedPainter
@@ -115,6 +115,28 @@ def test_an_edit_says_its_strength_and_base_only_names_no_refiner() -> None:
     assert "Clip skip" not in parsed
     skipped = job(params=make_params(clip_skip=2))
     assert a1111_parse(infotext(skipped, plain, seed=1, width=64, height=64))["Clip skip"] == "2"
+
+
+def test_a_hires_render_says_it_as_a1111_does() -> None:
+    hires = HiresParams(
+        first_width=512,
+        first_height=512,
+        scale=2.0,
+        steps=12,
+        denoising_strength=0.55,
+        upscaler=HiresUpscaler.LATENT,
+    )
+    params = make_params(width=1024, height=1024, hires=hires)
+    plain = Provenance(base_model="b", refiner_model="r")
+    parsed = a1111_parse(infotext(job(params=params), plain, seed=1, width=1024, height=1024))
+    # A1111's Size is the first pass's; its hires fields take it to the final size.
+    assert parsed["Size"] == "512x512"
+    assert (parsed["Hires upscale"], parsed["Hires steps"], parsed["Hires upscaler"]) == (
+        "2.0",
+        "12",
+        "Latent",
+    )
+    assert parsed["Denoising strength"] == "0.55"
 
 
 @pytest.mark.parametrize(

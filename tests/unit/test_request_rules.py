@@ -156,3 +156,59 @@ def test_no_size_asked_fits_the_servers_bounds() -> None:
     for req in (generation(), generation(size="auto")):
         resolved = resolve_generation(req, small, NATIVE)
         assert (resolved.width, resolved.height) == (128, 128)
+
+
+def test_the_hires_fix_renders_the_size_divided_by_its_scale_first() -> None:
+    req = generation(size="1536x1024", hires={"scale": 1.5, "upscaler": "lanczos"})
+    resolved = resolve_generation(req, SETTINGS, NATIVE)
+    params = resolved.job.params
+    assert (params.width, params.height, resolved.width, resolved.height) == (1536, 1024) * 2
+    assert params.hires is not None
+    assert (params.hires.first_width, params.hires.first_height) == (
+        1024,
+        680,
+    )  # 682.7 to the nearest multiple of 8
+    # AUTOMATIC1111's defaults: the request's steps again, denoising strength 0.7.
+    assert (params.hires.steps, params.hires.denoising_strength) == (SETTINGS.steps, 0.7)
+    assert params.hires.upscaler == "lanczos"
+
+
+def test_without_hires_there_is_one_pass() -> None:
+    assert resolve_generation(generation(), SETTINGS, NATIVE).job.params.hires is None
+
+
+@pytest.mark.parametrize(
+    ("hires", "param"),
+    [
+        ({"scale": 2.5}, "hires.scale"),
+        ({"scale": 0.5}, "hires.scale"),
+        ({"denoising_strength": 0}, "hires.denoising_strength"),
+        ({"upscaler": "esrgan"}, "hires.upscaler"),
+        ({"steps": 0}, "hires.steps"),
+    ],
+)
+def test_a_hires_value_out_of_bounds_names_its_field(hires: dict[str, object], param: str) -> None:
+    from fastapi.exceptions import RequestValidationError
+    from pydantic import ValidationError
+
+    from sdxl_service.api.errors import validation_error
+
+    with pytest.raises(ValidationError) as caught:
+        generation(hires=hires)
+    error = validation_error(RequestValidationError(caught.value.errors()))
+    assert (error.status, error.param) == (400, param)
+
+
+def test_a_hires_first_pass_under_the_smallest_side_is_refused() -> None:
+    settings = Settings(min_side=256, render_native=False)
+    error = refused(
+        resolve_generation, generation(size="384x384", hires={"scale": 2}), settings, NATIVE
+    )
+    assert (error.status, error.param) == (400, "hires.scale")
+    assert "192x192" in error.message
+
+
+def test_a_hires_pass_that_runs_no_step_is_refused() -> None:
+    req = generation(hires={"steps": 1, "denoising_strength": 0.5})
+    error = refused(resolve_generation, req, SETTINGS, NATIVE)
+    assert (error.status, error.param) == (400, "hires.denoising_strength")

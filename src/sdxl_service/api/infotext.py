@@ -25,11 +25,13 @@ from pathlib import PurePath
 
 from PIL import Image
 
-from ..choices import RefinerMode, RenderKind, SchedulerName
+from ..choices import HiresUpscaler, RefinerMode, RenderKind, SchedulerName
 from ..contract.jobs import GenerationJob
 
 PNG_KEY = "parameters"
 # A1111's sampler names, and its "Schedule type" where the schedule is not the sampler's own.
+# AUTOMATIC1111's names of its upscalers.
+HIRES_UPSCALERS = {HiresUpscaler.LATENT: "Latent", HiresUpscaler.LANCZOS: "Lanczos"}
 SAMPLERS = {
     SchedulerName.EULER: ("Euler", None),
     SchedulerName.EULER_A: ("Euler a", None),
@@ -90,6 +92,9 @@ def infotext(
     fields: dict[str, object] = {"Steps": params.steps, "Sampler": sampler}
     if schedule:
         fields["Schedule type"] = schedule
+    if params.hires is not None:
+        # AUTOMATIC1111's Size is the first pass's; "Hires upscale" takes it to the final.
+        width, height = params.hires.first_width, params.hires.first_height
     fields |= {
         "CFG scale": params.guidance_scale,
         "Seed": seed,
@@ -100,6 +105,11 @@ def infotext(
         fields["Clip skip"] = params.clip_skip
     if params.kind is not RenderKind.TEXT_TO_IMAGE:
         fields["Denoising strength"] = params.strength
+    if params.hires is not None:
+        fields["Denoising strength"] = params.hires.denoising_strength
+        fields["Hires upscale"] = params.hires.scale
+        fields["Hires steps"] = params.hires.steps
+        fields["Hires upscaler"] = HIRES_UPSCALERS[params.hires.upscaler]
     if params.refiner is not RefinerMode.NONE:
         fields["Refiner"] = model_name(provenance.refiner_model)
         fields["Refiner switch at"] = params.high_noise_frac

@@ -17,7 +17,7 @@ from typing import Any
 from PIL import Image
 
 from ..choices import RenderKind
-from ..contract.jobs import GenerationJob, LoraWeight, RenderParams
+from ..contract.jobs import GenerationJob, HiresParams, LoraWeight, RenderParams
 from ..lora_catalog import LoraCatalog
 from ..settings import SERVICE_ID, Settings
 from .encoding import resize_to
@@ -27,6 +27,7 @@ from .lora_requests import lora_set, take_inline_loras
 from .schemas import (
     OPENAI_IMAGE_MODEL_PREFIX,
     OPENAI_IMAGE_MODELS,
+    HiresRequest,
     ImageEditRequest,
     ImageGenerationRequest,
     ImageRequest,
@@ -71,7 +72,9 @@ def resolve_generation(
     native_resolution: int,
     catalog: LoraCatalog | None = None,
 ) -> ResolvedRequest:
-    return _resolve(req, settings, native_resolution, prompt=req.prompt, catalog=catalog)
+    return _resolve(
+        req, settings, native_resolution, prompt=req.prompt, catalog=catalog, hires=req.hires
+    )
 
 
 def resolve_edit(
@@ -163,6 +166,7 @@ def _resolve(
     strength: float = 1.0,
     default_size: tuple[int, int] | None = AUTO_SIZE_PIXELS,
     catalog: LoraCatalog | None = None,
+    hires: HiresRequest | None = None,
 ) -> ResolvedRequest:
     s = settings
     # 1. What the request may ask at all.
@@ -228,6 +232,7 @@ def _resolve(
         strength=strength,
         loras=loras,
         clip_skip=req.clip_skip or s.clip_skip,
+        hires=None if hires is None else _hires(hires, render_w, render_h, steps, s),
     )
 
     # 4. Edits: the picture at the render size; inpainting keeps it and the mask
@@ -263,6 +268,38 @@ def _resolve(
         kept_picture=kept_picture,
         repaint_mask=repaint,
         provenance=_provenance(s, loras, catalog) if s.image_metadata else None,
+    )
+
+
+def _hires(hires: HiresRequest, width: int, height: int, steps: int, s: Settings) -> HiresParams:
+    """The hires fix's first pass: the render size divided by `scale`, to multiples of 8,
+    within SDXL_MIN_SIDE; the final size is the render size, already within the limits."""
+
+    def first(side: int) -> int:
+        return max(8, round(side / hires.scale / 8) * 8)
+
+    first_width, first_height = first(width), first(height)
+    if min(first_width, first_height) < s.min_side:
+        raise invalid_value(
+            "hires.scale",
+            f"hires scale {hires.scale} of {width}x{height} makes a first pass of "
+            f"{first_width}x{first_height}, under this server's smallest side "
+            f"{s.min_side}; lower the scale or raise the size.",
+        )
+    hires_steps = hires.steps or steps
+    if int(hires_steps * hires.denoising_strength) < 1:
+        raise invalid_value(
+            "hires.denoising_strength",
+            f"hires denoising_strength {hires.denoising_strength} of {hires_steps} steps runs "
+            "no denoising step; raise it or hires.steps.",
+        )
+    return HiresParams(
+        first_width=first_width,
+        first_height=first_height,
+        scale=hires.scale,
+        steps=hires_steps,
+        denoising_strength=hires.denoising_strength,
+        upscaler=hires.upscaler,
     )
 
 

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..choices import RefinerMode, SchedulerName
+from ..choices import HiresUpscaler, RefinerMode, SchedulerName
 from .sizing import AUTO_SIZE, parse_size
 
 logger = logging.getLogger(__name__)
@@ -108,10 +108,25 @@ class ImageRequest(OpenAIModel):
         return size
 
 
+class HiresRequest(BaseModel):
+    """AUTOMATIC1111's hires fix, with its defaults: render at the size divided by `scale`,
+    upscale, then denoise again at the size (request_rules.py checks the sizes it makes)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scale: float = Field(default=2.0, ge=1.0, le=2.0)
+    # The second pass's schedule; None: the request's steps (A1111's "Hires steps" 0).
+    steps: int | None = Field(default=None, ge=1, le=150)
+    denoising_strength: float = Field(default=0.7, gt=0.0, le=1.0)
+    upscaler: HiresUpscaler = HiresUpscaler.LATENT
+
+
 class ImageGenerationRequest(ImageRequest):
     prompt: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
     style: Literal["vivid", "natural"] | None = None
     moderation: Literal["low", "auto"] | None = None
+    # Extension: the hires fix (generations only).
+    hires: HiresRequest | None = None
 
 
 class ImageEditRequest(ImageRequest):

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..choices import RefinerMode, RenderKind, SchedulerName
+from ..choices import HiresUpscaler, RefinerMode, RenderKind, SchedulerName
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -48,6 +48,22 @@ class LoraWeight(BaseModel):
     scale: float
 
 
+class HiresParams(BaseModel):
+    """AUTOMATIC1111's hires fix: a first pass at a smaller size, upscaled to the render size,
+    then denoised again there as an edit of it (base, and the refiner for its share)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    first_width: int  # the first pass's render size, multiples of 8
+    first_height: int
+    scale: float  # as asked: the render size is about this times the first pass's
+    # The second pass runs the last int(steps * denoising_strength) steps of a schedule
+    # of `steps`, as an edit does.
+    steps: int = Field(ge=1)
+    denoising_strength: float = Field(gt=0.0, le=1.0)
+    upscaler: HiresUpscaler
+
+
 class RenderParams(BaseModel):
     """Everything the images of one pipeline call must share (hashable: the batch key)."""
 
@@ -68,6 +84,14 @@ class RenderParams(BaseModel):
     # AUTOMATIC1111's "Clip skip": 1 takes SDXL's own (penultimate) text encoder layer,
     # 2 the one before it (diffusers' clip_skip=1).
     clip_skip: int = Field(default=1, ge=1, le=2)
+    # Text-to-image only: render smaller first, upscale, denoise again (None: one pass).
+    hires: HiresParams | None = None
+
+    @model_validator(mode="after")
+    def _hires_is_for_text_to_image(self) -> Self:
+        if self.hires is not None and self.kind is not RenderKind.TEXT_TO_IMAGE:
+            raise ValueError(f"the hires fix is for text-to-image renders, not {self.kind}")
+        return self
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -7,13 +7,13 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from PIL import Image
 
-from ..choices import Preset, RefinerMode, RenderKind, SchedulerName, Switch
+from ..choices import HiresUpscaler, Preset, RefinerMode, RenderKind, SchedulerName, Switch
 from ..contract.jobs import ImageTask, OutOfMemory, RenderBatch, RenderCancelled, RenderParams
 from ..lora_catalog import LoraCatalog
 from ..metrics import ServiceMetrics
@@ -238,10 +238,50 @@ class Engine:
             torch.cuda.empty_cache()
 
     def _render(self, batch: RenderBatch) -> list[Image.Image]:
-        latents = self._denoise(batch)
+        latents = self._denoise(batch) if batch.params.hires is None else self._hires(batch)
         self._check_stop(batch)
         with self._stage("decode"):
             return self.latent_codec.decode(latents, batch.should_stop)
+
+    def _hires(self, batch: RenderBatch) -> torch.Tensor:
+        """AUTOMATIC1111's hires fix: the first pass at hires' first size (base and refiner as
+        asked), upscaled to the render size, then an edit of it there at hires'
+        denoising_strength over a schedule of hires' steps, with the same seeds. Previews
+        come from the second pass only: the size they are answered at."""
+        params = batch.params
+        hires = params.hires
+        assert hires is not None
+        first = params.model_copy(
+            update={"width": hires.first_width, "height": hires.first_height, "hires": None}
+        )
+        latents = self._denoise(
+            RenderBatch(params=first, tasks=batch.tasks, should_stop=batch.should_stop)
+        )
+        self._check_stop(batch)
+        second = params.model_copy(
+            update={
+                "kind": RenderKind.IMAGE_TO_IMAGE,
+                "steps": hires.steps,
+                "strength": hires.denoising_strength,
+                "hires": None,
+            }
+        )
+        tasks = batch.tasks
+        upscaled: torch.Tensor | None = None
+        with self._stage("hires_upscale"):
+            if hires.upscaler is HiresUpscaler.LATENT:
+                # AUTOMATIC1111's "Latent" upscaler: bilinear, without antialiasing.
+                scale = int(self.base.vae_scale_factor)
+                size = (params.height // scale, params.width // scale)
+                upscaled = torch.nn.functional.interpolate(latents, size=size, mode="bilinear")
+            else:
+                pictures = self.latent_codec.decode(latents, batch.should_stop)
+                tasks = [
+                    replace(task, init_image=resize_lanczos(picture, params.width, params.height))
+                    for task, picture in zip(batch.tasks, pictures, strict=True)
+                ]
+        self._check_stop(batch)
+        return self._denoise(replace(batch, params=second, tasks=tasks), init_latents=upscaled)
 
     def _plan(self, params: RenderParams) -> DenoisePlan:
         mode = RefinerMode(params.refiner)
@@ -281,8 +321,12 @@ class Engine:
             refiner_handover=refiner_handover(params, base_runs=base_runs),
         )
 
-    def _denoise(self, batch: RenderBatch) -> torch.Tensor:
-        """The batch's final latents: base and refiner as its RenderParams say."""
+    def _denoise(
+        self, batch: RenderBatch, init_latents: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The batch's final latents: base and refiner as its RenderParams say. An edit
+        starts from `init_latents` when given (the hires fix's upscaled latents), from its
+        tasks' init images encoded otherwise."""
         params = batch.params
         syntax = self.config.prompt_syntax
         prompts = [task.prompt for task in batch.tasks]
@@ -332,7 +376,10 @@ class Engine:
         latents: torch.Tensor | None = None
         base_inputs: dict[str, Any] = dict(size)
         refiner_inputs: dict[str, Any] = {}
-        if plan.encodes_init_images:
+        if plan.encodes_init_images and init_latents is not None:
+            latents = init_latents
+            base_inputs = {"image": latents, "strength": params.strength}
+        elif plan.encodes_init_images:
             self._check_stop(batch)
             with self._stage("vae_encode"):
                 # Draws from each generator before the base does, as diffusers does.
@@ -412,3 +459,9 @@ class Engine:
         synchronize(self.device)
         if self.stage_observer is not None:
             self.stage_observer(stage, time.perf_counter() - started)
+
+
+def resize_lanczos(picture: Image.Image, width: int, height: int) -> bytes:
+    """The hires fix's "Lanczos" upscaler: raw RGB bytes at the render size, as an edit's
+    init image travels."""
+    return picture.resize((width, height), Image.Resampling.LANCZOS).tobytes()
