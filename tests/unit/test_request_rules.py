@@ -14,9 +14,15 @@ from sdxl_service.api.request_rules import (
     QUALITY_STEPS,
     resolve_edit,
     resolve_generation,
+    resolve_upscale,
     resolve_variation,
 )
-from sdxl_service.api.schemas import ImageEditRequest, ImageGenerationRequest, ImageVariationRequest
+from sdxl_service.api.schemas import (
+    ImageEditRequest,
+    ImageGenerationRequest,
+    ImageUpscaleRequest,
+    ImageVariationRequest,
+)
 from sdxl_service.api.uploads import EditSource
 from sdxl_service.choices import RefinerMode, RenderKind, SchedulerName
 from sdxl_service.settings import Settings
@@ -212,3 +218,38 @@ def test_a_hires_pass_that_runs_no_step_is_refused() -> None:
     req = generation(hires={"steps": 1, "denoising_strength": 0.5})
     error = refused(resolve_generation, req, SETTINGS, NATIVE)
     assert (error.status, error.param) == (400, "hires.denoising_strength")
+
+
+def upscale_of(picture_size: tuple[int, int], **fields: object):
+    source = EditSource(image=Image.new("RGB", picture_size, "white"), mask=None)
+    return resolve_upscale(ImageUpscaleRequest.model_validate(fields), source, SETTINGS, NATIVE)
+
+
+def test_an_upscale_is_an_edit_at_scale_times_the_pictures_size() -> None:
+    resolved = upscale_of((800, 600), scale=1.5)
+    params = resolved.job.params
+    assert (resolved.width, resolved.height) == (1200, 896)  # 900: a tie, to the even multiple of 8
+    assert (params.kind, params.strength, resolved.job.prompt) == (
+        RenderKind.IMAGE_TO_IMAGE,
+        0.3,
+        "",
+    )
+    assert resolved.job.init_image is not None
+
+
+@pytest.mark.parametrize(
+    ("size", "fields", "param"),
+    [
+        ((1024, 1024), {"scale": 2}, "scale"),  # 2048x2048: over SDXL_MAX_PIXELS
+        ((512, 512), {"size": "1024x1024"}, "size"),
+        ((512, 512), {"width": 1024, "height": 1024}, "width"),
+        ((512, 512), {"denoising_strength": 0.01}, "denoising_strength"),
+        ((512, 512), {"stream": True}, "stream"),
+    ],
+)
+def test_a_bad_upscale_names_the_parameter(
+    size: tuple[int, int], fields: dict[str, object], param: str
+) -> None:
+    with pytest.raises(APIError) as caught:
+        upscale_of(size, **fields)
+    assert (caught.value.status, caught.value.param) == (400, param)

@@ -16,6 +16,7 @@ from .schemas import (
     ImageEditRequest,
     ImageGenerationRequest,
     ImagesResponse,
+    ImageUpscaleRequest,
     ImageVariationRequest,
     ModelList,
 )
@@ -89,6 +90,11 @@ def create_app(
     async def create_image_variation(request: Request, images: Serving) -> Response:
         form = await read_image_form(request, ImageVariationRequest, takes_mask=False)
         return _answer(await images.create_variation(form, request))
+
+    @app.post("/images/upscale", response_model=ImagesResponse, response_model_exclude_none=True)
+    async def upscale_image(request: Request, images: Serving) -> Response:
+        form = await read_image_form(request, ImageUpscaleRequest, takes_mask=False)
+        return _answer(await images.upscale(form, request))
 
     # Last: BentoML mounts this app "passively" and would answer unknown
     # paths under /v1 with a plain-text 404 of its own.

@@ -31,6 +31,7 @@ from .schemas import (
     ImageEditRequest,
     ImageGenerationRequest,
     ImageRequest,
+    ImageUpscaleRequest,
     ImageVariationRequest,
 )
 from .sizing import AUTO_SIZE, SizeLimits, fit_size, parse_size, render_size
@@ -130,6 +131,50 @@ def resolve_variation(
         param = "size" if req.width is None else "width"
         raise invalid_value(param, f"Variations come in {sizes}.")
     return resolved
+
+
+def resolve_upscale(
+    req: ImageUpscaleRequest,
+    source: EditSource,
+    settings: Settings,
+    native_resolution: int,
+    catalog: LoraCatalog | None = None,
+) -> ResolvedRequest:
+    """The picture at `scale` times its size (to multiples of 8), denoised again at
+    `denoising_strength` as an edit of it: the Lanczos resize is the edit's own."""
+    if req.stream:
+        raise invalid_value("stream", "Upscales are answered in one response; drop stream.")
+    for param in ("size", "width", "height"):
+        if getattr(req, param) is not None:
+            raise invalid_value(param, "An upscale is the image's size times scale; give scale.")
+    if source.mask is not None:
+        raise invalid_value("mask", "Upscales take no mask.")
+    width, height = (max(8, round(side * req.scale / 8) * 8) for side in source.image.size)
+    limits = SizeLimits(settings.min_side, settings.max_side, settings.max_pixels)
+    try:
+        limits.check(width, height)
+    except ValueError as exc:
+        w, h = source.image.size
+        message = f"scale {req.scale} of the {w}x{h} image makes {width}x{height}: {exc}."
+        raise invalid_value("scale", message) from None
+    steps = req.num_inference_steps or QUALITY_STEPS.get(req.quality or "auto", settings.steps)
+    if int(steps * req.denoising_strength) < 1:
+        raise invalid_value(
+            "denoising_strength",
+            f"denoising_strength {req.denoising_strength} of {steps} steps runs no denoising "
+            "step; raise it or num_inference_steps.",
+        )
+    sized = req.model_copy(update={"width": width, "height": height})
+    return _resolve(
+        sized,
+        settings,
+        native_resolution,
+        prompt=req.prompt,
+        source=source,
+        strength=req.denoising_strength,
+        default_size=None,
+        catalog=catalog,
+    )
 
 
 def lora_of_model(

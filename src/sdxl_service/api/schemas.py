@@ -144,6 +144,16 @@ class ImageVariationRequest(ImageRequest):
     strength: float | None = Field(default=None, gt=0.0, le=1.0)
 
 
+class ImageUpscaleRequest(ImageRequest):
+    """The form fields of POST /images/upscale (an extension, as LocalAI has one): the picture
+    resized by `scale` with Lanczos, then denoised again as an edit of it; `image` is its file."""
+
+    prompt: str = Field(default="", max_length=MAX_TEXT_CHARS)
+    scale: float = Field(default=2.0, ge=1.0, le=4.0)
+    # Low by default: an upscale keeps the picture and adds detail.
+    denoising_strength: float = Field(default=0.3, gt=0.0, le=1.0)
+
+
 class ImageData(BaseModel):
     b64_json: str | None = None
     url: str | None = None

@@ -28,7 +28,13 @@ from .errors import APIError, client_closed, invalid_value, outcome_error
 from .files import FileStore
 from .forms import ImageForm
 from .render_client import RenderClient
-from .request_rules import ResolvedRequest, resolve_edit, resolve_generation, resolve_variation
+from .request_rules import (
+    ResolvedRequest,
+    resolve_edit,
+    resolve_generation,
+    resolve_upscale,
+    resolve_variation,
+)
 from .responses import (
     answer_image,
     completed_events,
@@ -43,6 +49,7 @@ from .schemas import (
     ImageEditRequest,
     ImageGenerationRequest,
     ImagesResponse,
+    ImageUpscaleRequest,
     ImageVariationRequest,
     ModelCard,
     ModelList,
@@ -152,6 +159,15 @@ class ImagesServing:
         native = await self._native_resolution()
         resolved = await run_in_threadpool(
             resolve_variation, form.fields, source, self.settings, native, self.loras
+        )
+        return await self._answer(resolved, http_request)
+
+    async def upscale(self, form: ImageForm[ImageUpscaleRequest], http_request: Request) -> Answer:
+        """POST /images/upscale: the picture resized by `scale`, denoised again as an edit."""
+        source = await _decoded(form.image, None)
+        native = await self._native_resolution()
+        resolved = await run_in_threadpool(
+            resolve_upscale, form.fields, source, self.settings, native, self.loras
         )
         return await self._answer(resolved, http_request)
 
