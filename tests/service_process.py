@@ -52,10 +52,15 @@ class RunningService:
 
 
 def start_service(
-    workdir: Path, extra_env: dict[str, str] | None = None, target: str = "service:ImagesAPI"
+    workdir: Path,
+    extra_env: dict[str, str] | None = None,
+    target: str = "service:ImagesAPI",
+    *,
+    wait_ready: bool = True,
 ) -> RunningService:
     """The service (or another BentoML `target` of this repository), answering
-    /readyz; if it never does, what was started is stopped."""
+    /readyz; if it never does, what was started is stopped. `wait_ready=False`
+    returns at once, for a test that waits on another state (a failed load)."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log_path = workdir / "service.log"
@@ -91,6 +96,8 @@ def start_service(
             start_new_session=True,
         )
     service = RunningService(f"http://127.0.0.1:{port}", process, log_path, bentoml_home)
+    if not wait_ready:
+        return service
     try:
         _wait_until_ready(service)
     except BaseException:
@@ -102,10 +109,14 @@ def start_service(
 
 @contextlib.contextmanager
 def running_service(
-    workdir: Path, extra_env: dict[str, str] | None = None, target: str = "service:ImagesAPI"
+    workdir: Path,
+    extra_env: dict[str, str] | None = None,
+    target: str = "service:ImagesAPI",
+    *,
+    wait_ready: bool = True,
 ) -> Iterator[RunningService]:
     """The service for the length of a `with` block; stopped however the block ends."""
-    service = start_service(workdir, extra_env, target)
+    service = start_service(workdir, extra_env, target, wait_ready=wait_ready)
     try:
         yield service
     finally:

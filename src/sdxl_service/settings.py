@@ -32,6 +32,8 @@ from .choices import (
 SERVICE_ID = "stable-diffusion-xl-with-refiner"
 DEFAULT_PORT = 9225
 ENV_PREFIX = "SDXL_"
+# Files torch.load would unpickle: model variables refuse them.
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 
 
 def _default_cache_dir() -> Path:
@@ -46,8 +48,9 @@ class Settings(BaseSettings):
     preset: Preset = Preset.AUTO
     base_model: str = "stabilityai/stable-diffusion-xl-base-1.0"
     refiner_model: str = "stabilityai/stable-diffusion-xl-refiner-1.0"
-    # A VAE for base and refiner instead of the base's own: a hub id or a folder (say
-    # madebyollin/sdxl-vae-fp16-fix, which decodes in fp16 without the float32 upcast).
+    # Each a hub id, a diffusers folder or one .safetensors checkpoint (original layout).
+    # A VAE for base and refiner instead of the base's own: a hub id, a folder (say
+    # madebyollin/sdxl-vae-fp16-fix, which decodes in fp16 without the float32 upcast) or a file.
     vae: str | None = None
     # "auto": cuda > mps > cpu.
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -160,6 +163,24 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             name = value.strip().lower()
             return DTYPE_ALIASES.get(name, name)
+        return value
+
+    @field_validator("base_model", "refiner_model", "vae")
+    @classmethod
+    def _safetensors_only(cls, value: str | None) -> str | None:
+        # A hub id or a folder passes; a file must be a .safetensors one.
+        if value is None:
+            return value
+        path = Path(value)
+        suffix = path.suffix.lower()
+        if suffix in PICKLE_SUFFIXES or (path.is_file() and suffix != ".safetensors"):
+            raise ValueError(
+                f"{path.name} is not a .safetensors file; pickled checkpoints (.ckpt, .pt, "
+                ".bin) are refused because loading one runs the code inside it: convert it to "
+                ".safetensors"
+            )
+        if suffix == ".safetensors" and not path.is_file():
+            raise ValueError(f"no such file: {value}")
         return value
 
     @field_validator("api_keys", "cors_origins", mode="before")

@@ -87,7 +87,12 @@ def test_bento_packs_only_the_service_code(built: dict[str, Any]) -> None:
     package = REPO / "src" / "sdxl_service"
     expected = {"service.py", "bentofile.yaml"} | {
         p.relative_to(REPO).as_posix()
-        for p in [*package.rglob("*.py"), *(package / "api" / "playground" / "assets").iterdir()]
+        for p in [
+            *package.rglob("*.py"),
+            *(package / "api" / "playground" / "assets").iterdir(),
+            # What single-file checkpoints load with, offline.
+            *(p for p in (package / "engine" / "sdxl_configs").rglob("*") if p.is_file()),
+        ]
     }
     # service.py puts the bento's src/ folder on sys.path: the package must sit there.
     assert "src/sdxl_service/settings.py" in expected

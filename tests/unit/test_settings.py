@@ -112,3 +112,42 @@ def test_bentoml_serve_stops_at_once_on_a_bad_setting(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "SDXL_REFINER='both'" in result.stderr + result.stdout
     assert "ensemble" in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("variable", ["SDXL_BASE_MODEL", "SDXL_REFINER_MODEL", "SDXL_VAE"])
+@pytest.mark.parametrize("name", ["model.ckpt", "model.pt", "vae.bin"])
+def test_a_pickled_checkpoint_is_refused_before_anything_loads(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, variable: str, name: str
+) -> None:
+    path = tmp_path / name
+    path.write_bytes(b"\x80\x04 not unpickled")
+    monkeypatch.setenv(variable, str(path))
+    with pytest.raises(
+        SettingsError, match=rf"{variable}=.+{name} is not a \.safetensors file.+runs"
+    ):
+        load_settings()
+
+
+def test_a_file_of_another_kind_and_a_missing_checkpoint_are_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    monkeypatch.setenv("SDXL_BASE_MODEL", str(tmp_path / "model.gguf"))
+    monkeypatch.setenv("SDXL_REFINER_MODEL", str(tmp_path / "typo.safetensors"))
+    with pytest.raises(SettingsError) as refused:
+        load_settings()
+    assert "SDXL_BASE_MODEL=" in str(refused.value)
+    assert "model.gguf is not a .safetensors file" in str(refused.value)
+    assert f"SDXL_REFINER_MODEL='{tmp_path}/typo.safetensors': no such file" in str(refused.value)
+
+
+def test_hub_ids_folders_and_safetensors_files_are_model_sources(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    (tmp_path / "mine.safetensors").write_bytes(b"")
+    monkeypatch.setenv("SDXL_BASE_MODEL", str(tmp_path / "mine.safetensors"))
+    monkeypatch.setenv("SDXL_REFINER_MODEL", str(tmp_path))
+    monkeypatch.setenv("SDXL_VAE", "madebyollin/sdxl-vae-fp16-fix")
+    settings = load_settings()
+    assert settings.base_model == str(tmp_path / "mine.safetensors")
+    assert Settings().refiner_model == str(tmp_path)

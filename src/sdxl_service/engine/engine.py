@@ -130,7 +130,12 @@ class Engine:
         # Which files of SDXL_VARIANT each folder or repo loads is decided by what it
         # holds and the dtype (loading.choose_variant), not by the device.
         base, refiner = load_pipelines(
-            base_source, refiner_source, dtype=dtype, variant=config.variant, vae_source=config.vae
+            base_source,
+            refiner_source,
+            dtype=dtype,
+            variant=config.variant,
+            vae_source=config.vae,
+            cache_dir=config.cache_dir,
         )
         base.to(device)
         refiner.to(device)  # moves only the refiner's UNet: the rest is shared or already there

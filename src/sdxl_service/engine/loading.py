@@ -1,4 +1,5 @@
-"""The base + refiner pair loaded from hub ids or folders, and the edit pipelines over it."""
+"""The base + refiner pair loaded from hub ids, folders or single files, and the edit pipelines
+over it."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from .checkpoint_layout import Kind
+from .single_file import is_single_file, load_single_file_pipeline, load_single_file_vae
 
 logger = logging.getLogger(__name__)
 
@@ -82,9 +86,15 @@ def _from_pretrained(
     return pipeline_class.from_pretrained(source, **options)
 
 
-def load_vae(source: str, *, dtype: torch.dtype, variant: str | None) -> Any:
-    """SDXL_VAE: an AutoencoderKL from a hub id, its own folder, or a pipeline folder's vae/."""
+def load_vae(
+    source: str, *, dtype: torch.dtype, variant: str | None, cache_dir: Path | None = None
+) -> Any:
+    """SDXL_VAE: an AutoencoderKL from a hub id, its own folder, a pipeline folder's vae/, or
+    one .safetensors file."""
     from diffusers import AutoencoderKL
+
+    if is_single_file(source):
+        return load_single_file_vae(Path(source), cache_dir=_cache(cache_dir), dtype=dtype)
 
     options: dict[str, Any] = {"dtype": dtype, "use_safetensors": True}
     folder = Path(source)
@@ -104,6 +114,33 @@ def load_vae(source: str, *, dtype: torch.dtype, variant: str | None) -> Any:
         ) from error
 
 
+def _cache(cache_dir: Path | None) -> Path:
+    # Only the tiny architecture's configs are built there (engine.tiny).
+    return cache_dir if cache_dir is not None else Path.home() / ".cache" / "sdxl-service"
+
+
+def _load(
+    pipeline_class: Any,
+    source: str,
+    *,
+    kind: Kind,
+    dtype: torch.dtype,
+    variant: str | None,
+    cache_dir: Path | None,
+    **components: Any,
+) -> Any:
+    if is_single_file(source):
+        return load_single_file_pipeline(
+            pipeline_class,
+            Path(source),
+            kind=kind,
+            cache_dir=_cache(cache_dir),
+            dtype=dtype,
+            **components,
+        )
+    return _from_pretrained(pipeline_class, source, dtype=dtype, variant=variant, **components)
+
+
 def load_pipelines(
     base_source: str,
     refiner_source: str,
@@ -111,20 +148,33 @@ def load_pipelines(
     dtype: torch.dtype,
     variant: str | None,
     vae_source: str | None = None,
+    cache_dir: Path | None = None,
 ) -> tuple[Any, Any]:
-    """Base and refiner from hub ids or diffusers folders, sharing text_encoder_2 and the VAE
-    (the base's own, or SDXL_VAE's)."""
+    """Base and refiner from hub ids, diffusers folders or single files, sharing
+    text_encoder_2 and the VAE (the base's own, or SDXL_VAE's)."""
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
-    vae = {} if vae_source is None else {"vae": load_vae(vae_source, dtype=dtype, variant=variant)}
-    base = _from_pretrained(
-        StableDiffusionXLPipeline, base_source, dtype=dtype, variant=variant, **vae
+    vae = (
+        {}
+        if vae_source is None
+        else {"vae": load_vae(vae_source, dtype=dtype, variant=variant, cache_dir=cache_dir)}
     )
-    refiner = _from_pretrained(
-        StableDiffusionXLImg2ImgPipeline,
-        refiner_source,
+    base = _load(
+        StableDiffusionXLPipeline,
+        base_source,
+        kind="base",
         dtype=dtype,
         variant=variant,
+        cache_dir=cache_dir,
+        **vae,
+    )
+    refiner = _load(
+        StableDiffusionXLImg2ImgPipeline,
+        refiner_source,
+        kind="refiner",
+        dtype=dtype,
+        variant=variant,
+        cache_dir=cache_dir,
         text_encoder_2=base.text_encoder_2,
         vae=base.vae,
     )
