@@ -157,6 +157,28 @@ def test_the_layout_is_read_from_the_tensors_not_the_name(
         read_checkpoint_layout(misnamed, "SDXL_BASE_MODEL", kind="base")
 
 
+def test_a_half_precision_file_with_the_extras_real_checkpoints_carry_loads(
+    tiny_settings_factory, single_files: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Civitai files are fp16 and carry tensors diffusers does not load (CLIP's position ids,
+    OpenCLIP's logit scale, the SGM trainer's sigmas): they load in the dtype asked."""
+    tensors = {key: value.half() for key, value in load_file(single_files[0]).items()}
+    tensors[f"{CLIP_L}text_model.embeddings.position_ids"] = torch.arange(77).unsqueeze(0)
+    tensors["conditioner.embedders.1.model.logit_scale"] = torch.tensor(4.6)
+    tensors["denoiser.sigmas"] = torch.rand(1000)
+    path = save_checkpoint(tensors, tmp_path / "civitai.safetensors")
+    engine = engine_of(tiny_settings_factory, path, single_files[1])
+    for module in (engine.base.unet, engine.base.text_encoder, engine.base.text_encoder_2):
+        assert module.dtype == torch.float32
+    expected = {key: value.half().float() for key, value in load_file(single_files[0]).items()}
+    ours = engine.base.unet.state_dict()
+    assert torch.equal(
+        ours["conv_in.weight"], expected["model.diffusion_model.input_blocks.0.0.weight"]
+    )
+    batch = RenderBatch(params=make_params(), tasks=[ImageTask(prompt="a red fox", seed=3)])
+    assert engine.render(batch)[0].size == (64, 64)
+
+
 # --- files that are no SDXL checkpoint ------------------------------------------------------
 
 
@@ -335,6 +357,42 @@ def test_a_vae_file_that_is_no_sdxl_vae_fails_naming_the_variable(
 
 
 # --- the packaged SDXL 1.0 configs -------------------------------------------------------------
+
+
+def test_the_packaged_folders_load_offline_as_diffusers_and_transformers_read_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLImg2ImgPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig
+
+    from sdxl_service.engine.checkpoint_layout import SDXL_CONFIGS
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    base, refiner = str(SDXL_CONFIGS / "base"), str(SDXL_CONFIGS / "refiner")
+    assert StableDiffusionXLPipeline.load_config(base)["force_zeros_for_empty_prompt"] is True
+    refiner_index = StableDiffusionXLImg2ImgPipeline.load_config(refiner)
+    assert refiner_index["requires_aesthetics_score"] is True
+    assert refiner_index["text_encoder"] == [None, None]
+    for folder in (base, refiner):
+        scheduler = EulerDiscreteScheduler.from_pretrained(
+            folder, subfolder="scheduler", local_files_only=True
+        )
+        assert scheduler.config.timestep_spacing == "leading"
+        assert AutoencoderKL.load_config(folder, subfolder="vae")["scaling_factor"] == 0.13025
+        big_g = CLIPTextConfig.from_pretrained(
+            folder, subfolder="text_encoder_2", local_files_only=True
+        )
+        assert (big_g.hidden_size, big_g.num_hidden_layers, big_g.hidden_act) == (1280, 32, "gelu")
+    clip_l = CLIPTextConfig.from_pretrained(base, subfolder="text_encoder", local_files_only=True)
+    assert (clip_l.hidden_size, clip_l.hidden_act) == (768, "quick_gelu")
+    unets = [UNet2DConditionModel.load_config(f, subfolder="unet") for f in (base, refiner)]
+    assert [u["cross_attention_dim"] for u in unets] == [2048, 1280]
 
 
 def full_size_original_layout(kind: str) -> dict[str, torch.Tensor]:
