@@ -23,28 +23,13 @@ import json
 import zipfile
 from pathlib import Path
 
+from sdxl_service.engine.components import bytes_to_unicode
+
 MERGES_IN_WHEEL = "open_clip/bpe_simple_vocab_16e6.txt.gz"
 OUT = Path(__file__).resolve().parents[1] / "src/sdxl_service/engine/sdxl_configs/clip_bpe"
 # OpenAI's SimpleTokenizer: `merges[1 : 49152 - 256 - 2 + 1]` (line 0 is a version header).
 MERGE_COUNT = 49152 - 256 - 2
 SPECIALS = ["<|startoftext|>", "<|endoftext|>"]
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte -> printable character table, in OpenAI's order."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    chars = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, map(chr, chars), strict=True))
 
 
 def derive(merges_text: str) -> tuple[dict[str, int], list[str]]:

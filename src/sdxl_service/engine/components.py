@@ -17,7 +17,7 @@ EOS_TOKEN = "<|endoftext|>"
 CLIP_MAX_LENGTH = 77
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP's reversible byte -> printable character table (ByteLevel pre-tokenizer)."""
     printable = (
         list(range(ord("!"), ord("~") + 1))
@@ -40,7 +40,7 @@ def clip_vocab() -> dict[str, int]:
     EOS gets the highest id, as in the real CLIP vocabulary, because CLIP text
     models with a legacy `eos_token_id` pool at `input_ids.argmax()`.
     """
-    symbols = list(_bytes_to_unicode().values())
+    symbols = list(bytes_to_unicode().values())
     tokens = symbols + [s + "</w>" for s in symbols] + [BOS_TOKEN, EOS_TOKEN]
     return {token: index for index, token in enumerate(tokens)}
 
