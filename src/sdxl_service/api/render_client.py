@@ -133,16 +133,23 @@ class BentoRenderClient:
             return False
         return any(self._held[worker] == 0 for worker in self._ready_workers())
 
+    def refusal(self, n: int, waiting: int = 0) -> GenerationOutcome | None:
+        """QUEUE_FULL (counted) when `n` more images do not fit now, beside `waiting`
+        ones not handed over yet (image jobs in their store); None when they do."""
+        if self._capacity is None:
+            return None
+        refusal = self._capacity.refusal(self._images_in_flight + waiting, n)
+        if refusal is not None and self._metrics is not None:
+            self._metrics.reject(refusal.status.value)
+        return refusal
+
     async def generate(
         self, job: GenerationJob, on_partial: PartialSink | None = None
     ) -> GenerationOutcome:
         n = len(job.seeds)
-        if self._capacity is not None:
-            refusal = self._capacity.refusal(self._images_in_flight, n)
-            if refusal is not None:
-                if self._metrics is not None:
-                    self._metrics.reject(refusal.status.value)
-                return refusal
+        refusal = self.refusal(n)
+        if refusal is not None:
+            return refusal
         self._images_in_flight += n
         started = time.monotonic()
         try:

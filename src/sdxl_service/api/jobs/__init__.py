@@ -9,19 +9,28 @@ behaviour and routes.py their routes.
 from __future__ import annotations
 
 from ...settings import Settings
+from ..files import open_file_store
+from ..render_client import BentoRenderClient
+from ..serving import ImagesServing
+from ..webhooks import WebhookDelivery, WebhookHosts, WebhookSigner
 from .database import Database
 from .records import JobKind, JobRecord, JobStatus, WebhookState, new_job_id, owner_of
+from .runner import JobRunner
+from .serving import JobsServing
 from .store import JobStore
 
 __all__ = [
     "Database",
     "JobKind",
     "JobRecord",
+    "JobRunner",
     "JobStatus",
     "JobStore",
+    "JobsServing",
     "WebhookState",
     "new_job_id",
     "open_job_store",
+    "open_jobs",
     "owner_of",
 ]
 
@@ -34,3 +43,29 @@ def open_job_store(settings: Settings) -> JobStore:
     if url is None:
         return JobStore(Database.sqlite_file(settings.cache_dir / SQLITE_FILE))
     return JobStore(Database(url.get_secret_value()))
+
+
+def webhook_delivery(settings: Settings) -> WebhookDelivery | None:
+    """How webhooks are sent; None without SDXL_WEBHOOK_SECRET (no job may ask for one)."""
+    if settings.webhook_secret is None:
+        return None
+    return WebhookDelivery(
+        WebhookSigner(settings.webhook_secret.get_secret_value()),
+        WebhookHosts(settings.webhook_hosts),
+        attempts=settings.webhook_attempts,
+        timeout_s=settings.webhook_timeout,
+        retry_s=settings.webhook_retry_seconds,
+    )
+
+
+def open_jobs(
+    settings: Settings, images: ImagesServing, renderer: BentoRenderClient
+) -> tuple[JobRunner, JobsServing]:
+    """The runner (start it on the event loop) and the endpoints' serving object."""
+    store = open_job_store(settings)
+    # A job's url files live as long as the job, not SDXL_URL_TTL; the same
+    # folder or bucket, so GET /v1/images/files serves them as any other.
+    files = open_file_store(settings.model_copy(update={"url_ttl": settings.job_ttl}))
+    runner = JobRunner(store, images, files, settings, webhook_delivery(settings))
+    serving = JobsServing(settings, store, images, runner, admission=renderer.refusal)
+    return runner, serving
