@@ -176,7 +176,8 @@ class Settings(BaseSettings):
             return value
         body = value.get_secret_value().removeprefix("whsec_")
         try:
-            key = base64.b64decode(body, validate=True)
+            # As the Standard Webhooks libraries read it: padding optional.
+            key = base64.b64decode(body + "==")
         except ValueError:
             key = b""
         if not value.get_secret_value().startswith("whsec_") or not 24 <= len(key) <= 64:
@@ -264,13 +265,18 @@ class SettingsError(SystemExit):
     """
 
 
+# Values never quoted back in an error: they are secrets, or URLs that carry one.
+SECRET_FIELDS = frozenset({"api_keys", "webhook_secret", "jobs_database_url"})
+
+
 def describe_errors(error: ValidationError) -> str:
     """One line per bad variable: its name, the value given and what is accepted."""
     lines = []
     for item in error.errors():
         field = str(item["loc"][0]) if item.get("loc") else ""
         name = f"{ENV_PREFIX}{field.upper()}" if field else "settings"
-        given = f"={item['input']!r}" if field and isinstance(item.get("input"), str) else ""
+        shown = field and field not in SECRET_FIELDS and isinstance(item.get("input"), str)
+        given = f"={item['input']!r}" if shown else ""
         expected = (item.get("ctx") or {}).get("expected")
         detail = f"expected {expected}" if expected else item["msg"].removeprefix("Value error, ")
         lines.append(f"  {name}{given}: {detail}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -16,13 +17,14 @@ from fastapi.testclient import TestClient
 
 from sdxl_service.api.app import create_app
 from sdxl_service.api.files import LocalFileStore
-from sdxl_service.api.jobs import Database, JobRunner, JobsServing, JobStore
+from sdxl_service.api.jobs import Database, JobRunner, JobsServing, JobStore, webhook_delivery
 from sdxl_service.api.serving import ImagesServing
 from sdxl_service.contract.jobs import GenerationJob, GenerationOutcome, OutcomeStatus
 from sdxl_service.settings import Settings
 from tests.decoded import decode
 from tests.polling import wait_until
 from tests.unit.test_serving import SeedPainter, noise, part
+from tests.webhook_receiver import running_receiver
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
@@ -63,7 +65,9 @@ class Service:
         self.files = LocalFileStore(self.settings.files_dir, 60)
         self.images = ImagesServing(self.settings, self.painter, self.files)
         self.store = JobStore(Database.sqlite_file(tmp_path / "jobs.sqlite3"))
-        self.runner = JobRunner(self.store, self.images, self.files, self.settings)
+        self.runner = JobRunner(
+            self.store, self.images, self.files, self.settings, webhook_delivery(self.settings)
+        )
         self.refuse: GenerationOutcome | None = None
         self.jobs = JobsServing(
             self.settings, self.store, self.images, self.runner, admission=self._admission
@@ -311,3 +315,39 @@ def test_with_api_keys_a_key_sees_only_its_own_jobs(tmp_path: Path) -> None:
         assert [
             j["id"] for j in service.client.get("/images/jobs", headers=alice).json()["data"]
         ] == [job["id"]]
+
+
+def test_a_job_with_a_webhook_is_posted_signed_when_it_ends_retries_recorded(
+    tmp_path: Path,
+) -> None:
+    service = Service(
+        tmp_path, webhook_secret=SECRET, webhook_hosts="127.0.0.1", webhook_retry_seconds=0.01
+    )
+    with service.client, running_receiver(SECRET, answers=[500, 502]) as receiver:
+        body = {"prompt": "x", "size": "64x64", "seed": 9, "webhook_url": receiver.url}
+        job = service.client.post("/images/jobs", json=body).json()
+        assert job["webhook"] == {"url": receiver.url, "state": "pending", "attempts": []}
+
+        def delivered() -> dict[str, Any] | None:
+            read = service.job(job["id"])
+            return read if read["webhook"]["state"] == "delivered" else None
+
+        read = wait_until(delivered, timeout=30, message="the webhook delivered")
+    assert [a["status_code"] for a in read["webhook"]["attempts"]] == [500, 502, 204]
+    assert [d.verified for d in receiver.deliveries] == [True] * 3
+    event = json.loads(receiver.deliveries[-1].body)
+    assert event["type"] == "image.job.succeeded"
+    assert event["data"]["id"] == job["id"] and event["data"]["status"] == "succeeded"
+    assert event["data"]["result"]["data"][0]["seed"] == 9
+
+
+def test_a_cancelled_job_sends_its_webhook_too(tmp_path: Path) -> None:
+    service = Service(tmp_path, webhook_secret=SECRET, webhook_hosts="127.0.0.1")
+    service.painter.open.clear()
+    with service.client, running_receiver(SECRET) as receiver:
+        body = {"prompt": "x", "size": "64x64", "webhook_url": receiver.url}
+        job = service.client.post("/images/jobs", json=body).json()
+        service.client.post(f"/images/jobs/{job['id']}/cancel")
+        wait_until(lambda: receiver.deliveries, timeout=30, message="the webhook")
+        service.painter.open.set()
+    assert json.loads(receiver.deliveries[0].body)["type"] == "image.job.cancelled"
