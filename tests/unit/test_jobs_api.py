@@ -19,7 +19,13 @@ from sdxl_service.api.app import create_app
 from sdxl_service.api.files import LocalFileStore
 from sdxl_service.api.jobs import Database, JobRunner, JobsServing, JobStore, webhook_delivery
 from sdxl_service.api.serving import ImagesServing
-from sdxl_service.contract.jobs import GenerationJob, GenerationOutcome, OutcomeStatus
+from sdxl_service.contract.jobs import (
+    GenerationJob,
+    GenerationOutcome,
+    OutcomeStatus,
+    RenderEvent,
+    RenderEventType,
+)
 from sdxl_service.settings import Settings
 from tests.decoded import decode
 from tests.polling import wait_until
@@ -41,6 +47,10 @@ class HeldPainter(SeedPainter):
 
     async def generate(self, job: GenerationJob, on_partial: Any = None) -> GenerationOutcome:
         self.working += 1
+        if job.report_progress and on_partial is not None:
+            # Three steps made, then held: a running job shows how far it got.
+            for step in (1, 2, 3):
+                await on_partial(RenderEvent(type=RenderEventType.PROGRESS, step=step))
         try:
             while not self.open.is_set():
                 await asyncio.sleep(0.01)
@@ -159,6 +169,15 @@ def test_jobs_wait_in_the_queue_with_their_position(service: Service) -> None:
     wait_until(lambda: service.status(ids[0]) == "running", message="the first job to run")
     positions = [service.job(i)["queue_position"] for i in ids]
     assert positions == [None, 0, 1]
+    wait_until(
+        lambda: service.job(ids[0])["progress"]["step"] == 3, message="the running job's progress"
+    )
+    assert service.job(ids[0])["progress"] == {
+        "step": 3,
+        "steps": 30,
+        "images_done": 0,
+        "images": 1,
+    }
     service.painter.open.set()
     assert [service.ended(i)["status"] for i in ids] == ["succeeded"] * 3
 

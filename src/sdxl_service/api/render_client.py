@@ -53,6 +53,7 @@ IDLE_TRIES_PER_WORKER = 8
 # Logged at each failed connection; tests/integration/test_under_load.py looks for it.
 CONNECTION_FAILED = "render service connection failed"
 
+# Gets the stream's PARTIAL events (previews) and, for a job that asked, its PROGRESS ones.
 PartialSink = Callable[[RenderEvent], Awaitable[None]]
 
 
@@ -228,7 +229,10 @@ class BentoRenderClient:
                         if event.type is RenderEventType.ACCEPTED and event.worker is not None:
                             worker = event.worker
                             self._held[worker] += 1
-                        elif event.type is RenderEventType.PARTIAL and on_partial is not None:
+                        elif (
+                            event.type in (RenderEventType.PARTIAL, RenderEventType.PROGRESS)
+                            and on_partial is not None
+                        ):
                             await on_partial(event)
                         elif event.type is RenderEventType.OUTCOME and event.outcome is not None:
                             # Not waiting for the stream's end (one more wake-up

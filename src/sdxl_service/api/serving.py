@@ -13,14 +13,20 @@ import asyncio
 import contextlib
 import functools
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
-from ..contract.jobs import GenerationOutcome, OutcomeStatus, RenderEvent, loading_outcome
+from ..contract.jobs import (
+    GenerationOutcome,
+    OutcomeStatus,
+    RenderEvent,
+    RenderEventType,
+    loading_outcome,
+)
 from ..lora_catalog import LoraCatalog
 from ..metrics import ServiceMetrics
 from ..settings import SERVICE_ID, Settings
@@ -175,14 +181,27 @@ class ImagesServing:
         raise TypeError(f"no endpoint takes a {type(req).__name__}")
 
     async def render(
-        self, resolved: ResolvedRequest, base_url: str, files: FileStore | None = None
+        self,
+        resolved: ResolvedRequest,
+        base_url: str,
+        files: FileStore | None = None,
+        on_step: Callable[[int], None] | None = None,
     ) -> ImagesResponse:
         """The answer of a resolved request with nobody connected (an image job).
 
         Cancelling the caller stops the images at the next step, as a client's
-        disconnect does. `files`: where `url` images go (jobs keep theirs longer).
+        disconnect does. `files`: where `url` images go (jobs keep theirs longer);
+        `on_step(denoising steps done)` after each step.
         """
-        render = asyncio.ensure_future(self.renderer.generate(resolved.job))
+        job, sink = resolved.job, None
+        if on_step is not None:
+            job = job.model_copy(update={"report_progress": True})
+
+            async def sink(event: RenderEvent) -> None:
+                if event.type is RenderEventType.PROGRESS and event.step is not None:
+                    on_step(event.step)
+
+        render = asyncio.ensure_future(self.renderer.generate(job, sink))
         try:
             outcome = await render
         finally:

@@ -42,6 +42,8 @@ logger = logging.getLogger(__name__)
 # A run's hold on its job: renewed every RENEW_S; a replica silent for LEASE_S is dead.
 LEASE_S = 30.0
 RENEW_S = 2.0
+# A running job's progress is written at most this often.
+PROGRESS_S = 0.5
 # How often the queue is looked at without a wake-up (jobs put there by another
 # replica, or put back while the render service was busy).
 POLL_S = 1.0
@@ -181,10 +183,11 @@ class JobRunner:
         assert token is not None
         run = asyncio.current_task()
         assert run is not None
-        keeper = asyncio.ensure_future(self._keep_lease(job.id, token, run))
+        steps = [0]
+        keeper = asyncio.ensure_future(self._keep_lease(job, token, run, steps))
         ended = False
         try:
-            ended = await self._render(job, token)
+            ended = await self._render(job, token, steps)
         except asyncio.CancelledError:
             if self._stopping:
                 with contextlib.suppress(Exception):
@@ -199,13 +202,21 @@ class JobRunner:
         if ended:
             await self._ended(job.id)
 
-    async def _render(self, job: JobRecord, token: str) -> bool:
-        """Renders the job and stores its end; True when this run ended it."""
+    async def _render(self, job: JobRecord, token: str, steps: list[int]) -> bool:
+        """Renders the job and stores its end; True when this run ended it.
+
+        `steps[0]`: the denoising steps done so far, for `_keep_lease` to write.
+        """
         now = self._clock
+
+        def on_step(step: int) -> None:
+            # A sequential refiner runs steps of its own after the base's: never past 100 %.
+            steps[0] = min(step, job.steps)
+
         try:
             request = REQUEST_MODELS[job.kind].model_validate(job.request)
             resolved = await self.images.resolve(request, job.image, job.mask)
-            response = await self.images.render(resolved, job.base_url, self.files)
+            response = await self.images.render(resolved, job.base_url, self.files, on_step)
         except ValidationError as exc:
             error = validation_error(RequestValidationError(exc.errors()))
             return await self._fail(job, token, error.body()["error"])
@@ -246,11 +257,23 @@ class JobRunner:
             error=error,
         )
 
-    async def _keep_lease(self, job_id: str, token: str, run: asyncio.Task[None]) -> None:
+    async def _keep_lease(
+        self, job: JobRecord, token: str, run: asyncio.Task[None], steps: list[int]
+    ) -> None:
+        """Writes the run's progress, and renews its lease every RENEW_S."""
+        written, renewed = 0, time.monotonic()
         while True:
-            await asyncio.sleep(RENEW_S)
+            await asyncio.sleep(PROGRESS_S)
+            if steps[0] != written:
+                written = steps[0]
+                await asyncio.to_thread(
+                    self.store.progress, job.id, token, step=written, images_done=0
+                )
+            if time.monotonic() - renewed < RENEW_S:
+                continue
+            renewed = time.monotonic()
             held = await asyncio.to_thread(
-                self.store.renew, job_id, token, lease_until=self._clock() + LEASE_S
+                self.store.renew, job.id, token, lease_until=self._clock() + LEASE_S
             )
             if not held:
                 # Cancelled, perhaps on another replica: stop at the next step.
