@@ -110,7 +110,11 @@ class WebhookDelivery:
         extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
         try:
             async with httpx.AsyncClient(
-                timeout=self.timeout_s, follow_redirects=False, transport=self._transport
+                timeout=self.timeout_s,
+                follow_redirects=False,
+                # No HTTP(S)_PROXY from the environment: the connection goes to the checked address.
+                trust_env=False,
+                transport=self._transport,
             ) as client:
                 response = await client.post(
                     target.connect_url, content=body, headers=headers, extensions=extensions
