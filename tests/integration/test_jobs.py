@@ -3,6 +3,7 @@ synchronous answer, and jobs survive the whole service being killed."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,9 @@ import pytest
 
 from tests.decoded import pixels
 from tests.polling import wait_until
+from tests.postgres_server import postgres_bin, running_postgres
 from tests.service_process import kill_service, running_service, start_service
+from tests.webhook_receiver import running_receiver
 
 pytestmark = pytest.mark.integration
 
@@ -100,3 +103,57 @@ def test_jobs_queued_and_running_when_the_service_is_killed_end_succeeded_after_
         running_before = next(i for i, s in before.items() if s == "running")
         attempts = {job["id"]: job["attempts"] for job in jobs}
         assert attempts[running_before] == 2
+
+
+SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+
+
+def test_jobs_on_postgresql_with_api_keys_and_a_signed_webhook(tmp_path: Path) -> None:
+    """The service on Debian's PostgreSQL, with keys, posting a webhook to a real receiver
+    that fails twice then accepts, and refusing a private address."""
+    if postgres_bin() is None:
+        pytest.skip("PostgreSQL is not installed (make postgres)")
+    with (
+        running_postgres() as postgres,
+        running_receiver(SECRET, answers=[500, 500]) as receiver,
+    ):
+        env = {
+            "SDXL_JOBS_DATABASE_URL": postgres.new_database(),
+            "SDXL_API_KEYS": "key-alice,key-bob",
+            "SDXL_WEBHOOK_SECRET": SECRET,
+            "SDXL_WEBHOOK_HOSTS": "127.0.0.1",
+            "SDXL_WEBHOOK_RETRY_SECONDS": "0.2",
+        }
+        with (
+            running_service(tmp_path / "svc", env) as service,
+            httpx.Client(
+                base_url=service.api, timeout=60, headers={"authorization": "Bearer key-alice"}
+            ) as alice,
+            httpx.Client(
+                base_url=service.api, timeout=60, headers={"authorization": "Bearer key-bob"}
+            ) as bob,
+        ):
+            body = {"prompt": "a kite", "size": "64x64", "seed": 77}
+            refused = alice.post("/images/jobs", json={**body, "webhook_url": "http://10.9.8.7/h"})
+            assert refused.status_code == 400
+            assert refused.json()["error"]["param"] == "webhook_url"
+            submitted = alice.post("/images/jobs", json={**body, "webhook_url": receiver.url})
+            assert submitted.status_code == 202, submitted.text
+            job_id = submitted.json()["id"]
+            missing = bob.get(f"/images/jobs/{job_id}")
+            assert missing.status_code == 404 and missing.json()["error"]["param"] == "job_id"
+            assert bob.get("/images/jobs").json()["data"] == []
+
+            def delivered() -> dict[str, Any] | None:
+                job = job_of(alice, job_id)
+                return job if job["webhook"]["state"] in ("delivered", "failed") else None
+
+            job = wait_until(delivered, timeout=240, interval=0.2, message="the webhook")
+            assert job["status"] == "succeeded"
+            assert job["webhook"]["state"] == "delivered"
+            assert [a["status_code"] for a in job["webhook"]["attempts"]] == [500, 500, 204]
+            assert [d.verified for d in receiver.deliveries] == [True, True, True]
+            event = json.loads(receiver.deliveries[-1].body)
+            assert event["type"] == "image.job.succeeded" and event["data"]["id"] == job_id
+            same_pixels(job["result"], alice.post("/images/generations", json=body).json())
+            assert [j["id"] for j in alice.get("/images/jobs").json()["data"]] == [job_id]
