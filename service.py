@@ -132,7 +132,7 @@ class ImagesAPI:
 
     def __init__(self) -> None:
         from sdxl_service.api.files import FileSweeper, open_file_store
-        from sdxl_service.api.jobs import open_jobs
+        from sdxl_service.api.jobs import JobRunner, JobsServing, open_jobs
         from sdxl_service.api.render_client import BentoRenderClient
         from sdxl_service.api.serving import ImagesServing
         from sdxl_service.contract.worker_registry import WorkerRegistry
@@ -151,7 +151,10 @@ class ImagesAPI:
         )
         self.serving = ImagesServing(settings, self.render_client, files, metrics)
         self.sweeper = FileSweeper(files)
-        self.job_runner, self.jobs = open_jobs(settings, self.serving, self.render_client)
+        jobs = open_jobs(settings, self.serving, self.render_client)
+        # None when another service holds the SQLite job database (the job routes answer 404).
+        self.job_runner: JobRunner | None = jobs[0] if jobs else None
+        self.jobs: JobsServing | None = jobs[1] if jobs else None
 
     def __is_ready__(self) -> bool:
         # BentoML's own probe of the render service reaches one worker at
@@ -162,11 +165,13 @@ class ImagesAPI:
     async def start_sweeping(self) -> None:
         # Expired url files go on a timer, not only when a new one is stored.
         self.sweeper.start()
-        self.job_runner.start()
+        if self.job_runner is not None:
+            self.job_runner.start()
 
     @bentoml.on_shutdown
     async def stop_sweeping(self) -> None:
-        await self.job_runner.stop()
+        if self.job_runner is not None:
+            await self.job_runner.stop()
         await self.sweeper.stop()
         await self.render_client.close()
 

@@ -260,3 +260,26 @@ def test_webhook_attempts_are_recorded_and_pending_ones_found(store: JobStore) -
     assert read is not None
     assert (read.webhook_state, read.webhook_attempts) == (WebhookState.DELIVERED, attempts)
     assert store.pending_webhooks() == []
+
+
+def test_one_service_holds_an_embedded_database_a_second_gets_no_jobs(tmp_path: Path) -> None:
+    from sdxl_service.api.files import LocalFileStore
+    from sdxl_service.api.jobs import open_jobs
+    from sdxl_service.api.render_client import BentoRenderClient
+    from sdxl_service.api.serving import ImagesServing
+    from sdxl_service.settings import Settings
+
+    settings = Settings(
+        jobs_database_url=f"sqlite:///{tmp_path / 'jobs.sqlite3'}", files_dir=tmp_path / "f"
+    )
+    renderer = BentoRenderClient(handle=None)
+    images = ImagesServing(settings, renderer, LocalFileStore(tmp_path / "f", 60))
+    first = open_jobs(settings, images, renderer)
+    assert first is not None
+    # A second service on the same file (a replica on a shared volume): jobs disabled.
+    assert open_jobs(settings, images, renderer) is None
+    first[0].store.db.close()
+    # Once the first is gone (its process ended), the file is free again.
+    again = open_jobs(settings, images, renderer)
+    assert again is not None
+    again[0].store.db.close()

@@ -8,6 +8,8 @@ behaviour and routes.py their routes.
 
 from __future__ import annotations
 
+import logging
+
 from ...settings import Settings
 from ..files import open_file_store
 from ..render_client import BentoRenderClient
@@ -36,6 +38,8 @@ __all__ = [
 
 SQLITE_FILE = "jobs.sqlite3"
 
+logger = logging.getLogger(__name__)
+
 
 def open_job_store(settings: Settings) -> JobStore:
     """The store `SDXL_JOBS_DATABASE_URL` names; SQLite in SDXL_CACHE_DIR without one."""
@@ -60,9 +64,18 @@ def webhook_delivery(settings: Settings) -> WebhookDelivery | None:
 
 def open_jobs(
     settings: Settings, images: ImagesServing, renderer: BentoRenderClient
-) -> tuple[JobRunner, JobsServing]:
-    """The runner (start it on the event loop) and the endpoints' serving object."""
+) -> tuple[JobRunner, JobsServing] | None:
+    """The runner (start it on the event loop) and the endpoints' serving object; None
+    (the job endpoints answer 404) when another service holds the SQLite file."""
     store = open_job_store(settings)
+    if not store.db.claim_sqlite_file():
+        logger.error(
+            "IMAGE JOBS DISABLED: another service holds the job database %s. Replicas on a "
+            "shared volume need a shared database: SDXL_JOBS_DATABASE_URL=postgresql://...",
+            store.db.url,
+        )
+        store.db.close()
+        return None
     # A job's url files live as long as the job, not SDXL_URL_TTL; the same
     # folder or bucket, so GET /v1/images/files serves them as any other.
     files = open_file_store(settings.model_copy(update={"url_ttl": settings.job_ttl}))

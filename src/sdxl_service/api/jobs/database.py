@@ -14,6 +14,7 @@ one thread at a time (the lock).
 
 from __future__ import annotations
 
+import fcntl
 import sqlite3
 import threading
 from collections.abc import Sequence
@@ -37,11 +38,32 @@ class Database:
             raise ValueError(f"not a sqlite:/// or postgresql:// URL: {url.split(':', 1)[0]}:")
         self._lock = threading.Lock()
         self._connection: Any = None
+        self._file_lock: Any = None
         self._connect()
 
     @classmethod
     def sqlite_file(cls, path: Path) -> Database:
         return cls(SQLITE_PREFIX + str(path))
+
+    def claim_sqlite_file(self) -> bool:
+        """Takes the embedded database for this process alone (a lock beside the file, held
+        until the process ends, a SIGKILL included); False when another process holds it.
+
+        One service per file: it takes every job left `running` there as interrupted,
+        so a second service on the same file (replicas on a shared volume) would run
+        the first one's jobs a second time.
+        """
+        if self.dialect != "sqlite":
+            return True
+        path = Path(self.url.removeprefix(SQLITE_PREFIX))
+        lock = (path.parent / f"{path.name}.lock").open("a")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            return False
+        self._file_lock = lock
+        return True
 
     @property
     def embedded(self) -> bool:
@@ -92,3 +114,6 @@ class Database:
     def close(self) -> None:
         with self._lock:
             self._connection.close()
+            if self._file_lock is not None:
+                self._file_lock.close()  # and with it the claim on the file
+                self._file_lock = None
