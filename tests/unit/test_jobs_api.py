@@ -370,3 +370,39 @@ def test_a_cancelled_job_sends_its_webhook_too(tmp_path: Path) -> None:
         wait_until(lambda: receiver.deliveries, timeout=30, message="the webhook")
         service.painter.open.set()
     assert json.loads(receiver.deliveries[0].body)["type"] == "image.job.cancelled"
+
+
+class LosingPainter(HeldPainter):
+    """Its render worker dies under the first `losses` calls."""
+
+    def __init__(self, losses: int) -> None:
+        super().__init__()
+        self.losses = losses
+
+    async def generate(self, job: GenerationJob, on_partial: Any = None) -> GenerationOutcome:
+        if self.losses > 0:
+            self.losses -= 1
+            self.jobs.append(job)
+            return GenerationOutcome(
+                status=OutcomeStatus.WORKER_RESTARTED, message="worker died", retry_after=1
+            )
+        return await super().generate(job, on_partial)
+
+
+@pytest.mark.parametrize(("losses", "status", "attempts"), [(2, "succeeded", 3), (3, "failed", 3)])
+def test_a_job_whose_render_worker_dies_runs_again_up_to_the_attempts(
+    tmp_path: Path, losses: int, status: str, attempts: int
+) -> None:
+    service = Service(tmp_path, job_attempts=3)
+    service.painter = LosingPainter(losses)
+    service.images.renderer = service.painter
+    with service.client:
+        job = service.client.post("/images/jobs", json={"prompt": "x", "size": "64x64", "seed": 4})
+        ended = service.ended(job.json()["id"])
+    assert (ended["status"], ended["attempts"]) == (status, attempts)
+    # Every run rendered the same seed.
+    assert {tuple(j.seeds) for j in service.painter.jobs} == {(4,)}
+    if status == "failed":
+        assert ended["error"]["code"] == "worker_restarted"
+    else:
+        assert ended["result"]["data"][0]["seed"] == 4
