@@ -46,6 +46,9 @@ def test_a_job_ends_with_the_synchronous_answer(http: httpx.Client) -> None:
     body = {"prompt": "a lighthouse", "size": "64x64", "n": 2, "seed": 1234}
     submitted = http.post("/images/jobs", json=body)
     assert submitted.status_code == 202, submitted.text
+    location = submitted.headers["location"]
+    assert location == f"{str(http.base_url).rstrip('/')}/images/jobs/{submitted.json()['id']}"
+    assert httpx.get(location, timeout=30).json()["id"] == submitted.json()["id"]
     job = wait_for_end(http, submitted.json()["id"])
     assert job["status"] == "succeeded", job
     assert job["progress"]["images_done"] == 2

@@ -134,7 +134,7 @@ def test_a_job_answers_202_at_once_and_ends_with_the_synchronous_answer(service:
     assert response.status_code == 202
     job = response.json()
     assert job["id"].startswith("imgjob_") and len(job["id"]) > 40
-    assert response.headers["location"] == f"/images/jobs/{job['id']}"
+    assert response.headers["location"] == f"http://testserver/images/jobs/{job['id']}"
     assert job["object"] == "image.job" and job["status"] in ("queued", "running")
     assert job["metadata"] == {"user": "7"}
     assert job["progress"] == {"step": 0, "steps": 30, "images_done": 0, "images": 2}

@@ -148,9 +148,8 @@ async def _submission(request: Request, jobs: JobsServing) -> JobSubmission:
     )
 
 
-def _answer(body: dict[str, Any], status: int = 200) -> JSONResponse:
-    headers = {"Location": f"{JOBS_PATH}/{body['id']}"} if status == 202 else None
-    return JSONResponse(body, status_code=status, headers=headers)
+def _answer(body: dict[str, Any]) -> JSONResponse:
+    return JSONResponse(body)
 
 
 router = APIRouter()
@@ -159,7 +158,10 @@ router = APIRouter()
 @router.post(JOBS_PATH, status_code=202)
 async def create_job(request: Request, jobs: Jobs) -> JSONResponse:
     submission = await _submission(request, jobs)
-    return _answer(await jobs.submit(submission), 202)
+    job = await jobs.submit(submission)
+    # Absolute, as the client sees /v1 (behind proxies too): where to poll.
+    location = f"{submission.base_url}{JOBS_PATH}/{job['id']}"
+    return JSONResponse(job, status_code=202, headers={"Location": location})
 
 
 @router.get(JOBS_PATH)
