@@ -406,3 +406,22 @@ def test_a_job_whose_render_worker_dies_runs_again_up_to_the_attempts(
         assert ended["error"]["code"] == "worker_restarted"
     else:
         assert ended["result"]["data"][0]["seed"] == 4
+
+
+def test_a_finished_job_and_its_files_go_after_the_job_ttl(tmp_path: Path) -> None:
+    service = Service(tmp_path, job_ttl=1)
+    with service.client:
+        body = {"prompt": "x", "size": "64x64", "response_format": "url"}
+        job = service.client.post("/images/jobs", json=body).json()
+        ended = service.ended(job["id"])
+        file_id = ended["result"]["data"][0]["url"].rsplit("/", 1)[-1]
+        assert (service.settings.files_dir / file_id).is_file()
+        assert ended["expires_at"] - ended["finished_at"] in (0, 1, 2)
+        wait_until(
+            lambda: service.client.get(f"/images/jobs/{job['id']}").status_code == 404,
+            timeout=10,
+            message="the job to expire",
+        )
+        assert service.runner.purge_expired() == 1
+    assert not (service.settings.files_dir / file_id).exists()
+    assert service.store.expired(now=2**40) == []
