@@ -5,7 +5,7 @@ LEGACY_VENV ?= .venv-openai028
 PORT ?= 9225
 BIN := $(VENV)/bin
 
-.PHONY: install legacy-client browser serve test test-unit lint format bench bench-overhead bench-previews bench-fullsize bench-tiling bench-gpu bench-gpu-prepare build containerize examples registry-image-size clean
+.PHONY: install legacy-client browser postgres serve test test-unit lint format bench bench-overhead bench-previews bench-fullsize bench-tiling bench-gpu bench-gpu-prepare build containerize examples registry-image-size clean
 
 install: $(VENV)/.installed
 
@@ -40,7 +40,11 @@ format: install
 browser:
 	@command -v chromium >/dev/null || { apt-get update -q && apt-get install -y -q chromium; }
 
-test: install legacy-client browser lint
+# The job store's tests start Debian's PostgreSQL (initdb, pg_ctl) on a free loopback port.
+postgres:
+	@test -x "$$(ls /usr/lib/postgresql/*/bin/pg_ctl 2>/dev/null | tail -1)" || { apt-get update -q && apt-get install -y -q postgresql; }
+
+test: install legacy-client browser postgres lint
 	SDXL_LEGACY_PYTHON=$(abspath $(LEGACY_VENV))/bin/python $(BIN)/python -m pytest
 
 # The fast inner loop: unit tests only, no service started, no lint.

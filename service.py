@@ -95,7 +95,7 @@ class RenderService:
 CORS = {
     "enabled": True,
     "access_control_allow_origins": settings.cors_origins,
-    "access_control_allow_methods": ["GET", "POST", "OPTIONS"],
+    "access_control_allow_methods": ["GET", "POST", "DELETE", "OPTIONS"],
     "access_control_allow_headers": ["Authorization", "Content-Type", "OpenAI-Organization"],
     "access_control_max_age": 600,
 }
@@ -105,7 +105,16 @@ def _current_serving() -> Any:
     return bentoml.get_current_service().serving
 
 
-api_app = create_app(_current_serving, settings.max_body_bytes, settings.max_body_bytes_in_flight)
+def _current_jobs() -> Any:
+    return bentoml.get_current_service().jobs
+
+
+api_app = create_app(
+    _current_serving,
+    settings.max_body_bytes,
+    settings.max_body_bytes_in_flight,
+    get_jobs=_current_jobs,
+)
 playground_app = create_playground_app() if settings.playground else None
 bound_http_metric_labels(
     RouteLabels.of((API_PREFIX, api_app), ("", playground_app), api_prefix=API_PREFIX)
@@ -123,6 +132,7 @@ class ImagesAPI:
 
     def __init__(self) -> None:
         from sdxl_service.api.files import FileSweeper, open_file_store
+        from sdxl_service.api.jobs import JobRunner, JobsServing, open_jobs
         from sdxl_service.api.render_client import BentoRenderClient
         from sdxl_service.api.serving import ImagesServing
         from sdxl_service.contract.worker_registry import WorkerRegistry
@@ -141,6 +151,10 @@ class ImagesAPI:
         )
         self.serving = ImagesServing(settings, self.render_client, files, metrics)
         self.sweeper = FileSweeper(files)
+        jobs = open_jobs(settings, self.serving, self.render_client)
+        # None when another service holds the SQLite job database (the job routes answer 404).
+        self.job_runner: JobRunner | None = jobs[0] if jobs else None
+        self.jobs: JobsServing | None = jobs[1] if jobs else None
 
     def __is_ready__(self) -> bool:
         # BentoML's own probe of the render service reaches one worker at
@@ -151,9 +165,13 @@ class ImagesAPI:
     async def start_sweeping(self) -> None:
         # Expired url files go on a timer, not only when a new one is stored.
         self.sweeper.start()
+        if self.job_runner is not None:
+            self.job_runner.start()
 
     @bentoml.on_shutdown
     async def stop_sweeping(self) -> None:
+        if self.job_runner is not None:
+            await self.job_runner.stop()
         await self.sweeper.stop()
         await self.render_client.close()
 

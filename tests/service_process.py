@@ -70,6 +70,8 @@ def start_service(
         "SDXL_PRESET": "tiny",
         "SDXL_CACHE_DIR": str(REPO / ".cache" / "sdxl-service"),
         "SDXL_FILES_DIR": str(workdir / "files"),
+        # Each server its own job database (the default would be shared in SDXL_CACHE_DIR).
+        "SDXL_JOBS_DATABASE_URL": f"sqlite:///{workdir / 'jobs.sqlite3'}",
         "SDXL_STEPS": "6",
         "BENTOML_HOME": str(bentoml_home),
         "BENTOML_DO_NOT_TRACK": "true",
@@ -144,6 +146,17 @@ def stop_service(service: RunningService) -> None:
         survivors = _stop(service, survivors, signal.SIGKILL, KILL_WAIT_S)
     with contextlib.suppress(subprocess.TimeoutExpired):
         service.process.wait(timeout=KILL_WAIT_S)  # reaps our own child
+    if survivors:
+        listed = "\n".join(_describe(p) for p in survivors)
+        raise RuntimeError(f"service processes still running after SIGKILL:\n{listed}")
+
+
+def kill_service(service: RunningService) -> None:
+    """SIGKILL to every process of the service at once, as a crash or an OOM kill ends it:
+    nothing gets to shut down cleanly. RuntimeError if any is still running after."""
+    survivors = _stop(service, _processes_of(service), signal.SIGKILL, KILL_WAIT_S)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        service.process.wait(timeout=KILL_WAIT_S)
     if survivors:
         listed = "\n".join(_describe(p) for p in survivors)
         raise RuntimeError(f"service processes still running after SIGKILL:\n{listed}")

@@ -8,7 +8,11 @@ what it accepts, before any model loads.
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import ipaddress
 import os
+import re
 import tempfile
 from functools import lru_cache
 from pathlib import Path
@@ -141,6 +145,62 @@ class Settings(BaseSettings):
     # Comma-separated origins allowed to call the API from a browser ("*": any).
     cors_origins: Annotated[list[str], NoDecode] = []
 
+    # --- image jobs and webhooks (POST /v1/images/jobs) -----------------------
+    # Where job records live: empty = SQLite at <SDXL_CACHE_DIR>/jobs.sqlite3;
+    # sqlite:///<path>, or postgresql://user:pass@host:port/db (shared by replicas).
+    jobs_database_url: SecretStr | None = None
+    # Runs of one job (the first included) before a job the service kept dying
+    # under is failed; a render that fails is not retried.
+    job_attempts: int = Field(3, ge=1, le=100)
+    # Seconds a finished job (and the files of its result) stays readable.
+    job_ttl: int = Field(24 * 3600, ge=1)
+    # whsec_<base64>: the Standard Webhooks signing secret; without it no job may
+    # ask for a webhook.
+    webhook_secret: SecretStr | None = None
+    # Hosts webhooks may reach: names, addresses or networks (10.0.0.0/8), and
+    # `public` for any public address. Empty: public addresses only.
+    webhook_hosts: Annotated[list[str], NoDecode] = []
+    webhook_attempts: int = Field(5, ge=1, le=20)
+    # Seconds per delivery attempt, and before the first retry (doubling after).
+    webhook_timeout: float = Field(10.0, gt=0)
+    webhook_retry_seconds: float = Field(5.0, gt=0)
+
+    @field_validator("jobs_database_url")
+    @classmethod
+    def _database_url(cls, value: SecretStr | None) -> SecretStr | None:
+        schemes = ("sqlite:///", "postgresql://", "postgres://")
+        if value is not None and not value.get_secret_value().startswith(schemes):
+            raise ValueError("expected sqlite:///<path> or postgresql://user:password@host/db")
+        return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return value
+        body = value.get_secret_value().removeprefix("whsec_")
+        try:
+            # As the Standard Webhooks libraries read it: padding optional.
+            key = base64.b64decode(body + "==")
+        except ValueError:
+            key = b""
+        if not value.get_secret_value().startswith("whsec_") or not 24 <= len(key) <= 64:
+            raise ValueError("expected whsec_ and 24 to 64 random bytes in base64")
+        return value
+
+    @field_validator("webhook_hosts")
+    @classmethod
+    def _webhook_hosts(cls, hosts: list[str]) -> list[str]:
+        for host in hosts:
+            with contextlib.suppress(ValueError):
+                ipaddress.ip_network(host, strict=False)
+                continue
+            if host != "public" and not re.fullmatch(
+                r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", host
+            ):
+                raise ValueError(f"{host!r} is no host name, address, network or 'public'")
+        return [host.lower() for host in hosts]
+
     # --- GPU optimisations (each switchable) --------------------------------
     attention: Attention = Attention.SDPA
     channels_last: bool = True
@@ -183,7 +243,7 @@ class Settings(BaseSettings):
             raise ValueError(f"no such file: {value}")
         return value
 
-    @field_validator("api_keys", "cors_origins", mode="before")
+    @field_validator("api_keys", "cors_origins", "webhook_hosts", mode="before")
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -197,7 +257,14 @@ class Settings(BaseSettings):
             raise ValueError(f"{value} is not a readable file")
         return value
 
-    @field_validator("files_url", "public_url", "s3_endpoint_url", mode="before")
+    @field_validator(
+        "files_url",
+        "public_url",
+        "s3_endpoint_url",
+        "jobs_database_url",
+        "webhook_secret",
+        mode="before",
+    )
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if value == "" else value
@@ -224,13 +291,18 @@ class SettingsError(SystemExit):
     """
 
 
+# Values never quoted back in an error: they are secrets, or URLs that carry one.
+SECRET_FIELDS = frozenset({"api_keys", "webhook_secret", "jobs_database_url"})
+
+
 def describe_errors(error: ValidationError) -> str:
     """One line per bad variable: its name, the value given and what is accepted."""
     lines = []
     for item in error.errors():
         field = str(item["loc"][0]) if item.get("loc") else ""
         name = f"{ENV_PREFIX}{field.upper()}" if field else "settings"
-        given = f"={item['input']!r}" if field and isinstance(item.get("input"), str) else ""
+        shown = field and field not in SECRET_FIELDS and isinstance(item.get("input"), str)
+        given = f"={item['input']!r}" if shown else ""
         expected = (item.get("ctx") or {}).get("expected")
         detail = f"expected {expected}" if expected else item["msg"].removeprefix("Value error, ")
         lines.append(f"  {name}{given}: {detail}")

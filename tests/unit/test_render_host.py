@@ -153,6 +153,21 @@ async def test_previews_come_before_the_outcome(host: Host) -> None:
 
 
 @asyncio_test
+async def test_a_job_that_asks_hears_of_every_denoising_step_of_base_and_refiner(
+    host: Host,
+) -> None:
+    job = make_job("progress", steps=5).model_copy(update={"report_progress": True})
+    events = await events_of(host.host.stream(job))
+    types = [e.type for e in events]
+    assert types[0] is RenderEventType.ACCEPTED and types[-1] is RenderEventType.OUTCOME
+    # Ensemble at 0.8: 4 steps of the base, then 1 of the refiner, counted together.
+    assert [e.step for e in events[1:-1]] == [1, 2, 3, 4, 5]
+    assert set(types[1:-1]) == {RenderEventType.PROGRESS}
+    plain = await events_of(host.host.stream(make_job("quiet", steps=5)))
+    assert RenderEventType.PROGRESS not in [e.type for e in plain]
+
+
+@asyncio_test
 async def test_busy_only_for_a_caller_that_wants_an_idle_worker(host: Host) -> None:
     # Idle: an idle-only call is taken.
     idle = await events_of(host.host.stream(make_job("idle"), only_if_idle=True))

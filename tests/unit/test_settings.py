@@ -151,3 +151,29 @@ def test_hub_ids_folders_and_safetensors_files_are_model_sources(
     settings = load_settings()
     assert settings.base_model == str(tmp_path / "mine.safetensors")
     assert Settings().refiner_model == str(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "says"),
+    [
+        ("SDXL_WEBHOOK_SECRET", "not-a-secret", "whsec_"),
+        ("SDXL_WEBHOOK_SECRET", "whsec_c2hvcnQ=", "24 to 64 random bytes"),
+        ("SDXL_WEBHOOK_HOSTS", "127.0.0.1, bad host!", "'bad host!'"),
+        ("SDXL_JOBS_DATABASE_URL", "mysql://x", "postgresql://"),
+    ],
+)
+def test_bad_job_and_webhook_settings_fail_at_start(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, says: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    assert variable in str(caught.value) and says in str(caught.value)
+    # A secret is never echoed back.
+    if variable == "SDXL_WEBHOOK_SECRET":
+        assert value not in str(caught.value)
+
+
+def test_webhook_hosts_are_a_comma_separated_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SDXL_WEBHOOK_HOSTS", "public, 10.0.0.0/8,Hooks.Example.com")
+    assert load_settings().webhook_hosts == ["public", "10.0.0.0/8", "hooks.example.com"]

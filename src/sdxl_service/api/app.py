@@ -11,6 +11,8 @@ from starlette.routing import Match
 
 from .errors import install_error_handlers, routing_error
 from .forms import read_image_form
+from .jobs.routes import router as jobs_router
+from .jobs.serving import JobsServing
 from .middleware import BodyBudget, BodySizeLimit
 from .schemas import (
     ImageEditRequest,
@@ -48,6 +50,7 @@ def create_app(
     get_serving: Callable[[], ImagesServing],
     max_body_bytes: int,
     max_body_bytes_in_flight: int | None = None,
+    get_jobs: Callable[[], JobsServing | None] | None = None,
 ) -> FastAPI:
     app = FastAPI(
         title="stable-diffusion-xl-with-refiner",
@@ -55,6 +58,7 @@ def create_app(
     )
     # Looked up per request: BentoML builds the serving object after the app.
     app.state.get_serving = get_serving
+    app.state.get_jobs = get_jobs
     install_error_handlers(app)
     budget = BodyBudget(max_body_bytes_in_flight or 4 * max_body_bytes)
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes, budget=budget)
@@ -95,6 +99,8 @@ def create_app(
     async def upscale_image(request: Request, images: Serving) -> Response:
         form = await read_image_form(request, ImageUpscaleRequest, takes_mask=False)
         return _answer(await images.upscale(form, request))
+
+    app.include_router(jobs_router)
 
     # Last: BentoML mounts this app "passively" and would answer unknown
     # paths under /v1 with a plain-text 404 of its own.

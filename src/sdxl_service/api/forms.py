@@ -7,6 +7,7 @@ The routes get plain values: the validated text fields and the file bytes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -45,6 +46,14 @@ async def read_image_form(
     request: Request, model: type[RequestModel], *, takes_mask: bool
 ) -> ImageForm[RequestModel]:
     """The form's fields as `model` and its files; 400s name the parameter."""
+    return await read_form(request, lambda _: (model, takes_mask))
+
+
+async def read_form(
+    request: Request, pick: Callable[[FormData], tuple[type[RequestModel], bool]]
+) -> ImageForm[RequestModel]:
+    """As `read_image_form`, with the model (and whether a mask is read) chosen by
+    `pick` from the form itself (an image job's `kind` field)."""
     content_type = request.headers.get("content-type", "")
     if content_type and not content_type.startswith(FORM_CONTENT_TYPES):
         raise APIError(
@@ -58,6 +67,7 @@ async def read_image_form(
         max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FIELDS, max_part_size=MAX_FIELD_BYTES
     )
     async with form_parts as form:
+        model, takes_mask = pick(form)
         fields = _validate_fields(model, form)
         image = await _one_file(form, "image", "image[]")
         mask = await _one_file(form, "mask") if takes_mask and "mask" in form else None

@@ -53,6 +53,7 @@ IDLE_TRIES_PER_WORKER = 8
 # Logged at each failed connection; tests/integration/test_under_load.py looks for it.
 CONNECTION_FAILED = "render service connection failed"
 
+# Gets the stream's PARTIAL events (previews) and, for a job that asked, its PROGRESS ones.
 PartialSink = Callable[[RenderEvent], Awaitable[None]]
 
 
@@ -133,16 +134,23 @@ class BentoRenderClient:
             return False
         return any(self._held[worker] == 0 for worker in self._ready_workers())
 
+    def refusal(self, n: int, waiting: int = 0) -> GenerationOutcome | None:
+        """QUEUE_FULL (counted) when `n` more images do not fit now, beside `waiting`
+        ones not handed over yet (image jobs in their store); None when they do."""
+        if self._capacity is None:
+            return None
+        refusal = self._capacity.refusal(self._images_in_flight + waiting, n)
+        if refusal is not None and self._metrics is not None:
+            self._metrics.reject(refusal.status.value)
+        return refusal
+
     async def generate(
         self, job: GenerationJob, on_partial: PartialSink | None = None
     ) -> GenerationOutcome:
         n = len(job.seeds)
-        if self._capacity is not None:
-            refusal = self._capacity.refusal(self._images_in_flight, n)
-            if refusal is not None:
-                if self._metrics is not None:
-                    self._metrics.reject(refusal.status.value)
-                return refusal
+        refusal = self.refusal(n)
+        if refusal is not None:
+            return refusal
         self._images_in_flight += n
         started = time.monotonic()
         try:
@@ -221,7 +229,10 @@ class BentoRenderClient:
                         if event.type is RenderEventType.ACCEPTED and event.worker is not None:
                             worker = event.worker
                             self._held[worker] += 1
-                        elif event.type is RenderEventType.PARTIAL and on_partial is not None:
+                        elif (
+                            event.type in (RenderEventType.PARTIAL, RenderEventType.PROGRESS)
+                            and on_partial is not None
+                        ):
                             await on_partial(event)
                         elif event.type is RenderEventType.OUTCOME and event.outcome is not None:
                             # Not waiting for the stream's end (one more wake-up

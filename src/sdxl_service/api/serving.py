@@ -13,18 +13,24 @@ import asyncio
 import contextlib
 import functools
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
-from ..contract.jobs import GenerationOutcome, OutcomeStatus, RenderEvent, loading_outcome
+from ..contract.jobs import (
+    GenerationOutcome,
+    OutcomeStatus,
+    RenderEvent,
+    RenderEventType,
+    loading_outcome,
+)
 from ..lora_catalog import LoraCatalog
 from ..metrics import ServiceMetrics
 from ..settings import SERVICE_ID, Settings
-from .errors import APIError, client_closed, invalid_value, outcome_error
+from .errors import APIError, client_closed, invalid_value, missing_parameter, outcome_error
 from .files import FileStore
 from .forms import ImageForm
 from .render_client import RenderClient
@@ -48,6 +54,7 @@ from .responses import (
 from .schemas import (
     ImageEditRequest,
     ImageGenerationRequest,
+    ImageRequest,
     ImagesResponse,
     ImageUpscaleRequest,
     ImageVariationRequest,
@@ -126,14 +133,13 @@ class ImagesServing:
             raise outcome_error(loading_outcome())
         return int(info["native_resolution"])
 
-    # ---- the three endpoints ---------------------------------------------------
+    # ---- the endpoints ---------------------------------------------------
 
     async def generate(
         self, req: ImageGenerationRequest, http_request: Request
     ) -> Answer | EventStream:
         """The answer, or with `stream` its events (previews first when asked)."""
-        native = await self._native_resolution()
-        resolved = resolve_generation(req, self.settings, native, self.loras)
+        resolved = await self.resolve(req)
         if req.stream:
             return await self._stream(resolved, http_request, "image_generation")
         return await self._answer(resolved, http_request)
@@ -142,11 +148,7 @@ class ImagesServing:
         self, form: ImageForm[ImageEditRequest], http_request: Request
     ) -> Answer | EventStream:
         """POST /images/edits: img2img over the picture, or inpainting with a mask."""
-        source = await _decoded(form.image, form.mask)
-        native = await self._native_resolution()
-        resolved = await run_in_threadpool(
-            resolve_edit, form.fields, source, self.settings, native, self.loras
-        )
+        resolved = await self.resolve(form.fields, form.image, form.mask)
         if form.fields.stream:
             return await self._stream(resolved, http_request, "image_edit")
         return await self._answer(resolved, http_request)
@@ -155,21 +157,74 @@ class ImagesServing:
         self, form: ImageForm[ImageVariationRequest], http_request: Request
     ) -> Answer:
         """POST /images/variations: an edit of a square picture with no prompt."""
-        source = await _decoded(form.image, None)
-        native = await self._native_resolution()
-        resolved = await run_in_threadpool(
-            resolve_variation, form.fields, source, self.settings, native, self.loras
-        )
+        resolved = await self.resolve(form.fields, form.image)
         return await self._answer(resolved, http_request)
 
     async def upscale(self, form: ImageForm[ImageUpscaleRequest], http_request: Request) -> Answer:
         """POST /images/upscale: the picture resized by `scale`, denoised again as an edit."""
-        source = await _decoded(form.image, None)
-        native = await self._native_resolution()
-        resolved = await run_in_threadpool(
-            resolve_upscale, form.fields, source, self.settings, native, self.loras
-        )
+        resolved = await self.resolve(form.fields, form.image)
         return await self._answer(resolved, http_request)
+
+    async def resolve(
+        self, req: ImageRequest, image: bytes | None = None, mask: bytes | None = None
+    ) -> ResolvedRequest:
+        """Any endpoint's validated request (and an edit's uploads) -> what it renders.
+
+        The one way in for the synchronous endpoints and for image jobs alike, so
+        a job renders exactly what its synchronous call would.
+        """
+        if isinstance(req, ImageGenerationRequest):
+            native = await self._native_resolution()
+            return resolve_generation(req, self.settings, native, self.loras)
+        if image is None:
+            raise missing_parameter("image")
+        if isinstance(req, ImageEditRequest):
+            source = await _decoded(image, mask)
+            native = await self._native_resolution()
+            return await run_in_threadpool(
+                resolve_edit, req, source, self.settings, native, self.loras
+            )
+        if isinstance(req, ImageVariationRequest):
+            source = await _decoded(image, None)
+            native = await self._native_resolution()
+            return await run_in_threadpool(
+                resolve_variation, req, source, self.settings, native, self.loras
+            )
+        if isinstance(req, ImageUpscaleRequest):
+            source = await _decoded(image, None)
+            native = await self._native_resolution()
+            return await run_in_threadpool(
+                resolve_upscale, req, source, self.settings, native, self.loras
+            )
+        raise TypeError(f"no endpoint takes a {type(req).__name__}")
+
+    async def render(
+        self,
+        resolved: ResolvedRequest,
+        base_url: str,
+        files: FileStore | None = None,
+        on_step: Callable[[int], None] | None = None,
+    ) -> ImagesResponse:
+        """The answer of a resolved request with nobody connected (an image job).
+
+        Cancelling the caller stops the images at the next step, as a client's
+        disconnect does. `files`: where `url` images go (jobs keep theirs longer);
+        `on_step(denoising steps done)` after each step.
+        """
+        job, sink = resolved.job, None
+        if on_step is not None:
+            job = job.model_copy(update={"report_progress": True})
+
+            async def sink(event: RenderEvent) -> None:
+                if event.type is RenderEventType.PROGRESS and event.step is not None:
+                    on_step(event.step)
+
+        render = asyncio.ensure_future(self.renderer.generate(job, sink))
+        try:
+            outcome = await render
+        finally:
+            await _stop(render)
+        return await self._images(outcome, resolved, base_url, files)
 
     async def file(self, file_id: str) -> tuple[bytes, str]:
         stored = await run_in_threadpool(self.files.get, file_id)
@@ -189,21 +244,33 @@ class ImagesServing:
         finally:
             await _stop(render)
         encoding = time.perf_counter()
-        response = await self._images(outcome, resolved, http_request)
+        response = await self._images_for(outcome, resolved, http_request)
         done = time.perf_counter()
         timing = server_timing(outcome, encode_s=done - encoding, total_s=done - started)
         return Answer(response, timing)
 
-    async def _images(
+    async def _images_for(
         self, outcome: GenerationOutcome, resolved: ResolvedRequest, http_request: Request
+    ) -> ImagesResponse:
+        if outcome.status is not OutcomeStatus.OK:
+            raise outcome_error(outcome)
+        base_url = public_base_url(http_request, self.settings)
+        return await self._images(outcome, resolved, base_url)
+
+    async def _images(
+        self,
+        outcome: GenerationOutcome,
+        resolved: ResolvedRequest,
+        base_url: str,
+        files: FileStore | None = None,
     ) -> ImagesResponse:
         if outcome.status is not OutcomeStatus.OK:
             raise outcome_error(outcome)
         one = functools.partial(
             answer_image,
             resolved=resolved,
-            files=self.files,
-            base_url=public_base_url(http_request, self.settings),
+            files=self.files if files is None else files,
+            base_url=base_url,
             metrics=self.metrics,
         )
         if encodes_inline(outcome.images, resolved):
@@ -229,7 +296,7 @@ class ImagesServing:
         try:
             first = await self._while_connected(_next_preview(previews, render), http_request)
             if first is None:
-                response = await self._images(render.result(), resolved, http_request)
+                response = await self._images_for(render.result(), resolved, http_request)
                 return completed_events(response, f"{kind}.completed")
         except BaseException:
             await _stop(render)
@@ -259,7 +326,7 @@ class ImagesServing:
                 yield encode() if inline else await run_in_threadpool(encode)
                 event = await _next_preview(previews, render)
             try:
-                response = await self._images(render.result(), resolved, http_request)
+                response = await self._images_for(render.result(), resolved, http_request)
             except APIError as error:
                 yield error_event(error)
                 return

@@ -122,6 +122,8 @@ class RenderBatch:
     # size), preview_counts[i] previews (0..3) for task i. None or all 0: none.
     on_preview: Callable[[int, int, Image.Image], None] | None = None
     preview_counts: tuple[int, ...] = ()
+    # After each denoising step (base and refiner counted together): on_step(steps done).
+    on_step: Callable[[int], None] | None = None
 
 
 class GenerationJob(BaseModel):
@@ -143,6 +145,8 @@ class GenerationJob(BaseModel):
     deadline: float | None = None
     # Previews streamed per image while it renders (stream=true, partial_images).
     partial_images: int = Field(default=0, ge=0, le=3)
+    # PROGRESS events after each denoising step (an image job's progress).
+    report_progress: bool = False
 
     @model_validator(mode="after")
     def _images_fit_the_kind(self) -> Self:
@@ -224,6 +228,7 @@ class RenderEventType(StrEnum):
     ACCEPTED = "accepted"  # a worker took the job: `worker`
     BUSY = "busy"  # the worker is busy and the caller asked for an idle one: ask again
     PARTIAL = "partial"  # a preview: `index` (image of the job), `partial_index`, `image`
+    PROGRESS = "progress"  # denoising steps done so far: `step`
     OUTCOME = "outcome"  # the last event: `outcome`
 
 
@@ -237,4 +242,5 @@ class RenderEvent(BaseModel):
     index: int | None = None
     partial_index: int | None = None
     image: RenderedImage | None = None
+    step: int | None = None
     outcome: GenerationOutcome | None = None

@@ -363,7 +363,13 @@ class Engine:
         # copying them costs microseconds next to a UNet step.
         generators = [torch.Generator("cpu").manual_seed(task.seed) for task in batch.tasks]
 
+        steps_done = 0
+
         def stop_if_asked(_pipeline: Any, _step: int, _timestep: Any, tensors: dict) -> dict:
+            nonlocal steps_done
+            steps_done += 1
+            if batch.on_step is not None:
+                batch.on_step(steps_done)
             self._check_stop(batch)
             return tensors
 

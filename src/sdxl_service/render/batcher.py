@@ -43,7 +43,14 @@ from ..contract.jobs import (
 )
 from ..metrics import ServiceMetrics
 from .batch_policy import Demand, after_out_of_memory, demand_after_call, next_batch
-from .pending import PendingJob, PreviewFn, QueuedImage, preview_routing, rendered_image
+from .pending import (
+    PendingJob,
+    PreviewFn,
+    QueuedImage,
+    preview_routing,
+    rendered_image,
+    step_routing,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -98,14 +105,19 @@ class Batcher:
     # --- public -------------------------------------------------------------
 
     async def submit(
-        self, job: GenerationJob, *, on_preview: PreviewFn | None = None
+        self,
+        job: GenerationJob,
+        *,
+        on_preview: PreviewFn | None = None,
+        on_step: Callable[[int], None] | None = None,
     ) -> GenerationOutcome:
         """Renders the job's images, batched with compatible work of other jobs.
 
         Expected failures come back as the outcome's status, never raised.
         `on_preview(image index in the seeds, preview index, image)` gets the
         job's `partial_images` previews per image, on the worker thread, until
-        the job is answered.
+        the job is answered; `on_step(steps done)` hears of each denoising step
+        of the batches its images are in, on the worker thread too.
         """
         n = len(job.seeds)
         if n == 0:
@@ -124,7 +136,12 @@ class Batcher:
             future = asyncio.get_running_loop().create_future()
             now = time.monotonic()
             pending = PendingJob(
-                job=job, future=future, results=[None] * n, on_preview=on_preview, submitted_at=now
+                job=job,
+                future=future,
+                results=[None] * n,
+                on_preview=on_preview,
+                on_step=on_step,
+                submitted_at=now,
             )
             self._pending.setdefault(job.request_id, []).append(pending)
             for index, task in enumerate(job.tasks()):
@@ -309,6 +326,7 @@ class Batcher:
             should_stop=functools.partial(self._unwanted, pendings),
             on_preview=on_preview,
             preview_counts=preview_counts,
+            on_step=step_routing(pendings),
         )
         started = time.monotonic()
         try:

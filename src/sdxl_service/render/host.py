@@ -146,7 +146,7 @@ class RenderHost:
             yield RenderEvent(type=RenderEventType.OUTCOME, outcome=outcome)
             return
         assert self._batcher is not None
-        if not job.partial_images:
+        if not job.partial_images and not job.report_progress:
             # Nothing to relay while it renders: await the outcome itself, with
             # no preview queue and no extra task (fewer event-loop turns on the
             # way out). Cancelling the stream's task cancels the submit.
@@ -166,9 +166,19 @@ class RenderHost:
             )
             loop.call_soon_threadsafe(previews.put_nowait, event)
 
+        def on_step(step: int) -> None:
+            event = RenderEvent(type=RenderEventType.PROGRESS, step=step)
+            loop.call_soon_threadsafe(previews.put_nowait, event)
+
         self._held += 1
         # The Batcher cancels the job's images when this task is cancelled.
-        task = asyncio.ensure_future(self._batcher.submit(job, on_preview=on_preview))
+        task = asyncio.ensure_future(
+            self._batcher.submit(
+                job,
+                on_preview=on_preview if job.partial_images else None,
+                on_step=on_step if job.report_progress else None,
+            )
+        )
         try:
             while not task.done():
                 waiting = asyncio.ensure_future(previews.get())

@@ -27,6 +27,7 @@ class PendingJob:
     future: asyncio.Future[GenerationOutcome]  # of the submitting event loop
     results: list[RenderedImage | None]  # in seed order, None until rendered
     on_preview: PreviewFn | None = None
+    on_step: Callable[[int], None] | None = None
     # Set once, under the batcher's lock, by whoever decides the outcome.
     finished: bool = False
     submitted_at: float = 0.0  # time.monotonic()
@@ -83,3 +84,20 @@ def preview_routing(
             logger.exception("preview callback of request %s failed", q.pending.job.request_id)
 
     return counts, route
+
+
+def step_routing(pendings: Sequence[PendingJob]) -> Callable[[int], None] | None:
+    """`RenderBatch.on_step` for a batch of these jobs: each job that asked hears of every step."""
+    listeners = [p for p in pendings if p.on_step is not None]
+    if not listeners:
+        return None
+
+    def route(step: int) -> None:
+        for pending in listeners:
+            if pending.on_step is not None and not pending.finished:
+                try:
+                    pending.on_step(step)
+                except Exception:
+                    logger.exception("step callback of request %s failed", pending.job.request_id)
+
+    return route

@@ -51,6 +51,10 @@ class LocalFileStore:
                 purged += 1
         return purged
 
+    def delete(self, file_id: str) -> None:
+        if is_valid_file_id(file_id):
+            self._delete(file_id)
+
     def _delete(self, file_id: str) -> None:
         for path in (self.folder / f"{file_id}.json", self.folder / file_id):
             path.unlink(missing_ok=True)

@@ -126,6 +126,10 @@ class S3FileStore:
             )
         return len(expired)
 
+    def delete(self, file_id: str) -> None:
+        if is_valid_file_id(file_id):
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(file_id))
+
     def _key(self, file_id: str) -> str:
         return f"{self.prefix}/{file_id}" if self.prefix else file_id
 

@@ -40,3 +40,6 @@ class FileStore(Protocol):
 
     def purge_expired(self) -> int:
         """Deletes expired files; returns how many."""
+
+    def delete(self, file_id: str) -> None:
+        """Deletes the file now (a deleted image job's images); nothing when it is gone."""

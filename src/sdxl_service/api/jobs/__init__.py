@@ -1,0 +1,84 @@
+"""Image jobs: POST /v1/images/jobs answers 202 at once, the images are made in the background.
+
+records.py says what a job is, database.py and store.py keep the records
+(SQLite by default, PostgreSQL for replicas), runner.py runs them through the
+synchronous endpoints' own serving path, serving.py is the endpoints'
+behaviour and routes.py their routes.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ...settings import Settings
+from ..files import open_file_store
+from ..render_client import BentoRenderClient
+from ..serving import ImagesServing
+from ..webhooks import WebhookDelivery, WebhookHosts, WebhookSigner
+from .database import Database
+from .records import JobKind, JobRecord, JobStatus, WebhookState, new_job_id, owner_of
+from .runner import JobRunner
+from .serving import JobsServing
+from .store import JobStore
+
+__all__ = [
+    "Database",
+    "JobKind",
+    "JobRecord",
+    "JobRunner",
+    "JobStatus",
+    "JobStore",
+    "JobsServing",
+    "WebhookState",
+    "new_job_id",
+    "open_job_store",
+    "open_jobs",
+    "owner_of",
+]
+
+SQLITE_FILE = "jobs.sqlite3"
+
+logger = logging.getLogger(__name__)
+
+
+def open_job_store(settings: Settings) -> JobStore:
+    """The store `SDXL_JOBS_DATABASE_URL` names; SQLite in SDXL_CACHE_DIR without one."""
+    url = settings.jobs_database_url
+    if url is None:
+        return JobStore(Database.sqlite_file(settings.cache_dir / SQLITE_FILE))
+    return JobStore(Database(url.get_secret_value()))
+
+
+def webhook_delivery(settings: Settings) -> WebhookDelivery | None:
+    """How webhooks are sent; None without SDXL_WEBHOOK_SECRET (no job may ask for one)."""
+    if settings.webhook_secret is None:
+        return None
+    return WebhookDelivery(
+        WebhookSigner(settings.webhook_secret.get_secret_value()),
+        WebhookHosts(settings.webhook_hosts),
+        attempts=settings.webhook_attempts,
+        timeout_s=settings.webhook_timeout,
+        retry_s=settings.webhook_retry_seconds,
+    )
+
+
+def open_jobs(
+    settings: Settings, images: ImagesServing, renderer: BentoRenderClient
+) -> tuple[JobRunner, JobsServing] | None:
+    """The runner (start it on the event loop) and the endpoints' serving object; None
+    (the job endpoints answer 404) when another service holds the SQLite file."""
+    store = open_job_store(settings)
+    if not store.db.claim_sqlite_file():
+        logger.error(
+            "IMAGE JOBS DISABLED: another service holds the job database %s. Replicas on a "
+            "shared volume need a shared database: SDXL_JOBS_DATABASE_URL=postgresql://...",
+            store.db.url,
+        )
+        store.db.close()
+        return None
+    # A job's url files live as long as the job, not SDXL_URL_TTL; the same
+    # folder or bucket, so GET /v1/images/files serves them as any other.
+    files = open_file_store(settings.model_copy(update={"url_ttl": settings.job_ttl}))
+    runner = JobRunner(store, images, files, settings, webhook_delivery(settings))
+    serving = JobsServing(settings, store, images, runner, admission=renderer.refusal)
+    return runner, serving
