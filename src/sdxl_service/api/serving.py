@@ -23,6 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from ..contract.jobs import GenerationOutcome, OutcomeStatus, RenderEvent, loading_outcome
 from ..lora_catalog import LoraCatalog
 from ..metrics import ServiceMetrics
+from ..model_catalog import ModelCatalog
 from ..settings import SERVICE_ID, Settings
 from .errors import APIError, client_closed, invalid_value, outcome_error
 from .files import FileStore
@@ -77,6 +78,7 @@ class ImagesServing:
         self.files = files
         self.metrics = metrics
         self.loras = LoraCatalog(settings.lora_folder)
+        self.models = ModelCatalog(settings.models_dir)
         self._model_info: dict[str, Any] | None = None
         self._started = int(time.time())
 
@@ -108,7 +110,20 @@ class ImagesServing:
             ModelCard(id=f"{SERVICE_ID}:{name}", created=self._started, lora=lora.describe())
             for name, lora in sorted(loras.items())
         ]
-        return ModelList(data=[card, *lora_cards])
+        # Each model of SDXL_MODELS_DIR, read again when the folder changes; one that cannot
+        # render is listed with its problem as the warning.
+        entries = await run_in_threadpool(self.models.entries)
+        model_cards = [
+            ModelCard(
+                id=name,
+                created=self._started,
+                owned_by="models_dir",
+                warning=entry.problem,
+                details=entry.describe(),
+            )
+            for name, entry in sorted(entries.items())
+        ]
+        return ModelList(data=[card, *model_cards, *lora_cards])
 
     async def _native_resolution(self) -> int:
         """The model's native resolution once loaded; 503 while loading or after a failed load."""
@@ -133,7 +148,7 @@ class ImagesServing:
     ) -> Answer | EventStream:
         """The answer, or with `stream` its events (previews first when asked)."""
         native = await self._native_resolution()
-        resolved = resolve_generation(req, self.settings, native, self.loras)
+        resolved = resolve_generation(req, self.settings, native, self.loras, self.models)
         if req.stream:
             return await self._stream(resolved, http_request, "image_generation")
         return await self._answer(resolved, http_request)
@@ -145,7 +160,7 @@ class ImagesServing:
         source = await _decoded(form.image, form.mask)
         native = await self._native_resolution()
         resolved = await run_in_threadpool(
-            resolve_edit, form.fields, source, self.settings, native, self.loras
+            resolve_edit, form.fields, source, self.settings, native, self.loras, self.models
         )
         if form.fields.stream:
             return await self._stream(resolved, http_request, "image_edit")
@@ -158,7 +173,7 @@ class ImagesServing:
         source = await _decoded(form.image, None)
         native = await self._native_resolution()
         resolved = await run_in_threadpool(
-            resolve_variation, form.fields, source, self.settings, native, self.loras
+            resolve_variation, form.fields, source, self.settings, native, self.loras, self.models
         )
         return await self._answer(resolved, http_request)
 
@@ -167,7 +182,7 @@ class ImagesServing:
         source = await _decoded(form.image, None)
         native = await self._native_resolution()
         resolved = await run_in_threadpool(
-            resolve_upscale, form.fields, source, self.settings, native, self.loras
+            resolve_upscale, form.fields, source, self.settings, native, self.loras, self.models
         )
         return await self._answer(resolved, http_request)
 
