@@ -19,6 +19,7 @@ from safetensors.numpy import save_file
 from sdxl_service.engine.tiny import ensure_tiny_pair
 from sdxl_service.settings import SERVICE_ID
 from tests.decoded import pixels
+from tests.integration.test_legacy_client import run_legacy
 from tests.service_process import REPO, RunningService, running_service
 from tests.single_files import write_single_files
 
@@ -150,3 +151,27 @@ def test_a_new_model_is_found_without_a_restart(service: RunningService, models_
     (models_dir / "late.json").unlink()
     assert len(generate(service, "late")) == 2
     assert metric(service, "sdxl_models_resident") == 1  # SDXL_MODEL_CACHE=1
+
+
+LEGACY = """
+import base64, io, json, sys
+import openai
+from PIL import Image
+
+openai.api_base = sys.argv[1]
+openai.api_key = "random-string"
+out = {}
+response = openai.Image.create(model="tiny-folder", prompt="a red fox", n=1, size="64x64")
+image = Image.open(io.BytesIO(base64.b64decode(response["data"][0]["b64_json"])))
+out["size"] = list(image.size)
+try:
+    openai.Image.create(model="broken", prompt="x", n=1, size="64x64")
+except openai.error.OpenAIError as exc:
+    out["broken"] = [exc.http_status, exc.error.param, exc.error.code]
+print(json.dumps(out))
+"""
+
+
+def test_the_legacy_client_picks_a_model(service: RunningService) -> None:
+    out = run_legacy(LEGACY, service.api)
+    assert out == {"size": [64, 64], "broken": [400, "model", "invalid_model"]}

@@ -13,6 +13,7 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
+from sdxl_service.choices import RenderKind
 from sdxl_service.contract.jobs import ImageTask, InvalidModel, LoraWeight, RenderBatch
 from sdxl_service.engine import Engine
 from sdxl_service.engine.config import EngineConfig
@@ -157,3 +158,24 @@ def test_a_models_lora_leaves_the_default_untouched(engine: Engine) -> None:
     default_lora = render(engine, loras=(LoraWeight(name="both", scale=1.0),))
     assert np.array_equal(default_lora, with_lora)
     assert np.array_equal(render(engine, "same"), plain)
+
+
+@pytest.mark.parametrize("kind", [RenderKind.IMAGE_TO_IMAGE, RenderKind.INPAINT])
+def test_edits_run_on_the_model_picked(engine: Engine, kind: RenderKind) -> None:
+    picture = np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8).tobytes()
+    mask = np.repeat([[255] * 32 + [0] * 32], 64, axis=0).astype(np.uint8).tobytes()
+
+    def edit(model: str | None) -> np.ndarray:
+        task = ImageTask(
+            prompt="a fox",
+            seed=3,
+            init_image=picture,
+            mask=mask if kind is RenderKind.INPAINT else None,
+        )
+        params = make_params(model=model, kind=kind, strength=0.75, steps=8)
+        return np.asarray(engine.render(RenderBatch(params=params, tasks=[task]))[0], np.int16)
+
+    default = edit(None)
+    assert np.array_equal(edit("same"), default)
+    assert not np.array_equal(edit("other"), default)
+    assert np.array_equal(edit(None), default)
