@@ -11,6 +11,7 @@ from safetensors.numpy import save_file
 
 from sdxl_service import model_catalog
 from sdxl_service.api.errors import APIError
+from sdxl_service.api.infotext import model_name
 from sdxl_service.api.request_rules import resolve_generation
 from sdxl_service.api.schemas import ImageGenerationRequest
 from sdxl_service.choices import RefinerMode, SchedulerName
@@ -99,7 +100,15 @@ def test_a_model_with_a_lora(models: ModelCatalog, loras: LoraCatalog) -> None:
     assert resolve(models, loras, model=f"{SERVICE_ID}:ink").model is None
 
 
-@pytest.mark.parametrize("model", ["nope", "plain:nope", "nope:ink", "../plain"])
+def test_the_infotext_names_the_model_picked(models: ModelCatalog) -> None:
+    request = ImageGenerationRequest(prompt="a fox", model="plain")
+    provenance = resolve_generation(request, SETTINGS, 1024, None, models).provenance
+    assert provenance is not None and model_name(provenance.base_model) == "plain"
+
+
+@pytest.mark.parametrize(
+    "model", ["nope", "plain:nope", "nope:ink", "../plain", "plain:", f"{SERVICE_ID}:"]
+)
 def test_an_unknown_model_is_404(models: ModelCatalog, loras: LoraCatalog, model: str) -> None:
     with pytest.raises(APIError) as error:
         resolve(models, loras, model=model)

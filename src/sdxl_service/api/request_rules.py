@@ -225,10 +225,10 @@ def model_choice(
         return ModelChoice()
     name, _, lora = model.partition(":")
     found = catalog.find(lora) if lora and catalog is not None else None
-    if lora and found is None:
+    if found is None and (lora or model.endswith(":")):
         raise _unknown_model(model)
     if name == SERVICE_ID:
-        return ModelChoice(lora=lora)
+        return ModelChoice(lora=lora or None)
     entry = models.find(name) if models is not None else None
     if entry is None:
         raise _unknown_model(model)

@@ -209,7 +209,8 @@ class Engine:
             "dtype": dtype_name(self.dtype),
             "native_resolution": self.native_resolution,
             "optimisations": dict(self.optimisations),
-            **self.loras.describe(),
+            # The default's: describe() may be called while another model's batch renders.
+            **self.models.default.loras.describe(),
             **self.models.describe(),
         }
 

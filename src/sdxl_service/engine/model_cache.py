@@ -211,7 +211,7 @@ class ModelCache:
         )
         base.to(self.device)
         self._check_fits(entry, base)
-        shared = [name for name in given]
+        shared = list(given)
         for name in SHAREABLE:
             if name not in given and same_weights(getattr(base, name), getattr(default, name)):
                 setattr(base, name, getattr(default, name))
