@@ -27,6 +27,7 @@ PREFIX = "sdxl"
 STAGES = ("queue_wait", "vae_encode", "base", "refiner", "hires_upscale", "decode", "encode")
 
 LORA_LOAD_OUTCOMES = ("ok", "failed")
+MODEL_LOAD_OUTCOMES = ("ok", "failed")
 
 BATCH_BUCKETS = tuple(float(n) for n in range(1, 17))
 # From a 64x64 tiny-preset image (ms) to a queued SDXL request (minutes).
@@ -116,6 +117,25 @@ class _Collectors:
             registry=registry,
             buckets=SECONDS_BUCKETS,
         )
+        self.model_loads = Counter(
+            f"{PREFIX}_model_loads",
+            "Models of SDXL_MODELS_DIR loaded by a render worker, by outcome (ok, failed).",
+            ["outcome"],
+            registry=registry,
+        )
+        self.model_load_seconds = Histogram(
+            f"{PREFIX}_model_load_seconds",
+            "Seconds one model of SDXL_MODELS_DIR took to load (the batch that needs it waits).",
+            registry=registry,
+            buckets=SECONDS_BUCKETS,
+        )
+        self.models_resident = Gauge(
+            f"{PREFIX}_models_resident",
+            "Models of SDXL_MODELS_DIR a render worker holds loaded, besides its default pair.",
+            ["worker"],
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
         self.lora_cache_hits = Counter(
             f"{PREFIX}_lora_cache_hits",
             "LoRA adapters a batch found already loaded.",
@@ -177,6 +197,16 @@ class ServiceMetrics:
         self._c.lora_loads.labels(outcome=outcome).inc()
         if seconds is not None:
             self._c.lora_load_seconds.observe(seconds)
+
+    def count_model_load(self, outcome: str, seconds: float | None = None) -> None:
+        if outcome not in MODEL_LOAD_OUTCOMES:
+            raise ValueError(f"unknown outcome {outcome!r}; expected one of {MODEL_LOAD_OUTCOMES}")
+        self._c.model_loads.labels(outcome=outcome).inc()
+        if seconds is not None:
+            self._c.model_load_seconds.observe(seconds)
+
+    def set_models_resident(self, n: int) -> None:
+        self._c.models_resident.labels(worker=self.worker).set(n)
 
     def count_lora_cache_hit(self) -> None:
         self._c.lora_cache_hits.inc()

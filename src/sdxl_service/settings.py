@@ -91,6 +91,16 @@ class Settings(BaseSettings):
     # The tiny autoencoder of SDXL_PREVIEW_DECODER=taesd: a hub id or a folder.
     preview_model: str = "madebyollin/taesdxl"
 
+    # --- models picked per request ---------------------------------------------
+    # Each diffusers folder (model_index.json) or `.safetensors` checkpoint here is a model,
+    # named by its file or folder name; read at every listing and miss: no restart needed.
+    models_dir: Path | None = None
+    # Models of SDXL_MODELS_DIR kept loaded besides the default pair (least recently used
+    # unloaded). 1: an SDXL base in fp16 is ~5 GiB of UNet (~7 GiB with its own text
+    # encoders), and the default pair (~11.4 GiB) plus one more fits a 24 GiB card with
+    # room for a batch; two more would not.
+    model_cache: int = Field(1, ge=1, le=16)
+
     # --- LoRA adapters --------------------------------------------------------
     # `<name>.safetensors` or `<name>/pytorch_lora_weights.safetensors`; default
     # <SDXL_CACHE_DIR>/loras. Read at every request: new files need no restart.

@@ -125,3 +125,67 @@ def test_a_bad_value_shows_the_apis_message(page: Any) -> None:
     page.click("#generate")
     page.wait_for_selector("#error:not([hidden])", timeout=60_000)
     assert "'n'" in page.text_content("#error")
+
+
+@pytest.fixture(scope="module")
+def models_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A service with SDXL_MODELS_DIR: the tiny base as a folder with a sidecar, and a file
+    that is no checkpoint."""
+    from sdxl_service.engine.tiny import ensure_tiny_pair
+    from tests.service_process import REPO, running_service
+
+    base, _ = ensure_tiny_pair(REPO / ".cache" / "sdxl-service")
+    models = tmp_path_factory.mktemp("models")
+    shutil.copytree(base, models / "tiny-folder")
+    (models / "tiny-folder.json").write_text('{"steps": 3, "guidance_scale": 4, "refiner": "none"}')
+    (models / "junk.safetensors").write_bytes(b"\x00" * 64)
+    env = {"SDXL_MODELS_DIR": str(models)}
+    with running_service(tmp_path_factory.mktemp("models-service"), env) as running:
+        yield running
+
+
+def test_the_model_picker_lists_the_models_and_renders_with_the_one_picked(
+    browser: Any, models_service: Any
+) -> None:
+    context = browser.new_context(viewport={"width": 1100, "height": 900})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    try:
+        page.goto(f"{models_service.root}/")
+        page.wait_for_selector("#model option[value='tiny-folder']", state="attached")
+        options = page.eval_on_selector_all(
+            "#model option", "os => os.map(o => [o.value, o.disabled, o.title])"
+        )
+        assert options[0][:2] == ["", False]
+        by_value = {value: (disabled, title) for value, disabled, title in options}
+        assert by_value["tiny-folder"] == (False, "")
+        assert by_value["junk"][0] and "model 'junk'" in by_value["junk"][1]
+        # Picking it shows its sidecar's defaults; the default model brings the form's back.
+        page.select_option("#model", "tiny-folder")
+        picked = [page.input_value(f) for f in ("#num_inference_steps", "#guidance_scale")]
+        assert picked == ["3", "4"] and page.input_value("#refiner") == "none"
+        page.select_option("#model", "")
+        assert page.input_value("#num_inference_steps") == "30"
+        assert page.input_value("#refiner") == "ensemble"
+        page.select_option("#model", "tiny-folder")
+        page.fill("#prompt", "a lighthouse")
+        page.select_option("#size", "256x256")
+        page.fill("#seed", "5")
+        with page.expect_request("**/v1/images/generations") as sent:
+            generate(page, 1)
+        body = sent.value.post_data_json
+        assert (body["model"], body["num_inference_steps"], body["refiner"]) == (
+            "tiny-folder",
+            3,
+            "none",
+        )
+        assert images(page) == [[256, 256]]
+        assert page.text_content("#gallery figcaption span") == "seed 5"
+        # Its settings come back with the model when the image is clicked.
+        page.select_option("#model", "")
+        page.click("#gallery figure img")
+        assert page.input_value("#model") == "tiny-folder"
+    finally:
+        context.close()
+    assert errors == []

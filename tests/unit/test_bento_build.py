@@ -155,7 +155,10 @@ def test_dockerfile_environment(built: dict[str, Any]) -> None:
     # Either would move the server off defaultPort; other SDXL_* come from `docker run -e`.
     assert not re.search(r"^(ENV|ARG) (BENTOML_PORT|PORT)\b", dockerfile, re.M)
     assert f"ARG SDXL_LORA_DIR={VOLUME}/loras" in dockerfile
-    assert not re.search(r"^(ENV|ARG) SDXL_(?!PRESET|CACHE_DIR|LORA_DIR)", dockerfile, re.M)
+    assert f"ARG SDXL_MODELS_DIR={VOLUME}/catalog" in dockerfile
+    assert not re.search(
+        r"^(ENV|ARG) SDXL_(?!PRESET|CACHE_DIR|LORA_DIR|MODELS_DIR)", dockerfile, re.M
+    )
     assert re.search(rf"^EXPOSE {DEFAULT_PORT}$", dockerfile, re.M)
 
 
@@ -163,7 +166,8 @@ def test_dockerfile_models_folder_belongs_to_the_server_user(built: dict[str, An
     dockerfile = built["dockerfile"]
     useradd = dockerfile.index(f"ARG BENTO_USER_UID={BENTO_USER_UID}")
     models = re.search(
-        rf"RUN mkdir -p {VOLUME}/huggingface {VOLUME}/sdxl-service {VOLUME}/loras && \\\n"
+        rf"RUN mkdir -p {VOLUME}/huggingface {VOLUME}/sdxl-service {VOLUME}/loras "
+        rf"{VOLUME}/catalog && \\\n"
         rf"\s+chown -R {BENTO_USER_UID}:{BENTO_USER_UID} {VOLUME}\n",
         dockerfile,
     )

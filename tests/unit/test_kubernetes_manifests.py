@@ -113,6 +113,10 @@ def test_weights_live_on_the_claimed_volume(
             e["name"]: e.get("value") for e in yaml.safe_load(bentofile.read_text())["envs"]
         }
         assert env["HF_HOME"] == image_env["HF_HOME"]
+        # LoRAs and the models picked per request sit on the volume too, where the image says.
+        for name in ("SDXL_LORA_DIR", "SDXL_MODELS_DIR"):
+            assert env[name] == image_env[name]
+            assert env[name].startswith(mounts["models"].rstrip("/") + "/")
 
 
 def test_gpu_preset_is_explicit(container: dict[str, Any]) -> None:

@@ -21,6 +21,7 @@ SHARED = {
     "sdxl_service.choices",
     "sdxl_service.metrics",
     "sdxl_service.lora_catalog",
+    "sdxl_service.model_catalog",
 }
 # What each part may import, besides itself and the shared modules.
 MAY_IMPORT = {

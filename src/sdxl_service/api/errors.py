@@ -123,6 +123,7 @@ _OUTCOME_ERRORS: dict[OutcomeStatus, _OutcomeError] = {
     OutcomeStatus.OUT_OF_MEMORY: _OutcomeError(503, "out_of_memory", False),
     OutcomeStatus.WORKER_RESTARTED: _OutcomeError(503, "worker_restarted", True),
     OutcomeStatus.INVALID_LORA: _OutcomeError(400, "invalid_lora", None, param="loras"),
+    OutcomeStatus.INVALID_MODEL: _OutcomeError(400, "invalid_model", None, param="model"),
     OutcomeStatus.CANCELLED: _OutcomeError(499, "cancelled", None),
     OutcomeStatus.ERROR: _OutcomeError(500, "generation_failed", False),
 }

@@ -19,6 +19,7 @@ from PIL import Image
 from ..choices import RenderKind
 from ..contract.jobs import GenerationJob, HiresParams, LoraWeight, RenderParams
 from ..lora_catalog import LoraCatalog
+from ..model_catalog import ModelCatalog, ModelDefaults, ModelEntry
 from ..settings import SERVICE_ID, Settings
 from .encoding import resize_to
 from .errors import APIError, excerpt, invalid_value
@@ -72,9 +73,16 @@ def resolve_generation(
     settings: Settings,
     native_resolution: int,
     catalog: LoraCatalog | None = None,
+    models: ModelCatalog | None = None,
 ) -> ResolvedRequest:
     return _resolve(
-        req, settings, native_resolution, prompt=req.prompt, catalog=catalog, hires=req.hires
+        req,
+        settings,
+        native_resolution,
+        prompt=req.prompt,
+        catalog=catalog,
+        models=models,
+        hires=req.hires,
     )
 
 
@@ -84,6 +92,7 @@ def resolve_edit(
     settings: Settings,
     native_resolution: int,
     catalog: LoraCatalog | None = None,
+    models: ModelCatalog | None = None,
 ) -> ResolvedRequest:
     """img2img over the picture, or inpainting with a mask; at the picture's size by default.
 
@@ -99,6 +108,7 @@ def resolve_edit(
         strength=req.strength or default_strength,
         default_size=None,
         catalog=catalog,
+        models=models,
     )
 
 
@@ -108,6 +118,7 @@ def resolve_variation(
     settings: Settings,
     native_resolution: int,
     catalog: LoraCatalog | None = None,
+    models: ModelCatalog | None = None,
 ) -> ResolvedRequest:
     """An edit of a square picture with no prompt, in OpenAI's three sizes."""
     if req.stream:
@@ -125,6 +136,7 @@ def resolve_variation(
         source=source,
         strength=req.strength or VARIATION_STRENGTH,
         catalog=catalog,
+        models=models,
     )
     if (resolved.width, resolved.height) not in VARIATION_SIZES:
         sizes = ", ".join(f"{w}x{h}" for w, h in VARIATION_SIZES)
@@ -139,6 +151,7 @@ def resolve_upscale(
     settings: Settings,
     native_resolution: int,
     catalog: LoraCatalog | None = None,
+    models: ModelCatalog | None = None,
 ) -> ResolvedRequest:
     """The picture at `scale` times its size (to multiples of 8), denoised again at
     `denoising_strength` as an edit of it: the Lanczos resize is the edit's own."""
@@ -157,7 +170,8 @@ def resolve_upscale(
         w, h = source.image.size
         message = f"scale {req.scale} of the {w}x{h} image makes {width}x{height}: {exc}."
         raise invalid_value("scale", message) from None
-    steps = req.num_inference_steps or QUALITY_STEPS.get(req.quality or "auto", settings.steps)
+    defaults = model_choice(req.model, settings, catalog, models).defaults
+    steps = _steps(req, settings, defaults)
     if int(steps * req.denoising_strength) < 1:
         raise invalid_value(
             "denoising_strength",
@@ -174,31 +188,72 @@ def resolve_upscale(
         strength=req.denoising_strength,
         default_size=None,
         catalog=catalog,
+        models=models,
     )
 
 
-def lora_of_model(
-    model: str | None, settings: Settings, catalog: LoraCatalog | None = None
-) -> str | None:
-    """The LoRA a `<service>:<lora>` model names (None for the others); 404 unless
-    `model` names this server, an OpenAI image model, one of its weights, or one
-    of its LoRAs."""
+@dataclass(frozen=True)
+class ModelChoice:
+    """What a request's `model` picks: a model of SDXL_MODELS_DIR (None: the default pair),
+    a LoRA on it, and the model's sidecar defaults."""
+
+    name: str | None = None
+    lora: str | None = None
+    entry: ModelEntry | None = None
+
+    @property
+    def defaults(self) -> ModelDefaults:
+        return self.entry.defaults if self.entry is not None else ModelDefaults()
+
+
+def model_choice(
+    model: str | None,
+    settings: Settings,
+    catalog: LoraCatalog | None = None,
+    models: ModelCatalog | None = None,
+) -> ModelChoice:
+    """The model (and LoRA) `model` names: this server (`<service>` or `<service>:<lora>`), an
+    OpenAI image model or one of the default's weights (the default pair), a model of
+    SDXL_MODELS_DIR (`<name>` or `<name>:<lora>`); 404 for anything else, 400 naming `model`
+    for a model of the folder that cannot render (its problem, a bad sidecar included)."""
     if model is None or model in (SERVICE_ID, *OPENAI_IMAGE_MODELS):
-        return None
+        return ModelChoice()
     if model.startswith(OPENAI_IMAGE_MODEL_PREFIX) or model in (
         settings.base_model,
         settings.refiner_model,
     ):
-        return None
-    service, _, lora = model.partition(":")
-    if service == SERVICE_ID and catalog is not None and catalog.find(lora) is not None:
-        return lora
-    raise APIError(
+        return ModelChoice()
+    name, _, lora = model.partition(":")
+    found = catalog.find(lora) if lora and catalog is not None else None
+    if found is None and (lora or model.endswith(":")):
+        raise _unknown_model(model)
+    if name == SERVICE_ID:
+        return ModelChoice(lora=lora or None)
+    entry = models.find(name) if models is not None else None
+    if entry is None:
+        raise _unknown_model(model)
+    if entry.problem is not None:
+        raise invalid_value("model", f"{entry.problem}.", code="invalid_model")
+    return ModelChoice(name=name, lora=lora or None, entry=entry)
+
+
+def _unknown_model(model: str) -> APIError:
+    return APIError(
         404,
-        f"The model '{excerpt(model)}' does not exist; this server serves '{SERVICE_ID}'.",
+        f"The model '{excerpt(model)}' does not exist; this server serves '{SERVICE_ID}' "
+        "and the models GET /v1/models lists.",
         param="model",
         code="model_not_found",
     )
+
+
+def _steps(req: ImageRequest, settings: Settings, defaults: ModelDefaults) -> int:
+    """The request's steps, its quality's, the model's sidecar default, the server's."""
+    if req.num_inference_steps:
+        return req.num_inference_steps
+    if req.quality in QUALITY_STEPS:
+        return QUALITY_STEPS[req.quality]
+    return defaults.steps or settings.steps
 
 
 def _resolve(
@@ -211,11 +266,13 @@ def _resolve(
     strength: float = 1.0,
     default_size: tuple[int, int] | None = AUTO_SIZE_PIXELS,
     catalog: LoraCatalog | None = None,
+    models: ModelCatalog | None = None,
     hires: HiresRequest | None = None,
 ) -> ResolvedRequest:
     s = settings
     # 1. What the request may ask at all.
-    model_lora = lora_of_model(req.model, s, catalog)
+    choice = model_choice(req.model, s, catalog, models)
+    defaults = choice.defaults
     if req.background == "transparent":
         raise invalid_value(
             "background",
@@ -241,8 +298,8 @@ def _resolve(
     # LoRAs: the list, the prompt's inline tags and the model's suffix add up.
     prompt, inline = take_inline_loras(prompt)
     asked = [(lora.name, lora.scale) for lora in req.loras or []] + inline
-    if model_lora is not None:
-        asked.append((model_lora, 1.0))
+    if choice.lora is not None:
+        asked.append((choice.lora, 1.0))
     loras = lora_set(asked, catalog, s.max_loras) if asked else ()
 
     # 2. The size answered, and the (possibly larger) size rendered.
@@ -253,7 +310,8 @@ def _resolve(
 
     # 3. Sampling: steps, guidance, refiner, scheduler, seeds.
     quality = req.quality or "auto"
-    steps = req.num_inference_steps or QUALITY_STEPS.get(quality, s.steps)
+    # The request's own fields, then the model's sidecar defaults, then the server's.
+    steps = _steps(req, s, defaults)
     seed = req.seed if req.seed is not None else secrets.randbelow(2**32)
     if source is not None and int(steps * strength) < 1:
         # diffusers runs the last int(steps * strength) steps of the schedule.
@@ -269,15 +327,16 @@ def _resolve(
         width=render_w,
         height=render_h,
         steps=steps,
-        guidance_scale=s.guidance_scale if req.guidance_scale is None else req.guidance_scale,
-        high_noise_frac=req.high_noise_frac or s.high_noise_frac,
-        refiner=req.refiner or s.refiner,
-        scheduler=req.scheduler or s.scheduler,
+        guidance_scale=_first(req.guidance_scale, defaults.guidance_scale, s.guidance_scale),
+        high_noise_frac=req.high_noise_frac or defaults.high_noise_frac or s.high_noise_frac,
+        refiner=req.refiner or defaults.refiner or s.refiner,
+        scheduler=req.scheduler or defaults.scheduler or s.scheduler,
         kind=kind,
         strength=strength,
         loras=loras,
-        clip_skip=req.clip_skip or s.clip_skip,
+        clip_skip=req.clip_skip or defaults.clip_skip or s.clip_skip,
         hires=None if hires is None else _hires(hires, render_w, render_h, steps, s),
+        model=choice.name,
     )
 
     # 4. Edits: the picture at the render size; inpainting keeps it and the mask
@@ -312,7 +371,7 @@ def _resolve(
         quality=quality,
         kept_picture=kept_picture,
         repaint_mask=repaint,
-        provenance=_provenance(s, loras, catalog) if s.image_metadata else None,
+        provenance=_provenance(s, loras, catalog, choice) if s.image_metadata else None,
     )
 
 
@@ -348,15 +407,20 @@ def _hires(hires: HiresRequest, width: int, height: int, steps: int, s: Settings
     )
 
 
+def _first(*values: float | None) -> float:
+    return next(value for value in values if value is not None)
+
+
 def _provenance(
-    s: Settings, loras: tuple[LoraWeight, ...], catalog: LoraCatalog | None
+    s: Settings, loras: tuple[LoraWeight, ...], catalog: LoraCatalog | None, choice: ModelChoice
 ) -> Provenance:
     hashes = {}
     for lora in loras:
         digest = catalog.short_hash(lora.name) if catalog is not None else None
         if digest is not None:
             hashes[lora.name] = digest
-    return Provenance(base_model=s.base_model, refiner_model=s.refiner_model, lora_hashes=hashes)
+    base = s.base_model if choice.entry is None else str(choice.entry.path)
+    return Provenance(base_model=base, refiner_model=s.refiner_model, lora_hashes=hashes)
 
 
 def _default_response_format(req: ImageRequest) -> str:

@@ -29,6 +29,7 @@ from ..contract.jobs import (
 )
 from ..lora_catalog import LoraCatalog
 from ..metrics import ServiceMetrics
+from ..model_catalog import ModelCatalog
 from ..settings import SERVICE_ID, Settings
 from .errors import APIError, client_closed, invalid_value, missing_parameter, outcome_error
 from .files import FileStore
@@ -84,6 +85,7 @@ class ImagesServing:
         self.files = files
         self.metrics = metrics
         self.loras = LoraCatalog(settings.lora_folder)
+        self.models = ModelCatalog(settings.models_dir)
         self._model_info: dict[str, Any] | None = None
         self._started = int(time.time())
 
@@ -115,7 +117,20 @@ class ImagesServing:
             ModelCard(id=f"{SERVICE_ID}:{name}", created=self._started, lora=lora.describe())
             for name, lora in sorted(loras.items())
         ]
-        return ModelList(data=[card, *lora_cards])
+        # Each model of SDXL_MODELS_DIR, read again when the folder changes; one that cannot
+        # render is listed with its problem as the warning.
+        entries = await run_in_threadpool(self.models.entries)
+        model_cards = [
+            ModelCard(
+                id=name,
+                created=self._started,
+                owned_by="models_dir",
+                warning=entry.problem,
+                details=entry.describe(),
+            )
+            for name, entry in sorted(entries.items())
+        ]
+        return ModelList(data=[card, *model_cards, *lora_cards])
 
     async def _native_resolution(self) -> int:
         """The model's native resolution once loaded; 503 while loading or after a failed load."""
@@ -175,26 +190,26 @@ class ImagesServing:
         """
         if isinstance(req, ImageGenerationRequest):
             native = await self._native_resolution()
-            return resolve_generation(req, self.settings, native, self.loras)
+            return resolve_generation(req, self.settings, native, self.loras, self.models)
         if image is None:
             raise missing_parameter("image")
         if isinstance(req, ImageEditRequest):
             source = await _decoded(image, mask)
             native = await self._native_resolution()
             return await run_in_threadpool(
-                resolve_edit, req, source, self.settings, native, self.loras
+                resolve_edit, req, source, self.settings, native, self.loras, self.models
             )
         if isinstance(req, ImageVariationRequest):
             source = await _decoded(image, None)
             native = await self._native_resolution()
             return await run_in_threadpool(
-                resolve_variation, req, source, self.settings, native, self.loras
+                resolve_variation, req, source, self.settings, native, self.loras, self.models
             )
         if isinstance(req, ImageUpscaleRequest):
             source = await _decoded(image, None)
             native = await self._native_resolution()
             return await run_in_threadpool(
-                resolve_upscale, req, source, self.settings, native, self.loras
+                resolve_upscale, req, source, self.settings, native, self.loras, self.models
             )
         raise TypeError(f"no endpoint takes a {type(req).__name__}")
 

@@ -36,6 +36,8 @@ class OutcomeStatus(StrEnum):
     WORKER_RESTARTED = "worker_restarted"
     # A LoRA named by the request could not be applied (not an SDXL LoRA, damaged).
     INVALID_LORA = "invalid_lora"
+    # The model of SDXL_MODELS_DIR the request picked could not be loaded.
+    INVALID_MODEL = "invalid_model"
     ERROR = "error"
 
 
@@ -86,6 +88,9 @@ class RenderParams(BaseModel):
     clip_skip: int = Field(default=1, ge=1, le=2)
     # Text-to-image only: render smaller first, upscale, denoise again (None: one pass).
     hires: HiresParams | None = None
+    # A model of SDXL_MODELS_DIR by name; None: the default base (SDXL_BASE_MODEL). Part of
+    # the batch key, so requests batch per model.
+    model: str | None = None
 
     @model_validator(mode="after")
     def _hires_is_for_text_to_image(self) -> Self:
@@ -186,6 +191,11 @@ class OutOfMemory(Exception):
 class InvalidLora(Exception):
     """A LoRA of the batch cannot be applied (no SDXL LoRA, damaged); nothing of it
     stays loaded. The message is for the client: names, never file-system paths."""
+
+
+class InvalidModel(Exception):
+    """The model of SDXL_MODELS_DIR a batch asked for cannot be loaded; nothing of it stays
+    loaded. The message is for the client: names, never file-system paths."""
 
 
 class RenderedImage(BaseModel):

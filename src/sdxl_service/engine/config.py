@@ -33,6 +33,9 @@ class EngineConfig(BaseModel):
     preview_model: str
     lora_folder: Path
     lora_cache: int
+    # SDXL_MODELS_DIR (None: no models besides the default) and how many stay loaded.
+    models_dir: Path | None = None
+    model_cache: int = 1
     attention: Attention
     channels_last: bool
     fuse_qkv: bool

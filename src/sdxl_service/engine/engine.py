@@ -30,6 +30,7 @@ from .handover import ensemble_split, refiner_handover
 from .latents import LatentCodec
 from .loading import edit_pipelines, load_pipelines
 from .loras import LoraAdapters
+from .model_cache import BaseModelPipelines, ModelCache
 from .optimisations import COMPILE_MODE, apply_optimisations
 from .previews import PreviewDecoders, preview_tap
 from .prompts import image_chunk_counts, prompt_embeddings
@@ -72,7 +73,6 @@ class Engine:
         force_compile: bool = False,
         compile_mode: str = COMPILE_MODE,
     ) -> None:
-        self.base = base
         self.refiner = refiner
         self.config = config
         self.preset = preset
@@ -81,19 +81,31 @@ class Engine:
         self.base_source = base_source
         self.refiner_source = refiner_source
         self.stage_observer = stage_observer
-        self.loras = LoraAdapters(
-            base, LoraCatalog(config.lora_folder), capacity=config.lora_cache, metrics=metrics
-        )
         self.native_resolution = int(base.unet.config.sample_size) * int(base.vae_scale_factor)
         # Kept apart: each render gets fresh schedulers built from these.
-        self._base_scheduler_config = dict(base.scheduler.config)
         self._refiner_scheduler_config = dict(refiner.scheduler.config)
         for pipeline in (base, refiner):
             pipeline.set_progress_bar_config(disable=True)
         # Edits run the same modules through these (no extra memory).
-        self.base_img2img, self.base_inpaint, self.refiner_inpaint = edit_pipelines(base, refiner)
-        self.latent_codec = LatentCodec(
-            base.vae, device=self.device, dtype=self.dtype, tiling=config.vae_tiling
+        base_img2img, base_inpaint, self.refiner_inpaint = edit_pipelines(base, refiner)
+        default = BaseModelPipelines(
+            name=None,
+            base=base,
+            img2img=base_img2img,
+            inpaint=base_inpaint,
+            loras=LoraAdapters(
+                base, LoraCatalog(config.lora_folder), capacity=config.lora_cache, metrics=metrics
+            ),
+            latent_codec=LatentCodec(
+                base.vae, device=self.device, dtype=self.dtype, tiling=config.vae_tiling
+            ),
+            scheduler_config=dict(base.scheduler.config),
+        )
+        # The base model a batch renders with: the default, or one of SDXL_MODELS_DIR's
+        # while its batch renders (render()).
+        self._active = default
+        self.models = ModelCache(
+            default, refiner, config, device=self.device, dtype=self.dtype, metrics=metrics
         )
         self.preview_decoders = PreviewDecoders.for_engine(
             self.latent_codec, config, preset=preset, device=self.device, dtype=self.dtype
@@ -158,6 +170,31 @@ class Engine:
         )
         return engine
 
+    # The active base model's parts: the default's, except while a batch of another renders.
+    @property
+    def base(self) -> Any:
+        return self._active.base
+
+    @property
+    def base_img2img(self) -> Any:
+        return self._active.img2img
+
+    @property
+    def base_inpaint(self) -> Any:
+        return self._active.inpaint
+
+    @property
+    def loras(self) -> LoraAdapters:
+        return self._active.loras
+
+    @property
+    def latent_codec(self) -> LatentCodec:
+        return self._active.latent_codec
+
+    @property
+    def _base_scheduler_config(self) -> dict[str, Any]:
+        return self._active.scheduler_config
+
     @property
     def vae(self) -> Any:
         return self.base.vae
@@ -172,7 +209,9 @@ class Engine:
             "dtype": dtype_name(self.dtype),
             "native_resolution": self.native_resolution,
             "optimisations": dict(self.optimisations),
-            **self.loras.describe(),
+            # The default's: describe() may be called while another model's batch renders.
+            **self.models.default.loras.describe(),
+            **self.models.describe(),
         }
 
     def warmup(self, steps: int = 2) -> bool:
@@ -221,10 +260,12 @@ class Engine:
             return []
         out_of_memory: str | None = None
         try:
-            # Outside inference mode: PEFT creates the adapters' parameters.
-            self.loras.activate(batch.params.loras)
-            with torch.inference_mode():
-                return self._render(batch)
+            # Outside inference mode: a model of SDXL_MODELS_DIR loads, PEFT creates the
+            # adapters' parameters.
+            with self._model(batch.params.model):
+                self.loras.activate(batch.params.loras)
+                with torch.inference_mode():
+                    return self._render(batch)
         except torch.OutOfMemoryError as error:
             # Only the message leaves this block: the traceback pins the frames
             # (and their tensors) until the handler ends.
@@ -457,6 +498,16 @@ class Engine:
         if task.mask is None:
             raise ValueError("an inpaint render needs a mask for every task")
         return Image.frombytes("L", (params.width, params.height), task.mask)
+
+    @contextmanager
+    def _model(self, name: str | None) -> Iterator[None]:
+        """The batch's base model active meanwhile (loaded if need be: InvalidModel when it
+        cannot be); the default again after, for chunk counts and descriptions."""
+        self._active = self.models.activate(name)
+        try:
+            yield
+        finally:
+            self._active = self.models.default
 
     def _check_stop(self, batch: RenderBatch) -> None:
         if batch.should_stop():

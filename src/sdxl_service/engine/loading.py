@@ -181,6 +181,29 @@ def load_pipelines(
     return base, refiner
 
 
+def load_base_pipeline(
+    source: str,
+    *,
+    dtype: torch.dtype,
+    variant: str | None,
+    cache_dir: Path | None = None,
+    **components: Any,
+) -> Any:
+    """One more SDXL base (a model of SDXL_MODELS_DIR) from a folder or a single file, with
+    `components` (modules already loaded) in place of its own."""
+    from diffusers import StableDiffusionXLPipeline
+
+    return _load(
+        StableDiffusionXLPipeline,
+        source,
+        kind="base",
+        dtype=dtype,
+        variant=variant,
+        cache_dir=cache_dir,
+        **components,
+    )
+
+
 def edit_pipelines(base: Any, refiner: Any) -> tuple[Any, Any, Any]:
     """Base img2img, base inpaint and refiner inpaint pipelines over the loaded modules.
 

@@ -68,8 +68,12 @@ class LoraAdapters:
         *,
         capacity: int,
         metrics: ServiceMetrics | None = None,
+        adapter_prefix: str = "",
     ) -> None:
         self.base = base
+        # Per base model: the models of SDXL_MODELS_DIR share text encoders with the default
+        # where the weights are equal, and PEFT keeps one adapter of a name per module.
+        self.adapter_prefix = adapter_prefix
         self.catalog = catalog
         self.capacity = capacity
         self.metrics = metrics
@@ -158,7 +162,7 @@ class LoraAdapters:
     def _load(self, entry: LoraFile, stamp: tuple[int, int]) -> LoadedLora:
         from safetensors.torch import load_file
 
-        adapter = adapter_name(entry.name)
+        adapter = self.adapter_prefix + adapter_name(entry.name)
         not_sdxl = f"LoRA '{entry.name}' is not an SDXL LoRA this service can load"
         try:
             state_dict = load_file(str(entry.path))
@@ -196,6 +200,15 @@ class LoraAdapters:
                 break
             if name not in keep:
                 self._unload(name)
+
+    def unload_all(self) -> None:
+        """Every adapter out of the modules (those shared with other models included), before
+        the base model is unloaded."""
+        for name in list(self._loaded):
+            self._unload(name)
+        if self._has_layers:
+            self.base.disable_lora()
+        self._enabled = False
 
     def _unload(self, name: str) -> None:
         loaded = self._loaded.pop(name)

@@ -31,24 +31,47 @@ def apply_optimisations(
     The one place the service and the GPU bench configure the models. Call it
     once, on unoptimised pipelines already on `device`.
     """
+    return optimise_modules(
+        [base.unet, refiner.unet],
+        base.vae,
+        config,
+        device=device,
+        dtype=dtype,
+        force_compile=force_compile,
+        compile_mode=compile_mode,
+    )
+
+
+def optimise_modules(
+    unets: list[Any],
+    vae: Any | None,
+    config: EngineConfig,
+    *,
+    device: str,
+    dtype: torch.dtype,
+    force_compile: bool = False,
+    compile_mode: str = COMPILE_MODE,
+) -> dict[str, Any]:
+    """apply_optimisations over these UNets and this VAE: also a model of SDXL_MODELS_DIR's own
+    UNet (and VAE, None when it shares the default's), as it loads."""
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-    unets = [base.unet, refiner.unet]
-    vae = base.vae
     applied: dict[str, Any] = {}
+    modules = [*unets] if vae is None else [*unets, vae]
 
     processor_class = AttnProcessor2_0 if config.attention == Attention.SDPA else AttnProcessor
-    for module in [*unets, vae]:
+    for module in modules:
         module.set_attn_processor(processor_class())
     applied["attention"] = str(config.attention)
 
-    vae_dtype = resolve_vae_dtype(config, dtype, vae)
-    if vae.dtype != vae_dtype:
-        cast_module(vae, vae_dtype)
-    applied["vae_dtype"] = dtype_name(vae_dtype)
+    if vae is not None:
+        vae_dtype = resolve_vae_dtype(config, dtype, vae)
+        if vae.dtype != vae_dtype:
+            cast_module(vae, vae_dtype)
+        applied["vae_dtype"] = dtype_name(vae_dtype)
 
     if config.channels_last:
-        for module in [*unets, vae]:
+        for module in modules:
             module.to(memory_format=torch.channels_last)
     applied["channels_last"] = config.channels_last
 
@@ -60,7 +83,7 @@ def apply_optimisations(
             applied["attention"] = "sdpa"
         # Module by module: the VAE is shared, and pipeline.fuse_qkv_projections
         # on both pipelines would fuse it twice.
-        for module in [*unets, vae]:
+        for module in modules:
             module.fuse_qkv_projections()
     applied["fuse_qkv"] = config.fuse_qkv
 
@@ -72,7 +95,8 @@ def apply_optimisations(
             # types and configs.
             for unet in unets:
                 unet.compile(mode=compile_mode, fullgraph=True)
-            vae.decoder.compile(mode=compile_mode, fullgraph=True)
+            if vae is not None:
+                vae.decoder.compile(mode=compile_mode, fullgraph=True)
             compiled = True
         else:
             logger.warning("SDXL_COMPILE is on but the device is %s: not compiling", device)

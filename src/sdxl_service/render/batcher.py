@@ -35,6 +35,7 @@ from ..contract.jobs import (
     GenerationOutcome,
     ImageTask,
     InvalidLora,
+    InvalidModel,
     OutcomeStatus,
     OutOfMemory,
     RenderBatch,
@@ -354,6 +355,10 @@ class Batcher:
         except InvalidLora as exc:
             # Every job of the batch asked for the same LoRA set.
             self._finish_all(pendings, OutcomeStatus.INVALID_LORA, str(exc))
+            return
+        except InvalidModel as exc:
+            # Every job of the batch asked for the same model.
+            self._finish_all(pendings, OutcomeStatus.INVALID_MODEL, str(exc))
             return
         except Exception as exc:
             logger.exception("render of %d images failed", len(images))

@@ -6,8 +6,15 @@ const KEY_STORAGE = "sdxl-playground-api-key";
 const FIELDS = [
   "prompt", "negative_prompt", "size", "n", "output_format", "seed",
   "num_inference_steps", "guidance_scale", "refiner", "scheduler", "lora", "lora_scale",
-  "partial_images",
+  "partial_images", "model",
 ];
+// A model's sidecar defaults, by the form field each fills when the model is picked.
+const DEFAULT_FIELDS = {
+  steps: "num_inference_steps", guidance_scale: "guidance_scale",
+  scheduler: "scheduler", refiner: "refiner",
+};
+const modelDefaults = new Map();
+const formDefaults = {};
 const $ = (id) => document.getElementById(id);
 
 function headers(extra = {}) {
@@ -43,12 +50,40 @@ async function loadModels() {
   const models = (await response.json()).data || [];
   const select = $("lora");
   for (const card of models) {
+    if (card.owned_by === "models_dir") {
+      addModel(card);
+      continue;
+    }
     if (card.warning) $("model-note").textContent = card.warning;
     if (!card.lora) continue;
     const option = document.createElement("option");
     option.value = card.lora.name;
     option.textContent = `${card.lora.name} (${card.lora.components.join(", ")})`;
     select.append(option);
+  }
+}
+
+// A model of SDXL_MODELS_DIR in the picker; one that cannot render is shown, disabled, with why.
+function addModel(card) {
+  const option = document.createElement("option");
+  option.value = card.id;
+  const details = card.details || {};
+  const size = details.size_bytes ? ` ${(details.size_bytes / 2 ** 30).toFixed(2)} GiB` : "";
+  option.textContent = `${card.id} (${details.format || "?"}${size})`;
+  if (card.warning) {
+    option.disabled = true;
+    option.title = card.warning;
+    option.textContent += " — cannot be used";
+  }
+  modelDefaults.set(card.id, details.defaults || {});
+  $("model").append(option);
+}
+
+// Picking a model puts its defaults in the form (what the server would use), or the form's own.
+function applyModelDefaults() {
+  const defaults = modelDefaults.get($("model").value) || {};
+  for (const [key, field] of Object.entries(DEFAULT_FIELDS)) {
+    $(field).value = key in defaults ? defaults[key] : formDefaults[field];
   }
 }
 
@@ -68,6 +103,7 @@ function requestBody() {
   };
   if (value("negative_prompt")) body.negative_prompt = value("negative_prompt");
   if (value("seed") !== "") body.seed = Number(value("seed"));
+  if (value("model")) body.model = value("model");
   if (value("lora")) body.loras = [{ name: value("lora"), scale: Number(value("lora_scale")) }];
   return body;
 }
@@ -131,6 +167,7 @@ function reuse(params) {
   for (const field of FIELDS) {
     if (field in params && $(field)) $(field).value = params[field] ?? "";
   }
+  $("model").value = params.model || "";
   if (params.loras && params.loras[0]) {
     $("lora").value = params.loras[0].name;
     $("lora_scale").value = params.loras[0].scale;
@@ -185,5 +222,7 @@ async function generate(submit) {
   }
 }
 
+for (const field of Object.values(DEFAULT_FIELDS)) formDefaults[field] = $(field).value;
+$("model").addEventListener("change", applyModelDefaults);
 $("form").addEventListener("submit", generate);
 loadModels().catch((error) => showError(String(error)));

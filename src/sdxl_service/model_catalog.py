@@ -1,0 +1,280 @@
+"""The models in SDXL_MODELS_DIR: which there are, what each is, and their sidecar defaults.
+
+Each diffusers pipeline folder (one with `model_index.json`) and each `.safetensors`
+checkpoint in the original (AUTOMATIC1111 / Civitai) layout is a model, named by its
+folder or file name without the extension. An optional `<name>.json` beside it holds the
+model's defaults (steps, guidance, scheduler, refiner mode, clip skip, hand-over point),
+which a request's own fields override.
+
+Only JSON is read: `model_index.json`, the sidecars and a checkpoint's safetensors header
+(eight bytes of length, then the JSON table of its tensors), so the HTTP process lists
+and checks models without torch; the render worker loads the weights. As LoRAs are
+(lora_catalog.py), the folder is read again whenever it changes, so a file added while
+the service runs is found without a restart.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .choices import RefinerMode, SchedulerName
+from .lora_catalog import is_valid_name
+from .settings import PICKLE_SUFFIXES
+
+logger = logging.getLogger(__name__)
+
+Layout = Literal["base", "refiner"]
+Format = Literal["diffusers", "single_file"]
+
+# The prefixes of the original layout, as engine/checkpoint_layout.py names them (a test
+# keeps the two equal): the UNet, and the text encoders that tell a base from a refiner.
+UNET = "model.diffusion_model."
+CLIP_L = "conditioner.embedders.0.transformer."
+BIGG_OF_BASE = "conditioner.embedders.1.model."
+BIGG_OF_REFINER = "conditioner.embedders.0.model."
+# safetensors' own bound on a header; a larger length is a damaged file.
+MAX_HEADER_BYTES = 100_000_000
+# The pipeline classes of an SDXL folder's model_index.json, by layout.
+PIPELINE_LAYOUTS: dict[str, Layout] = {
+    "StableDiffusionXLPipeline": "base",
+    "StableDiffusionXLImg2ImgPipeline": "refiner",
+}
+
+
+class ModelDefaults(BaseModel):
+    """A sidecar `<name>.json`: the model's defaults, each overridden by a request's own."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    steps: int | None = Field(None, ge=1, le=150)
+    guidance_scale: float | None = Field(None, ge=0.0, le=30.0)
+    scheduler: SchedulerName | None = None
+    refiner: RefinerMode | None = None
+    clip_skip: int | None = Field(None, ge=1, le=2)
+    high_noise_frac: float | None = Field(None, gt=0.0, lt=1.0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelEntry:
+    name: str
+    path: Path  # the folder, or the .safetensors file
+    format: Format
+    layout: Layout | None  # None: not an SDXL checkpoint at all (`problem` says what)
+    size_bytes: int
+    defaults: ModelDefaults = field(default_factory=ModelDefaults)
+    # Why it cannot render, for the client: names, never file-system paths.
+    problem: str | None = None
+
+    @property
+    def pairs_with_refiner(self) -> bool:
+        """A base hands its latents to the service's refiner; a refiner renders nothing alone."""
+        return self.layout == "base"
+
+    @property
+    def stamp(self) -> tuple[int, int]:
+        """What says the file was replaced: its mtime and size (the folder's, for one)."""
+        try:
+            stat = self.path.stat()
+        except OSError:
+            return 0, 0
+        return stat.st_mtime_ns, self.size_bytes
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "format": self.format,
+            "layout": self.layout,
+            "size_bytes": self.size_bytes,
+            "pairs_with_refiner": self.pairs_with_refiner,
+            "defaults": self.defaults.model_dump(exclude_none=True, mode="json"),
+        }
+
+
+def read_header(path: Path) -> dict[str, Any]:
+    """The tensor table of a safetensors file; ValueError for a damaged or truncated one."""
+    size = path.stat().st_size
+    with path.open("rb") as file:
+        head = file.read(8)
+        if len(head) < 8:
+            raise ValueError("it is too short to be a safetensors file")
+        (length,) = struct.unpack("<Q", head)
+        if length > min(MAX_HEADER_BYTES, size - 8):
+            raise ValueError("it is not a readable safetensors file (damaged or truncated)")
+        try:
+            header: dict[str, Any] = json.loads(file.read(length))
+        except ValueError:
+            raise ValueError("its safetensors header is not JSON (damaged?)") from None
+    tensors = {key: value for key, value in header.items() if key != "__metadata__"}
+    ends = [int(entry["data_offsets"][1]) for entry in tensors.values()]
+    if 8 + length + max(ends, default=0) > size:
+        raise ValueError("it is truncated: its header names more data than the file holds")
+    return tensors
+
+
+def checkpoint_layout(keys: list[str]) -> Layout:
+    """Base or refiner, from a checkpoint's tensor names; ValueError saying what it is else."""
+
+    def has(prefix: str) -> bool:
+        return any(key.startswith(prefix) for key in keys)
+
+    if has(UNET) and has(CLIP_L) and has(BIGG_OF_BASE):
+        return "base"
+    if has(UNET) and has(BIGG_OF_REFINER) and not has(BIGG_OF_BASE):
+        return "refiner"
+    if any(key.startswith(("lora_unet_", "lora_te")) or ".lora_" in key for key in keys):
+        raise ValueError("it is a LoRA, not a checkpoint (LoRA files go into SDXL_LORA_DIR)")
+    if has("cond_stage_model."):
+        raise ValueError("it is a Stable Diffusion 1.x/2.x checkpoint, not SDXL")
+    if not has(UNET):
+        raise ValueError(f"it holds no UNet ({UNET}*): not a checkpoint")
+    raise ValueError("it has a UNet but not SDXL's text encoders")
+
+
+def folder_layout(folder: Path) -> Layout:
+    """Base or refiner, from a diffusers folder's model_index.json; ValueError else."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+        class_name = index["_class_name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ValueError("its model_index.json is unreadable") from None
+    layout = PIPELINE_LAYOUTS.get(class_name)
+    if layout is None:
+        raise ValueError(f"it is a {class_name} folder, not an SDXL pipeline")
+    if layout == "refiner" and (index.get("text_encoder") or [None])[0] is not None:
+        # An SDXL img2img pipeline with both text encoders is a base saved as img2img.
+        return "base"
+    return layout
+
+
+def read_defaults(sidecar: Path) -> ModelDefaults:
+    """A sidecar's defaults; ValueError naming what is wrong with it."""
+    try:
+        data = json.loads(sidecar.read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"its sidecar {sidecar.name} is not valid JSON ({error})") from None
+    try:
+        return ModelDefaults.model_validate(data)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in item['loc']) or 'the file'}: {item['msg']}"
+            for item in error.errors()
+        )
+        raise ValueError(f"its sidecar {sidecar.name} is invalid: {problems}") from None
+
+
+def _folder_size(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
+def read_model(name: str, path: Path) -> ModelEntry:
+    """The model at `path` (a folder or a file), with its sidecar; its `problem` says why it
+    cannot render, if it cannot."""
+    is_folder = path.is_dir()
+    fmt: Format = "diffusers" if is_folder else "single_file"
+    layout: Layout | None = None
+    problem: str | None = None
+    size = 0
+    try:
+        size = _folder_size(path) if is_folder else path.stat().st_size
+        if is_folder:
+            layout = folder_layout(path)
+        else:
+            if path.suffix.lower() in PICKLE_SUFFIXES:
+                raise ValueError(
+                    f"{path.suffix} files are pickles, and loading one runs the code inside "
+                    "it: convert it to .safetensors"
+                )
+            layout = checkpoint_layout(list(read_header(path)))
+        if layout == "refiner":
+            problem = (
+                f"model '{name}' is an SDXL refiner checkpoint: it refines a base's images and "
+                "renders nothing alone (give it as SDXL_REFINER_MODEL)"
+            )
+    except (OSError, ValueError) as error:
+        problem = f"model '{name}' is not an SDXL checkpoint this service can load: {error}"
+    defaults = ModelDefaults()
+    sidecar = path.parent / f"{name}.json"
+    if sidecar.is_file():
+        try:
+            defaults = read_defaults(sidecar)
+        except ValueError as error:
+            problem = problem or f"model '{name}' cannot be used: {error}"
+    return ModelEntry(
+        name=name,
+        path=path,
+        format=fmt,
+        layout=layout,
+        size_bytes=size,
+        defaults=defaults,
+        problem=problem,
+    )
+
+
+class ModelCatalog:
+    """The models of one folder, listed again when the folder or a file in it changes."""
+
+    def __init__(self, folder: Path | None) -> None:
+        self.folder = folder
+        self._lock = threading.Lock()
+        self._stamp: tuple[float, ...] | None = None
+        self._entries: dict[str, ModelEntry] = {}
+
+    def entries(self) -> dict[str, ModelEntry]:
+        """Every model by name, usable or not (its `problem` says why not)."""
+        return self._current()
+
+    def find(self, name: str) -> ModelEntry | None:
+        if not is_valid_name(name):
+            return None
+        return self._current().get(name)
+
+    def _current(self) -> dict[str, ModelEntry]:
+        stamp = self._folder_stamp()
+        with self._lock:
+            if stamp != self._stamp:
+                self._entries = self._scan()
+                self._stamp = stamp
+            return self._entries
+
+    def _candidates(self) -> dict[str, Path]:
+        if self.folder is None or not self.folder.is_dir():
+            return {}
+        found: dict[str, Path] = {}
+        for entry in sorted(self.folder.iterdir()):
+            if entry.is_dir() and (entry / "model_index.json").is_file():
+                found[entry.name] = entry
+            elif entry.is_file() and entry.suffix.lower() in (".safetensors", *PICKLE_SUFFIXES):
+                # A folder and a file of one name: the folder, read first, stays.
+                found.setdefault(entry.stem, entry)
+        return {name: path for name, path in found.items() if is_valid_name(name)}
+
+    def _folder_stamp(self) -> tuple[float, ...]:
+        # The folder's mtime changes when a file is added or removed; a file's (and a
+        # sidecar's) when one is replaced in place.
+        if self.folder is None or not self.folder.is_dir():
+            return ()
+        stamps: list[float] = [self.folder.stat().st_mtime]
+        for name, path in self._candidates().items():
+            for part in (path, path.parent / f"{name}.json"):
+                try:
+                    stat = part.stat()
+                except OSError:
+                    continue
+                stamps += [stat.st_mtime, float(stat.st_size)]
+        return tuple(stamps)
+
+    def _scan(self) -> dict[str, ModelEntry]:
+        entries = {}
+        for name, path in self._candidates().items():
+            entry = read_model(name, path)
+            if entry.problem is not None:
+                logger.warning("%s", entry.problem)
+            entries[name] = entry
+        return entries
