@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from tests.decoded import pixels
-from tests.polling import wait_until
+from tests.polling import metric, wait_until
 from tests.postgres_server import postgres_bin, running_postgres
-from tests.service_process import kill_service, running_service, start_service
+from tests.service_process import RunningService, kill_service, running_service, start_service
 from tests.webhook_receiver import running_receiver
 
 pytestmark = pytest.mark.integration
@@ -57,6 +57,35 @@ def test_a_job_ends_with_the_synchronous_answer(http: httpx.Client) -> None:
     same_pixels(job["result"], sync.json())
     assert job["result"]["size"] == sync.json()["size"] == "64x64"
     assert http.get("/images/jobs/imgjob_unknown").json()["error"]["param"] == "job_id"
+
+
+def test_a_running_job_shows_its_steps_and_cancel_stops_its_render(
+    http: httpx.Client, service: RunningService
+) -> None:
+    body = {"prompt": "a long render", "size": "256x256", "num_inference_steps": 150}
+    job_id = http.post("/images/jobs", json=body).json()["id"]
+    stepping = wait_until(
+        lambda: (job := job_of(http, job_id))["progress"]["step"] >= 2 and job,
+        timeout=120,
+        interval=0.1,
+        message="the job's progress",
+    )
+    assert stepping["status"] == "running" and stepping["progress"]["steps"] == 150
+    cancelled_before = metric(service.root, "sdxl_rejected_total", reason="cancelled")
+    cancelled = http.post(f"/images/jobs/{job_id}/cancel")
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    # The render worker itself gave the images up (at its next step), as for a disconnect.
+    wait_until(
+        lambda: (
+            metric(service.root, "sdxl_rejected_total", reason="cancelled") >= cancelled_before + 1
+        ),
+        timeout=60,
+        message="the render worker to stop the job",
+    )
+    job = job_of(http, job_id)
+    assert job["status"] == "cancelled" and job["progress"]["step"] < 150
+    assert job["result"] is None and job["error"]["code"] == "cancelled"
+    assert http.delete(f"/images/jobs/{job_id}").json()["deleted"] is True
 
 
 def test_jobs_queued_and_running_when_the_service_is_killed_end_succeeded_after_it_restarts(
