@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import logging
 from typing import Any
 
@@ -118,3 +120,34 @@ def synchronize(device: str | torch.device) -> None:
         torch.cuda.synchronize(device)
     elif kind == "mps":
         torch.mps.synchronize()
+
+
+def give_back_freed_host_memory() -> bool:
+    """Returns the free pages of the C heap to the system (glibc's malloc_trim); False where
+    there is no glibc.
+
+    Tensors freed after loading (a VAE cast to its dtype, the UNets' and VAE's weights laid
+    out again channels-last, a model unloaded) go back to glibc's heap, not to the system:
+    each large free raises glibc's threshold for giving memory its own mapping (up to
+    32 MiB), so the weights that follow land on the heap, and what is freed there stays
+    counted in the process. Channels-last left 0.45 GiB so with the full-size pair on the
+    CPU (11.44 against 10.99 GiB held, for 10.67 GiB of weights).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    trim = getattr(libc, "malloc_trim", None)
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
+def free_memory(device: str) -> None:
+    """What unreferenced tensors held, given back: after an out-of-memory render, a model
+    unloaded."""
+    gc.collect()
+    if is_cuda(device):
+        torch.cuda.empty_cache()
+    give_back_freed_host_memory()

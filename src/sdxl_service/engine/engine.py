@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +19,7 @@ from ..metrics import ServiceMetrics
 from .config import EngineConfig
 from .devices import (
     dtype_name,
+    free_memory,
     is_cuda,
     resolve_device,
     resolve_dtype,
@@ -279,9 +279,7 @@ class Engine:
         )
 
     def _free_memory(self) -> None:
-        gc.collect()
-        if is_cuda(self.device):
-            torch.cuda.empty_cache()
+        free_memory(self.device)
 
     def _render(self, batch: RenderBatch) -> list[Image.Image]:
         latents = self._denoise(batch) if batch.params.hires is None else self._hires(batch)

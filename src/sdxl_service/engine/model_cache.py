@@ -28,7 +28,7 @@ from ..lora_catalog import LoraCatalog
 from ..metrics import ServiceMetrics
 from ..model_catalog import ModelCatalog, ModelEntry
 from .config import EngineConfig
-from .devices import is_cuda
+from .devices import free_memory
 from .latents import LatentCodec
 from .loading import edit_pipelines, load_base_pipeline
 from .loras import LoraAdapters
@@ -280,9 +280,7 @@ class ModelCache:
                 )
 
     def _free_memory(self) -> None:
-        gc.collect()
-        if is_cuda(self.device):
-            torch.cuda.empty_cache()
+        free_memory(self.device)
 
     def _count_load(self, outcome: str, seconds: float | None = None) -> None:
         if self.metrics is not None:

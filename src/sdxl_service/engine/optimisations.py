@@ -9,7 +9,13 @@ import torch
 
 from ..choices import Attention
 from .config import EngineConfig
-from .devices import cast_module, dtype_name, is_cuda, resolve_vae_dtype
+from .devices import (
+    cast_module,
+    dtype_name,
+    give_back_freed_host_memory,
+    is_cuda,
+    resolve_vae_dtype,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +92,8 @@ def optimise_modules(
         for module in modules:
             module.fuse_qkv_projections()
     applied["fuse_qkv"] = config.fuse_qkv
+    # The weights the steps above replaced (cast, laid out again, fused).
+    give_back_freed_host_memory()
 
     compiled = False
     if config.compile:
