@@ -90,7 +90,17 @@ def build_child(folder: Path, *, smoke: bool) -> None:
 
 
 def weights_gib(folder: Path) -> float:
-    return round(sum(p.stat().st_size for p in folder.rglob("*.safetensors")) / GIB, 2)
+    return round(sum(p.stat().st_size for p in folder.rglob("*.safetensors")) / GIB, 4)
+
+
+def held_weights_gib(folder: Path) -> float:
+    """The weights a process holds once loaded: the refiner takes the base's text_encoder_2
+    and VAE (the service and stock diffusers' recipe alike), so its own are not loaded; in
+    bf16 or fp16, as many bytes as the fp16 files."""
+    shared = (folder / "refiner" / "text_encoder_2", folder / "refiner" / "vae")
+    files = [p for p in folder.rglob("*.safetensors") if not p.parent.is_relative_to(shared[0])]
+    held = [p for p in files if not p.parent.is_relative_to(shared[1])]
+    return round(sum(p.stat().st_size for p in held) / GIB, 4)
 
 
 # --- the service ----------------------------------------------------------------------------
@@ -437,6 +447,7 @@ def markdown(record: dict[str, Any]) -> str:
             f"| {row['render_ratio']} | {row['service_first_s']} / {row['stock_first_s']} "
             f"({row['first_ratio']}) | {row['pixel_max']} | {row['pixel_mean']} |"
         )
+    held = record["held_weights_gib"]
     worker, http, theirs = (
         s["memory_gib"]["render_worker"],
         s["memory_gib"]["http"],
@@ -453,6 +464,8 @@ def markdown(record: dict[str, Any]) -> str:
         f"| {theirs['peak']} |",
         f"| render worker: peak own memory (RssAnon, sampled every 0.2 s) "
         f"| {worker['peak_anon']} | {theirs['peak_anon']} |",
+        f"| the same over the {held} GiB of weights held "
+        f"| {worker['peak_anon'] / held:.3f} | {theirs['peak_anon'] / held:.3f} |",
         f"| render worker after the renders: own memory (RssAnon) | {worker['anon_now']} "
         f"| {theirs['anon_now']} |",
         f"| render worker after the renders: mapped files (RssFile) | {worker['file_now']} "
@@ -511,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
         "size": args.size,
         "steps": args.steps,
         "weights_gib": weights_gib(models),
+        "held_weights_gib": held_weights_gib(models),
         "build": build,
         "service": service,
         "stock": stock,

@@ -25,6 +25,8 @@ def test_the_fullsize_bench_runs_end_to_end_on_the_tiny_configs(tmp_path: Path) 
     files = sorted(p.name for p in (models / "base" / "unet").glob("*.safetensors"))
     assert files == ["diffusion_pytorch_model.fp16.safetensors"]
     assert record["dtype"] == "float32" and record["build"]["built"] is True
+    # The refiner's own text_encoder_2 and VAE are on disk, not held.
+    assert 0 < record["held_weights_gib"] < record["weights_gib"]
     assert set(record["comparison"]) == set(fullsize.CASES)
     for case, row in record["comparison"].items():
         # The service's images are stock diffusers' recipes, pixel for pixel (float32).
