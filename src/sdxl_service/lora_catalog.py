@@ -13,9 +13,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-import threading
 from dataclasses import dataclass
 from pathlib import Path
+
+from .folder_catalog import FolderCatalog
 
 logger = logging.getLogger(__name__)
 
@@ -87,14 +88,11 @@ def _format_of(name: str, keys: list[str]) -> tuple[str, tuple[str, ...]]:
     raise ValueError(f"LoRA '{name}' holds no UNet or text-encoder LoRA weights")
 
 
-class LoraCatalog:
+class LoraCatalog(FolderCatalog[LoraFile]):
     """The LoRAs of one folder, listed again when the folder changes."""
 
     def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self._lock = threading.Lock()
-        self._stamp: tuple[float, ...] | None = None
-        self._entries: dict[str, LoraFile] = {}
+        super().__init__(folder)
         self._hashes: dict[tuple[str, int, int], str] = {}
 
     def available(self) -> dict[str, LoraFile]:
@@ -130,16 +128,8 @@ class LoraCatalog:
                 self._hashes[key] = known
         return known
 
-    def _current(self) -> dict[str, LoraFile]:
-        stamp = self._folder_stamp()
-        with self._lock:
-            if stamp != self._stamp:
-                self._entries = self._scan()
-                self._stamp = stamp
-            return self._entries
-
     def _candidates(self) -> dict[str, Path]:
-        if not self.folder.is_dir():
+        if self.folder is None or not self.folder.is_dir():
             return {}
         found: dict[str, Path] = {}
         for entry in sorted(self.folder.iterdir()):
@@ -149,27 +139,9 @@ class LoraCatalog:
                 found[entry.name] = entry / DIFFUSERS_WEIGHTS
         return {name: path for name, path in found.items() if is_valid_name(name)}
 
-    def _folder_stamp(self) -> tuple[float, ...]:
-        # The folder's own mtime changes when a file is added or removed; the
-        # files' cover one replaced in place.
-        candidates = self._candidates()
-        stamps = [self.folder.stat().st_mtime] if self.folder.is_dir() else []
-        for path in candidates.values():
-            try:
-                stat = path.stat()
-            except OSError:
-                continue
-            stamps += [stat.st_mtime, float(stat.st_size)]
-        return tuple(stamps)
-
-    def _scan(self) -> dict[str, LoraFile]:
-        entries = {}
-        for name, path in self._candidates().items():
-            try:
-                entries[name] = read_lora_file(name, path)
-            except ValueError as exc:
-                logger.warning("LoRA %s cannot be used: %s", name, exc)
-                entries[name] = LoraFile(
-                    name=name, path=path, format="", components=(), problem=str(exc)
-                )
-        return entries
+    def _read(self, name: str, path: Path) -> LoraFile:
+        try:
+            return read_lora_file(name, path)
+        except ValueError as exc:
+            logger.warning("LoRA %s cannot be used: %s", name, exc)
+            return LoraFile(name=name, path=path, format="", components=(), problem=str(exc))

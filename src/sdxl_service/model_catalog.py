@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import struct
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +25,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .choices import RefinerMode, SchedulerName
+from .folder_catalog import FolderCatalog
 from .lora_catalog import is_valid_name
 from .settings import PICKLE_SUFFIXES
 
@@ -217,14 +217,8 @@ def read_model(name: str, path: Path) -> ModelEntry:
     )
 
 
-class ModelCatalog:
+class ModelCatalog(FolderCatalog[ModelEntry]):
     """The models of one folder, listed again when the folder or a file in it changes."""
-
-    def __init__(self, folder: Path | None) -> None:
-        self.folder = folder
-        self._lock = threading.Lock()
-        self._stamp: tuple[float, ...] | None = None
-        self._entries: dict[str, ModelEntry] = {}
 
     def entries(self) -> dict[str, ModelEntry]:
         """Every model by name, usable or not (its `problem` says why not)."""
@@ -234,14 +228,6 @@ class ModelCatalog:
         if not is_valid_name(name):
             return None
         return self._current().get(name)
-
-    def _current(self) -> dict[str, ModelEntry]:
-        stamp = self._folder_stamp()
-        with self._lock:
-            if stamp != self._stamp:
-                self._entries = self._scan()
-                self._stamp = stamp
-            return self._entries
 
     def _candidates(self) -> dict[str, Path]:
         if self.folder is None or not self.folder.is_dir():
@@ -255,26 +241,12 @@ class ModelCatalog:
                 found.setdefault(entry.stem, entry)
         return {name: path for name, path in found.items() if is_valid_name(name)}
 
-    def _folder_stamp(self) -> tuple[float, ...]:
-        # The folder's mtime changes when a file is added or removed; a file's (and a
-        # sidecar's) when one is replaced in place.
-        if self.folder is None or not self.folder.is_dir():
-            return ()
-        stamps: list[float] = [self.folder.stat().st_mtime]
-        for name, path in self._candidates().items():
-            for part in (path, path.parent / f"{name}.json"):
-                try:
-                    stat = part.stat()
-                except OSError:
-                    continue
-                stamps += [stat.st_mtime, float(stat.st_size)]
-        return tuple(stamps)
+    def _watched(self, name: str, path: Path) -> tuple[Path, ...]:
+        # A sidecar's change is the model's.
+        return (path, path.parent / f"{name}.json")
 
-    def _scan(self) -> dict[str, ModelEntry]:
-        entries = {}
-        for name, path in self._candidates().items():
-            entry = read_model(name, path)
-            if entry.problem is not None:
-                logger.warning("%s", entry.problem)
-            entries[name] = entry
-        return entries
+    def _read(self, name: str, path: Path) -> ModelEntry:
+        entry = read_model(name, path)
+        if entry.problem is not None:
+            logger.warning("%s", entry.problem)
+        return entry

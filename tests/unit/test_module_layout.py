@@ -20,6 +20,7 @@ SHARED = {
     "sdxl_service.settings",
     "sdxl_service.choices",
     "sdxl_service.metrics",
+    "sdxl_service.folder_catalog",
     "sdxl_service.lora_catalog",
     "sdxl_service.model_catalog",
 }

@@ -1,0 +1,56 @@
+"""A folder of files read as named entries, read again whenever the folder or one of its files
+changes: new LoRAs and models are found without a restart (lora_catalog, model_catalog)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Generic, TypeVar
+
+Entry = TypeVar("Entry")
+
+
+class FolderCatalog(Generic[Entry]):
+    """The entries of one folder by name: `_candidates` says which files are entries and
+    `_read` reads one; both are the subclass's."""
+
+    def __init__(self, folder: Path | None) -> None:
+        self.folder = folder
+        self._lock = threading.Lock()
+        self._stamp: tuple[float, ...] | None = None
+        self._entries: dict[str, Entry] = {}
+
+    def _current(self) -> dict[str, Entry]:
+        stamp = self._folder_stamp()
+        with self._lock:
+            if stamp != self._stamp:
+                self._entries = {
+                    name: self._read(name, path) for name, path in self._candidates().items()
+                }
+                self._stamp = stamp
+            return self._entries
+
+    def _candidates(self) -> dict[str, Path]:
+        raise NotImplementedError
+
+    def _read(self, name: str, path: Path) -> Entry:
+        raise NotImplementedError
+
+    def _watched(self, name: str, path: Path) -> tuple[Path, ...]:
+        """The files whose change makes entry `name` be read again."""
+        return (path,)
+
+    def _folder_stamp(self) -> tuple[float, ...]:
+        # The folder's own mtime changes when a file is added or removed; the files'
+        # cover one replaced in place.
+        if self.folder is None or not self.folder.is_dir():
+            return ()
+        stamps = [self.folder.stat().st_mtime]
+        for name, path in self._candidates().items():
+            for part in self._watched(name, path):
+                try:
+                    stat = part.stat()
+                except OSError:
+                    continue
+                stamps += [stat.st_mtime, float(stat.st_size)]
+        return tuple(stamps)
