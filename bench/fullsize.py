@@ -39,6 +39,7 @@ import numpy as np
 import psutil
 from PIL import Image
 
+from bench.runs import current_commit, run_module
 from tests.service_process import REPO, running_service
 
 RESULTS = REPO / "bench" / "results" / "fullsize-cpu.json"
@@ -215,13 +216,18 @@ class AnonPeaks:
     def __exit__(self, *_: object) -> None:
         self._stop.set()
         self._thread.join()
+        # Once more at the end: a span shorter than `every` still has its sample.
+        self._sample()
 
     def _run(self) -> None:
         while not self._stop.wait(self._every):
-            for role, pid in self._processes().items():
-                seen = anon_gib(pid)
-                if seen is not None and seen > self.peaks.get(role, 0.0):
-                    self.peaks[role] = seen
+            self._sample()
+
+    def _sample(self) -> None:
+        for role, pid in self._processes().items():
+            seen = anon_gib(pid)
+            if seen is not None and seen > self.peaks.get(role, 0.0):
+                self.peaks[role] = seen
 
     def rounded(self) -> dict[str, float]:
         return {role: round(peak, 2) for role, peak in self.peaks.items()}
@@ -369,30 +375,9 @@ def run_stock(models: Path, workdir: Path, size: int, steps: int, dtype: str) ->
     out = workdir / "stock.json"
     page_cache_s = read_through(models)
     spawned_at = time.time()
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.fullsize",
-            "--stock-child",
-            str(out),
-            "--models",
-            str(models),
-            "--size",
-            str(size),
-            "--steps",
-            str(steps),
-            "--dtype",
-            dtype,
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=3600,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"stock diffusers failed:\n{done.stderr[-4000:]}")
+    child = ["--stock-child", str(out), "--models", str(models), "--size", str(size)]
+    child += ["--steps", str(steps), "--dtype", dtype]
+    run_module("bench.fullsize", child, what="stock diffusers", timeout=3600)
     record = json.loads(out.read_text())
     # Process start to pipelines loaded, imports included: what /readyz's time includes.
     record["start_s"] = round(record.pop("loaded_at") - spawned_at, 1)
@@ -508,17 +493,10 @@ def main(argv: list[str] | None = None) -> int:
     service = run_service(models, args.workdir / "service", args.size, args.steps, dtype)
     print(f"service ready in {service['ready_s']} s; stock diffusers", flush=True)
     stock = run_stock(models, args.workdir, args.size, args.steps, dtype)
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
     record = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU",
-        "commit": commit,
+        "commit": current_commit(),
         "smoke": args.smoke,
         "dtype": dtype,
         "size": args.size,

@@ -30,7 +30,6 @@ import json
 import os
 import platform
 import re
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -41,6 +40,7 @@ import httpx
 import numpy as np
 
 from bench.performance_doc import write_section
+from bench.runs import current_commit
 from tests.decoded import server_timing
 from tests.service_process import REPO, running_service
 
@@ -269,11 +269,6 @@ def write_doc(section: str) -> None:
     write_section("overhead-bench", "Service overhead (CPU, tiny preset, 256x256)", section)
 
 
-def commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True)
-    return out.stdout.decode().strip() or "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--samples", type=int, default=200, help="measured pairs")
@@ -285,7 +280,7 @@ def main() -> None:
     results: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU",
-        "commit": commit(),
+        "commit": current_commit(),
         "warmup": args.warmup,
         "request": REQUEST,
         "work": work,

@@ -21,8 +21,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from bench.fullsize import DEFAULT_MODELS, AnonPeaks, anon_gib, build_models
+from bench.runs import current_commit, run_module
 from tests.service_process import REPO
 
 RESULTS = REPO / "bench" / "results" / "vae-tiling-cpu.json"
@@ -72,18 +71,9 @@ def decode_child(models: Path, size: int, tiled: bool, dtype_name: str, out: Pat
 
 def run_decode(models: Path, workdir: Path, size: int, tiled: bool, dtype: str) -> dict[str, Any]:
     out = workdir / f"decode-{size}-{'tiled' if tiled else 'untiled'}.json"
-    command = [sys.executable, "-m", "bench.vae_tiling", "--child", str(out)]
-    command += ["--models", str(models), "--size", str(size), "--dtype", dtype]
-    done = subprocess.run(
-        [*command, *(["--tiled"] if tiled else [])],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"decode {size} tiled={tiled} failed:\n{done.stderr[-4000:]}")
+    child = ["--child", str(out), "--models", str(models), "--size", str(size), "--dtype", dtype]
+    child += ["--tiled"] if tiled else []
+    run_module("bench.vae_tiling", child, what=f"decode {size} tiled={tiled}", timeout=1800)
     record = json.loads(out.read_text())
     record["image"] = np.asarray(Image.open(out.with_suffix(".png")).convert("RGB"))
     return record
@@ -146,13 +136,10 @@ def main(argv: list[str] | None = None) -> int:
             "pixel_mean": round(float(difference.mean()), 3),
         }
         print(f"{size}: {sizes[f'{size}x{size}']}", flush=True)
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
-    ).stdout.strip()
     record = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU",
-        "commit": commit,
+        "commit": current_commit(),
         "smoke": args.smoke,
         "dtype": args.dtype,
         "sizes": sizes,
