@@ -311,7 +311,7 @@ function jobState(job) {
   if (job.status === "queued") {
     return job.queue_position === null ? "queued" : `queued, ${job.queue_position} ahead`;
   }
-  if (job.status === "running") return `running, step ${progress.step} of ${progress.steps}`;
+  if (job.status === "running") return `running, step ${progress.step || 0} of ${progress.steps}`;
   return job.status;
 }
 
@@ -349,7 +349,7 @@ function drawJob(entry) {
   if (progress.steps) {
     const bar = document.createElement("progress");
     bar.max = progress.steps;
-    bar.value = job.status === "succeeded" ? progress.steps : Math.min(progress.step, progress.steps);
+    bar.value = job.status === "succeeded" ? progress.steps : Math.min(progress.step || 0, progress.steps);
     parts.push(bar);
   }
   if (job.status === "succeeded" && job.result) parts.push(jobImages(job.result));
