@@ -281,8 +281,9 @@ def test_with_api_keys_a_running_job_is_cancelled_from_the_page(
         page.wait_for_selector("#key-dialog[open]")
         page.fill("#key-input", "playground-key")
         page.click("#key-dialog button")
+        # 150 steps at 512x512: seconds on the tiny preset, still running when Cancel lands.
         page.fill("#prompt", "a long render")
-        page.select_option("#size", "256x256")
+        page.select_option("#size", "512x512")
         page.fill("#num_inference_steps", "150")
         job_id = queue_job(page)
         card = job_card(job_id)
