@@ -185,6 +185,7 @@ ImagesAPI.add_asgi_middleware(  # type: ignore[attr-defined]
     APIKeyAuth,
     keys=APIKeys([key.get_secret_value() for key in settings.api_keys], settings.api_keys_file),
     metrics_public=settings.metrics_public,
+    playground_public=playground_app is not None,
 )
 ImagesAPI.add_asgi_middleware(OpenAIErrorsEverywhere)  # type: ignore[attr-defined]
 ImagesAPI.add_asgi_middleware(MountRootAlias, path=API_PREFIX)  # type: ignore[attr-defined]

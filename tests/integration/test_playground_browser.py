@@ -189,3 +189,127 @@ def test_the_model_picker_lists_the_models_and_renders_with_the_one_picked(
     finally:
         context.close()
     assert errors == []
+
+
+def job_card(job_id: str) -> str:
+    return f".job[data-job-id='{job_id}']"
+
+
+def queue_job(page: Any) -> str:
+    """Clicks "Queue as job"; the id of the job the API made (202)."""
+    with page.expect_response(
+        lambda r: r.url.endswith("/v1/images/jobs") and r.request.method == "POST"
+    ) as answered:
+        page.click("#queue-job")
+    assert answered.value.status == 202, answered.value.text()
+    body = answered.value.request.post_data_json
+    # The synchronous call's body, less what a job refuses (stream) or ignores (previews).
+    assert "stream" not in body and "partial_images" not in body
+    assert body["metadata"] == {"prompt": body["prompt"]}
+    return answered.value.json()["id"]  # type: ignore[no-any-return]
+
+
+def shown_image(page: Any, card: str) -> str:
+    """The base64 of the card's image, checked to be a PNG data URL."""
+    src = page.get_attribute(f"{card} img", "src")
+    prefix = "data:image/png;base64,"
+    assert src.startswith(prefix)
+    return src[len(prefix) :]  # type: ignore[no-any-return]
+
+
+def test_a_queued_job_shows_its_image_is_still_there_after_a_reload_and_is_deleted(
+    page: Any, http: Any
+) -> None:
+    from tests.decoded import decode
+
+    prompt = "a lighthouse <img src=x onerror=alert(1)> at dusk"  # shown as text, not markup
+    page.fill("#prompt", prompt)
+    page.select_option("#size", "256x256")
+    page.fill("#seed", "21")
+    page.fill("#num_inference_steps", "4")
+    job_id = queue_job(page)
+    card = job_card(job_id)
+    page.wait_for_selector(f"{card}[data-status='succeeded'] img", timeout=120_000)
+    assert page.text_content(f"{card} .job-prompt") == prompt
+    assert page.text_content(f"{card} .job-state") == "succeeded"
+    assert page.eval_on_selector(f"{card} progress", "p => [p.value, p.max]") == [4, 4]
+    shown = shown_image(page, card)
+    assert decode(shown).size == (256, 256)
+    job = http.get(f"/images/jobs/{job_id}").json()
+    assert job["status"] == "succeeded" and [d["seed"] for d in job["result"]["data"]] == [21]
+    assert job["result"]["data"][0]["b64_json"] == shown
+    page.wait_for_function("pollTimer === null")  # nothing queued or running: no more polls
+
+    page.reload()
+    page.wait_for_selector(f"{card}[data-status='succeeded'] img", timeout=30_000)
+    assert page.text_content(f"{card} .job-prompt") == prompt
+    assert shown_image(page, card) == shown
+    assert page.text_content(f"{card} figcaption") == "seed 21"
+
+    page.click(f"{card} button[data-action='delete']")
+    page.wait_for_selector(card, state="detached")
+    gone = http.get(f"/images/jobs/{job_id}")
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "job_not_found"
+
+
+@pytest.fixture(scope="module")
+def keyed_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from tests.service_process import running_service
+
+    env = {"SDXL_API_KEYS": "playground-key,another-key"}
+    with running_service(tmp_path_factory.mktemp("keyed-service"), env) as running:
+        yield running
+
+
+def test_with_api_keys_a_running_job_is_cancelled_from_the_page(
+    browser: Any, keyed_service: Any
+) -> None:
+    import httpx
+
+    from tests.polling import wait_until
+
+    context = browser.new_context(viewport={"width": 1100, "height": 900})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    api = httpx.Client(
+        base_url=keyed_service.api, headers={"Authorization": "Bearer playground-key"}, timeout=30
+    )
+    try:
+        page.goto(f"{keyed_service.root}/")
+        # The models and the jobs are both refused at load: one dialog asks for the key.
+        page.wait_for_selector("#key-dialog[open]")
+        page.fill("#key-input", "playground-key")
+        page.click("#key-dialog button")
+        # 150 steps at 512x512: seconds on the tiny preset, still running when Cancel lands.
+        page.fill("#prompt", "a long render")
+        page.select_option("#size", "512x512")
+        page.fill("#num_inference_steps", "150")
+        job_id = queue_job(page)
+        card = job_card(job_id)
+        running = wait_until(
+            lambda: (
+                (job := api.get(f"/images/jobs/{job_id}").json())["progress"]["step"] >= 1 and job
+            ),
+            timeout=120,
+            interval=0.1,
+            message="the job to run",
+        )
+        assert running["status"] == "running"
+        page.click(f"{card} button[data-action='cancel']")
+        page.wait_for_selector(f"{card}[data-status='cancelled']")
+        job = api.get(f"/images/jobs/{job_id}").json()
+        assert job["status"] == "cancelled" and job["progress"]["step"] < 150
+        assert page.text_content(f"{card} .job-error") == job["error"]["message"]
+        assert page.locator(f"{card} img").count() == 0
+        assert page.locator(f"{card} button[data-action='delete']").count() == 1
+        # Made with the page's key: another key does not see it.
+        other = httpx.get(
+            f"{keyed_service.api}/images/jobs/{job_id}",
+            headers={"Authorization": "Bearer another-key"},
+        )
+        assert other.status_code == 404
+    finally:
+        api.close()
+        context.close()
+    assert errors == []

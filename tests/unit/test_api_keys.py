@@ -57,6 +57,23 @@ def test_probes_and_the_prem_health_check_stay_open() -> None:
         assert client.get(path).status_code == 200
 
 
+def test_the_playground_page_and_its_assets_load_without_a_key_when_it_is_served() -> None:
+    async def ok(_request: object) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    paths = ["/", "/playground/playground.js", "/playgroundx", "/v1/models"]
+    inner = Starlette(routes=[Route(path, ok, methods=["GET", "POST"]) for path in paths])
+    served = TestClient(APIKeyAuth(inner, APIKeys(["k1"]), playground_public=True))
+    assert served.get("/").status_code == 200
+    assert served.get("/playground/playground.js").status_code == 200
+    assert served.head("/").status_code == 200
+    # Only reading the page: its API calls, other methods and look-alike paths need the key.
+    for method, path in (("GET", "/v1/models"), ("POST", "/"), ("GET", "/playgroundx")):
+        assert served.request(method, path).status_code == 401
+    not_served = TestClient(APIKeyAuth(inner, APIKeys(["k1"])))
+    assert not_served.get("/").status_code == 401  # BentoML's index with SDXL_PLAYGROUND=false
+
+
 def test_metrics_need_a_key_unless_public() -> None:
     assert app(APIKeys(["k1"])).get("/metrics").status_code == 401
     assert app(APIKeys(["k1"])).get("/metrics", headers=bearer("k1")).status_code == 200

@@ -19,7 +19,7 @@ from pathlib import Path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .errors import APIError
-from .paths import API_PREFIX, METRICS_PATH, PROBE_PATHS
+from .paths import API_PREFIX, METRICS_PATH, PLAYGROUND_ASSETS, PLAYGROUND_PAGE, PROBE_PATHS
 
 logger = logging.getLogger(__name__)
 
@@ -86,10 +86,19 @@ class APIKeys:
 class APIKeyAuth:
     """401 for a request without an accepted key, before anything reads its body."""
 
-    def __init__(self, app: ASGIApp, keys: APIKeys, metrics_public: bool = False) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        keys: APIKeys,
+        metrics_public: bool = False,
+        playground_public: bool = False,
+    ) -> None:
         self.app = app
         self.keys = keys
         self.metrics_public = metrics_public
+        # A browser loads a page without an Authorization header: the playground's
+        # page asks for the key and sends it on its /v1 calls.
+        self.playground_public = playground_public
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not self.keys.required or self._is_open(scope):
@@ -117,6 +126,9 @@ class APIKeyAuth:
     def _is_open(self, scope: Scope) -> bool:
         path = scope["path"]
         if path in OPEN_PATHS or (path == METRICS_PATH and self.metrics_public):
+            return True
+        page = path == PLAYGROUND_PAGE or path.startswith(PLAYGROUND_ASSETS + "/")
+        if page and self.playground_public and scope["method"] in ("GET", "HEAD"):
             return True
         # A CORS preflight carries no credentials by design; the real request will.
         headers = dict(scope["headers"])

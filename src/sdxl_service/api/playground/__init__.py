@@ -14,8 +14,10 @@ from starlette.responses import FileResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from ..paths import PLAYGROUND_ASSETS, PLAYGROUND_PAGE
+
 ASSETS = Path(__file__).parent / "assets"
-ASSETS_PATH = "/playground"
+ASSETS_PATH = PLAYGROUND_ASSETS
 
 
 async def _page(_request: object) -> FileResponse:
@@ -27,7 +29,7 @@ def create_playground_app() -> Starlette:
     """`/` (the page) and `/playground/*` (its script and style sheet)."""
     return Starlette(
         routes=[
-            Route("/", _page, methods=["GET", "HEAD"]),
+            Route(PLAYGROUND_PAGE, _page, methods=["GET", "HEAD"]),
             Mount(ASSETS_PATH, app=StaticFiles(directory=ASSETS), name="playground"),
         ]
     )
