@@ -415,7 +415,7 @@ def markdown(record: dict[str, Any]) -> str:
     lines = [
         f"Measured {record['date']} on {record['machine']} (`make bench-fullsize`, commit "
         f"{record['commit']}): random weights with the published configurations "
-        f"({record['weights_gib']} GiB of fp16 variant files alone), {record['dtype']}, "
+        f"({record['weights_gib']:.2f} GiB of fp16 variant files alone), {record['dtype']}, "
         f"{record['size']}x{record['size']}, {record['steps']} steps, guidance {GUIDANCE}, "
         f"euler, seed {SEED}; the refiner from {HIGH_NOISE_FRAC}; the edit base-only at "
         f"strength {STRENGTH}. Each case {ROUNDS} times in turn (the ratio is the last round's), "
@@ -449,7 +449,7 @@ def markdown(record: dict[str, Any]) -> str:
         f"| {theirs['peak']} |",
         f"| render worker: peak own memory (RssAnon, sampled every 0.2 s) "
         f"| {worker['peak_anon']} | {theirs['peak_anon']} |",
-        f"| the same over the {held} GiB of weights held "
+        f"| the same over the {held:.2f} GiB of weights held "
         f"| {worker['peak_anon'] / held:.3f} | {theirs['peak_anon'] / held:.3f} |",
         f"| render worker after the renders: own memory (RssAnon) | {worker['anon_now']} "
         f"| {theirs['anon_now']} |",
