@@ -13,10 +13,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .folder_catalog import FolderCatalog
+from .sidecars import ModelDefaults, read_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +44,18 @@ class LoraFile:
     format: str  # "kohya" or "diffusers"
     components: tuple[str, ...]  # of unet, text_encoder, text_encoder_2, refiner
     problem: str | None = None  # why it cannot be used, for a file that is no LoRA
+    # Its sidecar `<name>.json` in the folder: a few-step LoRA's sampler, steps, guidance.
+    defaults: ModelDefaults = field(default_factory=ModelDefaults)
 
     def describe(self) -> dict[str, object]:
-        return {"name": self.name, "format": self.format, "components": list(self.components)}
+        card: dict[str, object] = {
+            "name": self.name,
+            "format": self.format,
+            "components": list(self.components),
+        }
+        if defaults := self.defaults.model_dump(exclude_none=True, mode="json"):
+            card["defaults"] = defaults
+        return card
 
 
 def is_valid_name(name: str) -> bool:
@@ -139,9 +149,20 @@ class LoraCatalog(FolderCatalog[LoraFile]):
                 found[entry.name] = entry / DIFFUSERS_WEIGHTS
         return {name: path for name, path in found.items() if is_valid_name(name)}
 
+    def _watched(self, name: str, path: Path) -> tuple[Path, ...]:
+        return (path, self._sidecar(name))
+
+    def _sidecar(self, name: str) -> Path:
+        assert self.folder is not None  # a LoRA catalog always has its folder
+        return self.folder / f"{name}.json"
+
     def _read(self, name: str, path: Path) -> LoraFile:
         try:
-            return read_lora_file(name, path)
+            lora = read_lora_file(name, path)
+            sidecar = self._sidecar(name)
+            if sidecar.is_file():
+                lora = replace(lora, defaults=read_defaults(sidecar))
+            return lora
         except ValueError as exc:
             logger.warning("LoRA %s cannot be used: %s", name, exc)
             return LoraFile(name=name, path=path, format="", components=(), problem=str(exc))

@@ -22,12 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
-from .choices import RefinerMode, SchedulerName
 from .folder_catalog import FolderCatalog
 from .lora_catalog import is_valid_name
 from .settings import PICKLE_SUFFIXES
+from .sidecars import ModelDefaults, read_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -47,19 +45,6 @@ PIPELINE_LAYOUTS: dict[str, Layout] = {
     "StableDiffusionXLPipeline": "base",
     "StableDiffusionXLImg2ImgPipeline": "refiner",
 }
-
-
-class ModelDefaults(BaseModel):
-    """A sidecar `<name>.json`: the model's defaults, each overridden by a request's own."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    steps: int | None = Field(None, ge=1, le=150)
-    guidance_scale: float | None = Field(None, ge=0.0, le=30.0)
-    scheduler: SchedulerName | None = None
-    refiner: RefinerMode | None = None
-    clip_skip: int | None = Field(None, ge=1, le=2)
-    high_noise_frac: float | None = Field(None, gt=0.0, lt=1.0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -151,22 +136,6 @@ def folder_layout(folder: Path) -> Layout:
         # An SDXL img2img pipeline with both text encoders is a base saved as img2img.
         return "base"
     return layout
-
-
-def read_defaults(sidecar: Path) -> ModelDefaults:
-    """A sidecar's defaults; ValueError naming what is wrong with it."""
-    try:
-        data = json.loads(sidecar.read_text())
-    except (OSError, ValueError) as error:
-        raise ValueError(f"its sidecar {sidecar.name} is not valid JSON ({error})") from None
-    try:
-        return ModelDefaults.model_validate(data)
-    except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in item['loc']) or 'the file'}: {item['msg']}"
-            for item in error.errors()
-        )
-        raise ValueError(f"its sidecar {sidecar.name} is invalid: {problems}") from None
 
 
 def _folder_size(folder: Path) -> int:

@@ -29,6 +29,7 @@ from tests.service_process import REPO, RunningService, running_service
 pytestmark = pytest.mark.integration
 
 PROMPT = "a red fox in the snow"
+LIGHTNING = {"steps": 4, "guidance_scale": 0.0, "scheduler": "euler_trailing", "refiner": "none"}
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +39,9 @@ def lora_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("loras")
     save_diffusers(folder, "style", unet_lora_layers=unet_layers(base_dir, seed=1))
     save_diffusers(folder, "sd15", unet_lora_layers=sd15_shaped_layers(base_dir, seed=5))
+    # A few-step LoRA with its sidecar: SDXL-Lightning's recipe.
+    save_diffusers(folder, "lightning", unet_lora_layers=unet_layers(base_dir, seed=3))
+    (folder / "lightning.json").write_text(json.dumps(LIGHTNING))
     # Written now, moved into the folder while the service runs.
     save_kohya(tmp_path_factory.mktemp("later"), "late", unet_layers(base_dir, seed=2))
     return folder
@@ -134,3 +138,22 @@ def test_an_edit_takes_loras_as_a_json_form_field(client: OpenAI) -> None:
 
     loras = json.dumps([{"name": "style", "scale": 1.0}])
     assert np.abs(edit(loras=loras) - edit()).max() > 10
+
+
+def test_a_few_step_lora_renders_with_its_sidecars_recipe(client: OpenAI) -> None:
+    """The LoRA named alone renders as SDXL-Lightning's model card says (4 steps, guidance
+    0, trailing Euler, no refiner: its sidecar), exactly as those fields asked explicitly."""
+    lightning = [{"name": "lightning"}]
+    by_sidecar = generate(client, loras=lightning)
+    explicit = {
+        "num_inference_steps": 4,
+        "guidance_scale": 0.0,
+        "scheduler": "euler_trailing",
+        "refiner": "none",
+    }
+    assert np.array_equal(by_sidecar, generate(client, loras=lightning, **explicit))
+    # The request's own fields still come first.
+    assert not np.array_equal(by_sidecar, generate(client, loras=lightning, num_inference_steps=6))
+    cards = {card.id: card for card in client.models.list().data}
+    card = cards[f"{SERVICE_ID}:lightning"].model_extra["lora"]  # type: ignore[index]
+    assert card["defaults"] == LIGHTNING

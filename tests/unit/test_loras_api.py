@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -151,3 +152,52 @@ def test_lycoris_loha_and_lokr_files_are_a_400_saying_the_format_is_not_supporte
     assert (error.status, error.param, error.code) == (400, "loras", "invalid_lora")
     assert f"LyCORIS {kind} file" in error.message and "not support" in error.message
     assert "lyco" not in catalog.available() and "pixel-art" in catalog.available()
+
+
+# --- sidecar defaults ----------------------------------------------------------------------
+
+LIGHTNING = {"steps": 4, "guidance_scale": 0, "scheduler": "euler_trailing"}
+
+
+def lightning(catalog: LoraCatalog, defaults: object = LIGHTNING) -> None:
+    kohya(catalog.folder / "lightning.safetensors")  # type: ignore[operator]
+    (catalog.folder / "lightning.json").write_text(json.dumps(defaults))  # type: ignore[operator]
+
+
+def params_of(catalog: LoraCatalog, **fields: object):
+    req = ImageGenerationRequest.model_validate({"prompt": "a fox", **fields})
+    return resolve_generation(req, Settings(steps=30), 1024, catalog).job.params
+
+
+def test_a_loras_sidecar_gives_its_sampler_steps_and_guidance(catalog: LoraCatalog) -> None:
+    lightning(catalog)
+    for fields in (
+        {"loras": [{"name": "lightning"}]},
+        {"prompt": "a fox <lora:lightning:1>"},
+        {"model": f"{SERVICE_ID}:lightning"},
+    ):
+        params = params_of(catalog, **fields)
+        assert (params.steps, params.guidance_scale, params.scheduler) == (4, 0, "euler_trailing")
+    # The request's own fields first; without the LoRA, the server's defaults.
+    assert params_of(catalog, loras=[{"name": "lightning"}], num_inference_steps=8).steps == 8
+    assert params_of(catalog).steps == 30
+    assert catalog.find("lightning").describe()["defaults"] == LIGHTNING  # type: ignore[union-attr]
+
+
+def test_a_bad_loras_sidecar_is_a_400_naming_loras(catalog: LoraCatalog) -> None:
+    lightning(catalog, {"steps": 4, "sampler": "euler"})
+    with pytest.raises(APIError) as caught:
+        params_of(catalog, loras=[{"name": "lightning"}])
+    assert (caught.value.status, caught.value.param, caught.value.code) == (
+        400,
+        "loras",
+        "invalid_lora",
+    )
+    assert "lightning.json" in caught.value.message and "sampler" in caught.value.message
+
+
+def test_a_sidecar_written_while_running_is_read(catalog: LoraCatalog) -> None:
+    kohya(catalog.folder / "lightning.safetensors")  # type: ignore[operator]
+    assert params_of(catalog, loras=[{"name": "lightning"}]).steps == 30
+    lightning(catalog)
+    assert params_of(catalog, loras=[{"name": "lightning"}]).steps == 4

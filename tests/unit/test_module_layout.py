@@ -21,6 +21,7 @@ SHARED = {
     "sdxl_service.choices",
     "sdxl_service.metrics",
     "sdxl_service.folder_catalog",
+    "sdxl_service.sidecars",
     "sdxl_service.lora_catalog",
     "sdxl_service.model_catalog",
 }

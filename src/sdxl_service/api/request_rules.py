@@ -301,6 +301,12 @@ def _resolve(
     if choice.lora is not None:
         asked.append((choice.lora, 1.0))
     loras = lora_set(asked, catalog, s.max_loras) if asked else ()
+    # A LoRA's sidecar speaks over the model's (a few-step LoRA needs its sampler whatever
+    # the checkpoint); between LoRAs, the first named.
+    for name in reversed(dict.fromkeys(name for name, _ in asked)):
+        found = catalog.find(name) if catalog is not None else None
+        if found is not None:
+            defaults = found.defaults.over(defaults)
 
     # 2. The size answered, and the (possibly larger) size rendered.
     width, height = _requested_size(req, s, default_size, source)
