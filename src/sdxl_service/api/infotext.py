@@ -29,9 +29,9 @@ from ..choices import HiresUpscaler, RefinerMode, RenderKind, SchedulerName
 from ..contract.jobs import GenerationJob
 
 PNG_KEY = "parameters"
-# A1111's sampler names, and its "Schedule type" where the schedule is not the sampler's own.
 # AUTOMATIC1111's names of its upscalers.
 HIRES_UPSCALERS = {HiresUpscaler.LATENT: "Latent", HiresUpscaler.LANCZOS: "Lanczos"}
+# A1111's sampler names, and its "Schedule type" where the schedule is not the sampler's own.
 SAMPLERS = {
     SchedulerName.EULER: ("Euler", None),
     SchedulerName.EULER_A: ("Euler a", None),
