@@ -93,9 +93,11 @@ def test_each_image_samples_the_posterior_with_its_own_generator() -> None:
         (Switch.OFF, 512, False),
         (Switch.ON, 64, False),  # one tile: never split
         (Switch.ON, 72, True),
-        # auto: above (1.5 tiles)^2 pixels, 1536x1536 for SDXL.
-        (Switch.AUTO, 96, False),
-        (Switch.AUTO, 104, True),
+        # auto: above 1536x1536 pixels whatever the tile (256x256 split in 64-pixel tiles
+        # made the tiny preset's decode 8x slower).
+        (Switch.AUTO, 256, False),
+        (Switch.AUTO, 1536, False),
+        (Switch.AUTO, 1544, True),
     ],
 )
 def test_which_sizes_are_tiled(tiling: Switch, side: int, tiled: bool) -> None:
@@ -153,9 +155,9 @@ def test_an_untiled_size_decodes_in_one_call() -> None:
     latent_codec = LatentCodec(vae, device="cpu", dtype=torch.float32, tiling=Switch.AUTO)
     seen, hook = decoder_inputs(vae)
     with torch.inference_mode():
-        [image] = latent_codec.decode(torch.randn(1, 4, 12, 12))
+        [image] = latent_codec.decode(torch.randn(1, 4, 32, 32))
     hook.remove()
-    assert image.size == (96, 96) and len(seen) == 1
+    assert image.size == (256, 256) and len(seen) == 1  # four tiny tiles' worth, one call
 
 
 def test_a_large_edit_encodes_in_tiles() -> None:

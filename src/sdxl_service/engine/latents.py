@@ -12,11 +12,12 @@ from PIL import Image
 from ..choices import Switch
 from ..contract.jobs import RenderCancelled, RenderParams
 
-# SDXL_VAE_TILING=auto tiles images with more pixels than a square of this many VAE tiles
-# a side: 1536x1536 for SDXL's 1024-pixel tiles, the largest size the default
-# SDXL_MAX_PIXELS allows, so that every size allowed by default keeps its untiled pixels
-# and only larger ones (a raised limit, a hires pass) pay the blending for flat memory.
-AUTO_TILING_SIDE_IN_TILES = 1.5
+# SDXL_VAE_TILING=auto tiles images of more pixels than this: 1536x1536, the largest the
+# default SDXL_MAX_PIXELS allows, so that every size allowed by default keeps its untiled
+# pixels (on any VAE: the tiny preset's 64-pixel tiles would otherwise split a 256x256
+# decode, 8x slower, make bench-overhead) and only larger ones (a raised limit, a hires
+# pass) pay the blending for flat memory.
+AUTO_TILING_ABOVE_PIXELS = 1536 * 1536
 
 
 def _never() -> bool:
@@ -53,10 +54,10 @@ class LatentCodec:
         """
         if self.tiling is Switch.OFF:
             return False
-        tile = int(self.vae.tile_sample_min_size)
+        beyond_one_tile = max(height, width) > int(self.vae.tile_sample_min_size)
         if self.tiling is Switch.ON:
-            return max(height, width) > tile
-        return height * width > (AUTO_TILING_SIDE_IN_TILES * tile) ** 2
+            return beyond_one_tile
+        return beyond_one_tile and height * width > AUTO_TILING_ABOVE_PIXELS
 
     @contextmanager
     def _tiled(self, height: int, width: int) -> Iterator[None]:
