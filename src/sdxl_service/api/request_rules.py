@@ -170,14 +170,6 @@ def resolve_upscale(
         w, h = source.image.size
         message = f"scale {req.scale} of the {w}x{h} image makes {width}x{height}: {exc}."
         raise invalid_value("scale", message) from None
-    defaults = model_choice(req.model, settings, catalog, models).defaults
-    steps = _steps(req, settings, defaults)
-    if int(steps * req.denoising_strength) < 1:
-        raise invalid_value(
-            "denoising_strength",
-            f"denoising_strength {req.denoising_strength} of {steps} steps runs no denoising "
-            "step; raise it or num_inference_steps.",
-        )
     sized = req.model_copy(update={"width": width, "height": height})
     return _resolve(
         sized,
@@ -186,6 +178,7 @@ def resolve_upscale(
         prompt=req.prompt,
         source=source,
         strength=req.denoising_strength,
+        strength_param="denoising_strength",
         default_size=None,
         catalog=catalog,
         models=models,
@@ -264,6 +257,7 @@ def _resolve(
     prompt: str,
     source: EditSource | None = None,
     strength: float = 1.0,
+    strength_param: str = "strength",
     default_size: tuple[int, int] | None = AUTO_SIZE_PIXELS,
     catalog: LoraCatalog | None = None,
     models: ModelCatalog | None = None,
@@ -322,9 +316,9 @@ def _resolve(
     if source is not None and int(steps * strength) < 1:
         # diffusers runs the last int(steps * strength) steps of the schedule.
         raise invalid_value(
-            "strength",
-            f"strength {strength} of {steps} steps runs no denoising step; "
-            "raise strength or num_inference_steps.",
+            strength_param,
+            f"{strength_param} {strength} of {steps} steps runs no denoising step; "
+            f"raise {strength_param} or num_inference_steps.",
         )
     kind = RenderKind.TEXT_TO_IMAGE
     if source is not None:
