@@ -32,8 +32,9 @@ logger = logging.getLogger(__name__)
 Layout = Literal["base", "refiner"]
 Format = Literal["diffusers", "single_file"]
 
-# The prefixes of the original layout, as engine/checkpoint_layout.py names them (a test
-# keeps the two equal): the UNet, and the text encoders that tell a base from a refiner.
+# The prefixes of the original (single-file) layout, for this catalog and for the engine's
+# loader (engine/checkpoint_layout.py): the UNet, and the text encoders that tell a base
+# from a refiner.
 UNET = "model.diffusion_model."
 CLIP_L = "conditioner.embedders.0.transformer."
 BIGG_OF_BASE = "conditioner.embedders.1.model."

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-UNET = "model.diffusion_model."
+# The prefixes of the original layout, named once where the HTTP process reads them too
+# (it lists single files in SDXL_MODELS_DIR without torch).
+from ..model_catalog import BIGG_OF_BASE, BIGG_OF_REFINER, CLIP_L, UNET
+
 VAE = "first_stage_model."
-CLIP_L = "conditioner.embedders.0.transformer."
-BIGG_OF_BASE = "conditioner.embedders.1.model."
-BIGG_OF_REFINER = "conditioner.embedders.0.model."
 
 SDXL_CONFIGS = Path(__file__).parent / "sdxl_configs"
 
