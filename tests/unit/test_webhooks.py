@@ -11,7 +11,7 @@ import httpx
 import pytest
 from standardwebhooks.webhooks import Webhook
 
-from sdxl_service.api.webhooks import (
+from sdxl_service.api.jobs.webhooks import (
     WebhookDelivery,
     WebhookEvent,
     WebhookHosts,

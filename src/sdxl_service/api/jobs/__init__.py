@@ -14,7 +14,7 @@ from ...settings import Settings
 from ..files import open_file_store
 from ..render_client import BentoRenderClient
 from ..serving import ImagesServing
-from ..webhooks import WebhookDelivery, WebhookHosts, WebhookSigner
+from .webhooks import WebhookDelivery, WebhookHosts, WebhookSigner
 from .database import Database
 from .records import JobKind, JobRecord, JobStatus, WebhookState, new_job_id, owner_of
 from .runner import JobRunner

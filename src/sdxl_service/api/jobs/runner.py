@@ -33,7 +33,7 @@ from ..errors import APIError, validation_error
 from ..files import FileStore
 from ..schemas import ImageEditRequest, ImageGenerationRequest, ImageRequest, ImageVariationRequest
 from ..serving import ImagesServing
-from ..webhooks import WebhookDelivery, WebhookEvent
+from .webhooks import WebhookDelivery, WebhookEvent
 from .records import JobKind, JobRecord, JobStatus, WebhookState
 from .store import JobStore
 
