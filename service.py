@@ -22,7 +22,7 @@ from sdxl_service.api.metric_labels import RouteLabels, bound_http_metric_labels
 from sdxl_service.api.middleware import MountRootAlias, OpenAIErrorsEverywhere
 from sdxl_service.api.paths import API_PREFIX
 from sdxl_service.api.playground import create_playground_app
-from sdxl_service.contract.jobs import GenerationJob
+from sdxl_service.contract.render_request import GenerationJob
 from sdxl_service.contract.render_call import RENDER_ROUTE
 from sdxl_service.contract.wire import event_frame
 from sdxl_service.render.worker_plan import plan_from_environment

@@ -71,7 +71,7 @@ def engine_render() -> tuple[Callable[[], Any], dict[str, Any]]:
     from sdxl_service.api.request_rules import resolve_generation
     from sdxl_service.api.schemas import ImageGenerationRequest
     from sdxl_service.choices import Preset
-    from sdxl_service.contract.jobs import RenderBatch
+    from sdxl_service.contract.render_request import RenderBatch
     from sdxl_service.engine import Engine
     from sdxl_service.engine.config import EngineConfig
     from sdxl_service.lora_catalog import LoraCatalog

@@ -52,7 +52,7 @@ class Workload:
     def params(self) -> Any:
         """make bench's job at this size: ensemble, Euler, STEPS steps."""
         from sdxl_service.choices import RefinerMode, SchedulerName
-        from sdxl_service.contract.jobs import RenderParams
+        from sdxl_service.contract.render_request import RenderParams
 
         return RenderParams(
             width=self.size,
@@ -66,7 +66,7 @@ class Workload:
 
 
 def make_batch(workload: Workload, previews: bool, sink: list[Any]) -> Any:
-    from sdxl_service.contract.jobs import ImageTask, RenderBatch
+    from sdxl_service.contract.render_request import ImageTask, RenderBatch
 
     params = workload.params()
     tasks = [ImageTask(prompt="bench", seed=1 + i) for i in range(workload.batch)]

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from sdxl_service.choices import RefinerMode, SchedulerName
-from sdxl_service.contract.jobs import GenerationJob, RenderParams
+from sdxl_service.contract.render_request import GenerationJob, RenderParams
 
 
 def make_params(**overrides: Any) -> RenderParams:

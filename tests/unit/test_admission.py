@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from sdxl_service.api.admission import QueueCapacity
-from sdxl_service.contract.jobs import OutcomeStatus
+from sdxl_service.contract.render_request import OutcomeStatus
 
 
 def test_images_that_fit_are_admitted() -> None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from sdxl_service.contract.jobs import RenderParams
+from sdxl_service.contract.render_request import RenderParams
 from sdxl_service.render.batch_policy import (
     BatchKey,
     Demand,

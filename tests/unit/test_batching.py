@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from prometheus_client import CollectorRegistry
 
-from sdxl_service.contract.jobs import (
+from sdxl_service.contract.render_request import (
     GenerationOutcome,
     InvalidLora,
     OutcomeStatus,

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from sdxl_service.api.encoding import encode_image, pixels_of, resize_to, to_base64, to_pil
-from sdxl_service.contract.jobs import RenderedImage
+from sdxl_service.contract.render_request import RenderedImage
 
 
 def noise_image(width: int = 96, height: int = 64) -> Image.Image:

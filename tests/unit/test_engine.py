@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from sdxl_service.choices import Preset, RefinerMode, RenderKind
-from sdxl_service.contract.jobs import (
+from sdxl_service.contract.render_request import (
     ImageTask,
     OutOfMemory,
     RenderBatch,

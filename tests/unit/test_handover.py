@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sdxl_service.choices import RefinerMode, RenderKind, SchedulerName
-from sdxl_service.contract.jobs import RenderParams
+from sdxl_service.contract.render_request import RenderParams
 from sdxl_service.engine.components import scheduler_config
 from sdxl_service.engine.handover import ensemble_split, refiner_handover, sequential_strength
 from tests.jobs import make_params

@@ -24,7 +24,7 @@ from sdxl_service.api.files import LocalFileStore
 from sdxl_service.api.infotext import Provenance, infotext, png_with_text, quote
 from sdxl_service.api.serving import ImagesServing
 from sdxl_service.choices import HiresUpscaler, RefinerMode, RenderKind
-from sdxl_service.contract.jobs import GenerationJob, HiresParams, LoraWeight
+from sdxl_service.contract.render_request import GenerationJob, HiresParams, LoraWeight
 from sdxl_service.settings import Settings
 from tests.jobs import make_params
 from tests.unit.test_serving import SeedPainter

@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from sdxl_service.choices import RenderKind, SchedulerName
-from sdxl_service.contract.jobs import GenerationJob, ImageTask, RenderParams
+from sdxl_service.contract.render_request import GenerationJob, ImageTask, RenderParams
 from tests.jobs import make_params
 
 

@@ -19,7 +19,7 @@ from sdxl_service.api.app import create_app
 from sdxl_service.api.files import LocalFileStore
 from sdxl_service.api.jobs import Database, JobRunner, JobsServing, JobStore, webhook_delivery
 from sdxl_service.api.serving import ImagesServing
-from sdxl_service.contract.jobs import (
+from sdxl_service.contract.render_request import (
     GenerationJob,
     GenerationOutcome,
     OutcomeStatus,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sdxl_service.choices import Switch
-from sdxl_service.contract.jobs import ImageTask, RenderBatch
+from sdxl_service.contract.render_request import ImageTask, RenderBatch
 from sdxl_service.engine import Engine
 from sdxl_service.engine.config import EngineConfig
 from sdxl_service.engine.loading import choose_variant, weight_files

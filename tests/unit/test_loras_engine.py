@@ -15,7 +15,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from sdxl_service.choices import RefinerMode
-from sdxl_service.contract.jobs import ImageTask, InvalidLora, LoraWeight, RenderBatch, RenderParams
+from sdxl_service.contract.render_request import ImageTask, InvalidLora, LoraWeight, RenderBatch, RenderParams
 from sdxl_service.engine import Engine
 from sdxl_service.engine.config import EngineConfig
 from sdxl_service.engine.loras import adapter_name

@@ -14,7 +14,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from sdxl_service.choices import RenderKind
-from sdxl_service.contract.jobs import ImageTask, InvalidModel, LoraWeight, RenderBatch
+from sdxl_service.contract.render_request import ImageTask, InvalidModel, LoraWeight, RenderBatch
 from sdxl_service.engine import Engine
 from sdxl_service.engine.config import EngineConfig
 from sdxl_service.metrics import ServiceMetrics

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from sdxl_service.choices import Preset, PreviewDecoder, RefinerMode, RenderKind
-from sdxl_service.contract.jobs import ImageTask, RenderBatch, RenderParams
+from sdxl_service.contract.render_request import ImageTask, RenderBatch, RenderParams
 from sdxl_service.engine import Engine
 from sdxl_service.engine import engine as engine_module
 from sdxl_service.engine.config import EngineConfig

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from sdxl_service.choices import PromptSyntax
-from sdxl_service.contract.jobs import (
+from sdxl_service.contract.render_request import (
     GenerationJob,
     GenerationOutcome,
     ImageTask,

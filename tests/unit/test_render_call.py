@@ -7,7 +7,7 @@ import json
 from pydantic import BaseModel
 
 import service
-from sdxl_service.contract.jobs import GenerationJob
+from sdxl_service.contract.render_request import GenerationJob
 from sdxl_service.contract.render_call import RENDER_ROUTE, RenderCall
 from tests import jobs
 

@@ -36,7 +36,7 @@ from sdxl_service.api.render_client import (
     BentoRenderClient,
     http_client_for,
 )
-from sdxl_service.contract.jobs import (
+from sdxl_service.contract.render_request import (
     GenerationOutcome,
     OutcomeStatus,
     RenderedImage,

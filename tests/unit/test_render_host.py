@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from sdxl_service.contract.jobs import (
+from sdxl_service.contract.render_request import (
     OutcomeStatus,
     RenderEvent,
     RenderEventType,

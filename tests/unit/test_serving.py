@@ -22,7 +22,7 @@ from sdxl_service.api.request_rules import (
 )
 from sdxl_service.api.serving import ImagesServing
 from sdxl_service.choices import RefinerMode, RenderKind
-from sdxl_service.contract.jobs import (
+from sdxl_service.contract.render_request import (
     GenerationJob,
     GenerationOutcome,
     OutcomeStatus,

@@ -14,7 +14,7 @@ from sdxl_service.api.errors import APIError
 from sdxl_service.api.files import LocalFileStore
 from sdxl_service.api.schemas import ImageGenerationRequest
 from sdxl_service.api.serving import ImagesServing
-from sdxl_service.contract.jobs import (
+from sdxl_service.contract.render_request import (
     GenerationJob,
     GenerationOutcome,
     RenderBatch,

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sdxl_service.choices import RefinerMode
-from sdxl_service.contract.jobs import ImageTask, RenderBatch
+from sdxl_service.contract.render_request import ImageTask, RenderBatch
 from sdxl_service.engine import Engine
 from sdxl_service.engine.checkpoint_layout import (
     CLIP_L,

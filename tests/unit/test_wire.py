@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from sdxl_service.contract.jobs import (
+from sdxl_service.contract.render_request import (
     GenerationOutcome,
     OutcomeStatus,
     RenderedImage,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from ..contract.jobs import GenerationOutcome, OutcomeStatus
+from ..contract.render_request import GenerationOutcome, OutcomeStatus
 
 # Weight of the latest pipeline call in the seconds-per-image estimate behind
 # Retry-After: recent enough to follow a change of sizes, smooth enough to

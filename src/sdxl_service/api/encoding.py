@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from ..contract.jobs import RenderedImage
+from ..contract.render_request import RenderedImage
 from .infotext import exif_with_text, png_with_text
 
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}

@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..contract.jobs import LOADING_RETRY_AFTER, GenerationOutcome, OutcomeStatus
+from ..contract.render_request import LOADING_RETRY_AFTER, GenerationOutcome, OutcomeStatus
 
 logger = logging.getLogger(__name__)
 

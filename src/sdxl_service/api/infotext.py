@@ -26,7 +26,7 @@ from pathlib import PurePath
 from PIL import Image
 
 from ..choices import HiresUpscaler, RefinerMode, RenderKind, SchedulerName
-from ..contract.jobs import GenerationJob
+from ..contract.render_request import GenerationJob
 
 PNG_KEY = "parameters"
 # AUTOMATIC1111's names of its upscalers.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from ..contract.jobs import LoraWeight
+from ..contract.render_request import LoraWeight
 from ..lora_catalog import LoraCatalog, is_valid_name
 from .errors import excerpt, invalid_value
 

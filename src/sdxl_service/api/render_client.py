@@ -27,7 +27,7 @@ from urllib.parse import unquote, urlparse
 
 import httpx
 
-from ..contract.jobs import (
+from ..contract.render_request import (
     LOADING_RETRY_AFTER,
     GenerationJob,
     GenerationOutcome,

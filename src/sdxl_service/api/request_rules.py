@@ -17,7 +17,7 @@ from typing import Any
 from PIL import Image
 
 from ..choices import RenderKind
-from ..contract.jobs import GenerationJob, HiresParams, LoraWeight, RenderParams
+from ..contract.render_request import GenerationJob, HiresParams, LoraWeight, RenderParams
 from ..lora_catalog import LoraCatalog
 from ..model_catalog import ModelCatalog, ModelDefaults, ModelEntry
 from ..settings import SERVICE_ID, Settings

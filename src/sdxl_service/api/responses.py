@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import Request
 from PIL import Image
 
-from ..contract.jobs import GenerationOutcome, RenderedImage
+from ..contract.render_request import GenerationOutcome, RenderedImage
 from ..metrics import ServiceMetrics
 from ..settings import Settings
 from .encoding import CONTENT_TYPES, encode_image, pixels_of, resize_to, to_base64, to_pil

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
-from ..contract.jobs import (
+from ..contract.render_request import (
     GenerationOutcome,
     OutcomeStatus,
     RenderEvent,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from .jobs import GenerationJob
+from .render_request import GenerationJob
 
 RENDER_ROUTE = "/render"
 

@@ -18,7 +18,7 @@ import logging
 from collections.abc import AsyncGenerator, AsyncIterable
 from typing import Any
 
-from .jobs import RenderedImage, RenderEvent
+from .render_request import RenderedImage, RenderEvent
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from ..choices import HiresUpscaler, Preset, RefinerMode, RenderKind, SchedulerName, Switch
-from ..contract.jobs import ImageTask, OutOfMemory, RenderBatch, RenderCancelled, RenderParams
+from ..contract.render_request import ImageTask, OutOfMemory, RenderBatch, RenderCancelled, RenderParams
 from ..lora_catalog import LoraCatalog
 from ..metrics import ServiceMetrics
 from .config import EngineConfig

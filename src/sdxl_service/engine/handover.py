@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..choices import RefinerMode
-from ..contract.jobs import RenderParams
+from ..contract.render_request import RenderParams
 from .schedulers import make_scheduler
 
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ..contract.jobs import InvalidLora, LoraWeight
+from ..contract.render_request import InvalidLora, LoraWeight
 from ..lora_catalog import LoraCatalog, LoraFile
 from ..metrics import ServiceMetrics
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ..contract.jobs import InvalidModel
+from ..contract.render_request import InvalidModel
 from ..lora_catalog import LoraCatalog
 from ..metrics import ServiceMetrics
 from ..model_catalog import ModelCatalog, ModelEntry

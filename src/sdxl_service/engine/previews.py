@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from ..choices import Preset, PreviewDecoder, RefinerMode
-from ..contract.jobs import RenderBatch, RenderParams
+from ..contract.render_request import RenderBatch, RenderParams
 from .config import EngineConfig
 from .handover import ensemble_split, refiner_handover
 from .latents import LatentCodec

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
-from ..contract.jobs import RenderParams
+from ..contract.render_request import RenderParams
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable
 
 from PIL.Image import Image
 
-from ..contract.jobs import (
+from ..contract.render_request import (
     GenerationJob,
     GenerationOutcome,
     ImageTask,

@@ -17,7 +17,7 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
-from ..contract.jobs import (
+from ..contract.render_request import (
     GenerationJob,
     GenerationOutcome,
     OutcomeStatus,

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from PIL.Image import Image
 
-from ..contract.jobs import GenerationJob, GenerationOutcome, ImageTask, RenderedImage, RenderParams
+from ..contract.render_request import GenerationJob, GenerationOutcome, ImageTask, RenderedImage, RenderParams
 from .batch_policy import BatchKey
 
 logger = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ...contract.jobs import GenerationOutcome
+from ...contract.render_request import GenerationOutcome
 from ...settings import Settings
 from ..errors import APIError, excerpt, invalid_value, outcome_error
 from ..schemas import ImageRequest
