@@ -22,8 +22,8 @@ from sdxl_service.api.metric_labels import RouteLabels, bound_http_metric_labels
 from sdxl_service.api.middleware import MountRootAlias, OpenAIErrorsEverywhere
 from sdxl_service.api.paths import API_PREFIX
 from sdxl_service.api.playground import create_playground_app
-from sdxl_service.contract.render_request import GenerationJob
 from sdxl_service.contract.render_call import RENDER_ROUTE
+from sdxl_service.contract.render_request import RenderRequest
 from sdxl_service.contract.wire import event_frame
 from sdxl_service.render.worker_plan import plan_from_environment
 from sdxl_service.settings import DEFAULT_PORT, SERVICE_ID, get_settings
@@ -77,7 +77,7 @@ class RenderService:
 
     @bentoml.api(route=RENDER_ROUTE)
     async def render(
-        self, job: GenerationJob, only_if_idle: bool = False
+        self, job: RenderRequest, only_if_idle: bool = False
     ) -> AsyncGenerator[bytes, None]:
         """A RenderCall's fields (contract/render_call.py) -> RenderEvents (contract/wire.py).
 

@@ -188,7 +188,8 @@ def free_device_memory() -> None:
 
 def make_batch(args: argparse.Namespace, n: int, steps: int, size: int | None = None) -> Any:
     from sdxl_service.choices import RefinerMode
-    from sdxl_service.contract.render_request import ImageTask, RenderBatch, RenderParams
+    from sdxl_service.contract.render_request import RenderParams
+    from sdxl_service.engine.render_batch import ImageTask, RenderBatch
 
     params = RenderParams(
         width=size or args.size,

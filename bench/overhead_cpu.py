@@ -71,9 +71,9 @@ def engine_render() -> tuple[Callable[[], Any], dict[str, Any]]:
     from sdxl_service.api.request_rules import resolve_generation
     from sdxl_service.api.schemas import ImageGenerationRequest
     from sdxl_service.choices import Preset
-    from sdxl_service.contract.render_request import RenderBatch
     from sdxl_service.engine import Engine
     from sdxl_service.engine.config import EngineConfig
+    from sdxl_service.engine.render_batch import RenderBatch, image_tasks
     from sdxl_service.lora_catalog import LoraCatalog
     from sdxl_service.settings import Settings
 
@@ -84,7 +84,7 @@ def engine_render() -> tuple[Callable[[], Any], dict[str, Any]]:
         request, settings, engine.native_resolution, LoraCatalog(settings.lora_folder)
     )
     job = resolved.job
-    batch = RenderBatch(params=job.params, tasks=job.tasks())
+    batch = RenderBatch(params=job.params, tasks=image_tasks(job))
     engine.render(batch)  # warm-up
     params = job.params
     work = {

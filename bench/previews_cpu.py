@@ -66,7 +66,7 @@ class Workload:
 
 
 def make_batch(workload: Workload, previews: bool, sink: list[Any]) -> Any:
-    from sdxl_service.contract.render_request import ImageTask, RenderBatch
+    from sdxl_service.engine.render_batch import ImageTask, RenderBatch
 
     params = workload.params()
     tasks = [ImageTask(prompt="bench", seed=1 + i) for i in range(workload.batch)]

@@ -128,9 +128,10 @@ def direct_engine_render(cache_dir: Path) -> Callable[[], Any]:
     """The same work the service does for SMALL_JOB, sizes included, in-process."""
     from sdxl_service.api.sizing import render_size
     from sdxl_service.choices import Preset, RefinerMode, SchedulerName
-    from sdxl_service.contract.render_request import ImageTask, RenderBatch, RenderParams
+    from sdxl_service.contract.render_request import RenderParams
     from sdxl_service.engine import Engine
     from sdxl_service.engine.config import EngineConfig
+    from sdxl_service.engine.render_batch import ImageTask, RenderBatch
     from sdxl_service.settings import Settings
 
     settings = Settings(preset=Preset.TINY, cache_dir=cache_dir)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from sdxl_service.choices import RefinerMode, SchedulerName
-from sdxl_service.contract.render_request import GenerationJob, RenderParams
+from sdxl_service.contract.render_request import RenderParams, RenderRequest
 
 
 def make_params(**overrides: Any) -> RenderParams:
@@ -34,10 +34,10 @@ def make_job(
     steps: int = 2,
     deadline: float | None = None,
     partial_images: int = 0,
-) -> GenerationJob:
+) -> RenderRequest:
     """n images, seeds seed..seed+n-1; square unless `height` is given; the
     prompt is the request id unless given."""
-    return GenerationJob(
+    return RenderRequest(
         request_id=request_id,
         params=make_params(width=width, height=width if height is None else height, steps=steps),
         prompt=request_id if prompt is None else prompt,

@@ -23,16 +23,9 @@ import torch
 from PIL import Image
 from prometheus_client import CollectorRegistry
 
-from sdxl_service.contract.render_request import (
-    GenerationOutcome,
-    InvalidLora,
-    OutcomeStatus,
-    OutOfMemory,
-    RenderBatch,
-    RenderCancelled,
-    RenderedImage,
-)
+from sdxl_service.contract.render_request import GenerationOutcome, OutcomeStatus, RenderedImage
 from sdxl_service.engine import Engine
+from sdxl_service.engine.render_batch import InvalidLora, OutOfMemory, RenderBatch, RenderCancelled
 from sdxl_service.metrics import ServiceMetrics
 from sdxl_service.render.batcher import Batcher
 from tests import polling

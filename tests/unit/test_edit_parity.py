@@ -18,8 +18,9 @@ from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaint
 from PIL import Image
 
 from sdxl_service.choices import RefinerMode, RenderKind
-from sdxl_service.contract.render_request import ImageTask, RenderBatch, RenderParams
+from sdxl_service.contract.render_request import RenderParams
 from sdxl_service.engine import Engine
+from sdxl_service.engine.render_batch import ImageTask, RenderBatch
 from sdxl_service.engine.schedulers import make_scheduler
 from tests.jobs import make_params
 

@@ -12,13 +12,7 @@ import torch
 from PIL import Image
 
 from sdxl_service.choices import Preset, RefinerMode, RenderKind
-from sdxl_service.contract.render_request import (
-    ImageTask,
-    OutOfMemory,
-    RenderBatch,
-    RenderCancelled,
-    RenderParams,
-)
+from sdxl_service.contract.render_request import RenderParams
 from sdxl_service.engine import Engine, devices
 from sdxl_service.engine.config import EngineConfig
 from sdxl_service.engine.devices import (
@@ -28,6 +22,7 @@ from sdxl_service.engine.devices import (
     resolve_vae_dtype,
 )
 from sdxl_service.engine.loading import load_pipelines
+from sdxl_service.engine.render_batch import ImageTask, OutOfMemory, RenderBatch, RenderCancelled
 from sdxl_service.engine.schedulers import SCHEDULERS, make_scheduler
 from sdxl_service.settings import Settings
 from tests.jobs import make_params

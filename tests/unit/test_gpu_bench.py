@@ -64,7 +64,8 @@ def test_default_workload_is_1024px_30_steps_at_high_noise_frac_0_8() -> None:
 
 def test_reported_split_is_what_the_engine_runs(tiny_engine) -> None:
     from sdxl_service.choices import RefinerMode
-    from sdxl_service.contract.render_request import ImageTask, RenderBatch, RenderParams
+    from sdxl_service.contract.render_request import RenderParams
+    from sdxl_service.engine.render_batch import ImageTask, RenderBatch
 
     calls = {"base": 0, "refiner": 0}
     hooks = [

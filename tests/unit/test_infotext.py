@@ -24,7 +24,7 @@ from sdxl_service.api.files import LocalFileStore
 from sdxl_service.api.infotext import Provenance, infotext, png_with_text, quote
 from sdxl_service.api.serving import ImagesServing
 from sdxl_service.choices import HiresUpscaler, RefinerMode, RenderKind
-from sdxl_service.contract.render_request import GenerationJob, HiresParams, LoraWeight
+from sdxl_service.contract.render_request import HiresParams, LoraWeight, RenderRequest
 from sdxl_service.settings import Settings
 from tests.jobs import make_params
 from tests.unit.test_serving import SeedPainter
@@ -62,7 +62,7 @@ def a1111_parse(text: str) -> dict[str, str]:
     return found
 
 
-def job(**overrides) -> GenerationJob:
+def job(**overrides) -> RenderRequest:
     values = {
         "request_id": "r",
         "params": make_params(width=1024, height=1024, steps=30, scheduler="dpmpp_2m_karras"),
@@ -70,7 +70,7 @@ def job(**overrides) -> GenerationJob:
         "negative_prompt": "blurry",
         "seeds": [7],
     }
-    return GenerationJob(**{**values, **overrides})
+    return RenderRequest(**{**values, **overrides})
 
 
 def test_the_last_line_yields_every_key_to_a1111s_parser() -> None:

@@ -1,4 +1,4 @@
-"""GenerationJob: what crosses from the HTTP service to the render service."""
+"""RenderRequest: what crosses from the HTTP service to the render service."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import pytest
 from pydantic import ValidationError
 
 from sdxl_service.choices import RenderKind, SchedulerName
-from sdxl_service.contract.render_request import GenerationJob, ImageTask, RenderParams
+from sdxl_service.contract.render_request import RenderParams, RenderRequest
+from sdxl_service.engine.render_batch import ImageTask, image_tasks
 from tests.jobs import make_params
 
 
@@ -14,7 +15,7 @@ def params(**overrides: object) -> RenderParams:
     return make_params(**{"width": 16, "height": 8, "steps": 10, **overrides})
 
 
-def job(render_params: RenderParams | None = None, **overrides: object) -> GenerationJob:
+def job(render_params: RenderParams | None = None, **overrides: object) -> RenderRequest:
     values: dict[str, object] = {
         "request_id": "r1",
         "params": render_params if render_params is not None else params(),
@@ -22,14 +23,14 @@ def job(render_params: RenderParams | None = None, **overrides: object) -> Gener
         "seeds": [4, 5],
     }
     values.update(overrides)
-    return GenerationJob.model_validate(values)
+    return RenderRequest.model_validate(values)
 
 
 INIT_IMAGE = bytes(range(256)) + bytes(128)  # 16 x 8 RGB
 MASK = bytes([255]) * 64 + bytes(64)  # 16 x 8 L
 
 
-def inpaint_job(**param_overrides: object) -> GenerationJob:
+def inpaint_job(**param_overrides: object) -> RenderRequest:
     return job(
         params(**{"kind": RenderKind.INPAINT, "strength": 0.5, **param_overrides}),
         init_image=INIT_IMAGE,
@@ -39,7 +40,7 @@ def inpaint_job(**param_overrides: object) -> GenerationJob:
 
 def test_a_job_survives_the_json_trip_between_the_services() -> None:
     original = job(params(scheduler=SchedulerName.DPMPP_2M_KARRAS), deadline=1_700_000_000.5)
-    copy = GenerationJob.model_validate_json(original.model_dump_json())
+    copy = RenderRequest.model_validate_json(original.model_dump_json())
     assert copy == original
     assert isinstance(copy.params, RenderParams)
     assert copy.params.scheduler is SchedulerName.DPMPP_2M_KARRAS
@@ -48,7 +49,7 @@ def test_a_job_survives_the_json_trip_between_the_services() -> None:
 def test_an_edit_job_survives_the_json_trip_between_the_services() -> None:
     edit = inpaint_job()
     wire = edit.model_dump_json()
-    assert GenerationJob.model_validate_json(wire) == edit
+    assert RenderRequest.model_validate_json(wire) == edit
     assert edit.init_image is not None and edit.mask is not None
     assert len(wire) < 2 * (len(edit.init_image) + len(edit.mask)) + 1000  # base64, not lists
 
@@ -66,7 +67,7 @@ def test_edits_with_the_same_settings_share_render_params_but_keep_their_picture
     assert one.params == other.params
     assert one.params != job().params
     assert one.params != inpaint_job(strength=0.6).params
-    tasks = one.tasks()
+    tasks = image_tasks(one)
     assert [task.seed for task in tasks] == [4, 5]
     assert all(task.init_image is one.init_image and task.mask is one.mask for task in tasks)
 
@@ -74,7 +75,7 @@ def test_edits_with_the_same_settings_share_render_params_but_keep_their_picture
 def test_pictures_stay_out_of_reprs() -> None:
     edit = inpaint_job()
     assert "init_image" not in repr(edit)
-    assert "\\x" not in repr(edit.tasks()[0])
+    assert "\\x" not in repr(image_tasks(edit)[0])
     task = ImageTask(prompt="x", negative_prompt="", seed=1)
     assert repr(task) == "ImageTask(prompt='x', negative_prompt='', seed=1)"
 

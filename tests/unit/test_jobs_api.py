@@ -20,11 +20,11 @@ from sdxl_service.api.files import LocalFileStore
 from sdxl_service.api.jobs import Database, JobRunner, JobsServing, JobStore, webhook_delivery
 from sdxl_service.api.serving import ImagesServing
 from sdxl_service.contract.render_request import (
-    GenerationJob,
     GenerationOutcome,
     OutcomeStatus,
     RenderEvent,
     RenderEventType,
+    RenderRequest,
 )
 from sdxl_service.settings import Settings
 from tests.decoded import decode
@@ -45,7 +45,7 @@ class HeldPainter(SeedPainter):
         self.working = 0
         self.cancelled = 0
 
-    async def generate(self, job: GenerationJob, on_partial: Any = None) -> GenerationOutcome:
+    async def generate(self, job: RenderRequest, on_partial: Any = None) -> GenerationOutcome:
         self.working += 1
         if job.report_progress and on_partial is not None:
             # Three steps made, then held: a running job shows how far it got.
@@ -379,7 +379,7 @@ class LosingPainter(HeldPainter):
         super().__init__()
         self.losses = losses
 
-    async def generate(self, job: GenerationJob, on_partial: Any = None) -> GenerationOutcome:
+    async def generate(self, job: RenderRequest, on_partial: Any = None) -> GenerationOutcome:
         if self.losses > 0:
             self.losses -= 1
             self.jobs.append(job)

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from sdxl_service.choices import Switch
-from sdxl_service.contract.render_request import ImageTask, RenderBatch
 from sdxl_service.engine import Engine
 from sdxl_service.engine.config import EngineConfig
 from sdxl_service.engine.loading import choose_variant, weight_files
+from sdxl_service.engine.render_batch import ImageTask, RenderBatch
 from tests.jobs import make_params
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")

@@ -15,10 +15,11 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from sdxl_service.choices import RefinerMode
-from sdxl_service.contract.render_request import ImageTask, InvalidLora, LoraWeight, RenderBatch, RenderParams
+from sdxl_service.contract.render_request import LoraWeight, RenderParams
 from sdxl_service.engine import Engine
 from sdxl_service.engine.config import EngineConfig
 from sdxl_service.engine.loras import adapter_name
+from sdxl_service.engine.render_batch import ImageTask, InvalidLora, RenderBatch
 from sdxl_service.engine.schedulers import make_scheduler
 from sdxl_service.metrics import ServiceMetrics
 from tests.jobs import make_params

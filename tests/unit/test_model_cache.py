@@ -14,9 +14,10 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from sdxl_service.choices import RenderKind
-from sdxl_service.contract.render_request import ImageTask, InvalidModel, LoraWeight, RenderBatch
+from sdxl_service.contract.render_request import LoraWeight
 from sdxl_service.engine import Engine
 from sdxl_service.engine.config import EngineConfig
+from sdxl_service.engine.render_batch import ImageTask, InvalidModel, RenderBatch
 from sdxl_service.metrics import ServiceMetrics
 from tests.jobs import make_params
 from tests.lora_files import save_diffusers, text_encoder_2_layers, unet_layers

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from sdxl_service.choices import Preset, PreviewDecoder, RefinerMode, RenderKind
-from sdxl_service.contract.render_request import ImageTask, RenderBatch, RenderParams
+from sdxl_service.contract.render_request import RenderParams
 from sdxl_service.engine import Engine
 from sdxl_service.engine import engine as engine_module
 from sdxl_service.engine.config import EngineConfig
@@ -27,6 +27,7 @@ from sdxl_service.engine.previews import (
     taesd_decoder,
     total_steps,
 )
+from sdxl_service.engine.render_batch import ImageTask, RenderBatch
 from sdxl_service.engine.schedulers import make_scheduler
 from sdxl_service.engine.tiny import build_tiny_taesd, taesd_config, tiny_pair_dir, tiny_taesd_dir
 from tests.jobs import make_params

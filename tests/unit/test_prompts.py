@@ -17,12 +17,10 @@ from PIL import Image
 
 from sdxl_service.choices import PromptSyntax
 from sdxl_service.contract.render_request import (
-    GenerationJob,
     GenerationOutcome,
-    ImageTask,
     OutcomeStatus,
-    RenderBatch,
     RenderParams,
+    RenderRequest,
 )
 from sdxl_service.engine import Engine
 from sdxl_service.engine.config import EngineConfig
@@ -34,6 +32,7 @@ from sdxl_service.engine.prompts import (
     prompt_embeddings,
     token_chunks,
 )
+from sdxl_service.engine.render_batch import ImageTask, RenderBatch
 from sdxl_service.render.batcher import Batcher
 from sdxl_service.settings import Settings
 from tests.jobs import make_params
@@ -262,7 +261,7 @@ def test_prompts_of_different_lengths_batch_like_each_alone(tiny_engine: Engine)
         )
         try:
             jobs = [
-                GenerationJob(
+                RenderRequest(
                     request_id=f"mixed-{task.seed}",
                     params=params(),
                     prompt=task.prompt,

@@ -7,8 +7,8 @@ import json
 from pydantic import BaseModel
 
 import service
-from sdxl_service.contract.render_request import GenerationJob
 from sdxl_service.contract.render_call import RENDER_ROUTE, RenderCall
+from sdxl_service.contract.render_request import RenderRequest
 from tests import jobs
 
 
@@ -24,7 +24,7 @@ def test_the_render_api_takes_the_fields_of_a_render_call_on_its_route() -> None
     assert api.route == RENDER_ROUTE
     # BentoML's input model, built from the signature in service.py.
     assert fields_of(api.input_spec) == fields_of(RenderCall)
-    assert fields_of(RenderCall) == {"job": (GenerationJob, None), "only_if_idle": (bool, False)}
+    assert fields_of(RenderCall) == {"job": (RenderRequest, None), "only_if_idle": (bool, False)}
 
 
 def test_a_render_call_is_the_json_object_bentoml_reads_as_arguments() -> None:
@@ -32,4 +32,4 @@ def test_a_render_call_is_the_json_object_bentoml_reads_as_arguments() -> None:
     body = json.loads(RenderCall(job=job, only_if_idle=True).model_dump_json())
     assert set(body) == {"job", "only_if_idle"}
     assert body["only_if_idle"] is True
-    assert GenerationJob.model_validate(body["job"]) == job
+    assert RenderRequest.model_validate(body["job"]) == job

@@ -36,6 +36,7 @@ from sdxl_service.api.render_client import (
     BentoRenderClient,
     http_client_for,
 )
+from sdxl_service.contract.render_call import RENDER_ROUTE, RenderCall
 from sdxl_service.contract.render_request import (
     GenerationOutcome,
     OutcomeStatus,
@@ -43,7 +44,6 @@ from sdxl_service.contract.render_request import (
     RenderEvent,
     RenderEventType,
 )
-from sdxl_service.contract.render_call import RENDER_ROUTE, RenderCall
 from sdxl_service.contract.wire import event_frame
 from sdxl_service.contract.worker_registry import WorkerRegistry, WorkerState, WorkerStatus
 from sdxl_service.metrics import ServiceMetrics

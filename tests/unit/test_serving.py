@@ -23,12 +23,12 @@ from sdxl_service.api.request_rules import (
 from sdxl_service.api.serving import ImagesServing
 from sdxl_service.choices import RefinerMode, RenderKind
 from sdxl_service.contract.render_request import (
-    GenerationJob,
     GenerationOutcome,
     OutcomeStatus,
     RenderedImage,
     RenderEvent,
     RenderEventType,
+    RenderRequest,
 )
 from sdxl_service.settings import Settings
 from tests.decoded import decode, server_timing
@@ -39,13 +39,13 @@ class SeedPainter:
 
     def __init__(self, native: int = 128) -> None:
         self.native = native
-        self.jobs: list[GenerationJob] = []
+        self.jobs: list[RenderRequest] = []
         self.outcome: GenerationOutcome | None = None
         self.loaded = True
         # Previews sent before `outcome` (when set) even if it is a failure.
         self.previews_before_outcome = True
 
-    async def generate(self, job: GenerationJob, on_partial: Any = None) -> GenerationOutcome:
+    async def generate(self, job: RenderRequest, on_partial: Any = None) -> GenerationOutcome:
         self.jobs.append(job)
         width, height = job.params.width, job.params.height
         if on_partial is not None and (self.outcome is None or self.previews_before_outcome):

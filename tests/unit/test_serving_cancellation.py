@@ -14,12 +14,8 @@ from sdxl_service.api.errors import APIError
 from sdxl_service.api.files import LocalFileStore
 from sdxl_service.api.schemas import ImageGenerationRequest
 from sdxl_service.api.serving import ImagesServing
-from sdxl_service.contract.render_request import (
-    GenerationJob,
-    GenerationOutcome,
-    RenderBatch,
-    RenderCancelled,
-)
+from sdxl_service.contract.render_request import GenerationOutcome, RenderRequest
+from sdxl_service.engine.render_batch import RenderBatch, RenderCancelled
 from sdxl_service.render.batcher import Batcher
 from sdxl_service.settings import Settings
 from tests.polling import asyncio_test
@@ -43,10 +39,10 @@ class HangingRenderer:
 
     def __init__(self) -> None:
         self.started = asyncio.Event()
-        self.jobs: list[GenerationJob] = []
+        self.jobs: list[RenderRequest] = []
         self.generate_cancelled = False
 
-    async def generate(self, job: GenerationJob, on_partial: Any = None) -> GenerationOutcome:
+    async def generate(self, job: RenderRequest, on_partial: Any = None) -> GenerationOutcome:
         self.jobs.append(job)
         self.started.set()
         try:
@@ -76,7 +72,7 @@ class BatcherRenderer:
         self.render_stopped.set()
         raise RenderCancelled("stopped")
 
-    async def generate(self, job: GenerationJob, on_partial: Any = None) -> GenerationOutcome:
+    async def generate(self, job: RenderRequest, on_partial: Any = None) -> GenerationOutcome:
         # Cancelling this call is how the HTTP side cancels (it closes the
         # render stream); the Batcher drops the job's images then.
         return await self.batcher.submit(job)

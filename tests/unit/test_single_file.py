@@ -16,7 +16,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sdxl_service.choices import RefinerMode
-from sdxl_service.contract.render_request import ImageTask, RenderBatch
 from sdxl_service.engine import Engine
 from sdxl_service.engine.checkpoint_layout import (
     CLIP_L,
@@ -27,6 +26,7 @@ from sdxl_service.engine.checkpoint_layout import (
     vae_signature,
 )
 from sdxl_service.engine.config import EngineConfig
+from sdxl_service.engine.render_batch import ImageTask, RenderBatch
 from tests.jobs import make_params
 from tests.single_files import (
     clip_to_original,

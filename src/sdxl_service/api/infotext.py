@@ -26,7 +26,7 @@ from pathlib import PurePath
 from PIL import Image
 
 from ..choices import HiresUpscaler, RefinerMode, RenderKind, SchedulerName
-from ..contract.render_request import GenerationJob
+from ..contract.render_request import RenderRequest
 
 PNG_KEY = "parameters"
 # AUTOMATIC1111's names of its upscalers.
@@ -84,7 +84,7 @@ def model_name(source: str) -> str:
 
 
 def infotext(
-    job: GenerationJob, provenance: Provenance, *, seed: int, width: int, height: int
+    job: RenderRequest, provenance: Provenance, *, seed: int, width: int, height: int
 ) -> str:
     """The infotext of one image of `job` (its own seed, the answered size)."""
     params = job.params

@@ -27,16 +27,16 @@ from urllib.parse import unquote, urlparse
 
 import httpx
 
+from ..contract.render_call import RENDER_ROUTE, RenderCall
 from ..contract.render_request import (
     LOADING_RETRY_AFTER,
-    GenerationJob,
     GenerationOutcome,
     OutcomeStatus,
     RenderEvent,
     RenderEventType,
+    RenderRequest,
     loading_outcome,
 )
-from ..contract.render_call import RENDER_ROUTE, RenderCall
 from ..contract.wire import read_events
 from ..contract.worker_registry import WorkerRegistry
 from ..metrics import ServiceMetrics
@@ -59,7 +59,7 @@ PartialSink = Callable[[RenderEvent], Awaitable[None]]
 
 class RenderClient(Protocol):
     async def generate(
-        self, job: GenerationJob, on_partial: PartialSink | None = None
+        self, job: RenderRequest, on_partial: PartialSink | None = None
     ) -> GenerationOutcome: ...
 
     async def describe(self) -> dict[str, Any]: ...
@@ -145,7 +145,7 @@ class BentoRenderClient:
         return refusal
 
     async def generate(
-        self, job: GenerationJob, on_partial: PartialSink | None = None
+        self, job: RenderRequest, on_partial: PartialSink | None = None
     ) -> GenerationOutcome:
         n = len(job.seeds)
         refusal = self.refusal(n)
@@ -168,7 +168,7 @@ class BentoRenderClient:
         return outcome
 
     async def _dispatch(
-        self, job: GenerationJob, on_partial: PartialSink | None
+        self, job: RenderRequest, on_partial: PartialSink | None
     ) -> GenerationOutcome:
         # A job can carry an edit's pictures: each body is encoded once, not once per try.
         bodies: dict[bool, str] = {}

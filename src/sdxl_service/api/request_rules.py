@@ -17,7 +17,7 @@ from typing import Any
 from PIL import Image
 
 from ..choices import RenderKind
-from ..contract.render_request import GenerationJob, HiresParams, LoraWeight, RenderParams
+from ..contract.render_request import HiresParams, LoraWeight, RenderParams, RenderRequest
 from ..lora_catalog import LoraCatalog
 from ..model_catalog import ModelCatalog, ModelDefaults, ModelEntry
 from ..settings import SERVICE_ID, Settings
@@ -52,7 +52,7 @@ QUALITY_STEPS = {"low": 20, "medium": 30, "standard": 30, "high": 50, "hd": 50}
 
 @dataclass(frozen=True, kw_only=True)
 class ResolvedRequest:
-    job: GenerationJob
+    job: RenderRequest
     width: int  # the size answered, which may differ from the job's render size
     height: int
     response_format: str
@@ -350,7 +350,7 @@ def _resolve(
             kept_picture = resize_to(source.image, width, height)
             repaint = _resize_mask(source.mask, width, height)
 
-    job = GenerationJob(
+    job = RenderRequest(
         request_id=uuid.uuid4().hex,
         params=params,
         prompt=prompt,

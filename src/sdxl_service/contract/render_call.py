@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from .render_request import GenerationJob
+from .render_request import RenderRequest
 
 RENDER_ROUTE = "/render"
 
@@ -16,7 +16,7 @@ RENDER_ROUTE = "/render"
 class RenderCall(BaseModel):
     """What one POST to RENDER_ROUTE carries."""
 
-    job: GenerationJob
+    job: RenderRequest
     # Take the job only if this worker has nothing queued or rendering, else answer
     # BUSY at once: the caller then tries another worker (api/render_client.py).
     only_if_idle: bool = False

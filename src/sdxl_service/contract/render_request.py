@@ -1,24 +1,18 @@
 """The work that travels from the HTTP service to the render service, and back.
 
-One definition of each, keyword-only. `RenderParams`, `GenerationJob` and the
-outcome are pydantic because they cross the process boundary between the two
-BentoML services; `ImageTask` and `RenderBatch` are plain dataclasses used
-inside the render process.
+One definition of each, keyword-only, pydantic because they cross the process
+boundary between the two BentoML services. What only the render worker uses (a
+pipeline call's images, the engine's exceptions) is engine/render_batch.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING, Self
+from typing import Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..choices import HiresUpscaler, RefinerMode, RenderKind, SchedulerName
-
-if TYPE_CHECKING:
-    from PIL import Image
 
 # bytes in JSON are base64, not lists: an edit's picture and mask on their way
 # to a render worker. Rendered pixels come back raw (contract/wire.py).
@@ -99,39 +93,7 @@ class RenderParams(BaseModel):
         return self
 
 
-@dataclass(frozen=True, kw_only=True)
-class ImageTask:
-    prompt: str
-    negative_prompt: str = ""
-    seed: int
-    # Per image rather than per batch, so that edits of different pictures with
-    # the same RenderParams still share a pipeline call. The images of one job
-    # share the same bytes objects. Megabytes each: kept out of reprs and logs.
-    init_image: bytes | None = field(default=None, repr=False)  # RGB, params' width x height
-    mask: bytes | None = field(default=None, repr=False)  # L, 255 where the image is repainted
-
-
-def _never() -> bool:
-    return False
-
-
-@dataclass(kw_only=True)
-class RenderBatch:
-    """One pipeline call: compatible images, one generator (seed) per image."""
-
-    params: RenderParams
-    tasks: list[ImageTask]
-    # Polled at every denoising step; True aborts the call with RenderCancelled.
-    should_stop: Callable[[], bool] = _never
-    # Live previews: on_preview(task index, preview index, image at the render
-    # size), preview_counts[i] previews (0..3) for task i. None or all 0: none.
-    on_preview: Callable[[int, int, Image.Image], None] | None = None
-    preview_counts: tuple[int, ...] = ()
-    # After each denoising step (base and refiner counted together): on_step(steps done).
-    on_step: Callable[[int], None] | None = None
-
-
-class GenerationJob(BaseModel):
+class RenderRequest(BaseModel):
     """One request's images (n of them, seeds seed..seed+n-1)."""
 
     model_config = ConfigDict(frozen=True, **_WIRE_BYTES)
@@ -166,36 +128,6 @@ class GenerationJob(BaseModel):
         if self.mask is not None and len(self.mask) != width * height:
             raise ValueError(f"mask must be {width}x{height} L bytes")
         return self
-
-    def tasks(self) -> list[ImageTask]:
-        return [
-            ImageTask(
-                prompt=self.prompt,
-                negative_prompt=self.negative_prompt,
-                seed=seed,
-                init_image=self.init_image,
-                mask=self.mask,
-            )
-            for seed in self.seeds
-        ]
-
-
-class RenderCancelled(Exception):
-    """Raised from inside a pipeline call when nobody waits for its images."""
-
-
-class OutOfMemory(Exception):
-    """The accelerator ran out of memory; its cache was already released."""
-
-
-class InvalidLora(Exception):
-    """A LoRA of the batch cannot be applied (no SDXL LoRA, damaged); nothing of it
-    stays loaded. The message is for the client: names, never file-system paths."""
-
-
-class InvalidModel(Exception):
-    """The model of SDXL_MODELS_DIR a batch asked for cannot be loaded; nothing of it stays
-    loaded. The message is for the client: names, never file-system paths."""
 
 
 class RenderedImage(BaseModel):

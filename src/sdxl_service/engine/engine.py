@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from ..choices import HiresUpscaler, Preset, RefinerMode, RenderKind, SchedulerName, Switch
-from ..contract.render_request import ImageTask, OutOfMemory, RenderBatch, RenderCancelled, RenderParams
+from ..contract.render_request import RenderParams
 from ..lora_catalog import LoraCatalog
 from ..metrics import ServiceMetrics
 from .config import EngineConfig
@@ -34,6 +34,7 @@ from .model_cache import BaseModelPipelines, ModelCache
 from .optimisations import COMPILE_MODE, apply_optimisations
 from .previews import PreviewDecoders, preview_tap
 from .prompts import image_chunk_counts, prompt_embeddings
+from .render_batch import ImageTask, OutOfMemory, RenderBatch, RenderCancelled
 from .schedulers import make_scheduler
 
 logger = logging.getLogger(__name__)

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from ..choices import Switch
-from ..contract.render_request import RenderCancelled, RenderParams
+from ..contract.render_request import RenderParams
+from .render_batch import RenderCancelled
 
 # SDXL_VAE_TILING=auto tiles images of more pixels than this: 1536x1536, the largest the
 # default SDXL_MAX_PIXELS allows, so that every size allowed by default keeps its untiled

@@ -28,9 +28,10 @@ from typing import Any
 
 import torch
 
-from ..contract.render_request import InvalidLora, LoraWeight
+from ..contract.render_request import LoraWeight
 from ..lora_catalog import LoraCatalog, LoraFile
 from ..metrics import ServiceMetrics
+from .render_batch import InvalidLora
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 
-from ..contract.render_request import InvalidModel
 from ..lora_catalog import LoraCatalog
 from ..metrics import ServiceMetrics
 from ..model_catalog import ModelCatalog, ModelEntry
@@ -33,6 +32,7 @@ from .latents import LatentCodec
 from .loading import edit_pipelines, load_base_pipeline
 from .loras import LoraAdapters
 from .optimisations import optimise_modules
+from .render_batch import InvalidModel
 
 logger = logging.getLogger(__name__)
 

@@ -23,11 +23,12 @@ import torch
 from PIL import Image
 
 from ..choices import Preset, PreviewDecoder, RefinerMode
-from ..contract.render_request import RenderBatch, RenderParams
+from ..contract.render_request import RenderParams
 from .config import EngineConfig
 from .handover import ensemble_split, refiner_handover
 from .latents import LatentCodec
 from .loading import load_preview_model
+from .render_batch import RenderBatch
 
 MAX_PREVIEWS = 3
 

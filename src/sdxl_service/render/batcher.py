@@ -30,22 +30,20 @@ from collections.abc import Callable, Iterable
 
 from PIL.Image import Image
 
-from ..contract.render_request import (
-    GenerationJob,
-    GenerationOutcome,
+from ..contract.render_request import GenerationOutcome, OutcomeStatus, RenderParams, RenderRequest
+from ..engine.render_batch import (
     ImageTask,
     InvalidLora,
     InvalidModel,
-    OutcomeStatus,
     OutOfMemory,
     RenderBatch,
     RenderCancelled,
-    RenderParams,
+    image_tasks,
 )
 from ..metrics import ServiceMetrics
 from .batch_policy import Demand, after_out_of_memory, demand_after_call, next_batch
 from .pending import (
-    PendingJob,
+    PendingRender,
     PreviewFn,
     QueuedImage,
     preview_routing,
@@ -68,9 +66,9 @@ _TIMED_OUT = "request timed out"
 
 
 class Batcher:
-    """Queues the images of `GenerationJob`s and renders compatible ones together.
+    """Queues the images of `RenderRequest`s and renders compatible ones together.
 
-    The Batcher owns the request deadline (`GenerationJob.deadline`): no other
+    The Batcher owns the request deadline (`RenderRequest.deadline`): no other
     component of the service acts on it. Everything it does with it sits in
     the "deadline" section below.
     """
@@ -92,12 +90,12 @@ class Batcher:
         self._max_batch = max_batch_images
         self._batch_wait_s = batch_wait_ms / 1000
         self._metrics = metrics
-        # Unix time, the scale of GenerationJob.deadline.
+        # Unix time, the scale of RenderRequest.deadline.
         self._clock = clock
 
         self._cond = threading.Condition()
         self._queue: collections.deque[QueuedImage] = collections.deque()
-        self._pending: dict[str, list[PendingJob]] = {}
+        self._pending: dict[str, list[PendingRender]] = {}
         self._demand = Demand()
         self._stopping = False
         # Started by the first submit.
@@ -107,7 +105,7 @@ class Batcher:
 
     async def submit(
         self,
-        job: GenerationJob,
+        job: RenderRequest,
         *,
         on_preview: PreviewFn | None = None,
         on_step: Callable[[int], None] | None = None,
@@ -136,7 +134,7 @@ class Batcher:
             # process's render client, the one place every worker's calls pass.
             future = asyncio.get_running_loop().create_future()
             now = time.monotonic()
-            pending = PendingJob(
+            pending = PendingRender(
                 job=job,
                 future=future,
                 results=[None] * n,
@@ -145,7 +143,7 @@ class Batcher:
                 submitted_at=now,
             )
             self._pending.setdefault(job.request_id, []).append(pending)
-            for index, task in enumerate(job.tasks()):
+            for index, task in enumerate(image_tasks(job)):
                 self._queue.append(
                     QueuedImage(pending=pending, index=index, task=task, enqueued_at=now)
                 )
@@ -187,10 +185,10 @@ class Batcher:
     # batch is picked (`_expire_queued_locked`); its running images stop at the
     # next denoising step once no job of the batch is still wanted (`_unwanted`).
 
-    def _past_deadline(self, job: GenerationJob) -> bool:
+    def _past_deadline(self, job: RenderRequest) -> bool:
         return job.deadline is not None and self._clock() >= job.deadline
 
-    async def _outcome_by_deadline(self, pending: PendingJob) -> GenerationOutcome:
+    async def _outcome_by_deadline(self, pending: PendingRender) -> GenerationOutcome:
         deadline = pending.job.deadline
         timeout = None if deadline is None else max(0.0, deadline - self._clock())
         try:
@@ -201,14 +199,14 @@ class Batcher:
             # Whatever decided first (the images may have just arrived).
             return await pending.future
 
-    def _expire_locked(self, pendings: Iterable[PendingJob]) -> None:
+    def _expire_locked(self, pendings: Iterable[PendingRender]) -> None:
         expired = [p for p in pendings if not p.finished and self._past_deadline(p.job)]
         self._finish_all(expired, OutcomeStatus.TIMEOUT, _TIMED_OUT)
 
     def _expire_queued_locked(self) -> None:
         self._expire_locked(dict.fromkeys(q.pending for q in self._queue))
 
-    def _unwanted(self, pendings: list[PendingJob]) -> bool:
+    def _unwanted(self, pendings: list[PendingRender]) -> bool:
         """A batch's should_stop, polled at every denoising step."""
         with self._cond:
             return self._stopping or all(p.finished or self._past_deadline(p.job) for p in pendings)
@@ -223,7 +221,7 @@ class Batcher:
     # --- outcomes ----------------------------------------------------------
 
     def _finish_all(
-        self, pendings: Iterable[PendingJob], status: OutcomeStatus, message: str
+        self, pendings: Iterable[PendingRender], status: OutcomeStatus, message: str
     ) -> None:
         """Answers every job not answered yet; the first outcome decided stands."""
         # The lock is re-entrant (Condition's default RLock): callers that
@@ -232,7 +230,7 @@ class Batcher:
             for pending in list(pendings):
                 self._finish_locked(pending, GenerationOutcome(status=status, message=message))
 
-    def _finish_locked(self, pending: PendingJob, outcome: GenerationOutcome) -> None:
+    def _finish_locked(self, pending: PendingRender, outcome: GenerationOutcome) -> None:
         if pending.finished:
             return
         pending.finished = True

@@ -18,12 +18,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from ..contract.render_request import (
-    GenerationJob,
     GenerationOutcome,
     OutcomeStatus,
     RenderedImage,
     RenderEvent,
     RenderEventType,
+    RenderRequest,
     loading_outcome,
 )
 from ..contract.worker_registry import WorkerRegistry, WorkerState, WorkerStatus
@@ -128,7 +128,7 @@ class RenderHost:
         return self.load_error is None
 
     async def stream(
-        self, job: GenerationJob, only_if_idle: bool = False
+        self, job: RenderRequest, only_if_idle: bool = False
     ) -> AsyncIterator[RenderEvent]:
         """ACCEPTED (or BUSY), the job's previews as they are made, then its OUTCOME.
 

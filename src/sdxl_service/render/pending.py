@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 from PIL.Image import Image
 
-from ..contract.render_request import GenerationJob, GenerationOutcome, ImageTask, RenderedImage, RenderParams
+from ..contract.render_request import GenerationOutcome, RenderedImage, RenderParams, RenderRequest
+from ..engine.render_batch import ImageTask
 from .batch_policy import BatchKey
 
 logger = logging.getLogger(__name__)
@@ -22,8 +23,8 @@ EnginePreviewFn = Callable[[int, int, Image], None]
 
 
 @dataclass(eq=False, kw_only=True)
-class PendingJob:
-    job: GenerationJob
+class PendingRender:
+    job: RenderRequest
     future: asyncio.Future[GenerationOutcome]  # of the submitting event loop
     results: list[RenderedImage | None]  # in seed order, None until rendered
     on_preview: PreviewFn | None = None
@@ -37,7 +38,7 @@ class PendingJob:
 
 @dataclass(eq=False, kw_only=True)
 class QueuedImage:
-    pending: PendingJob
+    pending: PendingRender
     index: int  # position in the job's seeds
     task: ImageTask
     enqueued_at: float  # time.monotonic()
@@ -86,7 +87,7 @@ def preview_routing(
     return counts, route
 
 
-def step_routing(pendings: Sequence[PendingJob]) -> Callable[[int], None] | None:
+def step_routing(pendings: Sequence[PendingRender]) -> Callable[[int], None] | None:
     """`RenderBatch.on_step` for a batch of these jobs: each job that asked hears of every step."""
     listeners = [p for p in pendings if p.on_step is not None]
     if not listeners:

@@ -14,12 +14,12 @@ from ...settings import Settings
 from ..files import open_file_store
 from ..render_client import BentoRenderClient
 from ..serving import ImagesServing
-from .webhooks import WebhookDelivery, WebhookHosts, WebhookSigner
 from .database import Database
 from .records import JobKind, JobRecord, JobStatus, WebhookState, new_job_id, owner_of
 from .runner import JobRunner
 from .serving import JobsServing
 from .store import JobStore
+from .webhooks import WebhookDelivery, WebhookHosts, WebhookSigner
 
 __all__ = [
     "Database",

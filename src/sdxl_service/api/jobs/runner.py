@@ -33,9 +33,9 @@ from ..errors import APIError, validation_error
 from ..files import FileStore
 from ..schemas import ImageEditRequest, ImageGenerationRequest, ImageRequest, ImageVariationRequest
 from ..serving import ImagesServing
-from .webhooks import WebhookDelivery, WebhookEvent
 from .records import JobKind, JobRecord, JobStatus, WebhookState
 from .store import JobStore
+from .webhooks import WebhookDelivery, WebhookEvent
 
 logger = logging.getLogger(__name__)
 

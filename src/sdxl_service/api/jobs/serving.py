@@ -20,10 +20,10 @@ from ...settings import Settings
 from ..errors import APIError, excerpt, invalid_value, outcome_error
 from ..schemas import ImageRequest
 from ..serving import ImagesServing
-from .webhooks import WebhookHosts, WebhookRefused
 from .records import JobKind, JobRecord, JobStatus, WebhookState, new_job_id, owner_of
 from .runner import JobRunner, result_file_ids
 from .store import JobStore
+from .webhooks import WebhookHosts, WebhookRefused
 
 # Fields of a submission that are the job's, not the render's.
 JOB_FIELDS = ("kind", "webhook_url", "metadata")

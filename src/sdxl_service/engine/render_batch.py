@@ -1,0 +1,78 @@
+"""What one pipeline call of the engine takes: its images and the batch, and what the engine
+raises. Used only inside the render worker (render/ and engine/); the render request that
+crosses between the processes is contract/render_request.py."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from ..contract.render_request import RenderParams, RenderRequest
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImageTask:
+    prompt: str
+    negative_prompt: str = ""
+    seed: int
+    # Per image rather than per batch, so that edits of different pictures with
+    # the same RenderParams still share a pipeline call. The images of one job
+    # share the same bytes objects. Megabytes each: kept out of reprs and logs.
+    init_image: bytes | None = field(default=None, repr=False)  # RGB, params' width x height
+    mask: bytes | None = field(default=None, repr=False)  # L, 255 where the image is repainted
+
+
+def _never() -> bool:
+    return False
+
+
+@dataclass(kw_only=True)
+class RenderBatch:
+    """One pipeline call: compatible images, one generator (seed) per image."""
+
+    params: RenderParams
+    tasks: list[ImageTask]
+    # Polled at every denoising step; True aborts the call with RenderCancelled.
+    should_stop: Callable[[], bool] = _never
+    # Live previews: on_preview(task index, preview index, image at the render
+    # size), preview_counts[i] previews (0..3) for task i. None or all 0: none.
+    on_preview: Callable[[int, int, Image.Image], None] | None = None
+    preview_counts: tuple[int, ...] = ()
+    # After each denoising step (base and refiner counted together): on_step(steps done).
+    on_step: Callable[[int], None] | None = None
+
+
+class RenderCancelled(Exception):
+    """Raised from inside a pipeline call when nobody waits for its images."""
+
+
+class OutOfMemory(Exception):
+    """The accelerator ran out of memory; its cache was already released."""
+
+
+class InvalidLora(Exception):
+    """A LoRA of the batch cannot be applied (no SDXL LoRA, damaged); nothing of it
+    stays loaded. The message is for the client: names, never file-system paths."""
+
+
+class InvalidModel(Exception):
+    """The model of SDXL_MODELS_DIR a batch asked for cannot be loaded; nothing of it stays
+    loaded. The message is for the client: names, never file-system paths."""
+
+
+def image_tasks(request: RenderRequest) -> list[ImageTask]:
+    """A render request's images, one task per seed."""
+    return [
+        ImageTask(
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+            seed=seed,
+            init_image=request.init_image,
+            mask=request.mask,
+        )
+        for seed in request.seeds
+    ]
