@@ -1,6 +1,6 @@
 """All configuration of the service, read from `SDXL_*` environment variables.
 
-Every variable here is documented in the README's configuration table. Each is
+Every variable here is documented in docs/CONFIGURATION.md. Each is
 typed (enums, bounds, patterns) and checked when the service starts:
 `load_settings` turns a bad value into one message naming the variable and
 what it accepts, before any model loads.
