@@ -12,7 +12,7 @@ With random weights the pixels are not a picture: the difference shows how far t
 of overlapping tiles moves them, which a trained VAE's smooth images move less. The memory
 figures do not depend on the weights.
 
-`--smoke` runs the same on the tiny preset's VAE (seconds): tests/unit/test_bench_tiling.py.
+`--smoke` runs the same on the tiny preset's VAE (seconds): tests/unit/bench/test_bench_tiling.py.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from sdxl_service.api.infotext import SAMPLERS
-from tests.unit.test_infotext import a1111_parse
+from tests.unit.api.test_infotext import a1111_parse
 
 pytestmark = pytest.mark.integration
 

@@ -104,7 +104,7 @@ def test_each_model_renders_the_default_pixels_for_the_same_weights(
         assert ours.shape == (64, 64, 3)
         assert np.array_equal(folder, ours)
         # The file's UNet sits at other offsets in memory: the CPU kernels may round one level
-        # apart (tests/unit/test_single_file.py, `realigned`).
+        # apart (tests/unit/engine/test_single_file.py, `realigned`).
         assert np.abs(file.astype(int) - ours).max() <= 1
     assert np.abs(default[0].astype(int) - default[1]).mean() > 1
     # The request's own fields win over the sidecar's.

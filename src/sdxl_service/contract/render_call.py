@@ -1,7 +1,7 @@
 """The render call: the route of the render service and the body the HTTP service sends it.
 
 service.py's `RenderService.render` takes these fields as its arguments (BentoML builds
-its input model from the signature); tests/unit/test_render_call.py keeps the two equal.
+its input model from the signature); tests/unit/contract/test_render_call.py keeps the two equal.
 """
 
 from __future__ import annotations

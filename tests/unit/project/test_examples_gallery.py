@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 REGISTRY_APP = REPO / "registry" / "diffuser-stable-diffusion-xl-with-refiner"
 PNG = b"\x89PNG\r\n\x1a\n" + b"\0" * 32
 

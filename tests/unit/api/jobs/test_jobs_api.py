@@ -29,7 +29,7 @@ from sdxl_service.contract.render_request import (
 from sdxl_service.settings import Settings
 from tests.decoded import decode
 from tests.polling import wait_until
-from tests.unit.test_serving import SeedPainter, noise, part
+from tests.unit.api.test_serving import SeedPainter, noise, part
 from tests.webhook_receiver import running_receiver
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"

@@ -28,7 +28,7 @@ print(len(batch), round(wait, 3), batch_policy.__file__)
 
 def test_the_fixed_wait_overlay_replaces_the_policy_of_the_package(tmp_path: Path) -> None:
     env = fixed_wait_overlay(tmp_path)
-    repo = Path(__file__).resolve().parents[2]
+    repo = Path(__file__).resolve().parents[3]
     done = subprocess.run(
         [sys.executable, "-c", PROBE],
         capture_output=True,

@@ -16,7 +16,7 @@ from bench.gpu import wheel_set
 from sdxl_service.engine.loading import load_pipelines
 from sdxl_service.engine.tiny import build_tiny_pipelines
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def test_wheel_list_leaves_out_what_the_gpu_machine_has() -> None:

@@ -20,7 +20,7 @@ from sdxl_service.engine.components import (
 )
 from sdxl_service.engine.handover import ensemble_split
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 BENCH = REPO / "bench" / "gpu_bench.py"
 
 # Published parameter counts (sdxl-architecture.md for the UNets and the VAE;

@@ -14,7 +14,7 @@ from sdxl_service.api.files.s3 import S3FileStore
 from sdxl_service.metrics import ServiceMetrics
 from sdxl_service.settings import DEFAULT_PORT, Settings
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 K8S = REPO / "deploy" / "kubernetes"
 ADAPTER_VALUES = REPO / "deploy" / "prometheus-adapter" / "values.yaml"
 # The oldest release we support (autoscaling/v2 behaviour, fsGroupChangePolicy)

@@ -12,7 +12,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 SCRIPT = REPO / "scripts" / "registry_image_size.sh"
 MANIFEST = REPO / "registry" / "diffuser-stable-diffusion-xl-with-refiner" / "manifest.json"
 SCHEMA = REPO / "registry" / "schema" / "manifest.schema.json"

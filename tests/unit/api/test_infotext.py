@@ -27,7 +27,7 @@ from sdxl_service.choices import HiresUpscaler, RefinerMode, RenderKind
 from sdxl_service.contract.render_request import HiresParams, LoraWeight, RenderRequest
 from sdxl_service.settings import Settings
 from tests.jobs import make_params
-from tests.unit.test_serving import SeedPainter
+from tests.unit.api.test_serving import SeedPainter
 
 # A1111's regular expression for one `key: value` of the last line, verbatim.
 RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')

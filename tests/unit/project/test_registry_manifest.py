@@ -15,7 +15,7 @@ import yaml
 
 from sdxl_service.settings import DEFAULT_PORT, SERVICE_ID
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 APP = REPO / "registry" / "diffuser-stable-diffusion-xl-with-refiner"
 SCHEMA_PATH = REPO / "registry" / "schema" / "manifest.schema.json"
 SVG = "{http://www.w3.org/2000/svg}"

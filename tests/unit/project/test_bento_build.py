@@ -23,7 +23,7 @@ import yaml
 
 from sdxl_service.settings import DEFAULT_PORT
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 BENTO_NAME = "stable-diffusion-xl-with-refiner"
 VERSION = "test"
 BENTO_USER_UID = 1034  # BentoML's `bentoml` user in the image (container/generate.py)
