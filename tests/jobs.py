@@ -14,7 +14,7 @@ def make_params(**overrides: Any) -> RenderParams:
     values: dict[str, Any] = {
         "width": 64,
         "height": 64,
-        "steps": 4,
+        "num_inference_steps": 4,
         "guidance_scale": 5.0,
         "high_noise_frac": 0.8,
         "refiner": RefinerMode.ENSEMBLE,
@@ -39,7 +39,9 @@ def make_job(
     prompt is the request id unless given."""
     return RenderRequest(
         request_id=request_id,
-        params=make_params(width=width, height=width if height is None else height, steps=steps),
+        params=make_params(
+            width=width, height=width if height is None else height, num_inference_steps=steps
+        ),
         prompt=request_id if prompt is None else prompt,
         seeds=[seed + i for i in range(n)],
         deadline=deadline,

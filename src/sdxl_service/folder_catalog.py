@@ -20,6 +20,11 @@ class FolderCatalog(Generic[Entry]):
         self._stamp: tuple[float, ...] | None = None
         self._entries: dict[str, Entry] = {}
 
+    def snapshot(self) -> dict[str, Entry]:
+        """Every entry by name as the folder is now (one pass over its files): a request reads
+        the folder once and looks its names up in this."""
+        return dict(self._current())
+
     def _current(self) -> dict[str, Entry]:
         stamp = self._folder_stamp()
         with self._lock:

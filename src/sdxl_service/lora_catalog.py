@@ -53,7 +53,7 @@ class LoraFile:
             "format": self.format,
             "components": list(self.components),
         }
-        if defaults := self.defaults.model_dump(exclude_none=True, mode="json"):
+        if defaults := self.defaults.describe():
             card["defaults"] = defaults
         return card
 
@@ -115,12 +115,9 @@ class LoraCatalog(FolderCatalog[LoraFile]):
             return None
         return self._current().get(name)
 
-    def short_hash(self, name: str) -> str | None:
+    def short_hash(self, entry: LoraFile) -> str | None:
         """The first 12 hex digits of the file's SHA-256, as A1111's `Lora hashes` names a
         LoRA; computed once per file version (path, size, mtime)."""
-        entry = self.find(name)
-        if entry is None:
-            return None
         try:
             stat = entry.path.stat()
         except OSError:

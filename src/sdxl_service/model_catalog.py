@@ -79,7 +79,7 @@ class ModelEntry:
             "layout": self.layout,
             "size_bytes": self.size_bytes,
             "pairs_with_refiner": self.pairs_with_refiner,
-            "defaults": self.defaults.model_dump(exclude_none=True, mode="json"),
+            "defaults": self.defaults.describe(),
         }
 
 

@@ -16,7 +16,7 @@ import re
 import tempfile
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any, Self
+from typing import TYPE_CHECKING, Annotated, Any, Self
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -28,10 +28,9 @@ from .choices import (
     Preset,
     PreviewDecoder,
     PromptSyntax,
-    RefinerMode,
-    SchedulerName,
     Switch,
 )
+from .generation_params import settings_fields
 
 SERVICE_ID = "stable-diffusion-xl-with-refiner"
 DEFAULT_PORT = 9225
@@ -45,7 +44,14 @@ def _default_cache_dir() -> Path:
     return Path(root) / "sdxl-service"
 
 
-class Settings(BaseSettings):
+if TYPE_CHECKING:
+    # mypy sees no generated field; code reads them through generation_params.server_defaults.
+    _SettingsBase = BaseSettings
+else:
+    _SettingsBase = settings_fields(BaseSettings)
+
+
+class Settings(_SettingsBase):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
     # --- models -------------------------------------------------------------
@@ -66,13 +72,9 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(default_factory=_default_cache_dir)
 
     # --- generation defaults ------------------------------------------------
-    steps: int = Field(30, ge=1, le=150)
-    guidance_scale: float = Field(5.0, ge=0.0, le=30.0)
-    high_noise_frac: float = Field(0.8, gt=0.0, lt=1.0)
-    scheduler: SchedulerName = SchedulerName.EULER
-    # AUTOMATIC1111's "Clip skip": 1 is SDXL's own text encoder layer, 2 the one before.
-    clip_skip: int = Field(1, ge=1, le=2)
-    refiner: RefinerMode = RefinerMode.ENSEMBLE
+    # SDXL_STEPS, SDXL_GUIDANCE_SCALE, SDXL_HIGH_NOISE_FRAC, SDXL_SCHEDULER, SDXL_CLIP_SKIP and
+    # SDXL_REFINER: one field each, declared (type, bounds, default) in generation_params.py.
+
     # Sizes well below the model's native resolution are rendered at native
     # scale and downscaled; off renders exactly the requested size.
     render_native: bool = True

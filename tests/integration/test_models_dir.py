@@ -84,8 +84,9 @@ def test_the_models_are_listed_beside_the_default(service: RunningService) -> No
     for card in (folder, file):
         assert card["details"]["layout"] == "base" and card["details"]["pairs_with_refiner"]
         assert card["details"]["size_bytes"] > 0 and "warning" not in card
+    # Shown by the request's names (the sidecar spells steps as older files do).
     assert folder["details"]["defaults"] == {
-        "steps": SIDECAR_STEPS,
+        "num_inference_steps": SIDECAR_STEPS,
         "guidance_scale": SIDECAR_GUIDANCE,
     }
     # The catalog reads headers only: a file of the right prefixes is listed, without warning.

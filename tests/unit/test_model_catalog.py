@@ -130,7 +130,11 @@ def test_a_sidecar_gives_defaults(models: Path) -> None:
     entry = ModelCatalog(models).find("my-file")
     assert entry is not None and entry.problem is None
     defaults = entry.defaults
-    assert (defaults.steps, defaults.guidance_scale, defaults.clip_skip) == (4, 0.0, 2)
+    assert (defaults.num_inference_steps, defaults.guidance_scale, defaults.clip_skip) == (
+        4,
+        0.0,
+        2,
+    )
     assert defaults.scheduler is SchedulerName.EULER_TRAILING
     assert defaults.refiner is RefinerMode.NONE and defaults.high_noise_frac == 0.7
     assert entry.describe()["defaults"]["scheduler"] == "euler_trailing"
@@ -160,7 +164,7 @@ def test_a_new_file_is_found_without_a_restart(models: Path) -> None:
     assert catalog.find("late") is not None and catalog.find("late").problem is None  # type: ignore[union-attr]
     # A sidecar written later, and a file replaced in place, are read again too.
     (models / "late.json").write_text('{"steps": 9}')
-    assert catalog.find("late").defaults.steps == 9  # type: ignore[union-attr]
+    assert catalog.find("late").defaults.num_inference_steps == 9  # type: ignore[union-attr]
     (models / "late.json").write_text('{"steps": 0}')
     stamp = os.stat(models / "late.json")
     os.utime(models / "late.json", ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 10**9))

@@ -22,6 +22,7 @@ SHARED = {
     "sdxl_service.metrics",
     "sdxl_service.folder_catalog",
     "sdxl_service.sidecars",
+    "sdxl_service.generation_params",
     "sdxl_service.lora_catalog",
     "sdxl_service.model_catalog",
 }

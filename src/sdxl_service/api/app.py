@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Request
@@ -14,14 +14,8 @@ from .forms import read_image_form
 from .jobs.routes import router as jobs_router
 from .jobs.serving import JobsServing
 from .middleware import BodyBudget, BodySizeLimit
-from .schemas import (
-    ImageEditRequest,
-    ImageGenerationRequest,
-    ImagesResponse,
-    ImageUpscaleRequest,
-    ImageVariationRequest,
-    ModelList,
-)
+from .request_kinds import GENERATION, KINDS, RequestKind
+from .schemas import ImageGenerationRequest, ImagesResponse, ModelList
 from .serving import Answer, EventStream, ImagesServing
 
 _ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
@@ -44,6 +38,14 @@ def _answer(result: Answer | EventStream) -> Response:
         headers = {"Server-Timing": result.server_timing} if result.server_timing else None
         return Response(body, media_type="application/json", headers=headers)
     return StreamingResponse(result, media_type="text/event-stream")
+
+
+def _form_endpoint(kind: RequestKind) -> Callable[..., Awaitable[Response]]:
+    async def endpoint(request: Request, images: Serving) -> Response:
+        form = await read_image_form(request, kind.request, takes_mask=kind.takes_mask)
+        return _answer(await images.serve(kind, form.fields, request, form.image, form.mask))
+
+    return endpoint
 
 
 def create_app(
@@ -72,33 +74,28 @@ def create_app(
     async def list_models(images: Serving) -> ModelList:
         return await images.list_models()
 
-    @app.post(
-        "/images/generations", response_model=ImagesResponse, response_model_exclude_none=True
-    )
+    @app.post(GENERATION.path, response_model=ImagesResponse, response_model_exclude_none=True)
     async def create_image(
         body: ImageGenerationRequest, request: Request, images: Serving
     ) -> Response:
-        return _answer(await images.generate(body, request))
+        return _answer(await images.serve(GENERATION, body, request))
 
     @app.get("/images/files/{file_id}", name="image_file")
     async def image_file(file_id: str, images: Serving) -> Response:
         data, content_type = await images.file(file_id)
         return Response(data, media_type=content_type, headers={"Cache-Control": "private"})
 
-    @app.post("/images/edits", response_model=ImagesResponse, response_model_exclude_none=True)
-    async def edit_image(request: Request, images: Serving) -> Response:
-        form = await read_image_form(request, ImageEditRequest, takes_mask=True)
-        return _answer(await images.edit(form, request))
-
-    @app.post("/images/variations", response_model=ImagesResponse, response_model_exclude_none=True)
-    async def create_image_variation(request: Request, images: Serving) -> Response:
-        form = await read_image_form(request, ImageVariationRequest, takes_mask=False)
-        return _answer(await images.create_variation(form, request))
-
-    @app.post("/images/upscale", response_model=ImagesResponse, response_model_exclude_none=True)
-    async def upscale_image(request: Request, images: Serving) -> Response:
-        form = await read_image_form(request, ImageUpscaleRequest, takes_mask=False)
-        return _answer(await images.upscale(form, request))
+    # The multipart kinds (edits, variations, upscale): their form is read by hand (forms.py).
+    for kind in KINDS.values():
+        if kind.multipart:
+            app.add_api_route(
+                kind.path,
+                _form_endpoint(kind),
+                methods=["POST"],
+                name=f"{kind.name}_image",
+                response_model=ImagesResponse,
+                response_model_exclude_none=True,
+            )
 
     app.include_router(jobs_router)
 

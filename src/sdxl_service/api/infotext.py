@@ -27,6 +27,7 @@ from PIL import Image
 
 from ..choices import HiresUpscaler, RefinerMode, RenderKind, SchedulerName
 from ..contract.render_request import RenderRequest
+from ..generation_params import infotext_fields
 
 PNG_KEY = "parameters"
 # AUTOMATIC1111's names of its upscalers.
@@ -89,7 +90,7 @@ def infotext(
     """The infotext of one image of `job` (its own seed, the answered size)."""
     params = job.params
     sampler, schedule = SAMPLERS.get(SchedulerName(params.scheduler), (str(params.scheduler), None))
-    fields: dict[str, object] = {"Steps": params.steps, "Sampler": sampler}
+    fields: dict[str, object] = {"Steps": params.num_inference_steps, "Sampler": sampler}
     if schedule:
         fields["Schedule type"] = schedule
     if params.hires is not None:
@@ -101,8 +102,8 @@ def infotext(
         "Size": f"{width}x{height}",
         "Model": model_name(provenance.base_model),
     }
-    if params.clip_skip != 1:
-        fields["Clip skip"] = params.clip_skip
+    # The parameters whose declaration names an A1111 label (generation_params.py).
+    fields |= infotext_fields(params)
     if params.kind is not RenderKind.TEXT_TO_IMAGE:
         fields["Denoising strength"] = params.strength
     if params.hires is not None:

@@ -9,10 +9,10 @@ set share a pipeline call.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from ..contract.render_request import LoraWeight
-from ..lora_catalog import LoraCatalog, is_valid_name
+from ..lora_catalog import LoraFile, is_valid_name
 from .errors import excerpt, invalid_value
 
 MIN_SCALE, MAX_SCALE = -2.0, 2.0
@@ -40,9 +40,10 @@ def take_inline_loras(prompt: str) -> tuple[str, list[tuple[str, float]]]:
 
 
 def lora_set(
-    asked: Iterable[tuple[str, float]], catalog: LoraCatalog | None, max_loras: int
+    asked: Iterable[tuple[str, float]], folder: Mapping[str, LoraFile], max_loras: int
 ) -> tuple[LoraWeight, ...]:
-    """The checked, merged, sorted LoRAs of a request; 400 naming `loras` otherwise."""
+    """The checked, merged, sorted LoRAs of a request; 400 naming `loras` otherwise.
+    `folder`: the LoRA folder as the request sees it (read once per request)."""
     scales: dict[str, float] = {}
     for name, scale in asked:
         if not is_valid_name(name):
@@ -59,7 +60,7 @@ def lora_set(
             raise invalid_value(
                 "loras", f"The scale of LoRA '{name}' is {scale:g}; it must be between -2 and 2."
             )
-        found = catalog.find(name) if catalog is not None else None
+        found = folder.get(name)
         if found is None:
             raise invalid_value(
                 "loras",

@@ -1,9 +1,11 @@
-"""The request rules: an Images API request -> the job to render and the answer's shape.
+"""The request rules: an Images API request -> what to render and the answer's shape.
 
 Pure functions of the request, the settings and the model's native size (and,
 for edits, the uploaded picture): everything about defaults, bounds and which
 combinations are refused lives here, as diffusers gathers its checks in
-`check_inputs`. A bad value raises `APIError` naming the parameter.
+`check_inputs`. A bad value raises `APIError` naming the parameter. What differs between
+the kinds of request (generation, edit, variation, upscale) is each kind's `plan_*`; the
+table of kinds is request_kinds.py.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import secrets
 import time
 import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,8 +21,10 @@ from PIL import Image
 
 from ..choices import RenderKind
 from ..contract.render_request import HiresParams, LoraWeight, RenderParams, RenderRequest
-from ..lora_catalog import LoraCatalog
-from ..model_catalog import ModelCatalog, ModelDefaults, ModelEntry
+from ..generation_params import given, server_defaults
+from ..generation_params import resolve as resolve_params
+from ..lora_catalog import LoraCatalog, LoraFile
+from ..model_catalog import ModelCatalog, ModelEntry
 from ..settings import SERVICE_ID, Settings
 from .encoding import resize_to
 from .errors import APIError, excerpt, invalid_value
@@ -68,59 +73,41 @@ class ResolvedRequest:
     provenance: Provenance | None = None
 
 
-def resolve_generation(
-    req: ImageGenerationRequest,
-    settings: Settings,
-    native_resolution: int,
-    catalog: LoraCatalog | None = None,
-    models: ModelCatalog | None = None,
-) -> ResolvedRequest:
-    return _resolve(
-        req,
-        settings,
-        native_resolution,
-        prompt=req.prompt,
-        catalog=catalog,
-        models=models,
-        hires=req.hires,
-    )
+@dataclass(frozen=True, kw_only=True)
+class RenderPlan:
+    """What a kind of request renders, before the rules common to all: its prompt, whether it
+    edits a picture (and how much of it), and the sizes it answers."""
+
+    prompt: str
+    # Share of the schedule re-drawn over the picture; None: text-to-image.
+    strength: float | None = None
+    strength_param: str = "strength"
+    # The size without one asked; None: the picture's.
+    default_size: tuple[int, int] | None = AUTO_SIZE_PIXELS
+    # A size the kind decides itself (an upscale's), not the request.
+    size: tuple[int, int] | None = None
+    # The only sizes answered, and the parameter a size outside them is blamed on.
+    sizes: tuple[tuple[int, int], ...] = ()
+    sizes_of: str = ""  # what comes in those sizes, for the error
+    hires: HiresRequest | None = None
 
 
-def resolve_edit(
-    req: ImageEditRequest,
-    source: EditSource,
-    settings: Settings,
-    native_resolution: int,
-    catalog: LoraCatalog | None = None,
-    models: ModelCatalog | None = None,
-) -> ResolvedRequest:
-    """img2img over the picture, or inpainting with a mask; at the picture's size by default.
+def plan_generation(req: ImageRequest, source: EditSource | None, settings: Settings) -> RenderPlan:
+    assert isinstance(req, ImageGenerationRequest)
+    return RenderPlan(prompt=req.prompt, hires=req.hires)
 
-    Resizes the picture, so this takes CPU time: call it off the event loop.
-    """
+
+def plan_edit(req: ImageRequest, source: EditSource | None, settings: Settings) -> RenderPlan:
+    """img2img over the picture, or inpainting with a mask; at the picture's size by default."""
+    assert isinstance(req, ImageEditRequest) and source is not None
     default_strength = EDIT_STRENGTH if source.mask is None else INPAINT_STRENGTH
-    return _resolve(
-        req,
-        settings,
-        native_resolution,
-        prompt=req.prompt,
-        source=source,
-        strength=req.strength or default_strength,
-        default_size=None,
-        catalog=catalog,
-        models=models,
-    )
+    strength = req.strength if req.strength is not None else default_strength
+    return RenderPlan(prompt=req.prompt, strength=strength, default_size=None)
 
 
-def resolve_variation(
-    req: ImageVariationRequest,
-    source: EditSource,
-    settings: Settings,
-    native_resolution: int,
-    catalog: LoraCatalog | None = None,
-    models: ModelCatalog | None = None,
-) -> ResolvedRequest:
+def plan_variation(req: ImageRequest, source: EditSource | None, settings: Settings) -> RenderPlan:
     """An edit of a square picture with no prompt, in OpenAI's three sizes."""
+    assert isinstance(req, ImageVariationRequest) and source is not None
     if req.stream:
         raise invalid_value("stream", "Variations are answered in one response; drop stream.")
     width, height = source.image.size
@@ -128,33 +115,14 @@ def resolve_variation(
         raise invalid_value(
             "image", f"Variations take a square image; this one is {width}x{height}."
         )
-    resolved = _resolve(
-        req,
-        settings,
-        native_resolution,
-        prompt="",
-        source=source,
-        strength=req.strength or VARIATION_STRENGTH,
-        catalog=catalog,
-        models=models,
-    )
-    if (resolved.width, resolved.height) not in VARIATION_SIZES:
-        sizes = ", ".join(f"{w}x{h}" for w, h in VARIATION_SIZES)
-        param = "size" if req.width is None else "width"
-        raise invalid_value(param, f"Variations come in {sizes}.")
-    return resolved
+    strength = req.strength if req.strength is not None else VARIATION_STRENGTH
+    return RenderPlan(prompt="", strength=strength, sizes=VARIATION_SIZES, sizes_of="Variations")
 
 
-def resolve_upscale(
-    req: ImageUpscaleRequest,
-    source: EditSource,
-    settings: Settings,
-    native_resolution: int,
-    catalog: LoraCatalog | None = None,
-    models: ModelCatalog | None = None,
-) -> ResolvedRequest:
+def plan_upscale(req: ImageRequest, source: EditSource | None, settings: Settings) -> RenderPlan:
     """The picture at `scale` times its size (to multiples of 8), denoised again at
     `denoising_strength` as an edit of it: the Lanczos resize is the edit's own."""
+    assert isinstance(req, ImageUpscaleRequest) and source is not None
     if req.stream:
         raise invalid_value("stream", "Upscales are answered in one response; drop stream.")
     for param in ("size", "width", "height"):
@@ -170,45 +138,40 @@ def resolve_upscale(
         w, h = source.image.size
         message = f"scale {req.scale} of the {w}x{h} image makes {width}x{height}: {exc}."
         raise invalid_value("scale", message) from None
-    sized = req.model_copy(update={"width": width, "height": height})
-    return _resolve(
-        sized,
-        settings,
-        native_resolution,
+    return RenderPlan(
         prompt=req.prompt,
-        source=source,
         strength=req.denoising_strength,
         strength_param="denoising_strength",
-        default_size=None,
-        catalog=catalog,
-        models=models,
+        size=(width, height),
     )
 
 
 @dataclass(frozen=True)
 class ModelChoice:
     """What a request's `model` picks: a model of SDXL_MODELS_DIR (None: the default pair),
-    a LoRA on it, and the model's sidecar defaults."""
+    and a LoRA on it, each with its catalog entry (looked up once per request)."""
 
     name: str | None = None
-    lora: str | None = None
+    lora: LoraFile | None = None
     entry: ModelEntry | None = None
 
     @property
-    def defaults(self) -> ModelDefaults:
-        return self.entry.defaults if self.entry is not None else ModelDefaults()
+    def defaults(self) -> dict[str, Any]:
+        """The model's sidecar defaults."""
+        return self.entry.defaults.given() if self.entry is not None else {}
 
 
 def model_choice(
     model: str | None,
     settings: Settings,
-    catalog: LoraCatalog | None = None,
+    loras: Mapping[str, LoraFile] | None = None,
     models: ModelCatalog | None = None,
 ) -> ModelChoice:
     """The model (and LoRA) `model` names: this server (`<service>` or `<service>:<lora>`), an
     OpenAI image model or one of the default's weights (the default pair), a model of
     SDXL_MODELS_DIR (`<name>` or `<name>:<lora>`); 404 for anything else, 400 naming `model`
-    for a model of the folder that cannot render (its problem, a bad sidecar included)."""
+    for a model of the folder that cannot render (its problem, a bad sidecar included).
+    `loras`: the LoRA folder as this request sees it."""
     if model is None or model in (SERVICE_ID, *OPENAI_IMAGE_MODELS):
         return ModelChoice()
     if model.startswith(OPENAI_IMAGE_MODEL_PREFIX) or model in (
@@ -216,18 +179,18 @@ def model_choice(
         settings.refiner_model,
     ):
         return ModelChoice()
-    name, _, lora = model.partition(":")
-    found = catalog.find(lora) if lora and catalog is not None else None
-    if found is None and (lora or model.endswith(":")):
+    name, _, lora_name = model.partition(":")
+    lora = (loras or {}).get(lora_name) if lora_name else None
+    if lora is None and (lora_name or model.endswith(":")):
         raise _unknown_model(model)
     if name == SERVICE_ID:
-        return ModelChoice(lora=lora or None)
+        return ModelChoice(lora=lora)
     entry = models.find(name) if models is not None else None
     if entry is None:
         raise _unknown_model(model)
     if entry.problem is not None:
         raise invalid_value("model", f"{entry.problem}.", code="invalid_model")
-    return ModelChoice(name=name, lora=lora or None, entry=entry)
+    return ModelChoice(name=name, lora=lora, entry=entry)
 
 
 def _unknown_model(model: str) -> APIError:
@@ -240,33 +203,34 @@ def _unknown_model(model: str) -> APIError:
     )
 
 
-def _steps(req: ImageRequest, settings: Settings, defaults: ModelDefaults) -> int:
-    """The request's steps, its quality's, the model's sidecar default, the server's."""
-    if req.num_inference_steps:
-        return req.num_inference_steps
-    if req.quality in QUALITY_STEPS:
-        return QUALITY_STEPS[req.quality]
-    return defaults.steps or settings.steps
+def _asked(req: ImageRequest) -> dict[str, Any]:
+    """The generation parameters the request gives; its quality stands for steps."""
+    asked = given(req)
+    if "num_inference_steps" not in asked and req.quality in QUALITY_STEPS:
+        asked["num_inference_steps"] = QUALITY_STEPS[req.quality]
+    return asked
 
 
-def _resolve(
+def resolve(
+    plan_of: Callable[[ImageRequest, EditSource | None, Settings], RenderPlan],
     req: ImageRequest,
+    source: EditSource | None,
     settings: Settings,
     native_resolution: int,
-    *,
-    prompt: str,
-    source: EditSource | None = None,
-    strength: float = 1.0,
-    strength_param: str = "strength",
-    default_size: tuple[int, int] | None = AUTO_SIZE_PIXELS,
     catalog: LoraCatalog | None = None,
     models: ModelCatalog | None = None,
-    hires: HiresRequest | None = None,
 ) -> ResolvedRequest:
+    """A request of the kind `plan_of` plans (request_kinds.py) -> what it renders and how it
+    is answered. An edit's `source` is resized here, which takes CPU time: call it off the
+    event loop."""
     s = settings
-    # 1. What the request may ask at all.
-    choice = model_choice(req.model, s, catalog, models)
-    defaults = choice.defaults
+    plan = plan_of(req, source, s)
+    # 1. What the request may ask at all. The LoRA folder is read once for the whole request.
+    prompt, inline = take_inline_loras(plan.prompt)
+    asked = [(lora.name, lora.scale) for lora in req.loras or []] + inline
+    wants_loras = bool(asked) or ":" in (req.model or "")
+    folder = catalog.snapshot() if wants_loras and catalog is not None else {}
+    choice = model_choice(req.model, s, folder, models)
     if req.background == "transparent":
         raise invalid_value(
             "background",
@@ -280,7 +244,7 @@ def _resolve(
     n = req.n or 1
     if n > s.max_n:
         raise invalid_value("n", f"n must be between 1 and {s.max_n}, got {n}.")
-    for param, text in (("prompt", prompt), ("negative_prompt", req.negative_prompt or "")):
+    for param, text in (("prompt", plan.prompt), ("negative_prompt", req.negative_prompt or "")):
         if len(text) > s.max_prompt_chars:
             message = f"The {param} is longer than {s.max_prompt_chars} characters."
             raise invalid_value(param, message)
@@ -290,52 +254,48 @@ def _resolve(
             "output_compression", "output_compression applies to jpeg and webp only."
         )
     # LoRAs: the list, the prompt's inline tags and the model's suffix add up.
-    prompt, inline = take_inline_loras(prompt)
-    asked = [(lora.name, lora.scale) for lora in req.loras or []] + inline
     if choice.lora is not None:
-        asked.append((choice.lora, 1.0))
-    loras = lora_set(asked, catalog, s.max_loras) if asked else ()
-    # A LoRA's sidecar speaks over the model's (a few-step LoRA needs its sampler whatever
-    # the checkpoint); between LoRAs, the first named.
-    for name in reversed(dict.fromkeys(name for name, _ in asked)):
-        found = catalog.find(name) if catalog is not None else None
-        if found is not None:
-            defaults = found.defaults.over(defaults)
+        asked.append((choice.lora.name, 1.0))
+    loras = lora_set(asked, folder, s.max_loras) if asked else ()
 
     # 2. The size answered, and the (possibly larger) size rendered.
-    width, height = _requested_size(req, s, default_size, source)
+    width, height = plan.size or _requested_size(req, s, plan.default_size, source)
+    if plan.sizes and (width, height) not in plan.sizes:
+        sizes = ", ".join(f"{w}x{h}" for w, h in plan.sizes)
+        raise invalid_value(
+            "size" if req.width is None else "width", f"{plan.sizes_of} come in {sizes}."
+        )
     render_w, render_h = render_size(
         width, height, native_resolution, render_native=s.render_native, max_pixels=s.max_pixels
     )
 
-    # 3. Sampling: steps, guidance, refiner, scheduler, seeds.
-    quality = req.quality or "auto"
-    # The request's own fields, then the model's sidecar defaults, then the server's.
-    steps = _steps(req, s, defaults)
+    # 3. Sampling: the request's own parameters, then its LoRAs' sidecars (the first named
+    #    first: a few-step LoRA needs its sampler whatever the checkpoint), the model's
+    #    sidecar, the server's settings.
+    lora_defaults = [folder[name].defaults.given() for name in dict.fromkeys(n for n, _ in asked)]
+    sampling = resolve_params(_asked(req), *lora_defaults, choice.defaults, server_defaults(s))
+    steps = sampling["num_inference_steps"]
     seed = req.seed if req.seed is not None else secrets.randbelow(2**32)
+    strength = 1.0 if plan.strength is None else plan.strength
     if source is not None and int(steps * strength) < 1:
         # diffusers runs the last int(steps * strength) steps of the schedule.
+        param = plan.strength_param
         raise invalid_value(
-            strength_param,
-            f"{strength_param} {strength} of {steps} steps runs no denoising step; "
-            f"raise {strength_param} or num_inference_steps.",
+            param,
+            f"{param} {strength} of {steps} steps runs no denoising step; "
+            f"raise {param} or num_inference_steps.",
         )
     kind = RenderKind.TEXT_TO_IMAGE
     if source is not None:
         kind = RenderKind.IMAGE_TO_IMAGE if source.mask is None else RenderKind.INPAINT
     params = RenderParams(
+        **sampling,
         width=render_w,
         height=render_h,
-        steps=steps,
-        guidance_scale=_first(req.guidance_scale, defaults.guidance_scale, s.guidance_scale),
-        high_noise_frac=req.high_noise_frac or defaults.high_noise_frac or s.high_noise_frac,
-        refiner=req.refiner or defaults.refiner or s.refiner,
-        scheduler=req.scheduler or defaults.scheduler or s.scheduler,
         kind=kind,
         strength=strength,
         loras=loras,
-        clip_skip=req.clip_skip or defaults.clip_skip or s.clip_skip,
-        hires=None if hires is None else _hires(hires, render_w, render_h, steps, s),
+        hires=None if plan.hires is None else _hires(plan.hires, render_w, render_h, steps, s),
         model=choice.name,
     )
 
@@ -368,10 +328,10 @@ def _resolve(
         response_format=req.response_format or _default_response_format(req),
         output_format=output_format,
         output_compression=req.output_compression,
-        quality=quality,
+        quality=req.quality or "auto",
         kept_picture=kept_picture,
         repaint_mask=repaint,
-        provenance=_provenance(s, loras, catalog, choice) if s.image_metadata else None,
+        provenance=_provenance(s, loras, folder, catalog, choice) if s.image_metadata else None,
     )
 
 
@@ -407,16 +367,16 @@ def _hires(hires: HiresRequest, width: int, height: int, steps: int, s: Settings
     )
 
 
-def _first(*values: float | None) -> float:
-    return next(value for value in values if value is not None)
-
-
 def _provenance(
-    s: Settings, loras: tuple[LoraWeight, ...], catalog: LoraCatalog | None, choice: ModelChoice
+    s: Settings,
+    loras: tuple[LoraWeight, ...],
+    folder: Mapping[str, LoraFile],
+    catalog: LoraCatalog | None,
+    choice: ModelChoice,
 ) -> Provenance:
     hashes = {}
     for lora in loras:
-        digest = catalog.short_hash(lora.name) if catalog is not None else None
+        digest = catalog.short_hash(folder[lora.name]) if catalog is not None else None
         if digest is not None:
             hashes[lora.name] = digest
     base = s.base_model if choice.entry is None else str(choice.entry.path)

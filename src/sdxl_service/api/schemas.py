@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..choices import HiresUpscaler, RefinerMode, SchedulerName
+from ..choices import HiresUpscaler
+from ..generation_params import request_fields_model
 from .sizing import AUTO_SIZE, parse_size
 
 logger = logging.getLogger(__name__)
@@ -54,7 +55,14 @@ class LoraRequest(BaseModel):
     scale: float = 1.0
 
 
-class ImageRequest(OpenAIModel):
+if TYPE_CHECKING:
+    # mypy sees no generated field; code reads them through generation_params.given.
+    _GenerationFields = BaseModel
+else:
+    _GenerationFields = request_fields_model()
+
+
+class ImageRequest(OpenAIModel, _GenerationFields):
     """What every Images endpoint takes: OpenAI's common parameters and this server's extensions.
 
     Edits and variations take them as multipart form fields (strings that
@@ -78,13 +86,8 @@ class ImageRequest(OpenAIModel):
     # Extensions (the current openai client sends them with extra_body).
     negative_prompt: str | None = Field(default=None, max_length=MAX_TEXT_CHARS)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
-    num_inference_steps: int | None = Field(default=None, ge=1, le=150)
-    guidance_scale: float | None = Field(default=None, ge=0.0, le=30.0)
-    high_noise_frac: float | None = Field(default=None, gt=0.0, lt=1.0)
-    refiner: RefinerMode | None = None
-    scheduler: SchedulerName | None = None
-    # AUTOMATIC1111's "Clip skip" (2: the text encoders' layer before SDXL's own).
-    clip_skip: int | None = Field(default=None, ge=1, le=2)
+    # The generation parameters (num_inference_steps, guidance_scale, ...) come from
+    # generation_params.py, one optional field each.
     width: int | None = Field(default=None, ge=8)
     height: int | None = Field(default=None, ge=8)
     loras: list[LoraRequest] | None = Field(default=None, max_length=MAX_LORAS_LISTED)

@@ -1,4 +1,4 @@
-"""The Images API behaviour: a validated request -> a render job -> the answer.
+"""The Images API behaviour: a validated request -> a render request -> the answer.
 
 Handed a `RenderClient` and a `FileStore`; knows nothing of BentoML or of
 model internals, so it is tested with a real tiny engine or with fakes. The
@@ -33,15 +33,9 @@ from ..model_catalog import ModelCatalog
 from ..settings import SERVICE_ID, Settings
 from .errors import APIError, client_closed, invalid_value, missing_parameter, outcome_error
 from .files import FileStore
-from .forms import ImageForm
 from .render_client import RenderClient
-from .request_rules import (
-    ResolvedRequest,
-    resolve_edit,
-    resolve_generation,
-    resolve_upscale,
-    resolve_variation,
-)
+from .request_kinds import RequestKind, kind_of
+from .request_rules import ResolvedRequest
 from .responses import (
     answer_image,
     completed_events,
@@ -53,12 +47,8 @@ from .responses import (
     server_timing,
 )
 from .schemas import (
-    ImageEditRequest,
-    ImageGenerationRequest,
     ImageRequest,
     ImagesResponse,
-    ImageUpscaleRequest,
-    ImageVariationRequest,
     ModelCard,
     ModelList,
 )
@@ -150,68 +140,43 @@ class ImagesServing:
 
     # ---- the endpoints ---------------------------------------------------
 
-    async def generate(
-        self, req: ImageGenerationRequest, http_request: Request
+    async def serve(
+        self,
+        kind: RequestKind,
+        req: ImageRequest,
+        http_request: Request,
+        image: bytes | None = None,
+        mask: bytes | None = None,
     ) -> Answer | EventStream:
-        """The answer, or with `stream` its events (previews first when asked)."""
-        resolved = await self.resolve(req)
-        if req.stream:
-            return await self._stream(resolved, http_request, "image_generation")
-        return await self._answer(resolved, http_request)
-
-    async def edit(
-        self, form: ImageForm[ImageEditRequest], http_request: Request
-    ) -> Answer | EventStream:
-        """POST /images/edits: img2img over the picture, or inpainting with a mask."""
-        resolved = await self.resolve(form.fields, form.image, form.mask)
-        if form.fields.stream:
-            return await self._stream(resolved, http_request, "image_edit")
-        return await self._answer(resolved, http_request)
-
-    async def create_variation(
-        self, form: ImageForm[ImageVariationRequest], http_request: Request
-    ) -> Answer:
-        """POST /images/variations: an edit of a square picture with no prompt."""
-        resolved = await self.resolve(form.fields, form.image)
-        return await self._answer(resolved, http_request)
-
-    async def upscale(self, form: ImageForm[ImageUpscaleRequest], http_request: Request) -> Answer:
-        """POST /images/upscale: the picture resized by `scale`, denoised again as an edit."""
-        resolved = await self.resolve(form.fields, form.image)
+        """Any endpoint's answer, or with `stream` its events (previews first when asked)."""
+        resolved = await self.resolve(req, image, mask, kind)
+        if req.stream and kind.stream_event is not None:
+            return await self._stream(resolved, http_request, kind.stream_event)
         return await self._answer(resolved, http_request)
 
     async def resolve(
-        self, req: ImageRequest, image: bytes | None = None, mask: bytes | None = None
+        self,
+        req: ImageRequest,
+        image: bytes | None = None,
+        mask: bytes | None = None,
+        kind: RequestKind | None = None,
     ) -> ResolvedRequest:
         """Any endpoint's validated request (and an edit's uploads) -> what it renders.
 
         The one way in for the synchronous endpoints and for image jobs alike, so
         a job renders exactly what its synchronous call would.
         """
-        if isinstance(req, ImageGenerationRequest):
+        kind = kind or kind_of(req)
+        if not kind.multipart:
             native = await self._native_resolution()
-            return resolve_generation(req, self.settings, native, self.loras, self.models)
+            return kind.resolve(req, None, self.settings, native, self.loras, self.models)
         if image is None:
             raise missing_parameter("image")
-        if isinstance(req, ImageEditRequest):
-            source = await _decoded(image, mask)
-            native = await self._native_resolution()
-            return await run_in_threadpool(
-                resolve_edit, req, source, self.settings, native, self.loras, self.models
-            )
-        if isinstance(req, ImageVariationRequest):
-            source = await _decoded(image, None)
-            native = await self._native_resolution()
-            return await run_in_threadpool(
-                resolve_variation, req, source, self.settings, native, self.loras, self.models
-            )
-        if isinstance(req, ImageUpscaleRequest):
-            source = await _decoded(image, None)
-            native = await self._native_resolution()
-            return await run_in_threadpool(
-                resolve_upscale, req, source, self.settings, native, self.loras, self.models
-            )
-        raise TypeError(f"no endpoint takes a {type(req).__name__}")
+        source = await _decoded(image, mask if kind.takes_mask else None)
+        native = await self._native_resolution()
+        return await run_in_threadpool(
+            kind.resolve, req, source, self.settings, native, self.loras, self.models
+        )
 
     async def render(
         self,

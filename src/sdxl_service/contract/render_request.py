@@ -12,7 +12,8 @@ from typing import Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..choices import HiresUpscaler, RefinerMode, RenderKind, SchedulerName
+from ..choices import HiresUpscaler, RenderKind
+from ..generation_params import GenerationParams
 
 # bytes in JSON are base64, not lists: an edit's picture and mask on their way
 # to a render worker. Rendered pixels come back raw (contract/wire.py).
@@ -60,26 +61,17 @@ class HiresParams(BaseModel):
     upscaler: HiresUpscaler
 
 
-class RenderParams(BaseModel):
-    """Everything the images of one pipeline call must share (hashable: the batch key)."""
-
-    model_config = ConfigDict(frozen=True)
+class RenderParams(GenerationParams):
+    """Everything the images of one pipeline call must share (hashable: the batch key): the
+    generation parameters (generation_params.py), and the render's size, kind and adapters."""
 
     width: int  # render resolution, multiples of 8
     height: int
-    steps: int
-    guidance_scale: float
-    high_noise_frac: float
-    refiner: RefinerMode
-    scheduler: SchedulerName
     kind: RenderKind = RenderKind.TEXT_TO_IMAGE
     # Share of the schedule an edit re-noises and denoises (1.0 for text-to-image).
     strength: float = Field(default=1.0, gt=0.0, le=1.0)
     # Sorted by name: the same set is the same batch key, whatever the order asked.
     loras: tuple[LoraWeight, ...] = ()
-    # AUTOMATIC1111's "Clip skip": 1 takes SDXL's own (penultimate) text encoder layer,
-    # 2 the one before it (diffusers' clip_skip=1).
-    clip_skip: int = Field(default=1, ge=1, le=2)
     # Text-to-image only: render smaller first, upscale, denoise again (None: one pass).
     hires: HiresParams | None = None
     # A model of SDXL_MODELS_DIR by name; None: the default base (SDXL_BASE_MODEL). Part of

@@ -233,7 +233,7 @@ class Engine:
         params = RenderParams(
             width=side,
             height=side,
-            steps=steps,
+            num_inference_steps=steps,
             guidance_scale=5.0,
             high_noise_frac=0.5,
             refiner=RefinerMode.ENSEMBLE,
@@ -306,7 +306,7 @@ class Engine:
         second = params.model_copy(
             update={
                 "kind": RenderKind.IMAGE_TO_IMAGE,
-                "steps": hires.steps,
+                "num_inference_steps": hires.steps,
                 "strength": hires.denoising_strength,
                 "hires": None,
             }
@@ -349,7 +349,7 @@ class Engine:
         base_runs = True
         if edit and mode is RefinerMode.ENSEMBLE:
             base_steps, _ = ensemble_split(
-                params.steps,
+                params.num_inference_steps,
                 params.high_noise_frac,
                 params.scheduler,
                 self._base_scheduler_config,
@@ -414,7 +414,7 @@ class Engine:
             return tensors
 
         common = {
-            "num_inference_steps": params.steps,
+            "num_inference_steps": params.num_inference_steps,
             "guidance_scale": params.guidance_scale,
             "num_images_per_prompt": 1,
             "generator": generators,

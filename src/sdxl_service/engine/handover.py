@@ -65,5 +65,5 @@ def refiner_handover(params: RenderParams, *, base_runs: bool) -> dict[str, Any]
     if mode is RefinerMode.ENSEMBLE:
         return {"denoising_start": params.high_noise_frac}
     # An edit's refiner pass re-noises no more than the edit itself did.
-    share = sequential_strength(params.steps, params.high_noise_frac)
+    share = sequential_strength(params.num_inference_steps, params.high_noise_frac)
     return {"strength": min(params.strength, share)}

@@ -218,7 +218,7 @@ def total_steps(
     """The denoising steps a render runs, base and refiner together (diffusers' counts)."""
     if RefinerMode(params.refiner) is RefinerMode.ENSEMBLE:
         split = ensemble_split(
-            params.steps,
+            params.num_inference_steps,
             params.high_noise_frac,
             params.scheduler,
             scheduler_config,
@@ -227,7 +227,7 @@ def total_steps(
         return sum(split)
 
     def img2img_steps(strength: float) -> int:  # diffusers' get_timesteps
-        return min(int(params.steps * strength), params.steps)
+        return min(int(params.num_inference_steps * strength), params.num_inference_steps)
 
     handover = refiner_handover(params, base_runs=base_runs)
     refiner = 0 if handover is None else img2img_steps(handover["strength"])

@@ -65,7 +65,9 @@ def a1111_parse(text: str) -> dict[str, str]:
 def job(**overrides) -> RenderRequest:
     values = {
         "request_id": "r",
-        "params": make_params(width=1024, height=1024, steps=30, scheduler="dpmpp_2m_karras"),
+        "params": make_params(
+            width=1024, height=1024, num_inference_steps=30, scheduler="dpmpp_2m_karras"
+        ),
         "prompt": "a red fox, in the snow: at dusk",
         "negative_prompt": "blurry",
         "seeds": [7],
@@ -76,7 +78,7 @@ def job(**overrides) -> RenderRequest:
 def test_the_last_line_yields_every_key_to_a1111s_parser() -> None:
     loras = (LoraWeight(name="other.v2", scale=0.5), LoraWeight(name="style", scale=1.0))
     text = infotext(
-        job(params=make_params(steps=30, scheduler="dpmpp_2m_karras", loras=loras)),
+        job(params=make_params(num_inference_steps=30, scheduler="dpmpp_2m_karras", loras=loras)),
         PROVENANCE,
         seed=8,
         width=832,
@@ -202,7 +204,10 @@ def test_lora_hashes_are_the_files_sha256_as_a1111_shortens_it(tmp_path) -> None
     data = b"not really a LoRA, but a file all the same" * 1000
     (tmp_path / "style.safetensors").write_bytes(data)
     catalog = LoraCatalog(tmp_path)
-    assert catalog.short_hash("style") == hashlib.sha256(data).hexdigest()[:12]
-    assert catalog.short_hash("missing") is None
+    entry = catalog.find("style")
+    assert entry is not None
+    assert catalog.short_hash(entry) == hashlib.sha256(data).hexdigest()[:12]
     (tmp_path / "style.safetensors").write_bytes(data + b"!")  # a new version, a new hash
-    assert catalog.short_hash("style") == hashlib.sha256(data + b"!").hexdigest()[:12]
+    assert catalog.short_hash(entry) == hashlib.sha256(data + b"!").hexdigest()[:12]
+    entry.path.unlink()
+    assert catalog.short_hash(entry) is None

@@ -11,7 +11,7 @@ from safetensors.numpy import save_file
 
 from sdxl_service.api.errors import APIError
 from sdxl_service.api.lora_requests import lora_set, take_inline_loras
-from sdxl_service.api.request_rules import resolve_generation
+from sdxl_service.api.request_kinds import GENERATION
 from sdxl_service.api.schemas import ImageGenerationRequest
 from sdxl_service.lora_catalog import LoraCatalog
 from sdxl_service.settings import SERVICE_ID, Settings
@@ -78,7 +78,7 @@ def test_inline_tags_leave_the_prompt_as_if_they_were_never_there() -> None:
 
 
 def test_the_same_lora_asked_twice_adds_up_and_the_set_is_sorted(catalog: LoraCatalog) -> None:
-    loras = lora_set([("pixel-art", 0.5), ("ink", 1.0), ("pixel-art", 0.25)], catalog, 4)
+    loras = lora_set([("pixel-art", 0.5), ("ink", 1.0), ("pixel-art", 0.25)], catalog.snapshot(), 4)
     assert [(lora.name, lora.scale) for lora in loras] == [("ink", 1.0), ("pixel-art", 0.75)]
 
 
@@ -99,7 +99,7 @@ def test_bad_loras_are_400_naming_loras_and_no_path(
     catalog: LoraCatalog, asked: list[tuple[str, float]], code: str
 ) -> None:
     with pytest.raises(APIError) as caught:
-        lora_set(asked, catalog, max_loras=2)
+        lora_set(asked, catalog.snapshot(), max_loras=2)
     assert (caught.value.status, caught.value.param, caught.value.code) == (400, "loras", code)
     assert str(catalog.folder) not in caught.value.message
 
@@ -112,7 +112,7 @@ def test_a_request_combines_its_list_its_tags_and_its_model(catalog: LoraCatalog
             "loras": [{"name": "ink", "scale": 0.25}],
         }
     )
-    job = resolve_generation(request, Settings(), 1024, catalog).job
+    job = GENERATION.resolve(request, None, Settings(), 1024, catalog).job
     assert job.prompt == "a fox"
     assert [(lora.name, lora.scale) for lora in job.params.loras] == [
         ("ink", 0.75),
@@ -123,12 +123,14 @@ def test_a_request_combines_its_list_its_tags_and_its_model(catalog: LoraCatalog
 def test_a_model_naming_no_lora_is_404(catalog: LoraCatalog) -> None:
     request = ImageGenerationRequest(prompt="x", model=f"{SERVICE_ID}:missing")
     with pytest.raises(APIError) as caught:
-        resolve_generation(request, Settings(), 1024, catalog)
+        GENERATION.resolve(request, None, Settings(), 1024, catalog)
     assert (caught.value.status, caught.value.code) == (404, "model_not_found")
 
 
 def test_requests_without_loras_render_as_before(catalog: LoraCatalog) -> None:
-    job = resolve_generation(ImageGenerationRequest(prompt="a fox"), Settings(), 1024, catalog).job
+    job = GENERATION.resolve(
+        ImageGenerationRequest(prompt="a fox"), None, Settings(), 1024, catalog
+    ).job
     assert job.params.loras == () and job.prompt == "a fox"
 
 
@@ -147,7 +149,7 @@ def test_lycoris_loha_and_lokr_files_are_a_400_saying_the_format_is_not_supporte
         str(catalog.folder / "lyco.safetensors"),
     )
     with pytest.raises(APIError) as caught:
-        lora_set([("lyco", 1.0)], catalog, max_loras=2)
+        lora_set([("lyco", 1.0)], catalog.snapshot(), max_loras=2)
     error = caught.value
     assert (error.status, error.param, error.code) == (400, "loras", "invalid_lora")
     assert f"LyCORIS {kind} file" in error.message and "not support" in error.message
@@ -166,7 +168,7 @@ def lightning(catalog: LoraCatalog, defaults: object = LIGHTNING) -> None:
 
 def params_of(catalog: LoraCatalog, **fields: object):
     req = ImageGenerationRequest.model_validate({"prompt": "a fox", **fields})
-    return resolve_generation(req, Settings(steps=30), 1024, catalog).job.params
+    return GENERATION.resolve(req, None, Settings(steps=30), 1024, catalog).job.params
 
 
 def test_a_loras_sidecar_gives_its_sampler_steps_and_guidance(catalog: LoraCatalog) -> None:
@@ -177,11 +179,39 @@ def test_a_loras_sidecar_gives_its_sampler_steps_and_guidance(catalog: LoraCatal
         {"model": f"{SERVICE_ID}:lightning"},
     ):
         params = params_of(catalog, **fields)
-        assert (params.steps, params.guidance_scale, params.scheduler) == (4, 0, "euler_trailing")
+        assert (params.num_inference_steps, params.guidance_scale, params.scheduler) == (
+            4,
+            0,
+            "euler_trailing",
+        )
     # The request's own fields first; without the LoRA, the server's defaults.
-    assert params_of(catalog, loras=[{"name": "lightning"}], num_inference_steps=8).steps == 8
-    assert params_of(catalog).steps == 30
-    assert catalog.find("lightning").describe()["defaults"] == LIGHTNING  # type: ignore[union-attr]
+    assert (
+        params_of(catalog, loras=[{"name": "lightning"}], num_inference_steps=8).num_inference_steps
+        == 8
+    )
+    assert params_of(catalog).num_inference_steps == 30
+    # The card shows them by the request's names, whichever spelling the file used.
+    card = catalog.find("lightning").describe()  # type: ignore[union-attr]
+    assert card["defaults"] == {
+        "num_inference_steps": 4,
+        "guidance_scale": 0,
+        "scheduler": "euler_trailing",
+    }
+
+
+def test_a_sidecar_takes_the_requests_own_field_names(catalog: LoraCatalog) -> None:
+    lightning(catalog, {"num_inference_steps": 3, "guidance_scale": 2.0, "clip_skip": 2})
+    params = params_of(catalog, loras=[{"name": "lightning"}])
+    assert (params.num_inference_steps, params.guidance_scale, params.clip_skip) == (3, 2.0, 2)
+
+
+def test_a_bad_sidecar_value_is_named_in_the_requests_vocabulary(catalog: LoraCatalog) -> None:
+    lightning(catalog, {"steps": 0})
+    with pytest.raises(APIError) as caught:
+        params_of(catalog, loras=[{"name": "lightning"}])
+    message = caught.value.message
+    assert "num_inference_steps:" in message
+    assert "steps:" not in message.replace("num_inference_steps:", "")
 
 
 def test_a_bad_loras_sidecar_is_a_400_naming_loras(catalog: LoraCatalog) -> None:
@@ -198,6 +228,6 @@ def test_a_bad_loras_sidecar_is_a_400_naming_loras(catalog: LoraCatalog) -> None
 
 def test_a_sidecar_written_while_running_is_read(catalog: LoraCatalog) -> None:
     kohya(catalog.folder / "lightning.safetensors")  # type: ignore[operator]
-    assert params_of(catalog, loras=[{"name": "lightning"}]).steps == 30
+    assert params_of(catalog, loras=[{"name": "lightning"}]).num_inference_steps == 30
     lightning(catalog)
-    assert params_of(catalog, loras=[{"name": "lightning"}]).steps == 4
+    assert params_of(catalog, loras=[{"name": "lightning"}]).num_inference_steps == 4

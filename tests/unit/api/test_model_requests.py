@@ -12,7 +12,7 @@ from safetensors.numpy import save_file
 from sdxl_service import model_catalog
 from sdxl_service.api.errors import APIError
 from sdxl_service.api.infotext import model_name
-from sdxl_service.api.request_rules import resolve_generation
+from sdxl_service.api.request_kinds import GENERATION
 from sdxl_service.api.schemas import ImageGenerationRequest
 from sdxl_service.choices import RefinerMode, SchedulerName
 from sdxl_service.lora_catalog import LoraCatalog
@@ -54,23 +54,23 @@ def loras(tmp_path: Path) -> LoraCatalog:
 
 def resolve(models: ModelCatalog, loras: LoraCatalog | None = None, **fields: object):
     request = ImageGenerationRequest.model_validate({"prompt": "a fox", **fields})
-    return resolve_generation(request, SETTINGS, 1024, loras, models).job.params
+    return GENERATION.resolve(request, None, SETTINGS, 1024, loras, models).job.params
 
 
 def test_the_default_model_keeps_its_ids(models: ModelCatalog) -> None:
     for model in (None, SERVICE_ID, "dall-e-3", "gpt-image-1", SETTINGS.base_model):
         params = resolve(models, **({} if model is None else {"model": model}))
-        assert params.model is None and params.steps == SETTINGS.steps
+        assert params.model is None and params.num_inference_steps == SETTINGS.steps
 
 
 def test_a_model_is_picked_by_name_with_its_sidecar_defaults(models: ModelCatalog) -> None:
     params = resolve(models, model="lightning")
     assert params.model == "lightning"
-    assert (params.steps, params.guidance_scale, params.clip_skip) == (4, 0.0, 2)
+    assert (params.num_inference_steps, params.guidance_scale, params.clip_skip) == (4, 0.0, 2)
     assert params.scheduler is SchedulerName.EULER_TRAILING
     assert params.refiner is RefinerMode.NONE and params.high_noise_frac == 0.6
     plain = resolve(models, model="plain")
-    assert plain.model == "plain" and plain.steps == SETTINGS.steps
+    assert plain.model == "plain" and plain.num_inference_steps == SETTINGS.steps
 
 
 def test_the_requests_own_fields_override_the_sidecar(models: ModelCatalog) -> None:
@@ -84,10 +84,10 @@ def test_the_requests_own_fields_override_the_sidecar(models: ModelCatalog) -> N
         clip_skip=1,
         high_noise_frac=0.7,
     )
-    assert (params.steps, params.guidance_scale, params.clip_skip) == (8, 1.5, 1)
+    assert (params.num_inference_steps, params.guidance_scale, params.clip_skip) == (8, 1.5, 1)
     assert params.scheduler is SchedulerName.EULER and params.refiner is RefinerMode.ENSEMBLE
     assert params.high_noise_frac == 0.7
-    assert resolve(models, model="lightning", quality="hd").steps == 50
+    assert resolve(models, model="lightning", quality="hd").num_inference_steps == 50
 
 
 def test_models_are_batch_keys_apart(models: ModelCatalog) -> None:
@@ -102,7 +102,7 @@ def test_a_model_with_a_lora(models: ModelCatalog, loras: LoraCatalog) -> None:
 
 def test_the_infotext_names_the_model_picked(models: ModelCatalog) -> None:
     request = ImageGenerationRequest(prompt="a fox", model="plain")
-    provenance = resolve_generation(request, SETTINGS, 1024, None, models).provenance
+    provenance = GENERATION.resolve(request, None, SETTINGS, 1024, None, models).provenance
     assert provenance is not None and model_name(provenance.base_model) == "plain"
 
 

@@ -8,14 +8,11 @@ import pytest
 from PIL import Image
 
 from sdxl_service.api.errors import APIError
+from sdxl_service.api.request_kinds import EDIT, GENERATION, UPSCALE, VARIATION
 from sdxl_service.api.request_rules import (
     EDIT_STRENGTH,
     INPAINT_STRENGTH,
     QUALITY_STEPS,
-    resolve_edit,
-    resolve_generation,
-    resolve_upscale,
-    resolve_variation,
 )
 from sdxl_service.api.schemas import (
     ImageEditRequest,
@@ -43,9 +40,9 @@ def refused(call, *args) -> APIError:
 
 def test_defaults_come_from_the_settings() -> None:
     before = time.time()
-    resolved = resolve_generation(generation(), SETTINGS, NATIVE)
+    resolved = GENERATION.resolve(generation(), None, SETTINGS, NATIVE)
     params = resolved.job.params
-    assert (params.refiner, params.scheduler, params.steps) == (
+    assert (params.refiner, params.scheduler, params.num_inference_steps) == (
         RefinerMode.SEQUENTIAL,
         SchedulerName.DPMPP_2M,
         SETTINGS.steps,  # quality auto: SDXL_STEPS
@@ -56,14 +53,19 @@ def test_defaults_come_from_the_settings() -> None:
 
 
 def test_quality_picks_the_step_count() -> None:
-    params = resolve_generation(generation(quality="hd"), SETTINGS, NATIVE).job.params
-    assert params.steps == QUALITY_STEPS["hd"]
+    params = GENERATION.resolve(generation(quality="hd"), None, SETTINGS, NATIVE).job.params
+    assert params.num_inference_steps == QUALITY_STEPS["hd"]
 
 
 def test_request_values_override_settings() -> None:
     req = generation(refiner="none", scheduler="ddim", num_inference_steps=9, guidance_scale=0)
-    params = resolve_generation(req, SETTINGS, NATIVE).job.params
-    assert (params.refiner, params.scheduler, params.steps, params.guidance_scale) == (
+    params = GENERATION.resolve(req, None, SETTINGS, NATIVE).job.params
+    assert (
+        params.refiner,
+        params.scheduler,
+        params.num_inference_steps,
+        params.guidance_scale,
+    ) == (
         RefinerMode.NONE,
         SchedulerName.DDIM,
         9,
@@ -72,12 +74,12 @@ def test_request_values_override_settings() -> None:
 
 
 def test_n_images_get_consecutive_seeds() -> None:
-    job = resolve_generation(generation(n=3, seed=41), SETTINGS, NATIVE).job
+    job = GENERATION.resolve(generation(n=3, seed=41), None, SETTINGS, NATIVE).job
     assert job.seeds == [41, 42, 43]
 
 
 def test_small_sizes_render_at_native_scale() -> None:
-    resolved = resolve_generation(generation(size="256x128"), SETTINGS, NATIVE)
+    resolved = GENERATION.resolve(generation(size="256x128"), None, SETTINGS, NATIVE)
     assert (resolved.width, resolved.height) == (256, 128)
     assert abs(resolved.job.params.width / resolved.job.params.height - 2) < 0.02
     assert resolved.job.params.width * resolved.job.params.height >= 0.9 * NATIVE**2
@@ -97,12 +99,12 @@ def test_small_sizes_render_at_native_scale() -> None:
     ],
 )
 def test_bad_generations_name_the_parameter(fields: dict[str, object], param: str) -> None:
-    error = refused(resolve_generation, generation(**fields), SETTINGS, NATIVE)
+    error = refused(GENERATION.resolve, generation(**fields), None, SETTINGS, NATIVE)
     assert (error.status, error.param) == (400, param)
 
 
 def test_an_unknown_model_is_404() -> None:
-    error = refused(resolve_generation, generation(model="sd-1.5"), SETTINGS, NATIVE)
+    error = refused(GENERATION.resolve, generation(model="sd-1.5"), None, SETTINGS, NATIVE)
     assert (error.status, error.code) == (404, "model_not_found")
 
 
@@ -112,7 +114,7 @@ def picture(width: int, height: int) -> Image.Image:
 
 def test_an_edit_is_img2img_at_the_pictures_size() -> None:
     req = ImageEditRequest(prompt="x")
-    resolved = resolve_edit(req, EditSource(picture(96, 64)), SETTINGS, NATIVE)
+    resolved = EDIT.resolve(req, EditSource(picture(96, 64)), SETTINGS, NATIVE)
     params = resolved.job.params
     assert (resolved.width, resolved.height) == (96, 64)
     assert (params.kind, params.strength) == (RenderKind.IMAGE_TO_IMAGE, EDIT_STRENGTH)
@@ -121,7 +123,7 @@ def test_an_edit_is_img2img_at_the_pictures_size() -> None:
 
 def test_an_edit_with_a_mask_inpaints_and_keeps_the_picture_for_compositing() -> None:
     mask = Image.new("L", (64, 64), 255)
-    resolved = resolve_edit(
+    resolved = EDIT.resolve(
         ImageEditRequest(prompt="x"), EditSource(picture(64, 64), mask), SETTINGS, NATIVE
     )
     assert (resolved.job.params.kind, resolved.job.params.strength) == (
@@ -134,21 +136,21 @@ def test_an_edit_with_a_mask_inpaints_and_keeps_the_picture_for_compositing() ->
 
 def test_an_edit_that_runs_no_step_is_refused() -> None:
     req = ImageEditRequest(prompt="x", strength=0.01)
-    error = refused(resolve_edit, req, EditSource(picture(64, 64)), SETTINGS, NATIVE)
+    error = refused(EDIT.resolve, req, EditSource(picture(64, 64)), SETTINGS, NATIVE)
     assert error.param == "strength"
 
 
 def test_variations_take_square_pictures_in_openai_sizes() -> None:
-    resolved = resolve_variation(
+    resolved = VARIATION.resolve(
         ImageVariationRequest(), EditSource(picture(64, 64)), SETTINGS, NATIVE
     )
     assert (resolved.width, resolved.height, resolved.job.prompt) == (1024, 1024, "")
     not_square = refused(
-        resolve_variation, ImageVariationRequest(), EditSource(picture(64, 32)), SETTINGS, NATIVE
+        VARIATION.resolve, ImageVariationRequest(), EditSource(picture(64, 32)), SETTINGS, NATIVE
     )
     assert not_square.param == "image"
     odd_size = refused(
-        resolve_variation,
+        VARIATION.resolve,
         ImageVariationRequest(size="640x640"),
         EditSource(picture(64, 64)),
         SETTINGS,
@@ -160,13 +162,13 @@ def test_variations_take_square_pictures_in_openai_sizes() -> None:
 def test_no_size_asked_fits_the_servers_bounds() -> None:
     small = Settings(max_side=128, max_pixels=128 * 128)
     for req in (generation(), generation(size="auto")):
-        resolved = resolve_generation(req, small, NATIVE)
+        resolved = GENERATION.resolve(req, None, small, NATIVE)
         assert (resolved.width, resolved.height) == (128, 128)
 
 
 def test_the_hires_fix_renders_the_size_divided_by_its_scale_first() -> None:
     req = generation(size="1536x1024", hires={"scale": 1.5, "upscaler": "lanczos"})
-    resolved = resolve_generation(req, SETTINGS, NATIVE)
+    resolved = GENERATION.resolve(req, None, SETTINGS, NATIVE)
     params = resolved.job.params
     assert (params.width, params.height, resolved.width, resolved.height) == (1536, 1024) * 2
     assert params.hires is not None
@@ -180,7 +182,7 @@ def test_the_hires_fix_renders_the_size_divided_by_its_scale_first() -> None:
 
 
 def test_without_hires_there_is_one_pass() -> None:
-    assert resolve_generation(generation(), SETTINGS, NATIVE).job.params.hires is None
+    assert GENERATION.resolve(generation(), None, SETTINGS, NATIVE).job.params.hires is None
 
 
 @pytest.mark.parametrize(
@@ -208,7 +210,7 @@ def test_a_hires_value_out_of_bounds_names_its_field(hires: dict[str, object], p
 def test_a_hires_first_pass_under_the_smallest_side_is_refused() -> None:
     settings = Settings(min_side=256, render_native=False)
     error = refused(
-        resolve_generation, generation(size="384x384", hires={"scale": 2}), settings, NATIVE
+        GENERATION.resolve, generation(size="384x384", hires={"scale": 2}), None, settings, NATIVE
     )
     assert (error.status, error.param) == (400, "hires.scale")
     assert "192x192" in error.message
@@ -216,13 +218,13 @@ def test_a_hires_first_pass_under_the_smallest_side_is_refused() -> None:
 
 def test_a_hires_pass_that_runs_no_step_is_refused() -> None:
     req = generation(hires={"steps": 1, "denoising_strength": 0.5})
-    error = refused(resolve_generation, req, SETTINGS, NATIVE)
+    error = refused(GENERATION.resolve, req, None, SETTINGS, NATIVE)
     assert (error.status, error.param) == (400, "hires.denoising_strength")
 
 
 def upscale_of(picture_size: tuple[int, int], **fields: object):
     source = EditSource(image=Image.new("RGB", picture_size, "white"), mask=None)
-    return resolve_upscale(ImageUpscaleRequest.model_validate(fields), source, SETTINGS, NATIVE)
+    return UPSCALE.resolve(ImageUpscaleRequest.model_validate(fields), source, SETTINGS, NATIVE)
 
 
 def test_an_upscale_is_an_edit_at_scale_times_the_pictures_size() -> None:

@@ -160,12 +160,12 @@ def test_random_seed_when_none_given(client, painter) -> None:
 
 def test_quality_maps_to_steps_and_steps_override(client, painter) -> None:
     client.post("/images/generations", json={"prompt": "x", "quality": "hd", "size": "64x64"})
-    assert painter.jobs[-1].params.steps == QUALITY_STEPS["hd"]
+    assert painter.jobs[-1].params.num_inference_steps == QUALITY_STEPS["hd"]
     client.post(
         "/images/generations",
         json={"prompt": "x", "quality": "hd", "size": "64x64", "num_inference_steps": 7},
     )
-    assert painter.jobs[-1].params.steps == 7
+    assert painter.jobs[-1].params.num_inference_steps == 7
 
 
 def test_auto_size_is_1024(client, painter) -> None:
@@ -470,7 +470,11 @@ def test_edit_takes_image_brackets_and_every_option_as_form_fields(edits_client,
         and job.params.strength == 0.3
         and job.params.refiner is RefinerMode.NONE
     )
-    assert (job.params.steps, job.params.guidance_scale, job.params.high_noise_frac) == (
+    assert (
+        job.params.num_inference_steps,
+        job.params.guidance_scale,
+        job.params.high_noise_frac,
+    ) == (
         12,
         7.5,
         0.7,

@@ -12,6 +12,7 @@ from PIL import Image
 
 from sdxl_service.api.errors import APIError
 from sdxl_service.api.files import LocalFileStore
+from sdxl_service.api.request_kinds import GENERATION
 from sdxl_service.api.schemas import ImageGenerationRequest
 from sdxl_service.api.serving import ImagesServing
 from sdxl_service.contract.render_request import GenerationOutcome, RenderRequest
@@ -93,7 +94,7 @@ def serving(renderer: Any, tmp_path: Path, **settings: Any) -> ImagesServing:
 async def test_a_client_that_leaves_gets_499_and_its_work_is_cancelled(tmp_path: Path) -> None:
     renderer = HangingRenderer()
     request = ClientRequest()
-    call = asyncio.ensure_future(serving(renderer, tmp_path).generate(REQUEST, request))
+    call = asyncio.ensure_future(serving(renderer, tmp_path).serve(GENERATION, REQUEST, request))
     await renderer.started.wait()
     request.gone.set()
     with pytest.raises(APIError) as caught:
@@ -106,7 +107,9 @@ async def test_a_client_that_leaves_gets_499_and_its_work_is_cancelled(tmp_path:
 @run
 async def test_a_client_that_stays_is_never_cancelled_before_its_answer(tmp_path: Path) -> None:
     renderer = HangingRenderer()
-    call = asyncio.ensure_future(serving(renderer, tmp_path).generate(REQUEST, ClientRequest()))
+    call = asyncio.ensure_future(
+        serving(renderer, tmp_path).serve(GENERATION, REQUEST, ClientRequest())
+    )
     await renderer.started.wait()
     # Several disconnect polls pass with the client still there.
     done, _ = await asyncio.wait({call}, timeout=0.8)
@@ -123,7 +126,7 @@ async def test_a_request_past_its_deadline_gets_504_and_its_render_stops(tmp_pat
     try:
         images = serving(renderer, tmp_path, request_timeout=0.5, traffic_timeout=10)
         with pytest.raises(APIError) as caught:
-            await images.generate(REQUEST, ClientRequest())
+            await images.serve(GENERATION, REQUEST, ClientRequest())
         assert (caught.value.status, caught.value.code) == (504, "timeout")
         assert caught.value.headers["x-should-retry"] == "false"
         assert renderer.render_started.is_set()

@@ -80,7 +80,7 @@ def test_reported_split_is_what_the_engine_runs(tiny_engine) -> None:
         params = RenderParams(
             width=64,
             height=64,
-            steps=30,
+            num_inference_steps=30,
             guidance_scale=5.0,
             high_noise_frac=0.8,
             refiner=RefinerMode.ENSEMBLE,

@@ -12,7 +12,7 @@ from tests.jobs import make_params
 
 
 def params(**overrides: object) -> RenderParams:
-    return make_params(**{"width": 16, "height": 8, "steps": 10, **overrides})
+    return make_params(**{"width": 16, "height": 8, "num_inference_steps": 10, **overrides})
 
 
 def job(render_params: RenderParams | None = None, **overrides: object) -> RenderRequest:
@@ -57,9 +57,9 @@ def test_an_edit_job_survives_the_json_trip_between_the_services() -> None:
 def test_render_params_are_hashable_and_equal_for_equal_values() -> None:
     one, same = params(), params()
     assert one == same and hash(one) == hash(same)
-    assert len({one, same, params(steps=11)}) == 2
+    assert len({one, same, params(num_inference_steps=11)}) == 2
     with pytest.raises(ValidationError):
-        one.steps = 11  # type: ignore[misc]
+        one.num_inference_steps = 11  # type: ignore[misc]
 
 
 def test_edits_with_the_same_settings_share_render_params_but_keep_their_pictures() -> None:

@@ -73,7 +73,7 @@ def stock_recipe(
             image = pipeline(
                 prompt=[prompt] * n,
                 image=image,
-                num_inference_steps=params.steps,
+                num_inference_steps=params.num_inference_steps,
                 guidance_scale=params.guidance_scale,
                 generator=generators,
                 output_type="latent",
@@ -98,7 +98,7 @@ def edit_params(kind: RenderKind, mode: RefinerMode, strength: float, scheduler:
         kind=kind,
         width=SIZE,
         height=SIZE,
-        steps=10,
+        num_inference_steps=10,
         high_noise_frac=HIGH_NOISE_FRAC,
         refiner=mode,
         scheduler=scheduler,

@@ -31,7 +31,7 @@ STEPS = 4
 
 
 def params(**overrides: object) -> RenderParams:
-    return make_params(**{"steps": STEPS, **overrides})
+    return make_params(**{"num_inference_steps": STEPS, **overrides})
 
 
 def tasks(*seeds: int, negative: str = "") -> list[ImageTask]:
@@ -50,7 +50,7 @@ LEFT_HALF = np.repeat([[255] * 32 + [0] * 32], 64, axis=0).astype(np.uint8).toby
 
 
 def edit_params(kind: RenderKind = RenderKind.IMAGE_TO_IMAGE, **overrides: object) -> RenderParams:
-    return params(kind=kind, **{"strength": 0.75, "steps": 10, **overrides})
+    return params(kind=kind, **{"strength": 0.75, "num_inference_steps": 10, **overrides})
 
 
 def edits(*seeds: int, picture: bytes | None = None, mask: bytes | None = None) -> list[ImageTask]:
@@ -205,7 +205,7 @@ def test_refiner_modes_match_the_stock_diffusers_recipes(
     high_noise_frac; the refiner as img2img runs at strength 1 - high_noise_frac
     over the finished base image (30 steps at 0.8: int(5.999...) = 5 steps)."""
     steps = 30 if mode is RefinerMode.SEQUENTIAL else 10
-    render = params(refiner=mode, steps=steps, scheduler=scheduler)
+    render = params(refiner=mode, num_inference_steps=steps, scheduler=scheduler)
     ours = tiny_engine.render(RenderBatch(params=render, tasks=tasks(5, 6)))
     if mode is RefinerMode.ENSEMBLE:
         base_stage, refiner_stage = {"denoising_end": 0.8}, {"denoising_start": 0.8}
@@ -239,7 +239,7 @@ def test_each_refiner_mode_runs_its_stages(tiny_engine: Engine, mode: RefinerMod
     try:
         with count_unet_calls(tiny_engine) as calls:
             images = tiny_engine.render(
-                RenderBatch(params=params(refiner=mode, steps=10), tasks=tasks(3))
+                RenderBatch(params=params(refiner=mode, num_inference_steps=10), tasks=tasks(3))
             )
     finally:
         tiny_engine.stage_observer = None
@@ -275,7 +275,9 @@ def test_each_scheduler_splits_the_steps_between_base_and_refiner(
 ) -> None:
     with count_unet_calls(tiny_engine) as calls:
         images = tiny_engine.render(
-            RenderBatch(params=params(scheduler=scheduler, steps=10), tasks=tasks(4, 5))
+            RenderBatch(
+                params=params(scheduler=scheduler, num_inference_steps=10), tasks=tasks(4, 5)
+            )
         )
     assert len(images) == 2
     assert calls["base"] > 0 and calls["refiner"] > 0
@@ -412,7 +414,7 @@ def test_edit_splits_its_steps_between_base_and_refiner(
 def test_a_light_ensemble_edit_at_30_steps_is_the_refiners_alone(tiny_engine: Engine) -> None:
     # strength 0.21 > 1 - 0.8, yet its first step (t=166 of 30 leading steps) is
     # below the cut-off at t=200: the base would add noise and hand over a step early.
-    batch = RenderBatch(params=edit_params(steps=30, strength=0.21), tasks=edits(1))
+    batch = RenderBatch(params=edit_params(num_inference_steps=30, strength=0.21), tasks=edits(1))
     with count_unet_calls(tiny_engine) as calls:
         tiny_engine.render(batch)
     assert calls == {"base": 0, "refiner": int(30 * 0.21)}
@@ -442,7 +444,9 @@ def test_edit_leaves_the_vae_in_its_own_dtype(tiny_settings_factory) -> None:
     """diffusers' own encode would cast the shared VAE to the UNet dtype after upcasting."""
     engine = Engine.load(EngineConfig.of(tiny_settings_factory(vae_dtype="bf16")))
     for kind, mask in [(RenderKind.IMAGE_TO_IMAGE, None), (RenderKind.INPAINT, LEFT_HALF)]:
-        engine.render(RenderBatch(params=edit_params(kind, steps=4), tasks=edits(1, mask=mask)))
+        engine.render(
+            RenderBatch(params=edit_params(kind, num_inference_steps=4), tasks=edits(1, mask=mask))
+        )
         assert engine.vae.dtype == torch.bfloat16
         assert engine.base.unet.dtype == torch.float32
 
@@ -457,7 +461,9 @@ def test_should_stop_cancels_the_render_within_a_step(tiny_engine: Engine) -> No
         polls.append(1)
         return len(polls) >= 3
 
-    batch = RenderBatch(params=params(steps=20), tasks=tasks(1), should_stop=stop_on_third_poll)
+    batch = RenderBatch(
+        params=params(num_inference_steps=20), tasks=tasks(1), should_stop=stop_on_third_poll
+    )
     with count_unet_calls(tiny_engine) as calls, pytest.raises(RenderCancelled):
         tiny_engine.render(batch)
     # Polled before the base, then after each step: stopped after step 2 of 20.
@@ -475,7 +481,9 @@ def test_should_stop_is_checked_between_stages(tiny_engine: Engine) -> None:
         return len(polls) == 1 + base_steps + 1
 
     batch = RenderBatch(
-        params=params(steps=10), tasks=tasks(1), should_stop=stop_once_the_base_is_done
+        params=params(num_inference_steps=10),
+        tasks=tasks(1),
+        should_stop=stop_once_the_base_is_done,
     )
     with count_unet_calls(tiny_engine) as calls, pytest.raises(RenderCancelled):
         tiny_engine.render(batch)
@@ -680,7 +688,7 @@ def test_half_precision_engine_renders_close_to_float32(
         half, full = engine.render(batch)[0], tiny_engine.render(batch)[0]
         difference = np.abs(pixels(half) - pixels(full)).mean()
         assert difference < 3, f"{dtype} {mode}: mean pixel difference {difference:.1f}"
-    edit = engine.render(RenderBatch(params=edit_params(steps=4), tasks=edits(1)))[0]
+    edit = engine.render(RenderBatch(params=edit_params(num_inference_steps=4), tasks=edits(1)))[0]
     assert edit.mode == "RGB"
 
 
@@ -699,7 +707,9 @@ def test_few_step_samplers_match_their_model_cards_recipes(
     cards run them: 4 steps, guidance 0, the scheduler built from the model's config."""
     import diffusers
 
-    render = params(refiner=RefinerMode.NONE, steps=4, guidance_scale=0.0, scheduler=scheduler)
+    render = params(
+        refiner=RefinerMode.NONE, num_inference_steps=4, guidance_scale=0.0, scheduler=scheduler
+    )
     ours = tiny_engine.render(RenderBatch(params=render, tasks=tasks(5, 6)))
     base = tiny_engine.base
     scheduler_class = getattr(diffusers, stock_scheduler)
@@ -719,7 +729,7 @@ def test_few_step_samplers_match_their_model_cards_recipes(
         assert np.abs(pixels(mine) - pixels(theirs)).max() <= 1
     # The refiner takes over from them too (the ensemble split needs first-order steps).
     ensemble = params(
-        refiner=RefinerMode.ENSEMBLE, steps=4, guidance_scale=1.0, scheduler=scheduler
+        refiner=RefinerMode.ENSEMBLE, num_inference_steps=4, guidance_scale=1.0, scheduler=scheduler
     )
     [image] = tiny_engine.render(RenderBatch(params=ensemble, tasks=tasks(7)))
     assert image.size == (64, 64)
@@ -727,9 +737,9 @@ def test_few_step_samplers_match_their_model_cards_recipes(
 
 def test_clip_skip_2_is_diffusers_clip_skip_1_in_both_pipelines(tiny_engine: Engine) -> None:
     """AUTOMATIC1111 counts from 1 (SDXL's penultimate layer); diffusers from None."""
-    render = params(refiner=RefinerMode.ENSEMBLE, steps=10, clip_skip=2)
+    render = params(refiner=RefinerMode.ENSEMBLE, num_inference_steps=10, clip_skip=2)
     ours = tiny_engine.render(RenderBatch(params=render, tasks=tasks(5)))
-    default = tiny_engine.render(RenderBatch(params=params(steps=10), tasks=tasks(5)))
+    default = tiny_engine.render(RenderBatch(params=params(num_inference_steps=10), tasks=tasks(5)))
     common = {
         "prompt": "a red fox in the snow",
         "num_inference_steps": 10,

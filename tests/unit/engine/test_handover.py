@@ -68,7 +68,7 @@ def test_sequential_refiner_runs_one_step_where_diffusers_would_run_none(
 
 
 def params(refiner: RefinerMode, **overrides: object) -> RenderParams:
-    return make_params(**{"steps": 10, "refiner": refiner, **overrides})
+    return make_params(**{"num_inference_steps": 10, "refiner": refiner, **overrides})
 
 
 def test_refiner_handover_by_mode() -> None:

@@ -54,7 +54,7 @@ def test_lanczos_hires_is_the_edit_of_the_first_pass_resized(
     edit = params.model_copy(
         update={
             "kind": RenderKind.IMAGE_TO_IMAGE,
-            "steps": 6,
+            "num_inference_steps": 6,
             "strength": STRENGTH,
             "hires": None,
         }

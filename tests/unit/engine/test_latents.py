@@ -65,7 +65,7 @@ def test_each_image_samples_the_posterior_with_its_own_generator() -> None:
     vae = AutoencoderKL.from_config(vae_config())
     latent_codec = LatentCodec(vae, device="cpu", dtype=torch.float32)
     picture = np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)
-    params = make_params(kind=RenderKind.IMAGE_TO_IMAGE, steps=10, strength=0.5)
+    params = make_params(kind=RenderKind.IMAGE_TO_IMAGE, num_inference_steps=10, strength=0.5)
     ours = [torch.Generator().manual_seed(seed) for seed in (1, 2)]
     theirs = [torch.Generator().manual_seed(seed) for seed in (1, 2)]
     encodes = []

@@ -36,7 +36,7 @@ PROMPT = "a red fox in the snow"
 
 def params(*loras: tuple[str, float], **overrides: Any) -> RenderParams:
     weights = tuple(LoraWeight(name=n, scale=s) for n, s in sorted(loras))
-    return make_params(**{"steps": 5, "loras": weights, **overrides})
+    return make_params(**{"num_inference_steps": 5, "loras": weights, **overrides})
 
 
 def render(
@@ -199,7 +199,7 @@ def test_a_lightning_style_lora_renders_in_4_steps_as_its_model_card_says(
         engine,
         ("style", 1.0),
         refiner=RefinerMode.NONE,
-        steps=4,
+        num_inference_steps=4,
         guidance_scale=0.0,
         scheduler="euler_trailing",
     )
@@ -220,7 +220,9 @@ def test_a_lightning_style_lora_renders_in_4_steps_as_its_model_card_says(
     )
     card.set_timesteps(4)
     assert card.timesteps.tolist() == [999, 749, 499, 249]
-    leading = render(engine, ("style", 1.0), refiner=RefinerMode.NONE, steps=4, guidance_scale=0.0)
+    leading = render(
+        engine, ("style", 1.0), refiner=RefinerMode.NONE, num_inference_steps=4, guidance_scale=0.0
+    )
     assert np.abs(ours - leading).max() > 10  # the spacing is what makes it Lightning's
 
 

@@ -173,7 +173,7 @@ def test_edits_run_on_the_model_picked(engine: Engine, kind: RenderKind) -> None
             init_image=picture,
             mask=mask if kind is RenderKind.INPAINT else None,
         )
-        params = make_params(model=model, kind=kind, strength=0.75, steps=8)
+        params = make_params(model=model, kind=kind, strength=0.75, num_inference_steps=8)
         return np.asarray(engine.render(RenderBatch(params=params, tasks=[task]))[0], np.int16)
 
     default = edit(None)

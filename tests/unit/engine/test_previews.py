@@ -104,7 +104,9 @@ def test_each_decoder_gives_render_size_previews_and_identical_final_images(
     config = EngineConfig.of(tiny_settings_factory(preview_decoder=decoder))
     monkeypatch.setattr(tiny_engine, "config", config)
     width, height = size
-    render = params(width=width, height=height, refiner=mode, scheduler=scheduler, steps=5)
+    render = params(
+        width=width, height=height, refiner=mode, scheduler=scheduler, num_inference_steps=5
+    )
     batch = RenderBatch(params=render, tasks=tasks(5, 6, 7))
     plain = tiny_engine.render(batch)
 
@@ -263,7 +265,11 @@ def test_previews_are_spread_over_the_steps_base_and_refiner_run(
     monkeypatch.setattr(engine_module, "preview_tap", recording_tap)
     edit = kind is not RenderKind.TEXT_TO_IMAGE
     render = params(
-        refiner=mode, scheduler=scheduler, steps=10, kind=kind, strength=0.75 if edit else 1.0
+        refiner=mode,
+        scheduler=scheduler,
+        num_inference_steps=10,
+        kind=kind,
+        strength=0.75 if edit else 1.0,
     )
     picture = np.random.default_rng(0).integers(0, 256, (48, 64, 3), np.uint8).tobytes()
     batch = RenderBatch(

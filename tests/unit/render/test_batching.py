@@ -804,7 +804,7 @@ def noise_render(batch: RenderBatch) -> list[Image.Image]:
     with torch.no_grad():
         torch.manual_seed(0)  # same weights in every call
         conv.reset_parameters()
-        for _ in range(batch.params.steps):
+        for _ in range(batch.params.num_inference_steps):
             latents[:, :3] = torch.tanh(conv(latents)) + latents[:, :3] * 0.5
         rgb = ((latents[:, :3].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return [Image.fromarray(x.permute(1, 2, 0).numpy(), "RGB") for x in rgb]

@@ -199,7 +199,7 @@ async def test_closing_the_stream_cancels_the_job_queued_or_rendering(host: Host
     images, cancelled = host.images(), host.cancelled()
     # Long enough that it cannot finish while the test works: 200 steps, about
     # 35 ms each; previews at steps 50, 100, 150.
-    long = host.host.stream(make_job("long", steps=200, partial_images=3))
+    long = host.host.stream(make_job("long", steps=150, partial_images=3))
     assert (await anext(long)).type is RenderEventType.ACCEPTED
     first_preview = await anext(long)
     assert first_preview.type is RenderEventType.PARTIAL  # it renders
@@ -237,7 +237,7 @@ async def test_closing_the_stream_cancels_the_job_queued_or_rendering(host: Host
 @asyncio_test
 async def test_a_cancelled_stream_task_cancels_a_rendering_job(host: Host) -> None:
     cancelled = host.cancelled()
-    stream = host.host.stream(make_job("cancel-rendering", steps=200, partial_images=3))
+    stream = host.host.stream(make_job("cancel-rendering", steps=150, partial_images=3))
     assert (await anext(stream)).type is RenderEventType.ACCEPTED
     # As the server does: the task reading the stream is cancelled mid-wait.
     reading = asyncio.ensure_future(anext(stream))

@@ -104,7 +104,7 @@ class JobsServing:
             status=JobStatus.QUEUED,
             created_at=self._clock(),
             images=n,
-            steps=resolved.job.params.steps,
+            steps=resolved.job.params.num_inference_steps,
             request=fields,
             base_url=submission.base_url,
             image=submission.image,

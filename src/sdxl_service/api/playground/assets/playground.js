@@ -8,11 +8,8 @@ const FIELDS = [
   "num_inference_steps", "guidance_scale", "refiner", "scheduler", "lora", "lora_scale",
   "partial_images", "model",
 ];
-// A model's sidecar defaults, by the form field each fills when the model is picked.
-const DEFAULT_FIELDS = {
-  steps: "num_inference_steps", guidance_scale: "guidance_scale",
-  scheduler: "scheduler", refiner: "refiner",
-};
+// A model's sidecar defaults (named as the request's fields) the form shows when it is picked.
+const DEFAULT_FIELDS = ["num_inference_steps", "guidance_scale", "scheduler", "refiner"];
 const modelDefaults = new Map();
 const formDefaults = {};
 const $ = (id) => document.getElementById(id);
@@ -86,8 +83,8 @@ function addModel(card) {
 // Picking a model puts its defaults in the form (what the server would use), or the form's own.
 function applyModelDefaults() {
   const defaults = modelDefaults.get($("model").value) || {};
-  for (const [key, field] of Object.entries(DEFAULT_FIELDS)) {
-    $(field).value = key in defaults ? defaults[key] : formDefaults[field];
+  for (const field of DEFAULT_FIELDS) {
+    $(field).value = field in defaults ? defaults[field] : formDefaults[field];
   }
 }
 
@@ -465,7 +462,7 @@ async function loadJobs() {
   schedulePoll();
 }
 
-for (const field of Object.values(DEFAULT_FIELDS)) formDefaults[field] = $(field).value;
+for (const field of DEFAULT_FIELDS) formDefaults[field] = $(field).value;
 $("queue-job").addEventListener("click", queueJob);
 $("jobs-more").addEventListener("click", () => loadJobs().catch((error) => showJobsError(String(error))));
 $("model").addEventListener("change", applyModelDefaults);
