@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import logging
 
-from ...settings import Settings
+from ...settings import Settings, SettingsError
 from ..files import open_file_store
 from ..render_client import BentoRenderClient
 from ..serving import ImagesServing
 from .database import Database
+from .migrations import SchemaTooNew
 from .records import JobKind, JobRecord, JobStatus, WebhookState, new_job_id, owner_of
 from .runner import JobRunner
 from .serving import JobsServing
@@ -42,11 +43,21 @@ logger = logging.getLogger(__name__)
 
 
 def open_job_store(settings: Settings) -> JobStore:
-    """The store `SDXL_JOBS_DATABASE_URL` names; SQLite in SDXL_CACHE_DIR without one."""
+    """The store `SDXL_JOBS_DATABASE_URL` names; SQLite in SDXL_CACHE_DIR without one. Its
+    schema brought up to date (migrations.py); a database that a newer release wrote is
+    a SettingsError: the service stops at start, saying so, as for a bad setting."""
     url = settings.jobs_database_url
     if url is None:
-        return JobStore(Database.sqlite_file(settings.cache_dir / SQLITE_FILE))
-    return JobStore(Database(url.get_secret_value()))
+        path = settings.cache_dir / SQLITE_FILE
+        database, named = Database.sqlite_file(path), f"SDXL_CACHE_DIR/{SQLITE_FILE} ({path})"
+    else:
+        # The URL is not quoted: it may hold a password.
+        database, named = Database(url.get_secret_value()), "SDXL_JOBS_DATABASE_URL"
+    try:
+        return JobStore(database)
+    except SchemaTooNew as error:
+        database.close()
+        raise SettingsError(f"image job database {named}: {error}") from None
 
 
 def webhook_delivery(settings: Settings) -> WebhookDelivery | None:

@@ -4,7 +4,9 @@ Every change of state is one conditional UPDATE, so two replicas sharing a
 PostgreSQL database never both take a job: a claim is `WHERE status =
 'queued'`, and what a run writes afterwards names the token of its claim, so a
 run whose lease ran out (its replica died, the job went back to the queue)
-can no longer overwrite the run that took over. Blocking: call from threads.
+can no longer overwrite the run that took over. The table's schema is
+migrations.py's, brought up to date when the store opens. Blocking: call from
+threads.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from .database import Database, Row
+from .migrations import migrate
 from .records import (
     FINISHED,
     JobKind,
@@ -24,45 +27,6 @@ from .records import (
     loads,
 )
 
-_COLUMNS = """
-    id TEXT NOT NULL UNIQUE,
-    owner TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    status TEXT NOT NULL,
-    created_at {real} NOT NULL,
-    started_at {real},
-    finished_at {real},
-    expires_at {real},
-    attempts INTEGER NOT NULL DEFAULT 0,
-    images INTEGER NOT NULL,
-    steps INTEGER NOT NULL,
-    step INTEGER NOT NULL DEFAULT 0,
-    images_done INTEGER NOT NULL DEFAULT 0,
-    request TEXT NOT NULL,
-    base_url TEXT NOT NULL,
-    image {blob},
-    mask {blob},
-    webhook_url TEXT,
-    metadata TEXT,
-    result TEXT,
-    error TEXT,
-    runner_token TEXT,
-    lease_until {real},
-    webhook_state TEXT,
-    webhook_attempts TEXT NOT NULL DEFAULT '[]'
-"""
-_SCHEMA = {
-    "sqlite": "CREATE TABLE IF NOT EXISTS image_jobs ("
-    "seq INTEGER PRIMARY KEY AUTOINCREMENT," + _COLUMNS.format(real="REAL", blob="BLOB") + ")",
-    "postgresql": "CREATE TABLE IF NOT EXISTS image_jobs ("
-    "seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,"
-    + _COLUMNS.format(real="DOUBLE PRECISION", blob="BYTEA")
-    + ")",
-}
-_INDEXES = (
-    "CREATE INDEX IF NOT EXISTS image_jobs_status ON image_jobs (status, seq)",
-    "CREATE INDEX IF NOT EXISTS image_jobs_owner ON image_jobs (owner, seq)",
-)
 _FINISHED_SQL = "(" + ", ".join(f"'{s.value}'" for s in sorted(FINISHED)) + ")"
 # What a job failed with when the service kept stopping under it.
 INTERRUPTED_CODE = "job_interrupted"
@@ -71,9 +35,8 @@ INTERRUPTED_CODE = "job_interrupted"
 class JobStore:
     def __init__(self, database: Database) -> None:
         self.db = database
-        self.db.execute(_SCHEMA[database.dialect])
-        for statement in _INDEXES:
-            self.db.execute(statement)
+        # SchemaTooNew when a newer release wrote the database.
+        migrate(database)
 
     @property
     def embedded(self) -> bool:
@@ -354,6 +317,7 @@ def _record(row: Row) -> JobRecord:
         error=loads(row["error"]),
         runner_token=row["runner_token"],
         lease_until=row["lease_until"],
+        not_before=float(row["not_before"]),
         webhook_state=WebhookState(row["webhook_state"]) if row["webhook_state"] else None,
         webhook_attempts=loads(row["webhook_attempts"]) or [],
     )
