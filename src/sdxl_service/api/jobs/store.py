@@ -4,7 +4,8 @@ Every change of state is one conditional UPDATE, so two replicas sharing a
 PostgreSQL database never both take a job: a claim is `WHERE status =
 'queued'`, and what a run writes afterwards names the token of its claim, so a
 run whose lease ran out (its replica died, the job went back to the queue)
-can no longer overwrite the run that took over. The table's schema is
+can no longer overwrite the run that took over. A queued job waits until its
+`not_before` (a retry's backoff, kept across restarts). The table's schema is
 migrations.py's, brought up to date when the store opens. Blocking: call from
 threads.
 """
@@ -26,7 +27,13 @@ from .records import (
     dumps,
     loads,
 )
+from .retry import RetryPolicy
 
+# A claim: running, one more attempt, the run's token and lease (three parameters).
+_CLAIM_SET = (
+    "status = 'running', attempts = attempts + 1, runner_token = ?, lease_until = ?, "
+    "started_at = ?, step = 0, images_done = 0"
+)
 _FINISHED_SQL = "(" + ", ".join(f"'{s.value}'" for s in sorted(FINISHED)) + ")"
 # What a job failed with when the service kept stopping under it.
 INTERRUPTED_CODE = "job_interrupted"
@@ -138,19 +145,20 @@ class JobStore:
     # ---- the runner ----------------------------------------------------------------
 
     def claim_next(self, *, now: float, lease_s: float, max_images: int) -> JobRecord | None:
-        """Takes the oldest queued job (at most `max_images` images) for one run: running,
-        one more attempt, a fresh token and a lease; None when none is waiting or fits."""
+        """Takes the oldest queued job whose time has come (`not_before`), when it has at
+        most `max_images` images, for one run: running, one more attempt, a fresh token
+        and a lease; None when none is waiting or the oldest does not fit."""
+        token = secrets.token_hex(16)
         while True:
             row = self.db.fetch_one(
-                "SELECT id, images FROM image_jobs WHERE status = 'queued' ORDER BY seq LIMIT 1"
+                "SELECT id, images FROM image_jobs WHERE status = 'queued' AND not_before <= ? "
+                "ORDER BY seq LIMIT 1",
+                (now,),
             )
             if row is None or int(row["images"]) > max_images:
                 return None
-            token = secrets.token_hex(16)
             taken = self.db.execute(
-                "UPDATE image_jobs SET status = 'running', attempts = attempts + 1, "
-                "runner_token = ?, lease_until = ?, started_at = ?, step = 0, images_done = 0 "
-                "WHERE id = ? AND status = 'queued'",
+                f"UPDATE image_jobs SET {_CLAIM_SET} WHERE id = ? AND status = 'queued'",
                 (token, now + lease_s, now, row["id"]),
             )
             if taken:
@@ -211,15 +219,18 @@ class JobStore:
             == 1
         )
 
-    def release(self, job_id: str, token: str, *, count_attempt: bool) -> bool:
-        """Puts a run's job back in the queue (the render service was busy or restarting)."""
+    def release(
+        self, job_id: str, token: str, *, count_attempt: bool, not_before: float = 0.0
+    ) -> bool:
+        """Puts a run's job back in the queue (the render service was busy or restarting),
+        to be taken again from `not_before` on."""
         undo = "" if count_attempt else ", attempts = attempts - 1"
         return (
             self.db.execute(
                 f"UPDATE image_jobs SET status = 'queued', runner_token = NULL, "
-                f"lease_until = NULL, step = 0{undo} "
+                f"lease_until = NULL, step = 0, not_before = ?{undo} "
                 "WHERE id = ? AND runner_token = ? AND status = 'running'",
-                (job_id, token),
+                (not_before, job_id, token),
             )
             == 1
         )
@@ -235,9 +246,11 @@ class JobStore:
             f"SELECT id, attempts, runner_token FROM image_jobs WHERE status = 'running'{stale}",
             params,
         )
+        policy = RetryPolicy(max_attempts)
         failed = []
         for row in rows:
-            if int(row["attempts"]) >= max_attempts:
+            decision = policy.after_service_stopped(int(row["attempts"]))
+            if not decision.requeue:
                 error = {
                     "message": f"The service stopped while it ran this job, {row['attempts']} "
                     f"times (SDXL_JOB_ATTEMPTS={max_attempts}); the job was given up.",
@@ -250,7 +263,12 @@ class JobStore:
                 ):
                     failed.append(row["id"])
             else:
-                self.release(row["id"], row["runner_token"], count_attempt=True)
+                self.release(
+                    row["id"],
+                    row["runner_token"],
+                    count_attempt=decision.count_attempt,
+                    not_before=now + decision.delay_s,
+                )
         return failed
 
     def expired(self, *, now: float, limit: int = 100) -> list[JobRecord]:

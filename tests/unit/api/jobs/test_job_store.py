@@ -283,3 +283,26 @@ def test_one_service_holds_an_embedded_database_a_second_gets_no_jobs(tmp_path: 
     again = open_jobs(settings, images, renderer)
     assert again is not None
     again[0].store.db.close()
+
+
+def test_a_job_waits_for_its_not_before_across_a_restart(database_url: str) -> None:
+    store = JobStore(Database(database_url))
+    waiting, behind = new_job(), new_job()
+    store.insert(waiting)
+    store.insert(behind)
+    job = store.claim_next(now=NOW, lease_s=30, max_images=8)
+    assert job is not None and job.id == waiting.id and job.runner_token is not None
+    # The render worker died under it: back to the queue for 30 s.
+    assert store.release(job.id, job.runner_token, count_attempt=True, not_before=NOW + 30)
+    read = store.get(job.id, now=NOW)
+    assert read is not None and (read.status, read.not_before) == (JobStatus.QUEUED, NOW + 30)
+    store.db.close()
+    # The service restarts: the wait is kept, and the job behind it does not wait with it.
+    store = JobStore(Database(database_url))
+    assert store.recover(now=NOW + 1, max_attempts=3, ttl=TTL, everything=True) == []
+    taken = store.claim_next(now=NOW + 1, lease_s=30, max_images=8)
+    assert taken is not None and taken.id == behind.id
+    assert store.claim_next(now=NOW + 29, lease_s=30, max_images=8) is None
+    again = store.claim_next(now=NOW + 30, lease_s=30, max_images=8)
+    assert again is not None and (again.id, again.attempts) == (waiting.id, 2)
+    store.db.close()

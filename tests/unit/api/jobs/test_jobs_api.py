@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,15 @@ from fastapi.testclient import TestClient
 
 from sdxl_service.api.app import create_app
 from sdxl_service.api.files import LocalFileStore
-from sdxl_service.api.jobs import Database, JobRunner, JobsServing, JobStore, webhook_delivery
+from sdxl_service.api.jobs import (
+    Database,
+    JobRecord,
+    JobRunner,
+    JobsServing,
+    JobStore,
+    webhook_delivery,
+)
+from sdxl_service.api.jobs.retry import RetryPolicy
 from sdxl_service.api.serving import ImagesServing
 from sdxl_service.contract.render_request import (
     GenerationOutcome,
@@ -425,3 +434,27 @@ def test_a_finished_job_and_its_files_go_after_the_job_ttl(tmp_path: Path) -> No
         assert service.runner.purge_expired() == 1
     assert not (service.settings.files_dir / file_id).exists()
     assert service.store.expired(now=2**40) == []
+
+
+def test_a_job_whose_render_worker_died_waits_its_backoff_in_the_store(tmp_path: Path) -> None:
+    service = Service(tmp_path, job_attempts=3)
+    service.runner.retry = RetryPolicy(max_attempts=3, backoff_s=0.5)
+    service.painter = LosingPainter(1)
+    service.images.renderer = service.painter
+    with service.client:
+        submitted = time.time()
+        job = service.client.post("/images/jobs", json={"prompt": "x", "size": "64x64", "seed": 4})
+        job_id = job.json()["id"]
+
+        def queued_with_its_backoff() -> JobRecord | None:
+            read = service.store.get(job_id, now=time.time())
+            return read if read is not None and read.not_before > 0 else None
+
+        waiting = wait_until(queued_with_its_backoff, timeout=10, message="the backoff stored")
+        # Half a second after the render worker was lost (which was after the submission).
+        assert waiting.not_before >= submitted + 0.5
+        ended = service.ended(job_id)
+    assert (ended["status"], ended["attempts"]) == ("succeeded", 2)
+    second_run = service.store.get(job_id, now=0)
+    assert second_run is not None and second_run.started_at is not None
+    assert second_run.started_at >= waiting.not_before
