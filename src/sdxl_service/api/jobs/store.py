@@ -4,7 +4,10 @@ Every change of state is one conditional UPDATE, so two replicas sharing a
 PostgreSQL database never both take a job: a claim is `WHERE status =
 'queued'`, and what a run writes afterwards names the token of its claim, so a
 run whose lease ran out (its replica died, the job went back to the queue)
-can no longer overwrite the run that took over. A queued job waits until its
+can no longer overwrite the run that took over. On PostgreSQL a claim is one
+statement that skips the rows another replica is claiming (`FOR UPDATE SKIP
+LOCKED`), so replicas do not wait on each other; SQLite has one writer and
+keeps a read, then a conditional update. A queued job waits until its
 `not_before` (a retry's backoff, kept across restarts). The table's schema is
 migrations.py's, brought up to date when the store opens. Blocking: call from
 threads.
@@ -149,6 +152,17 @@ class JobStore:
         most `max_images` images, for one run: running, one more attempt, a fresh token
         and a lease; None when none is waiting or the oldest does not fit."""
         token = secrets.token_hex(16)
+        if self.db.dialect == "postgresql":
+            # One statement: the row is locked by the subquery, rows other replicas are
+            # claiming are skipped, and the update returns the job. The oldest waiting
+            # job that does not fit is locked, not taken: None, as on SQLite.
+            row = self.db.fetch_one(
+                f"UPDATE image_jobs SET {_CLAIM_SET} WHERE id = (SELECT id FROM image_jobs "
+                "WHERE status = 'queued' AND not_before <= ? ORDER BY seq LIMIT 1 "
+                "FOR UPDATE SKIP LOCKED) AND status = 'queued' AND images <= ? RETURNING *",
+                (token, now + lease_s, now, now, max_images),
+            )
+            return None if row is None else _record(row)
         while True:
             row = self.db.fetch_one(
                 "SELECT id, images FROM image_jobs WHERE status = 'queued' AND not_before <= ? "
@@ -165,7 +179,7 @@ class JobStore:
                 job = self.get(row["id"], now=now)
                 if job is not None:
                     return job
-            # Another replica took it (or it was cancelled) meanwhile: the next one.
+            # Cancelled meanwhile: the next one.
 
     def renew(self, job_id: str, token: str, *, lease_until: float) -> bool:
         """Extends the run's lease; False when the run no longer holds the job (cancelled,

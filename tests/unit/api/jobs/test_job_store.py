@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -305,4 +306,56 @@ def test_a_job_waits_for_its_not_before_across_a_restart(database_url: str) -> N
     assert store.claim_next(now=NOW + 29, lease_s=30, max_images=8) is None
     again = store.claim_next(now=NOW + 30, lease_s=30, max_images=8)
     assert again is not None and (again.id, again.attempts) == (waiting.id, 2)
+    store.db.close()
+
+
+def test_postgresql_replicas_claim_concurrently_each_job_once(postgres: PostgresServer) -> None:
+    url = postgres.new_database()
+    writer = JobStore(Database(url))
+    ids = set()
+    for _ in range(120):
+        job = new_job()
+        writer.insert(job)
+        ids.add(job.id)
+    replicas = 4
+    barrier = threading.Barrier(replicas)
+    taken: list[list[str]] = [[] for _ in range(replicas)]
+
+    def run(index: int) -> None:
+        store = JobStore(Database(url))
+        barrier.wait()
+        while (job := store.claim_next(now=NOW, lease_s=30, max_images=8)) is not None:
+            assert job.status is JobStatus.RUNNING and job.attempts == 1
+            taken[index].append(job.id)
+        store.db.close()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(replicas)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    claimed = [job_id for ids_of_one in taken for job_id in ids_of_one]
+    assert sorted(claimed) == sorted(ids)  # each job once, none left
+    writer.db.close()
+
+
+def test_a_postgresql_claim_skips_the_job_another_replica_is_claiming(
+    postgres: PostgresServer,
+) -> None:
+    import psycopg
+
+    url = postgres.new_database()
+    store = JobStore(Database(url))
+    first, second = new_job(), new_job()
+    store.insert(first)
+    store.insert(second)
+    # Another replica's claim in flight: the oldest row locked by its transaction.
+    with psycopg.connect(url) as other, other.transaction():
+        other.execute("SELECT id FROM image_jobs WHERE id = %s FOR UPDATE", (first.id,))
+        started = time.monotonic()
+        job = store.claim_next(now=NOW, lease_s=30, max_images=8)
+        assert job is not None and job.id == second.id
+        assert time.monotonic() - started < 2  # not waiting on the other's lock
+    job = store.claim_next(now=NOW, lease_s=30, max_images=8)
+    assert job is not None and job.id == first.id
     store.db.close()
