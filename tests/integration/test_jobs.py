@@ -11,6 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
+from sdxl_service.api.jobs.answers import ImageJob, ImageJobList
 from tests.decoded import pixels
 from tests.polling import metric, wait_until
 from tests.postgres_server import postgres_bin, running_postgres
@@ -25,6 +26,7 @@ FINISHED = ("succeeded", "failed", "cancelled")
 def job_of(http: httpx.Client, job_id: str) -> dict[str, Any]:
     response = http.get(f"/images/jobs/{job_id}")
     assert response.status_code == 200, response.text
+    ImageJob.model_validate(response.json())  # every answer read, as documented
     return response.json()  # type: ignore[no-any-return]
 
 
@@ -46,6 +48,7 @@ def test_a_job_ends_with_the_synchronous_answer(http: httpx.Client) -> None:
     body = {"prompt": "a lighthouse", "size": "64x64", "n": 2, "seed": 1234}
     submitted = http.post("/images/jobs", json=body)
     assert submitted.status_code == 202, submitted.text
+    ImageJob.model_validate(submitted.json())
     location = submitted.headers["location"]
     assert location == f"{str(http.base_url).rstrip('/')}/images/jobs/{submitted.json()['id']}"
     assert httpx.get(location, timeout=30).json()["id"] == submitted.json()["id"]
@@ -189,3 +192,4 @@ def test_jobs_on_postgresql_with_api_keys_and_a_signed_webhook(tmp_path: Path) -
             assert event["type"] == "image.job.succeeded" and event["data"]["id"] == job_id
             same_pixels(job["result"], alice.post("/images/generations", json=body).json())
             assert [j["id"] for j in alice.get("/images/jobs").json()["data"]] == [job_id]
+            assert ImageJobList.model_validate(alice.get("/images/jobs").json()).data[0].webhook

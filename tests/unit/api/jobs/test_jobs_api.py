@@ -26,6 +26,7 @@ from sdxl_service.api.jobs import (
     JobStore,
     webhook_delivery,
 )
+from sdxl_service.api.jobs.answers import ImageJob, ImageJobDeleted, ImageJobList
 from sdxl_service.api.jobs.retry import RetryPolicy
 from sdxl_service.api.serving import ImagesServing
 from sdxl_service.contract.render_request import (
@@ -108,6 +109,7 @@ class Service:
     def job(self, job_id: str, **headers: str) -> dict[str, Any]:
         response = self.client.get(f"/images/jobs/{job_id}", headers=headers)
         assert response.status_code == 200, response.text
+        ImageJob.model_validate(response.json())  # every answer read, as documented
         return response.json()  # type: ignore[no-any-return]
 
     def ended(self, job_id: str, **headers: str) -> dict[str, Any]:
@@ -458,3 +460,49 @@ def test_a_job_whose_render_worker_died_waits_its_backoff_in_the_store(tmp_path:
     second_run = service.store.get(job_id, now=0)
     assert second_run is not None and second_run.started_at is not None
     assert second_run.started_at >= waiting.not_before
+
+
+def test_every_answer_is_the_documented_job(tmp_path: Path) -> None:
+    service = Service(tmp_path, webhook_secret=SECRET, webhook_hosts="127.0.0.1")
+    with service.client, running_receiver(SECRET) as receiver:
+        service.painter.open.clear()
+        body = {"prompt": "x", "size": "64x64", "seed": 2, "webhook_url": receiver.url}
+        running = service.client.post("/images/jobs", json={**body, "metadata": {"a": "b"}})
+        queued = service.client.post("/images/jobs", json={**body, "response_format": "url"})
+        for submitted in (running, queued):
+            assert submitted.status_code == 202
+            ImageJob.model_validate(submitted.json())
+        wait_until(lambda: service.painter.working == 1, message="the first job at work")
+        listed = service.client.get("/images/jobs").json()
+        assert [j.status for j in ImageJobList.model_validate(listed).data] == [
+            "queued",
+            "running",
+        ]
+        cancelled = service.client.post(f"/images/jobs/{running.json()['id']}/cancel").json()
+        assert ImageJob.model_validate(cancelled).error is not None
+        service.painter.open.set()
+        ended = ImageJob.model_validate(service.ended(queued.json()["id"]))
+        assert ended.result is not None and ended.result.data[0].url is not None
+        wait_until(lambda: len(receiver.deliveries) == 2, timeout=30, message="the webhooks")
+        for delivery in receiver.deliveries:
+            ImageJob.model_validate(json.loads(delivery.body)["data"])
+        delivered = ImageJob.model_validate(service.job(queued.json()["id"]))
+        assert delivered.webhook is not None and delivered.webhook.attempts
+        deleted = service.client.delete(f"/images/jobs/{queued.json()['id']}").json()
+        ImageJobDeleted.model_validate(deleted)
+    # The OpenAPI document has the job with its fields, as each route's answer.
+    schema = service.client.get("/openapi.json").json()
+    job_schema = schema["components"]["schemas"]["ImageJob"]
+    assert set(job_schema["properties"]) == set(ImageJob.model_fields)
+    assert {"progress", "result", "webhook"} <= set(job_schema["required"])
+    paths = schema["paths"]
+    answers = {
+        ("/images/jobs", "post", "202"): "ImageJob",
+        ("/images/jobs", "get", "200"): "ImageJobList",
+        ("/images/jobs/{job_id}", "get", "200"): "ImageJob",
+        ("/images/jobs/{job_id}/cancel", "post", "200"): "ImageJob",
+        ("/images/jobs/{job_id}", "delete", "200"): "ImageJobDeleted",
+    }
+    for (path, method, status), model in answers.items():
+        content = paths[path][method]["responses"][status]["content"]["application/json"]
+        assert content["schema"]["$ref"] == f"#/components/schemas/{model}"
