@@ -28,6 +28,7 @@ from sdxl_service.api.jobs import (
 )
 from sdxl_service.api.jobs.answers import ImageJob, ImageJobDeleted, ImageJobList
 from sdxl_service.api.jobs.retry import RetryPolicy
+from sdxl_service.api.jobs.runner import PROGRESS_S
 from sdxl_service.api.serving import ImagesServing
 from sdxl_service.contract.render_request import (
     GenerationOutcome,
@@ -506,3 +507,37 @@ def test_every_answer_is_the_documented_job(tmp_path: Path) -> None:
     for (path, method, status), model in answers.items():
         content = paths[path][method]["responses"][status]["content"]["application/json"]
         assert content["schema"]["$ref"] == f"#/components/schemas/{model}"
+
+
+class BackwardsPainter(HeldPainter):
+    """Reports a step, then an earlier one (a late event), then holds."""
+
+    async def generate(self, job: RenderRequest, on_partial: Any = None) -> GenerationOutcome:
+        if job.report_progress and on_partial is not None:
+            for step in (12, 7):
+                await on_partial(RenderEvent(type=RenderEventType.PROGRESS, step=step))
+        return await super().generate(job, on_partial)
+
+
+def test_a_hires_jobs_progress_counts_both_passes_and_never_goes_back(tmp_path: Path) -> None:
+    service = Service(tmp_path)
+    service.painter = BackwardsPainter()
+    service.images.renderer = service.painter
+    service.painter.open.clear()
+    with service.client:
+        body = {
+            "prompt": "x",
+            "size": "128x128",
+            "hires": {"scale": 2, "steps": 10, "denoising_strength": 0.5},
+        }
+        job = service.client.post("/images/jobs", json=body).json()
+        # 30 steps of the first pass, int(10 * 0.5) of the second.
+        assert job["progress"]["steps"] == 30 + 5
+        wait_until(
+            lambda: service.job(job["id"])["progress"]["step"] == 12, message="the job's steps"
+        )
+        time.sleep(3 * PROGRESS_S)  # 7, then 1..3, came after 12: not written
+        assert service.job(job["id"])["progress"]["step"] == 12
+        service.painter.open.set()
+        ended = service.ended(job["id"])
+    assert ended["progress"] == {"step": 35, "steps": 35, "images_done": 1, "images": 1}
