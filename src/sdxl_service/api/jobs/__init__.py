@@ -14,8 +14,8 @@ from ...settings import Settings, SettingsError
 from ..files import open_file_store
 from ..render_client import BentoRenderClient
 from ..serving import ImagesServing
-from .database import Database
-from .migrations import SchemaTooNew
+from .database import SQLITE_PREFIX, Database
+from .migrations import SCHEMA_VERSION, SchemaTooNew, stored_version
 from .records import JobKind, JobRecord, JobStatus, WebhookState, new_job_id, owner_of
 from .runner import JobRunner
 from .serving import JobsServing
@@ -35,6 +35,7 @@ __all__ = [
     "open_job_store",
     "open_jobs",
     "owner_of",
+    "refuse_a_newer_job_database",
 ]
 
 SQLITE_FILE = "jobs.sqlite3"
@@ -42,22 +43,44 @@ SQLITE_FILE = "jobs.sqlite3"
 logger = logging.getLogger(__name__)
 
 
+def job_database_url(settings: Settings) -> str:
+    url = settings.jobs_database_url
+    if url is None:
+        return SQLITE_PREFIX + str(settings.cache_dir / SQLITE_FILE)
+    return url.get_secret_value()
+
+
+def refuse_a_newer_job_database(settings: Settings) -> None:
+    """A SettingsError when a newer release wrote the job database: called where the
+    settings are read (service.py, in `bentoml serve` itself), so the service stops at
+    start with the message, before any worker starts. Reads only; a database that is not
+    there yet or cannot be reached now is left to the store (which creates or reports it),
+    and the store refuses a newer database again when it opens."""
+    version = stored_version(job_database_url(settings))
+    if version is not None and version > SCHEMA_VERSION:
+        raise SettingsError(
+            f"image job database {_named(settings)}: "
+            + SchemaTooNew.describe(version, SCHEMA_VERSION)
+        )
+
+
+def _named(settings: Settings) -> str:
+    # A URL is not quoted: it may hold a password.
+    if settings.jobs_database_url is not None:
+        return "SDXL_JOBS_DATABASE_URL"
+    return f"SDXL_CACHE_DIR/{SQLITE_FILE} ({settings.cache_dir / SQLITE_FILE})"
+
+
 def open_job_store(settings: Settings) -> JobStore:
     """The store `SDXL_JOBS_DATABASE_URL` names; SQLite in SDXL_CACHE_DIR without one. Its
     schema brought up to date (migrations.py); a database that a newer release wrote is
     a SettingsError: the service stops at start, saying so, as for a bad setting."""
-    url = settings.jobs_database_url
-    if url is None:
-        path = settings.cache_dir / SQLITE_FILE
-        database, named = Database.sqlite_file(path), f"SDXL_CACHE_DIR/{SQLITE_FILE} ({path})"
-    else:
-        # The URL is not quoted: it may hold a password.
-        database, named = Database(url.get_secret_value()), "SDXL_JOBS_DATABASE_URL"
+    database = Database(job_database_url(settings))
     try:
         return JobStore(database)
     except SchemaTooNew as error:
         database.close()
-        raise SettingsError(f"image job database {named}: {error}") from None
+        raise SettingsError(f"image job database {_named(settings)}: {error}") from None
 
 
 def webhook_delivery(settings: Settings) -> WebhookDelivery | None:

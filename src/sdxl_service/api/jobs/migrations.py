@@ -32,11 +32,14 @@ databases (tests/unit/api/jobs/test_migrations.py).
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
-from .database import Database, Dialect, Transaction
+from .database import POSTGRES_PREFIXES, SQLITE_PREFIX, Database, Dialect, Transaction
 
 # Any constant will do, as long as it is the same in every replica (and not another
 # application's advisory lock on the same database): "sdxl" "jobs" in ASCII.
@@ -54,6 +57,15 @@ class Migration:
 
 class SchemaTooNew(RuntimeError):
     """The database was written by a newer release than this code."""
+
+    @staticmethod
+    def describe(version: int, latest: int) -> str:
+        return (
+            f"the image job database is at schema version {version}, newer than this "
+            f"release's {latest}: it was written by a newer release of the service. Run "
+            "that release (or a newer one) on it, or give this one a database of its own "
+            "(SDXL_JOBS_DATABASE_URL); a database is never downgraded."
+        )
 
 
 _TYPES: dict[Dialect, dict[str, str]] = {
@@ -139,12 +151,7 @@ def migrate(
         tx.execute(_history_table(db.dialect))
         version = schema_version(tx)
         if version > latest:
-            raise SchemaTooNew(
-                f"the image job database is at schema version {version}, newer than this "
-                f"release's {latest}: it was written by a newer release of the service. Run "
-                "that release (or a newer one) on it, or give this one a database of its own "
-                "(SDXL_JOBS_DATABASE_URL); a database is never downgraded."
-            )
+            raise SchemaTooNew(SchemaTooNew.describe(version, latest))
         applied = []
         for migration in migrations:
             if migration.version <= version:
@@ -157,3 +164,23 @@ def migrate(
             )
             applied.append(migration.version)
         return applied
+
+
+def stored_version(url: str) -> int | None:
+    """The schema version of the database at `url`, read only (nothing created or locked);
+    None when there is none to read yet, or the database cannot be reached now."""
+    try:
+        if url.startswith(POSTGRES_PREFIXES):
+            import psycopg
+
+            with psycopg.connect(url, connect_timeout=10) as connection:
+                row = connection.execute(f"SELECT MAX(version) FROM {HISTORY_TABLE}").fetchone()
+        else:
+            path = Path(url.removeprefix(SQLITE_PREFIX))
+            if not path.is_file():
+                return None
+            with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
+                row = db.execute(f"SELECT MAX(version) FROM {HISTORY_TABLE}").fetchone()
+    except Exception:
+        return None  # no history table yet (version 0), or not reachable: the store says so
+    return None if row is None or row[0] is None else int(row[0])

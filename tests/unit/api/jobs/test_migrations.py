@@ -11,7 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from sdxl_service.api.jobs import Database, JobStatus, JobStore, open_job_store
+from sdxl_service.api.jobs import (
+    Database,
+    JobStatus,
+    JobStore,
+    open_job_store,
+    refuse_a_newer_job_database,
+)
 from sdxl_service.api.jobs.migrations import (
     HISTORY_TABLE,
     MIGRATIONS,
@@ -163,3 +169,21 @@ def test_a_database_newer_than_the_code_is_refused(database_url: str, tmp_path: 
     message = str(refused.value)
     assert "SDXL_JOBS_DATABASE_URL" in message and "newer release" in message
     assert database_url not in message
+    # And before that, where the settings are read (service.py), reading only.
+    with pytest.raises(SettingsError, match="newer than this release's"):
+        refuse_a_newer_job_database(settings)
+
+
+def test_the_check_at_start_passes_a_database_not_there_yet_or_not_newer(
+    database_url: str, tmp_path: Path
+) -> None:
+    settings = Settings(jobs_database_url=database_url, files_dir=tmp_path / "f")
+    refuse_a_newer_job_database(settings)  # empty: nothing to refuse, nothing created
+    if database_url.startswith("sqlite"):
+        assert not Path(database_url.removeprefix("sqlite:///")).exists()
+    first.build(database_url)
+    refuse_a_newer_job_database(settings)  # the first release's: upgraded, not refused
+    JobStore(Database(database_url)).db.close()
+    refuse_a_newer_job_database(settings)
+    unreachable = Settings(jobs_database_url="postgresql://nobody@127.0.0.1:1/none")
+    refuse_a_newer_job_database(unreachable)  # left to the store, which reports it
