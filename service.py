@@ -18,6 +18,7 @@ import bentoml
 
 from sdxl_service.api.api_keys import APIKeyAuth, APIKeys
 from sdxl_service.api.app import create_app
+from sdxl_service.api.jobs import refuse_a_newer_job_database
 from sdxl_service.api.metric_labels import RouteLabels, bound_http_metric_labels
 from sdxl_service.api.middleware import MountRootAlias, OpenAIErrorsEverywhere
 from sdxl_service.api.paths import API_PREFIX
@@ -29,6 +30,8 @@ from sdxl_service.render.worker_plan import plan_from_environment
 from sdxl_service.settings import DEFAULT_PORT, SERVICE_ID, get_settings
 
 settings = get_settings()
+# As a bad setting does: `bentoml serve` stops here, saying why, before any worker starts.
+refuse_a_newer_job_database(settings)
 # Pins the GPUs of SDXL_GPUS for the workers started from this process.
 plan = plan_from_environment()
 

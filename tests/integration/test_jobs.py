@@ -11,10 +11,19 @@ import httpx
 import numpy as np
 import pytest
 
+from sdxl_service.api.jobs import Database, JobStore
+from sdxl_service.api.jobs.answers import ImageJob, ImageJobList
+from sdxl_service.api.jobs.migrations import HISTORY_TABLE, SCHEMA_VERSION
 from tests.decoded import pixels
 from tests.polling import metric, wait_until
 from tests.postgres_server import postgres_bin, running_postgres
-from tests.service_process import RunningService, kill_service, running_service, start_service
+from tests.service_process import (
+    RunningService,
+    kill_service,
+    running_service,
+    start_service,
+    stop_service,
+)
 from tests.webhook_receiver import running_receiver
 
 pytestmark = pytest.mark.integration
@@ -25,6 +34,7 @@ FINISHED = ("succeeded", "failed", "cancelled")
 def job_of(http: httpx.Client, job_id: str) -> dict[str, Any]:
     response = http.get(f"/images/jobs/{job_id}")
     assert response.status_code == 200, response.text
+    ImageJob.model_validate(response.json())  # every answer read, as documented
     return response.json()  # type: ignore[no-any-return]
 
 
@@ -46,6 +56,7 @@ def test_a_job_ends_with_the_synchronous_answer(http: httpx.Client) -> None:
     body = {"prompt": "a lighthouse", "size": "64x64", "n": 2, "seed": 1234}
     submitted = http.post("/images/jobs", json=body)
     assert submitted.status_code == 202, submitted.text
+    ImageJob.model_validate(submitted.json())
     location = submitted.headers["location"]
     assert location == f"{str(http.base_url).rstrip('/')}/images/jobs/{submitted.json()['id']}"
     assert httpx.get(location, timeout=30).json()["id"] == submitted.json()["id"]
@@ -189,3 +200,22 @@ def test_jobs_on_postgresql_with_api_keys_and_a_signed_webhook(tmp_path: Path) -
             assert event["type"] == "image.job.succeeded" and event["data"]["id"] == job_id
             same_pixels(job["result"], alice.post("/images/generations", json=body).json())
             assert [j["id"] for j in alice.get("/images/jobs").json()["data"]] == [job_id]
+            assert ImageJobList.model_validate(alice.get("/images/jobs").json()).data[0].webhook
+
+
+def test_a_job_database_newer_than_the_release_stops_the_service_at_start(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'jobs.sqlite3'}"
+    database = Database(url)
+    JobStore(database)
+    database.execute(
+        f"INSERT INTO {HISTORY_TABLE} (version, name, applied_at) VALUES (?, 'future', 0)",
+        (SCHEMA_VERSION + 1,),
+    )
+    database.close()
+    service = start_service(tmp_path / "svc", {"SDXL_JOBS_DATABASE_URL": url}, wait_ready=False)
+    try:
+        wait_until(lambda: service.process.poll() is not None, timeout=60, message="an exit")
+    finally:
+        stop_service(service)
+    assert service.process.returncode != 0
+    assert f"schema version {SCHEMA_VERSION + 1}, newer than this release's" in service.log_tail()

@@ -48,6 +48,8 @@ class APIError(Exception):
         code: str | None = None,
         error_type: str | None = None,
         headers: dict[str, str] | None = None,
+        outcome: OutcomeStatus | None = None,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -56,6 +58,11 @@ class APIError(Exception):
         self.code = code
         self.error_type = error_type or _TYPE_BY_STATUS.get(status, "server_error")
         self.headers = headers or {}
+        # The render outcome this error answers (outcome_error), for what is not HTTP:
+        # an image job's retry policy (jobs/retry.py). Never part of the answer.
+        self.outcome = outcome
+        # The seconds of the Retry-After header, as a number.
+        self.retry_after = retry_after
 
     def body(self) -> dict[str, Any]:
         return {
@@ -89,13 +96,22 @@ def missing_parameter(param: str | None) -> APIError:
     return APIError(400, message, param=param, code="missing_required_parameter")
 
 
-def unavailable(message: str, retry_after: float, code: str, status: int = 503) -> APIError:
+def unavailable(
+    message: str,
+    retry_after: float,
+    code: str,
+    status: int = 503,
+    outcome: OutcomeStatus | None = None,
+) -> APIError:
     # x-should-retry lets the openai client retry on its own, honouring Retry-After.
+    seconds = max(1, round(retry_after))
     return APIError(
         status,
         message,
         code=code,
-        headers={"Retry-After": str(max(1, round(retry_after))), "x-should-retry": "true"},
+        headers={"Retry-After": str(seconds), "x-should-retry": "true"},
+        outcome=outcome,
+        retry_after=seconds,
     )
 
 
@@ -135,9 +151,16 @@ def outcome_error(outcome: GenerationOutcome) -> APIError:
     message = outcome.message or outcome.status.value
     if error.should_retry:
         retry_after = outcome.retry_after or LOADING_RETRY_AFTER
-        return unavailable(message, retry_after, error.code, error.status)
+        return unavailable(message, retry_after, error.code, error.status, outcome.status)
     headers = {} if error.should_retry is None else {"x-should-retry": "false"}
-    return APIError(error.status, message, param=error.param, code=error.code, headers=headers)
+    return APIError(
+        error.status,
+        message,
+        param=error.param,
+        code=error.code,
+        headers=headers,
+        outcome=outcome.status,
+    )
 
 
 def _param_from_location(loc: Sequence[Any]) -> str | None:

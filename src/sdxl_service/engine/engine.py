@@ -292,15 +292,29 @@ class Engine:
         """AUTOMATIC1111's hires fix: the first pass at hires' first size (base and refiner as
         asked), upscaled to the render size, then an edit of it there at hires'
         denoising_strength over a schedule of hires' steps, with the same seeds. Previews
-        come from the second pass only: the size they are answered at."""
+        come from the second pass only: the size they are answered at. Steps count on
+        across both passes: `on_step` hears 1..a over the first, a+1..a+b over the second."""
         params = batch.params
         hires = params.hires
         assert hires is not None
         first = params.model_copy(
             update={"width": hires.first_width, "height": hires.first_height, "hires": None}
         )
+        first_steps = 0
+
+        def on_first_step(step: int) -> None:
+            nonlocal first_steps
+            first_steps = step
+            if batch.on_step is not None:
+                batch.on_step(step)
+
         latents = self._denoise(
-            RenderBatch(params=first, tasks=batch.tasks, should_stop=batch.should_stop)
+            RenderBatch(
+                params=first,
+                tasks=batch.tasks,
+                should_stop=batch.should_stop,
+                on_step=on_first_step,
+            )
         )
         self._check_stop(batch)
         second = params.model_copy(
@@ -326,7 +340,14 @@ class Engine:
                     for task, picture in zip(batch.tasks, pictures, strict=True)
                 ]
         self._check_stop(batch)
-        return self._denoise(replace(batch, params=second, tasks=tasks), init_latents=upscaled)
+        on_step = batch.on_step
+        second_batch = replace(
+            batch,
+            params=second,
+            tasks=tasks,
+            on_step=None if on_step is None else lambda step: on_step(first_steps + step),
+        )
+        return self._denoise(second_batch, init_latents=upscaled)
 
     def _plan(self, params: RenderParams) -> DenoisePlan:
         mode = RefinerMode(params.refiner)

@@ -16,6 +16,7 @@ import torch
 from diffusers import StableDiffusionXLImg2ImgPipeline
 from PIL import Image
 
+from sdxl_service.api.jobs.serving import progress_steps
 from sdxl_service.choices import HiresUpscaler, RefinerMode, RenderKind
 from sdxl_service.contract.render_request import HiresParams, RenderParams
 from sdxl_service.engine import Engine
@@ -116,3 +117,20 @@ def test_the_hires_fix_is_for_text_to_image_only() -> None:
     params = hires_params(HiresUpscaler.LATENT)
     with pytest.raises(ValueError, match="text-to-image"):
         RenderParams(**{**params.model_dump(), "kind": RenderKind.IMAGE_TO_IMAGE})
+
+
+@pytest.mark.parametrize(
+    ("upscaler", "refiner"),
+    [(HiresUpscaler.LATENT, RefinerMode.NONE), (HiresUpscaler.LANCZOS, RefinerMode.ENSEMBLE)],
+)
+def test_hires_steps_count_on_across_both_passes_to_the_jobs_total(
+    tiny_engine: Engine, upscaler: HiresUpscaler, refiner: RefinerMode
+) -> None:
+    params = hires_params(upscaler, refiner)
+    steps: list[int] = []
+    tasks = [ImageTask(prompt=PROMPT, seed=seed) for seed in SEEDS]
+    tiny_engine.render(RenderBatch(params=params, tasks=tasks, on_step=steps.append))
+    # 4 steps of the first pass, then int(6 * 0.5) = 3 of the second: 1..7, never back.
+    total = progress_steps(params)
+    assert total == 4 + 3
+    assert steps == list(range(1, total + 1))

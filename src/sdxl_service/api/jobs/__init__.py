@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import logging
 
-from ...settings import Settings
+from ...settings import Settings, SettingsError
 from ..files import open_file_store
 from ..render_client import BentoRenderClient
 from ..serving import ImagesServing
-from .database import Database
+from .database import SQLITE_PREFIX, Database
+from .migrations import SCHEMA_VERSION, SchemaTooNew, stored_version
 from .records import JobKind, JobRecord, JobStatus, WebhookState, new_job_id, owner_of
 from .runner import JobRunner
 from .serving import JobsServing
@@ -34,6 +35,7 @@ __all__ = [
     "open_job_store",
     "open_jobs",
     "owner_of",
+    "refuse_a_newer_job_database",
 ]
 
 SQLITE_FILE = "jobs.sqlite3"
@@ -41,12 +43,44 @@ SQLITE_FILE = "jobs.sqlite3"
 logger = logging.getLogger(__name__)
 
 
-def open_job_store(settings: Settings) -> JobStore:
-    """The store `SDXL_JOBS_DATABASE_URL` names; SQLite in SDXL_CACHE_DIR without one."""
+def job_database_url(settings: Settings) -> str:
     url = settings.jobs_database_url
     if url is None:
-        return JobStore(Database.sqlite_file(settings.cache_dir / SQLITE_FILE))
-    return JobStore(Database(url.get_secret_value()))
+        return SQLITE_PREFIX + str(settings.cache_dir / SQLITE_FILE)
+    return url.get_secret_value()
+
+
+def refuse_a_newer_job_database(settings: Settings) -> None:
+    """A SettingsError when a newer release wrote the job database: called where the
+    settings are read (service.py, in `bentoml serve` itself), so the service stops at
+    start with the message, before any worker starts. Reads only; a database that is not
+    there yet or cannot be reached now is left to the store (which creates or reports it),
+    and the store refuses a newer database again when it opens."""
+    version = stored_version(job_database_url(settings))
+    if version is not None and version > SCHEMA_VERSION:
+        raise SettingsError(
+            f"image job database {_named(settings)}: "
+            + SchemaTooNew.describe(version, SCHEMA_VERSION)
+        )
+
+
+def _named(settings: Settings) -> str:
+    # A URL is not quoted: it may hold a password.
+    if settings.jobs_database_url is not None:
+        return "SDXL_JOBS_DATABASE_URL"
+    return f"SDXL_CACHE_DIR/{SQLITE_FILE} ({settings.cache_dir / SQLITE_FILE})"
+
+
+def open_job_store(settings: Settings) -> JobStore:
+    """The store `SDXL_JOBS_DATABASE_URL` names; SQLite in SDXL_CACHE_DIR without one. Its
+    schema brought up to date (migrations.py); a database that a newer release wrote is
+    a SettingsError: the service stops at start, saying so, as for a bad setting."""
+    database = Database(job_database_url(settings))
+    try:
+        return JobStore(database)
+    except SchemaTooNew as error:
+        database.close()
+        raise SettingsError(f"image job database {_named(settings)}: {error}") from None
 
 
 def webhook_delivery(settings: Settings) -> WebhookDelivery | None:

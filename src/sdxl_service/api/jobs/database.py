@@ -6,7 +6,11 @@ the two are the placeholder style and three column types, kept here. Every
 statement is written with `?` placeholders; PostgreSQL gets `%s`.
 Both connections run in autocommit mode: each statement is its own
 transaction, and the store's updates that must not race are conditional
-(`WHERE status = 'queued'`), so they need no explicit locking.
+(`WHERE status = 'queued'`), so they need no explicit locking. The one
+exception is `transaction()`, for the schema's migrations at start: several
+statements that stand or fall together, under a lock no other replica's
+migrations can pass (`BEGIN IMMEDIATE` on SQLite, an advisory transaction lock
+on PostgreSQL).
 
 Blocking: the callers run it in threads. One connection per database, used by
 one thread at a time (the lock).
@@ -14,10 +18,11 @@ one thread at a time (the lock).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -76,9 +81,10 @@ class Database:
             path.parent.mkdir(parents=True, exist_ok=True)
             connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             connection.row_factory = sqlite3.Row
+            # First: a second service starting beside this one waits for its lock.
+            connection.execute("PRAGMA busy_timeout=10000")
             # WAL: readers (GET of a job) never wait for the runner's writes.
             connection.execute("PRAGMA journal_mode=WAL")
-            connection.execute("PRAGMA busy_timeout=10000")
             self._connection = connection
             return
         # Only where PostgreSQL is used: the SQLite default needs no driver.
@@ -105,6 +111,29 @@ class Database:
         rows = self.fetch_all(statement, params)
         return rows[0] if rows else None
 
+    @contextlib.contextmanager
+    def transaction(self, lock_key: int) -> Iterator[Transaction]:
+        """One transaction, committed when the block ends (rolled back if it raises), that
+        no other `transaction(lock_key)` on the same database runs beside: SQLite's
+        `BEGIN IMMEDIATE` takes the file's write lock at once; PostgreSQL's
+        `pg_advisory_xact_lock(lock_key)` is held until the commit. Both wait for the
+        other holder (SQLite up to its busy timeout)."""
+        with self._lock:
+            if self.dialect == "postgresql":
+                if self._connection.closed:
+                    self._connect()
+                with self._connection.transaction():
+                    self._connection.execute("SELECT pg_advisory_xact_lock(%s)", (lock_key,))
+                    yield Transaction(self)
+                return
+            self._connection.execute("BEGIN IMMEDIATE")
+            try:
+                yield Transaction(self)
+            except BaseException:
+                self._connection.execute("ROLLBACK")
+                raise
+            self._connection.execute("COMMIT")
+
     def _run(self, statement: str, params: Sequence[Any]) -> Any:
         if self.dialect == "postgresql" and self._connection.closed:
             # The server restarted or dropped us: one new connection, then the statement.
@@ -117,3 +146,20 @@ class Database:
             if self._file_lock is not None:
                 self._file_lock.close()  # and with it the claim on the file
                 self._file_lock = None
+
+
+class Transaction:
+    """The statements of one `Database.transaction()`, on its connection (lock held)."""
+
+    def __init__(self, database: Database) -> None:
+        self._db = database
+
+    def execute(self, statement: str, params: Sequence[Any] = ()) -> int:
+        return int(self._db._run(statement, params).rowcount)
+
+    def fetch_all(self, statement: str, params: Sequence[Any] = ()) -> list[Row]:
+        return [dict(row) for row in self._db._run(statement, params).fetchall()]
+
+    def fetch_one(self, statement: str, params: Sequence[Any] = ()) -> Row | None:
+        rows = self.fetch_all(statement, params)
+        return rows[0] if rows else None

@@ -85,6 +85,8 @@ class JobRecord:
     # The run that holds the job now (a random token per claim) and until when.
     runner_token: str | None = None
     lease_until: float | None = None
+    # A queued job is not taken before this time (a retry's backoff); 0: at once.
+    not_before: float = 0.0
     webhook_state: WebhookState | None = None
     webhook_attempts: list[dict[str, Any]] = field(default_factory=list)
 

@@ -21,6 +21,7 @@ from ..errors import APIError, excerpt, invalid_value
 from ..forms import read_form
 from ..responses import public_base_url
 from ..schemas import ImageEditRequest, ImageGenerationRequest, ImageRequest, ImageVariationRequest
+from .answers import ImageJob, ImageJobDeleted, ImageJobList
 from .records import JobKind
 from .serving import (
     DEFAULT_PAGE,
@@ -152,10 +153,12 @@ def _answer(body: dict[str, Any]) -> JSONResponse:
     return JSONResponse(body)
 
 
+# The answers go out as serving.py makes them (JSONResponse); each route's response_model
+# (answers.py) describes them in the OpenAPI document, and the tests hold real answers to it.
 router = APIRouter()
 
 
-@router.post(JOBS_PATH, status_code=202)
+@router.post(JOBS_PATH, status_code=202, response_model=ImageJob)
 async def create_job(request: Request, jobs: Jobs) -> JSONResponse:
     submission = await _submission(request, jobs)
     job = await jobs.submit(submission)
@@ -164,7 +167,7 @@ async def create_job(request: Request, jobs: Jobs) -> JSONResponse:
     return JSONResponse(job, status_code=202, headers={"Location": location})
 
 
-@router.get(JOBS_PATH)
+@router.get(JOBS_PATH, response_model=ImageJobList)
 async def list_jobs(
     request: Request,
     jobs: Jobs,
@@ -174,16 +177,16 @@ async def list_jobs(
     return JSONResponse(await jobs.list(_api_key(request), after, limit))
 
 
-@router.get(JOBS_PATH + "/{job_id}")
+@router.get(JOBS_PATH + "/{job_id}", response_model=ImageJob)
 async def get_job(job_id: str, request: Request, jobs: Jobs) -> JSONResponse:
     return _answer(await jobs.get(job_id, _api_key(request)))
 
 
-@router.post(JOBS_PATH + "/{job_id}/cancel")
+@router.post(JOBS_PATH + "/{job_id}/cancel", response_model=ImageJob)
 async def cancel_job(job_id: str, request: Request, jobs: Jobs) -> JSONResponse:
     return _answer(await jobs.cancel(job_id, _api_key(request)))
 
 
-@router.delete(JOBS_PATH + "/{job_id}")
+@router.delete(JOBS_PATH + "/{job_id}", response_model=ImageJobDeleted)
 async def delete_job(job_id: str, request: Request, jobs: Jobs) -> JSONResponse:
     return JSONResponse(await jobs.delete(job_id, _api_key(request)))

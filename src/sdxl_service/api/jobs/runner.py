@@ -34,6 +34,7 @@ from ..files import FileStore
 from ..schemas import ImageEditRequest, ImageGenerationRequest, ImageRequest, ImageVariationRequest
 from ..serving import ImagesServing
 from .records import JobKind, JobRecord, JobStatus, WebhookState
+from .retry import RetryPolicy, Verdict
 from .store import JobStore
 from .webhooks import WebhookDelivery, WebhookEvent
 
@@ -49,11 +50,6 @@ PROGRESS_S = 0.5
 POLL_S = 1.0
 # Expired jobs (and their files) are deleted this often.
 PURGE_INTERVAL_S = 60.0
-# Outcomes that say "not now" rather than "not this job": the job waits in the
-# queue, its attempt not counted.
-NOT_NOW_CODES = {"queue_full", "loading"}
-# The render worker died under the job: run again, counted against SDXL_JOB_ATTEMPTS.
-WORKER_LOST_CODES = {"worker_restarted"}
 _FILE_ID = re.compile(r"/images/files/([A-Za-z0-9_-]{43})$")
 
 REQUEST_MODELS: dict[JobKind, type[ImageRequest]] = {
@@ -79,12 +75,14 @@ class JobRunner:
         settings: Settings,
         webhooks: WebhookDelivery | None = None,
         clock: Callable[[], float] = time.time,
+        retry: RetryPolicy | None = None,
     ) -> None:
         self.store = store
         self.images = images
         self.files = files
         self.settings = settings
         self.webhooks = webhooks
+        self.retry = retry or RetryPolicy(settings.job_attempts)
         self.max_images = settings.max_batch_images
         self._clock = clock
         self._wake = asyncio.Event()
@@ -210,8 +208,9 @@ class JobRunner:
         now = self._clock
 
         def on_step(step: int) -> None:
-            # A sequential refiner runs steps of its own after the base's: never past 100 %.
-            steps[0] = min(step, job.steps)
+            # A sequential refiner runs steps of its own after the base's: never past 100 %,
+            # and never back (a step reported late, after a later one).
+            steps[0] = max(steps[0], min(step, job.steps))
 
         try:
             request = REQUEST_MODELS[job.kind].model_validate(job.request)
@@ -221,15 +220,23 @@ class JobRunner:
             error = validation_error(RequestValidationError(exc.errors()))
             return await self._fail(job, token, error.body()["error"])
         except APIError as error:
-            if error.code in NOT_NOW_CODES:
-                retry = float(error.headers.get("Retry-After", "1"))
-                self._not_before = now() + retry
-                await asyncio.to_thread(self.store.release, job.id, token, count_attempt=False)
-                return False
-            if error.code in WORKER_LOST_CODES and job.attempts < self.settings.job_attempts:
-                await asyncio.to_thread(self.store.release, job.id, token, count_attempt=True)
-                return False
-            return await self._fail(job, token, error.body()["error"])
+            # Decided on the render outcome the error answers (None: a refusal of the
+            # request itself, which a second run would only repeat).
+            decision = self.retry.after_outcome(error.outcome, job.attempts, error.retry_after)
+            if not decision.requeue:
+                return await self._fail(job, token, error.body()["error"])
+            not_before = now() + decision.delay_s
+            if decision.verdict is Verdict.LATER:
+                # The render service is full or loading for every job, not just this one.
+                self._not_before = not_before
+            await asyncio.to_thread(
+                self.store.release,
+                job.id,
+                token,
+                count_attempt=decision.count_attempt,
+                not_before=not_before,
+            )
+            return False
         except Exception:
             logger.exception("image job %s failed", job.id)
             internal = APIError(500, "The server failed to run the job.", code="internal_error")

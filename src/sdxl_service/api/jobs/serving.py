@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ...contract.render_request import GenerationOutcome
+from ...contract.render_request import GenerationOutcome, RenderParams
 from ...settings import Settings
 from ..errors import APIError, excerpt, invalid_value, outcome_error
 from ..schemas import ImageRequest
@@ -35,6 +35,16 @@ DEFAULT_PAGE = 20
 MAX_PAGE = 100
 
 Admission = Callable[[int, int], GenerationOutcome | None]
+
+
+def progress_steps(params: RenderParams) -> int:
+    """The denoising steps a job's progress counts to: the render's `steps`, and with the
+    hires fix the second pass's too, which the engine counts on from the first's (the
+    last int(steps * denoising_strength) of a schedule of hires' steps, as an edit)."""
+    hires = params.hires
+    if hires is None:
+        return params.num_inference_steps
+    return params.num_inference_steps + int(hires.steps * hires.denoising_strength)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,7 +114,7 @@ class JobsServing:
             status=JobStatus.QUEUED,
             created_at=self._clock(),
             images=n,
-            steps=resolved.job.params.num_inference_steps,
+            steps=progress_steps(resolved.job.params),
             request=fields,
             base_url=submission.base_url,
             image=submission.image,

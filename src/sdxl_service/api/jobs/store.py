@@ -4,7 +4,13 @@ Every change of state is one conditional UPDATE, so two replicas sharing a
 PostgreSQL database never both take a job: a claim is `WHERE status =
 'queued'`, and what a run writes afterwards names the token of its claim, so a
 run whose lease ran out (its replica died, the job went back to the queue)
-can no longer overwrite the run that took over. Blocking: call from threads.
+can no longer overwrite the run that took over. On PostgreSQL a claim is one
+statement that skips the rows another replica is claiming (`FOR UPDATE SKIP
+LOCKED`), so replicas do not wait on each other; SQLite has one writer and
+keeps a read, then a conditional update. A queued job waits until its
+`not_before` (a retry's backoff, kept across restarts). The table's schema is
+migrations.py's, brought up to date when the store opens. Blocking: call from
+threads.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from .database import Database, Row
+from .migrations import migrate
 from .records import (
     FINISHED,
     JobKind,
@@ -23,45 +30,12 @@ from .records import (
     dumps,
     loads,
 )
+from .retry import RetryPolicy
 
-_COLUMNS = """
-    id TEXT NOT NULL UNIQUE,
-    owner TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    status TEXT NOT NULL,
-    created_at {real} NOT NULL,
-    started_at {real},
-    finished_at {real},
-    expires_at {real},
-    attempts INTEGER NOT NULL DEFAULT 0,
-    images INTEGER NOT NULL,
-    steps INTEGER NOT NULL,
-    step INTEGER NOT NULL DEFAULT 0,
-    images_done INTEGER NOT NULL DEFAULT 0,
-    request TEXT NOT NULL,
-    base_url TEXT NOT NULL,
-    image {blob},
-    mask {blob},
-    webhook_url TEXT,
-    metadata TEXT,
-    result TEXT,
-    error TEXT,
-    runner_token TEXT,
-    lease_until {real},
-    webhook_state TEXT,
-    webhook_attempts TEXT NOT NULL DEFAULT '[]'
-"""
-_SCHEMA = {
-    "sqlite": "CREATE TABLE IF NOT EXISTS image_jobs ("
-    "seq INTEGER PRIMARY KEY AUTOINCREMENT," + _COLUMNS.format(real="REAL", blob="BLOB") + ")",
-    "postgresql": "CREATE TABLE IF NOT EXISTS image_jobs ("
-    "seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,"
-    + _COLUMNS.format(real="DOUBLE PRECISION", blob="BYTEA")
-    + ")",
-}
-_INDEXES = (
-    "CREATE INDEX IF NOT EXISTS image_jobs_status ON image_jobs (status, seq)",
-    "CREATE INDEX IF NOT EXISTS image_jobs_owner ON image_jobs (owner, seq)",
+# A claim: running, one more attempt, the run's token and lease (three parameters).
+_CLAIM_SET = (
+    "status = 'running', attempts = attempts + 1, runner_token = ?, lease_until = ?, "
+    "started_at = ?, step = 0, images_done = 0"
 )
 _FINISHED_SQL = "(" + ", ".join(f"'{s.value}'" for s in sorted(FINISHED)) + ")"
 # What a job failed with when the service kept stopping under it.
@@ -71,9 +45,8 @@ INTERRUPTED_CODE = "job_interrupted"
 class JobStore:
     def __init__(self, database: Database) -> None:
         self.db = database
-        self.db.execute(_SCHEMA[database.dialect])
-        for statement in _INDEXES:
-            self.db.execute(statement)
+        # SchemaTooNew when a newer release wrote the database.
+        migrate(database)
 
     @property
     def embedded(self) -> bool:
@@ -175,26 +148,38 @@ class JobStore:
     # ---- the runner ----------------------------------------------------------------
 
     def claim_next(self, *, now: float, lease_s: float, max_images: int) -> JobRecord | None:
-        """Takes the oldest queued job (at most `max_images` images) for one run: running,
-        one more attempt, a fresh token and a lease; None when none is waiting or fits."""
+        """Takes the oldest queued job whose time has come (`not_before`), when it has at
+        most `max_images` images, for one run: running, one more attempt, a fresh token
+        and a lease; None when none is waiting or the oldest does not fit."""
+        token = secrets.token_hex(16)
+        if self.db.dialect == "postgresql":
+            # One statement: the row is locked by the subquery, rows other replicas are
+            # claiming are skipped, and the update returns the job. The oldest waiting
+            # job that does not fit is locked, not taken: None, as on SQLite.
+            row = self.db.fetch_one(
+                f"UPDATE image_jobs SET {_CLAIM_SET} WHERE id = (SELECT id FROM image_jobs "
+                "WHERE status = 'queued' AND not_before <= ? ORDER BY seq LIMIT 1 "
+                "FOR UPDATE SKIP LOCKED) AND status = 'queued' AND images <= ? RETURNING *",
+                (token, now + lease_s, now, now, max_images),
+            )
+            return None if row is None else _record(row)
         while True:
             row = self.db.fetch_one(
-                "SELECT id, images FROM image_jobs WHERE status = 'queued' ORDER BY seq LIMIT 1"
+                "SELECT id, images FROM image_jobs WHERE status = 'queued' AND not_before <= ? "
+                "ORDER BY seq LIMIT 1",
+                (now,),
             )
             if row is None or int(row["images"]) > max_images:
                 return None
-            token = secrets.token_hex(16)
             taken = self.db.execute(
-                "UPDATE image_jobs SET status = 'running', attempts = attempts + 1, "
-                "runner_token = ?, lease_until = ?, started_at = ?, step = 0, images_done = 0 "
-                "WHERE id = ? AND status = 'queued'",
+                f"UPDATE image_jobs SET {_CLAIM_SET} WHERE id = ? AND status = 'queued'",
                 (token, now + lease_s, now, row["id"]),
             )
             if taken:
                 job = self.get(row["id"], now=now)
                 if job is not None:
                     return job
-            # Another replica took it (or it was cancelled) meanwhile: the next one.
+            # Cancelled meanwhile: the next one.
 
     def renew(self, job_id: str, token: str, *, lease_until: float) -> bool:
         """Extends the run's lease; False when the run no longer holds the job (cancelled,
@@ -248,15 +233,18 @@ class JobStore:
             == 1
         )
 
-    def release(self, job_id: str, token: str, *, count_attempt: bool) -> bool:
-        """Puts a run's job back in the queue (the render service was busy or restarting)."""
+    def release(
+        self, job_id: str, token: str, *, count_attempt: bool, not_before: float = 0.0
+    ) -> bool:
+        """Puts a run's job back in the queue (the render service was busy or restarting),
+        to be taken again from `not_before` on."""
         undo = "" if count_attempt else ", attempts = attempts - 1"
         return (
             self.db.execute(
                 f"UPDATE image_jobs SET status = 'queued', runner_token = NULL, "
-                f"lease_until = NULL, step = 0{undo} "
+                f"lease_until = NULL, step = 0, not_before = ?{undo} "
                 "WHERE id = ? AND runner_token = ? AND status = 'running'",
-                (job_id, token),
+                (not_before, job_id, token),
             )
             == 1
         )
@@ -272,9 +260,11 @@ class JobStore:
             f"SELECT id, attempts, runner_token FROM image_jobs WHERE status = 'running'{stale}",
             params,
         )
+        policy = RetryPolicy(max_attempts)
         failed = []
         for row in rows:
-            if int(row["attempts"]) >= max_attempts:
+            decision = policy.after_service_stopped(int(row["attempts"]))
+            if not decision.requeue:
                 error = {
                     "message": f"The service stopped while it ran this job, {row['attempts']} "
                     f"times (SDXL_JOB_ATTEMPTS={max_attempts}); the job was given up.",
@@ -287,7 +277,12 @@ class JobStore:
                 ):
                     failed.append(row["id"])
             else:
-                self.release(row["id"], row["runner_token"], count_attempt=True)
+                self.release(
+                    row["id"],
+                    row["runner_token"],
+                    count_attempt=decision.count_attempt,
+                    not_before=now + decision.delay_s,
+                )
         return failed
 
     def expired(self, *, now: float, limit: int = 100) -> list[JobRecord]:
@@ -354,6 +349,7 @@ def _record(row: Row) -> JobRecord:
         error=loads(row["error"]),
         runner_token=row["runner_token"],
         lease_until=row["lease_until"],
+        not_before=float(row["not_before"]),
         webhook_state=WebhookState(row["webhook_state"]) if row["webhook_state"] else None,
         webhook_attempts=loads(row["webhook_attempts"]) or [],
     )

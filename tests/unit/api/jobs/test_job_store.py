@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -283,3 +284,78 @@ def test_one_service_holds_an_embedded_database_a_second_gets_no_jobs(tmp_path: 
     again = open_jobs(settings, images, renderer)
     assert again is not None
     again[0].store.db.close()
+
+
+def test_a_job_waits_for_its_not_before_across_a_restart(database_url: str) -> None:
+    store = JobStore(Database(database_url))
+    waiting, behind = new_job(), new_job()
+    store.insert(waiting)
+    store.insert(behind)
+    job = store.claim_next(now=NOW, lease_s=30, max_images=8)
+    assert job is not None and job.id == waiting.id and job.runner_token is not None
+    # The render worker died under it: back to the queue for 30 s.
+    assert store.release(job.id, job.runner_token, count_attempt=True, not_before=NOW + 30)
+    read = store.get(job.id, now=NOW)
+    assert read is not None and (read.status, read.not_before) == (JobStatus.QUEUED, NOW + 30)
+    store.db.close()
+    # The service restarts: the wait is kept, and the job behind it does not wait with it.
+    store = JobStore(Database(database_url))
+    assert store.recover(now=NOW + 1, max_attempts=3, ttl=TTL, everything=True) == []
+    taken = store.claim_next(now=NOW + 1, lease_s=30, max_images=8)
+    assert taken is not None and taken.id == behind.id
+    assert store.claim_next(now=NOW + 29, lease_s=30, max_images=8) is None
+    again = store.claim_next(now=NOW + 30, lease_s=30, max_images=8)
+    assert again is not None and (again.id, again.attempts) == (waiting.id, 2)
+    store.db.close()
+
+
+def test_postgresql_replicas_claim_concurrently_each_job_once(postgres: PostgresServer) -> None:
+    url = postgres.new_database()
+    writer = JobStore(Database(url))
+    ids = set()
+    for _ in range(120):
+        job = new_job()
+        writer.insert(job)
+        ids.add(job.id)
+    replicas = 4
+    barrier = threading.Barrier(replicas)
+    taken: list[list[str]] = [[] for _ in range(replicas)]
+
+    def run(index: int) -> None:
+        store = JobStore(Database(url))
+        barrier.wait()
+        while (job := store.claim_next(now=NOW, lease_s=30, max_images=8)) is not None:
+            assert job.status is JobStatus.RUNNING and job.attempts == 1
+            taken[index].append(job.id)
+        store.db.close()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(replicas)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    claimed = [job_id for ids_of_one in taken for job_id in ids_of_one]
+    assert sorted(claimed) == sorted(ids)  # each job once, none left
+    writer.db.close()
+
+
+def test_a_postgresql_claim_skips_the_job_another_replica_is_claiming(
+    postgres: PostgresServer,
+) -> None:
+    import psycopg
+
+    url = postgres.new_database()
+    store = JobStore(Database(url))
+    first, second = new_job(), new_job()
+    store.insert(first)
+    store.insert(second)
+    # Another replica's claim in flight: the oldest row locked by its transaction.
+    with psycopg.connect(url) as other, other.transaction():
+        other.execute("SELECT id FROM image_jobs WHERE id = %s FOR UPDATE", (first.id,))
+        started = time.monotonic()
+        job = store.claim_next(now=NOW, lease_s=30, max_images=8)
+        assert job is not None and job.id == second.id
+        assert time.monotonic() - started < 2  # not waiting on the other's lock
+    job = store.claim_next(now=NOW, lease_s=30, max_images=8)
+    assert job is not None and job.id == first.id
+    store.db.close()

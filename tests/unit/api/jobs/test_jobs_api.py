@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,17 @@ from fastapi.testclient import TestClient
 
 from sdxl_service.api.app import create_app
 from sdxl_service.api.files import LocalFileStore
-from sdxl_service.api.jobs import Database, JobRunner, JobsServing, JobStore, webhook_delivery
+from sdxl_service.api.jobs import (
+    Database,
+    JobRecord,
+    JobRunner,
+    JobsServing,
+    JobStore,
+    webhook_delivery,
+)
+from sdxl_service.api.jobs.answers import ImageJob, ImageJobDeleted, ImageJobList
+from sdxl_service.api.jobs.retry import RetryPolicy
+from sdxl_service.api.jobs.runner import PROGRESS_S
 from sdxl_service.api.serving import ImagesServing
 from sdxl_service.contract.render_request import (
     GenerationOutcome,
@@ -99,6 +110,7 @@ class Service:
     def job(self, job_id: str, **headers: str) -> dict[str, Any]:
         response = self.client.get(f"/images/jobs/{job_id}", headers=headers)
         assert response.status_code == 200, response.text
+        ImageJob.model_validate(response.json())  # every answer read, as documented
         return response.json()  # type: ignore[no-any-return]
 
     def ended(self, job_id: str, **headers: str) -> dict[str, Any]:
@@ -425,3 +437,107 @@ def test_a_finished_job_and_its_files_go_after_the_job_ttl(tmp_path: Path) -> No
         assert service.runner.purge_expired() == 1
     assert not (service.settings.files_dir / file_id).exists()
     assert service.store.expired(now=2**40) == []
+
+
+def test_a_job_whose_render_worker_died_waits_its_backoff_in_the_store(tmp_path: Path) -> None:
+    service = Service(tmp_path, job_attempts=3)
+    service.runner.retry = RetryPolicy(max_attempts=3, backoff_s=0.5)
+    service.painter = LosingPainter(1)
+    service.images.renderer = service.painter
+    with service.client:
+        submitted = time.time()
+        job = service.client.post("/images/jobs", json={"prompt": "x", "size": "64x64", "seed": 4})
+        job_id = job.json()["id"]
+
+        def queued_with_its_backoff() -> JobRecord | None:
+            read = service.store.get(job_id, now=time.time())
+            return read if read is not None and read.not_before > 0 else None
+
+        waiting = wait_until(queued_with_its_backoff, timeout=10, message="the backoff stored")
+        # Half a second after the render worker was lost (which was after the submission).
+        assert waiting.not_before >= submitted + 0.5
+        ended = service.ended(job_id)
+    assert (ended["status"], ended["attempts"]) == ("succeeded", 2)
+    second_run = service.store.get(job_id, now=0)
+    assert second_run is not None and second_run.started_at is not None
+    assert second_run.started_at >= waiting.not_before
+
+
+def test_every_answer_is_the_documented_job(tmp_path: Path) -> None:
+    service = Service(tmp_path, webhook_secret=SECRET, webhook_hosts="127.0.0.1")
+    with service.client, running_receiver(SECRET) as receiver:
+        service.painter.open.clear()
+        body = {"prompt": "x", "size": "64x64", "seed": 2, "webhook_url": receiver.url}
+        running = service.client.post("/images/jobs", json={**body, "metadata": {"a": "b"}})
+        queued = service.client.post("/images/jobs", json={**body, "response_format": "url"})
+        for submitted in (running, queued):
+            assert submitted.status_code == 202
+            ImageJob.model_validate(submitted.json())
+        wait_until(lambda: service.painter.working == 1, message="the first job at work")
+        listed = service.client.get("/images/jobs").json()
+        assert [j.status for j in ImageJobList.model_validate(listed).data] == [
+            "queued",
+            "running",
+        ]
+        cancelled = service.client.post(f"/images/jobs/{running.json()['id']}/cancel").json()
+        assert ImageJob.model_validate(cancelled).error is not None
+        service.painter.open.set()
+        ended = ImageJob.model_validate(service.ended(queued.json()["id"]))
+        assert ended.result is not None and ended.result.data[0].url is not None
+        wait_until(lambda: len(receiver.deliveries) == 2, timeout=30, message="the webhooks")
+        for delivery in receiver.deliveries:
+            ImageJob.model_validate(json.loads(delivery.body)["data"])
+        delivered = ImageJob.model_validate(service.job(queued.json()["id"]))
+        assert delivered.webhook is not None and delivered.webhook.attempts
+        deleted = service.client.delete(f"/images/jobs/{queued.json()['id']}").json()
+        ImageJobDeleted.model_validate(deleted)
+    # The OpenAPI document has the job with its fields, as each route's answer.
+    schema = service.client.get("/openapi.json").json()
+    job_schema = schema["components"]["schemas"]["ImageJob"]
+    assert set(job_schema["properties"]) == set(ImageJob.model_fields)
+    assert {"progress", "result", "webhook"} <= set(job_schema["required"])
+    paths = schema["paths"]
+    answers = {
+        ("/images/jobs", "post", "202"): "ImageJob",
+        ("/images/jobs", "get", "200"): "ImageJobList",
+        ("/images/jobs/{job_id}", "get", "200"): "ImageJob",
+        ("/images/jobs/{job_id}/cancel", "post", "200"): "ImageJob",
+        ("/images/jobs/{job_id}", "delete", "200"): "ImageJobDeleted",
+    }
+    for (path, method, status), model in answers.items():
+        content = paths[path][method]["responses"][status]["content"]["application/json"]
+        assert content["schema"]["$ref"] == f"#/components/schemas/{model}"
+
+
+class BackwardsPainter(HeldPainter):
+    """Reports a step, then an earlier one (a late event), then holds."""
+
+    async def generate(self, job: RenderRequest, on_partial: Any = None) -> GenerationOutcome:
+        if job.report_progress and on_partial is not None:
+            for step in (12, 7):
+                await on_partial(RenderEvent(type=RenderEventType.PROGRESS, step=step))
+        return await super().generate(job, on_partial)
+
+
+def test_a_hires_jobs_progress_counts_both_passes_and_never_goes_back(tmp_path: Path) -> None:
+    service = Service(tmp_path)
+    service.painter = BackwardsPainter()
+    service.images.renderer = service.painter
+    service.painter.open.clear()
+    with service.client:
+        body = {
+            "prompt": "x",
+            "size": "128x128",
+            "hires": {"scale": 2, "steps": 10, "denoising_strength": 0.5},
+        }
+        job = service.client.post("/images/jobs", json=body).json()
+        # 30 steps of the first pass, int(10 * 0.5) of the second.
+        assert job["progress"]["steps"] == 30 + 5
+        wait_until(
+            lambda: service.job(job["id"])["progress"]["step"] == 12, message="the job's steps"
+        )
+        time.sleep(3 * PROGRESS_S)  # 7, then 1..3, came after 12: not written
+        assert service.job(job["id"])["progress"]["step"] == 12
+        service.painter.open.set()
+        ended = service.ended(job["id"])
+    assert ended["progress"] == {"step": 35, "steps": 35, "images_done": 1, "images": 1}
