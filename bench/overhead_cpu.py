@@ -91,7 +91,7 @@ def engine_render() -> tuple[Callable[[], Any], dict[str, Any]]:
         "answered": f"{resolved.width}x{resolved.height}",
         "rendered": f"{params.width}x{params.height}",
         "native": engine.native_resolution,
-        "steps": params.steps,
+        "steps": params.num_inference_steps,
         "refiner": str(params.refiner),
         "scheduler": str(params.scheduler),
     }

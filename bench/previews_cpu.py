@@ -57,7 +57,7 @@ class Workload:
         return RenderParams(
             width=self.size,
             height=self.size,
-            steps=STEPS,
+            num_inference_steps=STEPS,
             guidance_scale=5.0,
             high_noise_frac=0.8,
             refiner=RefinerMode.ENSEMBLE,

@@ -142,7 +142,7 @@ def direct_engine_render(cache_dir: Path) -> Callable[[], Any]:
     params = RenderParams(
         width=width,
         height=height,
-        steps=4,
+        num_inference_steps=4,
         guidance_scale=settings.guidance_scale,
         high_noise_frac=0.8,
         refiner=RefinerMode.ENSEMBLE,
