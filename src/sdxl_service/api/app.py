@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -11,6 +11,7 @@ from starlette.routing import Match
 
 from .errors import install_error_handlers, routing_error
 from .forms import read_image_form
+from .jobs.routes import SUBMISSION_SCHEMAS
 from .jobs.routes import router as jobs_router
 from .jobs.serving import JobsServing
 from .middleware import BodyBudget, BodySizeLimit
@@ -46,6 +47,20 @@ def _form_endpoint(kind: RequestKind) -> Callable[..., Awaitable[Response]]:
         return _answer(await images.serve(kind, form.fields, request, form.image, form.mask))
 
     return endpoint
+
+
+def _document_job_submissions(app: FastAPI) -> None:
+    """The OpenAPI document with the schemas POST /images/jobs' requestBody refers to."""
+    make_document = app.openapi
+
+    def document() -> dict[str, Any]:
+        schema = make_document()
+        known = schema.setdefault("components", {}).setdefault("schemas", {})
+        for name, model_schema in SUBMISSION_SCHEMAS.items():
+            known.setdefault(name, model_schema)
+        return schema
+
+    app.openapi = document  # type: ignore[method-assign]
 
 
 def create_app(
@@ -98,6 +113,7 @@ def create_app(
             )
 
     app.include_router(jobs_router)
+    _document_job_submissions(app)
 
     # Last: BentoML mounts this app "passively" and would answer unknown
     # paths under /v1 with a plain-text 404 of its own.

@@ -16,7 +16,7 @@ from ..render_client import BentoRenderClient
 from ..serving import ImagesServing
 from .database import SQLITE_PREFIX, Database
 from .migrations import SCHEMA_VERSION, SchemaTooNew, stored_version
-from .records import JobKind, JobRecord, JobStatus, WebhookState, new_job_id, owner_of
+from .records import JobRecord, JobStatus, WebhookState, new_job_id, owner_of
 from .runner import JobRunner
 from .serving import JobsServing
 from .store import JobStore
@@ -24,7 +24,6 @@ from .webhooks import WebhookDelivery, WebhookHosts, WebhookSigner
 
 __all__ = [
     "Database",
-    "JobKind",
     "JobRecord",
     "JobRunner",
     "JobStatus",

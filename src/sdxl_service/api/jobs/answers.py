@@ -10,12 +10,13 @@ was (no field added as null, none re-serialized).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..request_kinds import KINDS
 from ..schemas import ImagesResponse
-from .records import JobKind, JobStatus, WebhookState
+from .records import JobStatus, WebhookState
 
 _EXACT = ConfigDict(extra="forbid")
 
@@ -70,7 +71,9 @@ class ImageJob(BaseModel):
 
     id: str
     object: Literal["image.job"]
-    kind: JobKind
+    kind: Annotated[str, Field(json_schema_extra={"enum": list(KINDS)})] = Field(
+        description="The kind of request the job renders (POST /v1/images/jobs' `kind`)."
+    )
     status: JobStatus
     created_at: int
     started_at: int | None

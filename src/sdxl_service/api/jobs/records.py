@@ -34,12 +34,6 @@ class JobStatus(StrEnum):
 FINISHED = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
 
 
-class JobKind(StrEnum):
-    GENERATION = "generation"
-    EDIT = "edit"
-    VARIATION = "variation"
-
-
 class WebhookState(StrEnum):
     PENDING = "pending"  # the job has not ended, or its delivery is still being tried
     DELIVERED = "delivered"
@@ -62,7 +56,7 @@ def owner_of(api_key: str | None) -> str:
 class JobRecord:
     id: str
     owner: str
-    kind: JobKind
+    kind: str  # a kind of request (api/request_kinds.py): generation, edit, ...
     status: JobStatus
     created_at: float
     images: int  # n: the images the job makes
@@ -102,7 +96,7 @@ class JobRecord:
         return {
             "id": self.id,
             "object": OBJECT,
-            "kind": self.kind.value,
+            "kind": self.kind,
             "status": self.status.value,
             "created_at": int(self.created_at),
             "started_at": _seconds(self.started_at),

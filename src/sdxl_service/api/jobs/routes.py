@@ -1,9 +1,8 @@
 """The /v1/images/jobs routes: a submission's body read, everything else in serving.py.
 
-A generation is submitted as JSON (the body of POST /images/generations), an
-edit or a variation as multipart with `kind` set to `edit` or `variation` (the
-form of its own endpoint); `webhook_url` and `metadata` go beside the other
-fields (in a form, `metadata` is a JSON text field).
+A generation is submitted as JSON (the body of POST /images/generations), the multipart
+kinds of request_kinds.py (edit, variation, upscale) as the form of their own endpoint with
+`kind` set; `webhook_url` and `metadata` go beside the other fields (submissions.py).
 """
 
 from __future__ import annotations
@@ -19,24 +18,17 @@ from starlette.datastructures import FormData
 
 from ..errors import APIError, excerpt, invalid_value
 from ..forms import read_form
+from ..request_kinds import KINDS, RequestKind
 from ..responses import public_base_url
-from ..schemas import ImageEditRequest, ImageGenerationRequest, ImageRequest, ImageVariationRequest
+from ..schemas import ImageRequest
 from .answers import ImageJob, ImageJobDeleted, ImageJobList
-from .records import JobKind
-from .serving import (
-    DEFAULT_PAGE,
-    MAX_METADATA_KEY_CHARS,
-    MAX_METADATA_PAIRS,
-    MAX_METADATA_VALUE_CHARS,
-    JobsServing,
-    JobSubmission,
-)
+from .serving import DEFAULT_PAGE, JobsServing, JobSubmission
+from .submissions import SUBMISSIONS, job_fields, openapi_request_body
 
 JOBS_PATH = "/images/jobs"
-_FORM_KINDS: dict[str, tuple[type[ImageRequest], bool]] = {
-    JobKind.EDIT.value: (ImageEditRequest, True),
-    JobKind.VARIATION.value: (ImageVariationRequest, False),
-}
+# The submission's models (submissions.py) in the OpenAPI document: the body is read by hand,
+# JSON or multipart as its kind says, so FastAPI cannot see it from a parameter.
+SUBMISSION_BODY, SUBMISSION_SCHEMAS = openapi_request_body()
 
 
 def _jobs(request: Request) -> JobsServing:
@@ -55,42 +47,10 @@ def _api_key(request: Request) -> str | None:
     return key.strip() or None if scheme.lower() == "bearer" else None
 
 
-def _metadata(value: Any) -> dict[str, str] | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError:
-            raise invalid_value("metadata", "metadata must be a JSON object.") from None
-    if not isinstance(value, dict):
-        raise invalid_value("metadata", "metadata must be an object of string values.")
-    if len(value) > MAX_METADATA_PAIRS:
-        raise invalid_value("metadata", f"metadata holds at most {MAX_METADATA_PAIRS} pairs.")
-    for key, item in value.items():
-        if len(key) > MAX_METADATA_KEY_CHARS or not isinstance(item, str):
-            raise invalid_value(
-                "metadata",
-                f"metadata keys are at most {MAX_METADATA_KEY_CHARS} characters and its values "
-                f"strings; '{excerpt(key)}' is not.",
-            )
-        if len(item) > MAX_METADATA_VALUE_CHARS:
-            raise invalid_value(
-                "metadata", f"metadata values are at most {MAX_METADATA_VALUE_CHARS} characters."
-            )
-    return value
-
-
-def _webhook_url(value: Any) -> str | None:
-    if value is None or isinstance(value, str):
-        return value or None
-    raise invalid_value("webhook_url", "webhook_url must be a URL (a string).")
-
-
-def _kind(value: Any, *, form: bool) -> JobKind:
-    accepted = ("edit", "variation") if form else ("generation",)
-    if value is None:
-        value = "generation" if not form else None
+def _kind(value: Any, *, form: bool) -> RequestKind:
+    accepted = [name for name, kind in KINDS.items() if kind.multipart == form]
+    if value is None and not form and len(accepted) == 1:
+        value = accepted[0]
     if value not in accepted:
         how = "multipart" if form else "JSON"
         raise invalid_value(
@@ -98,7 +58,7 @@ def _kind(value: Any, *, form: bool) -> JobKind:
             f"A {how} job's kind is one of {', '.join(accepted)}; got '{excerpt(str(value))}'"
             + (" (a generation is sent as JSON)." if form else " (edits are sent as multipart)."),
         )
-    return JobKind(value)
+    return KINDS[value]
 
 
 async def _submission(request: Request, jobs: JobsServing) -> JobSubmission:
@@ -106,20 +66,22 @@ async def _submission(request: Request, jobs: JobsServing) -> JobSubmission:
     api_key = _api_key(request)
     content_type = request.headers.get("content-type", "")
     if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
-        seen: dict[str, Any] = {}
+        picked: list[RequestKind] = []
 
         def pick(form: FormData) -> tuple[type[ImageRequest], bool]:
-            seen.update({key: form.get(key) for key in ("kind", "webhook_url", "metadata")})
-            return _FORM_KINDS[_kind(form.get("kind"), form=True).value]
+            kind = _kind(form.get("kind"), form=True)
+            picked.append(kind)
+            return SUBMISSIONS[kind.name], kind.takes_mask
 
         form = await read_form(request, pick)
+        webhook_url, metadata = job_fields(form.fields)
         return JobSubmission(
-            kind=JobKind(seen["kind"]),
+            kind=picked[0].name,
             request=form.fields,
             image=form.image,
             mask=form.mask,
-            webhook_url=_webhook_url(seen["webhook_url"]),
-            metadata=_metadata(seen["metadata"]),
+            webhook_url=webhook_url,
+            metadata=metadata,
             base_url=base_url,
             api_key=api_key,
         )
@@ -130,17 +92,13 @@ async def _submission(request: Request, jobs: JobsServing) -> JobSubmission:
     if not isinstance(body, dict):
         raise APIError(400, "The request body must be a JSON object.", code="invalid_request_body")
     kind = _kind(body.get("kind"), form=False)
-    webhook_url = _webhook_url(body.get("webhook_url"))
-    metadata = _metadata(body.get("metadata"))
-    fields = {
-        key: value for key, value in body.items() if key not in ("kind", "webhook_url", "metadata")
-    }
     try:
-        req = ImageGenerationRequest.model_validate(fields)
+        req = SUBMISSIONS[kind.name].model_validate(body)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from None
+    webhook_url, metadata = job_fields(req)
     return JobSubmission(
-        kind=kind,
+        kind=kind.name,
         request=req,
         webhook_url=webhook_url,
         metadata=metadata,
@@ -158,7 +116,12 @@ def _answer(body: dict[str, Any]) -> JSONResponse:
 router = APIRouter()
 
 
-@router.post(JOBS_PATH, status_code=202, response_model=ImageJob)
+@router.post(
+    JOBS_PATH,
+    status_code=202,
+    response_model=ImageJob,
+    openapi_extra={"requestBody": SUBMISSION_BODY},
+)
 async def create_job(request: Request, jobs: Jobs) -> JSONResponse:
     submission = await _submission(request, jobs)
     job = await jobs.submit(submission)

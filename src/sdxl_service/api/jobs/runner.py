@@ -29,11 +29,11 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from ...settings import Settings
-from ..errors import APIError, validation_error
+from ..errors import APIError, invalid_value, validation_error
 from ..files import FileStore
-from ..schemas import ImageEditRequest, ImageGenerationRequest, ImageRequest, ImageVariationRequest
+from ..request_kinds import KINDS
 from ..serving import ImagesServing
-from .records import JobKind, JobRecord, JobStatus, WebhookState
+from .records import JobRecord, JobStatus, WebhookState
 from .retry import RetryPolicy, Verdict
 from .store import JobStore
 from .webhooks import WebhookDelivery, WebhookEvent
@@ -51,12 +51,6 @@ POLL_S = 1.0
 # Expired jobs (and their files) are deleted this often.
 PURGE_INTERVAL_S = 60.0
 _FILE_ID = re.compile(r"/images/files/([A-Za-z0-9_-]{43})$")
-
-REQUEST_MODELS: dict[JobKind, type[ImageRequest]] = {
-    JobKind.GENERATION: ImageGenerationRequest,
-    JobKind.EDIT: ImageEditRequest,
-    JobKind.VARIATION: ImageVariationRequest,
-}
 
 
 def result_file_ids(job: JobRecord) -> list[str]:
@@ -213,8 +207,11 @@ class JobRunner:
             steps[0] = max(steps[0], min(step, job.steps))
 
         try:
-            request = REQUEST_MODELS[job.kind].model_validate(job.request)
-            resolved = await self.images.resolve(request, job.image, job.mask)
+            kind = KINDS.get(job.kind)
+            if kind is None:  # written by a newer version of the service
+                raise invalid_value("kind", f"This server runs no jobs of kind '{job.kind}'.")
+            request = kind.request.model_validate(job.request)
+            resolved = await self.images.resolve(request, job.image, job.mask, kind)
             response = await self.images.render(resolved, job.base_url, self.files, on_step)
         except ValidationError as exc:
             error = validation_error(RequestValidationError(exc.errors()))

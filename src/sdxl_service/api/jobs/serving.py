@@ -18,19 +18,15 @@ from typing import Any
 from ...contract.render_request import GenerationOutcome, RenderParams
 from ...settings import Settings
 from ..errors import APIError, excerpt, invalid_value, outcome_error
+from ..request_kinds import KINDS
 from ..schemas import ImageRequest
 from ..serving import ImagesServing
-from .records import JobKind, JobRecord, JobStatus, WebhookState, new_job_id, owner_of
+from .records import JobRecord, JobStatus, WebhookState, new_job_id, owner_of
 from .runner import JobRunner, result_file_ids
 from .store import JobStore
+from .submissions import JOB_FIELDS
 from .webhooks import WebhookHosts, WebhookRefused
 
-# Fields of a submission that are the job's, not the render's.
-JOB_FIELDS = ("kind", "webhook_url", "metadata")
-# OpenAI's bounds on `metadata` (batches, vector stores, ...).
-MAX_METADATA_PAIRS = 16
-MAX_METADATA_KEY_CHARS = 64
-MAX_METADATA_VALUE_CHARS = 512
 DEFAULT_PAGE = 20
 MAX_PAGE = 100
 
@@ -49,7 +45,7 @@ def progress_steps(params: RenderParams) -> int:
 
 @dataclass(frozen=True, kw_only=True)
 class JobSubmission:
-    kind: JobKind
+    kind: str  # a kind of request_kinds.KINDS
     request: ImageRequest
     image: bytes | None = None
     mask: bytes | None = None
@@ -93,7 +89,8 @@ class JobsServing:
             )
         if submission.webhook_url is not None:
             await self._check_webhook(submission.webhook_url)
-        resolved = await self.images.resolve(req, submission.image, submission.mask)
+        kind = KINDS[submission.kind]
+        resolved = await self.images.resolve(req, submission.image, submission.mask, kind)
         n = len(resolved.job.seeds)
         if self.admission is not None:
             waiting = await asyncio.to_thread(self.store.queued_images)

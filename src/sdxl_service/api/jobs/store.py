@@ -23,7 +23,6 @@ from .database import Database, Row
 from .migrations import migrate
 from .records import (
     FINISHED,
-    JobKind,
     JobRecord,
     JobStatus,
     WebhookState,
@@ -62,7 +61,7 @@ class JobStore:
             (
                 job.id,
                 job.owner,
-                job.kind.value,
+                job.kind,
                 job.status.value,
                 job.created_at,
                 job.images,
@@ -328,7 +327,7 @@ def _record(row: Row) -> JobRecord:
     return JobRecord(
         id=row["id"],
         owner=row["owner"],
-        kind=JobKind(row["kind"]),
+        kind=str(row["kind"]),
         status=JobStatus(row["status"]),
         created_at=float(row["created_at"]),
         started_at=row["started_at"],

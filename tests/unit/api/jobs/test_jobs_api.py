@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -275,6 +276,51 @@ def test_an_edit_job_is_multipart_with_a_kind(service: Service) -> None:
     assert ended["status"] == "succeeded"
     assert ended["result"]["data"][0]["seed"] == 5
     assert service.painter.jobs[-1].init_image is not None
+
+
+def test_an_upscale_is_a_job_kind_too(service: Service) -> None:
+    fields = {"kind": "upscale", "scale": "2", "seed": "3", "num_inference_steps": "4"}
+    response = service.client.post(
+        "/images/jobs", data=fields, files={"image": part(noise(40, 32))}
+    )
+    assert response.status_code == 202, response.text
+    assert response.json()["kind"] == "upscale"
+    ended = service.ended(response.json()["id"])
+    assert ended["status"] == "succeeded", ended
+    image = decode(ended["result"]["data"][0]["b64_json"])
+    assert image.size == (80, 64)
+    rendered = service.painter.jobs[-1]
+    assert rendered.init_image is not None and rendered.params.num_inference_steps == 4
+    # As its synchronous endpoint: no mask, no size.
+    refused = service.client.post(
+        "/images/jobs", data={**fields, "size": "64x64"}, files={"image": part(noise(40, 32))}
+    )
+    assert_error(refused, 400, "size")
+
+
+def test_the_submission_is_documented_per_kind(service: Service) -> None:
+    schema = service.client.get("/openapi.json").json()
+    body = schema["paths"]["/images/jobs"]["post"]["requestBody"]["content"]
+    components = schema["components"]["schemas"]
+
+    def model(ref: dict[str, str]) -> dict:
+        return components[ref["$ref"].rpartition("/")[2]]
+
+    generation = model(body["application/json"]["schema"])
+    assert {"prompt", "num_inference_steps", "hires", "kind", "webhook_url", "metadata"} <= set(
+        generation["properties"]
+    )
+    forms = {
+        model(ref)["title"]: model(ref) for ref in body["multipart/form-data"]["schema"]["oneOf"]
+    }
+    assert set(forms) == {"EditJobSubmission", "VariationJobSubmission", "UpscaleJobSubmission"}
+    for form in forms.values():
+        assert {"kind", "image", "metadata"} <= set(form["required"]) | set(form["properties"])
+        assert form["properties"]["image"]["format"] == "binary"
+    assert "scale" in forms["UpscaleJobSubmission"]["properties"]
+    # Every reference in the document resolves.
+    for ref in re.findall(r'"\$ref": "#/components/schemas/([^"]+)"', json.dumps(schema)):
+        assert ref in components, ref
 
 
 def test_bad_submissions_are_openai_errors_naming_the_parameter(service: Service) -> None:
