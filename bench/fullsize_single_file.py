@@ -17,6 +17,9 @@ original-layout checkpoint, loaded by the service's loader and by stock diffuser
 4. Memory as the fullsize bench reads it: peak RSS (VmHWM, the file's mapped pages included)
    when the load returns, and the peak of the process's own memory (RssAnon, sampled every
    50 ms) while it loads; pixels compared.
+5. The render worker's whole start, `Engine.load` with this file as SDXL_BASE_MODEL and the
+   bench's refiner folder (fp16 files) as SDXL_REFINER_MODEL, memory alone: the base, then
+   the refiner's UNet beside it, then the engine's optimisations.
 
 `python -m bench.fullsize --single-file-only` runs this case alone (a few minutes);
 `make bench-fullsize` runs it after the others.
@@ -45,7 +48,7 @@ from tests.service_process import REPO
 
 RESULTS = REPO / "bench" / "results" / "single-file-cpu.json"
 FILE_NAME = "sd_xl_base.safetensors"
-SIDES = ("service", "stock")
+SIDES = ("service", "stock", "worker")
 # Load peaks are short (a module's tensors cast, then the file's pages dropped): sampled often.
 SAMPLE_EVERY = 0.05
 GIB = 1024**3
@@ -235,6 +238,51 @@ def load_child(
     out.write_text(json.dumps(record, indent=2) + "\n")
 
 
+def worker_child(path: Path, *, refiner: Path, cache_dir: Path, dtype_name: str, out: Path) -> None:
+    """The render worker's start (Engine.load, as `bentoml serve` runs it) with the single-file
+    base and the refiner folder: its memory, no render."""
+    os.environ.update(
+        SDXL_PRESET="sdxl",
+        SDXL_BASE_MODEL=str(path),
+        SDXL_REFINER_MODEL=str(refiner),
+        SDXL_DEVICE="cpu",
+        SDXL_DTYPE=dtype_name,
+        SDXL_VARIANT="fp16",
+        SDXL_CACHE_DIR=str(cache_dir),
+        HF_HUB_OFFLINE="1",
+    )
+    import torch
+
+    from bench.fullsize import AnonPeaks, memory_gib
+    from sdxl_service.engine import Engine
+    from sdxl_service.engine.config import EngineConfig
+    from sdxl_service.settings import load_settings
+
+    torch.set_grad_enabled(False)
+    config = EngineConfig.of(load_settings())
+    pid = os.getpid()
+    imported = memory_gib(pid)
+    with AnonPeaks(lambda: {"worker": pid}, every=SAMPLE_EVERY) as anon:
+        started = time.perf_counter()
+        engine = Engine.load(config)
+        load_s = time.perf_counter() - started
+    loaded = memory_gib(pid)
+    record = {
+        "load_s": round(load_s, 1),
+        "dtypes": sorted(
+            {str(p.dtype).removeprefix("torch.") for p in engine.base.unet.parameters()}
+        ),
+        "memory_gib": {
+            "imported_anon": imported["anon_now"],
+            "load_peak": loaded["peak"],
+            "load_peak_anon": anon.rounded()["worker"],
+            "loaded_anon": loaded["anon_now"],
+            "loaded_file": loaded["file_now"],
+        },
+    }
+    out.write_text(json.dumps(record, indent=2) + "\n")
+
+
 def stock_config(config: Path, workdir: Path) -> Path:
     """The service's configs folder for stock diffusers: the same configs, byte for byte, with
     each tokenizer's vocab.json and merges.txt where the package keeps them gzipped."""
@@ -262,14 +310,18 @@ def run_side(
     size: int,
     steps: int,
     dtype: str,
+    refiner: Path | None = None,
 ) -> dict[str, Any]:
     from bench.fullsize import read_through
 
     out = workdir / f"single-file-{side}.json"
     page_cache_s = read_through(path.parent)
+    if refiner is not None:
+        page_cache_s += read_through(refiner)
     child = ["--side", side, "--file", str(path), "--out", str(out), "--size", str(size)]
     child += ["--steps", str(steps), "--dtype", dtype, "--cache-dir", str(workdir / "cache")]
     child += ["--config", config] if config else []
+    child += ["--refiner", str(refiner)] if refiner else []
     run_module("bench.fullsize_single_file", child, what=f"the {side}'s load", timeout=3600)
     record: dict[str, Any] = json.loads(out.read_text())
     record["page_cache_s"] = page_cache_s
@@ -279,7 +331,8 @@ def run_side(
 def run_single_file(
     models: Path, workdir: Path, *, size: int, steps: int, dtype: str, smoke: bool
 ) -> dict[str, Any]:
-    """Both loads one after the other (the service first) and what they compare to."""
+    """The loads one after the other (the service, stock diffusers, the render worker) and
+    what they compare to."""
     written = ensure_single_file(models)
     path = Path(written["path"])
     workdir.mkdir(parents=True, exist_ok=True)
@@ -287,6 +340,16 @@ def run_single_file(
     config = stock_config(Path(service["config"]), workdir)
     stock = run_side(
         "stock", path, workdir, config=str(config), size=size, steps=steps, dtype=dtype
+    )
+    worker = run_side(
+        "worker",
+        path,
+        workdir,
+        config=None,
+        size=size,
+        steps=steps,
+        dtype=dtype,
+        refiner=models / "refiner",
     )
     ours, theirs = (
         np.asarray(Image.open(side["png"]).convert("RGB")).astype(int) for side in (service, stock)
@@ -305,6 +368,7 @@ def run_single_file(
         "file_gib": round(path.stat().st_size / GIB, 2),
         "service": service,
         "stock": stock,
+        "worker": worker,
         "comparison": {
             "load_peak_ratio": round(s["load_peak"] / k["load_peak"], 3),
             "load_peak_anon_ratio": round(s["load_peak_anon"] / k["load_peak_anon"], 3),
@@ -318,6 +382,8 @@ def run_single_file(
 def markdown(record: dict[str, Any]) -> str:
     s, k = record["service"], record["stock"]
     sm, km, c = s["memory_gib"], k["memory_gib"], record["comparison"]
+    w = record["worker"]
+    wm = w["memory_gib"]
     lines = [
         f"Measured {record['date']} on {record['machine']} (`python -m bench.fullsize "
         f"--single-file-only`, commit {record['commit']}): the fullsize bench's random base "
@@ -341,6 +407,11 @@ def markdown(record: dict[str, Any]) -> str:
         f"| load seconds | {s['load_s']} | {k['load_s']} | {c['load_s_ratio']} |",
         "",
         f"Pixels of the two renders: max difference {c['pixel_max']}, mean {c['pixel_mean']}.",
+        "",
+        "The render worker's whole start (`Engine.load`: this file as SDXL_BASE_MODEL, the "
+        "bench's refiner folder, its fp16 files, as SDXL_REFINER_MODEL; no render), "
+        f"{w['load_s']} s: peak RSS (VmHWM) {wm['load_peak']} GiB, peak own memory (RssAnon) "
+        f"{wm['load_peak_anon']} GiB, {wm['loaded_anon']} GiB held once loaded.",
     ]
     return "\n".join(lines)
 
@@ -352,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--side", choices=SIDES, default=None)
     parser.add_argument("--file", type=Path, default=None)
     parser.add_argument("--config", type=Path, default=None)
+    parser.add_argument("--refiner", type=Path, default=None)
     parser.add_argument("--cache-dir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--size", type=int, default=256)
@@ -360,6 +432,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.write:
         write_child(args.models, args.write)
+    elif args.side == "worker":
+        worker_child(
+            args.file,
+            refiner=args.refiner,
+            cache_dir=args.cache_dir,
+            dtype_name=args.dtype,
+            out=args.out,
+        )
     elif args.side:
         load_child(
             args.side,

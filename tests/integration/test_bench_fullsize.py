@@ -79,6 +79,11 @@ def test_the_single_file_case_runs_alone_on_the_tiny_configs(tmp_path: Path) -> 
         assert memory["load_peak_anon"] <= memory["peak_anon"] + 0.01
         assert memory["load_peak_anon"] <= memory["load_peak"] + 0.02 <= memory["peak"] + 0.04
         assert seen["load_s"] > 0 and seen["render_s"] > 0 and len(seen["pixels_sha256"]) == 16
+    # The render worker's whole start, the refiner folder beside the file's base.
+    worker = record["worker"]["memory_gib"]
+    assert record["worker"]["dtypes"] == ["float32"] and record["worker"]["load_s"] > 0
+    assert 0 < worker["loaded_anon"] <= worker["load_peak_anon"] + 0.01
+    assert worker["load_peak_anon"] <= worker["load_peak"] + 0.02
     comparison = record["comparison"]
     assert comparison["load_peak_ratio"] > 0 and comparison["load_peak_anon_ratio"] > 0
     # Stock's pixels are compared, not asserted: on the tiny configs its OpenCLIP text encoder
