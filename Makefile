@@ -68,7 +68,9 @@ bench-previews: install
 # SDXL at its published size through the service on this CPU (bf16, 256x256, 5 steps),
 # beside stock diffusers on the same folders: builds ~11 GiB of random weights once
 # (~/.cache/sdxl-service/bench-fullsize), ~20 min, under 20 GiB; docs/PERFORMANCE.md,
-# "Full size on the CPU".
+# "Full size on the CPU". Then the single-file case (the base as one original-layout file,
+# written once beside it, 6.5 GiB): the service's load beside stock from_single_file,
+# "Single-file load"; alone: `.venv/bin/python -m bench.fullsize --single-file-only`.
 bench-fullsize: install
 	$(BIN)/python -m bench.fullsize
 

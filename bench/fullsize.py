@@ -12,6 +12,10 @@ side by side with stock diffusers on the same folders and seeds (issue 19).
    and seeds in a child process of its own, timed the same way.
 4. Writes bench/results/fullsize-cpu.json and the "Full size on the CPU" table of
    docs/PERFORMANCE.md.
+5. The single-file case (bench/fullsize_single_file.py): the base as one original-layout
+   checkpoint, loaded by the service's loader and by stock `from_single_file`;
+   bench/results/single-file-cpu.json and the "Single-file load" table. Alone:
+   `--single-file-only`.
 
 `--smoke` does all of it on the tiny preset's configurations in float32 (seconds): the
 test suite runs that (tests/integration/test_bench_fullsize.py).
@@ -475,6 +479,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default=None, help="bfloat16 (default), float32 with --smoke")
     parser.add_argument("--smoke", action="store_true", help="the tiny configurations")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--single-file-only", action="store_true", help="the single-file load case alone"
+    )
     parser.add_argument("--stock-child", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -489,7 +496,11 @@ def main(argv: list[str] | None = None) -> int:
     args.workdir.mkdir(parents=True, exist_ok=True)
     print(f"models in {models}", flush=True)
     build = build_models(models, smoke=args.smoke)
-    print(f"built: {build}; serving", flush=True)
+    print(f"built: {build}", flush=True)
+    if args.single_file_only:
+        single_file(models, args, dtype)
+        return 0
+    print("serving", flush=True)
     service = run_service(models, args.workdir / "service", args.size, args.steps, dtype)
     print(f"service ready in {service['ready_s']} s; stock diffusers", flush=True)
     stock = run_stock(models, args.workdir, args.size, args.steps, dtype)
@@ -514,7 +525,37 @@ def main(argv: list[str] | None = None) -> int:
     print(text, flush=True)
     if not args.smoke:
         write_doc(text)
+    single_file(models, args, dtype)
     return 0
+
+
+def single_file(models: Path, args: argparse.Namespace, dtype: str) -> dict[str, Any]:
+    """The single-file case: its record beside the others' (`--out`'s name, -single-file)."""
+    from bench.fullsize_single_file import RESULTS as SINGLE_FILE_RESULTS
+    from bench.fullsize_single_file import markdown as single_file_markdown
+    from bench.fullsize_single_file import run_single_file
+
+    print("single-file load: the service, then stock diffusers", flush=True)
+    record = run_single_file(
+        models,
+        args.workdir / "single-file",
+        size=args.size,
+        steps=args.steps,
+        dtype=dtype,
+        smoke=args.smoke,
+    )
+    if args.out is not None:
+        out = args.out.with_name(f"{args.out.stem}-single-file.json")
+    else:
+        out = args.workdir / "single-file-smoke.json" if args.smoke else SINGLE_FILE_RESULTS
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    text = single_file_markdown(record)
+    print(text, flush=True)
+    if not args.smoke:
+        from bench.performance_doc import write_section
+
+        write_section("single-file-bench", "Single-file load", text)
+    return record
 
 
 if __name__ == "__main__":

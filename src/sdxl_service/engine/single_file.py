@@ -9,6 +9,8 @@ local folder and `local_files_only=True`. Only `.safetensors` files are read; a 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,26 @@ def config_folder(architecture: str, kind: Kind, cache_dir: Path) -> Path:
     return base if kind == "base" else refiner
 
 
+class _NoneKeptInFloat32(logging.Filter):
+    """diffusers 0.42's `ModelMixin.to(dtype)` warns of "modules ... that should be kept in
+    float32: []" for a model that declares none; from_single_file calls it on each UNet and
+    VAE it loads, whose tensors are in that dtype already (a cast that changes nothing)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "should be kept in float32: []" not in record.getMessage()
+
+
+@contextmanager
+def _quiet_dtype_casts() -> Iterator[None]:
+    diffusers_models = logging.getLogger("diffusers.models.modeling_utils")
+    quiet = _NoneKeptInFloat32()
+    diffusers_models.addFilter(quiet)
+    try:
+        yield
+    finally:
+        diffusers_models.removeFilter(quiet)
+
+
 def _missing_tensors(module: Any) -> list[str]:
     # diffusers builds the modules on the meta device and fills in what the file has: a
     # tensor the file lacks stays meta (and would fail at the first render, not here).
@@ -58,10 +80,11 @@ def _missing_tensors(module: Any) -> list[str]:
 
 
 def _complete_in(dtype: torch.dtype, modules: dict[str, Any], named: str) -> None:
-    """Each loaded module cast to `dtype` once it is known to hold every weight.
+    """Each loaded module known to hold every weight, then in `dtype`.
 
-    diffusers is given no dtype: its own cast of a module with a missing weight fails with
-    "Cannot copy out of meta tensor", which says nothing of the file.
+    diffusers was given the dtype and cast each tensor as it read it (one copy of a module
+    in memory, never the file's dtype and the one asked side by side); the cast here only
+    catches what it leaves in another dtype (a module it keeps in float32 for float16).
     """
     for component, module in modules.items():
         if isinstance(module, torch.nn.Module):
@@ -74,7 +97,7 @@ def _complete_in(dtype: torch.dtype, modules: dict[str, Any], named: str) -> Non
             cast_module(module, dtype)
 
 
-def _open_clip_of_base(path: Path, config: Path) -> Any:
+def _open_clip_of_base(path: Path, config: Path, dtype: torch.dtype) -> Any:
     """The base's OpenCLIP bigG text encoder (conditioner.embedders.1).
 
     diffusers tells CLIP ViT-L from OpenCLIP bigG by width alone and takes embedders.0 for
@@ -93,6 +116,7 @@ def _open_clip_of_base(path: Path, config: Path) -> Any:
         weights,
         subfolder="text_encoder_2",
         config=str(config),
+        torch_dtype=dtype,
         local_files_only=True,
     )
 
@@ -133,17 +157,21 @@ def load_single_file_pipeline(
     }
     shared = dict(components)
     try:
-        if kind == "base" and "text_encoder_2" not in components:
-            components["text_encoder_2"] = _open_clip_of_base(path, config)
-        pipeline = pipeline_class.from_single_file(
-            str(path),
-            config=str(config),
-            local_files_only=True,
-            # As for folders (loading._from_pretrained): images are decoded by the engine.
-            add_watermarker=False,
-            **tokenizers,
-            **components,
-        )
+        with _quiet_dtype_casts():
+            if kind == "base" and "text_encoder_2" not in components:
+                components["text_encoder_2"] = _open_clip_of_base(path, config, dtype)
+            pipeline = pipeline_class.from_single_file(
+                str(path),
+                config=str(config),
+                # Each tensor cast as it is read: no module is ever whole in the file's dtype
+                # (or float32, diffusers' default) beside its copy in `dtype`.
+                dtype=dtype,
+                local_files_only=True,
+                # As for folders (loading._from_pretrained): images are decoded by the engine.
+                add_watermarker=False,
+                **tokenizers,
+                **components,
+            )
     except NotImplementedError as error:
         # accelerate's dispatch moves a UNet or VAE with a weight still on the meta device.
         raise CheckpointError(f"{named} lacks weights of its UNet or VAE: {INCOMPLETE}") from error
@@ -174,9 +202,10 @@ def load_single_file_vae(path: Path, *, cache_dir: Path, dtype: torch.dtype) -> 
         architecture,
     )
     try:
-        vae = AutoencoderKL.from_single_file(
-            str(path), config=str(config), subfolder="vae", local_files_only=True
-        )
+        with _quiet_dtype_casts():
+            vae = AutoencoderKL.from_single_file(
+                str(path), config=str(config), subfolder="vae", dtype=dtype, local_files_only=True
+            )
     except NotImplementedError as error:
         raise CheckpointError(f"{named} lacks weights of the VAE: {INCOMPLETE}") from error
     except (SingleFileComponentError, ValueError, OSError, RuntimeError, KeyError) as error:

@@ -145,6 +145,43 @@ def test_single_files_load_in_the_dtype_asked(
         assert module.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_each_module_is_read_in_the_dtype_asked_never_whole_in_another(
+    single_files: tuple[Path, Path],
+    tiny_cache_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    dtype: torch.dtype,
+) -> None:
+    """diffusers is given the dtype and casts each tensor as it reads it: no module of a file
+    (float32 here) is built in its own dtype, or diffusers' float32, and cast after (two
+    copies side by side: issue 25's start-up peak); the loader's own cast has nothing left."""
+    from sdxl_service.engine import single_file
+    from sdxl_service.engine.loading import load_base_pipeline, load_vae
+
+    seen: list[set[torch.dtype]] = []
+    cast = single_file.cast_module
+
+    def spy(module: torch.nn.Module, to: torch.dtype) -> torch.nn.Module:
+        seen.append({p.dtype for p in module.parameters()})
+        return cast(module, to)
+
+    monkeypatch.setattr(single_file, "cast_module", spy)
+    cache = tiny_cache_dir
+    with caplog.at_level("WARNING"):
+        base = load_base_pipeline(str(single_files[0]), dtype=dtype, variant=None, cache_dir=cache)
+        vae_file = save_checkpoint(
+            vae_to_original(base.vae.state_dict(), dict(base.vae.config)),
+            tmp_path / "vae.safetensors",
+        )
+        load_vae(str(vae_file), dtype=dtype, variant=None, cache_dir=cache)
+    # unet, vae, text_encoder and text_encoder_2 of the base, then the VAE file.
+    assert seen == [{dtype}] * 5
+    # diffusers' warning of float32 modules on its no-op cast of a model that keeps none.
+    assert "kept in float32" not in caplog.text
+
+
 def test_the_layout_is_read_from_the_tensors_not_the_name(
     single_files: tuple[Path, Path], tmp_path: Path
 ) -> None:
