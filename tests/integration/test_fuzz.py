@@ -101,8 +101,10 @@ def _schema(document: dict[str, Any], **generation: Any) -> schemathesis.BaseSch
 
 
 def _cheap(case: schemathesis.Case) -> None:
-    """Cuts an accepted generation body down to MAX_FUZZ_STEPS steps (see above)."""
-    if case.operation.path != "/images/generations" or not isinstance(case.body, dict):
+    """Cuts an accepted generation body (or an image job's) down to MAX_FUZZ_STEPS steps."""
+    if case.operation.path not in ("/images/generations", "/images/jobs"):
+        return
+    if not isinstance(case.body, dict):
         return
     try:
         request = ImageGenerationRequest.model_validate(case.body)
@@ -150,8 +152,9 @@ def errors_use_the_openai_envelope(
 CHECKS = [not_a_server_error, no_traceback, errors_use_the_openai_envelope]
 
 # Every operation, valid and invalid inputs, coverage and fuzzing phases. The
-# multipart bodies of /images/edits and /images/variations are read by hand
-# (forms.py) and not in the document, so those two get bodiless requests only.
+# multipart bodies of /images/edits, /images/variations and /images/upscale are read by
+# hand (forms.py) and not in the document, so those get bodiless requests only;
+# /images/jobs documents its JSON and multipart submissions (jobs/submissions.py).
 schema = _schema(_fuzzed_document(), max_examples=MAX_EXAMPLES)
 # Valid bodies only, and no coverage phase: each of these renders.
 renderable = _schema(
