@@ -22,10 +22,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, create_model
+from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, create_model
 from pydantic.fields import FieldInfo
 
-from .choices import RefinerMode, SchedulerName
+from .choices import RefinerMode, SchedulerName, ScheduleType, schedule_type_of, scheduler_of
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,15 @@ class GenerationParams(BaseModel):
     # Where the refiner takes over in the ensemble: the base denoises [0, frac).
     high_noise_frac: Annotated[float, Field(gt=0.0, lt=1.0), Declared()] = 0.8
     refiner: Annotated[RefinerMode, Declared()] = RefinerMode.ENSEMBLE
-    scheduler: Annotated[SchedulerName, Declared()] = SchedulerName.EULER
+    # Also by AUTOMATIC1111's sampler names ("DPM++ 2M SDE", "Euler a", "DPM++ 2M Karras").
+    scheduler: Annotated[SchedulerName, BeforeValidator(scheduler_of), Declared()] = (
+        SchedulerName.EULER
+    )
+    # AUTOMATIC1111's "Schedule type" (or its labels: "Karras", "SGM Uniform"); automatic: the
+    # scheduler's own. The infotext writes it beside the sampler, in A1111's form.
+    schedule_type: Annotated[ScheduleType, BeforeValidator(schedule_type_of), Declared()] = (
+        ScheduleType.AUTOMATIC
+    )
     # AUTOMATIC1111's "Clip skip": 1 takes SDXL's own (penultimate) text encoder layer, 2 the
     # one before it (diffusers' clip_skip=1).
     clip_skip: Annotated[int, Field(ge=1, le=2), Declared(infotext="Clip skip")] = 1

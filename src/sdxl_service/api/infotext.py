@@ -25,25 +25,23 @@ from pathlib import PurePath
 
 from PIL import Image
 
-from ..choices import HiresUpscaler, RefinerMode, RenderKind, SchedulerName
+from ..choices import SAMPLERS as SAMPLER_TABLE
+from ..choices import (
+    HiresUpscaler,
+    RefinerMode,
+    RenderKind,
+    SchedulerName,
+    ScheduleType,
+    sampler_names,
+)
 from ..contract.render_request import RenderRequest
 from ..generation_params import infotext_fields
 
 PNG_KEY = "parameters"
 # AUTOMATIC1111's names of its upscalers.
 HIRES_UPSCALERS = {HiresUpscaler.LATENT: "Latent", HiresUpscaler.LANCZOS: "Lanczos"}
-# A1111's sampler names, and its "Schedule type" where the schedule is not the sampler's own.
-SAMPLERS = {
-    SchedulerName.EULER: ("Euler", None),
-    SchedulerName.EULER_A: ("Euler a", None),
-    SchedulerName.DPMPP_2M: ("DPM++ 2M", None),
-    SchedulerName.DPMPP_2M_KARRAS: ("DPM++ 2M", "Karras"),
-    SchedulerName.DDIM: ("DDIM", None),
-    SchedulerName.UNIPC: ("UniPC", None),
-    SchedulerName.EULER_TRAILING: ("Euler", "SGM Uniform"),
-    SchedulerName.LCM: ("LCM", None),
-    SchedulerName.TCD: ("TCD", None),
-}
+# A1111's sampler names and schedule types: the table the request's `scheduler` reads too.
+SAMPLERS = SAMPLER_TABLE
 _EXIF_IFD = 0x8769
 _USER_COMMENT = 0x9286
 
@@ -89,7 +87,9 @@ def infotext(
 ) -> str:
     """The infotext of one image of `job` (its own seed, the answered size)."""
     params = job.params
-    sampler, schedule = SAMPLERS.get(SchedulerName(params.scheduler), (str(params.scheduler), None))
+    sampler, schedule = sampler_names(
+        SchedulerName(params.scheduler), ScheduleType(params.schedule_type)
+    )
     fields: dict[str, object] = {"Steps": params.num_inference_steps, "Sampler": sampler}
     if schedule:
         fields["Schedule type"] = schedule

@@ -19,7 +19,7 @@ from typing import Any
 
 from PIL import Image
 
-from ..choices import RenderKind
+from ..choices import SCHEDULE_TYPES, RenderKind, SchedulerName, ScheduleType
 from ..contract.render_request import HiresParams, LoraWeight, RenderParams, RenderRequest
 from ..generation_params import given, server_defaults
 from ..generation_params import resolve as resolve_params
@@ -193,6 +193,20 @@ def model_choice(
     return ModelChoice(name=name, lora=lora, entry=entry)
 
 
+def _check_schedule_type(scheduler: SchedulerName, schedule_type: ScheduleType) -> None:
+    """A schedule type the scheduler has (automatic: its own, always)."""
+    kinds = SCHEDULE_TYPES[scheduler]
+    if schedule_type is ScheduleType.AUTOMATIC or schedule_type in kinds:
+        return
+    takes = ", ".join(sorted(kinds)) or "none but its own"
+    raise invalid_value(
+        "schedule_type",
+        f"The scheduler {scheduler.value} has no {schedule_type.value} schedule; it takes "
+        f"automatic and {takes}.",
+        code="unsupported_value",
+    )
+
+
 def _unknown_model(model: str) -> APIError:
     return APIError(
         404,
@@ -274,6 +288,7 @@ def resolve(
     #    sidecar, the server's settings.
     lora_defaults = [folder[name].defaults.given() for name in dict.fromkeys(n for n, _ in asked)]
     sampling = resolve_params(_asked(req), *lora_defaults, choice.defaults, server_defaults(s))
+    _check_schedule_type(sampling["scheduler"], sampling["schedule_type"])
     steps = sampling["num_inference_steps"]
     seed = req.seed if req.seed is not None else secrets.randbelow(2**32)
     strength = 1.0 if plan.strength is None else plan.strength

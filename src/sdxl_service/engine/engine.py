@@ -375,6 +375,7 @@ class Engine:
                 params.scheduler,
                 self._base_scheduler_config,
                 strength=params.strength,
+                schedule_type=params.schedule_type,
             )
             base_runs = base_steps > 0
         return DenoisePlan(
@@ -470,7 +471,9 @@ class Engine:
         if plan.base_runs:
             self._check_stop(batch)
             with self._stage("base"):
-                plan.base.scheduler = make_scheduler(params.scheduler, self._base_scheduler_config)
+                plan.base.scheduler = make_scheduler(
+                    params.scheduler, self._base_scheduler_config, params.schedule_type
+                )
                 if previews is not None:
                     previews.attach(plan.base.scheduler)
                 embeddings = prompt_embeddings(
@@ -492,7 +495,7 @@ class Engine:
         self._check_stop(batch)
         with self._stage("refiner"), self.loras.refiner_scope():
             plan.refiner.scheduler = make_scheduler(
-                params.scheduler, self._refiner_scheduler_config
+                params.scheduler, self._refiner_scheduler_config, params.schedule_type
             )
             if previews is not None:
                 previews.attach(plan.refiner.scheduler)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ..choices import RefinerMode
+from ..choices import RefinerMode, ScheduleType
 from ..contract.render_request import RenderParams
 from .schedulers import make_scheduler
 
@@ -23,21 +23,27 @@ def ensemble_split(
     scheduler_config: Mapping[str, Any],
     *,
     strength: float = 1.0,
+    schedule_type: str = ScheduleType.AUTOMATIC,
 ) -> tuple[int, int]:
     """(base, refiner) denoising steps of an ensemble render handing over at `high_noise_frac`.
 
     An edit (`strength` < 1) runs the last int(steps * strength) steps of the
     schedule (diffusers' img2img `get_timesteps`); the base takes those at or
     above the `denoising_end` cut-off, the refiner the rest. A base count of 0
-    means the refiner makes the edit alone.
+    means the refiner makes the edit alone. Counts are UNet calls: a second-order
+    scheduler (Heun, DPM2) makes two a step, and diffusers' refiner then starts on the
+    second of a pair the cut-off splits (its img2img `get_timesteps`).
     """
-    schedule = make_scheduler(scheduler, scheduler_config)
+    schedule = make_scheduler(scheduler, scheduler_config, schedule_type)
     schedule.set_timesteps(steps)
     skipped = steps - min(int(steps * strength), steps)
     train_steps = schedule.config.num_train_timesteps
     cutoff = round(train_steps - high_noise_frac * train_steps)
     timesteps = schedule.timesteps[skipped * schedule.order :]
-    return int((timesteps >= cutoff).sum()), int((timesteps < cutoff).sum())
+    base, refiner = int((timesteps >= cutoff).sum()), int((timesteps < cutoff).sum())
+    if schedule.order == 2 and refiner % 2 == 0 and refiner < len(timesteps):
+        refiner += 1
+    return base, refiner
 
 
 def sequential_strength(steps: int, high_noise_frac: float) -> float:

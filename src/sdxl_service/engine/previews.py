@@ -29,6 +29,7 @@ from .handover import ensemble_split, refiner_handover
 from .latents import LatentCodec
 from .loading import load_preview_model
 from .render_batch import RenderBatch
+from .schedulers import make_scheduler
 
 MAX_PREVIEWS = 3
 
@@ -215,7 +216,8 @@ class PreviewDecoders:
 def total_steps(
     params: RenderParams, *, base_runs: bool, scheduler_config: Mapping[str, Any]
 ) -> int:
-    """The denoising steps a render runs, base and refiner together (diffusers' counts)."""
+    """The denoising steps a render runs, base and refiner together: diffusers' counts of
+    UNet calls (of `callback_on_step_end`)."""
     if RefinerMode(params.refiner) is RefinerMode.ENSEMBLE:
         split = ensemble_split(
             params.num_inference_steps,
@@ -223,11 +225,16 @@ def total_steps(
             params.scheduler,
             scheduler_config,
             strength=params.strength,
+            schedule_type=params.schedule_type,
         )
         return sum(split)
 
+    # A second-order scheduler (Heun, DPM2) calls the UNet twice a step but once on the first.
+    order: int = make_scheduler(params.scheduler, scheduler_config, params.schedule_type).order
+
     def img2img_steps(strength: float) -> int:  # diffusers' get_timesteps
-        return min(int(params.num_inference_steps * strength), params.num_inference_steps)
+        steps = min(int(params.num_inference_steps * strength), params.num_inference_steps)
+        return max(steps * order - (order - 1), 0)
 
     handover = refiner_handover(params, base_runs=base_runs)
     refiner = 0 if handover is None else img2img_steps(handover["strength"])

@@ -211,3 +211,66 @@ def test_lora_hashes_are_the_files_sha256_as_a1111_shortens_it(tmp_path) -> None
     assert catalog.short_hash(entry) == hashlib.sha256(data + b"!").hexdigest()[:12]
     entry.path.unlink()
     assert catalog.short_hash(entry) is None
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "schedule_type", "sampler", "schedule"),
+    [
+        ("dpmpp_2m_sde_karras", None, "DPM++ 2M SDE", "Karras"),
+        ("dpmpp_sde", None, "DPM++ SDE", None),
+        ("dpmpp_3m_sde", "exponential", "DPM++ 3M SDE", "Exponential"),
+        ("euler_a_karras", None, "Euler a", "Karras"),
+        ("dpm2_a", "sgm_uniform", "DPM2 a", "SGM Uniform"),
+        ("DPM++ 2M SDE", "Karras", "DPM++ 2M SDE", "Karras"),
+        ("heun", None, "Heun", None),
+    ],
+)
+def test_a_pngs_sampler_and_schedule_type_read_back_into_the_same_render(
+    tmp_path, scheduler: str, schedule_type: str | None, sampler: str, schedule: str | None
+) -> None:
+    """A1111's names in the infotext; given back as `scheduler` and `schedule_type`, they make
+    a render of the same scheduler and schedule, and the same infotext."""
+    client, painter = served(tmp_path)
+    body = {"prompt": "a red fox", "size": "64x64", "seed": 4, "scheduler": scheduler}
+    if schedule_type is not None:
+        body["schedule_type"] = schedule_type
+    first = client.post("/images/generations", json=body)
+    assert first.status_code == 200, first.text
+    with Image.open(io.BytesIO(base64.b64decode(first.json()["data"][0]["b64_json"]))) as image:
+        text = image.text["parameters"]
+    read = a1111_parse(text)
+    assert read["Sampler"] == sampler
+    assert read.get("Schedule type") == schedule
+    again = {"prompt": read["Prompt"], "size": read["Size"], "seed": int(read["Seed"])}
+    again["scheduler"] = read["Sampler"]
+    if "Schedule type" in read:
+        again["schedule_type"] = read["Schedule type"]
+    second = client.post("/images/generations", json=again)
+    assert second.status_code == 200, second.text
+    with Image.open(io.BytesIO(base64.b64decode(second.json()["data"][0]["b64_json"]))) as image:
+        assert image.text["parameters"] == text
+    # The same diffusers class and options: the same pixels (tests/unit/engine/test_engine.py).
+    from sdxl_service.engine.schedulers import SCHEDULERS, scheduler_options
+
+    made = [(job.params.scheduler, job.params.schedule_type) for job in painter.jobs]
+    assert len({SCHEDULERS[name].class_name for name, _ in made}) == 1
+    assert scheduler_options(*made[0]) == scheduler_options(*made[1])
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"scheduler": "DPM++ 9M"}, "scheduler"),
+        ({"schedule_type": "Polyexponential"}, "schedule_type"),
+        ({"scheduler": "lcm", "schedule_type": "karras"}, "schedule_type"),
+        ({"scheduler": "DDIM", "schedule_type": "Exponential"}, "schedule_type"),
+    ],
+)
+def test_a_bad_sampler_or_schedule_type_is_a_400_naming_it(
+    tmp_path, body: dict[str, str], param: str
+) -> None:
+    client, painter = served(tmp_path)
+    answer = client.post("/images/generations", json={"prompt": "a fox", **body})
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["param"] == param
+    assert painter.jobs == []

@@ -32,7 +32,15 @@ def test_extensions_parse() -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("size", "big"), ("n", 0), ("seed", -3), ("scheduler", "nope"), ("quality", "best")],
+    [
+        ("size", "big"),
+        ("n", 0),
+        ("seed", -3),
+        ("scheduler", "nope"),
+        ("scheduler", "DPM++ 9M"),
+        ("schedule_type", "Polyexponential"),
+        ("quality", "best"),
+    ],
 )
 def test_bad_values_name_the_field(field: str, value: object) -> None:
     with pytest.raises(ValidationError) as info:

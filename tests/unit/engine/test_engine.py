@@ -21,6 +21,7 @@ from sdxl_service.engine.devices import (
     resolve_preset,
     resolve_vae_dtype,
 )
+from sdxl_service.engine.handover import ensemble_split
 from sdxl_service.engine.loading import load_pipelines
 from sdxl_service.engine.render_batch import ImageTask, OutOfMemory, RenderBatch, RenderCancelled
 from sdxl_service.engine.schedulers import SCHEDULERS, make_scheduler
@@ -158,7 +159,9 @@ def test_different_seeds_give_different_images(tiny_engine: Engine) -> None:
     assert np.abs(pixels(one) - pixels(other)).mean() > 1.0
 
 
-@pytest.mark.parametrize("scheduler", ["euler", "euler_a"])
+@pytest.mark.parametrize(
+    "scheduler", ["euler", "euler_a", "dpmpp_2m_sde_karras", "euler_a_karras", "dpm2_a"]
+)
 def test_image_in_a_batch_equals_the_same_seed_rendered_alone(
     tiny_engine: Engine, scheduler: str
 ) -> None:
@@ -281,7 +284,12 @@ def test_each_scheduler_splits_the_steps_between_base_and_refiner(
         )
     assert len(images) == 2
     assert calls["base"] > 0 and calls["refiner"] > 0
-    assert calls["base"] + calls["refiner"] == 10
+    # Each step once; Heun and DPM2 call the UNet twice a step (the first once), and
+    # diffusers' refiner repeats the base's last call where the cut-off splits a step.
+    split = ensemble_split(10, 0.8, scheduler, tiny_engine._base_scheduler_config)
+    assert (calls["base"], calls["refiner"]) == split
+    second_order = scheduler in ("heun", "dpm2", "dpm2_a")
+    assert sum(split) in ((19, 20) if second_order else (10,))
     assert pixels(images[0]).std() > 0
 
 
@@ -758,3 +766,76 @@ def test_clip_skip_2_is_diffusers_clip_skip_1_in_both_pipelines(tiny_engine: Eng
         stock = tiny_engine.latent_codec.decode(latents)
     assert np.abs(pixels(ours[0]) - pixels(stock[0])).max() <= 1
     assert np.abs(pixels(ours[0]) - pixels(default[0])).max() > 10
+
+
+# AUTOMATIC1111's samplers as diffusers' scheduler overview maps them: the stock class and options.
+A1111_STOCK = {
+    "dpmpp_2m_sde_karras": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
+    ),
+    "dpmpp_3m_sde": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "sde-dpmsolver++", "solver_order": 3},
+    ),
+    "dpmpp_sde_karras": ("DPMSolverSinglestepScheduler", {"use_karras_sigmas": True}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "dpm2_a": ("KDPM2AncestralDiscreteScheduler", {}),
+}
+
+
+@pytest.mark.parametrize("scheduler", sorted(A1111_STOCK))
+def test_automatic1111s_samplers_match_stock_diffusers(tiny_engine: Engine, scheduler: str) -> None:
+    """The ensemble, both stages on the stock scheduler built as diffusers' docs say."""
+    import diffusers
+
+    class_name, options = A1111_STOCK[scheduler]
+    scheduler_class = getattr(diffusers, class_name)
+    ours = tiny_engine.render(
+        RenderBatch(params=params(num_inference_steps=8, scheduler=scheduler), tasks=tasks(5, 6))
+    )
+    common = {
+        "prompt": ["a red fox in the snow"] * 2,
+        "num_inference_steps": 8,
+        "guidance_scale": 5.0,
+        "generator": [torch.Generator("cpu").manual_seed(seed) for seed in (5, 6)],
+        "output_type": "latent",
+    }
+    base, refiner = tiny_engine.base, tiny_engine.refiner
+    with torch.inference_mode():
+        base.scheduler = scheduler_class.from_config(tiny_engine._base_scheduler_config, **options)
+        latents = base(**common, width=64, height=64, denoising_end=0.8).images
+        refiner.scheduler = scheduler_class.from_config(
+            tiny_engine._refiner_scheduler_config, **options
+        )
+        latents = refiner(**common, image=latents, denoising_start=0.8).images
+        stock = tiny_engine.latent_codec.decode(latents)
+    for mine, theirs in zip(ours, stock, strict=True):
+        assert np.abs(pixels(mine) - pixels(theirs)).max() <= 1
+
+
+@pytest.mark.parametrize("scheduler", ["dpmpp_2m_sde", "dpmpp_3m_sde", "euler_a_karras"])
+def test_a_stochastic_sampler_reproduces_with_the_seed(tiny_engine: Engine, scheduler: str) -> None:
+    render = params(scheduler=scheduler)
+    first = tiny_engine.render(RenderBatch(params=render, tasks=tasks(42)))[0]
+    again = tiny_engine.render(RenderBatch(params=render, tasks=tasks(42)))[0]
+    other = tiny_engine.render(RenderBatch(params=render, tasks=tasks(43)))[0]
+    assert np.array_equal(pixels(first), pixels(again))
+    assert np.abs(pixels(first) - pixels(other)).mean() > 1.0
+
+
+@pytest.mark.parametrize(
+    ("named", "sampler", "schedule_type"),
+    [("dpmpp_2m_sde_karras", "dpmpp_2m_sde", "karras"), ("euler_a_karras", "euler_a", "karras")],
+)
+def test_a_sampler_and_schedule_type_render_the_scheduler_that_names_both(
+    tiny_engine: Engine, named: str, sampler: str, schedule_type: str
+) -> None:
+    """What the infotext writes (Sampler, Schedule type) renders the image it was written for."""
+    one = tiny_engine.render(RenderBatch(params=params(scheduler=named), tasks=tasks(3)))[0]
+    split = params(scheduler=sampler, schedule_type=schedule_type)
+    other = tiny_engine.render(RenderBatch(params=split, tasks=tasks(3)))[0]
+    assert np.array_equal(pixels(one), pixels(other))
+    plain = tiny_engine.render(RenderBatch(params=params(scheduler=sampler), tasks=tasks(3)))[0]
+    assert not np.array_equal(pixels(one), pixels(plain))

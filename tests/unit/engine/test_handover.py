@@ -17,12 +17,31 @@ def test_30_steps_at_0_8_split_23_base_and_7_refiner() -> None:
     assert ensemble_split(30, 0.8, SchedulerName.EULER, scheduler_config()) == (23, 7)
 
 
+SECOND_ORDER = {SchedulerName.HEUN, SchedulerName.DPM2, SchedulerName.DPM2_A}
+
+
 @pytest.mark.parametrize("scheduler", list(SchedulerName))
 def test_every_step_goes_to_one_of_the_two(scheduler: SchedulerName) -> None:
     for steps in (10, 25, 30):
         base, refiner = ensemble_split(steps, 0.8, scheduler, scheduler_config())
         assert base > 0 and refiner > 0
-        assert base + refiner == steps
+        if scheduler in SECOND_ORDER:
+            # UNet calls: two a step but the first; diffusers' refiner repeats the base's
+            # last call where the cut-off falls between the two of a step.
+            assert base + refiner in (2 * steps - 1, 2 * steps)
+            assert refiner % 2 == 1
+        else:
+            assert base + refiner == steps
+
+
+@pytest.mark.parametrize("schedule_type", ["karras", "exponential", "sgm_uniform"])
+def test_the_split_follows_the_schedule_type(schedule_type: str) -> None:
+    plain = ensemble_split(10, 0.8, SchedulerName.DPMPP_2M, scheduler_config())
+    scheduled = ensemble_split(
+        10, 0.8, SchedulerName.DPMPP_2M, scheduler_config(), schedule_type=schedule_type
+    )
+    assert sum(scheduled) == 10
+    assert scheduled != plain or schedule_type == "sgm_uniform"
 
 
 @pytest.mark.parametrize(

@@ -245,6 +245,11 @@ def test_no_previews_asked_attaches_nothing(
         (RefinerMode.NONE, "ddim", RenderKind.TEXT_TO_IMAGE),
         (RefinerMode.ENSEMBLE, "euler_a", RenderKind.IMAGE_TO_IMAGE),
         (RefinerMode.SEQUENTIAL, "euler", RenderKind.IMAGE_TO_IMAGE),
+        # Second order: two UNet calls a step, counted as diffusers calls back.
+        (RefinerMode.ENSEMBLE, "heun", RenderKind.TEXT_TO_IMAGE),
+        (RefinerMode.SEQUENTIAL, "dpm2_a", RenderKind.TEXT_TO_IMAGE),
+        (RefinerMode.ENSEMBLE, "dpm2", RenderKind.IMAGE_TO_IMAGE),
+        (RefinerMode.NONE, "dpmpp_2m_sde_karras", RenderKind.TEXT_TO_IMAGE),
     ],
 )
 def test_previews_are_spread_over_the_steps_base_and_refiner_run(
