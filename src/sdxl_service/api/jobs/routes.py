@@ -38,7 +38,8 @@ _FORM_KINDS: dict[str, tuple[type[ImageRequest], bool]] = {
 }
 
 
-def _jobs(request: Request) -> JobsServing:
+async def _jobs(request: Request) -> JobsServing:
+    # async, as app.py's _serving: not a thread hand-off per request.
     get_jobs = getattr(request.app.state, "get_jobs", None)
     jobs = get_jobs() if get_jobs is not None else None
     if jobs is None:
