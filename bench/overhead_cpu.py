@@ -68,7 +68,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def engine_render() -> tuple[Callable[[], Any], dict[str, Any]]:
     """The tiny engine in this process, rendering what the service renders for REQUEST."""
-    from sdxl_service.api.request_rules import resolve_generation
+    from sdxl_service.api.request_kinds import GENERATION
     from sdxl_service.api.schemas import ImageGenerationRequest
     from sdxl_service.choices import Preset
     from sdxl_service.engine import Engine
@@ -80,8 +80,8 @@ def engine_render() -> tuple[Callable[[], Any], dict[str, Any]]:
     settings = Settings(preset=Preset.TINY, cache_dir=CACHE_DIR)
     engine = Engine.load(EngineConfig.of(settings))
     request = ImageGenerationRequest.model_validate(REQUEST)
-    resolved = resolve_generation(
-        request, settings, engine.native_resolution, LoraCatalog(settings.lora_folder)
+    resolved = GENERATION.resolve(
+        request, None, settings, engine.native_resolution, LoraCatalog(settings.lora_folder)
     )
     job = resolved.job
     batch = RenderBatch(params=job.params, tasks=image_tasks(job))

@@ -22,7 +22,9 @@ from .serving import Answer, EventStream, ImagesServing
 _ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 
-def _serving(request: Request) -> ImagesServing:
+async def _serving(request: Request) -> ImagesServing:
+    # async: FastAPI runs a plain-def dependency in its thread pool, two thread hand-offs
+    # per request for an attribute lookup (make bench-overhead).
     return request.app.state.get_serving()  # type: ignore[no-any-return]
 
 

@@ -31,7 +31,8 @@ JOBS_PATH = "/images/jobs"
 SUBMISSION_BODY, SUBMISSION_SCHEMAS = openapi_request_body()
 
 
-def _jobs(request: Request) -> JobsServing:
+async def _jobs(request: Request) -> JobsServing:
+    # async, as app.py's _serving: not a thread hand-off per request.
     get_jobs = getattr(request.app.state, "get_jobs", None)
     jobs = get_jobs() if get_jobs is not None else None
     if jobs is None:
