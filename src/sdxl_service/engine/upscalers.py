@@ -50,11 +50,12 @@ class UpscalerInfo:
         return {"architecture": self.architecture, "scale": self.scale, "purpose": self.purpose}
 
 
-def _stub_torchvision(exc: Exception) -> None:
+def _stub_torchvision(exc: Exception) -> list[str]:
     """spandrel imports torchvision for two models that are no upscalers (LaMa inpainting,
-    RestoreFormer faces). Where the installed torchvision cannot load beside this torch (its
-    CUDA build beside the CPU torch of the dev and CI machines), those two get a stand-in
-    that refuses to run, and every upscaler still loads."""
+    RestoreFormer faces). Where torchvision is missing or cannot load beside this torch (its
+    CUDA build beside the CPU torch of the dev and CI machines: `make install` removes it
+    there), those two get a stand-in that refuses to run, and every upscaler still loads.
+    The names put in sys.modules, to take out once spandrel has imported."""
     logger.warning("torchvision does not load (%s); spandrel's LaMa and RestoreFormer are off", exc)
     for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
         del sys.modules[name]
@@ -73,13 +74,13 @@ def _stub_torchvision(exc: Exception) -> None:
     transforms.__dict__.update(functional=functional)
     package = types.ModuleType("torchvision")
     package.__dict__.update(transforms=transforms)
-    sys.modules.update(
-        {
-            "torchvision": package,
-            "torchvision.transforms": transforms,
-            "torchvision.transforms.functional": functional,
-        }
-    )
+    stand_ins = {
+        "torchvision": package,
+        "torchvision.transforms": transforms,
+        "torchvision.transforms.functional": functional,
+    }
+    sys.modules.update(stand_ins)
+    return list(stand_ins)
 
 
 _import_lock = threading.Lock()
@@ -88,13 +89,19 @@ _import_lock = threading.Lock()
 def spandrel_module() -> Any:
     """spandrel, imported on first use (it imports every architecture it knows)."""
     with _import_lock:
+        stand_ins: list[str] = []
         if "spandrel" not in sys.modules:
             try:
                 import torchvision  # noqa: F401
             except Exception as exc:
-                _stub_torchvision(exc)
-        import spandrel
-
+                stand_ins = _stub_torchvision(exc)
+        try:
+            import spandrel
+        finally:
+            # spandrel holds what it took from them; nobody else may take them for torchvision
+            # (transformers asks whether it is installed).
+            for name in stand_ins:
+                sys.modules.pop(name, None)
         return spandrel
 
 
