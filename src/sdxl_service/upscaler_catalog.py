@@ -9,6 +9,7 @@ used), which GET /v1/models shows. The folder is read again whenever it changes.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from .lora_catalog import NAME_PATTERN
 # `.pth` is a pickle: spandrel reads it with its restricted unpickler, never plain torch.load.
 # `.pt` and `.ckpt` are left out (spandrel tries TorchScript on `.pt`, which runs code).
 UPSCALER_FORMATS = {".safetensors": "safetensors", ".pth": "pth"}
+_NAME = re.compile(NAME_PATTERN)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,8 +43,6 @@ class UpscalerCatalog(FolderCatalog[UpscalerFile]):
     both `<name>.safetensors` and `<name>.pth`, the safetensors file."""
 
     def _candidates(self) -> dict[str, Path]:
-        import re
-
         found: dict[str, Path] = {}
         if self.folder is None or not self.folder.is_dir():
             return found
@@ -51,7 +51,7 @@ class UpscalerCatalog(FolderCatalog[UpscalerFile]):
             if suffix not in UPSCALER_FORMATS or not path.is_file():
                 continue
             name = path.stem
-            if not re.match(NAME_PATTERN, name) or is_builtin(name):
+            if not _NAME.match(name) or is_builtin(name):
                 continue
             if name in found and found[name].suffix.lower() == ".safetensors":
                 continue
