@@ -12,6 +12,10 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	# spandrel's torchvision from PyPI is a CUDA build: beside the CPU torch of the dev and CI
+	# machines it cannot load, and transformers then fails to import. Removed where it does
+	# not load; spandrel's upscalers need none of it (engine/upscalers.py).
+	$(BIN)/python -c 'import torchvision' 2>/dev/null || $(BIN)/pip uninstall --quiet -y torchvision
 	touch $@
 
 # The legacy openai 0.28 client (the Prem registry's example) cannot live beside

@@ -6,6 +6,7 @@ the render process, so `bentoml build` and the HTTP process stay light.
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from collections.abc import AsyncGenerator
 from pathlib import Path
@@ -92,6 +93,11 @@ class RenderService:
     @bentoml.api
     async def describe(self) -> dict[str, Any]:
         return self.host.describe()
+
+    @bentoml.api
+    async def describe_upscalers(self) -> dict[str, Any]:
+        """{"upscalers": by name, or None while loading}: spandrel reads the files, off the loop."""
+        return {"upscalers": await asyncio.to_thread(self.host.describe_upscalers)}
 
 
 # BentoML's own CORS middleware, for browser clients on other origins.

@@ -103,6 +103,14 @@ class Settings(_SettingsBase):
     # room for a batch; two more would not.
     model_cache: int = Field(1, ge=1, le=16)
 
+    # --- upscaler models ------------------------------------------------------
+    # ESRGAN-family upscalers (`.safetensors`, or `.pth` read with spandrel's restricted
+    # unpickler), named by file name; `hires.upscaler` and the upscale endpoint's `upscaler`
+    # pick one. Read again when the folder changes: no restart needed.
+    upscaler_dir: Path | None = None
+    # Input pixels per side of one tile through an upscaler model (halved on out of memory).
+    upscaler_tile: int = Field(512, ge=64, le=4096)
+
     # --- LoRA adapters --------------------------------------------------------
     # `<name>.safetensors` or `<name>/pytorch_lora_weights.safetensors`; default
     # <SDXL_CACHE_DIR>/loras. Read at every request: new files need no restart.

@@ -25,6 +25,7 @@ SHARED = {
     "sdxl_service.generation_params",
     "sdxl_service.lora_catalog",
     "sdxl_service.model_catalog",
+    "sdxl_service.upscaler_catalog",
 }
 # What each part may import, besides itself and the shared modules.
 MAY_IMPORT = {

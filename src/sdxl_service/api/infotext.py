@@ -110,7 +110,10 @@ def infotext(
         fields["Denoising strength"] = params.hires.denoising_strength
         fields["Hires upscale"] = params.hires.scale
         fields["Hires steps"] = params.hires.steps
-        fields["Hires upscaler"] = HIRES_UPSCALERS[params.hires.upscaler]
+        # An upscaler model by its name, as AUTOMATIC1111 writes its models'.
+        fields["Hires upscaler"] = (
+            params.hires.upscaler_model or HIRES_UPSCALERS[params.hires.upscaler]
+        )
     if params.refiner is not RefinerMode.NONE:
         fields["Refiner"] = model_name(provenance.refiner_model)
         fields["Refiner switch at"] = params.high_noise_frac

@@ -64,6 +64,8 @@ class RenderClient(Protocol):
 
     async def describe(self) -> dict[str, Any]: ...
 
+    async def describe_upscalers(self) -> dict[str, Any] | None: ...
+
 
 class _WorkerLost(Exception):
     """The stream broke after a worker had taken the job: the worker died."""
@@ -271,6 +273,18 @@ class BentoRenderClient:
             if _is_connection_error(exc):
                 return {"loaded": False, "error": None}
             raise
+
+    async def describe_upscalers(self) -> dict[str, Any] | None:
+        """The render worker's description of each upscaler model (architecture and scale, or
+        its problem); None while no worker has loaded."""
+        try:
+            answer = dict(await self._handle.to_async.describe_upscalers())
+        except Exception as exc:
+            if _is_connection_error(exc):
+                return None
+            raise
+        upscalers = answer.get("upscalers")
+        return None if upscalers is None else dict(upscalers)
 
     async def close(self) -> None:
         if self._http is not None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from ..lora_catalog import LoraCatalog
 from ..model_catalog import ModelCatalog
 from ..settings import Settings
+from ..upscaler_catalog import UpscalerCatalog
 from .request_rules import (
     RenderPlan,
     ResolvedRequest,
@@ -54,9 +55,12 @@ class RequestKind:
         native_resolution: int,
         loras: LoraCatalog | None = None,
         models: ModelCatalog | None = None,
+        upscalers: UpscalerCatalog | None = None,
     ) -> ResolvedRequest:
         """What `req` (and an edit's decoded `source`) renders; CPU work for an edit."""
-        return resolve(self.plan, req, source, settings, native_resolution, loras, models)
+        return resolve(
+            self.plan, req, source, settings, native_resolution, loras, models, upscalers
+        )
 
 
 GENERATION = RequestKind(

@@ -19,13 +19,20 @@ from typing import Any
 
 from PIL import Image
 
-from ..choices import SCHEDULE_TYPES, RenderKind, SchedulerName, ScheduleType
-from ..contract.render_request import HiresParams, LoraWeight, RenderParams, RenderRequest
+from ..choices import SCHEDULE_TYPES, HiresUpscaler, RenderKind, SchedulerName, ScheduleType
+from ..contract.render_request import (
+    HiresParams,
+    LoraWeight,
+    RenderParams,
+    RenderRequest,
+    UpscaleParams,
+)
 from ..generation_params import given, server_defaults
 from ..generation_params import resolve as resolve_params
 from ..lora_catalog import LoraCatalog, LoraFile
 from ..model_catalog import ModelCatalog, ModelEntry
 from ..settings import SERVICE_ID, Settings
+from ..upscaler_catalog import UpscalerCatalog
 from .encoding import resize_to
 from .errors import APIError, excerpt, invalid_value
 from .infotext import Provenance
@@ -90,6 +97,8 @@ class RenderPlan:
     sizes: tuple[tuple[int, int], ...] = ()
     sizes_of: str = ""  # what comes in those sizes, for the error
     hires: HiresRequest | None = None
+    # An upscaler model the picture goes through first (the upscale endpoint's `upscaler`).
+    upscaler: str | None = None
 
 
 def plan_generation(req: ImageRequest, source: EditSource | None, settings: Settings) -> RenderPlan:
@@ -130,6 +139,12 @@ def plan_upscale(req: ImageRequest, source: EditSource | None, settings: Setting
             raise invalid_value(param, "An upscale is the image's size times scale; give scale.")
     if source.mask is not None:
         raise invalid_value("mask", "Upscales take no mask.")
+    if req.denoising_strength == 0 and req.upscaler is None:
+        raise invalid_value(
+            "denoising_strength",
+            "denoising_strength 0 upscales without a denoising pass, which needs an upscaler "
+            "model; name one in upscaler or raise denoising_strength.",
+        )
     width, height = (max(8, round(side * req.scale / 8) * 8) for side in source.image.size)
     limits = SizeLimits(settings.min_side, settings.max_side, settings.max_pixels)
     try:
@@ -143,6 +158,7 @@ def plan_upscale(req: ImageRequest, source: EditSource | None, settings: Setting
         strength=req.denoising_strength,
         strength_param="denoising_strength",
         size=(width, height),
+        upscaler=req.upscaler,
     )
 
 
@@ -233,6 +249,7 @@ def resolve(
     native_resolution: int,
     catalog: LoraCatalog | None = None,
     models: ModelCatalog | None = None,
+    upscalers: UpscalerCatalog | None = None,
 ) -> ResolvedRequest:
     """A request of the kind `plan_of` plans (request_kinds.py) -> what it renders and how it
     is answered. An edit's `source` is resized here, which takes CPU time: call it off the
@@ -292,7 +309,16 @@ def resolve(
     steps = sampling["num_inference_steps"]
     seed = req.seed if req.seed is not None else secrets.randbelow(2**32)
     strength = 1.0 if plan.strength is None else plan.strength
-    if source is not None and int(steps * strength) < 1:
+    upscale = None
+    if plan.upscaler is not None:
+        assert source is not None
+        upscaler = _upscaler_model(plan.upscaler, "upscaler", upscalers)
+        upscale = UpscaleParams(
+            upscaler=upscaler,
+            source_width=source.image.width,
+            source_height=source.image.height,
+        )
+    if source is not None and int(steps * strength) < 1 and not (upscale and strength == 0):
         # diffusers runs the last int(steps * strength) steps of the schedule.
         param = plan.strength_param
         raise invalid_value(
@@ -310,15 +336,24 @@ def resolve(
         kind=kind,
         strength=strength,
         loras=loras,
-        hires=None if plan.hires is None else _hires(plan.hires, render_w, render_h, steps, s),
+        hires=(
+            None
+            if plan.hires is None
+            else _hires(plan.hires, render_w, render_h, steps, s, upscalers)
+        ),
         model=choice.name,
+        upscale=upscale,
     )
 
     # 4. Edits: the picture at the render size; inpainting keeps it and the mask
     #    at the answered size for compositing.
     pictures: dict[str, Any] = {}
     kept_picture = repaint = None
-    if source is not None:
+    if upscale is not None:
+        # At its own size: the upscaler model takes it in the render worker.
+        assert source is not None
+        pictures["init_image"] = source.image.convert("RGB").tobytes()
+    elif source is not None:
         pictures["init_image"] = resize_to(source.image, render_w, render_h).tobytes()
         if source.mask is not None:
             pictures["mask"] = _resize_mask(source.mask, render_w, render_h).tobytes()
@@ -350,7 +385,28 @@ def resolve(
     )
 
 
-def _hires(hires: HiresRequest, width: int, height: int, steps: int, s: Settings) -> HiresParams:
+def _upscaler_model(name: str, param: str, upscalers: UpscalerCatalog | None) -> str:
+    """An upscaler model of SDXL_UPSCALER_DIR by name; 400 naming `param` for any other name.
+    Whether spandrel knows the file is the render worker's to say (serving.py asks it)."""
+    if upscalers is None or upscalers.find(name) is None:
+        builtin = " latent, lanczos and" if param == "hires.upscaler" else ""
+        raise invalid_value(
+            param,
+            f"There is no upscaler '{excerpt(name)}'; this server has{builtin} the upscaler "
+            "models GET /v1/models lists (owned_by upscaler_dir).",
+            code="upscaler_not_found",
+        )
+    return name
+
+
+def _hires(
+    hires: HiresRequest,
+    width: int,
+    height: int,
+    steps: int,
+    s: Settings,
+    upscalers: UpscalerCatalog | None = None,
+) -> HiresParams:
     """The hires fix's first pass: the render size divided by `scale`, to multiples of 8,
     within SDXL_MIN_SIDE; the final size is the render size, already within the limits."""
 
@@ -372,13 +428,20 @@ def _hires(hires: HiresRequest, width: int, height: int, steps: int, s: Settings
             f"hires denoising_strength {hires.denoising_strength} of {hires_steps} steps runs "
             "no denoising step; raise it or hires.steps.",
         )
+    if hires.upscaler in HiresUpscaler._value2member_map_:
+        upscaler, upscaler_model = HiresUpscaler(hires.upscaler), None
+    else:
+        # A model's picture is taken to the size with Lanczos: the Lanczos path in pixels.
+        upscaler = HiresUpscaler.LANCZOS
+        upscaler_model = _upscaler_model(hires.upscaler, "hires.upscaler", upscalers)
     return HiresParams(
         first_width=first_width,
         first_height=first_height,
         scale=hires.scale,
         steps=hires_steps,
         denoising_strength=hires.denoising_strength,
-        upscaler=hires.upscaler,
+        upscaler=upscaler,
+        upscaler_model=upscaler_model,
     )
 
 

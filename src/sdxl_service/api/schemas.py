@@ -121,7 +121,8 @@ class HiresRequest(BaseModel):
     # The second pass's schedule; None: the request's steps (A1111's "Hires steps" 0).
     steps: int | None = Field(default=None, ge=1, le=150)
     denoising_strength: float = Field(default=0.7, gt=0.0, le=1.0)
-    upscaler: HiresUpscaler = HiresUpscaler.LATENT
+    # latent, lanczos (HiresUpscaler), or an upscaler model of SDXL_UPSCALER_DIR by name.
+    upscaler: str = Field(default=HiresUpscaler.LATENT.value, min_length=1, max_length=128)
 
 
 class ImageGenerationRequest(ImageRequest):
@@ -153,8 +154,12 @@ class ImageUpscaleRequest(ImageRequest):
 
     prompt: str = Field(default="", max_length=MAX_TEXT_CHARS)
     scale: float = Field(default=2.0, ge=1.0, le=4.0)
-    # Low by default: an upscale keeps the picture and adds detail.
-    denoising_strength: float = Field(default=0.3, gt=0.0, le=1.0)
+    # Low by default: an upscale keeps the picture and adds detail. 0 (with `upscaler` only):
+    # the upscaler model's picture alone, no denoising pass.
+    denoising_strength: float = Field(default=0.3, ge=0.0, le=1.0)
+    # An upscaler model of SDXL_UPSCALER_DIR the picture goes through first (its own scale,
+    # then Lanczos to `scale`); None: Lanczos alone. Not `model`: that picks the checkpoint.
+    upscaler: str | None = Field(default=None, min_length=1, max_length=128)
 
 
 class ImageData(BaseModel):
@@ -182,6 +187,8 @@ class ModelCard(BaseModel):
     warning: str | None = None
     details: dict[str, Any] = {}
     lora: dict[str, Any] | None = None  # a LoRA's card: name, format, components
+    # An upscaler model's card: name, format, and (from the render worker) architecture, scale.
+    upscaler: dict[str, Any] | None = None
 
 
 class ModelList(BaseModel):

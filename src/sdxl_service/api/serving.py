@@ -31,6 +31,7 @@ from ..lora_catalog import LoraCatalog
 from ..metrics import ServiceMetrics
 from ..model_catalog import ModelCatalog
 from ..settings import SERVICE_ID, Settings
+from ..upscaler_catalog import UpscalerCatalog
 from .errors import APIError, client_closed, invalid_value, missing_parameter, outcome_error
 from .files import FileStore
 from .render_client import RenderClient
@@ -76,6 +77,7 @@ class ImagesServing:
         self.metrics = metrics
         self.loras = LoraCatalog(settings.lora_folder)
         self.models = ModelCatalog(settings.models_dir)
+        self.upscalers = UpscalerCatalog(settings.upscaler_dir)
         self._model_info: dict[str, Any] | None = None
         self._started = int(time.time())
 
@@ -120,7 +122,46 @@ class ImagesServing:
             )
             for name, entry in sorted(entries.items())
         ]
-        return ModelList(data=[card, *model_cards, *lora_cards])
+        return ModelList(data=[card, *model_cards, *lora_cards, *await self._upscaler_cards()])
+
+    async def _upscaler_cards(self) -> list[ModelCard]:
+        """Each upscaler model of SDXL_UPSCALER_DIR: its file from here (no torch), its
+        architecture and scale from the render worker (spandrel), or its problem."""
+        files = await run_in_threadpool(self.upscalers.snapshot)
+        if not files:
+            return []
+        described = await self.renderer.describe_upscalers() or {}
+        cards = []
+        for name, entry in sorted(files.items()):
+            card = {**entry.describe(), **described.get(name, {})}
+            problem = card.pop("problem", None)
+            cards.append(
+                ModelCard(
+                    id=name,
+                    created=self._started,
+                    owned_by="upscaler_dir",
+                    warning=None if problem is None else str(problem),
+                    upscaler=card,
+                )
+            )
+        return cards
+
+    async def _check_upscaler(self, resolved: ResolvedRequest) -> None:
+        """400 naming the parameter when the upscaler model a request names is a file the
+        render worker cannot use (spandrel does not know it); the render would fail anyway."""
+        params = resolved.job.params
+        if params.hires is not None and params.hires.upscaler_model is not None:
+            name, param = params.hires.upscaler_model, "hires.upscaler"
+        elif params.upscale is not None:
+            name, param = params.upscale.upscaler, "upscaler"
+        else:
+            return
+        described = await self.renderer.describe_upscalers() or {}
+        problem = described.get(name, {}).get("problem")
+        if problem is not None:
+            raise invalid_value(
+                param, f"The upscaler '{name}' cannot be used: {problem}.", code="invalid_upscaler"
+            )
 
     async def _native_resolution(self) -> int:
         """The model's native resolution once loaded; 503 while loading or after a failed load."""
@@ -169,14 +210,26 @@ class ImagesServing:
         kind = kind or kind_of(req)
         if not kind.multipart:
             native = await self._native_resolution()
-            return kind.resolve(req, None, self.settings, native, self.loras, self.models)
-        if image is None:
-            raise missing_parameter("image")
-        source = await _decoded(image, mask if kind.takes_mask else None)
-        native = await self._native_resolution()
-        return await run_in_threadpool(
-            kind.resolve, req, source, self.settings, native, self.loras, self.models
-        )
+            resolved = kind.resolve(
+                req, None, self.settings, native, self.loras, self.models, self.upscalers
+            )
+        else:
+            if image is None:
+                raise missing_parameter("image")
+            source = await _decoded(image, mask if kind.takes_mask else None)
+            native = await self._native_resolution()
+            resolved = await run_in_threadpool(
+                kind.resolve,
+                req,
+                source,
+                self.settings,
+                native,
+                self.loras,
+                self.models,
+                self.upscalers,
+            )
+        await self._check_upscaler(resolved)
+        return resolved
 
     async def render(
         self,

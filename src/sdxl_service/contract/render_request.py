@@ -33,6 +33,8 @@ class OutcomeStatus(StrEnum):
     INVALID_LORA = "invalid_lora"
     # The model of SDXL_MODELS_DIR the request picked could not be loaded.
     INVALID_MODEL = "invalid_model"
+    # The upscaler model of SDXL_UPSCALER_DIR the request picked could not be loaded.
+    INVALID_UPSCALER = "invalid_upscaler"
     ERROR = "error"
 
 
@@ -59,6 +61,21 @@ class HiresParams(BaseModel):
     steps: int = Field(ge=1)
     denoising_strength: float = Field(gt=0.0, le=1.0)
     upscaler: HiresUpscaler
+    # A model of SDXL_UPSCALER_DIR by name: the decoded first pass through it, then Lanczos to
+    # the render size (upscaler is then LANCZOS); None: `upscaler` alone.
+    upscaler_model: str | None = None
+
+
+class UpscaleParams(BaseModel):
+    """An upscale through a model of SDXL_UPSCALER_DIR: the init image comes at the source's
+    size, goes through the model (its own scale), then Lanczos to the render size; the
+    denoising pass follows unless the strength is 0."""
+
+    model_config = ConfigDict(frozen=True)
+
+    upscaler: str
+    source_width: int = Field(ge=1)
+    source_height: int = Field(ge=1)
 
 
 class RenderParams(GenerationParams):
@@ -68,8 +85,9 @@ class RenderParams(GenerationParams):
     width: int  # render resolution, multiples of 8
     height: int
     kind: RenderKind = RenderKind.TEXT_TO_IMAGE
-    # Share of the schedule an edit re-noises and denoises (1.0 for text-to-image).
-    strength: float = Field(default=1.0, gt=0.0, le=1.0)
+    # Share of the schedule an edit re-noises and denoises (1.0 for text-to-image); 0 only
+    # with `upscale`: the upscaler model's picture alone, no denoising pass.
+    strength: float = Field(default=1.0, ge=0.0, le=1.0)
     # Sorted by name: the same set is the same batch key, whatever the order asked.
     loras: tuple[LoraWeight, ...] = ()
     # Text-to-image only: render smaller first, upscale, denoise again (None: one pass).
@@ -77,12 +95,26 @@ class RenderParams(GenerationParams):
     # A model of SDXL_MODELS_DIR by name; None: the default base (SDXL_BASE_MODEL). Part of
     # the batch key, so requests batch per model.
     model: str | None = None
+    # Image-to-image only: the init image through an upscaler model first (None: it comes
+    # at the render size already).
+    upscale: UpscaleParams | None = None
 
     @model_validator(mode="after")
     def _hires_is_for_text_to_image(self) -> Self:
         if self.hires is not None and self.kind is not RenderKind.TEXT_TO_IMAGE:
             raise ValueError(f"the hires fix is for text-to-image renders, not {self.kind}")
+        if self.upscale is not None and self.kind is not RenderKind.IMAGE_TO_IMAGE:
+            raise ValueError(f"an upscaler model is for image-to-image renders, not {self.kind}")
+        if self.strength == 0 and self.upscale is None:
+            raise ValueError("strength 0 renders nothing without an upscaler model")
         return self
+
+    @property
+    def init_size(self) -> tuple[int, int]:
+        """The size the init image comes at: the source's when an upscaler model takes it."""
+        if self.upscale is not None:
+            return self.upscale.source_width, self.upscale.source_height
+        return self.width, self.height
 
 
 class RenderRequest(BaseModel):
@@ -112,7 +144,7 @@ class RenderRequest(BaseModel):
         kind = self.params.kind
         wants_image = kind is not RenderKind.TEXT_TO_IMAGE
         wants_mask = kind is RenderKind.INPAINT
-        width, height = self.params.width, self.params.height
+        width, height = self.params.init_size
         if wants_image != (self.init_image is not None) or wants_mask != (self.mask is not None):
             raise ValueError(f"a {kind} job takes init_image={wants_image}, mask={wants_mask}")
         if self.init_image is not None and len(self.init_image) != 3 * width * height:

@@ -36,6 +36,9 @@ class EngineConfig(BaseModel):
     # SDXL_MODELS_DIR (None: no models besides the default) and how many stay loaded.
     models_dir: Path | None = None
     model_cache: int = 1
+    # SDXL_UPSCALER_DIR (None: no upscaler models) and the input tile through one.
+    upscaler_dir: Path | None = None
+    upscaler_tile: int = 512
     attention: Attention
     channels_last: bool
     fuse_qkv: bool

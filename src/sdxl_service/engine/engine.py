@@ -35,8 +35,15 @@ from .model_cache import BaseModelPipelines, ModelCache
 from .optimisations import COMPILE_MODE, apply_optimisations
 from .previews import PreviewDecoders, preview_tap
 from .prompts import image_chunk_counts, prompt_embeddings
-from .render_batch import ImageTask, OutOfMemory, RenderBatch, RenderCancelled
+from .render_batch import (
+    ImageTask,
+    InvalidUpscaler,
+    OutOfMemory,
+    RenderBatch,
+    RenderCancelled,
+)
 from .schedulers import make_scheduler
+from .upscalers import UnusableUpscaler, UpscalerModels
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +120,8 @@ class Engine:
         self.models = ModelCache(
             default, refiner, config, device=self.device, dtype=self.dtype, metrics=metrics
         )
+        # Upscaler models of SDXL_UPSCALER_DIR, loaded on first use (engine/upscalers.py).
+        self.upscalers = UpscalerModels(config.upscaler_dir, self.device, tile=config.upscaler_tile)
         self.preview_decoders = PreviewDecoders.for_engine(
             self.latent_codec, config, preset=preset, device=self.device, dtype=self.dtype
         )
@@ -288,10 +297,59 @@ class Engine:
         free_memory(self.device)
 
     def _render(self, batch: RenderBatch) -> list[Image.Image]:
+        upscale = batch.params.upscale
+        if upscale is not None:
+            with self._stage("hires_upscale"):
+                pictures = self._through_upscaler(batch)
+            if batch.params.strength == 0:
+                # The upscaler model's picture alone: no denoising pass.
+                return [
+                    Image.frombytes("RGB", (batch.params.width, batch.params.height), picture)
+                    for picture in pictures
+                ]
+            batch = replace(
+                batch,
+                params=batch.params.model_copy(update={"upscale": None}),
+                tasks=[
+                    replace(task, init_image=picture)
+                    for task, picture in zip(batch.tasks, pictures, strict=True)
+                ],
+            )
+            self._check_stop(batch)
         latents = self._denoise(batch) if batch.params.hires is None else self._hires(batch)
         self._check_stop(batch)
         with self._stage("decode"):
             return self.latent_codec.decode(latents, batch.should_stop)
+
+    def _through_upscaler(self, batch: RenderBatch) -> list[bytes]:
+        """Each task's init image (at the source's size) through the batch's upscaler model,
+        then Lanczos to the render size: raw RGB bytes, as an edit's init image travels. The
+        images of one job share one picture: it goes through the model once."""
+        params = batch.params
+        upscale = params.upscale
+        assert upscale is not None
+        done: dict[int, bytes] = {}
+        pictures = []
+        for task in batch.tasks:
+            assert task.init_image is not None
+            key = id(task.init_image)
+            if key not in done:
+                source = Image.frombytes(
+                    "RGB", (upscale.source_width, upscale.source_height), task.init_image
+                )
+                done[key] = self._upscale_picture(
+                    upscale.upscaler, source, params.width, params.height
+                ).tobytes()
+            pictures.append(done[key])
+        return pictures
+
+    def _upscale_picture(
+        self, name: str, picture: Image.Image, width: int, height: int
+    ) -> Image.Image:
+        try:
+            return self.upscalers.upscale(name, picture, width, height)
+        except UnusableUpscaler as exc:
+            raise InvalidUpscaler(f"The upscaler '{name}' cannot be used: {exc}.") from None
 
     def _hires(self, batch: RenderBatch) -> torch.Tensor:
         """AUTOMATIC1111's hires fix: the first pass at hires' first size (base and refiner as
@@ -340,6 +398,14 @@ class Engine:
                 upscaled = torch.nn.functional.interpolate(latents, size=size, mode="bilinear")
             else:
                 pictures = self.latent_codec.decode(latents, batch.should_stop)
+                if hires.upscaler_model is not None:
+                    # The model's own scale, then Lanczos to the size (AUTOMATIC1111's order).
+                    pictures = [
+                        self._upscale_picture(
+                            hires.upscaler_model, picture, params.width, params.height
+                        )
+                        for picture in pictures
+                    ]
                 tasks = [
                     replace(task, init_image=resize_lanczos(picture, params.width, params.height))
                     for task, picture in zip(batch.tasks, pictures, strict=True)

@@ -64,6 +64,11 @@ class InvalidModel(Exception):
     loaded. The message is for the client: names, never file-system paths."""
 
 
+class InvalidUpscaler(Exception):
+    """The upscaler model a batch asked for cannot be loaded (spandrel does not know it, or it
+    is damaged). The message is for the client: names, never file-system paths."""
+
+
 def image_tasks(request: RenderRequest) -> list[ImageTask]:
     """A render request's images, one task per seed."""
     return [

@@ -35,6 +35,7 @@ from ..engine.render_batch import (
     ImageTask,
     InvalidLora,
     InvalidModel,
+    InvalidUpscaler,
     OutOfMemory,
     RenderBatch,
     RenderCancelled,
@@ -357,6 +358,10 @@ class Batcher:
         except InvalidModel as exc:
             # Every job of the batch asked for the same model.
             self._finish_all(pendings, OutcomeStatus.INVALID_MODEL, str(exc))
+            return
+        except InvalidUpscaler as exc:
+            # Every job of the batch asked for the same upscaler model.
+            self._finish_all(pendings, OutcomeStatus.INVALID_UPSCALER, str(exc))
             return
         except Exception as exc:
             logger.exception("render of %d images failed", len(images))

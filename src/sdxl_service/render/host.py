@@ -213,3 +213,11 @@ class RenderHost:
         if self.engine is not None:
             info.update(self.engine.describe())
         return info
+
+    def describe_upscalers(self) -> dict[str, Any] | None:
+        """The upscaler models of SDXL_UPSCALER_DIR as spandrel reads them (architecture and
+        scale, or a problem), by name; None until the engine has loaded. Loads files on the
+        CPU the first time: call it off the event loop."""
+        if self.engine is None:
+            return None
+        return dict(self.engine.upscalers.describe())

@@ -191,7 +191,7 @@ def test_without_hires_there_is_one_pass() -> None:
         ({"scale": 2.5}, "hires.scale"),
         ({"scale": 0.5}, "hires.scale"),
         ({"denoising_strength": 0}, "hires.denoising_strength"),
-        ({"upscaler": "esrgan"}, "hires.upscaler"),
+        ({"upscaler": ""}, "hires.upscaler"),
         ({"steps": 0}, "hires.steps"),
     ],
 )
