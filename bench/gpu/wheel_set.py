@@ -46,12 +46,13 @@ ON_GPU_MACHINE = frozenset(
     }
 )
 # Runtime dependencies the GPU run never imports: boto3 serves SDXL_FILES_URL=s3://
-# only (and is ~14 MiB with botocore).
-NOT_NEEDED = frozenset({"boto3"})
-# Never downloaded, even as a fallback: torch's own stack and the large compiled
-# dependencies of the machine's transformers (a wrong one would break them).
+# only (and is ~14 MiB with botocore), scipy the LMS sampler only (~35 MiB).
+NOT_NEEDED = frozenset({"boto3", "scipy"})
+# Never downloaded, even as a fallback: torch's own stack (torchvision is built for one
+# torch; spandrel loads its upscalers without it, engine/upscalers.py) and the large
+# compiled dependencies of the machine's transformers (a wrong one would break them).
 NEVER_DOWNLOADED = re.compile(
-    r"^(torch|triton|nvidia-(?!ml-py$).*|cuda-.*|transformers|accelerate|tokenizers|hf-xet|numpy|pillow"
+    r"^(torch|torchvision|triton|nvidia-(?!ml-py$).*|cuda-.*|transformers|accelerate|tokenizers|hf-xet|numpy|pillow"
     r"|opencv-.*|safetensors|regex|sympy|mpmath|networkx|setuptools)$"
 )
 
