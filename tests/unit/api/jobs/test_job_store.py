@@ -18,26 +18,10 @@ from sdxl_service.api.jobs import (
     new_job_id,
 )
 from sdxl_service.api.jobs.store import INTERRUPTED_CODE
-from tests.postgres_server import PostgresServer, postgres_bin, running_postgres
+from tests.postgres_server import PostgresServer
 
 NOW = 1_800_000_000.0
 TTL = 3600.0
-
-
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[PostgresServer]:
-    if postgres_bin() is None:
-        pytest.skip("PostgreSQL is not installed (make postgres)")
-    with running_postgres() as server:
-        yield server
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'jobs.sqlite3'}"
-    server: PostgresServer = request.getfixturevalue("postgres")
-    return server.new_database()
 
 
 @pytest.fixture

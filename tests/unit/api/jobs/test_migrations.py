@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,26 +26,9 @@ from sdxl_service.api.jobs.migrations import (
     migrate,
 )
 from sdxl_service.settings import Settings, SettingsError
-from tests.postgres_server import PostgresServer, postgres_bin, running_postgres
 from tests.unit.api.jobs import first_release_database as first
 
 NOW = 1_800_000_000.0
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresServer]:
-    if postgres_bin() is None:
-        pytest.skip("PostgreSQL is not installed (make postgres)")
-    with running_postgres() as server:
-        yield server
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'jobs.sqlite3'}"
-    server: PostgresServer = request.getfixturevalue("postgres")
-    return server.new_database()
 
 
 def history(url: str) -> list[int]:
