@@ -18,6 +18,7 @@ here, the engine code that acts on it, and its row in docs/API.md.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -72,6 +73,7 @@ class GenerationParams(BaseModel):
     clip_skip: Annotated[int, Field(ge=1, le=2), Declared(infotext="Clip skip")] = 1
 
 
+@functools.cache
 def declared(name: str) -> Declared:
     """The declaration of parameter `name`."""
     for item in GenerationParams.model_fields[name].metadata:

@@ -96,11 +96,3 @@ UPSCALE = RequestKind(
 )
 
 KINDS = {kind.name: kind for kind in (GENERATION, EDIT, VARIATION, UPSCALE)}
-
-
-def kind_of(req: ImageRequest) -> RequestKind:
-    """The kind whose request model `req` is."""
-    for kind in KINDS.values():
-        if type(req) is kind.request:
-            return kind
-    raise TypeError(f"no kind of request takes a {type(req).__name__}")

@@ -35,7 +35,7 @@ from ..upscaler_catalog import UpscalerCatalog
 from .errors import APIError, client_closed, invalid_value, missing_parameter, outcome_error
 from .files import FileStore
 from .render_client import RenderClient
-from .request_kinds import RequestKind, kind_of
+from .request_kinds import RequestKind
 from .request_rules import ResolvedRequest
 from .responses import (
     answer_image,
@@ -190,24 +190,23 @@ class ImagesServing:
         mask: bytes | None = None,
     ) -> Answer | EventStream:
         """Any endpoint's answer, or with `stream` its events (previews first when asked)."""
-        resolved = await self.resolve(req, image, mask, kind)
+        resolved = await self.resolve(kind, req, image, mask)
         if req.stream and kind.stream_event is not None:
             return await self._stream(resolved, http_request, kind.stream_event)
         return await self._answer(resolved, http_request)
 
     async def resolve(
         self,
+        kind: RequestKind,
         req: ImageRequest,
         image: bytes | None = None,
         mask: bytes | None = None,
-        kind: RequestKind | None = None,
     ) -> ResolvedRequest:
         """Any endpoint's validated request (and an edit's uploads) -> what it renders.
 
         The one way in for the synchronous endpoints and for image jobs alike, so
         a job renders exactly what its synchronous call would.
         """
-        kind = kind or kind_of(req)
         if not kind.multipart:
             native = await self._native_resolution()
             resolved = kind.resolve(

@@ -211,7 +211,7 @@ class JobRunner:
             if kind is None:  # written by a newer version of the service
                 raise invalid_value("kind", f"This server runs no jobs of kind '{job.kind}'.")
             request = kind.request.model_validate(job.request)
-            resolved = await self.images.resolve(request, job.image, job.mask, kind)
+            resolved = await self.images.resolve(kind, request, job.image, job.mask)
             response = await self.images.render(resolved, job.base_url, self.files, on_step)
         except ValidationError as exc:
             error = validation_error(RequestValidationError(exc.errors()))

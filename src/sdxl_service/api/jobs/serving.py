@@ -90,7 +90,7 @@ class JobsServing:
         if submission.webhook_url is not None:
             await self._check_webhook(submission.webhook_url)
         kind = KINDS[submission.kind]
-        resolved = await self.images.resolve(req, submission.image, submission.mask, kind)
+        resolved = await self.images.resolve(kind, req, submission.image, submission.mask)
         n = len(resolved.job.seeds)
         if self.admission is not None:
             waiting = await asyncio.to_thread(self.store.queued_images)
