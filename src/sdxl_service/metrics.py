@@ -136,6 +136,26 @@ class _Collectors:
             registry=registry,
             multiprocess_mode="livesum",
         )
+        self.controlnet_loads = Counter(
+            f"{PREFIX}_controlnet_loads",
+            "ControlNet models of SDXL_CONTROLNET_DIR loaded by a render worker, by outcome "
+            "(ok, failed).",
+            ["outcome"],
+            registry=registry,
+        )
+        self.controlnet_load_seconds = Histogram(
+            f"{PREFIX}_controlnet_load_seconds",
+            "Seconds one ControlNet model took to load (the batch that needs it waits).",
+            registry=registry,
+            buckets=SECONDS_BUCKETS,
+        )
+        self.controlnets_resident = Gauge(
+            f"{PREFIX}_controlnets_resident",
+            "ControlNet models a render worker holds loaded (at most SDXL_CONTROL_CACHE).",
+            ["worker"],
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
         self.lora_cache_hits = Counter(
             f"{PREFIX}_lora_cache_hits",
             "LoRA adapters a batch found already loaded.",
@@ -207,6 +227,16 @@ class ServiceMetrics:
 
     def set_models_resident(self, n: int) -> None:
         self._c.models_resident.labels(worker=self.worker).set(n)
+
+    def count_controlnet_load(self, outcome: str, seconds: float | None = None) -> None:
+        if outcome not in MODEL_LOAD_OUTCOMES:
+            raise ValueError(f"unknown outcome {outcome!r}; expected one of {MODEL_LOAD_OUTCOMES}")
+        self._c.controlnet_loads.labels(outcome=outcome).inc()
+        if seconds is not None:
+            self._c.controlnet_load_seconds.observe(seconds)
+
+    def set_controlnets_resident(self, n: int) -> None:
+        self._c.controlnets_resident.labels(worker=self.worker).set(n)
 
     def count_lora_cache_hit(self) -> None:
         self._c.lora_cache_hits.inc()

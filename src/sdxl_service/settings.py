@@ -111,6 +111,17 @@ class Settings(_SettingsBase):
     # Input pixels per side of one tile through an upscaler model (halved on out of memory).
     upscaler_tile: int = Field(512, ge=64, le=4096)
 
+    # --- ControlNet ---------------------------------------------------------------
+    # SDXL ControlNets (Union ones too): diffusers folders (config.json and weights) or single
+    # diffusers-layout `.safetensors` files, named by folder or file name; a request's
+    # `controlnets` picks them. Read again when the folder changes: no restart needed.
+    controlnet_dir: Path | None = None
+    # ControlNet units one request may give.
+    max_controlnets: int = Field(3, ge=1, le=16)
+    # How many ControlNet models, and how many IP-Adapters, a render worker keeps loaded (each
+    # kind its own least-recently-used list). A request's ControlNets must fit at once.
+    control_cache: int = Field(3, ge=1, le=16)
+
     # --- LoRA adapters --------------------------------------------------------
     # `<name>.safetensors` or `<name>/pytorch_lora_weights.safetensors`; default
     # <SDXL_CACHE_DIR>/loras. Read at every request: new files need no restart.
@@ -295,6 +306,12 @@ class Settings(_SettingsBase):
             raise ValueError(f"SDXL_MIN_SIDE ({self.min_side}) exceeds SDXL_MAX_SIDE")
         if self.max_body_bytes_in_flight < self.max_body_bytes:
             raise ValueError("SDXL_MAX_BODY_BYTES_IN_FLIGHT must be at least SDXL_MAX_BODY_BYTES")
+        if self.control_cache < self.max_controlnets:
+            raise ValueError(
+                f"SDXL_CONTROL_CACHE ({self.control_cache}) must be at least "
+                f"SDXL_MAX_CONTROLNETS ({self.max_controlnets}): a request's ControlNets must "
+                "fit in the cache at once"
+            )
         if self.traffic_timeout <= self.request_timeout:
             raise ValueError(
                 f"SDXL_TRAFFIC_TIMEOUT ({self.traffic_timeout}) must exceed "

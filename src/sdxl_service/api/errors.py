@@ -141,6 +141,9 @@ _OUTCOME_ERRORS: dict[OutcomeStatus, _OutcomeError] = {
     OutcomeStatus.INVALID_LORA: _OutcomeError(400, "invalid_lora", None, param="loras"),
     OutcomeStatus.INVALID_MODEL: _OutcomeError(400, "invalid_model", None, param="model"),
     OutcomeStatus.INVALID_UPSCALER: _OutcomeError(400, "invalid_upscaler", None, param="upscaler"),
+    OutcomeStatus.INVALID_CONTROLNET: _OutcomeError(
+        400, "invalid_controlnet", None, param="controlnets"
+    ),
     OutcomeStatus.CANCELLED: _OutcomeError(499, "cancelled", None),
     OutcomeStatus.ERROR: _OutcomeError(500, "generation_failed", False),
 }
@@ -169,7 +172,11 @@ def _param_from_location(loc: Sequence[Any]) -> str | None:
     # Pydantic puts the failing validator's tag after the field name
     # (e.g. "function-after[...]"); the client only needs the field.
     parts = [p for p in parts if "[" not in p]
-    return ".".join(parts) or None
+    # A list item by its index, as the API names it: controlnets[0].scale.
+    path = ""
+    for part in parts:
+        path += f"[{part}]" if part.isdigit() and path else f".{part}" if path else part
+    return path or None
 
 
 def validation_error(exc: RequestValidationError) -> APIError:

@@ -24,9 +24,10 @@ from .uploads import ACCEPTED_FORMATS, SIGNATURE_BYTES, looks_like_image
 # clients that send more images (refused with a clear 400).
 MAX_FORM_FILES = 16
 MAX_FORM_FIELDS = 64
-# Text fields (the files are bounded by SDXL_MAX_BODY_BYTES): the longest
-# prompt in UTF-8 with room to spare.
-MAX_FIELD_BYTES = 256 * 1024
+# Text fields (the files are bounded by SDXL_MAX_BODY_BYTES): a `controlnets` field carries
+# its control images in base64, so as much as a body may hold (the body limit, enforced
+# before the form is read, bounds it; the schema bounds each text field's length).
+MAX_FIELD_BYTES = 64 * 1024 * 1024
 FILE_FIELDS = ("image", "image[]", "mask")
 # A form with no file comes url-encoded, or with no body at all: parsed, to
 # answer "missing image" rather than "wrong content type".

@@ -55,6 +55,47 @@ def service_version() -> str:
         return "sdxl-service"
 
 
+@dataclass(frozen=True, kw_only=True)
+class ControlNetUnitText:
+    """One ControlNet unit as sd-webui-controlnet's infotext writes it (`serialize_unit`):
+    `ControlNet 0: "Module: canny, Model: edges, Weight: 1, Resize Mode: Crop and Resize, ..."`.
+    Its hidden sliders (a `none` module's resolution and thresholds, -1 there) are left out
+    as it leaves them out; the model is named without A1111's ` [hash]`."""
+
+    module: str
+    model: str
+    weight: float
+    guidance_start: float
+    guidance_end: float
+    processor_res: int | None = None
+    threshold_a: float | None = None
+    threshold_b: float | None = None
+
+    def text(self) -> str:
+        fields: dict[str, object] = {
+            "Module": self.module,
+            "Model": self.model,
+            "Weight": f"{self.weight:g}",
+            "Resize Mode": "Crop and Resize",
+            "Low Vram": False,
+        }
+        if self.processor_res is not None:
+            fields["Processor Res"] = self.processor_res
+        if self.threshold_a is not None:
+            fields["Threshold A"] = f"{self.threshold_a:g}"
+        if self.threshold_b is not None:
+            fields["Threshold B"] = f"{self.threshold_b:g}"
+        fields |= {
+            "Guidance Start": f"{self.guidance_start:g}",
+            "Guidance End": f"{self.guidance_end:g}",
+            # The map is made at the render size (api/control_maps.py); diffusers has no
+            # guess mode here: the extension's Pixel Perfect and Balanced.
+            "Pixel Perfect": True,
+            "Control Mode": "Balanced",
+        }
+        return ", ".join(f"{key}: {value}" for key, value in fields.items())
+
+
 @dataclass(frozen=True)
 class Provenance:
     """What an image's infotext says beyond its job: the models, LoRA hashes, the version."""
@@ -63,6 +104,7 @@ class Provenance:
     refiner_model: str
     lora_hashes: dict[str, str] = field(default_factory=dict)
     version: str = field(default_factory=service_version)
+    controlnets: tuple[ControlNetUnitText, ...] = ()
 
 
 def quote(value: object) -> str:
@@ -120,6 +162,8 @@ def infotext(
     if provenance.lora_hashes:
         hashes = provenance.lora_hashes.items()
         fields["Lora hashes"] = ", ".join(f"{name}: {digest}" for name, digest in hashes)
+    for index, unit in enumerate(provenance.controlnets):
+        fields[f"ControlNet {index}"] = unit.text()
     fields["Version"] = provenance.version
     lines = [job.prompt]
     if job.negative_prompt:

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from ..choices import HiresUpscaler
 from ..generation_params import request_fields_model
+from .control_requests import MAX_UNITS_LISTED, ControlNetRequest, units_from_a_form_field
 from .sizing import AUTO_SIZE, parse_size
 
 logger = logging.getLogger(__name__)
@@ -91,6 +92,12 @@ class ImageRequest(OpenAIModel, _GenerationFields):
     width: int | None = Field(default=None, ge=8)
     height: int | None = Field(default=None, ge=8)
     loras: list[LoraRequest] | None = Field(default=None, max_length=MAX_LORAS_LISTED)
+    # ControlNet units (api/control_requests.py checks them against SDXL_CONTROLNET_DIR).
+    controlnets: list[ControlNetRequest] | None = Field(default=None, max_length=MAX_UNITS_LISTED)
+
+    _controlnets_from_a_form_field = field_validator("controlnets", mode="before")(
+        units_from_a_form_field
+    )
 
     @field_validator("loras", mode="before")
     @classmethod
@@ -189,6 +196,8 @@ class ModelCard(BaseModel):
     lora: dict[str, Any] | None = None  # a LoRA's card: name, format, components
     # An upscaler model's card: name, format, and (from the render worker) architecture, scale.
     upscaler: dict[str, Any] | None = None
+    # A ControlNet's card: name, format, whether it is a Union model (and its control types).
+    controlnet: dict[str, Any] | None = None
 
 
 class ModelList(BaseModel):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -27,11 +28,13 @@ from ..contract.render_request import (
     RenderEventType,
     loading_outcome,
 )
+from ..controlnet_catalog import ControlNetCatalog
 from ..lora_catalog import LoraCatalog
 from ..metrics import ServiceMetrics
 from ..model_catalog import ModelCatalog
 from ..settings import SERVICE_ID, Settings
 from ..upscaler_catalog import UpscalerCatalog
+from .control_requests import with_controlnets
 from .errors import APIError, client_closed, invalid_value, missing_parameter, outcome_error
 from .files import FileStore
 from .render_client import RenderClient
@@ -78,6 +81,7 @@ class ImagesServing:
         self.loras = LoraCatalog(settings.lora_folder)
         self.models = ModelCatalog(settings.models_dir)
         self.upscalers = UpscalerCatalog(settings.upscaler_dir)
+        self.controlnets = ControlNetCatalog(settings.controlnet_dir)
         self._model_info: dict[str, Any] | None = None
         self._started = int(time.time())
 
@@ -122,7 +126,19 @@ class ImagesServing:
             )
             for name, entry in sorted(entries.items())
         ]
-        return ModelList(data=[card, *model_cards, *lora_cards, *await self._upscaler_cards()])
+        controlnets = await run_in_threadpool(self.controlnets.snapshot)
+        controlnet_cards = [
+            ModelCard(
+                id=name,
+                created=self._started,
+                owned_by="controlnet_dir",
+                warning=entry.problem,
+                controlnet=entry.describe(),
+            )
+            for name, entry in sorted(controlnets.items())
+        ]
+        upscaler_cards = await self._upscaler_cards()
+        return ModelList(data=[card, *model_cards, *lora_cards, *upscaler_cards, *controlnet_cards])
 
     async def _upscaler_cards(self) -> list[ModelCard]:
         """Each upscaler model of SDXL_UPSCALER_DIR: its file from here (no torch), its
@@ -228,6 +244,17 @@ class ImagesServing:
                 self.upscalers,
             )
         await self._check_upscaler(resolved)
+        if req.controlnets:
+            folder = await run_in_threadpool(self.controlnets.snapshot)
+            job, provenance = await run_in_threadpool(
+                with_controlnets,
+                resolved.job,
+                resolved.provenance,
+                req.controlnets,
+                folder,
+                self.settings,
+            )
+            resolved = dataclasses.replace(resolved, job=job, provenance=provenance)
         return resolved
 
     async def render(

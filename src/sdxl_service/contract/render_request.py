@@ -35,6 +35,8 @@ class OutcomeStatus(StrEnum):
     INVALID_MODEL = "invalid_model"
     # The upscaler model of SDXL_UPSCALER_DIR the request picked could not be loaded.
     INVALID_UPSCALER = "invalid_upscaler"
+    # A ControlNet of SDXL_CONTROLNET_DIR the request named could not be loaded.
+    INVALID_CONTROLNET = "invalid_controlnet"
     ERROR = "error"
 
 
@@ -45,6 +47,19 @@ class LoraWeight(BaseModel):
 
     name: str
     scale: float
+
+
+class ControlNetParams(BaseModel):
+    """One ControlNet unit of a render, by name (a model of SDXL_CONTROLNET_DIR), as diffusers'
+    ControlNet pipelines take it; its control image travels per image (RenderRequest)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    scale: float = 1.0  # controlnet_conditioning_scale
+    start: float = 0.0  # control_guidance_start, a share of the whole schedule
+    end: float = 1.0  # control_guidance_end
+    mode: int | None = None  # a Union model's control_mode; None for other models
 
 
 class HiresParams(BaseModel):
@@ -98,6 +113,9 @@ class RenderParams(GenerationParams):
     # Image-to-image only: the init image through an upscaler model first (None: it comes
     # at the render size already).
     upscale: UpscaleParams | None = None
+    # ControlNet units in the order asked (the batch key: the same models, scales, start/end
+    # and modes batch together); their control images travel per image.
+    controlnets: tuple[ControlNetParams, ...] = ()
 
     @model_validator(mode="after")
     def _hires_is_for_text_to_image(self) -> Self:
@@ -105,6 +123,8 @@ class RenderParams(GenerationParams):
             raise ValueError(f"the hires fix is for text-to-image renders, not {self.kind}")
         if self.upscale is not None and self.kind is not RenderKind.IMAGE_TO_IMAGE:
             raise ValueError(f"an upscaler model is for image-to-image renders, not {self.kind}")
+        if self.controlnets and (self.hires is not None or self.upscale is not None):
+            raise ValueError("ControlNet units take neither the hires fix nor an upscaler model")
         if self.strength == 0 and self.upscale is None:
             raise ValueError("strength 0 renders nothing without an upscaler model")
         return self
@@ -131,6 +151,8 @@ class RenderRequest(BaseModel):
     # row-major) and, for inpainting, its mask (raw L, 255 = repaint).
     init_image: bytes | None = Field(default=None, repr=False)
     mask: bytes | None = Field(default=None, repr=False)
+    # One control image per ControlNet unit of params, fitted to the render size (raw RGB).
+    control_images: tuple[bytes, ...] = Field(default=(), repr=False)
     # Unix time after which nobody waits for the images any more; the batcher
     # is the one component that acts on it.
     deadline: float | None = None
@@ -151,6 +173,14 @@ class RenderRequest(BaseModel):
             raise ValueError(f"init_image must be {width}x{height} RGB bytes")
         if self.mask is not None and len(self.mask) != width * height:
             raise ValueError(f"mask must be {width}x{height} L bytes")
+        render_size = 3 * self.params.width * self.params.height
+        if len(self.control_images) != len(self.params.controlnets) or any(
+            len(image) != render_size for image in self.control_images
+        ):
+            raise ValueError(
+                f"one {self.params.width}x{self.params.height} RGB control image per ControlNet "
+                "unit"
+            )
         return self
 
 

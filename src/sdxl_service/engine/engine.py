@@ -18,6 +18,7 @@ from ..contract.render_request import RenderParams
 from ..lora_catalog import LoraCatalog
 from ..metrics import ServiceMetrics
 from .config import EngineConfig
+from .controlnets import ControlNetModels
 from .devices import (
     dtype_name,
     free_memory,
@@ -122,6 +123,14 @@ class Engine:
         )
         # Upscaler models of SDXL_UPSCALER_DIR, loaded on first use (engine/upscalers.py).
         self.upscalers = UpscalerModels(config.upscaler_dir, self.device, tile=config.upscaler_tile)
+        # ControlNets of SDXL_CONTROLNET_DIR, loaded on first use (engine/controlnets.py).
+        self.controlnets = ControlNetModels(
+            config.controlnet_dir,
+            device=self.device,
+            dtype=self.dtype,
+            capacity=config.control_cache,
+            metrics=metrics,
+        )
         self.preview_decoders = PreviewDecoders.for_engine(
             self.latent_codec, config, preset=preset, device=self.device, dtype=self.dtype
         )
@@ -227,6 +236,7 @@ class Engine:
             # The default's: describe() may be called while another model's batch renders.
             **self.models.default.loras.describe(),
             **self.models.describe(),
+            **self.controlnets.describe(),
         }
 
     def warmup(self, steps: int = 2) -> bool:
@@ -523,6 +533,16 @@ class Engine:
         if plan.encodes_init_images and init_latents is not None:
             latents = init_latents
             base_inputs = {"image": latents, "strength": params.strength}
+        elif plan.inpaints and params.controlnets and plan.base_runs:
+            # The ControlNet inpaint pipeline encodes the pictures itself (engine/controlnets.py).
+            masks = [self._mask(task, params) for task in batch.tasks]
+            base_inputs = {
+                "image": [self._picture(task, params) for task in batch.tasks],
+                "mask_image": masks,
+                "strength": params.strength,
+                **size,
+            }
+            refiner_inputs = {"mask_image": masks, **size, "masked_picture_draws": False}
         elif plan.encodes_init_images:
             self._check_stop(batch)
             with self._stage("vae_encode"):
@@ -555,9 +575,18 @@ class Engine:
                     syntax,
                     params.clip_skip,
                 )
-                latents = plan.base(
-                    **embeddings, **base_inputs, denoising_end=plan.denoising_end, **common
-                ).images
+                call = {
+                    **embeddings,
+                    **base_inputs,
+                    "denoising_end": plan.denoising_end,
+                    **common,
+                }
+                pipeline = plan.base
+                if params.controlnets:
+                    pipeline, call = self.controlnets.stage(
+                        plan.base, params, batch.tasks, call, self._base_scheduler_config
+                    )
+                latents = pipeline(**call).images
         assert latents is not None  # the base ran, or the edit's latents were encoded
 
         # 4. Refiner
@@ -586,6 +615,12 @@ class Engine:
                 **common,
             ).images
             return refined
+
+    @staticmethod
+    def _picture(task: ImageTask, params: RenderParams) -> Image.Image:
+        if task.init_image is None:
+            raise ValueError(f"a {params.kind} render needs an init image for every task")
+        return Image.frombytes("RGB", (params.width, params.height), task.init_image)
 
     @staticmethod
     def _mask(task: ImageTask, params: RenderParams) -> Image.Image:

@@ -24,6 +24,8 @@ class ImageTask:
     # share the same bytes objects. Megabytes each: kept out of reprs and logs.
     init_image: bytes | None = field(default=None, repr=False)  # RGB, params' width x height
     mask: bytes | None = field(default=None, repr=False)  # L, 255 where the image is repainted
+    # One per ControlNet unit of the batch's params: RGB, params' width x height.
+    control_images: tuple[bytes, ...] = field(default=(), repr=False)
 
 
 def _never() -> bool:
@@ -64,6 +66,11 @@ class InvalidModel(Exception):
     loaded. The message is for the client: names, never file-system paths."""
 
 
+class InvalidControlNet(Exception):
+    """A ControlNet a batch asked for cannot be loaded (damaged, not made for this base); nothing
+    of it stays loaded. The message is for the client: names, never file-system paths."""
+
+
 class InvalidUpscaler(Exception):
     """The upscaler model a batch asked for cannot be loaded (spandrel does not know it, or it
     is damaged). The message is for the client: names, never file-system paths."""
@@ -78,6 +85,7 @@ def image_tasks(request: RenderRequest) -> list[ImageTask]:
             seed=seed,
             init_image=request.init_image,
             mask=request.mask,
+            control_images=request.control_images,
         )
         for seed in request.seeds
     ]

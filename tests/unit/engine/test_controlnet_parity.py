@@ -1,0 +1,392 @@
+"""ControlNet renders give, seed for seed, the latents stock diffusers' ControlNet pipelines give.
+
+The ControlNets are made from the tiny base's UNet (`ControlNetModel.from_unet`,
+`ControlNetUnionModel.from_unet`) with their zero convolutions given random weights (at zero
+they would add nothing, and a test of them could not fail), saved as a diffusers folder and as
+single .safetensors files into the engine's SDXL_CONTROLNET_DIR. The stock recipes run
+diffusers' pipeline classes over the engine's modules with the same seeds; the comparison is
+of the final latents, exactly (CPU, float32).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    ControlNetModel,
+    ControlNetUnionModel,
+    MultiControlNetModel,
+    StableDiffusionXLControlNetImg2ImgPipeline,
+    StableDiffusionXLControlNetInpaintPipeline,
+    StableDiffusionXLControlNetPipeline,
+    StableDiffusionXLControlNetUnionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
+    UNet2DConditionModel,
+)
+from PIL import Image
+from safetensors.torch import save_file
+
+from sdxl_service.choices import RefinerMode, RenderKind
+from sdxl_service.contract.render_request import ControlNetParams, RenderParams
+from sdxl_service.engine import Engine
+from sdxl_service.engine.config import EngineConfig
+from sdxl_service.engine.controlnets import stop_after
+from sdxl_service.engine.render_batch import ImageTask, InvalidControlNet, RenderBatch
+from sdxl_service.engine.schedulers import make_scheduler
+from tests.jobs import make_params
+
+from .test_engine import LEFT_HALF, noise_picture
+
+SIZE = 64
+SEEDS = (7, 8)
+FRAC = 0.8
+PROMPT = "a red fox in the snow"
+
+
+def randomized(model: Any, seed: int) -> Any:
+    """`model` with random weights in its zero convolutions (and a Union's task embedding)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "task_")):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    return model
+
+
+@pytest.fixture(scope="module")
+def controlnet_dir(tmp_path_factory: pytest.TempPathFactory, tiny_pair: tuple[Path, Path]) -> Path:
+    folder = tmp_path_factory.mktemp("controlnets")
+    unet = UNet2DConditionModel.from_pretrained(tiny_pair[0] / "unet")
+    randomized(ControlNetModel.from_unet(unet), 1).save_pretrained(folder / "edges")
+    single = randomized(ControlNetModel.from_unet(unet), 2)
+    save_file(single.state_dict(), folder / "depth.safetensors")
+    # The Union transformer's width is the first block's (SDXL's 320; the tiny UNet's 16).
+    sizes = {"num_trans_channel": 16, "num_proj_channel": 16, "num_control_type": 8}
+    config = ControlNetUnionModel.from_unet(unet).config
+    union_config = {**{k: v for k, v in config.items() if not k.startswith("_")}, **sizes}
+    union = ControlNetUnionModel.from_config(union_config)
+    union.load_state_dict(ControlNetModel.from_unet(unet).state_dict(), strict=False)
+    union = randomized(union, 3)
+    save_file(union.state_dict(), folder / "union.safetensors")
+    # A ControlNet whose weights fit no SDXL base: a file with one tensor missing.
+    state = single.state_dict()
+    state.pop("controlnet_mid_block.weight")
+    save_file(state, folder / "broken.safetensors")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_settings_factory: Any, controlnet_dir: Path) -> Iterator[Engine]:
+    settings = tiny_settings_factory(controlnet_dir=controlnet_dir)
+    yield Engine.load(EngineConfig.of(settings))
+
+
+def control_picture(seed: int) -> bytes:
+    """A blocky picture (as an edge or depth map is), different for each seed."""
+    blocks = np.random.default_rng(seed).integers(0, 256, (8, 8, 1), np.uint8)
+    return np.repeat(np.repeat(np.repeat(blocks, 8, 0), 8, 1), 3, 2).tobytes()
+
+
+def rgb(data: bytes) -> Image.Image:
+    return Image.frombytes("RGB", (SIZE, SIZE), data)
+
+
+def params(kind: RenderKind, refiner: RefinerMode, *units: ControlNetParams) -> RenderParams:
+    strength = 1.0 if kind is RenderKind.TEXT_TO_IMAGE else 0.75
+    return make_params(
+        kind=kind,
+        width=SIZE,
+        height=SIZE,
+        num_inference_steps=10,
+        high_noise_frac=FRAC,
+        refiner=refiner,
+        strength=strength,
+        controlnets=units,
+    )
+
+
+def ours_latents(engine: Engine, p: RenderParams, tasks: list[ImageTask]) -> torch.Tensor:
+    """The engine's final latents for `tasks` (what it decodes)."""
+    captured: list[torch.Tensor] = []
+    decode = engine.latent_codec.decode
+
+    def keep(latents: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        captured.append(latents.clone())
+        return decode(latents, *args, **kwargs)
+
+    engine.latent_codec.decode = keep  # type: ignore[method-assign]
+    try:
+        engine.render(RenderBatch(params=p, tasks=tasks))
+    finally:
+        del engine.latent_codec.decode
+    return captured[0]
+
+
+def tasks(p: RenderParams, *, mask: bytes | None = None) -> list[ImageTask]:
+    edit = p.kind is not RenderKind.TEXT_TO_IMAGE
+    return [
+        ImageTask(
+            prompt=PROMPT,
+            seed=seed,
+            init_image=noise_picture(0) if edit else None,
+            mask=mask,
+            control_images=tuple(control_picture(seed * 10 + i) for i in range(len(p.controlnets))),
+        )
+        for seed in SEEDS
+    ]
+
+
+def controlnet(engine: Engine, name: str) -> Any:
+    return engine.controlnets.models([name], engine.base.unet)[0].model
+
+
+def scheduled(engine: Engine, pipeline: Any, p: RenderParams, refiner: bool = False) -> Any:
+    config = engine._refiner_scheduler_config if refiner else engine._base_scheduler_config
+    pipeline.scheduler = make_scheduler(p.scheduler, config)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def common(p: RenderParams) -> dict[str, Any]:
+    return {
+        "prompt": [PROMPT] * len(SEEDS),
+        "num_inference_steps": p.num_inference_steps,
+        "guidance_scale": p.guidance_scale,
+        "generator": [torch.Generator("cpu").manual_seed(seed) for seed in SEEDS],
+        "output_type": "latent",
+    }
+
+
+def refined(engine: Engine, p: RenderParams, latents: Any, generators: Any, **extra: Any) -> Any:
+    """diffusers' refiner from the base's latents, at denoising_start (the ensemble)."""
+    refiner = engine.refiner
+    kind = StableDiffusionXLInpaintPipeline if "mask_image" in extra else type(refiner)
+    stock = scheduled(engine, kind(**refiner.components, **_flags(refiner)), p, refiner=True)
+    arguments = {**common(p), "generator": generators}
+    return stock(image=latents, denoising_start=FRAC, **arguments, **extra).images
+
+
+def _flags(pipeline: Any) -> dict[str, Any]:
+    return {
+        "requires_aesthetics_score": pipeline.config.get("requires_aesthetics_score", False),
+        "force_zeros_for_empty_prompt": pipeline.config.force_zeros_for_empty_prompt,
+    }
+
+
+EDGES = ControlNetParams(name="edges", scale=0.9, start=0.1, end=0.9)
+
+
+@pytest.mark.parametrize("refiner", [RefinerMode.NONE, RefinerMode.ENSEMBLE])
+def test_text_to_image_is_stock_controlnet_pipeline(engine: Engine, refiner: RefinerMode) -> None:
+    p = params(RenderKind.TEXT_TO_IMAGE, refiner, EDGES)
+    batch = tasks(p)
+    with torch.inference_mode():
+        ours = ours_latents(engine, p, batch)
+        stock = scheduled(
+            engine,
+            StableDiffusionXLControlNetPipeline(
+                **engine.base.components, controlnet=controlnet(engine, "edges")
+            ),
+            p,
+        )
+        arguments = common(p)
+        latents = stock(
+            image=[rgb(task.control_images[0]) for task in batch],
+            controlnet_conditioning_scale=0.9,
+            control_guidance_start=0.1,
+            control_guidance_end=0.9,
+            width=SIZE,
+            height=SIZE,
+            denoising_end=FRAC if refiner is RefinerMode.ENSEMBLE else None,
+            **arguments,
+        ).images
+        if refiner is RefinerMode.ENSEMBLE:
+            latents = refined(engine, p, latents, arguments["generator"])
+    assert torch.equal(ours, latents)
+
+
+def test_control_changes_the_image_and_each_image_has_its_own(engine: Engine) -> None:
+    p = params(RenderKind.TEXT_TO_IMAGE, RefinerMode.NONE, EDGES)
+    with torch.inference_mode():
+        controlled = ours_latents(engine, p, tasks(p))
+        plain = ours_latents(
+            engine,
+            p.model_copy(update={"controlnets": ()}),
+            [ImageTask(prompt=PROMPT, seed=seed) for seed in SEEDS],
+        )
+        alone = ours_latents(engine, p, tasks(p)[1:])
+    assert (controlled - plain).abs().max() > 1e-3
+    # The second image of the batch is the image its request renders alone (up to the float
+    # rounding a batch of two in one call makes).
+    assert torch.allclose(controlled[1:], alone, atol=1e-4)
+
+
+def test_img2img_ensemble_stops_where_plain_img2img_denoising_end_does(engine: Engine) -> None:
+    """The ControlNet img2img pipeline has no denoising_end: at scale 0 (it adds nothing) the
+    interrupted loop gives exactly plain img2img's latents with denoising_end."""
+    p = params(RenderKind.IMAGE_TO_IMAGE, RefinerMode.ENSEMBLE, EDGES)
+    batch = tasks(p)
+    picture = [rgb(noise_picture(0))] * len(SEEDS)
+    with torch.inference_mode():
+        stock = scheduled(engine, StableDiffusionXLImg2ImgPipeline(**engine.base.components), p)
+        plain = stock(image=picture, strength=0.75, denoising_end=FRAC, **common(p)).images
+        zero = p.model_copy(
+            update={"controlnets": (EDGES.model_copy(update={"scale": 0.0}),), "refiner": "none"}
+        )
+        pipeline, call = engine.controlnets.stage(
+            stock,
+            zero,
+            batch,
+            {"denoising_end": FRAC, "callback_on_step_end": lambda *a: a[-1]},
+            engine._base_scheduler_config,
+        )
+        cut = scheduled(engine, pipeline, p)(
+            image=picture, strength=0.75, **common(p), **call
+        ).images
+    assert torch.equal(cut, plain)
+
+
+@pytest.mark.parametrize("refiner", [RefinerMode.NONE, RefinerMode.ENSEMBLE])
+def test_img2img_is_stock_controlnet_img2img(engine: Engine, refiner: RefinerMode) -> None:
+    p = params(RenderKind.IMAGE_TO_IMAGE, refiner, EDGES)
+    batch = tasks(p)
+    with torch.inference_mode():
+        ours = ours_latents(engine, p, batch)
+        stock = scheduled(
+            engine,
+            StableDiffusionXLControlNetImg2ImgPipeline(
+                **engine.base.components, controlnet=controlnet(engine, "edges")
+            ),
+            p,
+        )
+        arguments = common(p)
+        steps = 5  # of the last int(10 * 0.75) = 7 steps, those at or above t = 200
+        callback = stop_after(steps, lambda *a: a[-1]) if refiner is RefinerMode.ENSEMBLE else None
+        latents = stock(
+            image=[rgb(noise_picture(0))] * len(SEEDS),
+            strength=0.75,
+            control_image=[rgb(task.control_images[0]) for task in batch],
+            controlnet_conditioning_scale=0.9,
+            control_guidance_start=0.1,
+            control_guidance_end=0.9,
+            callback_on_step_end=callback,
+            **arguments,
+        ).images
+        if refiner is RefinerMode.ENSEMBLE:
+            latents = refined(engine, p, latents, arguments["generator"])
+    assert torch.equal(ours, latents)
+
+
+@pytest.mark.parametrize("refiner", [RefinerMode.NONE, RefinerMode.ENSEMBLE])
+def test_inpaint_is_stock_controlnet_inpaint(engine: Engine, refiner: RefinerMode) -> None:
+    p = params(RenderKind.INPAINT, refiner, EDGES)
+    batch = tasks(p, mask=LEFT_HALF)
+    mask = [Image.frombytes("L", (SIZE, SIZE), LEFT_HALF)] * len(SEEDS)
+    size = {"width": SIZE, "height": SIZE}
+    with torch.inference_mode():
+        ours = ours_latents(engine, p, batch)
+        stock = scheduled(
+            engine,
+            StableDiffusionXLControlNetInpaintPipeline(
+                **engine.base.components, controlnet=controlnet(engine, "edges")
+            ),
+            p,
+        )
+        arguments = common(p)
+        latents = stock(
+            image=[rgb(noise_picture(0))] * len(SEEDS),
+            mask_image=mask,
+            strength=0.75,
+            control_image=[rgb(task.control_images[0]) for task in batch],
+            controlnet_conditioning_scale=0.9,
+            control_guidance_start=0.1,
+            control_guidance_end=0.9,
+            denoising_end=FRAC if refiner is RefinerMode.ENSEMBLE else None,
+            **size,
+            **arguments,
+        ).images
+        if refiner is RefinerMode.ENSEMBLE:
+            latents = refined(engine, p, latents, arguments["generator"], mask_image=mask, **size)
+    assert torch.equal(ours, latents)
+
+
+def test_two_units_are_stock_multi_controlnet(engine: Engine) -> None:
+    """A folder and a single file together: diffusers' MultiControlNetModel (one image: stock
+    takes one control image per unit for the whole batch)."""
+    depth = ControlNetParams(name="depth", scale=0.5, start=0.0, end=1.0)
+    p = params(RenderKind.TEXT_TO_IMAGE, RefinerMode.NONE, EDGES, depth)
+    batch = tasks(p)[:1]
+    with torch.inference_mode():
+        ours = ours_latents(engine, p, batch)
+        multi = MultiControlNetModel([controlnet(engine, "edges"), controlnet(engine, "depth")])
+        stock = scheduled(
+            engine,
+            StableDiffusionXLControlNetPipeline(**engine.base.components, controlnet=multi),
+            p,
+        )
+        arguments = {**common(p), "prompt": [PROMPT], "generator": arguments_generator(SEEDS[0])}
+        latents = stock(
+            image=[rgb(image) for image in batch[0].control_images],
+            controlnet_conditioning_scale=[0.9, 0.5],
+            control_guidance_start=[0.1, 0.0],
+            control_guidance_end=[0.9, 1.0],
+            width=SIZE,
+            height=SIZE,
+            **arguments,
+        ).images
+    assert torch.equal(ours, latents)
+
+
+def arguments_generator(seed: int) -> list[torch.Generator]:
+    return [torch.Generator("cpu").manual_seed(seed)]
+
+
+def test_union_single_file_is_stock_union_pipeline(engine: Engine) -> None:
+    unit = ControlNetParams(name="union", scale=1.0, mode=3)
+    p = params(RenderKind.TEXT_TO_IMAGE, RefinerMode.NONE, unit)
+    batch = tasks(p)
+    with torch.inference_mode():
+        ours = ours_latents(engine, p, batch)
+        stock = scheduled(
+            engine,
+            StableDiffusionXLControlNetUnionPipeline(
+                **engine.base.components, controlnet=controlnet(engine, "union")
+            ),
+            p,
+        )
+        assert isinstance(stock.controlnet, ControlNetUnionModel)
+        pictures = [rgb(task.control_images[0]) for task in batch]
+        control = stock.control_image_processor.preprocess(pictures, height=SIZE, width=SIZE)
+        latents = stock(
+            control_image=[control], control_mode=[3], width=SIZE, height=SIZE, **common(p)
+        ).images
+    assert torch.equal(ours, latents)
+
+
+def test_a_controlnet_that_does_not_load_leaves_nothing_behind(engine: Engine) -> None:
+    p = params(RenderKind.TEXT_TO_IMAGE, RefinerMode.NONE, ControlNetParams(name="broken"))
+    before = engine.controlnets.loaded()
+    with pytest.raises(InvalidControlNet, match="broken"):
+        engine.render(RenderBatch(params=p, tasks=tasks(p)))
+    assert engine.controlnets.loaded() == before
+
+
+def test_least_recently_used_controlnet_is_unloaded_past_the_cache(
+    tiny_settings_factory: Any, controlnet_dir: Path
+) -> None:
+    settings = tiny_settings_factory(
+        controlnet_dir=controlnet_dir, control_cache=1, max_controlnets=1
+    )
+    small = Engine.load(EngineConfig.of(settings))
+    for name in ("edges", "depth"):
+        p = params(RenderKind.TEXT_TO_IMAGE, RefinerMode.NONE, ControlNetParams(name=name))
+        small.render(
+            RenderBatch(params=p.model_copy(update={"num_inference_steps": 1}), tasks=tasks(p)[:1])
+        )
+        assert small.controlnets.loaded() == [name]
