@@ -180,3 +180,16 @@ def test_bad_job_and_webhook_settings_fail_at_start(
 def test_webhook_hosts_are_a_comma_separated_list(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SDXL_WEBHOOK_HOSTS", "public, 10.0.0.0/8,Hooks.Example.com")
     assert load_settings().webhook_hosts == ["public", "10.0.0.0/8", "hooks.example.com"]
+
+
+def test_the_control_cache_must_hold_a_requests_controlnets(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SDXL_MAX_CONTROLNETS", "4")
+    monkeypatch.setenv("SDXL_CONTROL_CACHE", "3")
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    assert "SDXL_CONTROL_CACHE (3)" in str(caught.value)
+    assert "SDXL_MAX_CONTROLNETS (4)" in str(caught.value)
+    monkeypatch.setenv("SDXL_CONTROL_CACHE", "4")
+    assert load_settings().control_cache == 4

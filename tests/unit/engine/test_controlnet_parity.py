@@ -24,12 +24,15 @@ from diffusers import (
     StableDiffusionXLControlNetImg2ImgPipeline,
     StableDiffusionXLControlNetInpaintPipeline,
     StableDiffusionXLControlNetPipeline,
+    StableDiffusionXLControlNetUnionInpaintPipeline,
     StableDiffusionXLControlNetUnionPipeline,
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLInpaintPipeline,
     UNet2DConditionModel,
 )
+from diffusers.models.controlnets.multicontrolnet_union import MultiControlNetUnionModel
 from PIL import Image
+from prometheus_client import CollectorRegistry
 from safetensors.torch import save_file
 
 from sdxl_service.choices import RefinerMode, RenderKind
@@ -39,6 +42,7 @@ from sdxl_service.engine.config import EngineConfig
 from sdxl_service.engine.controlnets import stop_after
 from sdxl_service.engine.render_batch import ImageTask, InvalidControlNet, RenderBatch
 from sdxl_service.engine.schedulers import make_scheduler
+from sdxl_service.metrics import ServiceMetrics
 from tests.jobs import make_params
 
 from .test_engine import LEFT_HALF, noise_picture
@@ -383,10 +387,95 @@ def test_least_recently_used_controlnet_is_unloaded_past_the_cache(
     settings = tiny_settings_factory(
         controlnet_dir=controlnet_dir, control_cache=1, max_controlnets=1
     )
-    small = Engine.load(EngineConfig.of(settings))
-    for name in ("edges", "depth"):
+    registry = CollectorRegistry()
+    small = Engine.load(EngineConfig.of(settings), metrics=ServiceMetrics(registry))
+    for name in ("edges", "depth", "depth"):
         p = params(RenderKind.TEXT_TO_IMAGE, RefinerMode.NONE, ControlNetParams(name=name))
-        small.render(
-            RenderBatch(params=p.model_copy(update={"num_inference_steps": 1}), tasks=tasks(p)[:1])
-        )
+        one_step = p.model_copy(update={"num_inference_steps": 1})
+        small.render(RenderBatch(params=one_step, tasks=tasks(p)[:1]))
         assert small.controlnets.loaded() == [name]
+    with pytest.raises(InvalidControlNet):
+        small.render(
+            RenderBatch(
+                params=params(
+                    RenderKind.TEXT_TO_IMAGE, RefinerMode.NONE, ControlNetParams(name="broken")
+                ),
+                tasks=tasks(p)[:1],
+            )
+        )
+    assert small.controlnets.loaded() == ["depth"]
+
+    def sample(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, labels)
+
+    assert sample("sdxl_controlnet_loads_total", outcome="ok") == 2
+    assert sample("sdxl_controlnet_loads_total", outcome="failed") == 1
+    assert sample("sdxl_controlnets_resident", worker="1") == 1
+    assert small.describe()["controlnets_loaded"] == ["depth"]
+
+
+def test_two_units_of_one_union_model_are_stock_multi_union(engine: Engine) -> None:
+    """One Union model twice (a depth map and a canny map): MultiControlNetUnionModel."""
+    units = (
+        ControlNetParams(name="union", scale=0.8, mode=1),
+        ControlNetParams(name="union", scale=0.6, start=0.2, mode=3),
+    )
+    p = params(RenderKind.TEXT_TO_IMAGE, RefinerMode.ENSEMBLE, *units)
+    batch = tasks(p)
+    with torch.inference_mode():
+        ours = ours_latents(engine, p, batch)
+        union = controlnet(engine, "union")
+        stock = scheduled(
+            engine,
+            StableDiffusionXLControlNetUnionPipeline(
+                **engine.base.components, controlnet=MultiControlNetUnionModel([union, union])
+            ),
+            p,
+        )
+        controls = [
+            stock.control_image_processor.preprocess(
+                [rgb(task.control_images[index]) for task in batch], height=SIZE, width=SIZE
+            )
+            for index in range(2)
+        ]
+        arguments = common(p)
+        latents = stock(
+            control_image=controls,
+            control_mode=[1, 3],
+            controlnet_conditioning_scale=[0.8, 0.6],
+            control_guidance_start=[0.0, 0.2],
+            control_guidance_end=[1.0, 1.0],
+            width=SIZE,
+            height=SIZE,
+            denoising_end=FRAC,
+            **arguments,
+        ).images
+        latents = refined(engine, p, latents, arguments["generator"])
+    assert torch.equal(ours, latents)
+
+
+def test_union_inpaint_is_stock_union_inpaint(engine: Engine) -> None:
+    p = params(RenderKind.INPAINT, RefinerMode.NONE, ControlNetParams(name="union", mode=7))
+    batch = tasks(p, mask=LEFT_HALF)
+    with torch.inference_mode():
+        ours = ours_latents(engine, p, batch)
+        stock = scheduled(
+            engine,
+            StableDiffusionXLControlNetUnionInpaintPipeline(
+                **engine.base.components, controlnet=controlnet(engine, "union")
+            ),
+            p,
+        )
+        pictures = [rgb(task.control_images[0]) for task in batch]
+        control = stock.control_image_processor.preprocess(pictures, height=SIZE, width=SIZE)
+        latents = stock(
+            image=[rgb(noise_picture(0))] * len(SEEDS),
+            mask_image=[Image.frombytes("L", (SIZE, SIZE), LEFT_HALF)] * len(SEEDS),
+            strength=0.75,
+            control_image=[control],
+            control_mode=[7],
+            width=SIZE,
+            height=SIZE,
+            **common(p),
+        ).images
+    assert torch.equal(ours, latents)
