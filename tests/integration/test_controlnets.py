@@ -19,6 +19,7 @@ from PIL import Image
 from sdxl_service.engine.tiny import ensure_tiny_pair
 from tests.controlnet_files import save_controlnets
 from tests.decoded import decode, pixels
+from tests.integration.test_jobs import wait_for_end
 from tests.service_process import REPO, RunningService, running_service
 
 pytestmark = pytest.mark.integration
@@ -148,3 +149,18 @@ def test_bad_units_are_400s_naming_the_parameter_and_the_service_stays_up(
         assert error["param"] == param
         assert code is None or error["code"] == code
     assert generate(client, {"name": "depth", "image": control_b64(1)}).shape == (128, 128, 3)
+
+
+def test_an_image_job_with_controlnets_ends_with_the_synchronous_answer(
+    http: httpx.Client,
+) -> None:
+    units = [{"name": "edges", "image": control_b64(1), "preprocessor": "canny"}]
+    body = {"prompt": "a lighthouse", "size": SIZE, "seed": 12, "controlnets": units}
+    submitted = http.post("/images/jobs", json=body)
+    assert submitted.status_code == 202, submitted.text
+    job = wait_for_end(http, submitted.json()["id"])
+    assert job["status"] == "succeeded", job
+    sync = http.post("/images/generations", json=body).json()
+    assert np.array_equal(
+        pixels(job["result"]["data"][0]["b64_json"]), pixels(sync["data"][0]["b64_json"])
+    )
