@@ -457,3 +457,29 @@ def test_union_inpaint_is_stock_union_inpaint(engine: Engine) -> None:
             **common(p),
         ).images
     assert torch.equal(ours, latents)
+
+
+@pytest.mark.parametrize("kind", [RenderKind.TEXT_TO_IMAGE, RenderKind.IMAGE_TO_IMAGE])
+def test_steps_and_previews_count_as_without_a_controlnet(engine: Engine, kind: RenderKind) -> None:
+    """The interrupted img2img loop reports no step it skips; previews come as asked."""
+    p = params(kind, RefinerMode.ENSEMBLE, EDGES)
+    counted: dict[bool, list[int]] = {}
+    previews: list[tuple[int, int]] = []
+    for with_control in (True, False):
+        steps: list[int] = []
+        batch_params = p if with_control else p.model_copy(update={"controlnets": ()})
+        batch_tasks = tasks(p)
+        if not with_control:
+            batch_tasks = [replace(task, control_images=()) for task in batch_tasks]
+        engine.render(
+            RenderBatch(
+                params=batch_params,
+                tasks=batch_tasks,
+                on_step=steps.append,
+                on_preview=(lambda i, j, image: previews.append((i, j))) if with_control else None,
+                preview_counts=(2, 1) if with_control else (),
+            )
+        )
+        counted[with_control] = steps
+    assert counted[True] == counted[False] == list(range(1, len(counted[False]) + 1))
+    assert sorted(previews) == [(0, 0), (0, 1), (1, 0)]
