@@ -483,3 +483,21 @@ def test_steps_and_previews_count_as_without_a_controlnet(engine: Engine, kind: 
         counted[with_control] = steps
     assert counted[True] == counted[False] == list(range(1, len(counted[False]) + 1))
     assert sorted(previews) == [(0, 0), (0, 1), (1, 0)]
+
+
+def test_controlnet_inpainting_leaves_a_float32_vae_float32(
+    tiny_settings_factory: Any, controlnet_dir: Path
+) -> None:
+    """diffusers' ControlNet inpaint encode upcasts the (force_upcast) VAE and casts it back
+    to the UNets' dtype after; the VAE kept in float32 beside them stays float32."""
+    settings = tiny_settings_factory(
+        controlnet_dir=controlnet_dir, dtype="bfloat16", vae_dtype="float32"
+    )
+    mixed = Engine.load(EngineConfig.of(settings))
+    assert (mixed.base.unet.dtype, mixed.vae.dtype) == (torch.bfloat16, torch.float32)
+    p = params(RenderKind.INPAINT, RefinerMode.NONE, EDGES).model_copy(
+        update={"num_inference_steps": 2}
+    )
+    images = mixed.render(RenderBatch(params=p, tasks=tasks(p, mask=LEFT_HALF)))
+    assert [image.size for image in images] == [(SIZE, SIZE)] * len(SEEDS)
+    assert mixed.vae.dtype == torch.float32
