@@ -111,6 +111,11 @@ class Settings(_SettingsBase):
     # Input pixels per side of one tile through an upscaler model (halved on out of memory).
     upscaler_tile: int = Field(512, ge=64, le=4096)
 
+    # --- textual-inversion embeddings --------------------------------------------
+    # SDXL embeddings (`<name>.safetensors` holding clip_l and clip_g), used by writing their
+    # name in a prompt. Read again when the folder changes: no restart needed.
+    embeddings_dir: Path | None = None
+
     # --- LoRA adapters --------------------------------------------------------
     # `<name>.safetensors` or `<name>/pytorch_lora_weights.safetensors`; default
     # <SDXL_CACHE_DIR>/loras. Read at every request: new files need no restart.

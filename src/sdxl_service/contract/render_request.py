@@ -35,6 +35,8 @@ class OutcomeStatus(StrEnum):
     INVALID_MODEL = "invalid_model"
     # The upscaler model of SDXL_UPSCALER_DIR the request picked could not be loaded.
     INVALID_UPSCALER = "invalid_upscaler"
+    # An embedding of SDXL_EMBEDDINGS_DIR a prompt names could not be used.
+    INVALID_EMBEDDING = "invalid_embedding"
     ERROR = "error"
 
 

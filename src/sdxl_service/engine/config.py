@@ -39,6 +39,8 @@ class EngineConfig(BaseModel):
     # SDXL_UPSCALER_DIR (None: no upscaler models) and the input tile through one.
     upscaler_dir: Path | None = None
     upscaler_tile: int = 512
+    # SDXL_EMBEDDINGS_DIR (None: no textual-inversion embeddings).
+    embeddings_dir: Path | None = None
     attention: Attention
     channels_last: bool
     fuse_qkv: bool
