@@ -21,6 +21,7 @@ BPE split (a file `xl` in `negativexl`); here a name matches whole words only.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import re
@@ -127,15 +128,9 @@ def read_embedding_file(name: str, path: Path) -> EmbeddingFile:
 def find_uses(text: str, names: Iterable[str]) -> list[EmbeddingUse]:
     """Where `text` names one of `names`, in order; at each word the name of most words
     wins (as A1111 tries the longest first), then the first in name order."""
-    by_first: dict[str, list[tuple[list[str], str]]] = {}
-    for name in sorted(names):
-        name_words = [word for word, _, _ in words(name)]
-        if name_words:
-            by_first.setdefault(name_words[0], []).append((name_words, name))
+    by_first = _name_index(tuple(sorted(names)))
     if not by_first:
         return []
-    for candidates in by_first.values():
-        candidates.sort(key=lambda candidate: -len(candidate[0]))
     found = words(text)
     texts = [word for word, _, _ in found]
     uses: list[EmbeddingUse] = []
@@ -150,6 +145,20 @@ def find_uses(text: str, names: Iterable[str]) -> list[EmbeddingUse]:
         else:
             index += 1
     return uses
+
+
+@functools.lru_cache(maxsize=16)
+def _name_index(names: tuple[str, ...]) -> dict[str, list[tuple[list[str], str]]]:
+    """The names by their first word, the longest first: built once per set of names (every
+    queued image is looked at with the same folder's)."""
+    by_first: dict[str, list[tuple[list[str], str]]] = {}
+    for name in names:
+        name_words = [word for word, _, _ in words(name)]
+        if name_words:
+            by_first.setdefault(name_words[0], []).append((name_words, name))
+    for candidates in by_first.values():
+        candidates.sort(key=lambda candidate: -len(candidate[0]))
+    return by_first
 
 
 def names_in(text: str, names: Iterable[str]) -> list[str]:

@@ -24,6 +24,12 @@ the short code below.
 
 Chunks are cut at exactly 75 tokens: A1111's optional backtracking to a
 nearby comma is not done.
+
+A textual-inversion embedding a fragment names (embedding_catalog.find_uses)
+takes one placeholder token per vector, all in one chunk (the next one when
+they do not fit), weighted as its fragment, as A1111's `tokenize_line` has it;
+engine/embeddings.py puts the vectors in while the chunk is encoded. With no
+embedding named, the ids and the calls are the same as without any.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from sdxl_service.api.app import create_app
 from sdxl_service.api.files import LocalFileStore
 from sdxl_service.api.infotext import Provenance, infotext
 from sdxl_service.api.serving import ImagesServing
+from sdxl_service.contract.render_request import GenerationOutcome, OutcomeStatus
 from sdxl_service.settings import Settings
 from tests.unit.api.test_infotext import a1111_parse, job
 from tests.unit.api.test_serving import SeedPainter
@@ -124,6 +125,18 @@ def test_an_unusable_embedding_is_a_400_naming_the_field(
     )
     assert problem in error["message"] and f"named in {param}" in error["message"]
     assert painter.jobs == []  # refused before it was queued
+
+
+def test_a_worker_that_cannot_use_an_embedding_answers_400(
+    client: TestClient, painter: WidthsPainter
+) -> None:
+    """The file changed after this process checked it: the render worker says so."""
+    message = "The embedding 'tinyneg' named in prompt cannot be used: the file changed."
+    painter.outcome = GenerationOutcome(status=OutcomeStatus.INVALID_EMBEDDING, message=message)
+    answer = generate(client, "a tinyneg fox")
+    assert answer.status_code == 400
+    error = answer.json()["error"]
+    assert (error["code"], error["message"]) == ("invalid_embedding", message)
 
 
 def test_a_new_file_needs_no_restart(client: TestClient, folder: Path) -> None:

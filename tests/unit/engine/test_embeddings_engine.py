@@ -299,3 +299,5 @@ def test_an_unusable_embedding_is_refused_naming_the_field(
 ) -> None:
     with pytest.raises(InvalidEmbedding, match=message):
         render(engine, make_params(), prompt, negative)
+    for encoder in (engine.base.text_encoder, engine.base.text_encoder_2):
+        assert not encoder.get_input_embeddings()._forward_hooks
