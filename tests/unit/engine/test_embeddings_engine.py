@@ -301,3 +301,28 @@ def test_an_unusable_embedding_is_refused_naming_the_field(
         render(engine, make_params(), prompt, negative)
     for encoder in (engine.base.text_encoder, engine.base.text_encoder_2):
         assert not encoder.get_input_embeddings()._forward_hooks
+
+
+def test_the_pooled_output_stays_at_the_end_of_the_text_with_sdxls_old_eos_id(
+    engine: Engine, stock: dict[str, Any]
+) -> None:
+    """SDXL's real text_encoder_2 config has eos_token_id 2, for which transformers pools at
+    the highest id: diffusers' added tokens move it onto the embedding, A1111's placeholder
+    (and this service's) leave it at the end of the text. The tiny configs carry the real id;
+    set the old one on both sides to see the documented difference."""
+    vectors = engine.embeddings.load([("prompt", [PROMPT])], encoder_widths(engine.base))
+    ours_encoder = engine.base.text_encoder_2.text_model
+    theirs_encoder = stock["base"].text_encoder_2.text_model
+    with torch.inference_mode():
+        before = prompt_embeddings(engine.base, [PROMPT], [""], 5.0, embeddings=vectors)
+        (_, _, theirs_before, _) = stock["base"].encode_prompt(prompt=PROMPT, device="cpu")
+        saved = ours_encoder.eos_token_id, theirs_encoder.eos_token_id
+        ours_encoder.eos_token_id = theirs_encoder.eos_token_id = 2
+        try:
+            after = prompt_embeddings(engine.base, [PROMPT], [""], 5.0, embeddings=vectors)
+            (_, _, theirs_after, _) = stock["base"].encode_prompt(prompt=PROMPT, device="cpu")
+        finally:
+            ours_encoder.eos_token_id, theirs_encoder.eos_token_id = saved
+    assert torch.equal(before["pooled_prompt_embeds"], theirs_before)
+    assert torch.equal(after["pooled_prompt_embeds"], before["pooled_prompt_embeds"])
+    assert not torch.equal(theirs_after, theirs_before)
