@@ -22,11 +22,9 @@ BPE split (a file `xl` in `negativexl`); here a name matches whole words only.
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import os
 import re
-import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,11 +168,6 @@ def names_in(text: str, names: Iterable[str]) -> list[str]:
 class EmbeddingCatalog(FolderCatalog[EmbeddingFile]):
     """The embedding files of one folder by name (the file name without `.safetensors`)."""
 
-    def __init__(self, folder: Path | None) -> None:
-        super().__init__(folder)
-        self._hashes: dict[tuple[str, int, int], str] = {}
-        self._hash_lock = threading.Lock()
-
     def _candidates(self) -> dict[str, Path]:
         found: dict[str, Path] = {}
         if self.folder is None or not self.folder.is_dir():
@@ -209,18 +202,6 @@ class EmbeddingCatalog(FolderCatalog[EmbeddingFile]):
         return entry
 
     def short_hash(self, entry: EmbeddingFile) -> str | None:
-        """The first 12 hex digits of the file's SHA-256, as A1111's `TI hashes` names an
-        embedding (its `hashes.sha256`); computed once per file version (path, size, mtime)."""
-        try:
-            stat = entry.path.stat()
-            key = (str(entry.path), stat.st_size, stat.st_mtime_ns)
-            with self._hash_lock:
-                known = self._hashes.get(key)
-            if known is None:
-                with entry.path.open("rb") as file:
-                    known = hashlib.file_digest(file, "sha256").hexdigest()[:12]
-                with self._hash_lock:
-                    self._hashes[key] = known
-        except OSError:
-            return None
-        return known
+        """`TI hashes`' name of the file, A1111's `hashes.sha256` of it
+        (FolderCatalog.file_short_hash)."""
+        return self.file_short_hash(entry.path)
