@@ -152,3 +152,34 @@ def test_image_jobs_keep_the_flagged_item_or_fail_with_content_policy_violation(
     assert failed["status"] == "failed", failed
     assert failed["error"]["code"] == CODE
     assert failed["attempts"] == 1
+
+
+LEGACY = """
+import json, sys
+import openai
+openai.api_base = sys.argv[1]
+openai.api_key = "random-string"
+seed = int(sys.argv[2])
+out = {}
+answer = openai.Image.create(prompt="a red fox in the snow", n=2, size=sys.argv[3], seed=seed)
+out["items"] = [sorted(item.keys()) for item in answer["data"]]
+out["flagged_code"] = answer["data"][0]["error"]["code"]
+try:
+    openai.Image.create(prompt="a red fox in the snow", n=1, size=sys.argv[3], seed=seed)
+    out["single"] = "no error"
+except openai.error.OpenAIError as exc:
+    out["single"] = [type(exc).__name__, exc.http_status, exc.code]
+print(json.dumps(out))
+"""
+
+
+def test_the_legacy_client_reads_both_answers(service: RunningService, stock) -> None:
+    from tests.integration.test_legacy_client import run_legacy
+
+    body, _ = stock
+    out = run_legacy(LEGACY, service.api, str(FLAGGED_SEED), body["size"])
+    assert out == {
+        "items": [["error", "seed"], ["b64_json", "seed"]],
+        "flagged_code": CODE,
+        "single": ["InvalidRequestError", 400, CODE],
+    }
