@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 from prometheus_client import CollectorRegistry
 
@@ -132,3 +133,32 @@ def test_a_checker_that_fails_to_load_fails_the_worker_naming_the_variable(
         assert not host.is_alive() and not host.is_ready()
     finally:
         asyncio.run(host.stop())
+
+
+@pytest.mark.parametrize("flags_everything", [False, True])
+@asyncio_test
+async def test_an_image_classifier_checker_in_the_batcher(
+    tiny_engine, stock_images, tmp_path_factory: pytest.TempPathFactory, flags_everything: bool
+) -> None:
+    """A transformers classifier (tiny ViT, its bias decides): flagging nothing changes
+    nothing (the stock pixels), flagging everything withholds every image."""
+    from sdxl_service.engine.safety import SafetyChecker
+    from sdxl_service.render.batcher import Batcher
+
+    folder = safety_checkers.vit_classifier(
+        tmp_path_factory.mktemp("vit"), flags_everything=flags_everything
+    )
+    checker = SafetyChecker.load(str(folder), ["nsfw"], device="cpu", dtype=torch.float32)
+    batcher = Batcher(tiny_engine.render, max_batch_images=4, batch_wait_ms=0, screen=checker.flags)
+    try:
+        outcome = await batcher.submit(make_job("vit", n=2))
+    finally:
+        await batcher.stop()
+    if flags_everything:
+        assert outcome.status is OutcomeStatus.CONTENT_POLICY_VIOLATION and outcome.images == []
+    else:
+        assert outcome.status is OutcomeStatus.OK and outcome.flagged_seeds == []
+        assert [image.rgb for image in outcome.images] == [
+            stock_images[100].tobytes(),
+            stock_images[101].tobytes(),
+        ]
