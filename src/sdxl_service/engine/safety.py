@@ -41,6 +41,14 @@ VARIABLE = "SDXL_SAFETY_CHECKER"
 LABELS_VARIABLE = "SDXL_SAFETY_LABELS"
 
 
+class _WithheldNotBlackedOut(logging.Filter):
+    """diffusers' checker warns that "a black image will be returned instead": here the image
+    is withheld, not blacked out, and `flags` logs what it flagged in its own words."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "A black image will be returned instead" not in record.getMessage()
+
+
 class UnusableSafetyChecker(ValueError):
     """The classifier cannot be loaded or used as configured; the message names the variable."""
 
@@ -97,6 +105,9 @@ class SafetyChecker:
                 )
 
                 model = StableDiffusionSafetyChecker.from_pretrained(source, **model_options)
+                logging.getLogger(StableDiffusionSafetyChecker.__module__).addFilter(
+                    _WithheldNotBlackedOut()
+                )
             else:
                 model = AutoModelForImageClassification.from_pretrained(source, **model_options)
         except Exception as error:  # damaged weights, a mismatched config, a missing file...
@@ -138,9 +149,13 @@ class SafetyChecker:
             # pixels never go through the checker twice.
             stand_ins = [np.zeros((1, 1, 3)) for _ in images]
             _, has_nsfw_concepts = self.model(clip_input=pixel_values, images=stand_ins)
-            return [bool(flag) for flag in has_nsfw_concepts]
-        top = self.model(pixel_values=pixel_values).logits.argmax(dim=-1).tolist()
-        return [label in self.flagged_labels for label in top]
+            flagged = [bool(flag) for flag in has_nsfw_concepts]
+        else:
+            top = self.model(pixel_values=pixel_values).logits.argmax(dim=-1).tolist()
+            flagged = [label in self.flagged_labels for label in top]
+        if any(flagged):
+            logger.info("the safety checker flagged %d of %d images", sum(flagged), len(flagged))
+        return flagged
 
 
 def _subfolder(name: str | None) -> dict[str, Any]:

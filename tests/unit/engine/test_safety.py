@@ -4,6 +4,7 @@ image classifier with SDXL_SAFETY_LABELS; what cannot load names the variable.""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -29,11 +30,14 @@ def load(folder: Path, labels: tuple[str, ...] = ("nsfw",)) -> SafetyChecker:
 
 @pytest.mark.parametrize("pipeline_layout", [False, True], ids=["repository", "pipeline"])
 def test_the_diffusers_checker_flags_the_image_it_knows_and_no_other(
-    tmp_path: Path, pipeline_layout: bool
+    tmp_path: Path, pipeline_layout: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
     safety_checkers.diffusers_checker(tmp_path, BAD, [GOOD, OTHER], pipeline_layout=pipeline_layout)
     checker = load(tmp_path)
-    assert checker.flags([GOOD, BAD, OTHER, BAD]) == [False, True, False, True]
+    with caplog.at_level(logging.INFO):
+        assert checker.flags([GOOD, BAD, OTHER, BAD]) == [False, True, False, True]
+    # Withheld, not blacked out as diffusers' own warning would say.
+    assert "flagged 2 of 4 images" in caplog.text and "black image" not in caplog.text
     assert checker.describe() == {"source": str(tmp_path), "kind": "StableDiffusionSafetyChecker"}
 
 
