@@ -121,6 +121,11 @@ class Settings(_SettingsBase):
     # checker has its own verdict and ignores these.
     safety_labels: Annotated[list[str], NoDecode] = ["nsfw"]
 
+    # --- textual-inversion embeddings --------------------------------------------
+    # SDXL embeddings (`<name>.safetensors` holding clip_l and clip_g), used by writing their
+    # name in a prompt. Read again when the folder changes: no restart needed.
+    embeddings_dir: Path | None = None
+
     # --- LoRA adapters --------------------------------------------------------
     # `<name>.safetensors` or `<name>/pytorch_lora_weights.safetensors`; default
     # <SDXL_CACHE_DIR>/loras. Read at every request: new files need no restart.

@@ -201,6 +201,8 @@ class ModelCard(BaseModel):
     lora: dict[str, Any] | None = None  # a LoRA's card: name, format, components
     # An upscaler model's card: name, format, and (from the render worker) architecture, scale.
     upscaler: dict[str, Any] | None = None
+    # A textual-inversion embedding's card: name, vectors (tokens it takes in a prompt).
+    embedding: dict[str, Any] | None = None
 
 
 class ModelList(BaseModel):

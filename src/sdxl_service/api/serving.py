@@ -14,7 +14,7 @@ import contextlib
 import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -27,6 +27,7 @@ from ..contract.render_request import (
     RenderEventType,
     loading_outcome,
 )
+from ..embedding_catalog import EmbeddingCatalog, EmbeddingFile, names_in
 from ..lora_catalog import LoraCatalog
 from ..metrics import ServiceMetrics
 from ..model_catalog import ModelCatalog
@@ -80,6 +81,7 @@ class ImagesServing:
         self.loras = LoraCatalog(settings.lora_folder)
         self.models = ModelCatalog(settings.models_dir)
         self.upscalers = UpscalerCatalog(settings.upscaler_dir)
+        self.embeddings = EmbeddingCatalog(settings.embeddings_dir)
         self._model_info: dict[str, Any] | None = None
         self._started = int(time.time())
 
@@ -124,7 +126,56 @@ class ImagesServing:
             )
             for name, entry in sorted(entries.items())
         ]
-        return ModelList(data=[card, *model_cards, *lora_cards, *await self._upscaler_cards()])
+        upscaler_cards = await self._upscaler_cards()
+        embedding_cards = await run_in_threadpool(self._embedding_cards, info)
+        return ModelList(data=[card, *model_cards, *lora_cards, *upscaler_cards, *embedding_cards])
+
+    def _embedding_cards(self, info: dict[str, Any]) -> list[ModelCard]:
+        """Each embedding of SDXL_EMBEDDINGS_DIR: its name and vectors per token, or why it
+        cannot be used with the model's text encoders (their widths, from the render worker)."""
+        widths = info.get("embedding_widths")
+        cards = []
+        for name, entry in sorted(self.embeddings.snapshot().items()):
+            card = entry.describe(widths)
+            problem = card.pop("problem", None)
+            cards.append(
+                ModelCard(
+                    id=name,
+                    created=self._started,
+                    owned_by="embeddings_dir",
+                    warning=None if problem is None else str(problem),
+                    embedding=card,
+                )
+            )
+        return cards
+
+    def _with_embeddings(self, resolved: ResolvedRequest) -> ResolvedRequest:
+        """400 naming the prompt field when it names an embedding that cannot be used; the
+        embeddings the prompts name, with their hashes, in the infotext's provenance."""
+        folder = self.embeddings.snapshot()
+        if not folder:
+            return resolved
+        widths = (self._model_info or {}).get("embedding_widths")
+        job = resolved.job
+        used: dict[str, EmbeddingFile] = {}
+        for param, text in (("prompt", job.prompt), ("negative_prompt", job.negative_prompt)):
+            for name in names_in(text, folder):
+                problem = folder[name].problem_for(widths)
+                if problem is not None:
+                    raise invalid_value(
+                        param,
+                        f"The embedding '{name}' named in {param} cannot be used: {problem}.",
+                        code="invalid_embedding",
+                    )
+                used.setdefault(name, folder[name])
+        if not used or resolved.provenance is None:
+            return resolved
+        hashes = {
+            name: digest
+            for name, entry in used.items()
+            if (digest := self.embeddings.short_hash(entry)) is not None
+        }
+        return replace(resolved, provenance=replace(resolved.provenance, ti_hashes=hashes))
 
     async def _upscaler_cards(self) -> list[ModelCard]:
         """Each upscaler model of SDXL_UPSCALER_DIR: its file from here (no torch), its
@@ -230,7 +281,7 @@ class ImagesServing:
                 self.upscalers,
             )
         await self._check_upscaler(resolved)
-        return resolved
+        return await run_in_threadpool(self._with_embeddings, resolved)
 
     async def render(
         self,

@@ -37,6 +37,8 @@ class OutcomeStatus(StrEnum):
     INVALID_UPSCALER = "invalid_upscaler"
     # Every image of the request was flagged by the safety checker (SDXL_SAFETY_CHECKER).
     CONTENT_POLICY_VIOLATION = "content_policy_violation"
+    # An embedding of SDXL_EMBEDDINGS_DIR a prompt names could not be used.
+    INVALID_EMBEDDING = "invalid_embedding"
     ERROR = "error"
 
 

@@ -15,6 +15,7 @@ from PIL import Image
 
 from ..choices import HiresUpscaler, Preset, RefinerMode, RenderKind, SchedulerName, Switch
 from ..contract.render_request import RenderParams
+from ..embedding_catalog import EmbeddingCatalog
 from ..lora_catalog import LoraCatalog
 from ..metrics import ServiceMetrics
 from .config import EngineConfig
@@ -27,6 +28,7 @@ from .devices import (
     resolve_preset,
     synchronize,
 )
+from .embeddings import TextualInversions, encoder_widths
 from .handover import ensemble_split, refiner_handover
 from .latents import LatentCodec
 from .loading import edit_pipelines, load_pipelines
@@ -99,6 +101,8 @@ class Engine:
         # the render (~0.5 ms of tokenizing per request on 2 CPU cores, make bench-overhead);
         # the same prompts come back with other seeds, and the count depends on nothing else.
         self._chunk_counts = functools.lru_cache(maxsize=1024)(self._count_chunks)
+        # Embeddings of SDXL_EMBEDDINGS_DIR that prompts name (engine/embeddings.py).
+        self.embeddings = TextualInversions(EmbeddingCatalog(config.embeddings_dir))
         # Kept apart: each render gets fresh schedulers built from these.
         self._refiner_scheduler_config = dict(refiner.scheduler.config)
         for pipeline in (base, refiner):
@@ -237,6 +241,8 @@ class Engine:
             "dtype": dtype_name(self.dtype),
             "native_resolution": self.native_resolution,
             "optimisations": dict(self.optimisations),
+            # What an embedding's clip_l and clip_g vectors must be (the HTTP side checks).
+            "embedding_widths": encoder_widths(self.models.default.base),
             # The default's: describe() may be called while another model's batch renders.
             **self.models.default.loras.describe(),
             **self.models.describe(),
@@ -277,11 +283,24 @@ class Engine:
 
     def conditioning_chunks(self, task: ImageTask, params: RenderParams) -> int:
         """The 75-token chunks of the image's conditioning: images batch only with equal counts."""
-        return self._chunk_counts(task.prompt, task.negative_prompt, params.guidance_scale)
+        # The embeddings the prompts name, with their sizes, are part of the key: a file
+        # added, changed or removed in the folder changes the count of the same text.
+        sizes = self.embeddings.sizes((task.prompt, task.negative_prompt))
+        return self._chunk_counts(
+            task.prompt, task.negative_prompt, params.guidance_scale, tuple(sorted(sizes.items()))
+        )
 
-    def _count_chunks(self, prompt: str, negative_prompt: str, guidance_scale: float) -> int:
+    def _count_chunks(
+        self,
+        prompt: str,
+        negative_prompt: str,
+        guidance_scale: float,
+        sizes: tuple[tuple[str, int], ...] = (),
+    ) -> int:
         syntax = self.config.prompt_syntax
-        return image_chunk_counts(self.base, [prompt], [negative_prompt], guidance_scale, syntax)[0]
+        return image_chunk_counts(
+            self.base, [prompt], [negative_prompt], guidance_scale, syntax, dict(sizes)
+        )[0]
 
     def render(self, batch: RenderBatch) -> list[Image.Image]:
         """RGB images of `params.width` x `params.height`, in task order."""
@@ -483,11 +502,17 @@ class Engine:
         syntax = self.config.prompt_syntax
         prompts = [task.prompt for task in batch.tasks]
         negative_prompts = [task.negative_prompt for task in batch.tasks]
+        # The embeddings the prompts name (InvalidEmbedding when one cannot be used).
+        vectors = self.embeddings.load(
+            [("prompt", prompts), ("negative_prompt", negative_prompts)],
+            encoder_widths(self.base),
+        )
+        sizes = {name: embedding.vectors for name, embedding in vectors.items()}
         # Prompts of different chunk counts cannot share a call: padding the
         # shorter with empty chunks would change its image. The batch policy
         # keeps them apart (render/batch_policy.py, BatchKey.chunks).
         counts = image_chunk_counts(
-            self.base, prompts, negative_prompts, params.guidance_scale, syntax
+            self.base, prompts, negative_prompts, params.guidance_scale, syntax, sizes
         )
         if len(set(counts)) > 1:
             raise ValueError(
@@ -568,6 +593,7 @@ class Engine:
                     params.guidance_scale,
                     syntax,
                     params.clip_skip,
+                    vectors,
                 )
                 latents = plan.base(
                     **embeddings, **base_inputs, denoising_end=plan.denoising_end, **common
@@ -591,6 +617,7 @@ class Engine:
                 params.guidance_scale,
                 syntax,
                 params.clip_skip,
+                vectors,
             )
             refined: torch.Tensor = plan.refiner(
                 **embeddings,

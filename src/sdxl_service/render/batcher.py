@@ -33,6 +33,7 @@ from PIL.Image import Image
 from ..contract.render_request import GenerationOutcome, OutcomeStatus, RenderParams, RenderRequest
 from ..engine.render_batch import (
     ImageTask,
+    InvalidEmbedding,
     InvalidLora,
     InvalidModel,
     InvalidUpscaler,
@@ -368,6 +369,11 @@ class Batcher:
         except InvalidUpscaler as exc:
             # Every job of the batch asked for the same upscaler model.
             self._finish_all(pendings, OutcomeStatus.INVALID_UPSCALER, str(exc))
+            return
+        except InvalidEmbedding as exc:
+            # Checked per request before it was queued (api/serving.py): only a file changed
+            # since then gets here, and it fails the batch it is in.
+            self._finish_all(pendings, OutcomeStatus.INVALID_EMBEDDING, str(exc))
             return
         except Exception as exc:
             logger.exception("render of %d images failed", len(images))

@@ -25,7 +25,13 @@ from prometheus_client import CollectorRegistry
 
 from sdxl_service.contract.render_request import GenerationOutcome, OutcomeStatus, RenderedImage
 from sdxl_service.engine import Engine
-from sdxl_service.engine.render_batch import InvalidLora, OutOfMemory, RenderBatch, RenderCancelled
+from sdxl_service.engine.render_batch import (
+    InvalidEmbedding,
+    InvalidLora,
+    OutOfMemory,
+    RenderBatch,
+    RenderCancelled,
+)
 from sdxl_service.metrics import ServiceMetrics
 from sdxl_service.render.batcher import Batcher
 from tests import polling
@@ -865,3 +871,18 @@ async def test_a_lora_the_engine_refuses_answers_its_batch_invalid_lora(
     outcome = await batcher.submit(make_job("a", n=2))
     assert outcome.status is OutcomeStatus.INVALID_LORA
     assert outcome.message == "LoRA 'sd15' is not an SDXL LoRA"
+
+
+@asyncio_test
+async def test_an_embedding_the_engine_refuses_answers_its_batch_invalid_embedding(
+    make_batcher: Callable[..., Batcher],
+) -> None:
+    """A file changed between the HTTP process's check and the render."""
+    message = "The embedding 'neg' named in negative_prompt cannot be used: the file changed."
+
+    def refuse(batch: RenderBatch) -> list[Image.Image]:
+        raise InvalidEmbedding(message)
+
+    batcher = make_batcher(refuse)
+    outcome = await batcher.submit(make_job("a", n=2))
+    assert (outcome.status, outcome.message) == (OutcomeStatus.INVALID_EMBEDDING, message)
