@@ -141,6 +141,7 @@ _OUTCOME_ERRORS: dict[OutcomeStatus, _OutcomeError] = {
     OutcomeStatus.INVALID_LORA: _OutcomeError(400, "invalid_lora", None, param="loras"),
     OutcomeStatus.INVALID_MODEL: _OutcomeError(400, "invalid_model", None, param="model"),
     OutcomeStatus.INVALID_UPSCALER: _OutcomeError(400, "invalid_upscaler", None, param="upscaler"),
+    OutcomeStatus.CONTENT_POLICY_VIOLATION: _OutcomeError(400, "content_policy_violation", None),
     # The message names the field (prompt or negative_prompt).
     OutcomeStatus.INVALID_EMBEDDING: _OutcomeError(400, "invalid_embedding", None),
     OutcomeStatus.CANCELLED: _OutcomeError(499, "cancelled", None),

@@ -162,11 +162,23 @@ class ImageUpscaleRequest(ImageRequest):
     upscaler: str | None = Field(default=None, min_length=1, max_length=128)
 
 
+class ImageError(BaseModel):
+    """Why one image of an answer is missing (the OpenAI error envelope's `error`)."""
+
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
 class ImageData(BaseModel):
     b64_json: str | None = None
     url: str | None = None
     revised_prompt: str | None = None
     seed: int
+    # An image the safety checker flagged (SDXL_SAFETY_CHECKER): no b64_json or url, and
+    # this (content_policy_violation) instead.
+    error: ImageError | None = None
 
 
 class ImagesResponse(BaseModel):

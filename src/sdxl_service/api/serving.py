@@ -43,7 +43,9 @@ from .responses import (
     completed_events,
     encodes_inline,
     error_event,
+    flagged_image,
     images_response,
+    in_seed_order,
     partial_event,
     public_base_url,
     server_timing,
@@ -357,13 +359,18 @@ class ImagesServing:
             metrics=self.metrics,
         )
         if encodes_inline(outcome.images, resolved):
-            return images_response([one(image) for image in outcome.images], resolved)
-        # An image per thread: OpenCV and Pillow let go of the GIL while they
-        # encode, so n images take about as long as one where there are cores
-        # (n=4 at 1024x1024, Server-Timing encode on 2 cores: PNG 138 -> 91 ms,
-        # WEBP 329 -> 179 ms).
-        data = await asyncio.gather(*(run_in_threadpool(one, image) for image in outcome.images))
-        return images_response(list(data), resolved)
+            data = [one(image) for image in outcome.images]
+        else:
+            # An image per thread: OpenCV and Pillow let go of the GIL while they
+            # encode, so n images take about as long as one where there are cores
+            # (n=4 at 1024x1024, Server-Timing encode on 2 cores: PNG 138 -> 91 ms,
+            # WEBP 329 -> 179 ms).
+            encoded = (run_in_threadpool(one, image) for image in outcome.images)
+            data = list(await asyncio.gather(*encoded))
+        if outcome.flagged_seeds:
+            flagged = [flagged_image(seed) for seed in outcome.flagged_seeds]
+            data = in_seed_order(data + flagged, resolved.job.seeds)
+        return images_response(data, resolved)
 
     async def _stream(
         self, resolved: ResolvedRequest, http_request: Request, kind: str

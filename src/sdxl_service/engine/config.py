@@ -39,6 +39,9 @@ class EngineConfig(BaseModel):
     # SDXL_UPSCALER_DIR (None: no upscaler models) and the input tile through one.
     upscaler_dir: Path | None = None
     upscaler_tile: int = 512
+    # SDXL_SAFETY_CHECKER (None: off) and SDXL_SAFETY_LABELS (engine/safety.py).
+    safety_checker: str | None = None
+    safety_labels: tuple[str, ...] = ("nsfw",)
     # SDXL_EMBEDDINGS_DIR (None: no textual-inversion embeddings).
     embeddings_dir: Path | None = None
     attention: Attention

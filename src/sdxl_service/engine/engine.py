@@ -44,6 +44,7 @@ from .render_batch import (
     RenderBatch,
     RenderCancelled,
 )
+from .safety import SafetyChecker
 from .schedulers import make_scheduler
 from .upscalers import UnusableUpscaler, UpscalerModels
 
@@ -92,6 +93,9 @@ class Engine:
         self.base_source = base_source
         self.refiner_source = refiner_source
         self.stage_observer = stage_observer
+        # SDXL_SAFETY_CHECKER's classifier (Engine.load); the render worker screens each
+        # rendered batch with it (render/batcher.py).
+        self.safety: SafetyChecker | None = None
         self.native_resolution = int(base.unet.config.sample_size) * int(base.vae_scale_factor)
         # The batcher counts each queued image's chunks before its batch is picked, outside
         # the render (~0.5 ms of tokenizing per request on 2 CPU cores, make bench-overhead);
@@ -158,6 +162,14 @@ class Engine:
         else:
             base_source, refiner_source = config.base_model, config.refiner_model
         started = time.perf_counter()
+        # First: a checker that cannot load stops the start before minutes of SDXL loading.
+        safety = (
+            None
+            if config.safety_checker is None
+            else SafetyChecker.load(
+                config.safety_checker, config.safety_labels, device=device, dtype=dtype
+            )
+        )
         # Which files of SDXL_VARIANT each folder or repo loads is decided by what it
         # holds and the dtype (loading.choose_variant), not by the device.
         base, refiner = load_pipelines(
@@ -182,6 +194,7 @@ class Engine:
             stage_observer=stage_observer,
             metrics=metrics,
         )
+        engine.safety = safety
         # taesd previews: loaded (downloaded) now, so that no request waits on it.
         engine.preview_decoders.prepare(config.preview_decoder)
         logger.info(
@@ -233,6 +246,7 @@ class Engine:
             # The default's: describe() may be called while another model's batch renders.
             **self.models.default.loras.describe(),
             **self.models.describe(),
+            **({} if self.safety is None else {"safety_checker": self.safety.describe()}),
         }
 
     def warmup(self, steps: int = 2) -> bool:
