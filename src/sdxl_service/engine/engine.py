@@ -37,6 +37,7 @@ from .previews import PreviewDecoders, preview_tap
 from .prompts import image_chunk_counts, prompt_embeddings
 from .render_batch import (
     ImageTask,
+    InvalidModel,
     InvalidUpscaler,
     OutOfMemory,
     RenderBatch,
@@ -57,10 +58,14 @@ class DenoisePlan:
     base: Any  # the base pipeline for the render kind (text-to-image, img2img or inpaint)
     refiner: Any
     encodes_init_images: bool  # edits: the init images are the starting latents
-    inpaints: bool
+    inpaints: bool  # the request's mask goes to both stages
     base_runs: bool
     denoising_end: float | None  # where the base stops; None: at the end of its schedule
     refiner_handover: dict[str, Any] | None  # None: no refiner pass
+    # An inpainting checkpoint's UNet (9 channels) conditions on the mask and the masked
+    # picture in every edit; an edit without a mask repaints all of it (full_mask).
+    conditions_on_mask: bool = False
+    full_mask: bool = False
 
 
 class Engine:
@@ -214,6 +219,11 @@ class Engine:
     def vae(self) -> Any:
         return self.base.vae
 
+    @property
+    def inpainting(self) -> bool:
+        """Whether the active base model is an inpainting checkpoint (a 9-channel UNet)."""
+        return is_inpainting_unet(self.base.unet)
+
     def describe(self) -> dict[str, Any]:
         return {
             "base": self.base_source,
@@ -223,6 +233,10 @@ class Engine:
             "device": self.device,
             "dtype": dtype_name(self.dtype),
             "native_resolution": self.native_resolution,
+            # What the default base renders (GET /v1/models): edits alone, or text too.
+            "kind": "inpainting"
+            if is_inpainting_unet(self.models.default.base.unet)
+            else ("text_to_image"),
             "optimisations": dict(self.optimisations),
             # The default's: describe() may be called while another model's batch renders.
             **self.models.default.loras.describe(),
@@ -424,8 +438,15 @@ class Engine:
         mode = RefinerMode(params.refiner)
         kind = RenderKind(params.kind)
         edit = kind is not RenderKind.TEXT_TO_IMAGE
+        inpainting = self.inpainting
+        if inpainting and not edit:
+            raise InvalidModel(inpainting_text_to_image(self._active.name))
         if kind is RenderKind.INPAINT:
             base, refiner = self.base_inpaint, self.refiner_inpaint
+        elif inpainting:
+            # AUTOMATIC1111's img2img on an inpainting model: the whole picture masked
+            # (its "inpainting conditioning mask strength" 1.0), the refiner's img2img after.
+            base, refiner = self.base_inpaint, self.refiner
         elif edit:
             base, refiner = self.base_img2img, self.refiner
         else:
@@ -454,6 +475,8 @@ class Engine:
             refiner=refiner,
             encodes_init_images=edit,
             inpaints=kind is RenderKind.INPAINT,
+            conditions_on_mask=inpainting,
+            full_mask=inpainting and kind is not RenderKind.INPAINT,
             base_runs=base_runs,
             denoising_end=params.high_noise_frac if mode is RefinerMode.ENSEMBLE else None,
             refiner_handover=refiner_handover(params, base_runs=base_runs),
@@ -520,23 +543,41 @@ class Engine:
         latents: torch.Tensor | None = None
         base_inputs: dict[str, Any] = dict(size)
         refiner_inputs: dict[str, Any] = {}
+        mask_inputs: dict[str, Any] = {}
         if plan.encodes_init_images and init_latents is not None:
             latents = init_latents
             base_inputs = {"image": latents, "strength": params.strength}
         elif plan.encodes_init_images:
             self._check_stop(batch)
+            pictures = [task.init_image for task in batch.tasks]
             with self._stage("vae_encode"):
-                # Draws from each generator before the base does, as diffusers does.
-                latents = self.latent_codec.encode(
-                    [task.init_image for task in batch.tasks], params, generators
-                )
+                if plan.conditions_on_mask and plan.base_runs and params.strength >= 1.0:
+                    # diffusers' inpaint pipeline starts a 9-channel UNet from noise alone
+                    # at strength 1, without encoding (or drawing for) the picture.
+                    latents = self._unused_picture_latents(len(pictures), params)
+                else:
+                    # Draws from each generator before the base does, as diffusers does.
+                    latents = self.latent_codec.encode(pictures, params, generators)
             base_inputs = {"image": latents, "strength": params.strength}
-            if plan.inpaints:
-                masks = [self._mask(task, params) for task in batch.tasks]
-                refiner_inputs = {"mask_image": masks, **size}
+            if plan.inpaints or plan.full_mask:
+                masks = [
+                    full_mask(params) if plan.full_mask else self._mask(task, params)
+                    for task in batch.tasks
+                ]
+                mask_inputs = {"mask_image": masks, **size}
+                base_inputs |= mask_inputs
+            if plan.conditions_on_mask:
+                codec = self.latent_codec
+
+                def masked_picture(mask: torch.Tensor) -> torch.Tensor:
+                    return codec.encode_masked(pictures, mask, params, generators)
+
+                base_inputs["masked_picture"] = masked_picture
+            elif plan.inpaints:
                 # The latents stand for the picture in the first stage that runs.
-                base_inputs |= refiner_inputs | {"masked_picture_draws": True}
-                refiner_inputs["masked_picture_draws"] = not plan.base_runs
+                base_inputs["masked_picture_draws"] = True
+            if plan.inpaints:
+                refiner_inputs = mask_inputs | {"masked_picture_draws": not plan.base_runs}
 
         # 3. Base
         if plan.base_runs:
@@ -587,6 +628,12 @@ class Engine:
             ).images
             return refined
 
+    def _unused_picture_latents(self, count: int, params: RenderParams) -> torch.Tensor:
+        scale = int(self.base.vae_scale_factor)
+        channels = int(self.vae.config.latent_channels)
+        shape = (count, channels, params.height // scale, params.width // scale)
+        return torch.zeros(shape, device=self.device, dtype=self.dtype)
+
     @staticmethod
     def _mask(task: ImageTask, params: RenderParams) -> Image.Image:
         if task.mask is None:
@@ -615,6 +662,27 @@ class Engine:
         synchronize(self.device)
         if self.stage_observer is not None:
             self.stage_observer(stage, time.perf_counter() - started)
+
+
+def is_inpainting_unet(unet: Any) -> bool:
+    """A UNet that takes latents, mask and masked picture's latents (9 channels on SDXL's 4)."""
+    config = unet.config
+    return int(config.in_channels) == 2 * int(config.out_channels) + 1
+
+
+def inpainting_text_to_image(name: str | None) -> str:
+    """Why an inpainting model renders nothing from a prompt alone, for the client."""
+    named = f"model '{name}'" if name is not None else "this server's default model"
+    return (
+        f"{named} is an inpainting model: it edits pictures (POST /v1/images/edits, with or "
+        "without a mask, and /v1/images/variations) and cannot render from a prompt alone; "
+        "pick a text-to-image model for generations"
+    )
+
+
+def full_mask(params: RenderParams) -> Image.Image:
+    """A mask repainting the whole picture: an inpainting model's edit without a mask."""
+    return Image.new("L", (params.width, params.height), 255)
 
 
 def resize_lanczos(picture: Image.Image, width: int, height: int) -> bytes:
