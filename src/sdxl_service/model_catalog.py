@@ -144,6 +144,16 @@ def checkpoint_layout(keys: list[str]) -> Layout:
     raise ValueError("it has a UNet but not SDXL's text encoders")
 
 
+def inpainting_text_to_image(name: str | None) -> str:
+    """Why an inpainting model renders nothing from a prompt alone, for the client."""
+    named = f"model '{name}'" if name is not None else "this server's default model"
+    return (
+        f"{named} is an inpainting model: it edits pictures (POST /v1/images/edits, with or "
+        "without a mask, and /v1/images/variations) and cannot render from a prompt alone; "
+        "pick a text-to-image model for generations"
+    )
+
+
 def inpainting_header(header: dict[str, Any]) -> bool:
     """Whether a checkpoint's tensor table (read_header) has an inpainting UNet."""
     try:
@@ -160,20 +170,6 @@ def inpainting_folder(folder: Path) -> bool:
         return int(unet["in_channels"]) == 2 * int(unet.get("out_channels", 4)) + 1
     except (OSError, ValueError, KeyError, TypeError):
         return False
-
-
-def is_inpainting_source(source: str) -> bool:
-    """Whether SDXL_BASE_MODEL (a folder or a checkpoint file; a hub id is not read) is an
-    inpainting model, as GET /v1/models and the request rules see it before any render."""
-    path = Path(source)
-    try:
-        if path.is_dir():
-            return inpainting_folder(path)
-        if path.is_file() and path.suffix.lower() == ".safetensors":
-            return inpainting_header(read_header(path))
-    except (OSError, ValueError):
-        return False
-    return False
 
 
 def folder_layout(folder: Path) -> Layout:

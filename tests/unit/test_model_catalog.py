@@ -120,10 +120,6 @@ def test_an_inpainting_checkpoint_is_a_base_of_its_own_kind(
         "plain-file": ("base", "text_to_image", None),
     }
     assert entries["inpaint-file"].describe()["kind"] == "inpainting"
-    assert model_catalog.is_inpainting_source(str(folder / "inpaint-folder"))
-    assert model_catalog.is_inpainting_source(str(folder / "inpaint-file.safetensors"))
-    assert not model_catalog.is_inpainting_source(str(tiny_pair[0]))
-    assert not model_catalog.is_inpainting_source("stabilityai/stable-diffusion-xl-base-1.0")
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ from ..choices import HiresUpscaler, Preset, RefinerMode, RenderKind, SchedulerN
 from ..contract.render_request import RenderParams
 from ..lora_catalog import LoraCatalog
 from ..metrics import ServiceMetrics
+from ..model_catalog import inpainting_text_to_image
 from .config import EngineConfig
 from .devices import (
     dtype_name,
@@ -668,16 +669,6 @@ def is_inpainting_unet(unet: Any) -> bool:
     """A UNet that takes latents, mask and masked picture's latents (9 channels on SDXL's 4)."""
     config = unet.config
     return int(config.in_channels) == 2 * int(config.out_channels) + 1
-
-
-def inpainting_text_to_image(name: str | None) -> str:
-    """Why an inpainting model renders nothing from a prompt alone, for the client."""
-    named = f"model '{name}'" if name is not None else "this server's default model"
-    return (
-        f"{named} is an inpainting model: it edits pictures (POST /v1/images/edits, with or "
-        "without a mask, and /v1/images/variations) and cannot render from a prompt alone; "
-        "pick a text-to-image model for generations"
-    )
 
 
 def full_mask(params: RenderParams) -> Image.Image:
