@@ -223,3 +223,22 @@ def test_bad_outpainting_is_a_400_naming_the_parameter(
     error = error_of(outpaint(client, noise(64, 64), **fields))
     assert error["param"] == param
     assert says in error["message"], error["message"]
+
+
+def test_outpaint_comes_as_the_openai_client_sends_an_object_in_a_form(client) -> None:
+    """extra_body={"outpaint": {...}} in images.edit: the client's form has outpaint[left]."""
+    response = client.post(
+        "/images/edits",
+        files={"image": part(noise(64, 64))},
+        data={"prompt": "x", "outpaint[left]": "16", "outpaint[bottom]": "8"},
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["size"] == "80x72"
+    error = error_of(
+        client.post(
+            "/images/edits",
+            files={"image": part(noise(64, 64))},
+            data={"prompt": "x", "outpaint[left]": "wide"},
+        )
+    )
+    assert error["param"] == "outpaint.left"

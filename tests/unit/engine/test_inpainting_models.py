@@ -213,3 +213,42 @@ def test_an_inpainting_model_is_described_and_a_default_one_too(
     as_default = ours(default, params.model_copy(update={"model": None}), picture, LEFT_HALF)
     as_model = ours(engine, params, picture, LEFT_HALF)
     assert max(int(np.abs(a - b).max()) for a, b in zip(as_default, as_model, strict=True)) <= 1
+
+
+def test_an_outpainting_canvas_renders_as_the_stock_inpaint_pipeline(engine: Engine) -> None:
+    """The canvas and mask api/outpainting.py makes (a 64x64 picture widened to 96x64, its
+    border filled) through the inpainting model at strength 0.8, where the fill matters."""
+    from sdxl_service.api.outpainting import Canvas, extend
+
+    picture = Image.frombytes("RGB", (SIZE, SIZE), noise_picture(4))
+    canvas, mask = extend(picture, None, Canvas(96, 64, 32, 0))
+    params = make_params(
+        model="inpaint",
+        kind=RenderKind.INPAINT,
+        width=96,
+        height=64,
+        num_inference_steps=10,
+        refiner=RefinerMode.NONE,
+        strength=0.8,
+    )
+    task = ImageTask(prompt="a fox", seed=7, init_image=canvas.tobytes(), mask=mask.tobytes())
+    got = pixels(engine.render(RenderBatch(params=params, tasks=[task]))[0])
+    model = engine.models._resident["inpaint"]
+    stock_pipeline = StableDiffusionXLInpaintPipeline(**model.base.components)
+    stock_pipeline.scheduler = make_scheduler(params.scheduler, model.scheduler_config)
+    with torch.inference_mode():
+        latents = stock_pipeline(
+            prompt="a fox",
+            image=canvas,
+            mask_image=mask,
+            width=96,
+            height=64,
+            strength=0.8,
+            num_inference_steps=10,
+            guidance_scale=params.guidance_scale,
+            generator=torch.Generator("cpu").manual_seed(7),
+            output_type="latent",
+        ).images
+    expected = pixels(engine.latent_codec.decode(latents)[0])
+    assert got.shape == expected.shape == (64, 96, 3)
+    assert int(np.abs(got - expected).max()) <= 1
