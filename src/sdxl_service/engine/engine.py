@@ -268,7 +268,13 @@ class Engine:
             refiner=RefinerMode.ENSEMBLE,
             scheduler=SchedulerName.EULER,
         )
-        self.render(RenderBatch(params=params, tasks=[ImageTask(prompt="warmup", seed=0)]))
+        task = ImageTask(prompt="warmup", seed=0)
+        if self.inpainting:
+            # An inpainting default renders nothing from text: its warm-up inpaints, all masked.
+            params = params.model_copy(update={"kind": RenderKind.INPAINT})
+            grey, repaint = bytes([128]) * (3 * side * side), bytes([255]) * (side * side)
+            task = replace(task, init_image=grey, mask=repaint)
+        self.render(RenderBatch(params=params, tasks=[task]))
         return True
 
     def _on_gpu(self) -> bool:

@@ -197,15 +197,25 @@ def test_the_single_file_renders_the_pixels_of_the_folder(engine: Engine) -> Non
     assert max(int(np.abs(a - b).max()) for a, b in zip(folder, file, strict=True)) <= 1
 
 
-def test_an_inpainting_model_is_described_and_a_default_one_too(
-    engine: Engine, tiny_settings_factory, models_dir: Path, tiny_pair: tuple[Path, Path]
+@pytest.mark.parametrize("source", ["inpaint", "inpaint_file.safetensors"])
+def test_an_inpainting_default_model_edits_refuses_text_and_warms_up(
+    engine: Engine,
+    tiny_settings_factory,
+    models_dir: Path,
+    tiny_pair: tuple[Path, Path],
+    source: str,
 ) -> None:
+    """SDXL_BASE_MODEL an inpainting folder or file: described so, its warm-up an inpaint."""
     assert engine.describe()["kind"] == "text_to_image"
     settings = tiny_settings_factory(
-        preset="sdxl", base_model=str(models_dir / "inpaint"), refiner_model=str(tiny_pair[1])
+        preset="sdxl",
+        base_model=str(models_dir / source),
+        refiner_model=str(tiny_pair[1]),
+        warmup="on",
     )
     default = Engine.load(EngineConfig.of(settings))
     assert default.describe()["kind"] == "inpainting"
+    assert default.warmup()
     with pytest.raises(InvalidModel, match="this server's default model is an inpainting model"):
         default.render(RenderBatch(params=make_params(), tasks=[ImageTask(prompt="a", seed=1)]))
     params = edit_params("inpaint", RenderKind.INPAINT, RefinerMode.ENSEMBLE, 0.75)
