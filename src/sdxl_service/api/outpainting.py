@@ -45,8 +45,9 @@ ANCHORS = (
     "bottom-right",
 )
 SIZE_MULTIPLE = 8
-# Fooocus' fill: (box blur radius, passes), coarse to fine.
+# Fooocus' fill: (box blur radius, passes), coarse to fine; made on at most this long a side.
 FILL_BLURS = ((512, 2), (256, 2), (128, 4), (64, 4), (33, 8), (15, 8), (5, 16), (3, 16))
+FILL_SIDE = 256
 
 
 @dataclass(frozen=True)
@@ -131,15 +132,38 @@ def extend(
 
 def fill_border(image: np.ndarray, known: np.ndarray) -> Image.Image:
     """Fooocus' fill: box blurs from coarse to fine over the whole canvas, the `known`
-    pixels put back after each pass."""
+    pixels put back after each pass.
+
+    On a canvas whose long side is over FILL_SIDE, on a copy scaled down to it (radii
+    scaled alike), then scaled back up with the picture pasted over: the fill is smooth
+    by construction, and the VAE reads it at an eighth of its pixels anyway. Its 60 passes
+    at full size took 10 s for 1536x768 on the 2-core development machine under load,
+    0.5 s so.
+    """
+    height, width = known.shape
+    scale = max(width, height) / FILL_SIDE
+    if scale <= 1:
+        return Image.fromarray(_fill(image, known, 1.0))
+    size = (max(1, round(width / scale)), max(1, round(height / scale)))
+    small = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BOX))
+    # Known only where the whole scaled-down pixel was known: the border's colours stay the
+    # picture's edge, not a blend reaching over it.
+    coverage = Image.fromarray(known.astype(np.uint8) * 255).resize(size, Image.Resampling.BOX)
+    filled = Image.fromarray(_fill(small, np.asarray(coverage) == 255, scale))
+    full = np.asarray(filled.resize((width, height), Image.Resampling.BICUBIC)).copy()
+    full[known] = image[known]
+    return Image.fromarray(full)
+
+
+def _fill(image: np.ndarray, known: np.ndarray, scale: float) -> np.ndarray:
     kept = image[known]
     current = image.copy()
     for radius, passes in FILL_BLURS:
+        blur = ImageFilter.BoxBlur(max(1.0, radius / scale))
         for _ in range(passes):
-            current = np.asarray(Image.fromarray(current).filter(ImageFilter.BoxBlur(radius)))
-            current = current.copy()
+            current = np.asarray(Image.fromarray(current).filter(blur)).copy()
             current[known] = kept
-    return Image.fromarray(current)
+    return current
 
 
 def outpainted(

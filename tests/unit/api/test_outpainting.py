@@ -122,6 +122,18 @@ def test_the_border_starts_as_the_pictures_edge_colours_blurred() -> None:
     assert column.min() >= 40 and column.max() <= 200
 
 
+def test_a_large_canvas_is_filled_scaled_down_with_the_same_colours() -> None:
+    """Over FILL_SIDE the fill is made on a smaller copy: the picture still comes back
+    exactly, and the border holds the colour of the edge beside it."""
+    picture = Image.new("RGB", (512, 256), (200, 40, 40))
+    picture.paste((40, 40, 200), (0, 128, 512, 256))
+    extended, _ = extend(picture, None, Canvas(1024, 256, 512, 0))
+    pixels = np.asarray(extended).astype(int)
+    assert np.array_equal(pixels[:, 512:], np.asarray(picture))
+    assert pixels[10, 500, 0] > 150 and pixels[245, 500, 2] > 150  # beside the edge
+    assert pixels[10, 0, 0] > pixels[10, 0, 2] and pixels[245, 0, 2] > pixels[245, 0, 0]
+
+
 # --- through the app ---------------------------------------------------------------------------
 
 
