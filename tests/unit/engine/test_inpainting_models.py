@@ -262,3 +262,27 @@ def test_an_outpainting_canvas_renders_as_the_stock_inpaint_pipeline(engine: Eng
     expected = pixels(engine.latent_codec.decode(latents)[0])
     assert got.shape == expected.shape == (64, 96, 3)
     assert int(np.abs(got - expected).max()) <= 1
+
+
+def test_the_header_says_inpainting_and_the_packaged_config_matches_sdxl_inpainting(
+    models_dir: Path,
+) -> None:
+    import json
+
+    from sdxl_service.engine.checkpoint_layout import (
+        SDXL_CONFIGS,
+        read_checkpoint_layout,
+        sdxl_architecture,
+        signature,
+    )
+
+    layout = read_checkpoint_layout(
+        models_dir / "inpaint_file.safetensors", "SDXL_BASE_MODEL", kind="base"
+    )
+    assert (layout.kind, layout.architecture, layout.inpainting) == ("base", "tiny", True)
+    # diffusers/stable-diffusion-xl-1.0-inpainting-0.1: the base's UNet, 9 channels in.
+    base = json.loads((SDXL_CONFIGS / "base" / "unet" / "config.json").read_text())
+    inpaint = json.loads((SDXL_CONFIGS / "inpaint" / "unet" / "config.json").read_text())
+    assert inpaint == base | {"in_channels": 9}
+    shapes = signature(sdxl_architecture(), "base", inpainting=True)
+    assert shapes["model.diffusion_model.input_blocks.0.0.weight"] == (320, 9, 3, 3)
