@@ -17,7 +17,7 @@ from ..choices import HiresUpscaler, Preset, RefinerMode, RenderKind, SchedulerN
 from ..contract.render_request import RenderParams
 from ..lora_catalog import LoraCatalog
 from ..metrics import ServiceMetrics
-from ..model_catalog import inpainting_text_to_image
+from ..model_catalog import INPAINTING, TEXT_TO_IMAGE, inpainting_text_to_image
 from .config import EngineConfig
 from .devices import (
     dtype_name,
@@ -29,6 +29,7 @@ from .devices import (
     synchronize,
 )
 from .handover import ensemble_split, refiner_handover
+from .inpainting import is_inpainting_unet
 from .latents import LatentCodec
 from .loading import edit_pipelines, load_pipelines
 from .loras import LoraAdapters
@@ -226,6 +227,8 @@ class Engine:
         return is_inpainting_unet(self.base.unet)
 
     def describe(self) -> dict[str, Any]:
+        # What the default base renders (GET /v1/models): edits alone, or text too.
+        kind = INPAINTING if is_inpainting_unet(self.models.default.base.unet) else TEXT_TO_IMAGE
         return {
             "base": self.base_source,
             "refiner": self.refiner_source,
@@ -234,10 +237,7 @@ class Engine:
             "device": self.device,
             "dtype": dtype_name(self.dtype),
             "native_resolution": self.native_resolution,
-            # What the default base renders (GET /v1/models): edits alone, or text too.
-            "kind": "inpainting"
-            if is_inpainting_unet(self.models.default.base.unet)
-            else ("text_to_image"),
+            "kind": kind,
             "optimisations": dict(self.optimisations),
             # The default's: describe() may be called while another model's batch renders.
             **self.models.default.loras.describe(),
@@ -669,12 +669,6 @@ class Engine:
         synchronize(self.device)
         if self.stage_observer is not None:
             self.stage_observer(stage, time.perf_counter() - started)
-
-
-def is_inpainting_unet(unet: Any) -> bool:
-    """A UNet that takes latents, mask and masked picture's latents (9 channels on SDXL's 4)."""
-    config = unet.config
-    return int(config.in_channels) == 2 * int(config.out_channels) + 1
 
 
 def full_mask(params: RenderParams) -> Image.Image:

@@ -32,6 +32,12 @@ from .latents import posterior_dtype
 MaskedPicture = Callable[[torch.Tensor], torch.Tensor]
 
 
+def is_inpainting_unet(unet: Any) -> bool:
+    """A UNet that takes latents, mask and masked picture's latents (9 channels on SDXL's 4)."""
+    config = unet.config
+    return int(config.in_channels) == 2 * int(config.out_channels) + 1
+
+
 class InpaintPipeline(StableDiffusionXLInpaintPipeline):
     """`StableDiffusionXLInpaintPipeline` that can draw for a masked picture it is not given,
     or have the engine encode it."""
