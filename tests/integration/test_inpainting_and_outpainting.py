@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -18,6 +19,7 @@ from PIL import Image
 from sdxl_service.engine.tiny import ensure_tiny_pair
 from tests.decoded import pixels
 from tests.inpainting_models import write_inpainting_model
+from tests.integration.test_legacy_client import run_legacy
 from tests.service_process import REPO, RunningService, running_service
 
 pytestmark = pytest.mark.integration
@@ -101,3 +103,24 @@ def test_outpainting_beyond_the_servers_pixels_is_a_400_naming_outpaint(
     assert "pixels this server renders" in error["message"] or "between" in error["message"]
     # The service is still up.
     assert httpx.get(f"{service.root}/readyz", timeout=10).status_code == 200
+
+
+LEGACY_OUTPAINT = """
+import base64, io, json, sys
+import openai
+from PIL import Image
+openai.api_base, openai.api_key = sys.argv[1], "any"
+edit = openai.Image.create_edit(
+    image=open(sys.argv[2], "rb"), prompt="a wider view", outpaint='{"right": 32}'
+)
+image = Image.open(io.BytesIO(base64.b64decode(edit["data"][0]["b64_json"])))
+print(json.dumps({"size": list(image.size)}))
+"""
+
+
+def test_the_legacy_client_outpaints_with_a_json_keyword(
+    service: RunningService, tmp_path: Path
+) -> None:
+    picture = tmp_path / "picture.png"
+    PICTURE.save(picture)
+    assert run_legacy(LEGACY_OUTPAINT, service.api, str(picture)) == {"size": [96, 64]}
