@@ -128,8 +128,13 @@ def plan_edit(req: ImageRequest, source: EditSource | None, settings: Settings) 
 
 
 def _outpainted(req: ImageEditRequest, source: EditSource, s: Settings) -> EditSource | None:
+    if req.outpaint is None and req.outpaint_anchor is None:
+        return None
     size, size_param = None, "size"
-    if req.width is not None and req.height is not None:
+    if req.width is not None or req.height is not None:
+        if req.width is None or req.height is None:
+            param = "height" if req.height is None else "width"
+            raise invalid_value(param, "width and height must be given together.")
         size, size_param = (req.width, req.height), "width"
     elif req.size not in (None, AUTO_SIZE):
         size = parse_size(req.size)

@@ -217,6 +217,7 @@ def test_without_outpaint_a_size_still_resizes_the_picture(client, painter) -> N
         ({"outpaint": {"left": 8}, "size": "96x96"}, "size", "drop size"),
         ({"outpaint": {"left": 8}, "width": 96, "height": 96}, "width", "drop width"),
         ({"outpaint": {"left": 8}, "outpaint_anchor": "top"}, "outpaint_anchor", "one of them"),
+        ({"outpaint": {"left": 8}, "width": 96}, "height", "given together"),
         ({"outpaint": {}}, "outpaint", "adds no pixels"),
         ({"outpaint": {"left": -8}}, "outpaint.left", "greater than or equal to 0"),
         ({"outpaint": {"middle": 8}}, "outpaint.middle", "Extra inputs"),
