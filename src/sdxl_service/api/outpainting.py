@@ -24,6 +24,7 @@ No torch here: the HTTP process builds the canvas.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 from PIL import Image, ImageFilter
@@ -33,7 +34,7 @@ from .sizing import SizeLimits
 from .uploads import EditSource
 
 # Where a picture sits on a larger `size` (`outpaint_anchor`): the side or corner it touches.
-ANCHORS = (
+Anchor = Literal[
     "center",
     "top",
     "bottom",
@@ -43,7 +44,8 @@ ANCHORS = (
     "top-right",
     "bottom-left",
     "bottom-right",
-)
+]
+ANCHORS: tuple[str, ...] = get_args(Anchor)
 SIZE_MULTIPLE = 8
 # Fooocus' fill: (box blur radius, passes), coarse to fine; made on at most this long a side.
 FILL_BLURS = ((512, 2), (256, 2), (128, 4), (64, 4), (33, 8), (15, 8), (5, 16), (3, 16))

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from ..choices import HiresUpscaler
 from ..generation_params import request_fields_model
-from .outpainting import ANCHORS
+from .outpainting import Anchor
 from .sizing import AUTO_SIZE, parse_size
 
 logger = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ class ImageEditRequest(ImageRequest):
     strength: float | None = Field(default=None, gt=0.0, le=1.0)
     # Extensions: outpainting, by borders or onto a larger `size` at an anchor (not both).
     outpaint: OutpaintRequest | None = None
-    outpaint_anchor: Literal[ANCHORS] | None = None  # type: ignore[valid-type]
+    outpaint_anchor: Anchor | None = None
 
     @field_validator("outpaint", mode="before")
     @classmethod
