@@ -11,8 +11,9 @@ the sides extended on that axis (split between two, the odd one to the right or 
 to the right or bottom when neither is (a picture whose side is no multiple of 8). A `size`
 is a multiple of 8 already; the anchor's offsets are floored.
 
-The border starts as Fooocus fills it before inpainting (modules/inpaint_worker.py,
-`fooocus_fill`): the picture's edge pixels stretched outwards, then blurred with ever smaller
+The border starts as Fooocus fills it before inpainting: the picture's edge pixels
+stretched outwards (modules/async_worker.py, `np.pad(..., mode='edge')`), then blurred
+(modules/inpaint_worker.py, `fooocus_fill`) with ever smaller
 box blurs, the picture put back after each, so the border is the picture's colours, smooth,
 with no seam at the edge. It only matters to an edit of `strength` below 1 (the default,
 with a mask, is 1: the border starts from noise, and an inpainting model sees it masked out):
