@@ -13,12 +13,12 @@ is a multiple of 8 already; the anchor's offsets are floored.
 
 The border starts as Fooocus fills it before inpainting: the picture's edge pixels
 stretched outwards (modules/async_worker.py, `np.pad(..., mode='edge')`), then blurred
-(modules/inpaint_worker.py, `fooocus_fill`) with ever smaller
-box blurs, the picture put back after each, so the border is the picture's colours, smooth,
-with no seam at the edge. It only matters to an edit of `strength` below 1 (the default,
-with a mask, is 1: the border starts from noise, and an inpainting model sees it masked out):
-a stretched edge alone starts streaks the sampler continues, noise starts detail the prompt
-did not ask for, and InvokeAI's PatchMatch or LaMa infills need a native library or a model.
+(modules/inpaint_worker.py, `fooocus_fill`) with ever smaller box blurs, the picture put
+back after each, so the border is the picture's colours, smooth, with no seam at the edge.
+It only matters to an edit of `strength` below 1 (the default, with a mask, is 1: the
+border starts from noise, and an inpainting model sees it masked out): a stretched edge
+alone starts streaks the sampler continues, noise starts detail the prompt did not ask
+for, and InvokeAI's PatchMatch or LaMa infills need a native library or a model.
 No torch here: the HTTP process builds the canvas.
 """
 
