@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
+from ..choices import RenderKind
 from ..contract.render_request import (
     GenerationOutcome,
     OutcomeStatus,
@@ -30,7 +31,7 @@ from ..contract.render_request import (
 from ..embedding_catalog import EmbeddingCatalog, EmbeddingFile, names_in
 from ..lora_catalog import LoraCatalog
 from ..metrics import ServiceMetrics
-from ..model_catalog import ModelCatalog
+from ..model_catalog import INPAINTING, ModelCatalog, inpainting_text_to_image
 from ..settings import SERVICE_ID, Settings
 from ..upscaler_catalog import UpscalerCatalog
 from .errors import APIError, client_closed, invalid_value, missing_parameter, outcome_error
@@ -281,7 +282,23 @@ class ImagesServing:
                 self.upscalers,
             )
         await self._check_upscaler(resolved)
+        await self._check_model_kind(resolved)
         return await run_in_threadpool(self._with_embeddings, resolved)
+
+    async def _check_model_kind(self, resolved: ResolvedRequest) -> None:
+        """400 naming `model` for a text-to-image render on an inpainting model (the render
+        worker would refuse it too, after its turn in the queue)."""
+        params = resolved.job.params
+        if params.kind != RenderKind.TEXT_TO_IMAGE:
+            return
+        if params.model is None:
+            inpainting = (await self.model_info()).get("kind") == INPAINTING
+        else:
+            entry = await run_in_threadpool(self.models.find, params.model)
+            inpainting = entry is not None and entry.inpainting
+        if inpainting:
+            message = f"{inpainting_text_to_image(params.model)}."
+            raise invalid_value("model", message, code="invalid_model")
 
     async def render(
         self,

@@ -18,6 +18,7 @@ from ..contract.render_request import RenderParams
 from ..embedding_catalog import EmbeddingCatalog
 from ..lora_catalog import LoraCatalog
 from ..metrics import ServiceMetrics
+from ..model_catalog import INPAINTING, TEXT_TO_IMAGE, inpainting_text_to_image
 from .config import EngineConfig
 from .devices import (
     dtype_name,
@@ -30,6 +31,7 @@ from .devices import (
 )
 from .embeddings import TextualInversions, encoder_widths
 from .handover import ensemble_split, refiner_handover
+from .inpainting import is_inpainting_unet
 from .latents import LatentCodec
 from .loading import edit_pipelines, load_pipelines
 from .loras import LoraAdapters
@@ -39,6 +41,7 @@ from .previews import PreviewDecoders, preview_tap
 from .prompts import image_chunk_counts, prompt_embeddings
 from .render_batch import (
     ImageTask,
+    InvalidModel,
     InvalidUpscaler,
     OutOfMemory,
     RenderBatch,
@@ -60,10 +63,14 @@ class DenoisePlan:
     base: Any  # the base pipeline for the render kind (text-to-image, img2img or inpaint)
     refiner: Any
     encodes_init_images: bool  # edits: the init images are the starting latents
-    inpaints: bool
+    inpaints: bool  # the request's mask goes to both stages
     base_runs: bool
     denoising_end: float | None  # where the base stops; None: at the end of its schedule
     refiner_handover: dict[str, Any] | None  # None: no refiner pass
+    # An inpainting checkpoint's UNet (9 channels) conditions on the mask and the masked
+    # picture in every edit; an edit without a mask repaints all of it (full_mask).
+    conditions_on_mask: bool = False
+    full_mask: bool = False
 
 
 class Engine:
@@ -231,7 +238,14 @@ class Engine:
     def vae(self) -> Any:
         return self.base.vae
 
+    @property
+    def inpainting(self) -> bool:
+        """Whether the active base model is an inpainting checkpoint (a 9-channel UNet)."""
+        return is_inpainting_unet(self.base.unet)
+
     def describe(self) -> dict[str, Any]:
+        # What the default base renders (GET /v1/models): edits alone, or text too.
+        kind = INPAINTING if is_inpainting_unet(self.models.default.base.unet) else TEXT_TO_IMAGE
         return {
             "base": self.base_source,
             "refiner": self.refiner_source,
@@ -240,6 +254,7 @@ class Engine:
             "device": self.device,
             "dtype": dtype_name(self.dtype),
             "native_resolution": self.native_resolution,
+            "kind": kind,
             "optimisations": dict(self.optimisations),
             # What an embedding's clip_l and clip_g vectors must be (the HTTP side checks).
             "embedding_widths": encoder_widths(self.models.default.base),
@@ -273,7 +288,13 @@ class Engine:
             refiner=RefinerMode.ENSEMBLE,
             scheduler=SchedulerName.EULER,
         )
-        self.render(RenderBatch(params=params, tasks=[ImageTask(prompt="warmup", seed=0)]))
+        task = ImageTask(prompt="warmup", seed=0)
+        if self.inpainting:
+            # An inpainting default renders nothing from text: its warm-up inpaints, all masked.
+            params = params.model_copy(update={"kind": RenderKind.INPAINT})
+            grey, repaint = bytes([128]) * (3 * side * side), bytes([255]) * (side * side)
+            task = replace(task, init_image=grey, mask=repaint)
+        self.render(RenderBatch(params=params, tasks=[task]))
         return True
 
     def _on_gpu(self) -> bool:
@@ -457,8 +478,15 @@ class Engine:
         mode = RefinerMode(params.refiner)
         kind = RenderKind(params.kind)
         edit = kind is not RenderKind.TEXT_TO_IMAGE
+        inpainting = self.inpainting
+        if inpainting and not edit:
+            raise InvalidModel(inpainting_text_to_image(self._active.name))
         if kind is RenderKind.INPAINT:
             base, refiner = self.base_inpaint, self.refiner_inpaint
+        elif inpainting:
+            # AUTOMATIC1111's img2img on an inpainting model: the whole picture masked
+            # (its "inpainting conditioning mask strength" 1.0), the refiner's img2img after.
+            base, refiner = self.base_inpaint, self.refiner
         elif edit:
             base, refiner = self.base_img2img, self.refiner
         else:
@@ -487,6 +515,8 @@ class Engine:
             refiner=refiner,
             encodes_init_images=edit,
             inpaints=kind is RenderKind.INPAINT,
+            conditions_on_mask=inpainting,
+            full_mask=inpainting and kind is not RenderKind.INPAINT,
             base_runs=base_runs,
             denoising_end=params.high_noise_frac if mode is RefinerMode.ENSEMBLE else None,
             refiner_handover=refiner_handover(params, base_runs=base_runs),
@@ -559,23 +589,41 @@ class Engine:
         latents: torch.Tensor | None = None
         base_inputs: dict[str, Any] = dict(size)
         refiner_inputs: dict[str, Any] = {}
+        mask_inputs: dict[str, Any] = {}
         if plan.encodes_init_images and init_latents is not None:
             latents = init_latents
             base_inputs = {"image": latents, "strength": params.strength}
         elif plan.encodes_init_images:
             self._check_stop(batch)
+            pictures = [task.init_image for task in batch.tasks]
             with self._stage("vae_encode"):
-                # Draws from each generator before the base does, as diffusers does.
-                latents = self.latent_codec.encode(
-                    [task.init_image for task in batch.tasks], params, generators
-                )
+                if plan.conditions_on_mask and plan.base_runs and params.strength >= 1.0:
+                    # diffusers' inpaint pipeline starts a 9-channel UNet from noise alone
+                    # at strength 1, without encoding (or drawing for) the picture.
+                    latents = self._unused_picture_latents(len(pictures), params)
+                else:
+                    # Draws from each generator before the base does, as diffusers does.
+                    latents = self.latent_codec.encode(pictures, params, generators)
             base_inputs = {"image": latents, "strength": params.strength}
-            if plan.inpaints:
-                masks = [self._mask(task, params) for task in batch.tasks]
-                refiner_inputs = {"mask_image": masks, **size}
+            if plan.inpaints or plan.full_mask:
+                masks = [
+                    full_mask(params) if plan.full_mask else self._mask(task, params)
+                    for task in batch.tasks
+                ]
+                mask_inputs = {"mask_image": masks, **size}
+                base_inputs |= mask_inputs
+            if plan.conditions_on_mask:
+                codec = self.latent_codec
+
+                def masked_picture(mask: torch.Tensor) -> torch.Tensor:
+                    return codec.encode_masked(pictures, mask, params, generators)
+
+                base_inputs["masked_picture"] = masked_picture
+            elif plan.inpaints:
                 # The latents stand for the picture in the first stage that runs.
-                base_inputs |= refiner_inputs | {"masked_picture_draws": True}
-                refiner_inputs["masked_picture_draws"] = not plan.base_runs
+                base_inputs["masked_picture_draws"] = True
+            if plan.inpaints:
+                refiner_inputs = mask_inputs | {"masked_picture_draws": not plan.base_runs}
 
         # 3. Base
         if plan.base_runs:
@@ -628,6 +676,12 @@ class Engine:
             ).images
             return refined
 
+    def _unused_picture_latents(self, count: int, params: RenderParams) -> torch.Tensor:
+        scale = int(self.base.vae_scale_factor)
+        channels = int(self.vae.config.latent_channels)
+        shape = (count, channels, params.height // scale, params.width // scale)
+        return torch.zeros(shape, device=self.device, dtype=self.dtype)
+
     @staticmethod
     def _mask(task: ImageTask, params: RenderParams) -> Image.Image:
         if task.mask is None:
@@ -656,6 +710,11 @@ class Engine:
         synchronize(self.device)
         if self.stage_observer is not None:
             self.stage_observer(stage, time.perf_counter() - started)
+
+
+def full_mask(params: RenderParams) -> Image.Image:
+    """A mask repainting the whole picture: an inpainting model's edit without a mask."""
+    return Image.new("L", (params.width, params.height), 255)
 
 
 def resize_lanczos(picture: Image.Image, width: int, height: int) -> bytes:
