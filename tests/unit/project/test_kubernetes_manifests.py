@@ -119,6 +119,7 @@ def test_weights_live_on_the_claimed_volume(
             "SDXL_MODELS_DIR",
             "SDXL_UPSCALER_DIR",
             "SDXL_EMBEDDINGS_DIR",
+            "SDXL_CONTROLNET_DIR",
         ):
             assert env[name] == image_env[name]
             assert env[name].startswith(mounts["models"].rstrip("/") + "/")
