@@ -111,6 +111,16 @@ class Settings(_SettingsBase):
     # Input pixels per side of one tile through an upscaler model (halved on out of memory).
     upscaler_tile: int = Field(512, ge=64, le=4096)
 
+    # --- IP-Adapters ------------------------------------------------------------
+    # SDXL IP-Adapter weights as h94/IP-Adapter publishes them: `sdxl_models/<name>.safetensors`
+    # with `sdxl_models/image_encoder/` (ViT-bigG), `models/image_encoder/` (ViT-H) for the
+    # `vit-h` ones; named by file name, read again when the folder changes: no restart needed.
+    ip_adapter_dir: Path | None = None
+
+    # How many ControlNet models, and how many IP-Adapters, a render worker keeps loaded (each
+    # kind its own least-recently-used list). A request's ControlNets must fit at once.
+    control_cache: int = Field(3, ge=1, le=16)
+
     # --- LoRA adapters --------------------------------------------------------
     # `<name>.safetensors` or `<name>/pytorch_lora_weights.safetensors`; default
     # <SDXL_CACHE_DIR>/loras. Read at every request: new files need no restart.

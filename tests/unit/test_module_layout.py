@@ -26,6 +26,7 @@ SHARED = {
     "sdxl_service.lora_catalog",
     "sdxl_service.model_catalog",
     "sdxl_service.upscaler_catalog",
+    "sdxl_service.ip_adapter_catalog",
 }
 # What each part may import, besides itself and the shared modules.
 MAY_IMPORT = {

@@ -141,6 +141,9 @@ _OUTCOME_ERRORS: dict[OutcomeStatus, _OutcomeError] = {
     OutcomeStatus.INVALID_LORA: _OutcomeError(400, "invalid_lora", None, param="loras"),
     OutcomeStatus.INVALID_MODEL: _OutcomeError(400, "invalid_model", None, param="model"),
     OutcomeStatus.INVALID_UPSCALER: _OutcomeError(400, "invalid_upscaler", None, param="upscaler"),
+    OutcomeStatus.INVALID_IP_ADAPTER: _OutcomeError(
+        400, "invalid_ip_adapter", None, param="ip_adapters"
+    ),
     OutcomeStatus.CANCELLED: _OutcomeError(499, "cancelled", None),
     OutcomeStatus.ERROR: _OutcomeError(500, "generation_failed", False),
 }
@@ -169,7 +172,11 @@ def _param_from_location(loc: Sequence[Any]) -> str | None:
     # Pydantic puts the failing validator's tag after the field name
     # (e.g. "function-after[...]"); the client only needs the field.
     parts = [p for p in parts if "[" not in p]
-    return ".".join(parts) or None
+    # A list's index as the client writes it: `ip_adapters[0].scale`, not `ip_adapters.0.scale`.
+    named = ""
+    for part, raw in zip(parts, [p for p in loc if str(p) in parts], strict=True):
+        named += f"[{part}]" if isinstance(raw, int) and named else f".{part}"
+    return named.removeprefix(".") or None
 
 
 def validation_error(exc: RequestValidationError) -> APIError:

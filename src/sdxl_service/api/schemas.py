@@ -55,6 +55,19 @@ class LoraRequest(BaseModel):
     scale: float = 1.0
 
 
+class IpAdapterRequest(BaseModel):
+    """One IP-Adapter of a request: an adapter of SDXL_IP_ADAPTER_DIR, its pictures (base64 or
+    data: URLs) and scale; names, counts, pictures and bounds are checked in
+    ip_adapter_requests.py, which names the parameter (`ip_adapters[0].images[2]`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(max_length=MAX_NAME_CHARS)
+    # The real bound (4) is ip_adapter_requests.py's; this one keeps absurd lists out.
+    images: list[str] = Field(default_factory=list, max_length=64)
+    scale: float = 0.6
+
+
 if TYPE_CHECKING:
     # mypy sees no generated field; code reads them through generation_params.given.
     _GenerationFields = BaseModel
@@ -91,6 +104,21 @@ class ImageRequest(OpenAIModel, _GenerationFields):
     width: int | None = Field(default=None, ge=8)
     height: int | None = Field(default=None, ge=8)
     loras: list[LoraRequest] | None = Field(default=None, max_length=MAX_LORAS_LISTED)
+    # Pictures as part of the prompt (api/ip_adapter_requests.py).
+    ip_adapters: list[IpAdapterRequest] | None = Field(default=None, max_length=MAX_LORAS_LISTED)
+
+    @field_validator("ip_adapters", mode="before")
+    @classmethod
+    def _ip_adapters_from_a_form_field(cls, value: Any) -> Any:
+        # Multipart forms carry the list as one JSON text field, as `loras`.
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except ValueError:
+                raise ValueError(
+                    "ip_adapters must be a JSON list of {name, images, scale}"
+                ) from None
+        return value
 
     @field_validator("loras", mode="before")
     @classmethod
@@ -189,6 +217,8 @@ class ModelCard(BaseModel):
     lora: dict[str, Any] | None = None  # a LoRA's card: name, format, components
     # An upscaler model's card: name, format, and (from the render worker) architecture, scale.
     upscaler: dict[str, Any] | None = None
+    # An IP-Adapter's card: name, kind, image tokens, image encoder.
+    ip_adapter: dict[str, Any] | None = None
 
 
 class ModelList(BaseModel):

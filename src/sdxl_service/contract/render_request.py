@@ -35,6 +35,8 @@ class OutcomeStatus(StrEnum):
     INVALID_MODEL = "invalid_model"
     # The upscaler model of SDXL_UPSCALER_DIR the request picked could not be loaded.
     INVALID_UPSCALER = "invalid_upscaler"
+    # An IP-Adapter of SDXL_IP_ADAPTER_DIR the request named could not be loaded.
+    INVALID_IP_ADAPTER = "invalid_ip_adapter"
     ERROR = "error"
 
 
@@ -45,6 +47,33 @@ class LoraWeight(BaseModel):
 
     name: str
     scale: float
+
+
+class IpAdapterWeight(BaseModel):
+    """One IP-Adapter of a render, by name (a file of SDXL_IP_ADAPTER_DIR), its scale, and how
+    many pictures each image gives it (their embeddings' shape, so part of the batch key)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    scale: float = Field(ge=0.0, le=2.0)
+    images: int = Field(default=1, ge=1, le=4)
+
+
+class RgbPicture(BaseModel):
+    """A picture at its own size, raw RGB, row-major (an IP-Adapter's image)."""
+
+    model_config = ConfigDict(frozen=True, **_WIRE_BYTES)
+
+    width: int = Field(ge=1)
+    height: int = Field(ge=1)
+    rgb: bytes = Field(repr=False)
+
+    @model_validator(mode="after")
+    def _rgb_fits_the_size(self) -> Self:
+        if len(self.rgb) != 3 * self.width * self.height:
+            raise ValueError(f"rgb must be {self.width}x{self.height} RGB bytes")
+        return self
 
 
 class HiresParams(BaseModel):
@@ -98,6 +127,9 @@ class RenderParams(GenerationParams):
     # Image-to-image only: the init image through an upscaler model first (None: it comes
     # at the render size already).
     upscale: UpscaleParams | None = None
+    # In the request's order (the order of `ip_adapter_image_embeds`); each image of the render
+    # brings its own pictures for them (RenderRequest.ip_adapter_images).
+    ip_adapters: tuple[IpAdapterWeight, ...] = ()
 
     @model_validator(mode="after")
     def _hires_is_for_text_to_image(self) -> Self:
@@ -131,6 +163,9 @@ class RenderRequest(BaseModel):
     # row-major) and, for inpainting, its mask (raw L, 255 = repaint).
     init_image: bytes | None = Field(default=None, repr=False)
     mask: bytes | None = Field(default=None, repr=False)
+    # One tuple of pictures per IP-Adapter of `params.ip_adapters`, in its order; the n
+    # images of the request share them (encoded once).
+    ip_adapter_images: tuple[tuple[RgbPicture, ...], ...] = Field(default=(), repr=False)
     # Unix time after which nobody waits for the images any more; the batcher
     # is the one component that acts on it.
     deadline: float | None = None
@@ -151,6 +186,9 @@ class RenderRequest(BaseModel):
             raise ValueError(f"init_image must be {width}x{height} RGB bytes")
         if self.mask is not None and len(self.mask) != width * height:
             raise ValueError(f"mask must be {width}x{height} L bytes")
+        counts = tuple(adapter.images for adapter in self.params.ip_adapters)
+        if tuple(len(pictures) for pictures in self.ip_adapter_images) != counts:
+            raise ValueError(f"ip_adapter_images must hold {counts} pictures per IP-Adapter")
         return self
 
 

@@ -39,6 +39,9 @@ class EngineConfig(BaseModel):
     # SDXL_UPSCALER_DIR (None: no upscaler models) and the input tile through one.
     upscaler_dir: Path | None = None
     upscaler_tile: int = 512
+    # SDXL_IP_ADAPTER_DIR (None: no IP-Adapters) and how many stay loaded (SDXL_CONTROL_CACHE).
+    ip_adapter_dir: Path | None = None
+    control_cache: int = 3
     attention: Attention
     channels_last: bool
     fuse_qkv: bool

@@ -28,6 +28,7 @@ from .devices import (
     synchronize,
 )
 from .handover import ensemble_split, refiner_handover
+from .ip_adapters import IpAdapterModels
 from .latents import LatentCodec
 from .loading import edit_pipelines, load_pipelines
 from .loras import LoraAdapters
@@ -122,6 +123,14 @@ class Engine:
         )
         # Upscaler models of SDXL_UPSCALER_DIR, loaded on first use (engine/upscalers.py).
         self.upscalers = UpscalerModels(config.upscaler_dir, self.device, tile=config.upscaler_tile)
+        # IP-Adapters of SDXL_IP_ADAPTER_DIR, loaded on first use (engine/ip_adapters.py).
+        self.ip_adapters = IpAdapterModels(
+            config.ip_adapter_dir,
+            capacity=config.control_cache,
+            device=self.device,
+            dtype=self.dtype,
+            metrics=metrics,
+        )
         self.preview_decoders = PreviewDecoders.for_engine(
             self.latent_codec, config, preset=preset, device=self.device, dtype=self.dtype
         )
@@ -227,6 +236,7 @@ class Engine:
             # The default's: describe() may be called while another model's batch renders.
             **self.models.default.loras.describe(),
             **self.models.describe(),
+            **self.ip_adapters.describe(),
         }
 
     def warmup(self, steps: int = 2) -> bool:
@@ -279,7 +289,8 @@ class Engine:
             # adapters' parameters.
             with self._model(batch.params.model):
                 self.loras.activate(batch.params.loras)
-                with torch.inference_mode():
+                adapters = batch.params.ip_adapters
+                with self.ip_adapters.scope(self.base.unet, adapters), torch.inference_mode():
                     return self._render(batch)
         except torch.OutOfMemoryError as error:
             # Only the message leaves this block: the traceback pins the frames
@@ -555,6 +566,10 @@ class Engine:
                     syntax,
                     params.clip_skip,
                 )
+                if params.ip_adapters:
+                    base_inputs["ip_adapter_image_embeds"] = self.ip_adapters.embeddings(
+                        params.ip_adapters, batch.tasks, guidance=params.guidance_scale > 1
+                    )
                 latents = plan.base(
                     **embeddings, **base_inputs, denoising_end=plan.denoising_end, **common
                 ).images

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ..contract.render_request import RenderParams, RenderRequest
+from ..contract.render_request import RenderParams, RenderRequest, RgbPicture
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -24,6 +24,9 @@ class ImageTask:
     # share the same bytes objects. Megabytes each: kept out of reprs and logs.
     init_image: bytes | None = field(default=None, repr=False)  # RGB, params' width x height
     mask: bytes | None = field(default=None, repr=False)  # L, 255 where the image is repainted
+    # Per IP-Adapter of the params, its pictures; the images of one job share the same tuple
+    # (engine/ip_adapters.py encodes each once).
+    ip_adapter_images: tuple[tuple[RgbPicture, ...], ...] = field(default=(), repr=False)
 
 
 def _never() -> bool:
@@ -64,6 +67,12 @@ class InvalidModel(Exception):
     loaded. The message is for the client: names, never file-system paths."""
 
 
+class InvalidIpAdapter(Exception):
+    """An IP-Adapter a batch asked for cannot be loaded (its weights or image encoder do not fit,
+    are damaged or gone); nothing of it stays loaded. The message is for the client: names,
+    never file-system paths."""
+
+
 class InvalidUpscaler(Exception):
     """The upscaler model a batch asked for cannot be loaded (spandrel does not know it, or it
     is damaged). The message is for the client: names, never file-system paths."""
@@ -78,6 +87,7 @@ def image_tasks(request: RenderRequest) -> list[ImageTask]:
             seed=seed,
             init_image=request.init_image,
             mask=request.mask,
+            ip_adapter_images=request.ip_adapter_images,
         )
         for seed in request.seeds
     ]

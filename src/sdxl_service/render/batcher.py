@@ -33,6 +33,7 @@ from PIL.Image import Image
 from ..contract.render_request import GenerationOutcome, OutcomeStatus, RenderParams, RenderRequest
 from ..engine.render_batch import (
     ImageTask,
+    InvalidIpAdapter,
     InvalidLora,
     InvalidModel,
     InvalidUpscaler,
@@ -362,6 +363,10 @@ class Batcher:
         except InvalidUpscaler as exc:
             # Every job of the batch asked for the same upscaler model.
             self._finish_all(pendings, OutcomeStatus.INVALID_UPSCALER, str(exc))
+            return
+        except InvalidIpAdapter as exc:
+            # Every job of the batch asked for the same IP-Adapters.
+            self._finish_all(pendings, OutcomeStatus.INVALID_IP_ADAPTER, str(exc))
             return
         except Exception as exc:
             logger.exception("render of %d images failed", len(images))
