@@ -25,8 +25,13 @@ from diffusers import (
 from PIL import Image
 from prometheus_client import CollectorRegistry
 
-from sdxl_service.choices import RefinerMode, RenderKind
-from sdxl_service.contract.render_request import IpAdapterWeight, RenderParams, RgbPicture
+from sdxl_service.choices import HiresUpscaler, RefinerMode, RenderKind
+from sdxl_service.contract.render_request import (
+    HiresParams,
+    IpAdapterWeight,
+    RenderParams,
+    RgbPicture,
+)
 from sdxl_service.engine import Engine
 from sdxl_service.engine.config import EngineConfig
 from sdxl_service.engine.render_batch import ImageTask, InvalidIpAdapter, RenderBatch
@@ -346,3 +351,30 @@ def test_unusable_adapters_fail_leaving_nothing_loaded(
     assert engine.base.unet.encoder_hid_proj is None
     after = metrics.registry.get_sample_value("sdxl_ip_adapter_loads_total", {"outcome": "failed"})
     assert after == (failed or 0) + 1
+
+
+def test_a_requests_pictures_are_encoded_once_for_all_its_images_and_passes(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """n images, and the hires fix's two passes, share one encoding of the request's pictures."""
+    encodes: list[int] = []
+    encode = engine.ip_adapters._encode
+
+    def counted(loaded: Any, pictures: Any) -> Any:
+        encodes.append(len(pictures))
+        return encode(loaded, pictures)
+
+    monkeypatch.setattr(engine.ip_adapters, "_encode", counted)
+    hires = HiresParams(
+        first_width=64,
+        first_height=64,
+        scale=2.0,
+        steps=4,
+        denoising_strength=0.5,
+        upscaler=HiresUpscaler.LATENT,
+    )
+    adapter = IpAdapterWeight(name="ip-adapter_sdxl", scale=0.6, images=2)
+    p = params(adapter, width=128, height=128, hires=hires, refiner=RefinerMode.NONE)
+    images = ours(engine, p, ((picture(1), picture(2)),), seeds=(1, 2, 3))
+    assert [image.shape for image in images] == [(128, 128, 3)] * 3
+    assert encodes == [2]
