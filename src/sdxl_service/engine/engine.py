@@ -566,13 +566,16 @@ class Engine:
                     syntax,
                     params.clip_skip,
                 )
-                if params.ip_adapters:
-                    base_inputs["ip_adapter_image_embeds"] = self.ip_adapters.embeddings(
-                        params.ip_adapters, batch.tasks, guidance=params.guidance_scale > 1
-                    )
-                latents = plan.base(
-                    **embeddings, **base_inputs, denoising_end=plan.denoising_end, **common
-                ).images
+                with self.ip_adapters.image_embeds(
+                    plan.base, params.ip_adapters, batch.tasks, params.guidance_scale > 1
+                ) as image_embeds:
+                    latents = plan.base(
+                        **embeddings,
+                        **base_inputs,
+                        **image_embeds,
+                        denoising_end=plan.denoising_end,
+                        **common,
+                    ).images
         assert latents is not None  # the base ran, or the edit's latents were encoded
 
         # 4. Refiner

@@ -13,8 +13,8 @@ self-attention processors are never touched (diffusers builds fresh ones of the 
 The images are encoded here, as diffusers' `encode_image` and `prepare_ip_adapter_image_embeds`
 do, once per request's pictures however many images the request makes, and handed to the
 pipeline as `ip_adapter_image_embeds` with one row per image of the batch (each its own
-request's pictures). Each adapter has its own image encoder (diffusers holds one per
-pipeline); adapters sharing an encoder folder share one loaded copy.
+request's pictures; see `image_embeds`). Each adapter has its own image encoder (diffusers
+holds one per pipeline); adapters sharing an encoder folder share one loaded copy.
 
 The refiner's UNet gets no adapter: with the refiner, the adapter acts on the base's share.
 """
@@ -118,6 +118,33 @@ class IpAdapterModels:
             unet.encoder_hid_proj = projection
             unet.config.encoder_hid_dim_type = projection_type
             unet.set_attn_processor(processors)
+
+    @contextmanager
+    def image_embeds(
+        self,
+        pipeline: Any,
+        adapters: Sequence[IpAdapterWeight],
+        tasks: Sequence[ImageTask],
+        guidance: bool,
+    ) -> Iterator[dict[str, Any]]:
+        """The pipeline call's arguments for the batch's adapters (none without): its
+        `ip_adapter_image_embeds`, one row per image, each its own request's pictures.
+
+        diffusers' pipelines take `ip_adapter_image_embeds` per prompt and repeat them for
+        every image of the call (`prepare_ip_adapter_image_embeds` tiles them batch-size
+        times); given one row per image, the rows would be tiled too, and the IP-Adapter
+        processor would fold the surplus rows into each image's image tokens. So the
+        pipeline's `prepare_ip_adapter_image_embeds` answers these rows as they are
+        meanwhile: what it would have made of one request's pictures, for each image."""
+        if not adapters:
+            yield {}
+            return
+        embeds = self.embeddings(adapters, tasks, guidance)
+        pipeline.prepare_ip_adapter_image_embeds = lambda *_, **__: embeds
+        try:
+            yield {"ip_adapter_image_embeds": embeds}
+        finally:
+            del pipeline.prepare_ip_adapter_image_embeds
 
     def embeddings(
         self, adapters: Sequence[IpAdapterWeight], tasks: Sequence[ImageTask], guidance: bool
