@@ -24,11 +24,13 @@ from diffusers import (
 )
 from PIL import Image
 from prometheus_client import CollectorRegistry
+from safetensors.torch import load_file
 
 from sdxl_service.choices import HiresUpscaler, RefinerMode, RenderKind
 from sdxl_service.contract.render_request import (
     HiresParams,
     IpAdapterWeight,
+    LoraWeight,
     RenderParams,
     RgbPicture,
 )
@@ -39,6 +41,7 @@ from sdxl_service.engine.schedulers import make_scheduler
 from sdxl_service.metrics import ServiceMetrics
 from tests.ip_adapter_files import BIG_G, adapter_weights, build_folder, save_adapter
 from tests.jobs import make_params
+from tests.lora_files import save_diffusers, unet_layers
 
 from .test_engine import LEFT_HALF, noise_picture, pixels
 
@@ -67,9 +70,25 @@ def metrics() -> ServiceMetrics:
 
 
 @pytest.fixture(scope="module")
+def lora_dir(tmp_path_factory: pytest.TempPathFactory, tiny_pair: tuple[Path, Path]) -> Path:
+    folder = tmp_path_factory.mktemp("loras")
+    save_diffusers(folder, "style", unet_lora_layers=unet_layers(tiny_pair[0], seed=1))
+    return folder
+
+
+@pytest.fixture(scope="module")
 def engine(tiny_settings_factory, ip_dir: Path, metrics: ServiceMetrics) -> Engine:
     settings = tiny_settings_factory(ip_adapter_dir=ip_dir, control_cache=2)
     return Engine.load(EngineConfig.of(settings), metrics=metrics)
+
+
+@pytest.fixture(scope="module")
+def engine_with_lora(tiny_settings_factory, ip_dir: Path, lora_dir: Path) -> Engine:
+    """An engine of its own: once PEFT's layers are in a UNet (switched off between LoRA
+    batches), its renders match stock diffusers within the LoRA tests' 1 in 255
+    (test_loras_engine.py), no longer to the bit."""
+    settings = tiny_settings_factory(ip_adapter_dir=ip_dir, lora_dir=lora_dir)
+    return Engine.load(EngineConfig.of(settings))
 
 
 def params(*adapters: IpAdapterWeight, **overrides: Any) -> RenderParams:
@@ -359,3 +378,30 @@ def test_a_requests_pictures_are_encoded_once_for_all_its_images_and_passes(
     images = ours(engine, p, ((picture(1), picture(2)),), seeds=(1, 2, 3))
     assert [image.shape for image in images] == [(128, 128, 3)] * 3
     assert encodes == [2]
+
+
+def test_with_a_lora_matches_stock_diffusers(
+    engine_with_lora: Engine, ip_dir: Path, lora_dir: Path, tiny_pair: tuple[Path, Path]
+) -> None:
+    """An IP-Adapter and a LoRA in one request: diffusers' load_lora_weights + set_adapters,
+    then load_ip_adapter, on the same pipeline."""
+    engine = engine_with_lora
+    images = (picture(13),)
+    p = params(PLAIN, loras=(LoraWeight(name="style", scale=0.8),), refiner=RefinerMode.NONE)
+    got = ours(engine, p, (images,))
+    pipeline = stock_pipeline(StableDiffusionXLPipeline, engine, tiny_pair)
+    weights = load_file(lora_dir / "style" / "pytorch_lora_weights.safetensors")
+    pipeline.load_lora_weights(weights, adapter_name="stock")
+    pipeline.set_adapters(["stock"], adapter_weights=[0.8])
+    expected = stock(
+        engine,
+        pipeline,
+        ip_dir,
+        [("sdxl_models", "ip-adapter_sdxl", 0.6)],
+        [[pil(one) for one in images]],
+        {"width": SIZE, "height": SIZE},
+        refiner=False,
+    )
+    assert_same(got, expected)
+    without_lora = ours(engine, params(PLAIN, refiner=RefinerMode.NONE), (images,))
+    assert np.abs(got[0] - without_lora[0]).mean() > 1.0
