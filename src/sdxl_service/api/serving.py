@@ -14,12 +14,13 @@ import contextlib
 import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
+from ..choices import RenderKind
 from ..contract.render_request import (
     GenerationOutcome,
     OutcomeStatus,
@@ -27,10 +28,11 @@ from ..contract.render_request import (
     RenderEventType,
     loading_outcome,
 )
+from ..embedding_catalog import EmbeddingCatalog, EmbeddingFile, names_in
 from ..ip_adapter_catalog import IpAdapterCatalog
 from ..lora_catalog import LoraCatalog
 from ..metrics import ServiceMetrics
-from ..model_catalog import ModelCatalog
+from ..model_catalog import INPAINTING, ModelCatalog, inpainting_text_to_image
 from ..settings import SERVICE_ID, Settings
 from ..upscaler_catalog import UpscalerCatalog
 from .errors import APIError, client_closed, invalid_value, missing_parameter, outcome_error
@@ -43,7 +45,9 @@ from .responses import (
     completed_events,
     encodes_inline,
     error_event,
+    flagged_image,
     images_response,
+    in_seed_order,
     partial_event,
     public_base_url,
     server_timing,
@@ -80,6 +84,7 @@ class ImagesServing:
         self.models = ModelCatalog(settings.models_dir)
         self.upscalers = UpscalerCatalog(settings.upscaler_dir)
         self.ip_adapters = IpAdapterCatalog(settings.ip_adapter_dir)
+        self.embeddings = EmbeddingCatalog(settings.embeddings_dir)
         self._model_info: dict[str, Any] | None = None
         self._started = int(time.time())
 
@@ -138,7 +143,64 @@ class ImagesServing:
             for name, entry in sorted(adapters.items())
         ]
         upscaler_cards = await self._upscaler_cards()
-        return ModelList(data=[card, *model_cards, *lora_cards, *upscaler_cards, *adapter_cards])
+        embedding_cards = await run_in_threadpool(self._embedding_cards, info)
+        return ModelList(
+            data=[
+                card,
+                *model_cards,
+                *lora_cards,
+                *upscaler_cards,
+                *embedding_cards,
+                *adapter_cards,
+            ]
+        )
+
+    def _embedding_cards(self, info: dict[str, Any]) -> list[ModelCard]:
+        """Each embedding of SDXL_EMBEDDINGS_DIR: its name and vectors per token, or why it
+        cannot be used with the model's text encoders (their widths, from the render worker)."""
+        widths = info.get("embedding_widths")
+        cards = []
+        for name, entry in sorted(self.embeddings.snapshot().items()):
+            card = entry.describe(widths)
+            problem = card.pop("problem", None)
+            cards.append(
+                ModelCard(
+                    id=name,
+                    created=self._started,
+                    owned_by="embeddings_dir",
+                    warning=None if problem is None else str(problem),
+                    embedding=card,
+                )
+            )
+        return cards
+
+    def _with_embeddings(self, resolved: ResolvedRequest) -> ResolvedRequest:
+        """400 naming the prompt field when it names an embedding that cannot be used; the
+        embeddings the prompts name, with their hashes, in the infotext's provenance."""
+        folder = self.embeddings.snapshot()
+        if not folder:
+            return resolved
+        widths = (self._model_info or {}).get("embedding_widths")
+        job = resolved.job
+        used: dict[str, EmbeddingFile] = {}
+        for param, text in (("prompt", job.prompt), ("negative_prompt", job.negative_prompt)):
+            for name in names_in(text, folder):
+                problem = folder[name].problem_for(widths)
+                if problem is not None:
+                    raise invalid_value(
+                        param,
+                        f"The embedding '{name}' named in {param} cannot be used: {problem}.",
+                        code="invalid_embedding",
+                    )
+                used.setdefault(name, folder[name])
+        if not used or resolved.provenance is None:
+            return resolved
+        hashes = {
+            name: digest
+            for name, entry in used.items()
+            if (digest := self.embeddings.short_hash(entry)) is not None
+        }
+        return replace(resolved, provenance=replace(resolved.provenance, ti_hashes=hashes))
 
     async def _upscaler_cards(self) -> list[ModelCard]:
         """Each upscaler model of SDXL_UPSCALER_DIR: its file from here (no torch), its
@@ -248,7 +310,23 @@ class ImagesServing:
                 self.ip_adapters,
             )
         await self._check_upscaler(resolved)
-        return resolved
+        await self._check_model_kind(resolved)
+        return await run_in_threadpool(self._with_embeddings, resolved)
+
+    async def _check_model_kind(self, resolved: ResolvedRequest) -> None:
+        """400 naming `model` for a text-to-image render on an inpainting model (the render
+        worker would refuse it too, after its turn in the queue)."""
+        params = resolved.job.params
+        if params.kind != RenderKind.TEXT_TO_IMAGE:
+            return
+        if params.model is None:
+            inpainting = (await self.model_info()).get("kind") == INPAINTING
+        else:
+            entry = await run_in_threadpool(self.models.find, params.model)
+            inpainting = entry is not None and entry.inpainting
+        if inpainting:
+            message = f"{inpainting_text_to_image(params.model)}."
+            raise invalid_value("model", message, code="invalid_model")
 
     async def render(
         self,
@@ -326,13 +404,18 @@ class ImagesServing:
             metrics=self.metrics,
         )
         if encodes_inline(outcome.images, resolved):
-            return images_response([one(image) for image in outcome.images], resolved)
-        # An image per thread: OpenCV and Pillow let go of the GIL while they
-        # encode, so n images take about as long as one where there are cores
-        # (n=4 at 1024x1024, Server-Timing encode on 2 cores: PNG 138 -> 91 ms,
-        # WEBP 329 -> 179 ms).
-        data = await asyncio.gather(*(run_in_threadpool(one, image) for image in outcome.images))
-        return images_response(list(data), resolved)
+            data = [one(image) for image in outcome.images]
+        else:
+            # An image per thread: OpenCV and Pillow let go of the GIL while they
+            # encode, so n images take about as long as one where there are cores
+            # (n=4 at 1024x1024, Server-Timing encode on 2 cores: PNG 138 -> 91 ms,
+            # WEBP 329 -> 179 ms).
+            encoded = (run_in_threadpool(one, image) for image in outcome.images)
+            data = list(await asyncio.gather(*encoded))
+        if outcome.flagged_seeds:
+            flagged = [flagged_image(seed) for seed in outcome.flagged_seeds]
+            data = in_seed_order(data + flagged, resolved.job.seeds)
+        return images_response(data, resolved)
 
     async def _stream(
         self, resolved: ResolvedRequest, http_request: Request, kind: str

@@ -33,6 +33,7 @@ from sdxl_service.contract.render_request import (
 )
 from sdxl_service.engine import Engine
 from sdxl_service.engine.render_batch import (
+    InvalidEmbedding,
     InvalidIpAdapter,
     InvalidLora,
     OutOfMemory,
@@ -928,3 +929,18 @@ async def test_an_ip_adapter_the_engine_cannot_load_answers_its_batch_invalid_ip
     outcome = await batcher.submit(_with_ip_adapter(make_job("a", n=2), 0.6, 1))
     assert outcome.status is OutcomeStatus.INVALID_IP_ADAPTER
     assert outcome.message == "IP-Adapter 'style' cannot be used: its weights do not fit"
+
+
+@asyncio_test
+async def test_an_embedding_the_engine_refuses_answers_its_batch_invalid_embedding(
+    make_batcher: Callable[..., Batcher],
+) -> None:
+    """A file changed between the HTTP process's check and the render."""
+    message = "The embedding 'neg' named in negative_prompt cannot be used: the file changed."
+
+    def refuse(batch: RenderBatch) -> list[Image.Image]:
+        raise InvalidEmbedding(message)
+
+    batcher = make_batcher(refuse)
+    outcome = await batcher.submit(make_job("a", n=2))
+    assert (outcome.status, outcome.message) == (OutcomeStatus.INVALID_EMBEDDING, message)
