@@ -177,6 +177,27 @@ class _Collectors:
             "LoRA adapters a batch found already loaded.",
             registry=registry,
         )
+        self.ip_adapter_loads = Counter(
+            f"{PREFIX}_ip_adapter_loads",
+            "IP-Adapters (with their image encoders) loaded by a render worker, by outcome "
+            "(ok, failed).",
+            ["outcome"],
+            registry=registry,
+        )
+        self.ip_adapter_load_seconds = Histogram(
+            f"{PREFIX}_ip_adapter_load_seconds",
+            "Seconds one IP-Adapter took to load, its image encoder included when it was not "
+            "loaded yet (the batch that needs it waits).",
+            registry=registry,
+            buckets=SECONDS_BUCKETS,
+        )
+        self.ip_adapters_resident = Gauge(
+            f"{PREFIX}_ip_adapters_resident",
+            "IP-Adapters a render worker holds loaded (up to SDXL_CONTROL_CACHE).",
+            ["worker"],
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
 
 
 _lock = threading.Lock()
@@ -256,6 +277,16 @@ class ServiceMetrics:
 
     def set_controlnets_resident(self, n: int) -> None:
         self._c.controlnets_resident.labels(worker=self.worker).set(n)
+
+    def count_ip_adapter_load(self, outcome: str, seconds: float | None = None) -> None:
+        if outcome not in MODEL_LOAD_OUTCOMES:
+            raise ValueError(f"unknown outcome {outcome!r}; expected one of {MODEL_LOAD_OUTCOMES}")
+        self._c.ip_adapter_loads.labels(outcome=outcome).inc()
+        if seconds is not None:
+            self._c.ip_adapter_load_seconds.observe(seconds)
+
+    def set_ip_adapters_resident(self, n: int) -> None:
+        self._c.ip_adapters_resident.labels(worker=self.worker).set(n)
 
     def count_lora_cache_hit(self) -> None:
         self._c.lora_cache_hits.inc()

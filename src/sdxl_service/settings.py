@@ -119,9 +119,17 @@ class Settings(_SettingsBase):
     controlnet_dir: Path | None = None
     # ControlNet units one request may give.
     max_controlnets: int = Field(3, ge=1, le=16)
+
+    # --- IP-Adapters ------------------------------------------------------------
+    # SDXL IP-Adapter weights as h94/IP-Adapter publishes them: `sdxl_models/<name>.safetensors`
+    # with `sdxl_models/image_encoder/` (ViT-bigG), `models/image_encoder/` (ViT-H) for the
+    # `vit-h` ones; named by file name, read again when the folder changes: no restart needed.
+    ip_adapter_dir: Path | None = None
+
     # How many ControlNet models, and how many IP-Adapters, a render worker keeps loaded (each
     # kind its own least-recently-used list). A request's ControlNets must fit at once.
     control_cache: int = Field(3, ge=1, le=16)
+
     # --- the opt-in safety checker --------------------------------------------
     # A classifier every rendered image goes through; a flagged one is never returned
     # (content_policy_violation). A folder or a hub id: diffusers' StableDiffusionSafetyChecker

@@ -27,6 +27,7 @@ SHARED = {
     "sdxl_service.model_catalog",
     "sdxl_service.upscaler_catalog",
     "sdxl_service.controlnet_catalog",
+    "sdxl_service.ip_adapter_catalog",
     "sdxl_service.safety_layout",
     "sdxl_service.embedding_catalog",
 }

@@ -10,10 +10,9 @@ refused here, before anything is queued.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -77,16 +76,6 @@ class ControlNetRequest(BaseModel):
         if self.low > self.high:
             raise ValueError(f"low ({self.low}) must not exceed high ({self.high})")
         return self
-
-
-def units_from_a_form_field(value: Any) -> Any:
-    """Multipart forms carry `controlnets` as one JSON text field."""
-    if isinstance(value, str):
-        try:
-            return json.loads(value)
-        except ValueError:
-            raise ValueError("controlnets must be a JSON list of units") from None
-    return value
 
 
 def with_controlnets(

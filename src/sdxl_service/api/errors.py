@@ -144,6 +144,9 @@ _OUTCOME_ERRORS: dict[OutcomeStatus, _OutcomeError] = {
     OutcomeStatus.INVALID_CONTROLNET: _OutcomeError(
         400, "invalid_controlnet", None, param="controlnets"
     ),
+    OutcomeStatus.INVALID_IP_ADAPTER: _OutcomeError(
+        400, "invalid_ip_adapter", None, param="ip_adapters"
+    ),
     OutcomeStatus.CONTENT_POLICY_VIOLATION: _OutcomeError(400, "content_policy_violation", None),
     # The message names the field (prompt or negative_prompt).
     OutcomeStatus.INVALID_EMBEDDING: _OutcomeError(400, "invalid_embedding", None),

@@ -104,6 +104,8 @@ class Provenance:
     base_model: str
     refiner_model: str
     lora_hashes: dict[str, str] = field(default_factory=dict)
+    # Each IP-Adapter's ControlNet-extension module by name (ip_adapter_units).
+    ip_adapter_modules: dict[str, str] = field(default_factory=dict)
     # The textual-inversion embeddings the prompts name, by name: their short hashes.
     ti_hashes: dict[str, str] = field(default_factory=dict)
     version: str = field(default_factory=service_version)
@@ -162,11 +164,13 @@ def infotext(
     if params.refiner is not RefinerMode.NONE:
         fields["Refiner"] = model_name(provenance.refiner_model)
         fields["Refiner switch at"] = params.high_noise_frac
+    for index, unit in enumerate(provenance.controlnets):
+        fields[f"ControlNet {index}"] = unit.text()
+    # After the ControlNet units, numbered on from them, as the extension numbers its units.
+    fields |= ip_adapter_units(job, provenance, first=len(provenance.controlnets))
     if provenance.lora_hashes:
         hashes = provenance.lora_hashes.items()
         fields["Lora hashes"] = ", ".join(f"{name}: {digest}" for name, digest in hashes)
-    for index, unit in enumerate(provenance.controlnets):
-        fields[f"ControlNet {index}"] = unit.text()
     if provenance.ti_hashes:
         # As A1111's sd_hijack_clip writes them: the prompt's first, then the negative's.
         hashes = provenance.ti_hashes.items()
@@ -177,6 +181,33 @@ def infotext(
         lines.append(f"Negative prompt: {job.negative_prompt}")
     lines.append(", ".join(f"{key}: {quote(value)}" for key, value in fields.items()))
     return "\n".join(lines)
+
+
+# The fields of a unit the ControlNet extension writes (ControlNetUnit.infotext_fields), with
+# the values an IP-Adapter unit has: the picture fitted as "Crop and Resize", no thresholds.
+_UNIT_DEFAULTS = (
+    ("Resize Mode", "Crop and Resize"),
+    ("Processor Res", "512"),
+    ("Threshold A", "0.5"),
+    ("Threshold B", "0.5"),
+    ("Guidance Start", "0.0"),
+    ("Guidance End", "1.0"),
+    ("Pixel Perfect", "False"),
+    ("Control Mode", "Balanced"),
+)
+
+
+def ip_adapter_units(job: RenderRequest, provenance: Provenance, *, first: int) -> dict[str, str]:
+    """Each IP-Adapter as AUTOMATIC1111's ControlNet extension writes an IP-Adapter unit:
+    `ControlNet <i>: "Module: ip-adapter_clip_g, Model: <name>, Weight: 0.6, ..."`, numbered
+    from `first` (after the request's ControlNet units)."""
+    units = {}
+    for index, adapter in enumerate(job.params.ip_adapters, start=first):
+        module = provenance.ip_adapter_modules.get(adapter.name, "ip-adapter_clip_g")
+        values = [("Module", module), ("Model", adapter.name), ("Weight", str(adapter.scale))]
+        text = ", ".join(f"{key}: {value}" for key, value in [*values, *_UNIT_DEFAULTS])
+        units[f"ControlNet {index}"] = text
+    return units
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:

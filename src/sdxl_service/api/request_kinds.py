@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..ip_adapter_catalog import IpAdapterCatalog
 from ..lora_catalog import LoraCatalog
 from ..model_catalog import ModelCatalog
 from ..settings import Settings
@@ -56,10 +57,19 @@ class RequestKind:
         loras: LoraCatalog | None = None,
         models: ModelCatalog | None = None,
         upscalers: UpscalerCatalog | None = None,
+        ip_adapters: IpAdapterCatalog | None = None,
     ) -> ResolvedRequest:
         """What `req` (and an edit's decoded `source`) renders; CPU work for an edit."""
         return resolve(
-            self.plan, req, source, settings, native_resolution, loras, models, upscalers
+            self.plan,
+            req,
+            source,
+            settings,
+            native_resolution,
+            loras,
+            models,
+            upscalers,
+            ip_adapters=ip_adapters,
         )
 
 

@@ -29,6 +29,7 @@ from ..contract.render_request import (
 )
 from ..generation_params import given, server_defaults
 from ..generation_params import resolve as resolve_params
+from ..ip_adapter_catalog import IpAdapterCatalog
 from ..lora_catalog import LoraCatalog, LoraFile
 from ..model_catalog import ModelCatalog, ModelEntry
 from ..settings import SERVICE_ID, Settings
@@ -36,6 +37,7 @@ from ..upscaler_catalog import UpscalerCatalog
 from .encoding import resize_to
 from .errors import APIError, excerpt, invalid_value
 from .infotext import Provenance
+from .ip_adapter_requests import IpAdapterSet, ip_adapter_set
 from .lora_requests import lora_set, take_inline_loras
 from .outpainting import Borders, outpainted
 from .schemas import (
@@ -279,6 +281,7 @@ def resolve(
     catalog: LoraCatalog | None = None,
     models: ModelCatalog | None = None,
     upscalers: UpscalerCatalog | None = None,
+    ip_adapters: IpAdapterCatalog | None = None,
 ) -> ResolvedRequest:
     """A request of the kind `plan_of` plans (request_kinds.py) -> what it renders and how it
     is answered. An edit's `source` is resized here, which takes CPU time: call it off the
@@ -318,6 +321,10 @@ def resolve(
     if choice.lora is not None:
         asked.append((choice.lora.name, 1.0))
     loras = lora_set(asked, folder, s.max_loras) if asked else ()
+    # IP-Adapters: their pictures decoded here (CPU time, off the event loop as edits are).
+    adapters = ip_adapter_set(
+        req.ip_adapters or [], ip_adapters, max_adapters=s.control_cache, max_pixels=s.max_pixels
+    )
 
     # 2. The size answered, and the (possibly larger) size rendered.
     width, height = plan.size or _requested_size(req, s, plan.default_size, source)
@@ -373,6 +380,7 @@ def resolve(
         ),
         model=choice.name,
         upscale=upscale,
+        ip_adapters=adapters.adapters,
     )
 
     # 4. Edits: the picture at the render size; inpainting keeps it and the mask
@@ -399,6 +407,7 @@ def resolve(
         deadline=time.time() + s.request_timeout,
         # As OpenAI does: previews only for streams, ignored otherwise.
         partial_images=(req.partial_images or 0) if req.stream else 0,
+        ip_adapter_images=adapters.pictures,
         **pictures,
     )
     return ResolvedRequest(
@@ -411,7 +420,11 @@ def resolve(
         quality=req.quality or "auto",
         kept_picture=kept_picture,
         repaint_mask=repaint,
-        provenance=_provenance(s, loras, folder, catalog, choice) if s.image_metadata else None,
+        provenance=(
+            _provenance(s, loras, folder, catalog, choice, adapters, ip_adapters)
+            if s.image_metadata
+            else None
+        ),
     )
 
 
@@ -481,6 +494,8 @@ def _provenance(
     folder: Mapping[str, LoraFile],
     catalog: LoraCatalog | None,
     choice: ModelChoice,
+    adapters: IpAdapterSet | None = None,
+    ip_adapters: IpAdapterCatalog | None = None,
 ) -> Provenance:
     hashes = {}
     for lora in loras:
@@ -488,7 +503,20 @@ def _provenance(
         if digest is not None:
             hashes[lora.name] = digest
     base = s.base_model if choice.entry is None else str(choice.entry.path)
-    return Provenance(base_model=base, refiner_model=s.refiner_model, lora_hashes=hashes)
+    modules = {}
+    for adapter in adapters.adapters if adapters is not None else ():
+        entry = ip_adapters.find(adapter.name) if ip_adapters is not None else None
+        # The extension's preprocessor for the encoder: ViT-H is clip_h, bigG clip_g.
+        if entry is not None:
+            modules[adapter.name] = (
+                "ip-adapter_clip_h" if entry.encoder_name == "ViT-H" else "ip-adapter_clip_g"
+            )
+    return Provenance(
+        base_model=base,
+        refiner_model=s.refiner_model,
+        lora_hashes=hashes,
+        ip_adapter_modules=modules,
+    )
 
 
 def _default_response_format(req: ImageRequest) -> str:

@@ -10,11 +10,18 @@ import json
 import logging
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from ..choices import HiresUpscaler
 from ..generation_params import request_fields_model
-from .control_requests import MAX_UNITS_LISTED, ControlNetRequest, units_from_a_form_field
+from .control_requests import MAX_UNITS_LISTED, ControlNetRequest
 from .outpainting import Anchor
 from .sizing import AUTO_SIZE, parse_size
 
@@ -38,6 +45,27 @@ Quality = Literal["standard", "hd", "low", "medium", "high", "auto"]
 OutputFormat = Literal["png", "jpeg", "webp"]
 
 
+# What a structured field holds, for the error when a multipart form's JSON text is not JSON.
+_JSON_SHAPES = {
+    "loras": "a JSON list of {name, scale}",
+    "controlnets": "a JSON list of units {name, image, ...}",
+    "ip_adapters": "a JSON list of {name, images, scale}",
+    "outpaint": "a JSON object of left, right, top, bottom",
+}
+
+
+def json_form_field(value: Any, info: ValidationInfo) -> Any:
+    """Multipart forms carry a list or object field as one JSON text field; JSON bodies give
+    it as it is."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            name = info.field_name or "the field"
+            raise ValueError(f"{name} must be {_JSON_SHAPES.get(name, 'JSON')}") from None
+    return value
+
+
 class OpenAIModel(BaseModel):
     """Base of every request model: unknown fields are kept aside and logged."""
 
@@ -57,6 +85,19 @@ class LoraRequest(BaseModel):
 
     name: str = Field(max_length=MAX_NAME_CHARS)
     scale: float = 1.0
+
+
+class IpAdapterRequest(BaseModel):
+    """One IP-Adapter of a request: an adapter of SDXL_IP_ADAPTER_DIR, its pictures (base64 or
+    data: URLs) and scale; names, counts, pictures and bounds are checked in
+    ip_adapter_requests.py, which names the parameter (`ip_adapters[0].images[2]`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(max_length=MAX_NAME_CHARS)
+    # The real bound (4) is ip_adapter_requests.py's; this one keeps absurd lists out.
+    images: list[str] = Field(default_factory=list, max_length=64)
+    scale: float = 0.6
 
 
 if TYPE_CHECKING:
@@ -98,20 +139,12 @@ class ImageRequest(OpenAIModel, _GenerationFields):
     # ControlNet units (api/control_requests.py checks them against SDXL_CONTROLNET_DIR).
     controlnets: list[ControlNetRequest] | None = Field(default=None, max_length=MAX_UNITS_LISTED)
 
-    _controlnets_from_a_form_field = field_validator("controlnets", mode="before")(
-        units_from_a_form_field
-    )
+    # Pictures as part of the prompt (api/ip_adapter_requests.py).
+    ip_adapters: list[IpAdapterRequest] | None = Field(default=None, max_length=MAX_LORAS_LISTED)
 
-    @field_validator("loras", mode="before")
-    @classmethod
-    def _loras_from_a_form_field(cls, value: Any) -> Any:
-        # Multipart forms carry the list as one JSON text field.
-        if isinstance(value, str):
-            try:
-                return json.loads(value)
-            except ValueError:
-                raise ValueError("loras must be a JSON list of {name, scale}") from None
-        return value
+    _json_form_fields = field_validator("loras", "controlnets", "ip_adapters", mode="before")(
+        json_form_field
+    )
 
     @field_validator("size")
     @classmethod
@@ -166,18 +199,7 @@ class ImageEditRequest(ImageRequest):
     outpaint: OutpaintRequest | None = None
     outpaint_anchor: Anchor | None = None
 
-    @field_validator("outpaint", mode="before")
-    @classmethod
-    def _outpaint_from_a_form_field(cls, value: Any) -> Any:
-        # Multipart forms carry the object as one JSON text field.
-        if isinstance(value, str):
-            try:
-                return json.loads(value)
-            except ValueError:
-                raise ValueError(
-                    "outpaint must be a JSON object of left, right, top, bottom"
-                ) from None
-        return value
+    _json_form_field = field_validator("outpaint", mode="before")(json_form_field)
 
 
 class ImageVariationRequest(ImageRequest):
@@ -241,6 +263,8 @@ class ModelCard(BaseModel):
     upscaler: dict[str, Any] | None = None
     # A ControlNet's card: name, format, whether it is a Union model (and its control types).
     controlnet: dict[str, Any] | None = None
+    # An IP-Adapter's card: name, kind, image tokens, image encoder.
+    ip_adapter: dict[str, Any] | None = None
     # A textual-inversion embedding's card: name, vectors (tokens it takes in a prompt).
     embedding: dict[str, Any] | None = None
 

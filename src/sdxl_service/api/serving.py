@@ -30,6 +30,7 @@ from ..contract.render_request import (
 )
 from ..controlnet_catalog import ControlNetCatalog
 from ..embedding_catalog import EmbeddingCatalog, EmbeddingFile, names_in
+from ..ip_adapter_catalog import IpAdapterCatalog
 from ..lora_catalog import LoraCatalog
 from ..metrics import ServiceMetrics
 from ..model_catalog import INPAINTING, ModelCatalog, inpainting_text_to_image
@@ -85,6 +86,7 @@ class ImagesServing:
         self.models = ModelCatalog(settings.models_dir)
         self.upscalers = UpscalerCatalog(settings.upscaler_dir)
         self.controlnets = ControlNetCatalog(settings.controlnet_dir)
+        self.ip_adapters = IpAdapterCatalog(settings.ip_adapter_dir)
         self.embeddings = EmbeddingCatalog(settings.embeddings_dir)
         self._model_info: dict[str, Any] | None = None
         self._started = int(time.time())
@@ -130,6 +132,19 @@ class ImagesServing:
             )
             for name, entry in sorted(entries.items())
         ]
+        # Each IP-Adapter of SDXL_IP_ADAPTER_DIR by its file's stem; one that cannot be used
+        # is listed with its problem as the warning.
+        adapters = await run_in_threadpool(self.ip_adapters.snapshot)
+        adapter_cards = [
+            ModelCard(
+                id=name,
+                created=self._started,
+                owned_by="ip_adapter_dir",
+                warning=entry.problem,
+                ip_adapter=entry.describe(),
+            )
+            for name, entry in sorted(adapters.items())
+        ]
         upscaler_cards = await self._upscaler_cards()
         embedding_cards = await run_in_threadpool(self._embedding_cards, info)
         controlnets = await run_in_threadpool(self.controlnets.snapshot)
@@ -151,6 +166,7 @@ class ImagesServing:
                 *upscaler_cards,
                 *embedding_cards,
                 *controlnet_cards,
+                *adapter_cards,
             ]
         )
 
@@ -284,10 +300,15 @@ class ImagesServing:
         The one way in for the synchronous endpoints and for image jobs alike, so
         a job renders exactly what its synchronous call would.
         """
-        if not kind.multipart:
+        catalogs = (self.loras, self.models, self.upscalers)
+        if not kind.multipart and not req.ip_adapters:
             native = await self._native_resolution()
-            resolved = kind.resolve(
-                req, None, self.settings, native, self.loras, self.models, self.upscalers
+            resolved = kind.resolve(req, None, self.settings, native, *catalogs)
+        elif not kind.multipart:
+            # IP-Adapter pictures are decoded while resolving: CPU time, off the event loop.
+            native = await self._native_resolution()
+            resolved = await run_in_threadpool(
+                kind.resolve, req, None, self.settings, native, *catalogs, self.ip_adapters
             )
         else:
             if image is None:
@@ -300,9 +321,8 @@ class ImagesServing:
                 source,
                 self.settings,
                 native,
-                self.loras,
-                self.models,
-                self.upscalers,
+                *catalogs,
+                self.ip_adapters,
             )
         await self._check_upscaler(resolved)
         await self._check_model_kind(resolved)

@@ -37,6 +37,8 @@ class OutcomeStatus(StrEnum):
     INVALID_UPSCALER = "invalid_upscaler"
     # A ControlNet of SDXL_CONTROLNET_DIR the request named could not be loaded.
     INVALID_CONTROLNET = "invalid_controlnet"
+    # An IP-Adapter of SDXL_IP_ADAPTER_DIR the request named could not be loaded.
+    INVALID_IP_ADAPTER = "invalid_ip_adapter"
     # Every image of the request was flagged by the safety checker (SDXL_SAFETY_CHECKER).
     CONTENT_POLICY_VIOLATION = "content_policy_violation"
     # An embedding of SDXL_EMBEDDINGS_DIR a prompt names could not be used.
@@ -64,6 +66,33 @@ class ControlNetParams(BaseModel):
     start: float = 0.0  # control_guidance_start, a share of the whole schedule
     end: float = 1.0  # control_guidance_end
     mode: int | None = None  # a Union model's control_mode; None for other models
+
+
+class IpAdapterWeight(BaseModel):
+    """One IP-Adapter of a render, by name (a file of SDXL_IP_ADAPTER_DIR), its scale, and how
+    many pictures each image gives it (their embeddings' shape, so part of the batch key)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    scale: float = Field(ge=0.0, le=2.0)
+    images: int = Field(default=1, ge=1, le=4)
+
+
+class RgbPicture(BaseModel):
+    """A picture at its own size, raw RGB, row-major (an IP-Adapter's image)."""
+
+    model_config = ConfigDict(frozen=True, **_WIRE_BYTES)
+
+    width: int = Field(ge=1)
+    height: int = Field(ge=1)
+    rgb: bytes = Field(repr=False)
+
+    @model_validator(mode="after")
+    def _rgb_fits_the_size(self) -> Self:
+        if len(self.rgb) != 3 * self.width * self.height:
+            raise ValueError(f"rgb must be {self.width}x{self.height} RGB bytes")
+        return self
 
 
 class HiresParams(BaseModel):
@@ -120,6 +149,9 @@ class RenderParams(GenerationParams):
     # ControlNet units in the order asked (the batch key: the same models, scales, start/end
     # and modes batch together); their control images travel per image.
     controlnets: tuple[ControlNetParams, ...] = ()
+    # In the request's order (the order of `ip_adapter_image_embeds`); each image of the render
+    # brings its own pictures for them (RenderRequest.ip_adapter_images).
+    ip_adapters: tuple[IpAdapterWeight, ...] = ()
 
     @model_validator(mode="after")
     def _hires_is_for_text_to_image(self) -> Self:
@@ -157,6 +189,9 @@ class RenderRequest(BaseModel):
     mask: bytes | None = Field(default=None, repr=False)
     # One control image per ControlNet unit of params, fitted to the render size (raw RGB).
     control_images: tuple[bytes, ...] = Field(default=(), repr=False)
+    # One tuple of pictures per IP-Adapter of `params.ip_adapters`, in its order; the n
+    # images of the request share them (encoded once).
+    ip_adapter_images: tuple[tuple[RgbPicture, ...], ...] = Field(default=(), repr=False)
     # Unix time after which nobody waits for the images any more; the batcher
     # is the one component that acts on it.
     deadline: float | None = None
@@ -185,6 +220,9 @@ class RenderRequest(BaseModel):
                 f"one {self.params.width}x{self.params.height} RGB control image per ControlNet "
                 "unit"
             )
+        counts = tuple(adapter.images for adapter in self.params.ip_adapters)
+        if tuple(len(pictures) for pictures in self.ip_adapter_images) != counts:
+            raise ValueError(f"ip_adapter_images must hold {counts} pictures per IP-Adapter")
         return self
 
 

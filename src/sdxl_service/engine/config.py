@@ -41,6 +41,8 @@ class EngineConfig(BaseModel):
     upscaler_tile: int = 512
     # SDXL_CONTROLNET_DIR (None: no ControlNets) and how many stay loaded.
     controlnet_dir: Path | None = None
+    # SDXL_IP_ADAPTER_DIR (None: no IP-Adapters) and how many stay loaded (SDXL_CONTROL_CACHE).
+    ip_adapter_dir: Path | None = None
     control_cache: int = 3
     # SDXL_SAFETY_CHECKER (None: off) and SDXL_SAFETY_LABELS (engine/safety.py).
     safety_checker: str | None = None

@@ -33,6 +33,7 @@ from .devices import (
 from .embeddings import TextualInversions, encoder_widths
 from .handover import ensemble_split, refiner_handover
 from .inpainting import is_inpainting_unet
+from .ip_adapters import IpAdapterModels
 from .latents import LatentCodec
 from .loading import edit_pipelines, load_pipelines
 from .loras import LoraAdapters
@@ -144,6 +145,14 @@ class Engine:
             device=self.device,
             dtype=self.dtype,
             capacity=config.control_cache,
+            metrics=metrics,
+        )
+        # IP-Adapters of SDXL_IP_ADAPTER_DIR, loaded on first use (engine/ip_adapters.py).
+        self.ip_adapters = IpAdapterModels(
+            config.ip_adapter_dir,
+            capacity=config.control_cache,
+            device=self.device,
+            dtype=self.dtype,
             metrics=metrics,
         )
         self.preview_decoders = PreviewDecoders.for_engine(
@@ -271,6 +280,7 @@ class Engine:
             **self.models.default.loras.describe(),
             **self.models.describe(),
             **self.controlnets.describe(),
+            **self.ip_adapters.describe(),
             **({} if self.safety is None else {"safety_checker": self.safety.describe()}),
         }
 
@@ -343,7 +353,8 @@ class Engine:
             # adapters' parameters.
             with self._model(batch.params.model):
                 self.loras.activate(batch.params.loras)
-                with torch.inference_mode():
+                adapters = batch.params.ip_adapters
+                with self.ip_adapters.scope(self.base.unet, adapters), torch.inference_mode():
                     return self._render(batch)
         except torch.OutOfMemoryError as error:
             # Only the message leaves this block: the traceback pins the frames
@@ -674,7 +685,12 @@ class Engine:
                     pipeline, call = self.controlnets.stage(
                         plan.base, params, batch.tasks, call, self._base_scheduler_config
                     )
-                latents = pipeline(**call).images
+                # The pipeline that runs (a ControlNet one shares the UNet) takes the
+                # IP-Adapters' image embeddings, one row per image.
+                with self.ip_adapters.image_embeds(
+                    pipeline, params.ip_adapters, batch.tasks, params.guidance_scale > 1
+                ) as image_embeds:
+                    latents = pipeline(**call, **image_embeds).images
         assert latents is not None  # the base ran, or the edit's latents were encoded
 
         # 4. Refiner

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ..contract.render_request import RenderParams, RenderRequest
+from ..contract.render_request import RenderParams, RenderRequest, RgbPicture
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -26,6 +26,9 @@ class ImageTask:
     mask: bytes | None = field(default=None, repr=False)  # L, 255 where the image is repainted
     # One per ControlNet unit of the batch's params: RGB, params' width x height.
     control_images: tuple[bytes, ...] = field(default=(), repr=False)
+    # Per IP-Adapter of the params, its pictures; the images of one job share the same tuple
+    # (engine/ip_adapters.py encodes each once).
+    ip_adapter_images: tuple[tuple[RgbPicture, ...], ...] = field(default=(), repr=False)
 
 
 def _never() -> bool:
@@ -71,6 +74,12 @@ class InvalidControlNet(Exception):
     of it stays loaded. The message is for the client: names, never file-system paths."""
 
 
+class InvalidIpAdapter(Exception):
+    """An IP-Adapter a batch asked for cannot be loaded (its weights or image encoder do not fit,
+    are damaged or gone); nothing of it stays loaded. The message is for the client: names,
+    never file-system paths."""
+
+
 class InvalidUpscaler(Exception):
     """The upscaler model a batch asked for cannot be loaded (spandrel does not know it, or it
     is damaged). The message is for the client: names, never file-system paths."""
@@ -91,6 +100,7 @@ def image_tasks(request: RenderRequest) -> list[ImageTask]:
             init_image=request.init_image,
             mask=request.mask,
             control_images=request.control_images,
+            ip_adapter_images=request.ip_adapter_images,
         )
         for seed in request.seeds
     ]

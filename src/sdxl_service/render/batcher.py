@@ -35,6 +35,7 @@ from ..engine.render_batch import (
     ImageTask,
     InvalidControlNet,
     InvalidEmbedding,
+    InvalidIpAdapter,
     InvalidLora,
     InvalidModel,
     InvalidUpscaler,
@@ -374,6 +375,9 @@ class Batcher:
         except InvalidControlNet as exc:
             # Every job of the batch asked for the same ControlNets.
             self._finish_all(pendings, OutcomeStatus.INVALID_CONTROLNET, str(exc))
+        except InvalidIpAdapter as exc:
+            # Every job of the batch asked for the same IP-Adapters.
+            self._finish_all(pendings, OutcomeStatus.INVALID_IP_ADAPTER, str(exc))
             return
         except InvalidEmbedding as exc:
             # Checked per request before it was queued (api/serving.py): only a file changed

@@ -26,13 +26,17 @@ from prometheus_client import CollectorRegistry
 from sdxl_service.contract.render_request import (
     ControlNetParams,
     GenerationOutcome,
+    IpAdapterWeight,
     OutcomeStatus,
     RenderedImage,
+    RenderRequest,
+    RgbPicture,
 )
 from sdxl_service.engine import Engine
 from sdxl_service.engine.render_batch import (
     InvalidControlNet,
     InvalidEmbedding,
+    InvalidIpAdapter,
     InvalidLora,
     OutOfMemory,
     RenderBatch,
@@ -917,6 +921,56 @@ async def test_a_controlnet_the_engine_refuses_answers_its_batch_invalid_control
     outcome = await make_batcher(refuse).submit(controlled(make_job("a", n=2), 1.0, 0))
     assert outcome.status is OutcomeStatus.INVALID_CONTROLNET
     assert "broken" in outcome.message
+
+
+def _with_ip_adapter(job: RenderRequest, scale: float, colour: int) -> RenderRequest:
+    adapters = (IpAdapterWeight(name="style", scale=scale),)
+    picture = RgbPicture(width=2, height=1, rgb=bytes([colour]) * 6)
+    return job.model_copy(
+        update={
+            "params": job.params.model_copy(update={"ip_adapters": adapters}),
+            "ip_adapter_images": ((picture,),),
+        }
+    )
+
+
+@asyncio_test
+async def test_jobs_with_the_same_ip_adapters_batch_each_with_its_own_pictures(
+    render: FakeRender, make_batcher: MakeBatcher, registry: CollectorRegistry
+) -> None:
+    batcher = make_batcher(render)
+    release, gate = await hold_worker(render, batcher)
+    jobs = [
+        _with_ip_adapter(make_job("a", 2, seed=10), 0.6, 1),
+        _with_ip_adapter(make_job("b", 1, seed=20), 0.6, 2),
+        _with_ip_adapter(make_job("c", 1, seed=30), 0.9, 3),
+        make_job("d", 1, seed=40),
+    ]
+    answers = [asyncio.create_task(batcher.submit(job)) for job in jobs]
+    await queued(registry, 5)
+    release.set()
+    for answer, seeds in zip(answers, ([10, 11], [20], [30], [40]), strict=True):
+        assert_ok(await answer, seeds)
+    await gate
+    assert render.prompts_per_call()[1:] == [["a", "b"], ["c"], ["d"]]
+    shared = render.batches[1]
+    colours = [task.ip_adapter_images[0][0].rgb[0] for task in shared.tasks]
+    assert colours == [1, 1, 2]
+    # The images of one job share its pictures: the engine encodes them once.
+    assert shared.tasks[0].ip_adapter_images is shared.tasks[1].ip_adapter_images
+
+
+@asyncio_test
+async def test_an_ip_adapter_the_engine_cannot_load_answers_its_batch_invalid_ip_adapter(
+    make_batcher: Callable[..., Batcher],
+) -> None:
+    def refuse(batch: RenderBatch) -> list[Image.Image]:
+        raise InvalidIpAdapter("IP-Adapter 'style' cannot be used: its weights do not fit")
+
+    batcher = make_batcher(refuse)
+    outcome = await batcher.submit(_with_ip_adapter(make_job("a", n=2), 0.6, 1))
+    assert outcome.status is OutcomeStatus.INVALID_IP_ADAPTER
+    assert outcome.message == "IP-Adapter 'style' cannot be used: its weights do not fit"
 
 
 @asyncio_test
