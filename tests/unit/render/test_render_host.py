@@ -45,8 +45,9 @@ class RecordingRegistry(WorkerRegistry):
         self.published: list[WorkerStatus] = []
 
     def publish(self, status: WorkerStatus) -> None:
-        self.published.append(status)
+        # Remembered once written: a state seen here is in the files too.
         super().publish(status)
+        self.published.append(status)
 
 
 class Host:
@@ -77,8 +78,10 @@ def host(tiny_settings_factory, tmp_path_factory: pytest.TempPathFactory) -> Ite
     settings = tiny_settings_factory(steps=2, batch_wait_ms=0, max_batch_images=4)
     render_host = RenderHost(settings, ServiceMetrics(prometheus, worker=1), registry=registry)
     try:
+        # Ready once the READY state is published too (the batcher is set just before).
         wait_until(
-            lambda: render_host.is_ready() or render_host.load_error,
+            lambda: (render_host.is_ready() and len(registry.published) == 2)
+            or render_host.load_error,
             timeout=WAIT_S * 2,
             message="the tiny engine to load",
         )
