@@ -25,7 +25,11 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningService]:
     folder = build_folder(tmp_path_factory.mktemp("ip-adapters"))
-    env = {"SDXL_IP_ADAPTER_DIR": str(folder), "SDXL_CONTROL_CACHE": "2"}
+    env = {
+        "SDXL_IP_ADAPTER_DIR": str(folder),
+        "SDXL_CONTROL_CACHE": "2",
+        "SDXL_MAX_CONTROLNETS": "2",
+    }
     with running_service(tmp_path_factory.mktemp("service"), env) as running:
         yield running
 

@@ -53,7 +53,11 @@ def painter() -> SeedPainter:
 @pytest.fixture
 def client(painter: SeedPainter, folder: Path, tmp_path: Path) -> TestClient:
     settings = Settings(
-        files_dir=tmp_path / "files", ip_adapter_dir=folder, max_pixels=256 * 256, control_cache=2
+        files_dir=tmp_path / "files",
+        ip_adapter_dir=folder,
+        max_pixels=256 * 256,
+        control_cache=2,
+        max_controlnets=2,
     )
     serving = ImagesServing(settings, painter, LocalFileStore(tmp_path / "files", 60))
     return TestClient(create_app(lambda: serving, settings.max_body_bytes))

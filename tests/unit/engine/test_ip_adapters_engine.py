@@ -78,7 +78,7 @@ def lora_dir(tmp_path_factory: pytest.TempPathFactory, tiny_pair: tuple[Path, Pa
 
 @pytest.fixture(scope="module")
 def engine(tiny_settings_factory, ip_dir: Path, metrics: ServiceMetrics) -> Engine:
-    settings = tiny_settings_factory(ip_adapter_dir=ip_dir, control_cache=2)
+    settings = tiny_settings_factory(ip_adapter_dir=ip_dir, control_cache=2, max_controlnets=2)
     return Engine.load(EngineConfig.of(settings), metrics=metrics)
 
 

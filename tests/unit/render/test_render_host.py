@@ -80,8 +80,9 @@ def host(tiny_settings_factory, tmp_path_factory: pytest.TempPathFactory) -> Ite
     try:
         # Ready once the READY state is published too (the batcher is set just before).
         wait_until(
-            lambda: (render_host.is_ready() and len(registry.published) == 2)
-            or render_host.load_error,
+            lambda: (
+                (render_host.is_ready() and len(registry.published) == 2) or render_host.load_error
+            ),
             timeout=WAIT_S * 2,
             message="the tiny engine to load",
         )
