@@ -11,6 +11,7 @@ of the final latents, exactly (CPU, float32).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (
-    ControlNetModel,
     ControlNetUnionModel,
     MultiControlNetModel,
     StableDiffusionXLControlNetImg2ImgPipeline,
@@ -28,12 +28,10 @@ from diffusers import (
     StableDiffusionXLControlNetUnionPipeline,
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLInpaintPipeline,
-    UNet2DConditionModel,
 )
 from diffusers.models.controlnets.multicontrolnet_union import MultiControlNetUnionModel
 from PIL import Image
 from prometheus_client import CollectorRegistry
-from safetensors.torch import save_file
 
 from sdxl_service.choices import RefinerMode, RenderKind
 from sdxl_service.contract.render_request import ControlNetParams, RenderParams
@@ -43,6 +41,7 @@ from sdxl_service.engine.controlnets import stop_after
 from sdxl_service.engine.render_batch import ImageTask, InvalidControlNet, RenderBatch
 from sdxl_service.engine.schedulers import make_scheduler
 from sdxl_service.metrics import ServiceMetrics
+from tests.controlnet_files import save_controlnets
 from tests.jobs import make_params
 
 from .test_engine import LEFT_HALF, noise_picture
@@ -53,36 +52,9 @@ FRAC = 0.8
 PROMPT = "a red fox in the snow"
 
 
-def randomized(model: Any, seed: int) -> Any:
-    """`model` with random weights in its zero convolutions (and a Union's task embedding)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "task_")):
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
-    return model
-
-
 @pytest.fixture(scope="module")
 def controlnet_dir(tmp_path_factory: pytest.TempPathFactory, tiny_pair: tuple[Path, Path]) -> Path:
-    folder = tmp_path_factory.mktemp("controlnets")
-    unet = UNet2DConditionModel.from_pretrained(tiny_pair[0] / "unet")
-    randomized(ControlNetModel.from_unet(unet), 1).save_pretrained(folder / "edges")
-    single = randomized(ControlNetModel.from_unet(unet), 2)
-    save_file(single.state_dict(), folder / "depth.safetensors")
-    # The Union transformer's width is the first block's (SDXL's 320; the tiny UNet's 16).
-    sizes = {"num_trans_channel": 16, "num_proj_channel": 16, "num_control_type": 8}
-    config = ControlNetUnionModel.from_unet(unet).config
-    union_config = {**{k: v for k, v in config.items() if not k.startswith("_")}, **sizes}
-    union = ControlNetUnionModel.from_config(union_config)
-    union.load_state_dict(ControlNetModel.from_unet(unet).state_dict(), strict=False)
-    union = randomized(union, 3)
-    save_file(union.state_dict(), folder / "union.safetensors")
-    # A ControlNet whose weights fit no SDXL base: a file with one tensor missing.
-    state = single.state_dict()
-    state.pop("controlnet_mid_block.weight")
-    save_file(state, folder / "broken.safetensors")
-    return folder
+    return save_controlnets(tmp_path_factory.mktemp("controlnets"), tiny_pair[0])
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +197,13 @@ def test_control_changes_the_image_and_each_image_has_its_own(engine: Engine) ->
             [ImageTask(prompt=PROMPT, seed=seed) for seed in SEEDS],
         )
         alone = ours_latents(engine, p, tasks(p)[1:])
-    assert (controlled - plain).abs().max() > 1e-3
+    assert (controlled - plain).abs().max() > 1.0
+    # Each image's own control image counts: the first image with the second's control image
+    # is another image.
+    swapped = ours_latents(
+        engine, p, [replace(tasks(p)[0], control_images=tasks(p)[1].control_images)]
+    )
+    assert (swapped - controlled[:1]).abs().max() > 1.0
     # The second image of the batch is the image its request renders alone (up to the float
     # rounding a batch of two in one call makes).
     assert torch.allclose(controlled[1:], alone, atol=1e-4)
@@ -479,3 +457,47 @@ def test_union_inpaint_is_stock_union_inpaint(engine: Engine) -> None:
             **common(p),
         ).images
     assert torch.equal(ours, latents)
+
+
+@pytest.mark.parametrize("kind", [RenderKind.TEXT_TO_IMAGE, RenderKind.IMAGE_TO_IMAGE])
+def test_steps_and_previews_count_as_without_a_controlnet(engine: Engine, kind: RenderKind) -> None:
+    """The interrupted img2img loop reports no step it skips; previews come as asked."""
+    p = params(kind, RefinerMode.ENSEMBLE, EDGES)
+    counted: dict[bool, list[int]] = {}
+    previews: list[tuple[int, int]] = []
+    for with_control in (True, False):
+        steps: list[int] = []
+        batch_params = p if with_control else p.model_copy(update={"controlnets": ()})
+        batch_tasks = tasks(p)
+        if not with_control:
+            batch_tasks = [replace(task, control_images=()) for task in batch_tasks]
+        engine.render(
+            RenderBatch(
+                params=batch_params,
+                tasks=batch_tasks,
+                on_step=steps.append,
+                on_preview=(lambda i, j, image: previews.append((i, j))) if with_control else None,
+                preview_counts=(2, 1) if with_control else (),
+            )
+        )
+        counted[with_control] = steps
+    assert counted[True] == counted[False] == list(range(1, len(counted[False]) + 1))
+    assert sorted(previews) == [(0, 0), (0, 1), (1, 0)]
+
+
+def test_controlnet_inpainting_leaves_a_float32_vae_float32(
+    tiny_settings_factory: Any, controlnet_dir: Path
+) -> None:
+    """diffusers' ControlNet inpaint encode upcasts the (force_upcast) VAE and casts it back
+    to the UNets' dtype after; the VAE kept in float32 beside them stays float32."""
+    settings = tiny_settings_factory(
+        controlnet_dir=controlnet_dir, dtype="bfloat16", vae_dtype="float32"
+    )
+    mixed = Engine.load(EngineConfig.of(settings))
+    assert (mixed.base.unet.dtype, mixed.vae.dtype) == (torch.bfloat16, torch.float32)
+    p = params(RenderKind.INPAINT, RefinerMode.NONE, EDGES).model_copy(
+        update={"num_inference_steps": 2}
+    )
+    images = mixed.render(RenderBatch(params=p, tasks=tasks(p, mask=LEFT_HALF)))
+    assert [image.size for image in images] == [(SIZE, SIZE)] * len(SEEDS)
+    assert mixed.vae.dtype == torch.float32

@@ -23,9 +23,20 @@ import torch
 from PIL import Image
 from prometheus_client import CollectorRegistry
 
-from sdxl_service.contract.render_request import GenerationOutcome, OutcomeStatus, RenderedImage
+from sdxl_service.contract.render_request import (
+    ControlNetParams,
+    GenerationOutcome,
+    OutcomeStatus,
+    RenderedImage,
+)
 from sdxl_service.engine import Engine
-from sdxl_service.engine.render_batch import InvalidLora, OutOfMemory, RenderBatch, RenderCancelled
+from sdxl_service.engine.render_batch import (
+    InvalidControlNet,
+    InvalidLora,
+    OutOfMemory,
+    RenderBatch,
+    RenderCancelled,
+)
 from sdxl_service.metrics import ServiceMetrics
 from sdxl_service.render.batcher import Batcher
 from tests import polling
@@ -865,3 +876,43 @@ async def test_a_lora_the_engine_refuses_answers_its_batch_invalid_lora(
     outcome = await batcher.submit(make_job("a", n=2))
     assert outcome.status is OutcomeStatus.INVALID_LORA
     assert outcome.message == "LoRA 'sd15' is not an SDXL LoRA"
+
+
+def controlled(job: Any, scale: float, shade: int) -> Any:
+    """`job` with one ControlNet unit at `scale` and a flat control image of `shade`."""
+    unit = ControlNetParams(name="edges", scale=scale)
+    params = job.params.model_copy(update={"controlnets": (unit,)})
+    size = 3 * params.width * params.height
+    return job.model_copy(update={"params": params, "control_images": (bytes([shade]) * size,)})
+
+
+@asyncio_test
+async def test_jobs_naming_the_same_controlnets_batch_each_with_its_own_control_image(
+    render: FakeRender, make_batcher: MakeBatcher, registry: CollectorRegistry
+) -> None:
+    batcher = make_batcher(render)
+    release, gate = await hold_worker(render, batcher)
+    a = asyncio.create_task(batcher.submit(controlled(make_job("a", seed=1), 1.0, 10)))
+    b = asyncio.create_task(batcher.submit(controlled(make_job("b", seed=2), 1.0, 20)))
+    c = asyncio.create_task(batcher.submit(controlled(make_job("c", seed=3), 0.5, 30)))
+    await queued(registry, 3)
+    release.set()
+    for task, seed in ((a, 1), (b, 2), (c, 3)):
+        assert_ok(await task, [seed])
+    await gate
+    assert render.prompts_per_call()[1:] == [["a", "b"], ["c"]]
+    together = render.batches[1]
+    assert [task.control_images[0][0] for task in together.tasks] == [10, 20]
+    assert together.params.controlnets == (ControlNetParams(name="edges", scale=1.0),)
+
+
+@asyncio_test
+async def test_a_controlnet_the_engine_refuses_answers_its_batch_invalid_controlnet(
+    make_batcher: Callable[..., Batcher],
+) -> None:
+    def refuse(batch: RenderBatch) -> list[Image.Image]:
+        raise InvalidControlNet("ControlNet 'broken' cannot be used: its weights do not fit")
+
+    outcome = await make_batcher(refuse).submit(controlled(make_job("a", n=2), 1.0, 0))
+    assert outcome.status is OutcomeStatus.INVALID_CONTROLNET
+    assert "broken" in outcome.message

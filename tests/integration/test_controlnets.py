@@ -1,0 +1,166 @@
+"""ControlNet through the real service (`bentoml serve`, tiny preset) and the official openai
+client: SDXL_CONTROLNET_DIR holds tiny ControlNets made from the tiny base's UNet (a diffusers
+folder, single files, a Union one, one that fails to load, an SD 1.5 one)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from openai import OpenAI
+from PIL import Image
+
+from sdxl_service.engine.tiny import ensure_tiny_pair
+from tests.controlnet_files import save_controlnets
+from tests.decoded import decode, pixels
+from tests.integration.test_jobs import wait_for_end
+from tests.service_process import REPO, RunningService, running_service
+
+pytestmark = pytest.mark.integration
+
+SIZE = "128x128"
+
+
+@pytest.fixture(scope="module")
+def controlnet_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # The tiny base the service loads (start_service's cache).
+    base_dir, _ = ensure_tiny_pair(REPO / ".cache" / "sdxl-service")
+    return save_controlnets(tmp_path_factory.mktemp("controlnets"), base_dir)
+
+
+@pytest.fixture(scope="module")
+def service(
+    tmp_path_factory: pytest.TempPathFactory, controlnet_dir: Path
+) -> Iterator[RunningService]:
+    env = {"SDXL_CONTROLNET_DIR": str(controlnet_dir), "SDXL_REFINER": "none"}
+    with running_service(tmp_path_factory.mktemp("controlnet-service"), env) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(service: RunningService) -> OpenAI:
+    return OpenAI(base_url=service.api, api_key="any-string", max_retries=0, timeout=120)
+
+
+@pytest.fixture
+def http(service: RunningService) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=service.api, timeout=120) as client:
+        yield client
+
+
+def control_b64(seed: int, width: int = 96, height: int = 64) -> str:
+    blocks = np.random.default_rng(seed).integers(0, 256, (height // 8, width // 8, 3), np.uint8)
+    array = np.repeat(np.repeat(blocks, 8, 0), 8, 1)
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, "PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def generate(client: OpenAI, *units: dict, seed: int = 5) -> np.ndarray:
+    answer = client.images.generate(
+        prompt="a lighthouse",
+        size=SIZE,
+        response_format="b64_json",
+        extra_body={"seed": seed, "controlnets": list(units)},
+    )
+    assert answer.data[0].b64_json is not None
+    return pixels(answer.data[0].b64_json)
+
+
+def test_models_lists_the_controlnets(http: httpx.Client) -> None:
+    cards = {card["id"]: card for card in http.get("/models").json()["data"]}
+    assert cards["edges"]["controlnet"] == {"name": "edges", "format": "diffusers", "union": False}
+    assert cards["union"]["controlnet"]["union"] is True
+    assert "not an SDXL ControlNet" in cards["sd15"]["warning"]
+
+
+def test_a_control_image_steers_the_image_and_reproduces(client: OpenAI) -> None:
+    plain = generate(client)
+    edges = generate(client, {"name": "edges", "image": control_b64(1), "scale": 1.5})
+    again = generate(client, {"name": "edges", "image": control_b64(1), "scale": 1.5})
+    other = generate(client, {"name": "edges", "image": control_b64(2), "scale": 1.5})
+    assert plain.shape == edges.shape == (128, 128, 3)
+    assert np.array_equal(edges, again)
+    assert np.abs(edges - plain).mean() > 1 and np.abs(edges - other).mean() > 1
+
+
+def test_two_units_and_a_union_model_render(client: OpenAI) -> None:
+    units = [
+        {"name": "edges", "image": control_b64(1), "preprocessor": "canny", "end": 0.5},
+        {"name": "depth", "image": f"data:image/png;base64,{control_b64(3)}", "scale": 0.5},
+    ]
+    assert generate(client, *units).shape == (128, 128, 3)
+    union = {"name": "union", "image": control_b64(4), "mode": "depth"}
+    assert generate(client, union, union | {"mode": "openpose"}).shape == (128, 128, 3)
+
+
+def test_the_infotext_names_each_unit(client: OpenAI) -> None:
+    answer = client.images.generate(
+        prompt="a lighthouse",
+        size=SIZE,
+        response_format="b64_json",
+        extra_body={"controlnets": [{"name": "depth", "image": control_b64(1)}]},
+    )
+    assert answer.data[0].b64_json is not None
+    text = decode(answer.data[0].b64_json).info["parameters"]
+    assert 'ControlNet 0: "Module: none, Model: depth, Weight: 1, Resize Mode: Crop' in text
+
+
+def test_an_edit_takes_controlnets_as_a_form_field(http: httpx.Client) -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (128, 128), (30, 90, 200)).save(buffer, "PNG")
+    units = [{"name": "edges", "image": control_b64(1), "preprocessor": "canny"}]
+    answer = http.post(
+        "/images/edits",
+        data={"prompt": "a lighthouse", "controlnets": json.dumps(units), "seed": "3"},
+        files={"image": ("in.png", buffer.getvalue(), "image/png")},
+    )
+    assert answer.status_code == 200, answer.text
+    assert pixels(answer.json()["data"][0]["b64_json"]).shape == (128, 128, 3)
+
+
+def test_bad_units_are_400s_naming_the_parameter_and_the_service_stays_up(
+    http: httpx.Client, client: OpenAI
+) -> None:
+    cases = [
+        (
+            {"name": "absent", "image": control_b64(1)},
+            "controlnets[0].name",
+            "controlnet_not_found",
+        ),
+        ({"name": "sd15", "image": control_b64(1)}, "controlnets[0].name", "invalid_controlnet"),
+        ({"name": "edges", "image": "https://example.com/a.png"}, "controlnets[0].image", None),
+        ({"name": "edges", "image": control_b64(1), "mode": 1}, "controlnets[0].mode", None),
+        # Listed, but its weights do not load: the render worker's answer.
+        ({"name": "broken", "image": control_b64(1)}, "controlnets", "invalid_controlnet"),
+    ]
+    for unit, param, code in cases:
+        answer = http.post(
+            "/images/generations", json={"prompt": "x", "size": SIZE, "controlnets": [unit]}
+        )
+        assert answer.status_code == 400, answer.text
+        error = answer.json()["error"]
+        assert error["param"] == param
+        assert code is None or error["code"] == code
+    assert generate(client, {"name": "depth", "image": control_b64(1)}).shape == (128, 128, 3)
+
+
+def test_an_image_job_with_controlnets_ends_with_the_synchronous_answer(
+    http: httpx.Client,
+) -> None:
+    units = [{"name": "edges", "image": control_b64(1), "preprocessor": "canny"}]
+    body = {"prompt": "a lighthouse", "size": SIZE, "seed": 12, "controlnets": units}
+    submitted = http.post("/images/jobs", json=body)
+    assert submitted.status_code == 202, submitted.text
+    job = wait_for_end(http, submitted.json()["id"])
+    assert job["status"] == "succeeded", job
+    sync = http.post("/images/generations", json=body).json()
+    assert np.array_equal(
+        pixels(job["result"]["data"][0]["b64_json"]), pixels(sync["data"][0]["b64_json"])
+    )
