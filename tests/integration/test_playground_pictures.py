@@ -41,16 +41,14 @@ def browser() -> Iterator[Any]:
 
 @pytest.fixture(scope="module")
 def pictures_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """The service with one ControlNet, `edges`, made from the tiny base's UNet."""
-    from diffusers import ControlNetModel, UNet2DConditionModel
-
+    """The service with the test ControlNets (tests/controlnet_files.py): `edges`, `depth`,
+    `union`, and two that cannot be used."""
     from sdxl_service.engine.tiny import ensure_tiny_pair
+    from tests.controlnet_files import save_controlnets
     from tests.service_process import REPO, running_service
 
     base, _ = ensure_tiny_pair(REPO / ".cache" / "sdxl-service")
-    folder = tmp_path_factory.mktemp("controlnets")
-    unet = UNet2DConditionModel.from_pretrained(base / "unet")
-    ControlNetModel.from_unet(unet).save_pretrained(folder / "edges")
+    folder = save_controlnets(tmp_path_factory.mktemp("controlnets") / "controlnets", base)
     env = {"SDXL_CONTROLNET_DIR": str(folder)}
     with running_service(tmp_path_factory.mktemp("pictures-service"), env) as running:
         yield running
@@ -200,8 +198,20 @@ def test_the_canny_map_is_previewed_and_the_generation_carries_the_unit(
     source = picture_file(tmp_path, seed=3)
     fill_form(page, "a lighthouse", seed=5)
     page.click("#control-section summary")
+    options = page.eval_on_selector_all(
+        "#cn-model option", "os => os.map(o => [o.value, o.disabled, Boolean(o.title)])"
+    )
+    by_name = {name: (disabled, why) for name, disabled, why in options}
+    assert by_name["edges"] == by_name["union"] == (False, False)
+    assert by_name["sd15"] == (True, True)  # listed, with why it cannot be used
+    page.select_option("#cn-model", "union")
+    assert page.is_visible("#cn-mode-label")  # a Union model takes the map's mode
+    page.select_option("#cn-mode", "depth")
+    page.set_input_files("#cn-image", str(picture_file(tmp_path, "map.png")))
+    page.wait_for_selector("#cn-preview-figure:not([hidden])")
+    assert page.evaluate("requestBody().controlnets[0]")["mode"] == "depth"
     page.select_option("#cn-model", "edges")
-    assert page.is_hidden("#cn-mode-label")  # not a Union model
+    assert page.is_hidden("#cn-mode-label")
     page.set_input_files("#cn-image", str(source))
     page.wait_for_selector("#cn-preview-figure:not([hidden])")
     fitted = fit_crop_and_resize(Image.open(source), SIDE, SIDE)
@@ -298,6 +308,7 @@ def test_the_strip_brings_an_earlier_image_and_its_settings_back(page: Any, tmp_
     source = picture_file(tmp_path, seed=9)
     fill_form(page, "a lighthouse with edges", seed=3)
     page.click("#control-section summary")
+    page.select_option("#cn-model", "edges")
     page.set_input_files("#cn-image", str(source))
     page.wait_for_selector("#cn-preview-figure:not([hidden])")
     generate(page, 1)
@@ -324,3 +335,15 @@ def test_the_strip_brings_an_earlier_image_and_its_settings_back(page: Any, tmp_
     page.wait_for_selector("#cn-preview-figure:not([hidden])")
     generate(page, 3)
     assert page.get_attribute("#viewer-image", "src") == first
+
+
+def test_the_result_is_beside_the_form_on_wide_screens_and_below_it_on_narrow_ones(
+    page: Any,
+) -> None:
+    fill_form(page, "a fox", seed=1)
+    generate(page, 1)
+    form, result = (page.locator(f"#{id}").bounding_box() for id in ("form", "viewer"))
+    assert result["x"] >= form["x"] + form["width"] and result["y"] < form["y"] + form["height"]
+    page.set_viewport_size({"width": 600, "height": 900})
+    form, result = (page.locator(f"#{id}").bounding_box() for id in ("form", "viewer"))
+    assert result["y"] >= form["y"] + form["height"]
