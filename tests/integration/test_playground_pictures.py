@@ -248,6 +248,21 @@ def test_the_canny_map_is_previewed_and_the_generation_carries_the_unit(
     ]
     assert shown_picture(page).shape == (SIDE, SIDE, 3)
 
+    # preprocessor none: the picture is the map, fitted; no thresholds shown or sent.
+    with page.expect_response(lambda r: r.url.endswith("/control-maps")) as answered:
+        page.select_option("#cn-preprocessor", "none")
+    made = answered.value.json()["data"][0]["b64_json"]
+    page.wait_for_function(
+        f"document.getElementById('cn-preview').src.endsWith({json.dumps(made)})"
+    )
+    assert np.array_equal(
+        np.asarray(data_url_picture(page.get_attribute("#cn-preview", "src"))), fitted
+    )
+    assert page.is_hidden("#cn-low") and page.is_hidden("#cn-high")
+    unit = page.evaluate("requestBody().controlnets[0]")
+    without_thresholds = {k: v for k, v in units[0].items() if k not in ("low", "high")}
+    assert unit == {**without_thresholds, "preprocessor": "none"}
+
 
 def png_b64(seed: int) -> str:
     buffer = io.BytesIO()

@@ -185,6 +185,12 @@ function showUnionMode() {
   $("cn-mode-label").hidden = !isUnion($("cn-model").value);
 }
 
+// canny's thresholds only with canny.
+function showThresholds() {
+  const canny = $("cn-preprocessor").value === "canny";
+  for (const label of document.querySelectorAll(".canny-only")) label.hidden = !canny;
+}
+
 // An edit's multipart form (POST /images/edits, or a job of kind edit): the JSON body's fields
 // as text, lists as JSON text fields, the picture and the painted mask as files.
 async function editForm(body) {
@@ -330,6 +336,7 @@ async function reuse(params) {
     }
     if (unit.mode !== undefined) $("cn-mode").value = unit.mode;
     showUnionMode();
+    showThresholds();
     setControlImage(unit.image);
   } else {
     setControlImage(null);
@@ -893,6 +900,7 @@ $("cn-image").addEventListener("change", async () => {
 });
 $("cn-remove").addEventListener("click", () => setControlImage(null));
 $("cn-model").addEventListener("change", showUnionMode);
+$("cn-preprocessor").addEventListener("change", showThresholds);
 for (const id of ["cn-preprocessor", "cn-low", "cn-high", "size"]) {
   $(id).addEventListener("input", () => schedulePreview());
 }
