@@ -144,6 +144,7 @@ def test_a_painted_mask_is_sent_transparent_where_painted_and_the_rest_is_kept(
     page.set_input_files("#edit-image", str(source))
     page.wait_for_selector("#paint:not([hidden])")
     assert page.eval_on_selector("#mask-canvas", "c => [c.width, c.height]") == [SIDE, SIDE]
+    assert page.input_value("#size") == "auto"  # an edit is made at the picture's own size
     box = page.locator("#mask-canvas").bounding_box()
     scale = SIDE / box["width"]
     # A horizontal stroke, 32 screen pixels wide, through the picture's upper third.
@@ -181,10 +182,33 @@ def test_a_painted_mask_is_sent_transparent_where_painted_and_the_rest_is_kept(
     # Undo and clear: with nothing painted the edit is of the whole picture, with no mask.
     page.click("#mask-undo")
     assert page.evaluate("maskPainted()") is False
+    page.select_option("#size", "auto")
     with page.expect_request("**/v1/images/edits"):
         generate(page, 2)
-    assert "mask" not in last_form(page, "/v1/images/edits")
-    assert not np.array_equal(shown_picture(page), original)
+    parts = last_form(page, "/v1/images/edits")
+    assert "mask" not in parts and parts["size"] == b"auto"
+    answer = shown_picture(page)
+    assert answer.shape == (SIDE, SIDE, 3) and not np.array_equal(answer, original)
+    # Without the picture, "auto" is no choice: a generation has its size back.
+    page.click("#edit-remove")
+    assert page.input_value("#size") == "1024x1024"
+    assert page.eval_on_selector("#size-auto", "o => o.disabled") is True
+
+
+def previewed_after(page: Any, action: Any, sent: Any = None) -> np.ndarray:
+    """The map shown once `action` has made the page ask for a new one (whose request body
+    `sent` accepts)."""
+    with page.expect_response(
+        lambda r: (
+            r.url.endswith("/control-maps") and (sent is None or sent(r.request.post_data_json))
+        )
+    ) as answered:
+        action()
+    made = answered.value.json()["data"][0]["b64_json"]
+    page.wait_for_function(
+        f"document.getElementById('cn-preview').src.endsWith({json.dumps(made)})"
+    )
+    return np.asarray(data_url_picture(page.get_attribute("#cn-preview", "src")))
 
 
 def test_the_canny_map_is_previewed_and_the_generation_carries_the_unit(
@@ -212,22 +236,16 @@ def test_the_canny_map_is_previewed_and_the_generation_carries_the_unit(
     assert page.evaluate("requestBody().controlnets[0]")["mode"] == "depth"
     page.select_option("#cn-model", "edges")
     assert page.is_hidden("#cn-mode-label")
-    page.set_input_files("#cn-image", str(source))
-    page.wait_for_selector("#cn-preview-figure:not([hidden])")
+    shown = previewed_after(page, lambda: page.set_input_files("#cn-image", str(source)))
     fitted = fit_crop_and_resize(Image.open(source), SIDE, SIDE)
-    shown = np.asarray(data_url_picture(page.get_attribute("#cn-preview", "src")))
     assert np.array_equal(shown, canny_map(fitted))
+
     # New thresholds: a new preview, as the server computes it.
-    with page.expect_response(
-        lambda r: r.url.endswith("/control-maps") and r.request.post_data_json["high"] == 20
-    ) as answered:
+    def new_thresholds() -> None:
         page.fill("#cn-low", "5")
         page.fill("#cn-high", "20")
-    made = answered.value.json()["data"][0]["b64_json"]
-    page.wait_for_function(
-        f"document.getElementById('cn-preview').src.endsWith({json.dumps(made)})"
-    )
-    shown = np.asarray(data_url_picture(page.get_attribute("#cn-preview", "src")))
+
+    shown = previewed_after(page, new_thresholds, lambda body: body["high"] == 20)
     assert np.array_equal(shown, canny_map(fitted, 5, 20))
 
     with page.expect_request("**/v1/images/generations") as sent:
@@ -249,15 +267,8 @@ def test_the_canny_map_is_previewed_and_the_generation_carries_the_unit(
     assert shown_picture(page).shape == (SIDE, SIDE, 3)
 
     # preprocessor none: the picture is the map, fitted; no thresholds shown or sent.
-    with page.expect_response(lambda r: r.url.endswith("/control-maps")) as answered:
-        page.select_option("#cn-preprocessor", "none")
-    made = answered.value.json()["data"][0]["b64_json"]
-    page.wait_for_function(
-        f"document.getElementById('cn-preview').src.endsWith({json.dumps(made)})"
-    )
-    assert np.array_equal(
-        np.asarray(data_url_picture(page.get_attribute("#cn-preview", "src"))), fitted
-    )
+    shown = previewed_after(page, lambda: page.select_option("#cn-preprocessor", "none"))
+    assert np.array_equal(shown, fitted)
     assert page.is_hidden("#cn-low") and page.is_hidden("#cn-high")
     unit = page.evaluate("requestBody().controlnets[0]")
     without_thresholds = {k: v for k, v in units[0].items() if k not in ("low", "high")}

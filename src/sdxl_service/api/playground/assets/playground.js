@@ -316,6 +316,7 @@ function describe(params) {
 
 // The form as `params` were: its fields, and the pictures to edit, control and prompt with.
 async function reuse(params) {
+  $("size-auto").disabled = !params.edit;
   for (const field of FIELDS) {
     if (field in params && $(field)) $(field).value = params[field] ?? "";
   }
@@ -347,7 +348,7 @@ async function reuse(params) {
     $("ipa-scale").value = adapterUnit.scale;
   }
   setAdapterImages(adapterUnit ? adapterUnit.images : []);
-  if (params.edit) await setEditPicture(params.edit.picture, params.edit.mask);
+  if (params.edit) await setEditPicture(params.edit.picture, params.edit.mask, { keepSize: true });
   else setEditPicture(null);
   window.scrollTo({ top: 0, behavior: "smooth" });
 }
@@ -429,15 +430,22 @@ function loadImage(src) {
 // ---- The picture to edit, and the mask painted on it ----------------------
 
 // `picture`: a Blob (or null: no edit); `mask`: a painted overlay to put back (a data: URL).
-async function setEditPicture(picture, mask = null) {
+// A new picture is edited at its own size ("auto") unless `keepSize` (its settings put back).
+async function setEditPicture(picture, mask = null, { keepSize = false } = {}) {
   edit.picture = picture;
   edit.undo = [];
   const shown = Boolean(picture);
   for (const id of ["paint", "mask-tools", "edit-hint"]) $(id).hidden = !shown;
+  $("size-auto").disabled = !shown;
   if (!picture) {
     $("edit-image").value = "";
-    $("queue-job").title = "";
+    // "auto" is an edit's size only: a generation takes the size it had before.
+    if ($("size").value === "auto") $("size").value = edit.sizeBefore || "1024x1024";
     return;
+  }
+  if (!keepSize && $("size").value !== "auto") {
+    edit.sizeBefore = $("size").value;
+    $("size").value = "auto";
   }
   const url = URL.createObjectURL(picture);
   try {
@@ -452,6 +460,7 @@ async function setEditPicture(picture, mask = null) {
     canvas.getContext("2d").drawImage(image, 0, 0);
     if (mask) overlay.getContext("2d").drawImage(await loadImage(mask), 0, 0);
     $("edit-section").open = true;
+    if ($("size").value === "auto") schedulePreview(0);
   } catch (error) {
     showError(String(error.message || error));
     setEditPicture(null);
@@ -579,12 +588,23 @@ function schedulePreview(delay = PREVIEW_DELAY_MS) {
   control.timer = setTimeout(() => previewMap().catch((error) => showControlError(String(error))), delay);
 }
 
+// The size asked: "auto" is the edit picture's own, in multiples of 8 (as the server takes it
+// when the picture is within its size limits; outside them the preview says so).
+function renderSize() {
+  if ($("size").value !== "auto") return $("size").value.split("x").map(Number);
+  const canvas = $("edit-canvas");
+  if (!edit.picture || !canvas.width) return null;
+  return [canvas.width, canvas.height].map((side) => Math.max(8, Math.round(side / 8) * 8));
+}
+
 // The map the render will use, made by the server as the render makes it
 // (POST /v1/images/control-maps), at the size asked.
 async function previewMap() {
   const seq = ++control.seq;
   if (!control.image) return;
-  const [width, height] = $("size").value.split("x").map(Number);
+  const size = renderSize();
+  if (!size) return;
+  const [width, height] = size;
   const preprocessor = $("cn-preprocessor").value;
   const body = { image: control.image, preprocessor, width, height };
   if (preprocessor === "canny") {
