@@ -373,3 +373,27 @@ def test_the_result_is_beside_the_form_on_wide_screens_and_below_it_on_narrow_on
     page.set_viewport_size({"width": 600, "height": 900})
     form, result = (page.locator(f"#{id}").bounding_box() for id in ("form", "viewer"))
     assert result["y"] >= form["y"] + form["height"]
+
+
+def test_an_edit_queued_as_a_job_is_a_job_of_kind_edit(page: Any, tmp_path: Path) -> None:
+    from tests.decoded import decode
+
+    source = picture_file(tmp_path, seed=4)
+    page.set_input_files("#edit-image", str(source))
+    page.wait_for_selector("#paint:not([hidden])")
+    fill_form(page, "a blue car", seed=12)
+    page.select_option("#size", "auto")
+    page.evaluate(RECORD_FORMS)
+    with page.expect_response(
+        lambda r: r.url.endswith("/v1/images/jobs") and r.request.method == "POST"
+    ) as answered:
+        page.click("#queue-job")
+    assert answered.value.status == 202, answered.value.text()
+    parts = last_form(page, "/v1/images/jobs")
+    assert parts["kind"] == b"edit" and parts["image"] == source.read_bytes()
+    assert json.loads(parts["metadata"]) == {"prompt": "a blue car"}
+    assert "stream" not in parts and "partial_images" not in parts and "mask" not in parts
+    card = f".job[data-job-id='{answered.value.json()['id']}']"
+    page.wait_for_selector(f"{card}[data-status='succeeded'] img", timeout=120_000)
+    src = page.get_attribute(f"{card} img", "src")
+    assert decode(src.split(",", 1)[1]).size == (SIDE, SIDE)
