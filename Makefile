@@ -5,7 +5,7 @@ LEGACY_VENV ?= .venv-openai028
 PORT ?= 9225
 BIN := $(VENV)/bin
 
-.PHONY: install legacy-client browser postgres serve test test-unit lint format bench bench-overhead bench-previews bench-fullsize bench-tiling bench-gpu bench-gpu-prepare build containerize examples registry-image-size clean
+.PHONY: install legacy-client browser postgres serve test test-unit lint format bench bench-overhead bench-safety bench-previews bench-fullsize bench-tiling bench-gpu bench-gpu-prepare build containerize examples registry-image-size clean
 
 install: $(VENV)/.installed
 
@@ -56,8 +56,13 @@ test: install legacy-client browser postgres lint
 test-unit: install
 	$(BIN)/python -m pytest tests/unit -m "not slow"
 
-bench: install bench-overhead
+bench: install bench-overhead bench-safety
 	$(BIN)/python -m bench.run_cpu
+
+# What SDXL_SAFETY_CHECKER adds per 1024x1024 image: both kinds of checker at their
+# published sizes, random weights (~2 min); docs/PERFORMANCE.md, "Safety checker (CPU)".
+bench-safety: install
+	$(BIN)/python -m bench.safety_cpu
 
 # What the service adds to one 256x256 render over the engine alone, paired and
 # interleaved in one run (~3 min idle); docs/PERFORMANCE.md, "Service overhead".

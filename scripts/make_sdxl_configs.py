@@ -9,7 +9,10 @@ scripts/make_clip_bpe.py's.
 
     .venv/bin/python scripts/make_sdxl_configs.py
 
-writes src/sdxl_service/engine/sdxl_configs/{base,refiner}/.
+writes src/sdxl_service/engine/sdxl_configs/{base,inpaint,refiner}/. `inpaint/` is the base's
+with the UNet of diffusers/stable-diffusion-xl-1.0-inpainting-0.1 (the base's, initialised
+from it, with 9 input channels: latents, mask, masked picture's latents), for inpainting
+checkpoints.
 """
 
 from __future__ import annotations
@@ -59,24 +62,27 @@ def folders() -> dict[str, dict[str, dict[str, Any]]]:
         "tokenizer_2": ["transformers", "CLIPTokenizer"],
         "vae": ["diffusers", "AutoencoderKL"],
     }
+    base = {
+        "model_index.json": _model_index(
+            "StableDiffusionXLPipeline",
+            force_zeros_for_empty_prompt=True,
+            text_encoder=["transformers", "CLIPTextModel"],
+            tokenizer=["transformers", "CLIPTokenizer"],
+            unet=["diffusers", "UNet2DConditionModel"],
+            **components,
+        ),
+        "scheduler/scheduler_config.json": _scheduler(),
+        "unet/config.json": _bench("base_unet"),
+        "vae/config.json": _bench("vae"),
+        "text_encoder/config.json": _bench("text_encoder"),
+        "text_encoder_2/config.json": _bench("text_encoder_2"),
+        "tokenizer/tokenizer_config.json": _tokenizer_config("<|endoftext|>"),
+        "tokenizer_2/tokenizer_config.json": _tokenizer_config("!"),
+    }
+    inpaint = base | {"unet/config.json": _bench("base_unet") | {"in_channels": 9}}
     return {
-        "base": {
-            "model_index.json": _model_index(
-                "StableDiffusionXLPipeline",
-                force_zeros_for_empty_prompt=True,
-                text_encoder=["transformers", "CLIPTextModel"],
-                tokenizer=["transformers", "CLIPTokenizer"],
-                unet=["diffusers", "UNet2DConditionModel"],
-                **components,
-            ),
-            "scheduler/scheduler_config.json": _scheduler(),
-            "unet/config.json": _bench("base_unet"),
-            "vae/config.json": _bench("vae"),
-            "text_encoder/config.json": _bench("text_encoder"),
-            "text_encoder_2/config.json": _bench("text_encoder_2"),
-            "tokenizer/tokenizer_config.json": _tokenizer_config("<|endoftext|>"),
-            "tokenizer_2/tokenizer_config.json": _tokenizer_config("!"),
-        },
+        "base": base,
+        "inpaint": inpaint,
         "refiner": {
             "model_index.json": _model_index(
                 "StableDiffusionXLImg2ImgPipeline",

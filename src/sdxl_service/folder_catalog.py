@@ -3,6 +3,7 @@ changes: new LoRAs and models are found without a restart (lora_catalog, model_c
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from pathlib import Path
 from typing import Generic, TypeVar
@@ -19,6 +20,8 @@ class FolderCatalog(Generic[Entry]):
         self._lock = threading.Lock()
         self._stamp: tuple[float, ...] | None = None
         self._entries: dict[str, Entry] = {}
+        self._hashes: dict[tuple[str, int, int], str] = {}
+        self._hash_lock = threading.Lock()
 
     def snapshot(self) -> dict[str, Entry]:
         """Every entry by name as the folder is now (one pass over its files): a request reads
@@ -37,6 +40,24 @@ class FolderCatalog(Generic[Entry]):
 
     def _candidates(self) -> dict[str, Path]:
         raise NotImplementedError
+
+    def file_short_hash(self, path: Path) -> str | None:
+        """The first 12 hex digits of the file's SHA-256, as AUTOMATIC1111's infotext names a
+        LoRA (`Lora hashes`) or an embedding (`TI hashes`); computed once per file version
+        (path, size, mtime); None when the file is gone."""
+        try:
+            stat = path.stat()
+            key = (str(path), stat.st_size, stat.st_mtime_ns)
+            with self._hash_lock:
+                known = self._hashes.get(key)
+            if known is None:
+                with path.open("rb") as file:
+                    known = hashlib.file_digest(file, "sha256").hexdigest()[:12]
+                with self._hash_lock:
+                    self._hashes[key] = known
+        except OSError:
+            return None
+        return known
 
     def _read(self, name: str, path: Path) -> Entry:
         raise NotImplementedError

@@ -10,7 +10,6 @@ found without a restart.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 from dataclasses import dataclass, field, replace
@@ -101,10 +100,6 @@ def _format_of(name: str, keys: list[str]) -> tuple[str, tuple[str, ...]]:
 class LoraCatalog(FolderCatalog[LoraFile]):
     """The LoRAs of one folder, listed again when the folder changes."""
 
-    def __init__(self, folder: Path) -> None:
-        super().__init__(folder)
-        self._hashes: dict[tuple[str, int, int], str] = {}
-
     def available(self) -> dict[str, LoraFile]:
         """Every readable LoRA by name."""
         return {name: entry for name, entry in self._current().items() if entry.problem is None}
@@ -116,24 +111,8 @@ class LoraCatalog(FolderCatalog[LoraFile]):
         return self._current().get(name)
 
     def short_hash(self, entry: LoraFile) -> str | None:
-        """The first 12 hex digits of the file's SHA-256, as A1111's `Lora hashes` names a
-        LoRA; computed once per file version (path, size, mtime)."""
-        try:
-            stat = entry.path.stat()
-        except OSError:
-            return None
-        key = (str(entry.path), stat.st_size, stat.st_mtime_ns)
-        with self._lock:
-            known = self._hashes.get(key)
-        if known is None:
-            digest = hashlib.sha256()
-            with entry.path.open("rb") as file:
-                for block in iter(lambda: file.read(1 << 20), b""):
-                    digest.update(block)
-            known = digest.hexdigest()[:12]
-            with self._lock:
-                self._hashes[key] = known
-        return known
+        """`Lora hashes`' name of the file (FolderCatalog.file_short_hash)."""
+        return self.file_short_hash(entry.path)
 
     def _candidates(self) -> dict[str, Path]:
         if self.folder is None or not self.folder.is_dir():

@@ -24,7 +24,16 @@ PREFIX = "sdxl"
 # Stages of one image, in the order it goes through them; engine.py reports
 # vae_encode (edits' input images)/base/refiner/decode, the batcher
 # queue_wait, the HTTP service encode.
-STAGES = ("queue_wait", "vae_encode", "base", "refiner", "hires_upscale", "decode", "encode")
+STAGES = (
+    "queue_wait",
+    "vae_encode",
+    "base",
+    "refiner",
+    "hires_upscale",
+    "decode",
+    "safety_check",
+    "encode",
+)
 
 LORA_LOAD_OUTCOMES = ("ok", "failed")
 MODEL_LOAD_OUTCOMES = ("ok", "failed")
@@ -72,6 +81,13 @@ class _Collectors:
             ["worker"],
             registry=registry,
         )
+        self.images_flagged = Counter(
+            f"{PREFIX}_images_flagged",
+            "Images the safety checker (SDXL_SAFETY_CHECKER) flagged and withheld, by render "
+            "worker.",
+            ["worker"],
+            registry=registry,
+        )
         self.batch_images = Histogram(
             f"{PREFIX}_batch_images",
             "Images per pipeline call, by render worker.",
@@ -82,7 +98,7 @@ class _Collectors:
         self.stage_seconds = Histogram(
             f"{PREFIX}_stage_seconds",
             "Seconds one image (queue_wait, encode) or one pipeline call "
-            "(vae_encode, base, refiner, decode) spent in a stage.",
+            "(vae_encode, base, refiner, decode, safety_check) spent in a stage.",
             ["stage"],
             registry=registry,
             buckets=SECONDS_BUCKETS,
@@ -201,6 +217,9 @@ class ServiceMetrics:
 
     def count_images(self, n: int) -> None:
         self._c.images_generated.labels(worker=self.worker).inc(n)
+
+    def count_flagged(self, n: int) -> None:
+        self._c.images_flagged.labels(worker=self.worker).inc(n)
 
     def reject(self, reason: str) -> None:
         self._c.rejected.labels(reason=reason).inc()

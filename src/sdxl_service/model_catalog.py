@@ -45,7 +45,17 @@ MAX_HEADER_BYTES = 100_000_000
 PIPELINE_LAYOUTS: dict[str, Layout] = {
     "StableDiffusionXLPipeline": "base",
     "StableDiffusionXLImg2ImgPipeline": "refiner",
+    # diffusers/stable-diffusion-xl-1.0-inpainting-0.1 and its fine-tunes: a base whose UNet
+    # takes 9 channels (inpainting_unet says so from the UNet itself, whatever the class).
+    "StableDiffusionXLInpaintPipeline": "base",
 }
+# The first and last convolutions of the UNet (original layout): an inpainting UNet takes
+# the latents, the mask and the masked picture's latents, 2 * latent channels + 1.
+UNET_IN = f"{UNET}input_blocks.0.0.weight"
+UNET_OUT = f"{UNET}out.2.weight"
+# What a base model renders, as GET /v1/models says (`kind`).
+INPAINTING = "inpainting"
+TEXT_TO_IMAGE = "text_to_image"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,6 +68,16 @@ class ModelEntry:
     defaults: ModelDefaults = field(default_factory=ModelDefaults)
     # Why it cannot render, for the client: names, never file-system paths.
     problem: str | None = None
+    # An inpainting checkpoint: its UNet takes the mask and the masked picture too (9
+    # channels); it edits pictures and renders nothing from text alone.
+    inpainting: bool = False
+
+    @property
+    def kind(self) -> str | None:
+        """What a base renders: `inpainting` or `text_to_image`; None for anything else."""
+        if self.layout != "base":
+            return None
+        return INPAINTING if self.inpainting else TEXT_TO_IMAGE
 
     @property
     def pairs_with_refiner(self) -> bool:
@@ -77,6 +97,7 @@ class ModelEntry:
         return {
             "format": self.format,
             "layout": self.layout,
+            "kind": self.kind,
             "size_bytes": self.size_bytes,
             "pairs_with_refiner": self.pairs_with_refiner,
             "defaults": self.defaults.describe(),
@@ -123,6 +144,34 @@ def checkpoint_layout(keys: list[str]) -> Layout:
     raise ValueError("it has a UNet but not SDXL's text encoders")
 
 
+def inpainting_text_to_image(name: str | None) -> str:
+    """Why an inpainting model renders nothing from a prompt alone, for the client."""
+    named = f"model '{name}'" if name is not None else "this server's default model"
+    return (
+        f"{named} is an inpainting model: it edits pictures (POST /v1/images/edits, with or "
+        "without a mask, and /v1/images/variations) and cannot render from a prompt alone; "
+        "pick a text-to-image model for generations"
+    )
+
+
+def inpainting_header(header: dict[str, Any]) -> bool:
+    """Whether a checkpoint's tensor table (read_header) has an inpainting UNet."""
+    try:
+        first, out = header[UNET_IN]["shape"], header[UNET_OUT]["shape"]
+        return int(first[1]) == 2 * int(out[0]) + 1
+    except (KeyError, IndexError, TypeError, ValueError):
+        return False
+
+
+def inpainting_folder(folder: Path) -> bool:
+    """Whether a diffusers folder's UNet (unet/config.json) takes the inpainting input."""
+    try:
+        unet = json.loads((folder / "unet" / "config.json").read_text())
+        return int(unet["in_channels"]) == 2 * int(unet.get("out_channels", 4)) + 1
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def folder_layout(folder: Path) -> Layout:
     """Base or refiner, from a diffusers folder's model_index.json; ValueError else."""
     try:
@@ -150,18 +199,22 @@ def read_model(name: str, path: Path) -> ModelEntry:
     fmt: Format = "diffusers" if is_folder else "single_file"
     layout: Layout | None = None
     problem: str | None = None
+    inpainting = False
     size = 0
     try:
         size = _folder_size(path) if is_folder else path.stat().st_size
         if is_folder:
             layout = folder_layout(path)
+            inpainting = inpainting_folder(path)
         else:
             if path.suffix.lower() in PICKLE_SUFFIXES:
                 raise ValueError(
                     f"{path.suffix} files are pickles, and loading one runs the code inside "
                     "it: convert it to .safetensors"
                 )
-            layout = checkpoint_layout(list(read_header(path)))
+            header = read_header(path)
+            layout = checkpoint_layout(list(header))
+            inpainting = inpainting_header(header)
         if layout == "refiner":
             problem = (
                 f"model '{name}' is an SDXL refiner checkpoint: it refines a base's images and "
@@ -184,6 +237,7 @@ def read_model(name: str, path: Path) -> ModelEntry:
         size_bytes=size,
         defaults=defaults,
         problem=problem,
+        inpainting=inpainting and layout == "base",
     )
 
 

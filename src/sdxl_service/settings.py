@@ -31,6 +31,7 @@ from .choices import (
     Switch,
 )
 from .generation_params import settings_fields
+from .safety_layout import folder_layout, is_hub_id
 
 SERVICE_ID = "stable-diffusion-xl-with-refiner"
 DEFAULT_PORT = 9225
@@ -121,6 +122,19 @@ class Settings(_SettingsBase):
     # How many ControlNet models, and how many IP-Adapters, a render worker keeps loaded (each
     # kind its own least-recently-used list). A request's ControlNets must fit at once.
     control_cache: int = Field(3, ge=1, le=16)
+    # --- the opt-in safety checker --------------------------------------------
+    # A classifier every rendered image goes through; a flagged one is never returned
+    # (content_policy_violation). A folder or a hub id: diffusers' StableDiffusionSafetyChecker
+    # or a transformers image-classification model. Empty: off.
+    safety_checker: str | None = None
+    # An image-classification model's labels that flag an image (its top label); diffusers'
+    # checker has its own verdict and ignores these.
+    safety_labels: Annotated[list[str], NoDecode] = ["nsfw"]
+
+    # --- textual-inversion embeddings --------------------------------------------
+    # SDXL embeddings (`<name>.safetensors` holding clip_l and clip_g), used by writing their
+    # name in a prompt. Read again when the folder changes: no restart needed.
+    embeddings_dir: Path | None = None
 
     # --- LoRA adapters --------------------------------------------------------
     # `<name>.safetensors` or `<name>/pytorch_lora_weights.safetensors`; default
@@ -274,7 +288,21 @@ class Settings(_SettingsBase):
             raise ValueError(f"no such file: {value}")
         return value
 
-    @field_validator("api_keys", "cors_origins", "webhook_hosts", mode="before")
+    @field_validator("safety_checker")
+    @classmethod
+    def _safety_checker(cls, value: str | None) -> str | None:
+        # A folder is read now (its files, its labels); a hub id when the render worker loads.
+        if value is None:
+            return value
+        folder = Path(value).expanduser()
+        if folder.is_dir():
+            folder_layout(folder)
+            return str(folder)
+        if folder.exists() or not is_hub_id(value):
+            raise ValueError("expected a classifier's folder or a hub id (owner/name)")
+        return value
+
+    @field_validator("api_keys", "cors_origins", "webhook_hosts", "safety_labels", mode="before")
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -294,6 +322,7 @@ class Settings(_SettingsBase):
         "s3_endpoint_url",
         "jobs_database_url",
         "webhook_secret",
+        "safety_checker",
         mode="before",
     )
     @classmethod
@@ -312,6 +341,10 @@ class Settings(_SettingsBase):
                 f"SDXL_MAX_CONTROLNETS ({self.max_controlnets}): a request's ControlNets must "
                 "fit in the cache at once"
             )
+        if self.safety_checker is not None and Path(self.safety_checker).is_dir():
+            problem = folder_layout(Path(self.safety_checker)).label_problem(self.safety_labels)
+            if problem is not None:
+                raise ValueError(f"SDXL_SAFETY_LABELS does not fit SDXL_SAFETY_CHECKER: {problem}")
         if self.traffic_timeout <= self.request_timeout:
             raise ValueError(
                 f"SDXL_TRAFFIC_TIMEOUT ({self.traffic_timeout}) must exceed "

@@ -78,10 +78,48 @@ def test_folders_and_files_are_models_named_without_extension(models: Path) -> N
     assert folder.describe() == {
         "format": "diffusers",
         "layout": "base",
+        "kind": "text_to_image",
         "size_bytes": weights,
         "pairs_with_refiner": True,
         "defaults": {},
     }
+
+
+def test_an_inpainting_checkpoint_is_a_base_of_its_own_kind(
+    tmp_path: Path, tiny_pair: tuple[Path, Path]
+) -> None:
+    """A 9-channel UNet, told from the folder's unet/config.json or the file's header alone,
+    whatever the pipeline class or the file name."""
+    folder = tmp_path / "models"
+    folder.mkdir()
+    shutil.copytree(tiny_pair[0], folder / "inpaint-folder")
+    unet_config = folder / "inpaint-folder" / "unet" / "config.json"
+    unet_config.write_text(json.dumps(json.loads(unet_config.read_text()) | {"in_channels": 9}))
+    index = folder / "inpaint-folder" / "model_index.json"
+    index.write_text(
+        json.dumps(
+            json.loads(index.read_text()) | {"_class_name": "StableDiffusionXLInpaintPipeline"}
+        )
+    )
+    tensors = {
+        f"{prefix}w": W
+        for prefix in (model_catalog.CLIP_L, model_catalog.BIGG_OF_BASE, "first_stage_model.")
+    }
+    unet = {
+        model_catalog.UNET_OUT: np.zeros((4, 320, 3, 3), np.float32),
+        model_catalog.UNET_IN: np.zeros((320, 9, 3, 3), np.float32),
+    }
+    save_file(tensors | unet, str(folder / "inpaint-file.safetensors"))
+    unet[model_catalog.UNET_IN] = np.zeros((320, 4, 3, 3), np.float32)
+    save_file(tensors | unet, str(folder / "plain-file.safetensors"))
+    entries = ModelCatalog(folder).entries()
+    kinds = {name: (entry.layout, entry.kind, entry.problem) for name, entry in entries.items()}
+    assert kinds == {
+        "inpaint-folder": ("base", "inpainting", None),
+        "inpaint-file": ("base", "inpainting", None),
+        "plain-file": ("base", "text_to_image", None),
+    }
+    assert entries["inpaint-file"].describe()["kind"] == "inpainting"
 
 
 @pytest.mark.parametrize(

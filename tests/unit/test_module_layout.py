@@ -27,6 +27,8 @@ SHARED = {
     "sdxl_service.model_catalog",
     "sdxl_service.upscaler_catalog",
     "sdxl_service.controlnet_catalog",
+    "sdxl_service.safety_layout",
+    "sdxl_service.embedding_catalog",
 }
 # What each part may import, besides itself and the shared modules.
 MAY_IMPORT = {

@@ -193,3 +193,52 @@ def test_the_control_cache_must_hold_a_requests_controlnets(
     assert "SDXL_MAX_CONTROLNETS (4)" in str(caught.value)
     monkeypatch.setenv("SDXL_CONTROL_CACHE", "4")
     assert load_settings().control_cache == 4
+
+
+# --- SDXL_SAFETY_CHECKER and SDXL_SAFETY_LABELS ---------------------------------------------
+
+
+def test_the_safety_checker_is_off_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SDXL_SAFETY_CHECKER", "")
+    settings = load_settings()
+    assert settings.safety_checker is None
+    assert settings.safety_labels == ["nsfw"]
+
+
+def test_a_safety_checker_hub_id_or_folder_is_taken(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from tests import safety_checkers
+
+    monkeypatch.setenv("SDXL_SAFETY_CHECKER", "Falconsai/nsfw_image_detection")
+    assert load_settings().safety_checker == "Falconsai/nsfw_image_detection"
+    safety_checkers.vit_classifier(tmp_path, flags_everything=True)
+    monkeypatch.setenv("SDXL_SAFETY_CHECKER", str(tmp_path))
+    monkeypatch.setenv("SDXL_SAFETY_LABELS", "nsfw, normal")
+    settings = load_settings()
+    assert (settings.safety_checker, settings.safety_labels) == (str(tmp_path), ["nsfw", "normal"])
+
+
+@pytest.mark.parametrize(
+    ("setup", "labels", "says"),
+    [
+        ("missing", "nsfw", "SDXL_SAFETY_CHECKER='{folder}/missing': expected a classifier's"),
+        ("empty", "nsfw", "SDXL_SAFETY_CHECKER='{folder}/empty': {folder}/empty has no config"),
+        ("pickled", "nsfw", "SDXL_SAFETY_CHECKER='{folder}/pickled': {folder}/pickled has no "),
+        ("vit", "porn", "SDXL_SAFETY_LABELS does not fit SDXL_SAFETY_CHECKER: the classifier "),
+    ],
+)
+def test_a_safety_checker_folder_that_cannot_serve_stops_the_start(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, setup: str, labels: str, says: str
+) -> None:
+    from tests import safety_checkers
+
+    (tmp_path / "empty").mkdir()
+    safety_checkers.vit_classifier(tmp_path / "vit", flags_everything=True)
+    safety_checkers.vit_classifier(tmp_path / "pickled", flags_everything=True)
+    (tmp_path / "pickled" / "model.safetensors").rename(tmp_path / "pickled" / "model.bin")
+    monkeypatch.setenv("SDXL_SAFETY_CHECKER", str(tmp_path / setup))
+    monkeypatch.setenv("SDXL_SAFETY_LABELS", labels)
+    with pytest.raises(SettingsError, match="invalid settings") as refused:
+        load_settings()
+    assert says.format(folder=tmp_path) in str(refused.value)

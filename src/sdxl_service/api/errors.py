@@ -144,6 +144,9 @@ _OUTCOME_ERRORS: dict[OutcomeStatus, _OutcomeError] = {
     OutcomeStatus.INVALID_CONTROLNET: _OutcomeError(
         400, "invalid_controlnet", None, param="controlnets"
     ),
+    OutcomeStatus.CONTENT_POLICY_VIOLATION: _OutcomeError(400, "content_policy_violation", None),
+    # The message names the field (prompt or negative_prompt).
+    OutcomeStatus.INVALID_EMBEDDING: _OutcomeError(400, "invalid_embedding", None),
     OutcomeStatus.CANCELLED: _OutcomeError(499, "cancelled", None),
     OutcomeStatus.ERROR: _OutcomeError(500, "generation_failed", False),
 }

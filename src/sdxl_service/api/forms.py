@@ -7,6 +7,7 @@ The routes get plain values: the validated text fields and the file bytes.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -32,6 +33,9 @@ FILE_FIELDS = ("image", "image[]", "mask")
 # A form with no file comes url-encoded, or with no body at all: parsed, to
 # answer "missing image" rather than "wrong content type".
 FORM_CONTENT_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+
+# `name[key]`: one member of an object field.
+_NESTED_FIELD = re.compile(r"^(?P<name>[a-z_]+)\[(?P<key>[a-z_]+)\]$")
 
 RequestModel = TypeVar("RequestModel", bound=ImageRequest)
 
@@ -77,11 +81,19 @@ async def read_form(
 
 def _validate_fields(model: type[RequestModel], form: FormData) -> RequestModel:
     """The form's text fields as `model`; errors come out as for JSON bodies."""
-    fields = {
-        key: value
-        for key, value in form.multi_items()
-        if isinstance(value, str) and key not in FILE_FIELDS
-    }
+    fields: dict[str, object] = {}
+    for key, value in form.multi_items():
+        if not isinstance(value, str) or key in FILE_FIELDS:
+            continue
+        nested = _NESTED_FIELD.match(key)
+        if nested is None:
+            fields[key] = value
+            continue
+        # An object as the openai client sends one in a form (`outpaint[left]=16`: its
+        # extra_body serialized with brackets); a JSON text field of the name wins.
+        parent = fields.setdefault(nested["name"], {})
+        if isinstance(parent, dict):
+            parent[nested["key"]] = value
     try:
         return model.model_validate(fields)
     except ValidationError as exc:

@@ -98,11 +98,14 @@ class ControlNetUnitText:
 
 @dataclass(frozen=True)
 class Provenance:
-    """What an image's infotext says beyond its job: the models, LoRA hashes, the version."""
+    """What an image's infotext says beyond its job: the models, LoRA and embedding hashes,
+    the version."""
 
     base_model: str
     refiner_model: str
     lora_hashes: dict[str, str] = field(default_factory=dict)
+    # The textual-inversion embeddings the prompts name, by name: their short hashes.
+    ti_hashes: dict[str, str] = field(default_factory=dict)
     version: str = field(default_factory=service_version)
     controlnets: tuple[ControlNetUnitText, ...] = ()
 
@@ -164,6 +167,10 @@ def infotext(
         fields["Lora hashes"] = ", ".join(f"{name}: {digest}" for name, digest in hashes)
     for index, unit in enumerate(provenance.controlnets):
         fields[f"ControlNet {index}"] = unit.text()
+    if provenance.ti_hashes:
+        # As A1111's sd_hijack_clip writes them: the prompt's first, then the negative's.
+        hashes = provenance.ti_hashes.items()
+        fields["TI hashes"] = ", ".join(f"{name}: {digest}" for name, digest in hashes)
     fields["Version"] = provenance.version
     lines = [job.prompt]
     if job.negative_prompt:

@@ -37,6 +37,7 @@ from .encoding import resize_to
 from .errors import APIError, excerpt, invalid_value
 from .infotext import Provenance
 from .lora_requests import lora_set, take_inline_loras
+from .outpainting import Borders, outpainted
 from .schemas import (
     OPENAI_IMAGE_MODEL_PREFIX,
     OPENAI_IMAGE_MODELS,
@@ -99,6 +100,8 @@ class RenderPlan:
     hires: HiresRequest | None = None
     # An upscaler model the picture goes through first (the upscale endpoint's `upscaler`).
     upscaler: str | None = None
+    # The picture and mask rendered from, where the kind makes them (an outpainting canvas).
+    source: EditSource | None = None
 
 
 def plan_generation(req: ImageRequest, source: EditSource | None, settings: Settings) -> RenderPlan:
@@ -107,11 +110,37 @@ def plan_generation(req: ImageRequest, source: EditSource | None, settings: Sett
 
 
 def plan_edit(req: ImageRequest, source: EditSource | None, settings: Settings) -> RenderPlan:
-    """img2img over the picture, or inpainting with a mask; at the picture's size by default."""
+    """img2img over the picture, or inpainting with a mask; at the picture's size by default.
+    Outpainting (api/outpainting.py): inpainting of the picture on a larger canvas."""
     assert isinstance(req, ImageEditRequest) and source is not None
+    canvas = _outpainted(req, source, settings)
+    if canvas is not None:
+        source = canvas
     default_strength = EDIT_STRENGTH if source.mask is None else INPAINT_STRENGTH
     strength = req.strength if req.strength is not None else default_strength
-    return RenderPlan(prompt=req.prompt, strength=strength, default_size=None)
+    return RenderPlan(
+        prompt=req.prompt,
+        strength=strength,
+        default_size=None,
+        size=None if canvas is None else canvas.image.size,
+        source=canvas,
+    )
+
+
+def _outpainted(req: ImageEditRequest, source: EditSource, s: Settings) -> EditSource | None:
+    if req.outpaint is None and req.outpaint_anchor is None:
+        return None
+    size, size_param = None, "size"
+    if req.width is not None or req.height is not None:
+        if req.width is None or req.height is None:
+            param = "height" if req.height is None else "width"
+            raise invalid_value(param, "width and height must be given together.")
+        size, size_param = (req.width, req.height), "width"
+    elif req.size not in (None, AUTO_SIZE):
+        size = parse_size(req.size)
+    borders = None if req.outpaint is None else Borders(**req.outpaint.model_dump())
+    limits = SizeLimits(s.min_side, s.max_side, s.max_pixels)
+    return outpainted(source, borders, req.outpaint_anchor, size, size_param, limits)
 
 
 def plan_variation(req: ImageRequest, source: EditSource | None, settings: Settings) -> RenderPlan:
@@ -256,6 +285,7 @@ def resolve(
     event loop."""
     s = settings
     plan = plan_of(req, source, s)
+    source = plan.source or source
     # 1. What the request may ask at all. The LoRA folder is read once for the whole request.
     prompt, inline = take_inline_loras(plan.prompt)
     asked = [(lora.name, lora.scale) for lora in req.loras or []] + inline

@@ -14,15 +14,20 @@ from typing import Any
 from fastapi import Request
 from PIL import Image
 
-from ..contract.render_request import GenerationOutcome, RenderedImage
+from ..contract.render_request import (
+    CONTENT_POLICY_MESSAGE,
+    GenerationOutcome,
+    OutcomeStatus,
+    RenderedImage,
+)
 from ..metrics import ServiceMetrics
 from ..settings import Settings
 from .encoding import CONTENT_TYPES, encode_image, pixels_of, resize_to, to_base64, to_pil
-from .errors import APIError
+from .errors import APIError, outcome_error
 from .files import FileStore
 from .infotext import infotext
 from .request_rules import ResolvedRequest
-from .schemas import ImageData, ImagesResponse
+from .schemas import ImageData, ImageError, ImagesResponse
 
 # OpenAI's usage block; SDXL counts no tokens.
 _NO_USAGE = {
@@ -66,6 +71,22 @@ def answer_image(
         file_id = files.put(encoded, CONTENT_TYPES[resolved.output_format])
         return ImageData(url=f"{base_url}/images/files/{file_id}", seed=rendered.seed)
     return ImageData(b64_json=to_base64(encoded), seed=rendered.seed)
+
+
+def flagged_image(seed: int) -> ImageData:
+    """An image the safety checker withheld: its place in the answer, no pixels, and why."""
+    error = outcome_error(
+        GenerationOutcome(
+            status=OutcomeStatus.CONTENT_POLICY_VIOLATION, message=CONTENT_POLICY_MESSAGE
+        )
+    )
+    return ImageData(seed=seed, error=ImageError.model_validate(error.body()["error"]))
+
+
+def in_seed_order(data: list[ImageData], seeds: list[int]) -> list[ImageData]:
+    """The answer's images (flagged ones included) in the order of the request's seeds."""
+    order = {seed: index for index, seed in enumerate(seeds)}
+    return sorted(data, key=lambda item: order.get(item.seed, len(order)))
 
 
 def images_response(data: list[ImageData], resolved: ResolvedRequest) -> ImagesResponse:
@@ -159,8 +180,12 @@ def error_event(error: APIError) -> bytes:
 async def completed_events(
     response: ImagesResponse, event_type: str = "image_generation.completed"
 ) -> AsyncIterator[bytes]:
-    """stream=true: one completed event per image (`image_edit.completed` for edits)."""
+    """stream=true: one completed event per image (`image_edit.completed` for edits); then,
+    for each image the safety checker withheld, an `error` event (content_policy_violation),
+    after every image that is sent: the openai client raises at the first error event."""
     for item in response.data:
+        if item.error is not None:
+            continue
         event = {
             "type": event_type,
             "b64_json": item.b64_json,
@@ -173,3 +198,6 @@ async def completed_events(
             "usage": _NO_USAGE,
         }
         yield sse(event)
+    for item in response.data:
+        if item.error is not None:
+            yield sse({"type": "error", "error": item.error.model_dump(), "seed": item.seed})

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from ..choices import HiresUpscaler
 from ..generation_params import request_fields_model
 from .control_requests import MAX_UNITS_LISTED, ControlNetRequest, units_from_a_form_field
+from .outpainting import Anchor
 from .sizing import AUTO_SIZE, parse_size
 
 logger = logging.getLogger(__name__)
@@ -28,6 +29,8 @@ MAX_USER_CHARS = 1024
 # Prompts are bounded by SDXL_MAX_PROMPT_CHARS in api/request_rules.py; this bound
 # only keeps an absurd body from reaching it.
 MAX_TEXT_CHARS = 100_000
+# The real bounds are the server's sizes; this one only keeps absurd borders out.
+MAX_OUTPAINT_PIXELS = 16384
 # torch generators take 64-bit seeds; leave room for seed + i.
 MAX_SEED = 2**63 - 1 - 64
 
@@ -140,6 +143,18 @@ class ImageGenerationRequest(ImageRequest):
     hires: HiresRequest | None = None
 
 
+class OutpaintRequest(BaseModel):
+    """Pixels added on each side of an edit's picture (api/outpainting.py); the answer's size
+    is the picture's plus these, rounded up to multiples of 8 (within the server's bounds)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    left: int = Field(default=0, ge=0, le=MAX_OUTPAINT_PIXELS)
+    right: int = Field(default=0, ge=0, le=MAX_OUTPAINT_PIXELS)
+    top: int = Field(default=0, ge=0, le=MAX_OUTPAINT_PIXELS)
+    bottom: int = Field(default=0, ge=0, le=MAX_OUTPAINT_PIXELS)
+
+
 class ImageEditRequest(ImageRequest):
     """The form fields of POST /images/edits; `image` and `mask` are its files."""
 
@@ -147,6 +162,22 @@ class ImageEditRequest(ImageRequest):
     input_fidelity: Literal["high", "low"] | None = None
     # Extension: how much of the picture is re-drawn, from 0 (nothing) to 1 (all).
     strength: float | None = Field(default=None, gt=0.0, le=1.0)
+    # Extensions: outpainting, by borders or onto a larger `size` at an anchor (not both).
+    outpaint: OutpaintRequest | None = None
+    outpaint_anchor: Anchor | None = None
+
+    @field_validator("outpaint", mode="before")
+    @classmethod
+    def _outpaint_from_a_form_field(cls, value: Any) -> Any:
+        # Multipart forms carry the object as one JSON text field.
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except ValueError:
+                raise ValueError(
+                    "outpaint must be a JSON object of left, right, top, bottom"
+                ) from None
+        return value
 
 
 class ImageVariationRequest(ImageRequest):
@@ -169,11 +200,23 @@ class ImageUpscaleRequest(ImageRequest):
     upscaler: str | None = Field(default=None, min_length=1, max_length=128)
 
 
+class ImageError(BaseModel):
+    """Why one image of an answer is missing (the OpenAI error envelope's `error`)."""
+
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
 class ImageData(BaseModel):
     b64_json: str | None = None
     url: str | None = None
     revised_prompt: str | None = None
     seed: int
+    # An image the safety checker flagged (SDXL_SAFETY_CHECKER): no b64_json or url, and
+    # this (content_policy_violation) instead.
+    error: ImageError | None = None
 
 
 class ImagesResponse(BaseModel):
@@ -198,6 +241,8 @@ class ModelCard(BaseModel):
     upscaler: dict[str, Any] | None = None
     # A ControlNet's card: name, format, whether it is a Union model (and its control types).
     controlnet: dict[str, Any] | None = None
+    # A textual-inversion embedding's card: name, vectors (tokens it takes in a prompt).
+    embedding: dict[str, Any] | None = None
 
 
 class ModelList(BaseModel):

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
+from ..choices import RenderKind
 from ..contract.render_request import (
     GenerationOutcome,
     OutcomeStatus,
@@ -29,9 +29,10 @@ from ..contract.render_request import (
     loading_outcome,
 )
 from ..controlnet_catalog import ControlNetCatalog
+from ..embedding_catalog import EmbeddingCatalog, EmbeddingFile, names_in
 from ..lora_catalog import LoraCatalog
 from ..metrics import ServiceMetrics
-from ..model_catalog import ModelCatalog
+from ..model_catalog import INPAINTING, ModelCatalog, inpainting_text_to_image
 from ..settings import SERVICE_ID, Settings
 from ..upscaler_catalog import UpscalerCatalog
 from .control_map_previews import ControlMapRequest, ControlMapsResponse, control_map_answer
@@ -46,7 +47,9 @@ from .responses import (
     completed_events,
     encodes_inline,
     error_event,
+    flagged_image,
     images_response,
+    in_seed_order,
     partial_event,
     public_base_url,
     server_timing,
@@ -83,6 +86,7 @@ class ImagesServing:
         self.models = ModelCatalog(settings.models_dir)
         self.upscalers = UpscalerCatalog(settings.upscaler_dir)
         self.controlnets = ControlNetCatalog(settings.controlnet_dir)
+        self.embeddings = EmbeddingCatalog(settings.embeddings_dir)
         self._model_info: dict[str, Any] | None = None
         self._started = int(time.time())
 
@@ -127,6 +131,8 @@ class ImagesServing:
             )
             for name, entry in sorted(entries.items())
         ]
+        upscaler_cards = await self._upscaler_cards()
+        embedding_cards = await run_in_threadpool(self._embedding_cards, info)
         controlnets = await run_in_threadpool(self.controlnets.snapshot)
         controlnet_cards = [
             ModelCard(
@@ -138,8 +144,63 @@ class ImagesServing:
             )
             for name, entry in sorted(controlnets.items())
         ]
-        upscaler_cards = await self._upscaler_cards()
-        return ModelList(data=[card, *model_cards, *lora_cards, *upscaler_cards, *controlnet_cards])
+        return ModelList(
+            data=[
+                card,
+                *model_cards,
+                *lora_cards,
+                *upscaler_cards,
+                *embedding_cards,
+                *controlnet_cards,
+            ]
+        )
+
+    def _embedding_cards(self, info: dict[str, Any]) -> list[ModelCard]:
+        """Each embedding of SDXL_EMBEDDINGS_DIR: its name and vectors per token, or why it
+        cannot be used with the model's text encoders (their widths, from the render worker)."""
+        widths = info.get("embedding_widths")
+        cards = []
+        for name, entry in sorted(self.embeddings.snapshot().items()):
+            card = entry.describe(widths)
+            problem = card.pop("problem", None)
+            cards.append(
+                ModelCard(
+                    id=name,
+                    created=self._started,
+                    owned_by="embeddings_dir",
+                    warning=None if problem is None else str(problem),
+                    embedding=card,
+                )
+            )
+        return cards
+
+    def _with_embeddings(self, resolved: ResolvedRequest) -> ResolvedRequest:
+        """400 naming the prompt field when it names an embedding that cannot be used; the
+        embeddings the prompts name, with their hashes, in the infotext's provenance."""
+        folder = self.embeddings.snapshot()
+        if not folder:
+            return resolved
+        widths = (self._model_info or {}).get("embedding_widths")
+        job = resolved.job
+        used: dict[str, EmbeddingFile] = {}
+        for param, text in (("prompt", job.prompt), ("negative_prompt", job.negative_prompt)):
+            for name in names_in(text, folder):
+                problem = folder[name].problem_for(widths)
+                if problem is not None:
+                    raise invalid_value(
+                        param,
+                        f"The embedding '{name}' named in {param} cannot be used: {problem}.",
+                        code="invalid_embedding",
+                    )
+                used.setdefault(name, folder[name])
+        if not used or resolved.provenance is None:
+            return resolved
+        hashes = {
+            name: digest
+            for name, entry in used.items()
+            if (digest := self.embeddings.short_hash(entry)) is not None
+        }
+        return replace(resolved, provenance=replace(resolved.provenance, ti_hashes=hashes))
 
     async def _upscaler_cards(self) -> list[ModelCard]:
         """Each upscaler model of SDXL_UPSCALER_DIR: its file from here (no torch), its
@@ -245,7 +306,16 @@ class ImagesServing:
                 self.upscalers,
             )
         await self._check_upscaler(resolved)
+        await self._check_model_kind(resolved)
+        resolved = await run_in_threadpool(self._with_embeddings, resolved)
         if req.controlnets:
+            if await self._is_inpainting_model(resolved.job.params.model):
+                # diffusers' ControlNet pipelines over a 9-channel UNet: not tested here.
+                raise invalid_value(
+                    "controlnets",
+                    "ControlNet units take a model with SDXL's own UNet; an inpainting "
+                    "checkpoint takes none.",
+                )
             folder = await run_in_threadpool(self.controlnets.snapshot)
             job, provenance = await run_in_threadpool(
                 with_controlnets,
@@ -255,13 +325,30 @@ class ImagesServing:
                 folder,
                 self.settings,
             )
-            resolved = dataclasses.replace(resolved, job=job, provenance=provenance)
+            resolved = replace(resolved, job=job, provenance=provenance)
         return resolved
 
     async def control_map(self, req: ControlMapRequest) -> ControlMapsResponse:
         """POST /images/control-maps: the map a ControlNet unit renders with (no render call)."""
         native = await self._native_resolution()
         return await run_in_threadpool(control_map_answer, req, self.settings, native)
+
+    async def _check_model_kind(self, resolved: ResolvedRequest) -> None:
+        """400 naming `model` for a text-to-image render on an inpainting model (the render
+        worker would refuse it too, after its turn in the queue)."""
+        params = resolved.job.params
+        if params.kind != RenderKind.TEXT_TO_IMAGE:
+            return
+        if await self._is_inpainting_model(params.model):
+            message = f"{inpainting_text_to_image(params.model)}."
+            raise invalid_value("model", message, code="invalid_model")
+
+    async def _is_inpainting_model(self, model: str | None) -> bool:
+        """Whether `model` (None: the default) is an inpainting checkpoint (a 9-channel UNet)."""
+        if model is None:
+            return bool((await self.model_info()).get("kind") == INPAINTING)
+        entry = await run_in_threadpool(self.models.find, model)
+        return entry is not None and entry.inpainting
 
     async def render(
         self,
@@ -339,13 +426,18 @@ class ImagesServing:
             metrics=self.metrics,
         )
         if encodes_inline(outcome.images, resolved):
-            return images_response([one(image) for image in outcome.images], resolved)
-        # An image per thread: OpenCV and Pillow let go of the GIL while they
-        # encode, so n images take about as long as one where there are cores
-        # (n=4 at 1024x1024, Server-Timing encode on 2 cores: PNG 138 -> 91 ms,
-        # WEBP 329 -> 179 ms).
-        data = await asyncio.gather(*(run_in_threadpool(one, image) for image in outcome.images))
-        return images_response(list(data), resolved)
+            data = [one(image) for image in outcome.images]
+        else:
+            # An image per thread: OpenCV and Pillow let go of the GIL while they
+            # encode, so n images take about as long as one where there are cores
+            # (n=4 at 1024x1024, Server-Timing encode on 2 cores: PNG 138 -> 91 ms,
+            # WEBP 329 -> 179 ms).
+            encoded = (run_in_threadpool(one, image) for image in outcome.images)
+            data = list(await asyncio.gather(*encoded))
+        if outcome.flagged_seeds:
+            flagged = [flagged_image(seed) for seed in outcome.flagged_seeds]
+            data = in_seed_order(data + flagged, resolved.job.seeds)
+        return images_response(data, resolved)
 
     async def _stream(
         self, resolved: ResolvedRequest, http_request: Request, kind: str

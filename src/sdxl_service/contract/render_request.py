@@ -37,6 +37,10 @@ class OutcomeStatus(StrEnum):
     INVALID_UPSCALER = "invalid_upscaler"
     # A ControlNet of SDXL_CONTROLNET_DIR the request named could not be loaded.
     INVALID_CONTROLNET = "invalid_controlnet"
+    # Every image of the request was flagged by the safety checker (SDXL_SAFETY_CHECKER).
+    CONTENT_POLICY_VIOLATION = "content_policy_violation"
+    # An embedding of SDXL_EMBEDDINGS_DIR a prompt names could not be used.
+    INVALID_EMBEDDING = "invalid_embedding"
     ERROR = "error"
 
 
@@ -199,6 +203,8 @@ class GenerationOutcome(BaseModel):
     status: OutcomeStatus
     message: str = ""
     images: list[RenderedImage] = []
+    # OK: the seeds of the images the safety checker flagged, withheld (never in `images`).
+    flagged_seeds: list[int] = []
     # Seconds the caller should wait before retrying (queue full, loading).
     retry_after: float | None = None
     # OK: seconds of the pipeline calls that made the images (whole batches),
@@ -206,6 +212,13 @@ class GenerationOutcome(BaseModel):
     render_s: float | None = None
     waited_s: float | None = None
 
+
+# Why an image was withheld (content_policy_violation), in the words OpenAI's own rejections
+# begin with.
+CONTENT_POLICY_MESSAGE = (
+    "Your request was rejected as a result of our safety system: the safety checker flagged "
+    "the generated image, which is not returned."
+)
 
 # Seconds a client should wait while the render process starts or loads.
 LOADING_RETRY_AFTER = 10.0

@@ -6,7 +6,8 @@ dtypes), `loading` (the pipelines), `optimisations`, `components` (modules built
 from configs, random weights), `tiny` (the random-weight tiny preset), `prompts`
 and `prompt_syntax`, `schedulers`, `loras`, `previews`, `latents` (the VAE
 side), `inpainting` (the inpaint pipeline given latents), `handover`
-(base/refiner step split) and `engine` (the `Engine` that runs them).
+(base/refiner step split), `safety` (the opt-in safety checker) and `engine` (the
+`Engine` that runs them).
 
 Lazy: importing a submodule for a type (`engine.prompt_syntax`, say) does not
 import torch; only `Engine` itself does.

@@ -41,6 +41,8 @@ class CheckpointLayout:
     architecture: str
     has_vae: bool
     tensors: int
+    # A base whose UNet takes the mask and the masked picture's latents too (9 channels).
+    inpainting: bool = False
 
 
 @dataclass(frozen=True)
@@ -114,14 +116,16 @@ def vae_signature(vae: dict[str, Any], prefix: str = "") -> Shapes:
     }
 
 
-def signature(architecture: Architecture, kind: Kind) -> Shapes:
+def signature(architecture: Architecture, kind: Kind, *, inpainting: bool = False) -> Shapes:
     """The shapes of a few tensors that tell the architectures apart: widths of the UNet, its
     added conditioning (text embeddings + time ids: 2816 for the base, 2560 for the
-    refiner) and the text encoders."""
+    refiner) and the text encoders. `inpainting`: the base's UNet with the 5 more input
+    channels of an inpainting checkpoint (the mask and the masked picture's latents)."""
     unet = architecture.unet[kind]
     width = unet["block_out_channels"][0]
+    in_channels = inpainting_channels(unet) if inpainting else unet["in_channels"]
     shapes: Shapes = {
-        f"{UNET}input_blocks.0.0.weight": (width, unet["in_channels"], 3, 3),
+        f"{UNET}input_blocks.0.0.weight": (width, in_channels, 3, 3),
         f"{UNET}label_emb.0.0.weight": (4 * width, unet["projection_class_embeddings_input_dim"]),
         f"{UNET}out.2.weight": (unet["out_channels"], width, 3, 3),
     }
@@ -138,6 +142,18 @@ def signature(architecture: Architecture, kind: Kind) -> Shapes:
             clip_l["hidden_size"],
         )
     return shapes
+
+
+def inpainting_channels(unet: dict[str, Any]) -> int:
+    """An inpainting UNet's input channels: latents, mask (1), masked picture's latents."""
+    return 2 * int(unet["in_channels"]) + 1
+
+
+def is_inpainting(shapes: Shapes) -> bool:
+    """Whether a checkpoint's UNet takes the inpainting input (9 channels on SDXL's 4)."""
+    first = shapes.get(f"{UNET}input_blocks.0.0.weight")
+    out = shapes.get(f"{UNET}out.2.weight")
+    return first is not None and out is not None and first[1] == 2 * out[0] + 1
 
 
 def _has(shapes: Shapes, prefix: str) -> bool:
@@ -213,9 +229,10 @@ def read_checkpoint_layout(
             f"{'OpenCLIP bigG alone' if found == 'refiner' else 'CLIP ViT-L and OpenCLIP bigG'}"
             f"): give it as {other}"
         )
+    inpainting = kind == "base" and is_inpainting(shapes)
     expected = []
     for architecture in candidates():
-        sig = signature(architecture, kind)
+        sig = signature(architecture, kind, inpainting=inpainting)
         if _has(shapes, VAE):
             sig |= vae_signature(architecture.vae, VAE)
         if not _mismatches(shapes, sig):
@@ -224,6 +241,7 @@ def read_checkpoint_layout(
                 architecture=architecture.name,
                 has_vae=_has(shapes, VAE),
                 tensors=len(shapes),
+                inpainting=inpainting,
             )
         expected.append((architecture, sig))
     closest, mismatch = _closest(shapes, expected)

@@ -42,6 +42,11 @@ class EngineConfig(BaseModel):
     # SDXL_CONTROLNET_DIR (None: no ControlNets) and how many stay loaded.
     controlnet_dir: Path | None = None
     control_cache: int = 3
+    # SDXL_SAFETY_CHECKER (None: off) and SDXL_SAFETY_LABELS (engine/safety.py).
+    safety_checker: str | None = None
+    safety_labels: tuple[str, ...] = ("nsfw",)
+    # SDXL_EMBEDDINGS_DIR (None: no textual-inversion embeddings).
+    embeddings_dir: Path | None = None
     attention: Attention
     channels_last: bool
     fuse_qkv: bool

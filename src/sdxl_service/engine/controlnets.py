@@ -214,6 +214,9 @@ class ControlNetModels:
         """The ControlNet pipeline over `base`'s modules for `params`' units, and `call` (the
         keyword arguments of the base pipeline's call) made its arguments."""
         units = params.controlnets
+        if base.unet.config.in_channels != 4:
+            # The HTTP process refuses these (api/serving.py); a model changed since lands here.
+            raise InvalidControlNet("ControlNet units take no inpainting checkpoint")
         nets = self.models([unit.name for unit in units], base.unet)
         union = nets[0].union
         if any(net.union != union for net in nets):

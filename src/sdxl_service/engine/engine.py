@@ -15,8 +15,10 @@ from PIL import Image
 
 from ..choices import HiresUpscaler, Preset, RefinerMode, RenderKind, SchedulerName, Switch
 from ..contract.render_request import RenderParams
+from ..embedding_catalog import EmbeddingCatalog
 from ..lora_catalog import LoraCatalog
 from ..metrics import ServiceMetrics
+from ..model_catalog import INPAINTING, TEXT_TO_IMAGE, inpainting_text_to_image
 from .config import EngineConfig
 from .controlnets import ControlNetModels
 from .devices import (
@@ -28,7 +30,9 @@ from .devices import (
     resolve_preset,
     synchronize,
 )
+from .embeddings import TextualInversions, encoder_widths
 from .handover import ensemble_split, refiner_handover
+from .inpainting import is_inpainting_unet
 from .latents import LatentCodec
 from .loading import edit_pipelines, load_pipelines
 from .loras import LoraAdapters
@@ -38,11 +42,13 @@ from .previews import PreviewDecoders, preview_tap
 from .prompts import image_chunk_counts, prompt_embeddings
 from .render_batch import (
     ImageTask,
+    InvalidModel,
     InvalidUpscaler,
     OutOfMemory,
     RenderBatch,
     RenderCancelled,
 )
+from .safety import SafetyChecker
 from .schedulers import make_scheduler
 from .upscalers import UnusableUpscaler, UpscalerModels
 
@@ -58,10 +64,14 @@ class DenoisePlan:
     base: Any  # the base pipeline for the render kind (text-to-image, img2img or inpaint)
     refiner: Any
     encodes_init_images: bool  # edits: the init images are the starting latents
-    inpaints: bool
+    inpaints: bool  # the request's mask goes to both stages
     base_runs: bool
     denoising_end: float | None  # where the base stops; None: at the end of its schedule
     refiner_handover: dict[str, Any] | None  # None: no refiner pass
+    # An inpainting checkpoint's UNet (9 channels) conditions on the mask and the masked
+    # picture in every edit; an edit without a mask repaints all of it (full_mask).
+    conditions_on_mask: bool = False
+    full_mask: bool = False
 
 
 class Engine:
@@ -91,11 +101,16 @@ class Engine:
         self.base_source = base_source
         self.refiner_source = refiner_source
         self.stage_observer = stage_observer
+        # SDXL_SAFETY_CHECKER's classifier (Engine.load); the render worker screens each
+        # rendered batch with it (render/batcher.py).
+        self.safety: SafetyChecker | None = None
         self.native_resolution = int(base.unet.config.sample_size) * int(base.vae_scale_factor)
         # The batcher counts each queued image's chunks before its batch is picked, outside
         # the render (~0.5 ms of tokenizing per request on 2 CPU cores, make bench-overhead);
         # the same prompts come back with other seeds, and the count depends on nothing else.
         self._chunk_counts = functools.lru_cache(maxsize=1024)(self._count_chunks)
+        # Embeddings of SDXL_EMBEDDINGS_DIR that prompts name (engine/embeddings.py).
+        self.embeddings = TextualInversions(EmbeddingCatalog(config.embeddings_dir))
         # Kept apart: each render gets fresh schedulers built from these.
         self._refiner_scheduler_config = dict(refiner.scheduler.config)
         for pipeline in (base, refiner):
@@ -163,6 +178,14 @@ class Engine:
         else:
             base_source, refiner_source = config.base_model, config.refiner_model
         started = time.perf_counter()
+        # First: a checker that cannot load stops the start before minutes of SDXL loading.
+        safety = (
+            None
+            if config.safety_checker is None
+            else SafetyChecker.load(
+                config.safety_checker, config.safety_labels, device=device, dtype=dtype
+            )
+        )
         # Which files of SDXL_VARIANT each folder or repo loads is decided by what it
         # holds and the dtype (loading.choose_variant), not by the device.
         base, refiner = load_pipelines(
@@ -187,6 +210,7 @@ class Engine:
             stage_observer=stage_observer,
             metrics=metrics,
         )
+        engine.safety = safety
         # taesd previews: loaded (downloaded) now, so that no request waits on it.
         engine.preview_decoders.prepare(config.preview_decoder)
         logger.info(
@@ -223,7 +247,14 @@ class Engine:
     def vae(self) -> Any:
         return self.base.vae
 
+    @property
+    def inpainting(self) -> bool:
+        """Whether the active base model is an inpainting checkpoint (a 9-channel UNet)."""
+        return is_inpainting_unet(self.base.unet)
+
     def describe(self) -> dict[str, Any]:
+        # What the default base renders (GET /v1/models): edits alone, or text too.
+        kind = INPAINTING if is_inpainting_unet(self.models.default.base.unet) else TEXT_TO_IMAGE
         return {
             "base": self.base_source,
             "refiner": self.refiner_source,
@@ -232,11 +263,15 @@ class Engine:
             "device": self.device,
             "dtype": dtype_name(self.dtype),
             "native_resolution": self.native_resolution,
+            "kind": kind,
             "optimisations": dict(self.optimisations),
+            # What an embedding's clip_l and clip_g vectors must be (the HTTP side checks).
+            "embedding_widths": encoder_widths(self.models.default.base),
             # The default's: describe() may be called while another model's batch renders.
             **self.models.default.loras.describe(),
             **self.models.describe(),
             **self.controlnets.describe(),
+            **({} if self.safety is None else {"safety_checker": self.safety.describe()}),
         }
 
     def warmup(self, steps: int = 2) -> bool:
@@ -263,7 +298,13 @@ class Engine:
             refiner=RefinerMode.ENSEMBLE,
             scheduler=SchedulerName.EULER,
         )
-        self.render(RenderBatch(params=params, tasks=[ImageTask(prompt="warmup", seed=0)]))
+        task = ImageTask(prompt="warmup", seed=0)
+        if self.inpainting:
+            # An inpainting default renders nothing from text: its warm-up inpaints, all masked.
+            params = params.model_copy(update={"kind": RenderKind.INPAINT})
+            grey, repaint = bytes([128]) * (3 * side * side), bytes([255]) * (side * side)
+            task = replace(task, init_image=grey, mask=repaint)
+        self.render(RenderBatch(params=params, tasks=[task]))
         return True
 
     def _on_gpu(self) -> bool:
@@ -273,11 +314,24 @@ class Engine:
 
     def conditioning_chunks(self, task: ImageTask, params: RenderParams) -> int:
         """The 75-token chunks of the image's conditioning: images batch only with equal counts."""
-        return self._chunk_counts(task.prompt, task.negative_prompt, params.guidance_scale)
+        # The embeddings the prompts name, with their sizes, are part of the key: a file
+        # added, changed or removed in the folder changes the count of the same text.
+        sizes = self.embeddings.sizes((task.prompt, task.negative_prompt))
+        return self._chunk_counts(
+            task.prompt, task.negative_prompt, params.guidance_scale, tuple(sorted(sizes.items()))
+        )
 
-    def _count_chunks(self, prompt: str, negative_prompt: str, guidance_scale: float) -> int:
+    def _count_chunks(
+        self,
+        prompt: str,
+        negative_prompt: str,
+        guidance_scale: float,
+        sizes: tuple[tuple[str, int], ...] = (),
+    ) -> int:
         syntax = self.config.prompt_syntax
-        return image_chunk_counts(self.base, [prompt], [negative_prompt], guidance_scale, syntax)[0]
+        return image_chunk_counts(
+            self.base, [prompt], [negative_prompt], guidance_scale, syntax, dict(sizes)
+        )[0]
 
     def render(self, batch: RenderBatch) -> list[Image.Image]:
         """RGB images of `params.width` x `params.height`, in task order."""
@@ -434,8 +488,15 @@ class Engine:
         mode = RefinerMode(params.refiner)
         kind = RenderKind(params.kind)
         edit = kind is not RenderKind.TEXT_TO_IMAGE
+        inpainting = self.inpainting
+        if inpainting and not edit:
+            raise InvalidModel(inpainting_text_to_image(self._active.name))
         if kind is RenderKind.INPAINT:
             base, refiner = self.base_inpaint, self.refiner_inpaint
+        elif inpainting:
+            # AUTOMATIC1111's img2img on an inpainting model: the whole picture masked
+            # (its "inpainting conditioning mask strength" 1.0), the refiner's img2img after.
+            base, refiner = self.base_inpaint, self.refiner
         elif edit:
             base, refiner = self.base_img2img, self.refiner
         else:
@@ -464,6 +525,8 @@ class Engine:
             refiner=refiner,
             encodes_init_images=edit,
             inpaints=kind is RenderKind.INPAINT,
+            conditions_on_mask=inpainting,
+            full_mask=inpainting and kind is not RenderKind.INPAINT,
             base_runs=base_runs,
             denoising_end=params.high_noise_frac if mode is RefinerMode.ENSEMBLE else None,
             refiner_handover=refiner_handover(params, base_runs=base_runs),
@@ -479,11 +542,17 @@ class Engine:
         syntax = self.config.prompt_syntax
         prompts = [task.prompt for task in batch.tasks]
         negative_prompts = [task.negative_prompt for task in batch.tasks]
+        # The embeddings the prompts name (InvalidEmbedding when one cannot be used).
+        vectors = self.embeddings.load(
+            [("prompt", prompts), ("negative_prompt", negative_prompts)],
+            encoder_widths(self.base),
+        )
+        sizes = {name: embedding.vectors for name, embedding in vectors.items()}
         # Prompts of different chunk counts cannot share a call: padding the
         # shorter with empty chunks would change its image. The batch policy
         # keeps them apart (render/batch_policy.py, BatchKey.chunks).
         counts = image_chunk_counts(
-            self.base, prompts, negative_prompts, params.guidance_scale, syntax
+            self.base, prompts, negative_prompts, params.guidance_scale, syntax, sizes
         )
         if len(set(counts)) > 1:
             raise ValueError(
@@ -530,6 +599,7 @@ class Engine:
         latents: torch.Tensor | None = None
         base_inputs: dict[str, Any] = dict(size)
         refiner_inputs: dict[str, Any] = {}
+        mask_inputs: dict[str, Any] = {}
         if plan.encodes_init_images and init_latents is not None:
             latents = init_latents
             base_inputs = {"image": latents, "strength": params.strength}
@@ -545,18 +615,35 @@ class Engine:
             refiner_inputs = {"mask_image": masks, **size, "masked_picture_draws": False}
         elif plan.encodes_init_images:
             self._check_stop(batch)
+            pictures = [task.init_image for task in batch.tasks]
             with self._stage("vae_encode"):
-                # Draws from each generator before the base does, as diffusers does.
-                latents = self.latent_codec.encode(
-                    [task.init_image for task in batch.tasks], params, generators
-                )
+                if plan.conditions_on_mask and plan.base_runs and params.strength >= 1.0:
+                    # diffusers' inpaint pipeline starts a 9-channel UNet from noise alone
+                    # at strength 1, without encoding (or drawing for) the picture.
+                    latents = self._unused_picture_latents(len(pictures), params)
+                else:
+                    # Draws from each generator before the base does, as diffusers does.
+                    latents = self.latent_codec.encode(pictures, params, generators)
             base_inputs = {"image": latents, "strength": params.strength}
-            if plan.inpaints:
-                masks = [self._mask(task, params) for task in batch.tasks]
-                refiner_inputs = {"mask_image": masks, **size}
+            if plan.inpaints or plan.full_mask:
+                masks = [
+                    full_mask(params) if plan.full_mask else self._mask(task, params)
+                    for task in batch.tasks
+                ]
+                mask_inputs = {"mask_image": masks, **size}
+                base_inputs |= mask_inputs
+            if plan.conditions_on_mask:
+                codec = self.latent_codec
+
+                def masked_picture(mask: torch.Tensor) -> torch.Tensor:
+                    return codec.encode_masked(pictures, mask, params, generators)
+
+                base_inputs["masked_picture"] = masked_picture
+            elif plan.inpaints:
                 # The latents stand for the picture in the first stage that runs.
-                base_inputs |= refiner_inputs | {"masked_picture_draws": True}
-                refiner_inputs["masked_picture_draws"] = not plan.base_runs
+                base_inputs["masked_picture_draws"] = True
+            if plan.inpaints:
+                refiner_inputs = mask_inputs | {"masked_picture_draws": not plan.base_runs}
 
         # 3. Base
         if plan.base_runs:
@@ -574,6 +661,7 @@ class Engine:
                     params.guidance_scale,
                     syntax,
                     params.clip_skip,
+                    vectors,
                 )
                 call = {
                     **embeddings,
@@ -606,6 +694,7 @@ class Engine:
                 params.guidance_scale,
                 syntax,
                 params.clip_skip,
+                vectors,
             )
             refined: torch.Tensor = plan.refiner(
                 **embeddings,
@@ -615,6 +704,12 @@ class Engine:
                 **common,
             ).images
             return refined
+
+    def _unused_picture_latents(self, count: int, params: RenderParams) -> torch.Tensor:
+        scale = int(self.base.vae_scale_factor)
+        channels = int(self.vae.config.latent_channels)
+        shape = (count, channels, params.height // scale, params.width // scale)
+        return torch.zeros(shape, device=self.device, dtype=self.dtype)
 
     @staticmethod
     def _picture(task: ImageTask, params: RenderParams) -> Image.Image:
@@ -650,6 +745,11 @@ class Engine:
         synchronize(self.device)
         if self.stage_observer is not None:
             self.stage_observer(stage, time.perf_counter() - started)
+
+
+def full_mask(params: RenderParams) -> Image.Image:
+    """A mask repainting the whole picture: an inpainting model's edit without a mask."""
+    return Image.new("L", (params.width, params.height), 255)
 
 
 def resize_lanczos(picture: Image.Image, width: int, height: int) -> bytes:

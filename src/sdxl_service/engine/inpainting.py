@@ -8,10 +8,16 @@ never reads the masked picture's latents. The engine samples the first itself
 and every later draw from the generators (an ancestral scheduler's noise, the
 refiner's) would come one draw early. `masked_picture_draws=True` makes that
 draw where the stock pipeline makes it, without the encode.
+
+An inpainting checkpoint's UNet (9 input channels) does read the masked picture's latents.
+`masked_picture` encodes them where the stock pipeline does, after the noise, with the
+engine's own VAE codec (the pipeline's encode would cast the shared VAE): handed the mask
+as the pipeline prepared it, it returns the latents, drawn from each image's generator.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -22,19 +28,39 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .latents import posterior_dtype
 
+# The mask as the pipeline prepared it (n, 1, height, width) -> the masked pictures' latents.
+MaskedPicture = Callable[[torch.Tensor], torch.Tensor]
+
+
+def is_inpainting_unet(unet: Any) -> bool:
+    """A UNet that takes latents, mask and masked picture's latents (9 channels on SDXL's 4)."""
+    config = unet.config
+    return int(config.in_channels) == 2 * int(config.out_channels) + 1
+
 
 class InpaintPipeline(StableDiffusionXLInpaintPipeline):
-    """`StableDiffusionXLInpaintPipeline` that can draw for a masked picture it is not given."""
+    """`StableDiffusionXLInpaintPipeline` that can draw for a masked picture it is not given,
+    or have the engine encode it."""
 
     _masked_picture_draws = False
+    _masked_picture: MaskedPicture | None = None
 
-    def __call__(self, *args: Any, masked_picture_draws: bool = False, **kwargs: Any) -> Any:
-        """The stock call; `masked_picture_draws`: `image` stands for a picture, not a hand-over."""
+    def __call__(
+        self,
+        *args: Any,
+        masked_picture_draws: bool = False,
+        masked_picture: MaskedPicture | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """The stock call; `masked_picture_draws`: `image` stands for a picture, not a
+        hand-over; `masked_picture`: the masked picture's latents, for a 9-channel UNet."""
         self._masked_picture_draws = masked_picture_draws
+        self._masked_picture = masked_picture
         try:
             return super().__call__(*args, **kwargs)
         finally:
             self._masked_picture_draws = False
+            self._masked_picture = None
 
     def prepare_mask_latents(
         self,
@@ -48,6 +74,9 @@ class InpaintPipeline(StableDiffusionXLInpaintPipeline):
         generator: Any,
         do_classifier_free_guidance: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self._masked_picture is not None and masked_image is None:
+            # Latents (4 channels): the stock method takes them as they are.
+            masked_image = self._masked_picture(mask)
         prepared: tuple[torch.Tensor, torch.Tensor | None] = super().prepare_mask_latents(
             mask,
             masked_image,

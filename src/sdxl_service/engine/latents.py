@@ -134,15 +134,41 @@ class LatentCodec:
             latents.append(self.to_unet(sample))
         return torch.cat(latents)
 
-    def _posterior(self, rgb: bytes, params: RenderParams) -> Any:
-        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+    def encode_masked(
+        self,
+        images: Sequence[bytes | None],
+        masks: torch.Tensor,
+        params: RenderParams,
+        generators: Sequence[torch.Generator],
+    ) -> torch.Tensor:
+        """The masked pictures an inpainting UNet is conditioned on, as latents: each picture
+        with its mask's repainted part (mask >= 0.5) set to 0 (mid grey), as diffusers'
+        inpaint pipeline masks it (`init_image * (mask < 0.5)`), then sampled with its
+        image's generator. `masks`: one per image, (n, 1, height, width), 0 or 1, as the
+        pipeline's mask processor makes them."""
+        latents = []
+        for index, (rgb, generator) in enumerate(zip(images, generators, strict=True)):
+            if rgb is None:
+                raise ValueError(f"a {params.kind} render needs an init image for every task")
+            keep = masks[index : index + 1].to(self.device) < 0.5
+            posterior = self._posterior_of(self._pixels(rgb, params) * keep, params)
+            latents.append(self.to_unet(posterior.sample(generator).to(self.dtype)))
+        return torch.cat(latents)
 
-        vae = self.vae
+    def _pixels(self, rgb: bytes, params: RenderParams) -> torch.Tensor:
         pixels = torch.frombuffer(bytearray(rgb), dtype=torch.uint8)
         # diffusers' VaeImageProcessor: x / 255 * 2 - 1 in float32, in the same
         # memory layout (the layout picks the VAE's conv kernels).
         pixels = pixels.view(1, params.height, params.width, 3).permute(0, 3, 1, 2)
-        sample = (pixels.to(device=self.device, dtype=torch.float32) / 255.0) * 2.0 - 1.0
+        return (pixels.to(device=self.device, dtype=torch.float32) / 255.0) * 2.0 - 1.0
+
+    def _posterior(self, rgb: bytes, params: RenderParams) -> Any:
+        return self._posterior_of(self._pixels(rgb, params), params)
+
+    def _posterior_of(self, sample: torch.Tensor, params: RenderParams) -> Any:
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        vae = self.vae
         with self._tiled(params.height, params.width):
             parameters = vae.encode(sample.to(vae.dtype)).latent_dist.parameters
         return DiagonalGaussianDistribution(parameters.to(posterior_dtype(vae)))

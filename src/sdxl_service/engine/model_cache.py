@@ -261,12 +261,13 @@ class ModelCache:
         def native(pipeline: Any) -> int:
             return int(pipeline.unet.config.sample_size) * int(pipeline.vae_scale_factor)
 
+        def unet_latents(pipeline: Any) -> int:
+            # What the UNet denoises (its output): an inpainting UNet takes more channels in.
+            return int(pipeline.unet.config.out_channels)
+
         checks = {
             "native resolution": (native(base), native(default)),
-            "UNet input channels": (
-                int(base.unet.config.in_channels),
-                int(default.unet.config.in_channels),
-            ),
+            "UNet latent channels": (unet_latents(base), unet_latents(default)),
             "latent channels": (
                 int(base.vae.config.latent_channels),
                 int(default.vae.config.latent_channels),

@@ -24,10 +24,17 @@ the short code below.
 
 Chunks are cut at exactly 75 tokens: A1111's optional backtracking to a
 nearby comma is not done.
+
+A textual-inversion embedding a fragment names (embedding_catalog.find_uses)
+takes one placeholder token per vector, all in one chunk (the next one when
+they do not fit), weighted as its fragment, as A1111's `tokenize_line` has it;
+engine/embeddings.py puts the vectors in while the chunk is encoded. With no
+embedding named, the ids and the calls are the same as without any.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +42,9 @@ import torch
 from diffusers.utils.torch_utils import get_module_execution_device
 
 from ..choices import PromptSyntax
-from .prompt_syntax import ChunkBreak, Fragment, PromptPart, parse_prompt
+from ..embedding_catalog import EmbeddingUse, find_uses
+from .embeddings import EmbeddingVectors, encoder_key, vectors_placed
+from .prompt_syntax import Fragment, PromptPart, parse_prompt
 
 CHUNK_TOKENS = 75  # CLIP's 77 positions less BOS and EOS
 
@@ -46,20 +55,51 @@ class TokenChunk:
 
     ids: list[int]
     weights: list[float]
+    # Textual-inversion embeddings in it: (position of its first vector, name).
+    embeddings: tuple[tuple[int, str], ...] = ()
 
     @property
     def emphasised(self) -> bool:
         return any(weight != 1.0 for weight in self.weights)
 
 
-def token_chunks(tokenizer: Any, parts: list[PromptPart]) -> list[TokenChunk]:
-    """`parts` as chunks of BOS + up to 75 tokens + EOS + padding, as A1111 cuts them."""
-    texts = [part.text for part in parts if isinstance(part, Fragment)]
+# The id of an embedding vector's token, A1111's: its token embedding is replaced
+# (engine/embeddings.py), and a low id keeps the pooled output at the end of the text.
+EMBEDDING_PLACEHOLDER = 0
+
+
+def _pieces(text: str, sizes: Mapping[str, int]) -> list[str | EmbeddingUse]:
+    """A fragment's text cut around the embeddings it names."""
+    pieces: list[str | EmbeddingUse] = []
+    start = 0
+    for use in find_uses(text, sizes) if sizes else ():
+        pieces += [text[start : use.start], use]
+        start = use.end
+    pieces.append(text[start:])
+    return pieces
+
+
+def token_chunks(
+    tokenizer: Any, parts: list[PromptPart], sizes: Mapping[str, int] | None = None
+) -> list[TokenChunk]:
+    """`parts` as chunks of BOS + up to 75 tokens + EOS + padding, as A1111 cuts them; an
+    embedding of `sizes` (its vectors by name) takes as many tokens as it has vectors, all in
+    one chunk (the next when it does not fit)."""
+    sizes = sizes or {}
+    pieces = [_pieces(part.text, sizes) if isinstance(part, Fragment) else part for part in parts]
+    texts = [
+        piece
+        for fragment in pieces
+        if isinstance(fragment, list)
+        for piece in fragment
+        if isinstance(piece, str)
+    ]
     # verbose=False: the token count past 77 is expected here, not worth a warning.
     tokenized = iter(tokenizer(texts, add_special_tokens=False, verbose=False).input_ids)
     chunks: list[TokenChunk] = []
     ids: list[int] = []
     weights: list[float] = []
+    embeddings: list[tuple[int, str]] = []
 
     def close_chunk() -> None:
         padding = CHUNK_TOKENS - len(ids)
@@ -68,20 +108,31 @@ def token_chunks(tokenizer: Any, parts: list[PromptPart]) -> list[TokenChunk]:
                 ids=[tokenizer.bos_token_id, *ids, tokenizer.eos_token_id]
                 + [tokenizer.pad_token_id] * padding,
                 weights=[1.0, *weights, 1.0] + [1.0] * padding,
+                embeddings=tuple(embeddings),
             )
         )
         ids.clear()
         weights.clear()
+        embeddings.clear()
 
-    for part in parts:
-        if isinstance(part, ChunkBreak):
-            close_chunk()
+    for part, fragment in zip(parts, pieces, strict=True):
+        if not isinstance(part, Fragment) or not isinstance(fragment, list):
+            close_chunk()  # BREAK
             continue
-        for token in next(tokenized):
-            if len(ids) == CHUNK_TOKENS:
-                close_chunk()
-            ids.append(token)
-            weights.append(part.weight)
+        for piece in fragment:
+            if isinstance(piece, EmbeddingUse):
+                vectors = sizes[piece.name]
+                if len(ids) + vectors > CHUNK_TOKENS:
+                    close_chunk()
+                embeddings.append((len(ids) + 1, piece.name))  # + 1: after BOS
+                ids.extend([EMBEDDING_PLACEHOLDER] * vectors)
+                weights.extend([part.weight] * vectors)
+                continue
+            for token in next(tokenized):
+                if len(ids) == CHUNK_TOKENS:
+                    close_chunk()
+                ids.append(token)
+                weights.append(part.weight)
     if ids or not chunks:
         close_chunk()
     return chunks
@@ -102,9 +153,13 @@ def _guides(pipeline: Any, guidance_scale: float) -> bool:
     return guidance_scale > 1 and pipeline.unet.config.time_cond_proj_dim is None
 
 
-def chunk_count(pipeline: Any, text: str, syntax: PromptSyntax) -> int:
+def chunk_count(
+    pipeline: Any, text: str, syntax: PromptSyntax, sizes: Mapping[str, int] | None = None
+) -> int:
     parts = parse_prompt(text, syntax)
-    return max(len(token_chunks(tokenizer, parts)) for tokenizer, _ in _text_encoders(pipeline))
+    return max(
+        len(token_chunks(tokenizer, parts, sizes)) for tokenizer, _ in _text_encoders(pipeline)
+    )
 
 
 def image_chunk_counts(
@@ -113,6 +168,7 @@ def image_chunk_counts(
     negative_prompts: list[str],
     guidance_scale: float,
     syntax: PromptSyntax,
+    sizes: Mapping[str, int] | None = None,
 ) -> list[int]:
     """How many chunks each image's conditioning has: its prompt's or its negative's, longer.
 
@@ -122,8 +178,8 @@ def image_chunk_counts(
     guides = _guides(pipeline, guidance_scale)
     return [
         max(
-            chunk_count(pipeline, prompt, syntax),
-            chunk_count(pipeline, negative, syntax) if guides else 1,
+            chunk_count(pipeline, prompt, syntax, sizes),
+            chunk_count(pipeline, negative, syntax, sizes) if guides else 1,
         )
         for prompt, negative in zip(prompts, negative_prompts, strict=True)
     ]
@@ -151,7 +207,12 @@ def _emphasise(hidden: torch.Tensor, chunks: list[TokenChunk]) -> torch.Tensor:
 
 
 def encode_texts(
-    pipeline: Any, texts: list[str], syntax: PromptSyntax, chunk_total: int, clip_skip: int = 1
+    pipeline: Any,
+    texts: list[str],
+    syntax: PromptSyntax,
+    chunk_total: int,
+    clip_skip: int = 1,
+    embeddings: Mapping[str, EmbeddingVectors] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Hidden states (batch, 77 * chunk_total, features) and pooled embeddings of `texts`.
 
@@ -162,13 +223,15 @@ def encode_texts(
     """
     device = pipeline._execution_device
     parts = [parse_prompt(text, syntax) for text in texts]
+    embeddings = embeddings or {}
+    sizes = {name: vectors.vectors for name, vectors in embeddings.items()}
     per_encoder: list[torch.Tensor] = []
     pooled: torch.Tensor | None = None
     for tokenizer, text_encoder in _text_encoders(pipeline):
         (empty_chunk,) = token_chunks(tokenizer, [Fragment("")])
         chunked = []
         for text_parts in parts:
-            chunks = token_chunks(tokenizer, text_parts)
+            chunks = token_chunks(tokenizer, text_parts, sizes)
             if len(chunks) > chunk_total:
                 raise ValueError(f"a prompt of {len(chunks)} chunks in a call of {chunk_total}")
             chunked.append(chunks + [empty_chunk] * (chunk_total - len(chunks)))
@@ -176,9 +239,15 @@ def encode_texts(
         for index in range(chunk_total):
             column = [chunks[index] for chunks in chunked]
             ids = torch.tensor([chunk.ids for chunk in column])
-            output = text_encoder(
-                ids.to(get_module_execution_device(text_encoder)), output_hidden_states=True
-            )
+            key = encoder_key(pipeline, text_encoder)
+            placements = [
+                [(at, embeddings[name].half(key)) for at, name in chunk.embeddings]
+                for chunk in column
+            ]
+            with vectors_placed(text_encoder, placements):
+                output = text_encoder(
+                    ids.to(get_module_execution_device(text_encoder)), output_hidden_states=True
+                )
             # As diffusers: the pooled output is the encoder's whose first output
             # is 2-D (text_encoder_2's projection), the hidden states penultimate.
             if index == 0 and pooled is None and output[0].ndim == 2:
@@ -197,6 +266,7 @@ def prompt_embeddings(
     guidance_scale: float,
     syntax: PromptSyntax = PromptSyntax.A1111,
     clip_skip: int = 1,
+    embeddings: Mapping[str, EmbeddingVectors] | None = None,
 ) -> dict[str, Any]:
     """The `prompt_embeds` family of arguments for an SDXL base or refiner pipeline.
 
@@ -209,14 +279,15 @@ def prompt_embeddings(
     no negative prompt is the same whether or not its batch neighbours have one.
     """
     guides = _guides(pipeline, guidance_scale)
-    counts = image_chunk_counts(pipeline, prompts, negative_prompts, guidance_scale, syntax)
+    sizes = {name: vectors.vectors for name, vectors in (embeddings or {}).items()}
+    counts = image_chunk_counts(pipeline, prompts, negative_prompts, guidance_scale, syntax, sizes)
     chunk_total = max(counts)
-    embeds, pooled = encode_texts(pipeline, prompts, syntax, chunk_total, clip_skip)
+    embeds, pooled = encode_texts(pipeline, prompts, syntax, chunk_total, clip_skip, embeddings)
     negative_embeds: torch.Tensor | None = None
     negative_pooled: torch.Tensor | None = None
     if guides:
         negative_embeds, negative_pooled = encode_texts(
-            pipeline, negative_prompts, syntax, chunk_total, clip_skip
+            pipeline, negative_prompts, syntax, chunk_total, clip_skip, embeddings
         )
         if pipeline.config.force_zeros_for_empty_prompt:
             empty = torch.tensor([not text for text in negative_prompts], device=embeds.device)

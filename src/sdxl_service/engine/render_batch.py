@@ -76,6 +76,11 @@ class InvalidUpscaler(Exception):
     is damaged). The message is for the client: names, never file-system paths."""
 
 
+class InvalidEmbedding(Exception):
+    """A prompt names an embedding that cannot be used (no SDXL embedding, other widths,
+    damaged). The message is for the client: names, never file-system paths."""
+
+
 def image_tasks(request: RenderRequest) -> list[ImageTask]:
     """A render request's images, one task per seed."""
     return [

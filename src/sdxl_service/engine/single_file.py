@@ -39,12 +39,17 @@ def is_single_file(source: str) -> bool:
     return Path(source).is_file()
 
 
-def config_folder(architecture: str, kind: Kind, cache_dir: Path) -> Path:
-    """The diffusers folder whose configs and tokenizers load a checkpoint of `architecture`."""
+def config_folder(
+    architecture: str, kind: Kind, cache_dir: Path, *, inpainting: bool = False
+) -> Path:
+    """The diffusers folder whose configs and tokenizers load a checkpoint of `architecture`
+    (`inpainting`: a base whose UNet takes 9 channels, SDXL inpainting 0.1's config)."""
     if architecture == "sdxl":
-        return SDXL_CONFIGS / kind
-    from .tiny import ensure_tiny_pair
+        return SDXL_CONFIGS / ("inpaint" if inpainting else kind)
+    from .tiny import ensure_tiny_pair, tiny_inpaint_configs
 
+    if inpainting:
+        return tiny_inpaint_configs(cache_dir)
     base, refiner = ensure_tiny_pair(cache_dir)
     return base if kind == "base" else refiner
 
@@ -142,10 +147,11 @@ def load_single_file_pipeline(
     layout = read_checkpoint_layout(path, variable, kind=kind)
     if not layout.has_vae and "vae" not in components:
         raise CheckpointError(f"{named} has no VAE (first_stage_model.*): give one as SDXL_VAE")
-    config = config_folder(layout.architecture, kind, cache_dir)
+    config = config_folder(layout.architecture, kind, cache_dir, inpainting=layout.inpainting)
     logger.info(
-        "loading %s as a single-file SDXL %s checkpoint (%d tensors, %s configs)",
+        "loading %s as a single-file SDXL %s%s checkpoint (%d tensors, %s configs)",
         path,
+        "inpainting " if layout.inpainting else "",
         kind,
         layout.tensors,
         layout.architecture,

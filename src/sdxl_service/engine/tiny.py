@@ -39,6 +39,9 @@ TIME_EMBED_DIM = 8
 BASE_TIME_IDS = 6  # original size, crop top-left, target size
 REFINER_TIME_IDS = 5  # original size, crop top-left, aesthetic score
 
+# Latents, mask, masked picture's latents: an inpainting checkpoint's UNet input.
+INPAINT_IN_CHANNELS = 9
+
 # Latent side 8 -> native 64 px: the tiny preset never renders above what a
 # request asks for, which keeps CPU tests fast.
 TINY_SAMPLE_SIZE = 8
@@ -136,6 +139,12 @@ def base_unet_config() -> dict[str, Any]:
     )
 
 
+def base_inpaint_unet_config() -> dict[str, Any]:
+    """The base's UNet as an inpainting checkpoint has it: 4 more input channels for the
+    masked picture's latents and 1 for the mask (diffusers' SDXL inpainting 0.1)."""
+    return base_unet_config() | {"in_channels": INPAINT_IN_CHANNELS}
+
+
 def refiner_unet_config() -> dict[str, Any]:
     return _unet_config(
         transformer_layers_per_block=1,
@@ -221,6 +230,39 @@ def tiny_pair_dir(cache_dir: Path) -> Path:
 def tiny_taesd_dir(cache_dir: Path) -> Path:
     """The tiny preset's SDXL_PREVIEW_MODEL, written by `ensure_tiny_pair`."""
     return tiny_pair_dir(cache_dir) / "taesd"
+
+
+def tiny_inpaint_configs(cache_dir: Path) -> Path:
+    """The configs a tiny inpainting checkpoint file loads with: the tiny base folder's, its
+    UNet's `in_channels` 9, without weights (from_single_file reads configs and tokenizers).
+
+    Written once beside the pair, through a temporary folder renamed into place, as the pair.
+    """
+    base_dir, _ = ensure_tiny_pair(cache_dir)
+    final = tiny_pair_dir(cache_dir) / "inpaint-configs"
+    if (final / "model_index.json").is_file():
+        return final
+    staging = Path(tempfile.mkdtemp(prefix=".inpaint-configs-", dir=final.parent))
+    try:
+        shutil.copytree(
+            base_dir, staging, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.safetensors")
+        )
+        (staging / "unet" / "config.json").write_text(
+            json.dumps(
+                json.loads((base_dir / "unet" / "config.json").read_text())
+                | {"in_channels": INPAINT_IN_CHANNELS},
+                indent=2,
+            )
+            + "\n"
+        )
+        try:
+            os.rename(staging, final)
+        except OSError:
+            if not (final / "model_index.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
 
 
 def ensure_tiny_pair(cache_dir: Path) -> tuple[Path, Path]:

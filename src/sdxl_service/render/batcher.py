@@ -34,6 +34,7 @@ from ..contract.render_request import GenerationOutcome, OutcomeStatus, RenderPa
 from ..engine.render_batch import (
     ImageTask,
     InvalidControlNet,
+    InvalidEmbedding,
     InvalidLora,
     InvalidModel,
     InvalidUpscaler,
@@ -58,6 +59,8 @@ logger = logging.getLogger(__name__)
 RenderFn = Callable[[RenderBatch], list[Image]]
 # The 75-token chunks of an image's conditioning (Engine.conditioning_chunks).
 ChunkCountFn = Callable[[ImageTask, RenderParams], int]
+# Which rendered images the safety checker flags (engine/safety.py SafetyChecker.flags).
+ScreenFn = Callable[[list[Image]], list[bool]]
 
 # How long `stop` waits for a render call to notice should_stop; past it the
 # (daemon) thread is abandoned so that shutdown never hangs.
@@ -83,12 +86,15 @@ class Batcher:
         batch_wait_ms: int,
         metrics: ServiceMetrics | None = None,
         chunk_count: ChunkCountFn | None = None,
+        screen: ScreenFn | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if max_batch_images < 1 or batch_wait_ms < 0:
             raise ValueError("max_batch_images >= 1 and batch_wait_ms >= 0")
         self._render = render
         self._chunk_count = chunk_count
+        # SDXL_SAFETY_CHECKER: every rendered batch goes through it before any job sees it.
+        self._screen = screen
         self._max_batch = max_batch_images
         self._batch_wait_s = batch_wait_ms / 1000
         self._metrics = metrics
@@ -332,6 +338,7 @@ class Batcher:
         started = time.monotonic()
         try:
             rendered = self._render(batch)
+            flagged = self._screened(rendered)
         except RenderCancelled:
             with self._cond:
                 # Why should_stop said yes, first match wins: shutdown, the
@@ -368,6 +375,11 @@ class Batcher:
             # Every job of the batch asked for the same ControlNets.
             self._finish_all(pendings, OutcomeStatus.INVALID_CONTROLNET, str(exc))
             return
+        except InvalidEmbedding as exc:
+            # Checked per request before it was queued (api/serving.py): only a file changed
+            # since then gets here, and it fails the batch it is in.
+            self._finish_all(pendings, OutcomeStatus.INVALID_EMBEDDING, str(exc))
+            return
         except Exception as exc:
             logger.exception("render of %d images failed", len(images))
             message = f"image generation failed: {type(exc).__name__}: {exc}"
@@ -383,6 +395,8 @@ class Batcher:
         if self._metrics is not None:
             self._metrics.observe_batch(len(images))
             self._metrics.count_images(len(images))
+            if any(flagged):
+                self._metrics.count_flagged(sum(flagged))
         with self._cond:
             # Before any job is answered: a client answered now and back at
             # once must not count as one more that was waiting.
@@ -392,19 +406,30 @@ class Batcher:
             for pending in pendings:
                 pending.render_seconds += elapsed
             now = time.monotonic()
-            for q, image in zip(images, rendered, strict=True):
+            for q, image, withheld in zip(images, rendered, flagged, strict=True):
                 if q.pending.finished:
                     continue
-                results = q.pending.results
-                results[q.index] = rendered_image(q.task.seed, image)
-                if all(r is not None for r in results):
-                    ok = [r for r in results if r is not None]  # all of them, typed
+                if withheld:
+                    # Its pixels go no further than this worker.
+                    q.pending.flagged.add(q.index)
+                else:
+                    q.pending.results[q.index] = rendered_image(q.task.seed, image)
+                if q.pending.complete():
                     render_s = q.pending.render_seconds
                     waited_s = max(0.0, now - q.pending.submitted_at - render_s)
-                    done = GenerationOutcome(
-                        status=OutcomeStatus.OK, images=ok, render_s=render_s, waited_s=waited_s
-                    )
-                    self._finish_locked(q.pending, done)
+                    self._finish_locked(q.pending, q.pending.outcome(render_s, waited_s))
+
+    def _screened(self, rendered: list[Image]) -> list[bool]:
+        """Which of the batch's images the safety checker flags (none without one)."""
+        if self._screen is None or not rendered:
+            return [False] * len(rendered)
+        started = time.monotonic()
+        flagged = self._screen(rendered)
+        if self._metrics is not None:
+            self._metrics.observe_stage("safety_check", time.monotonic() - started)
+        if len(flagged) != len(rendered):
+            raise RuntimeError(f"{len(flagged)} verdicts for {len(rendered)} images")
+        return flagged
 
 
 def _resolve(future: asyncio.Future[GenerationOutcome], outcome: GenerationOutcome) -> None:

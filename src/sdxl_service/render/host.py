@@ -57,6 +57,8 @@ class RenderHost:
         self.engine: Any = None
         self.load_error: str | None = None
         self._batcher: Batcher | None = None
+        # A safety checker screens every image (SDXL_SAFETY_CHECKER): no previews then.
+        self._screens = False
         # Jobs this worker holds (queued or rendering): "busy" for callers that
         # would rather reach an idle worker.
         self._held = 0
@@ -84,12 +86,14 @@ class RenderHost:
             # On a GPU the first call pays for kernel selection (and compilation when
             # on): paid before /readyz says yes, not in a user's request.
             warmed = engine.warmup()
+            self._screens = engine.safety is not None
             self._batcher = Batcher(
                 engine.render,
                 max_batch_images=self.settings.max_batch_images,
                 batch_wait_ms=self.settings.batch_wait_ms,
                 metrics=self.metrics,
                 chunk_count=engine.conditioning_chunks,
+                screen=None if engine.safety is None else engine.safety.flags,
             )
             self.engine = engine
             logger.info(
@@ -146,6 +150,10 @@ class RenderHost:
             yield RenderEvent(type=RenderEventType.OUTCOME, outcome=outcome)
             return
         assert self._batcher is not None
+        if job.partial_images and self._screens:
+            # A preview shows the image before the checker has seen it: none are made
+            # while one is on (OpenAI too may send fewer partial images than asked).
+            job = job.model_copy(update={"partial_images": 0})
         if not job.partial_images and not job.report_progress:
             # Nothing to relay while it renders: await the outcome itself, with
             # no preview queue and no extra task (fewer event-loop turns on the

@@ -6,11 +6,18 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from PIL.Image import Image
 
-from ..contract.render_request import GenerationOutcome, RenderedImage, RenderParams, RenderRequest
+from ..contract.render_request import (
+    CONTENT_POLICY_MESSAGE,
+    GenerationOutcome,
+    OutcomeStatus,
+    RenderedImage,
+    RenderParams,
+    RenderRequest,
+)
 from ..engine.render_batch import ImageTask
 from .batch_policy import BatchKey
 
@@ -27,6 +34,8 @@ class PendingRender:
     job: RenderRequest
     future: asyncio.Future[GenerationOutcome]  # of the submitting event loop
     results: list[RenderedImage | None]  # in seed order, None until rendered
+    # Indices (in seed order) of the images the safety checker flagged: withheld, never sent.
+    flagged: set[int] = field(default_factory=set)
     on_preview: PreviewFn | None = None
     on_step: Callable[[int], None] | None = None
     # Set once, under the batcher's lock, by whoever decides the outcome.
@@ -34,6 +43,27 @@ class PendingRender:
     submitted_at: float = 0.0  # time.monotonic()
     # Seconds of the pipeline calls that made its images (Server-Timing).
     render_seconds: float = 0.0
+
+    def complete(self) -> bool:
+        """Every image rendered, or flagged."""
+        return all(r is not None or i in self.flagged for i, r in enumerate(self.results))
+
+    def outcome(self, render_s: float, waited_s: float) -> GenerationOutcome:
+        """The answer once complete: the images, and the seeds of those flagged; when every
+        image was flagged, CONTENT_POLICY_VIOLATION."""
+        seeds = self.job.seeds
+        flagged_seeds = [seeds[i] for i in sorted(self.flagged)]
+        if len(flagged_seeds) == len(seeds):
+            return GenerationOutcome(
+                status=OutcomeStatus.CONTENT_POLICY_VIOLATION, message=CONTENT_POLICY_MESSAGE
+            )
+        return GenerationOutcome(
+            status=OutcomeStatus.OK,
+            images=[r for r in self.results if r is not None],
+            flagged_seeds=flagged_seeds,
+            render_s=render_s,
+            waited_s=waited_s,
+        )
 
 
 @dataclass(eq=False, kw_only=True)

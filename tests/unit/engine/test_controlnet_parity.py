@@ -501,3 +501,16 @@ def test_controlnet_inpainting_leaves_a_float32_vae_float32(
     images = mixed.render(RenderBatch(params=p, tasks=tasks(p, mask=LEFT_HALF)))
     assert [image.size for image in images] == [(SIZE, SIZE)] * len(SEEDS)
     assert mixed.vae.dtype == torch.float32
+
+
+def test_a_render_without_units_builds_no_controlnet_pipeline(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a ControlNet pipeline was built for a render without units")
+
+    monkeypatch.setattr(engine.controlnets, "stage", refuse)
+    for kind in (RenderKind.TEXT_TO_IMAGE, RenderKind.IMAGE_TO_IMAGE, RenderKind.INPAINT):
+        p = params(kind, RefinerMode.ENSEMBLE).model_copy(update={"num_inference_steps": 2})
+        mask = LEFT_HALF if kind is RenderKind.INPAINT else None
+        assert len(engine.render(RenderBatch(params=p, tasks=tasks(p, mask=mask)))) == 2

@@ -157,8 +157,13 @@ def test_dockerfile_environment(built: dict[str, Any]) -> None:
     assert f"ARG SDXL_LORA_DIR={VOLUME}/loras" in dockerfile
     assert f"ARG SDXL_MODELS_DIR={VOLUME}/catalog" in dockerfile
     assert f"ARG SDXL_UPSCALER_DIR={VOLUME}/upscalers" in dockerfile
+    assert f"ARG SDXL_EMBEDDINGS_DIR={VOLUME}/embeddings" in dockerfile
+    assert f"ARG SDXL_CONTROLNET_DIR={VOLUME}/controlnets" in dockerfile
     assert not re.search(
-        r"^(ENV|ARG) SDXL_(?!PRESET|CACHE_DIR|LORA_DIR|MODELS_DIR|UPSCALER_DIR)", dockerfile, re.M
+        r"^(ENV|ARG) SDXL_(?!PRESET|CACHE_DIR|LORA_DIR|MODELS_DIR|UPSCALER_DIR|EMBEDDINGS_DIR"
+        r"|CONTROLNET_DIR)",
+        dockerfile,
+        re.M,
     )
     assert re.search(rf"^EXPOSE {DEFAULT_PORT}$", dockerfile, re.M)
 

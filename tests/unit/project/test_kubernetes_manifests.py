@@ -114,7 +114,13 @@ def test_weights_live_on_the_claimed_volume(
         }
         assert env["HF_HOME"] == image_env["HF_HOME"]
         # LoRAs and the models picked per request sit on the volume too, where the image says.
-        for name in ("SDXL_LORA_DIR", "SDXL_MODELS_DIR", "SDXL_UPSCALER_DIR"):
+        for name in (
+            "SDXL_LORA_DIR",
+            "SDXL_MODELS_DIR",
+            "SDXL_UPSCALER_DIR",
+            "SDXL_EMBEDDINGS_DIR",
+            "SDXL_CONTROLNET_DIR",
+        ):
             assert env[name] == image_env[name]
             assert env[name].startswith(mounts["models"].rstrip("/") + "/")
 

@@ -32,6 +32,7 @@ from sdxl_service.contract.render_request import (
 from sdxl_service.engine import Engine
 from sdxl_service.engine.render_batch import (
     InvalidControlNet,
+    InvalidEmbedding,
     InvalidLora,
     OutOfMemory,
     RenderBatch,
@@ -916,3 +917,18 @@ async def test_a_controlnet_the_engine_refuses_answers_its_batch_invalid_control
     outcome = await make_batcher(refuse).submit(controlled(make_job("a", n=2), 1.0, 0))
     assert outcome.status is OutcomeStatus.INVALID_CONTROLNET
     assert "broken" in outcome.message
+
+
+@asyncio_test
+async def test_an_embedding_the_engine_refuses_answers_its_batch_invalid_embedding(
+    make_batcher: Callable[..., Batcher],
+) -> None:
+    """A file changed between the HTTP process's check and the render."""
+    message = "The embedding 'neg' named in negative_prompt cannot be used: the file changed."
+
+    def refuse(batch: RenderBatch) -> list[Image.Image]:
+        raise InvalidEmbedding(message)
+
+    batcher = make_batcher(refuse)
+    outcome = await batcher.submit(make_job("a", n=2))
+    assert (outcome.status, outcome.message) == (OutcomeStatus.INVALID_EMBEDDING, message)

@@ -278,6 +278,24 @@ def test_an_edit_job_is_multipart_with_a_kind(service: Service) -> None:
     assert service.painter.jobs[-1].init_image is not None
 
 
+def test_an_outpainting_edit_job_answers_the_canvas(service: Service) -> None:
+    fields = {"kind": "edit", "prompt": "wider", "seed": "5", "outpaint": '{"left": 16}'}
+    response = service.client.post(
+        "/images/jobs", data=fields, files={"image": part(noise(64, 64))}
+    )
+    assert response.status_code == 202, response.text
+    ended = service.ended(response.json()["id"])
+    assert ended["status"] == "succeeded", ended
+    assert decode(ended["result"]["data"][0]["b64_json"]).size == (80, 64)
+    assert service.painter.jobs[-1].mask is not None
+    refused = service.client.post(
+        "/images/jobs",
+        data={**fields, "outpaint": '{"left": -1}'},
+        files={"image": part(noise(64, 64))},
+    )
+    assert_error(refused, 400, "outpaint.left")
+
+
 def test_an_upscale_is_a_job_kind_too(service: Service) -> None:
     fields = {"kind": "upscale", "scale": "2", "seed": "3", "num_inference_steps": "4"}
     response = service.client.post(
