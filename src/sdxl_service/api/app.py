@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Match
 
 from .control_map_previews import ControlMapRequest, ControlMapsResponse
-from .errors import install_error_handlers, routing_error
+from .errors import install_error_handlers, missing_parameter, routing_error
 from .forms import read_image_form
 from .jobs.routes import SUBMISSION_SCHEMAS
 from .jobs.routes import router as jobs_router
@@ -99,7 +99,11 @@ def create_app(
         return _answer(await images.serve(GENERATION, body, request))
 
     @app.post("/images/control-maps", response_model=ControlMapsResponse)
-    async def control_map(body: ControlMapRequest, images: Serving) -> Response:
+    async def control_map(images: Serving, body: ControlMapRequest | None = None) -> Response:
+        # Optional here so that no body at all names what is missing (the shared handler
+        # would name a generation's prompt).
+        if body is None:
+            raise missing_parameter("image")
         answer = await images.control_map(body)
         return Response(answer.model_dump_json(), media_type="application/json")
 

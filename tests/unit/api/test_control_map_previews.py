@@ -139,3 +139,10 @@ def test_without_the_image_the_error_names_it(client: TestClient) -> None:
     assert response.status_code == 400
     error = response.json()["error"]
     assert (error["param"], error["code"]) == ("image", "missing_required_parameter")
+
+
+def test_without_a_body_the_error_names_the_image(client: TestClient) -> None:
+    response = client.post("/images/control-maps")
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert (error["param"], error["code"]) == ("image", "missing_required_parameter")
