@@ -397,3 +397,26 @@ def test_an_edit_queued_as_a_job_is_a_job_of_kind_edit(page: Any, tmp_path: Path
     page.wait_for_selector(f"{card}[data-status='succeeded'] img", timeout=120_000)
     src = page.get_attribute(f"{card} img", "src")
     assert decode(src.split(",", 1)[1]).size == (SIDE, SIDE)
+
+
+def test_a_job_image_the_safety_checker_withheld_shows_why(page: Any) -> None:
+    withheld = {"message": "The image was withheld by the safety checker.", "code": "x"}
+    job = {
+        "id": "imgjob_withheld",
+        "object": "image.job",
+        "status": "succeeded",
+        "progress": {"step": 4, "steps": 4},
+        "queue_position": None,
+        "metadata": {"prompt": "a flagged picture"},
+        "result": {"output_format": "png", "data": [{"seed": 1, "error": withheld}]},
+    }
+
+    def listed(route: Any) -> None:
+        route.fulfill(json={"object": "list", "data": [job], "has_more": False})
+
+    page.route("**/v1/images/jobs?limit=*", listed)
+    page.reload()
+    card = ".job[data-job-id='imgjob_withheld']"
+    page.wait_for_selector(f"{card} .job-withheld")
+    assert page.text_content(f"{card} .job-withheld") == withheld["message"]
+    assert page.locator(f"{card} img").count() == 0

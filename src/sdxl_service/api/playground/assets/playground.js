@@ -801,12 +801,17 @@ function jobImages(result) {
   images.className = "job-images";
   for (const item of result.data || []) {
     const figure = document.createElement("figure");
-    const image = document.createElement("img");
+    let image = document.createElement("img");
     image.alt = `seed ${item.seed}`;
     if (item.b64_json) {
       image.src = `data:image/${result.output_format};base64,${item.b64_json}`;
     } else if (item.url) {
       imageFromUrl(image, item.url);
+    } else if (item.error) {
+      // Withheld by the safety checker (SDXL_SAFETY_CHECKER): its place says why.
+      image = document.createElement("p");
+      image.className = "error job-withheld";
+      image.textContent = item.error.message;
     }
     const caption = document.createElement("figcaption");
     const label = document.createElement("span");
