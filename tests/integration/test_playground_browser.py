@@ -113,7 +113,8 @@ def test_reusing_an_images_settings_gives_the_same_image(page: Any) -> None:
     generate(page, 1)
     first = page.get_attribute("#gallery figure img", "src")
     seed = page.text_content("#gallery figcaption span")
-    page.click("#gallery figure img")  # puts its settings, seed included, back in the form
+    page.click("#gallery figure img")  # shows it large again, beside the form
+    page.click("#viewer-reuse")  # puts its settings, seed included, back in the form
     assert f"seed {page.input_value('#seed')}" == seed
     generate(page, 2)
     assert page.get_attribute("#gallery figure:first-child img", "src") == first
@@ -185,6 +186,7 @@ def test_the_model_picker_lists_the_models_and_renders_with_the_one_picked(
         # Its settings come back with the model when the image is clicked.
         page.select_option("#model", "")
         page.click("#gallery figure img")
+        page.click("#viewer-reuse")
         assert page.input_value("#model") == "tiny-folder"
     finally:
         context.close()

@@ -9,7 +9,8 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Match
 
-from .errors import install_error_handlers, routing_error
+from .control_map_previews import ControlMapRequest, ControlMapsResponse
+from .errors import install_error_handlers, missing_parameter, routing_error
 from .forms import read_image_form
 from .jobs.routes import SUBMISSION_SCHEMAS
 from .jobs.routes import router as jobs_router
@@ -96,6 +97,15 @@ def create_app(
         body: ImageGenerationRequest, request: Request, images: Serving
     ) -> Response:
         return _answer(await images.serve(GENERATION, body, request))
+
+    @app.post("/images/control-maps", response_model=ControlMapsResponse)
+    async def control_map(images: Serving, body: ControlMapRequest | None = None) -> Response:
+        # Optional here so that no body at all names what is missing (the shared handler
+        # would name a generation's prompt).
+        if body is None:
+            raise missing_parameter("image")
+        answer = await images.control_map(body)
+        return Response(answer.model_dump_json(), media_type="application/json")
 
     @app.get("/images/files/{file_id}", name="image_file")
     async def image_file(file_id: str, images: Serving) -> Response:

@@ -36,6 +36,7 @@ from ..metrics import ServiceMetrics
 from ..model_catalog import INPAINTING, ModelCatalog, inpainting_text_to_image
 from ..settings import SERVICE_ID, Settings
 from ..upscaler_catalog import UpscalerCatalog
+from .control_map_previews import ControlMapRequest, ControlMapsResponse, control_map_answer
 from .control_requests import with_controlnets
 from .errors import APIError, client_closed, invalid_value, missing_parameter, outcome_error
 from .files import FileStore
@@ -346,6 +347,11 @@ class ImagesServing:
             )
             resolved = replace(resolved, job=job, provenance=provenance)
         return resolved
+
+    async def control_map(self, req: ControlMapRequest) -> ControlMapsResponse:
+        """POST /images/control-maps: the map a ControlNet unit renders with (no render call)."""
+        native = await self._native_resolution()
+        return await run_in_threadpool(control_map_answer, req, self.settings, native)
 
     async def _check_model_kind(self, resolved: ResolvedRequest) -> None:
         """400 naming `model` for a text-to-image render on an inpainting model (the render
