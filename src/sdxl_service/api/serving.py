@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import functools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -123,42 +123,25 @@ class ImagesServing:
         # Each model of SDXL_MODELS_DIR, read again when the folder changes; one that cannot
         # render is listed with its problem as the warning.
         entries = await run_in_threadpool(self.models.entries)
-        model_cards = [
-            ModelCard(
-                id=name,
-                created=self._started,
-                owned_by="models_dir",
-                warning=entry.problem,
-                details=entry.describe(),
-            )
-            for name, entry in sorted(entries.items())
-        ]
+        model_cards = self._folder_cards(
+            "models_dir", "details", ((n, e.describe(), e.problem) for n, e in entries.items())
+        )
         # Each IP-Adapter of SDXL_IP_ADAPTER_DIR by its file's stem; one that cannot be used
         # is listed with its problem as the warning.
         adapters = await run_in_threadpool(self.ip_adapters.snapshot)
-        adapter_cards = [
-            ModelCard(
-                id=name,
-                created=self._started,
-                owned_by="ip_adapter_dir",
-                warning=entry.problem,
-                ip_adapter=entry.describe(),
-            )
-            for name, entry in sorted(adapters.items())
-        ]
+        adapter_cards = self._folder_cards(
+            "ip_adapter_dir",
+            "ip_adapter",
+            ((n, e.describe(), e.problem) for n, e in adapters.items()),
+        )
         upscaler_cards = await self._upscaler_cards()
         embedding_cards = await run_in_threadpool(self._embedding_cards, info)
         controlnets = await run_in_threadpool(self.controlnets.snapshot)
-        controlnet_cards = [
-            ModelCard(
-                id=name,
-                created=self._started,
-                owned_by="controlnet_dir",
-                warning=entry.problem,
-                controlnet=entry.describe(),
-            )
-            for name, entry in sorted(controlnets.items())
-        ]
+        controlnet_cards = self._folder_cards(
+            "controlnet_dir",
+            "controlnet",
+            ((n, e.describe(), e.problem) for n, e in controlnets.items()),
+        )
         return ModelList(
             data=[
                 card,
@@ -175,20 +158,26 @@ class ImagesServing:
         """Each embedding of SDXL_EMBEDDINGS_DIR: its name and vectors per token, or why it
         cannot be used with the model's text encoders (their widths, from the render worker)."""
         widths = info.get("embedding_widths")
-        cards = []
-        for name, entry in sorted(self.embeddings.snapshot().items()):
-            card = entry.describe(widths)
-            problem = card.pop("problem", None)
-            cards.append(
-                ModelCard(
-                    id=name,
-                    created=self._started,
-                    owned_by="embeddings_dir",
-                    warning=None if problem is None else str(problem),
-                    embedding=card,
-                )
+        described = [(n, e.describe(widths)) for n, e in self.embeddings.snapshot().items()]
+        return self._folder_cards(
+            "embeddings_dir", "embedding", ((n, c, c.pop("problem", None)) for n, c in described)
+        )
+
+    def _folder_cards(
+        self, owned_by: str, card_field: str, entries: Iterable[tuple[str, dict[str, Any], Any]]
+    ) -> list[ModelCard]:
+        """A model folder's entries (name, card, problem) as models by name: the card under
+        `card_field`, the problem (one that cannot be used is listed, with why) as the warning."""
+        return [
+            ModelCard(
+                id=name,
+                created=self._started,
+                owned_by=owned_by,
+                warning=None if problem is None else str(problem),
+                **{card_field: card},
             )
-        return cards
+            for name, card, problem in sorted(entries, key=lambda entry: entry[0])
+        ]
 
     def _with_embeddings(self, resolved: ResolvedRequest) -> ResolvedRequest:
         """400 naming the prompt field when it names an embedding that cannot be used; the
@@ -225,20 +214,10 @@ class ImagesServing:
         if not files:
             return []
         described = await self.renderer.describe_upscalers() or {}
-        cards = []
-        for name, entry in sorted(files.items()):
-            card = {**entry.describe(), **described.get(name, {})}
-            problem = card.pop("problem", None)
-            cards.append(
-                ModelCard(
-                    id=name,
-                    created=self._started,
-                    owned_by="upscaler_dir",
-                    warning=None if problem is None else str(problem),
-                    upscaler=card,
-                )
-            )
-        return cards
+        cards = [(n, {**e.describe(), **described.get(n, {})}) for n, e in files.items()]
+        return self._folder_cards(
+            "upscaler_dir", "upscaler", ((n, c, c.pop("problem", None)) for n, c in cards)
+        )
 
     async def _check_upscaler(self, resolved: ResolvedRequest) -> None:
         """400 naming the parameter when the upscaler model a request names is a file the
