@@ -65,15 +65,15 @@ def _fuzzed_document() -> dict[str, Any]:
 def _renderable_document() -> dict[str, Any]:
     """Only POST /images/generations, its body narrowed to what CHEAP_RENDERS accepts.
 
-    From the whole document almost no generated body renders (a random size,
-    model or LoRA name is refused first), so the engine's side of the options
-    (schedulers, refiner modes, formats, streaming, urls) would go unfuzzed.
+    From the whole document almost no generated body renders (a random size, model,
+    LoRA, ControlNet or IP-Adapter name is refused first), so the engine's side of the
+    options (schedulers, refiner modes, formats, streaming, urls) would go unfuzzed.
     """
     document = _fuzzed_document()
     document["paths"] = {"/images/generations": document["paths"]["/images/generations"]}
     body = document["components"]["schemas"]["ImageGenerationRequest"]
     properties = body["properties"]
-    for checked_in_code in ("width", "height", "loras"):
+    for checked_in_code in ("width", "height", "loras", "controlnets", "ip_adapters"):
         properties.pop(checked_in_code, None)
     properties["prompt"]["maxLength"] = 200
     properties["negative_prompt"] = {

@@ -6,6 +6,8 @@ request rules as the service's, then driven by the openai 3.x client and raw HTT
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,6 +15,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
+import torch
 from openai import OpenAI
 from PIL import Image
 
@@ -44,8 +47,24 @@ def stock() -> tuple[dict[str, Any], dict[int, Image.Image]]:
     body = {"prompt": "a red fox in the snow", "size": f"{side}x{side}", "seed": FLAGGED_SEED}
     request = ImageGenerationRequest.model_validate({**body, "n": 2})
     job = GENERATION.resolve(request, None, settings, side).job
-    rendered = engine.render(RenderBatch(params=job.params, tasks=image_tasks(job)))
+    # With the render worker's torch threads (a fresh process's): in a whole-suite run
+    # tests/unit/conftest.py has pinned this process to one, and other thread counts sum
+    # in another order (pixels 1 apart).
+    pinned = torch.get_num_threads()
+    torch.set_num_threads(fresh_process_threads())
+    try:
+        rendered = engine.render(RenderBatch(params=job.params, tasks=image_tasks(job)))
+    finally:
+        torch.set_num_threads(pinned)
     return body, dict(zip(job.seeds, rendered, strict=True))
+
+
+def fresh_process_threads() -> int:
+    probe = "import torch; print(torch.get_num_threads())"
+    found = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    )
+    return int(found.stdout)
 
 
 @pytest.fixture(scope="module")
