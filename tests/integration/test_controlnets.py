@@ -164,3 +164,39 @@ def test_an_image_job_with_controlnets_ends_with_the_synchronous_answer(
     assert np.array_equal(
         pixels(job["result"]["data"][0]["b64_json"]), pixels(sync["data"][0]["b64_json"])
     )
+
+
+LEGACY = """
+import base64, io, json, sys
+import openai
+from PIL import Image
+openai.api_base, openai.api_key = sys.argv[1], "any"
+unit = {"name": "edges", "image": sys.argv[2]}
+made = openai.Image.create(prompt="a lighthouse", size="128x128", seed=5, controlnets=[unit])
+edit = openai.Image.create_edit(
+    image=open(sys.argv[3], "rb"), prompt="a lighthouse", size="128x128", seed=5,
+    controlnets=json.dumps([unit]),
+)
+pictures = [Image.open(io.BytesIO(base64.b64decode(a["data"][0]["b64_json"]))).convert("RGB")
+            for a in (made, edit)]
+print(json.dumps({"sizes": [list(p.size) for p in pictures],
+                  "made": base64.b64encode(pictures[0].tobytes()).decode()}))
+"""
+
+
+def test_the_legacy_client_sends_units_as_a_keyword_and_a_form_field(
+    client: OpenAI, tmp_path: Path
+) -> None:
+    """openai 0.28, as the README shows it: `controlnets=` goes into a generation's JSON body,
+    and into an edit's form as JSON text; the generation is the openai 3.x one's, pixel for
+    pixel."""
+    from tests.integration.test_legacy_client import run_legacy
+
+    image = control_b64(11)
+    picture = tmp_path / "picture.png"
+    Image.new("RGB", (128, 128), (30, 120, 200)).save(picture)
+    out = run_legacy(LEGACY, str(client.base_url).rstrip("/"), image, str(picture))
+    assert out["sizes"] == [[128, 128], [128, 128]]
+    expected = generate(client, {"name": "edges", "image": image}, seed=5)
+    made = np.frombuffer(base64.b64decode(out["made"]), np.uint8).reshape(expected.shape)
+    assert np.array_equal(made, expected)
