@@ -15,6 +15,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionXLInpaintPipeline
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from sdxl_service.choices import RefinerMode, RenderKind
 from sdxl_service.contract.render_request import RenderParams
@@ -37,6 +38,10 @@ FULL = bytes([255]) * SIZE * SIZE
 def models_dir(tmp_path_factory: pytest.TempPathFactory, tiny_pair: tuple[Path, Path]) -> Path:
     folder = tmp_path_factory.mktemp("inpainting-models")
     write_inpainting_model(tiny_pair[0], folder / "inpaint", folder / "inpaint_file.safetensors")
+    # Its header still says inpainting (9 channels in), but a UNet tensor is missing.
+    state = load_file(folder / "inpaint_file.safetensors")
+    state.pop(next(key for key in state if key.endswith("middle_block.1.proj_out.weight")))
+    save_file(state, folder / "broken_inpaint.safetensors")
     return folder
 
 
@@ -286,3 +291,16 @@ def test_the_header_says_inpainting_and_the_packaged_config_matches_sdxl_inpaint
     assert inpaint == base | {"in_channels": 9}
     shapes = signature(sdxl_architecture(), "base", inpainting=True)
     assert shapes["model.diffusion_model.input_blocks.0.0.weight"] == (320, 9, 3, 3)
+
+
+def test_a_broken_inpainting_file_is_refused_and_nothing_of_it_stays(engine: Engine) -> None:
+    params = edit_params("broken_inpaint", RenderKind.INPAINT, RefinerMode.NONE, 0.75)
+    resident = engine.models.resident()
+    with pytest.raises(InvalidModel, match="model 'broken_inpaint'") as refused:
+        ours(engine, params, noise_picture(3), LEFT_HALF)
+    assert "/" not in str(refused.value)  # no server paths for the client
+    assert "broken_inpaint" not in engine.models.resident()
+    assert set(engine.models.resident()) <= set(resident)
+    # The good inpainting model still renders after it.
+    ok = edit_params("inpaint", RenderKind.INPAINT, RefinerMode.NONE, 0.75)
+    assert len(ours(engine, ok, noise_picture(3), LEFT_HALF)) == len(SEEDS)
