@@ -20,8 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .folder_catalog import FolderCatalog
-from .lora_catalog import is_valid_name
+from .folder_catalog import FolderCatalog, is_valid_name
 
 logger = logging.getLogger(__name__)
 
@@ -143,12 +142,6 @@ def _header(name: str, path: Path) -> tuple[set[str], dict[str, list[int]]]:
 
 class ControlNetCatalog(FolderCatalog[ControlNetFile]):
     """The ControlNets of one folder by name (the folder's or the file's, without extension)."""
-
-    def find(self, name: str) -> ControlNetFile | None:
-        """The ControlNet called `name`, usable or not (its `problem` says why not)."""
-        if not is_valid_name(name):
-            return None
-        return self._current().get(name)
 
     def _candidates(self) -> dict[str, Path]:
         if self.folder is None or not self.folder.is_dir():

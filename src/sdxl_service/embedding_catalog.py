@@ -29,8 +29,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .folder_catalog import FolderCatalog
-from .lora_catalog import NAME_PATTERN
+from .folder_catalog import NAME_PATTERN, FolderCatalog
 
 logger = logging.getLogger(__name__)
 

@@ -4,11 +4,21 @@ changes: new LoRAs and models are found without a restart (lora_catalog, model_c
 from __future__ import annotations
 
 import hashlib
+import re
 import threading
 from pathlib import Path
 from typing import Generic, TypeVar
 
 Entry = TypeVar("Entry")
+
+# A name is a file name without its extension: no path separators, no leading dot (so no
+# `..`), no spaces.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$"
+_NAME = re.compile(NAME_PATTERN)
+
+
+def is_valid_name(name: str) -> bool:
+    return bool(_NAME.match(name))
 
 
 class FolderCatalog(Generic[Entry]):
@@ -27,6 +37,12 @@ class FolderCatalog(Generic[Entry]):
         """Every entry by name as the folder is now (one pass over its files): a request reads
         the folder once and looks its names up in this."""
         return dict(self._current())
+
+    def find(self, name: str) -> Entry | None:
+        """The entry called `name`, usable or not (an entry's `problem` says why not)."""
+        if not is_valid_name(name):
+            return None
+        return self._current().get(name)
 
     def _current(self) -> dict[str, Entry]:
         stamp = self._folder_stamp()

@@ -19,8 +19,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from .folder_catalog import FolderCatalog
-from .lora_catalog import is_valid_name
+from .folder_catalog import FolderCatalog, is_valid_name
 
 logger = logging.getLogger(__name__)
 
@@ -67,12 +66,6 @@ class IpAdapterCatalog(FolderCatalog[IpAdapterFile]):
 
     def available(self) -> dict[str, IpAdapterFile]:
         return {name: entry for name, entry in self._current().items() if entry.problem is None}
-
-    def find(self, name: str) -> IpAdapterFile | None:
-        """The adapter called `name`, usable or not (its `problem` says why not)."""
-        if not is_valid_name(name):
-            return None
-        return self._current().get(name)
 
     def _candidates(self) -> dict[str, Path]:
         found: dict[str, Path] = {}

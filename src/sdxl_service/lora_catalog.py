@@ -11,20 +11,15 @@ found without a restart.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .folder_catalog import FolderCatalog
+from .folder_catalog import FolderCatalog, is_valid_name
 from .sidecars import ModelDefaults, read_defaults
 
 logger = logging.getLogger(__name__)
 
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
-# A name is a file name without its extension: no path separators, no leading
-# dot (so no `..`), no spaces.
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$"
-_NAME = re.compile(NAME_PATTERN)
 
 # Tensor-name prefixes of each component, by format.
 _KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
@@ -55,10 +50,6 @@ class LoraFile:
         if defaults := self.defaults.describe():
             card["defaults"] = defaults
         return card
-
-
-def is_valid_name(name: str) -> bool:
-    return bool(_NAME.match(name))
 
 
 def read_lora_file(name: str, path: Path) -> LoraFile:
@@ -103,12 +94,6 @@ class LoraCatalog(FolderCatalog[LoraFile]):
     def available(self) -> dict[str, LoraFile]:
         """Every readable LoRA by name."""
         return {name: entry for name, entry in self._current().items() if entry.problem is None}
-
-    def find(self, name: str) -> LoraFile | None:
-        """The LoRA called `name`, readable or not (its `problem` says why not)."""
-        if not is_valid_name(name):
-            return None
-        return self._current().get(name)
 
     def short_hash(self, entry: LoraFile) -> str | None:
         """`Lora hashes`' name of the file (FolderCatalog.file_short_hash)."""

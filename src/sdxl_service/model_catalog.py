@@ -22,8 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .folder_catalog import FolderCatalog
-from .lora_catalog import is_valid_name
+from .folder_catalog import FolderCatalog, is_valid_name
 from .settings import PICKLE_SUFFIXES
 from .sidecars import ModelDefaults, read_defaults
 
@@ -247,11 +246,6 @@ class ModelCatalog(FolderCatalog[ModelEntry]):
     def entries(self) -> dict[str, ModelEntry]:
         """Every model by name, usable or not (its `problem` says why not)."""
         return self._current()
-
-    def find(self, name: str) -> ModelEntry | None:
-        if not is_valid_name(name):
-            return None
-        return self._current().get(name)
 
     def _candidates(self) -> dict[str, Path]:
         if self.folder is None or not self.folder.is_dir():

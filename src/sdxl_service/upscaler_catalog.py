@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .choices import HiresUpscaler
-from .folder_catalog import FolderCatalog
-from .lora_catalog import NAME_PATTERN
+from .folder_catalog import NAME_PATTERN, FolderCatalog
 
 # `.pth` is a pickle: spandrel reads it with its restricted unpickler, never plain torch.load.
 # `.pt` and `.ckpt` are left out (spandrel tries TorchScript on `.pt`, which runs code).
@@ -60,6 +59,3 @@ class UpscalerCatalog(FolderCatalog[UpscalerFile]):
 
     def _read(self, name: str, path: Path) -> UpscalerFile:
         return UpscalerFile(name=name, path=path, format=UPSCALER_FORMATS[path.suffix.lower()])
-
-    def find(self, name: str) -> UpscalerFile | None:
-        return self.snapshot().get(name)

@@ -3,7 +3,8 @@ edit with a mask painted on it, a ControlNet control image with its canny map pr
 IP-Adapter pictures, and the strip of the page's images that brings one and its settings back.
 
 One service with SDXL_CONTROLNET_DIR (a ControlNet made from the tiny base's UNet); the
-IP-Adapter backend is another branch's, so its request is checked as sent (intercepted).
+IP-Adapter section's request is checked as sent (intercepted): its rendering is
+tests/integration/test_ip_adapters.py's.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,21 +22,7 @@ from PIL import Image
 
 pytestmark = pytest.mark.integration
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SIDE = 256  # the tiny preset renders 256x256 as asked
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        # --no-sandbox: the tests run as root, where Chromium's sandbox refuses to start.
-        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        try:
-            yield launched
-        finally:
-            launched.close()
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,8 @@ import re
 from collections.abc import Iterable, Mapping
 
 from ..contract.render_request import LoraWeight
-from ..lora_catalog import LoraFile, is_valid_name
+from ..folder_catalog import is_valid_name
+from ..lora_catalog import LoraFile
 from .errors import excerpt, invalid_value
 
 MIN_SCALE, MAX_SCALE = -2.0, 2.0
