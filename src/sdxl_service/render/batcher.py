@@ -71,6 +71,20 @@ _SHUTDOWN = "service is shutting down"
 _TIMED_OUT = "request timed out"
 
 
+# What the engine raises when a batch's model, adapter or embedding cannot be used, and the
+# outcome each is. An embedding was checked per request before it was queued
+# (api/serving.py): only a file changed since then gets here.
+REFUSALS: dict[type[Exception], OutcomeStatus] = {
+    InvalidLora: OutcomeStatus.INVALID_LORA,
+    InvalidModel: OutcomeStatus.INVALID_MODEL,
+    InvalidUpscaler: OutcomeStatus.INVALID_UPSCALER,
+    InvalidControlNet: OutcomeStatus.INVALID_CONTROLNET,
+    InvalidIpAdapter: OutcomeStatus.INVALID_IP_ADAPTER,
+    InvalidEmbedding: OutcomeStatus.INVALID_EMBEDDING,
+}
+_REFUSED = tuple(REFUSALS)
+
+
 class Batcher:
     """Queues the images of `RenderRequest`s and renders compatible ones together.
 
@@ -360,29 +374,10 @@ class Batcher:
             message = f"out of GPU memory rendering one {size} image; try a smaller size or n"
             self._finish_all(pendings, OutcomeStatus.OUT_OF_MEMORY, message)
             return
-        except InvalidLora as exc:
-            # Every job of the batch asked for the same LoRA set.
-            self._finish_all(pendings, OutcomeStatus.INVALID_LORA, str(exc))
-            return
-        except InvalidModel as exc:
-            # Every job of the batch asked for the same model.
-            self._finish_all(pendings, OutcomeStatus.INVALID_MODEL, str(exc))
-            return
-        except InvalidUpscaler as exc:
-            # Every job of the batch asked for the same upscaler model.
-            self._finish_all(pendings, OutcomeStatus.INVALID_UPSCALER, str(exc))
-            return
-        except InvalidControlNet as exc:
-            # Every job of the batch asked for the same ControlNets.
-            self._finish_all(pendings, OutcomeStatus.INVALID_CONTROLNET, str(exc))
-        except InvalidIpAdapter as exc:
-            # Every job of the batch asked for the same IP-Adapters.
-            self._finish_all(pendings, OutcomeStatus.INVALID_IP_ADAPTER, str(exc))
-            return
-        except InvalidEmbedding as exc:
-            # Checked per request before it was queued (api/serving.py): only a file changed
-            # since then gets here, and it fails the batch it is in.
-            self._finish_all(pendings, OutcomeStatus.INVALID_EMBEDDING, str(exc))
+        except _REFUSED as exc:
+            # Every job of the batch asked for the same models and adapters: all get the answer.
+            status = next(status for kind, status in REFUSALS.items() if isinstance(exc, kind))
+            self._finish_all(pendings, status, str(exc))
             return
         except Exception as exc:
             logger.exception("render of %d images failed", len(images))

@@ -43,7 +43,7 @@ from sdxl_service.engine.render_batch import (
     RenderCancelled,
 )
 from sdxl_service.metrics import ServiceMetrics
-from sdxl_service.render.batcher import Batcher
+from sdxl_service.render.batcher import REFUSALS, Batcher
 from tests import polling
 from tests.jobs import make_job
 
@@ -986,3 +986,26 @@ async def test_an_embedding_the_engine_refuses_answers_its_batch_invalid_embeddi
     batcher = make_batcher(refuse)
     outcome = await batcher.submit(make_job("a", n=2))
     assert (outcome.status, outcome.message) == (OutcomeStatus.INVALID_EMBEDDING, message)
+
+
+@pytest.mark.parametrize("refusal", list(REFUSALS))
+@asyncio_test
+async def test_after_each_refusal_the_worker_renders_the_next_batch(
+    make_batcher: Callable[..., Batcher], refusal: type[Exception]
+) -> None:
+    """Each refusal answers its batch and ends that batch's turn: the next job renders."""
+    calls = 0
+
+    def refuse_once(batch: RenderBatch) -> list[Image.Image]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise refusal("cannot be used")
+        return [Image.new("RGB", (batch.params.width, batch.params.height))] * len(batch.tasks)
+
+    batcher = make_batcher(refuse_once)
+    refused = await batcher.submit(make_job("a"))
+    assert refused.status is REFUSALS[refusal]
+    rendered = await batcher.submit(make_job("b", seed=9))
+    assert rendered.status is OutcomeStatus.OK, rendered.message
+    assert [image.seed for image in rendered.images] == [9]
