@@ -162,15 +162,16 @@ class FakeWorkers:
         self.ends: list[str] = []
         self.release = asyncio.Event()
         self.server: uvicorn.Server | None = None
-        # Per call: the ids of the connections open on the server when it arrived.
-        self.connections: list[frozenset[int]] = []
+        # Per call: the connections open on the server when it arrived. The
+        # objects themselves, held: an id() is reused once its object is freed.
+        self.connections: list[frozenset[object]] = []
 
     def app(self) -> Starlette:
         return Starlette(routes=[Route(RENDER_ROUTE, self.render, methods=["POST"])])
 
-    def open_connections(self) -> frozenset[int]:
+    def open_connections(self) -> frozenset[object]:
         assert self.server is not None
-        return frozenset(map(id, self.server.server_state.connections))
+        return frozenset(self.server.server_state.connections)
 
     async def render(self, request: Request) -> Response:
         payload = await request.json()
