@@ -300,3 +300,23 @@ def test_with_api_keys_a_running_job_is_cancelled_from_the_page(
         api.close()
         context.close()
     assert errors == []
+
+
+def test_the_strip_keeps_only_the_newest_images(page: Any) -> None:
+    # The page keeps 40; two here, so three images show the oldest going.
+    page.evaluate("document.getElementById('gallery').dataset.keep = '2'")
+    page.select_option("#size", "256x256")
+    page.fill("#num_inference_steps", "2")
+    page.fill("#prompt", "a lighthouse")
+    for seed in ("1", "2", "3"):
+        page.fill("#seed", seed)
+        page.click("#generate")
+        page.wait_for_function(
+            "document.querySelector('#gallery figure[data-previews]')?.dataset.seed == " + seed,
+            timeout=120_000,
+        )
+        page.wait_for_selector("#generate:not([disabled])")
+    seeds = page.eval_on_selector_all("#gallery figure", "fs => fs.map(f => f.dataset.seed)")
+    assert seeds == ["3", "2"]
+    # The newest is shown large; the one that went freed its place, not the viewer's.
+    assert page.get_attribute("#viewer", "data-seed") == "3"

@@ -267,8 +267,20 @@ function addImage(event, params, slot) {
     figure.append(thumb, caption);
   }
   if (!slot) $("gallery").prepend(figure);
-  if (!partial) showLarge(figure);
+  if (!partial) {
+    showLarge(figure);
+    trimStrip();
+  }
   return figure;
+}
+
+// Each finished image of the strip holds its picture, and an edit's, in the page's memory: the
+// strip keeps the newest `data-keep` of them, so a long session does not grow without end.
+function trimStrip() {
+  const strip = $("gallery");
+  const keep = Number(strip.dataset.keep);
+  const finished = [...strip.querySelectorAll(":scope > figure[data-seed]")];
+  for (const figure of finished.slice(keep)) figure.remove();
 }
 
 // The strip's `figure` large beside the form, with the settings it was made with.
