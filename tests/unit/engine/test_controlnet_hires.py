@@ -1,6 +1,7 @@
 """ControlNet with the hires fix gives, seed for seed, the pixels of stock diffusers run by
 hand: `StableDiffusionXLControlNetPipeline` at the first size with the map fitted there, the
-hires fix's upscale (Lanczos of the decoded picture, or bilinear latents), then
+hires fix's upscale (Lanczos of the decoded picture, an upscaler model's 4x of it then
+Lanczos, or bilinear latents), then
 `StableDiffusionXLControlNetImg2ImgPipeline` at the final size with the final-size map, at
 hires' denoising_strength over hires' steps, fresh generators of the same seeds; with the
 refiner ensemble, diffusers' refiner after each pass. Pixel for pixel (CPU, float32).
@@ -30,6 +31,7 @@ from sdxl_service.engine import Engine
 from sdxl_service.engine.config import EngineConfig
 from sdxl_service.engine.controlnets import stop_after
 from sdxl_service.engine.render_batch import ImageTask, RenderBatch
+from tests import upscaler_files
 from tests.controlnet_files import save_controlnets
 from tests.jobs import make_params
 
@@ -39,6 +41,7 @@ FIRST, FINAL = 64, 128
 SEEDS = (7, 8)
 STEPS, HIRES_STEPS, STRENGTH, FRAC = 5, 6, 0.5, 0.8
 PROMPT = "a red fox in the snow"
+UPSCALER_MODEL = "tiny-compact"
 EDGES = ControlNetParams(name="edges", scale=0.9, start=0.1, end=0.9)
 UNIT = {"controlnet_conditioning_scale": 0.9, "control_guidance_start": 0.1}
 UNIT |= {"control_guidance_end": 0.9}
@@ -49,7 +52,12 @@ def engine(
     tiny_settings_factory: Any, tmp_path_factory: pytest.TempPathFactory, tiny_pair: Any
 ) -> Iterator[Engine]:
     folder: Path = save_controlnets(tmp_path_factory.mktemp("controlnets"), tiny_pair[0])
-    yield Engine.load(EngineConfig.of(tiny_settings_factory(controlnet_dir=folder)))
+    upscalers = tmp_path_factory.mktemp("upscalers")
+    upscaler_files.compact(upscalers / f"{UPSCALER_MODEL}.safetensors", scale=4)
+    settings = tiny_settings_factory(
+        controlnet_dir=folder, upscaler_dir=upscalers, upscaler_tile=64
+    )
+    yield Engine.load(EngineConfig.of(settings))
 
 
 def control_map(seed: int, side: int) -> bytes:
@@ -60,7 +68,9 @@ def control_map(seed: int, side: int) -> bytes:
     return np.repeat(np.repeat(np.repeat(blocks, cell, 0), cell, 1), 3, 2).tobytes()
 
 
-def hires_params(upscaler: HiresUpscaler, refiner: RefinerMode) -> RenderParams:
+def hires_params(
+    upscaler: HiresUpscaler, refiner: RefinerMode, model: str | None = None
+) -> RenderParams:
     hires = HiresParams(
         first_width=FIRST,
         first_height=FIRST,
@@ -68,6 +78,7 @@ def hires_params(upscaler: HiresUpscaler, refiner: RefinerMode) -> RenderParams:
         steps=HIRES_STEPS,
         denoising_strength=STRENGTH,
         upscaler=upscaler,
+        upscaler_model=model,
     )
     return make_params(
         width=FINAL,
@@ -120,7 +131,9 @@ def refined(engine: Engine, p: RenderParams, latents: Any, steps: int, generator
     ).images
 
 
-def stock_hires(engine: Engine, p: RenderParams, upscaler: HiresUpscaler) -> list[np.ndarray]:
+def stock_hires(engine: Engine, p: RenderParams) -> list[np.ndarray]:
+    assert p.hires is not None
+    upscaler, model = p.hires.upscaler, p.hires.upscaler_model
     ensemble = p.refiner == RefinerMode.ENSEMBLE
     components = {**engine.base.components, "controlnet": controlnet(engine, "edges")}
     common = {"prompt": [PROMPT] * len(SEEDS), "guidance_scale": p.guidance_scale}
@@ -147,6 +160,12 @@ def stock_hires(engine: Engine, p: RenderParams, upscaler: HiresUpscaler) -> lis
     if upscaler is HiresUpscaler.LATENT:
         side = FINAL // 8
         image = torch.nn.functional.interpolate(latents, size=(side, side), mode="bilinear")
+    elif model is not None:
+        # The model's own 4x (spandrel's, pinned in test_upscalers.py), then Lanczos.
+        image = [
+            engine.upscalers.upscale(model, picture, FINAL, FINAL)
+            for picture in decoded(t2i, latents)
+        ]
     else:
         image = [
             picture.resize((FINAL, FINAL), Image.Resampling.LANCZOS)
@@ -184,20 +203,21 @@ def max_diff(a: list[np.ndarray], b: list[np.ndarray]) -> int:
 
 
 @pytest.mark.parametrize(
-    ("upscaler", "refiner"),
+    ("upscaler", "refiner", "model"),
     [
-        (HiresUpscaler.LANCZOS, RefinerMode.NONE),
-        (HiresUpscaler.LANCZOS, RefinerMode.ENSEMBLE),
-        (HiresUpscaler.LATENT, RefinerMode.NONE),
+        (HiresUpscaler.LANCZOS, RefinerMode.NONE, None),
+        (HiresUpscaler.LANCZOS, RefinerMode.ENSEMBLE, None),
+        (HiresUpscaler.LATENT, RefinerMode.NONE, None),
+        (HiresUpscaler.LANCZOS, RefinerMode.NONE, UPSCALER_MODEL),
     ],
 )
 def test_hires_controlnet_is_stock_controlnet_then_controlnet_img2img(
-    engine: Engine, upscaler: HiresUpscaler, refiner: RefinerMode
+    engine: Engine, upscaler: HiresUpscaler, refiner: RefinerMode, model: str | None
 ) -> None:
-    p = hires_params(upscaler, refiner)
+    p = hires_params(upscaler, refiner, model)
     with torch.inference_mode():
         got = ours(engine, p)
-        expected = stock_hires(engine, p, upscaler)
+        expected = stock_hires(engine, p)
     assert [image.shape for image in got] == [(FINAL, FINAL, 3)] * len(SEEDS)
     assert max_diff(got, expected) == 0
 
