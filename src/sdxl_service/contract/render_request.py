@@ -225,14 +225,12 @@ class RenderRequest(BaseModel):
                 "unit"
             )
         hires = self.params.hires
-        first_pass = (
-            (len(self.params.controlnets), 3 * hires.first_width * hires.first_height)
-            if hires is not None
-            else (0, 0)
-        )
-        if len(self.first_pass_control_images) != first_pass[0] or any(
-            len(image) != first_pass[1] for image in self.first_pass_control_images
-        ):
+        first_pass: tuple[int, ...] = ()
+        if hires is not None:
+            first_pass = (3 * hires.first_width * hires.first_height,) * len(
+                self.params.controlnets
+            )
+        if tuple(len(image) for image in self.first_pass_control_images) != first_pass:
             raise ValueError(
                 "one control image per ControlNet unit at the hires fix's first pass size, "
                 "none without the hires fix"
