@@ -100,6 +100,32 @@ def test_two_units_and_a_union_model_render(client: OpenAI) -> None:
     assert generate(client, union, union | {"mode": "openpose"}).shape == (128, 128, 3)
 
 
+def test_with_the_hires_fix_the_units_act_in_both_passes_at_the_final_size(
+    client: OpenAI,
+) -> None:
+    unit = {"name": "edges", "image": control_b64(1), "preprocessor": "canny", "scale": 1.5}
+    hires = {"scale": 2, "steps": 4, "denoising_strength": 0.6, "upscaler": "lanczos"}
+
+    def made(*units: dict, seed: int = 5) -> tuple[np.ndarray, str]:
+        answer = client.images.generate(
+            prompt="a lighthouse",
+            size=SIZE,
+            response_format="b64_json",
+            extra_body={"seed": seed, "hires": hires, "controlnets": list(units)},
+        )
+        b64 = answer.data[0].b64_json
+        assert b64 is not None
+        return pixels(b64), decode(b64).info["parameters"]
+
+    controlled, text = made(unit)
+    again, _ = made(unit)
+    plain, _ = made()
+    assert controlled.shape == (128, 128, 3)  # the final size; the first pass is 64x64
+    assert np.array_equal(controlled, again)
+    assert np.abs(controlled - plain).mean() > 1
+    assert "Size: 64x64" in text and "Hires upscale: 2" in text and "Hr Option: Both" in text
+
+
 def test_the_infotext_names_each_unit(client: OpenAI) -> None:
     answer = client.images.generate(
         prompt="a lighthouse",

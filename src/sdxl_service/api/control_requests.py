@@ -3,7 +3,9 @@ to the render size and (canny) preprocessed, in the HTTP process.
 
 The result goes into the render request: the units' names, scales, start/end and Union modes
 into its params (the batch key), the control images beside its init image, one per unit, as
-raw RGB at the render size. Every bad unit is a 400 naming its parameter by its path
+raw RGB at the render size; with the hires fix, a second set fitted to its first pass's size
+(the units act in both passes, as sd-webui-controlnet's default "Hires-Fix Option: Both" has
+them). Every bad unit is a 400 naming its parameter by its path
 (`controlnets[1].image`); a model the folder lists with a problem (an SD 1.5 ControlNet) is
 refused here, before anything is queued.
 """
@@ -14,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Literal
 
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..contract.render_request import ControlNetParams, RenderRequest
@@ -96,8 +99,6 @@ def with_controlnets(
             "controlnets",
             f"At most {settings.max_controlnets} ControlNet units per request, got {len(units)}.",
         )
-    if params.hires is not None:
-        raise invalid_value("controlnets", "ControlNet units do not combine with the hires fix.")
     if params.upscale is not None:
         raise invalid_value(
             "controlnets", "ControlNet units do not combine with an upscaler model."
@@ -111,8 +112,14 @@ def with_controlnets(
                 "two kinds in different pipelines).",
                 code="invalid_controlnet",
             )
+    # The hires fix runs the units in both passes: each pass gets the map fitted to its size.
+    hires = params.hires
+    first_size = (
+        (params.width, params.height) if hires is None else (hires.first_width, hires.first_height)
+    )
     chosen: list[ControlNetParams] = []
     images: list[bytes] = []
+    first_pass_images: list[bytes] = []
     texts: list[ControlNetUnitText] = []
     for index, (unit, entry) in enumerate(zip(units, entries, strict=True)):
         param = f"controlnets[{index}]"
@@ -125,10 +132,9 @@ def with_controlnets(
             picture = decode_inline_image(unit.image, f"{param}.image")
         except InvalidUpload as exc:
             raise invalid_value(exc.param, str(exc)) from None
-        fitted = fit_crop_and_resize(picture, params.width, params.height)
-        if unit.preprocessor == "canny":
-            fitted = canny_map(fitted, unit.low, unit.high)
-        images.append(fitted.tobytes())
+        images.append(_control_map(picture, unit, params.width, params.height))
+        if hires is not None:
+            first_pass_images.append(_control_map(picture, unit, *first_size))
         chosen.append(
             ControlNetParams(
                 name=entry.name, scale=unit.scale, start=unit.start, end=unit.end, mode=mode
@@ -142,22 +148,36 @@ def with_controlnets(
                 weight=unit.scale,
                 guidance_start=unit.start,
                 guidance_end=unit.end,
+                # A1111 computes Pixel Perfect against the first pass's size.
                 processor_res=(
-                    pixel_perfect_resolution(picture.size, params.width, params.height)
-                    if canny
-                    else None
+                    pixel_perfect_resolution(picture.size, *first_size) if canny else None
                 ),
                 threshold_a=unit.low if canny else None,
                 threshold_b=unit.high if canny else None,
+                hr_option="Both" if hires is not None else None,
             )
         )
     new_params = params.model_copy(update={"controlnets": tuple(chosen)})
     new_job = RenderRequest.model_validate(
-        {**dict(job), "params": new_params, "control_images": tuple(images)}
+        {
+            **dict(job),
+            "params": new_params,
+            "control_images": tuple(images),
+            "first_pass_control_images": tuple(first_pass_images),
+        }
     )
     if provenance is not None:
         provenance = replace(provenance, controlnets=tuple(texts))
     return new_job, provenance
+
+
+def _control_map(picture: Image.Image, unit: ControlNetRequest, width: int, height: int) -> bytes:
+    """The unit's map at width x height: the picture fitted (Crop and Resize), then canny's
+    edges of it when asked (made at that size: api/control_maps.py), raw RGB."""
+    fitted = fit_crop_and_resize(picture, width, height)
+    if unit.preprocessor == "canny":
+        fitted = canny_map(fitted, unit.low, unit.high)
+    return fitted.tobytes()
 
 
 def _entry(

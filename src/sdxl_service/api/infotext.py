@@ -70,6 +70,9 @@ class ControlNetUnitText:
     processor_res: int | None = None
     threshold_a: float | None = None
     threshold_b: float | None = None
+    # The extension's "Hr Option" of a render with the hires fix ("Both": the unit acts in
+    # both passes); None without it, where the field is left out as before.
+    hr_option: str | None = None
 
     def text(self) -> str:
         fields: dict[str, object] = {
@@ -93,6 +96,8 @@ class ControlNetUnitText:
             "Pixel Perfect": True,
             "Control Mode": "Balanced",
         }
+        if self.hr_option is not None:
+            fields["Hr Option"] = self.hr_option
         return ", ".join(f"{key}: {value}" for key, value in fields.items())
 
 

@@ -159,8 +159,8 @@ class RenderParams(GenerationParams):
             raise ValueError(f"the hires fix is for text-to-image renders, not {self.kind}")
         if self.upscale is not None and self.kind is not RenderKind.IMAGE_TO_IMAGE:
             raise ValueError(f"an upscaler model is for image-to-image renders, not {self.kind}")
-        if self.controlnets and (self.hires is not None or self.upscale is not None):
-            raise ValueError("ControlNet units take neither the hires fix nor an upscaler model")
+        if self.controlnets and self.upscale is not None:
+            raise ValueError("ControlNet units do not take an upscaler model")
         if self.strength == 0 and self.upscale is None:
             raise ValueError("strength 0 renders nothing without an upscaler model")
         return self
@@ -189,6 +189,10 @@ class RenderRequest(BaseModel):
     mask: bytes | None = Field(default=None, repr=False)
     # One control image per ControlNet unit of params, fitted to the render size (raw RGB).
     control_images: tuple[bytes, ...] = Field(default=(), repr=False)
+    # With the hires fix: the units' maps again, fitted to its first pass's size
+    # (hires.first_width x first_height), for that pass; the second pass takes
+    # `control_images`. Empty without the hires fix.
+    first_pass_control_images: tuple[bytes, ...] = Field(default=(), repr=False)
     # One tuple of pictures per IP-Adapter of `params.ip_adapters`, in its order; the n
     # images of the request share them (encoded once).
     ip_adapter_images: tuple[tuple[RgbPicture, ...], ...] = Field(default=(), repr=False)
@@ -219,6 +223,17 @@ class RenderRequest(BaseModel):
             raise ValueError(
                 f"one {self.params.width}x{self.params.height} RGB control image per ControlNet "
                 "unit"
+            )
+        hires = self.params.hires
+        first_pass: tuple[int, ...] = ()
+        if hires is not None:
+            first_pass = (3 * hires.first_width * hires.first_height,) * len(
+                self.params.controlnets
+            )
+        if tuple(len(image) for image in self.first_pass_control_images) != first_pass:
+            raise ValueError(
+                "one control image per ControlNet unit at the hires fix's first pass size, "
+                "none without the hires fix"
             )
         counts = tuple(adapter.images for adapter in self.params.ip_adapters)
         if tuple(len(pictures) for pictures in self.ip_adapter_images) != counts:

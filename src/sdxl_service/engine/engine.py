@@ -429,7 +429,8 @@ class Engine:
     def _hires(self, batch: RenderBatch) -> torch.Tensor:
         """AUTOMATIC1111's hires fix: the first pass at hires' first size (base and refiner as
         asked), upscaled to the render size, then an edit of it there at hires'
-        denoising_strength over a schedule of hires' steps, with the same seeds. Previews
+        denoising_strength over a schedule of hires' steps, with the same seeds; ControlNet
+        units in both (text-to-image, then img2img, through their pipelines). Previews
         come from the second pass only: the size they are answered at. Steps count on
         across both passes: `on_step` hears 1..a over the first, a+1..a+b over the second."""
         params = batch.params
@@ -446,10 +447,15 @@ class Engine:
             if batch.on_step is not None:
                 batch.on_step(step)
 
+        # ControlNet units act in both passes (sd-webui-controlnet's "Hires-Fix Option: Both",
+        # its default), each with its map fitted to that pass's size.
+        first_tasks = [
+            replace(task, control_images=task.first_pass_control_images) for task in batch.tasks
+        ]
         latents = self._denoise(
             RenderBatch(
                 params=first,
-                tasks=batch.tasks,
+                tasks=first_tasks,
                 should_stop=batch.should_stop,
                 on_step=on_first_step,
             )

@@ -26,6 +26,8 @@ class ImageTask:
     mask: bytes | None = field(default=None, repr=False)  # L, 255 where the image is repainted
     # One per ControlNet unit of the batch's params: RGB, params' width x height.
     control_images: tuple[bytes, ...] = field(default=(), repr=False)
+    # The same units' maps at the hires fix's first pass size (empty without the hires fix).
+    first_pass_control_images: tuple[bytes, ...] = field(default=(), repr=False)
     # Per IP-Adapter of the params, its pictures; the images of one job share the same tuple
     # (engine/ip_adapters.py encodes each once).
     ip_adapter_images: tuple[tuple[RgbPicture, ...], ...] = field(default=(), repr=False)
@@ -100,6 +102,7 @@ def image_tasks(request: RenderRequest) -> list[ImageTask]:
             init_image=request.init_image,
             mask=request.mask,
             control_images=request.control_images,
+            first_pass_control_images=request.first_pass_control_images,
             ip_adapter_images=request.ip_adapter_images,
         )
         for seed in request.seeds

@@ -23,6 +23,7 @@ from sdxl_service.api.serving import ImagesServing
 from sdxl_service.settings import Settings
 from tests.decoded import decode
 from tests.unit.api.test_serving import SeedPainter
+from tests.unit.api.test_upscalers_api import DescribingPainter
 
 SIZE = "128x128"
 
@@ -243,9 +244,62 @@ def test_union_and_other_models_do_not_mix(client: TestClient) -> None:
     assert error_of(generate(client, *units)) == ("controlnets[1].name", "invalid_controlnet")
 
 
-def test_hires_and_controlnets_are_refused_together(client: TestClient) -> None:
+def test_with_hires_each_unit_brings_a_map_fitted_to_each_pass(
+    client: TestClient, painter: SeedPainter
+) -> None:
+    units = [
+        {"name": "canny-sdxl", "image": picture_b64()},
+        {"name": "depth", "image": picture_b64(), "preprocessor": "canny", "scale": 0.75},
+    ]
+    response = generate(client, *units, hires={"scale": 2, "upscaler": "lanczos"})
+    assert response.status_code == 200, response.text
+    image = decode(response.json()["data"][0]["b64_json"])
+    assert image.size == (128, 128)  # the final size, not the first pass's
+    job = painter.jobs[-1]
+    hires = job.params.hires
+    assert hires is not None and (hires.first_width, hires.first_height) == (64, 64)
+    assert [len(data) for data in job.control_images] == [3 * 128 * 128] * 2
+    assert [len(data) for data in job.first_pass_control_images] == [3 * 64 * 64] * 2
+    final, first = (
+        np.frombuffer(images[0], np.uint8).reshape(side, side, 3)
+        for images, side in ((job.control_images, 128), (job.first_pass_control_images, 64))
+    )
+    # 64x32 covers 64x64 at 2x (128x64), cropped to its centre: the 16x16 square is 32x32 in
+    # the middle; at the final size, 64x64 (as without the hires fix).
+    assert (first[20:44, 20:44] == 255).all() and (first[:12] == 0).all()
+    assert (final[40:88, 40:88] == 255).all() and (final[:24] == 0).all()
+    # canny's map is made at each pass's size: one-pixel white edges on black in both.
+    edges = np.frombuffer(job.first_pass_control_images[1], np.uint8)
+    assert set(np.unique(edges)) == {0, 255}
+    assert set(np.unique(np.frombuffer(job.control_images[1], np.uint8))) == {0, 255}
+    text = image.text["parameters"]
+    # A1111's Size is the first pass's, Pixel Perfect's resolution is computed against it,
+    # and the unit says it acts in both passes.
+    assert "Size: 64x64" in text and "Hires upscale: 2.0" in text
+    assert (
+        'ControlNet 1: "Module: canny, Model: depth, Weight: 0.75, Resize Mode: Crop and Resize, '
+        "Low Vram: False, Processor Res: 64, Threshold A: 100, Threshold B: 200, "
+        "Guidance Start: 0, Guidance End: 1, Pixel Perfect: True, Control Mode: Balanced, "
+        'Hr Option: Both"'
+    ) in text
+
+
+def test_without_hires_a_unit_has_no_first_pass_map(
+    client: TestClient, painter: SeedPainter
+) -> None:
     unit = {"name": "canny-sdxl", "image": picture_b64()}
-    assert error_of(generate(client, unit, hires={}))[0] == "controlnets"
+    assert generate(client, unit).status_code == 200
+    assert painter.jobs[-1].first_pass_control_images == ()
+    text = decode(generate(client, unit).json()["data"][0]["b64_json"]).text["parameters"]
+    assert "Hr Option" not in text
+
+
+def test_bad_hires_fields_with_units_are_still_a_400_naming_them(client: TestClient) -> None:
+    unit = {"name": "canny-sdxl", "image": picture_b64()}
+    assert error_of(generate(client, unit, hires={"scale": 9}))[0] == "hires.scale"
+    assert error_of(generate(client, {**unit, "name": "absent"}, hires={}))[0] == (
+        "controlnets[0].name"
+    )
 
 
 def test_requests_without_controlnets_send_none(client: TestClient, painter: SeedPainter) -> None:
@@ -283,3 +337,39 @@ def test_a_bad_form_field_is_a_400_naming_it(client: TestClient) -> None:
 
 def test_image_jobs_take_controlnets(client: TestClient, painter: SeedPainter) -> None:
     assert all("controlnets" in model.model_fields for model in SUBMISSIONS.values())
+
+
+@pytest.fixture
+def upscaling_client(folder: Path, tmp_path: Path) -> tuple[TestClient, DescribingPainter]:
+    upscalers = tmp_path / "upscalers"
+    upscalers.mkdir()
+    (upscalers / "tiny-esrgan.safetensors").write_bytes(b"x")  # the worker's to read
+    painter = DescribingPainter()
+    return make_client(painter, tmp_path, controlnet_dir=folder, upscaler_dir=upscalers), painter
+
+
+def test_hires_through_an_upscaler_model_takes_units(
+    upscaling_client: tuple[TestClient, DescribingPainter],
+) -> None:
+    client, painter = upscaling_client
+    unit = {"name": "canny-sdxl", "image": picture_b64()}
+    response = generate(client, unit, hires={"upscaler": "tiny-esrgan"})
+    assert response.status_code == 200, response.text
+    job = painter.jobs[-1]
+    assert job.params.hires is not None and job.params.hires.upscaler_model == "tiny-esrgan"
+    assert [len(data) for data in job.first_pass_control_images] == [3 * 64 * 64]
+
+
+def test_an_upscale_through_an_upscaler_model_still_takes_no_units(
+    upscaling_client: tuple[TestClient, DescribingPainter],
+) -> None:
+    client, painter = upscaling_client
+    units = json.dumps([{"name": "canny-sdxl", "image": picture_b64()}])
+    data = {"scale": "2", "upscaler": "tiny-esrgan", "controlnets": units}
+    response = client.post("/images/upscale", files={"image": ("a.png", png(64, 48))}, data=data)
+    assert error_of(response) == ("controlnets", "invalid_value")
+    assert not painter.jobs
+    # Without the model (Lanczos, then the edit) the same units are taken.
+    del data["upscaler"]
+    response = client.post("/images/upscale", files={"image": ("a.png", png(64, 48))}, data=data)
+    assert response.status_code == 200, response.text

@@ -5,8 +5,13 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from sdxl_service.choices import RenderKind, SchedulerName
-from sdxl_service.contract.render_request import RenderParams, RenderRequest
+from sdxl_service.choices import HiresUpscaler, RenderKind, SchedulerName
+from sdxl_service.contract.render_request import (
+    ControlNetParams,
+    HiresParams,
+    RenderParams,
+    RenderRequest,
+)
 from sdxl_service.engine.render_batch import ImageTask, image_tasks
 from tests.jobs import make_params
 
@@ -97,3 +102,53 @@ def test_inconsistent_jobs_are_refused(
 ) -> None:
     with pytest.raises(ValidationError):
         job(params(**param_overrides), **job_overrides)
+
+
+def controlled_hires_job(**overrides: object) -> RenderRequest:
+    hires = HiresParams(
+        first_width=8,
+        first_height=8,
+        scale=2.0,
+        steps=4,
+        denoising_strength=0.5,
+        upscaler=HiresUpscaler.LANCZOS,
+    )
+    return job(
+        params(hires=hires, controlnets=(ControlNetParams(name="edges"),)),
+        **{
+            "control_images": (bytes(16 * 8 * 3),),
+            "first_pass_control_images": (bytes(8 * 8 * 3),),
+            **overrides,
+        },
+    )
+
+
+def test_a_hires_job_with_units_carries_each_map_at_both_sizes_to_its_tasks() -> None:
+    request = RenderRequest.model_validate_json(controlled_hires_job().model_dump_json())
+    tasks = image_tasks(request)
+    assert [len(task.control_images[0]) for task in tasks] == [16 * 8 * 3] * 2
+    assert [len(task.first_pass_control_images[0]) for task in tasks] == [8 * 8 * 3] * 2
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"first_pass_control_images": ()},  # the first pass's map missing
+        {"first_pass_control_images": (bytes(16 * 8 * 3),)},  # at the final size
+        {"control_images": (bytes(8 * 8 * 3),)},  # the second pass's at the first size
+    ],
+)
+def test_a_hires_job_with_a_map_missing_or_at_the_wrong_size_is_refused(
+    overrides: dict[str, object],
+) -> None:
+    with pytest.raises(ValidationError):
+        controlled_hires_job(**overrides)
+
+
+def test_first_pass_maps_without_the_hires_fix_are_refused() -> None:
+    with pytest.raises(ValidationError, match="first pass"):
+        job(
+            params(controlnets=(ControlNetParams(name="edges"),)),
+            control_images=(bytes(16 * 8 * 3),),
+            first_pass_control_images=(bytes(16 * 8 * 3),),
+        )
