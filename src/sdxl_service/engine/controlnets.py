@@ -43,7 +43,6 @@ from .resident_models import ResidentModels, file_stamp
 
 @dataclass(frozen=True)
 class LoadedControlNet:
-    name: str
     model: Any
     union: bool
 
@@ -151,7 +150,7 @@ class ControlNetModels:
             raise
         except Exception as exc:
             raise InvalidControlNet(f"ControlNet '{entry.name}' cannot be used: {exc}") from None
-        return LoadedControlNet(name=entry.name, model=model, union=entry.union)
+        return LoadedControlNet(model=model, union=entry.union)
 
     # --- the base stage through a ControlNet pipeline ------------------------
 

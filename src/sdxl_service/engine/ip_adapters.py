@@ -39,7 +39,6 @@ from .resident_models import ResidentModels, file_stamp
 
 @dataclass
 class LoadedIpAdapter:
-    name: str
     encoder: Path
     uses_hidden_states: bool
     # Per cross-attention layer (`...attn2.processor`), the adapter's processor: its
@@ -266,7 +265,6 @@ class IpAdapterModels:
         self._ensure_encoder(entry)
         self._encoders[entry.encoder].users.add(entry.name)
         return LoadedIpAdapter(
-            name=entry.name,
             encoder=entry.encoder,
             uses_hidden_states=entry.uses_hidden_states,
             processors=processors,
@@ -297,14 +295,11 @@ class IpAdapterModels:
         self._encoders[entry.encoder] = ImageEncoder(model=encoder, processor=processor)
 
     def _release(self, name: str, loaded: LoadedIpAdapter) -> None:
-        encoder = self._encoders.get(loaded.encoder)
-        if encoder is not None:
-            encoder.users.discard(name)
-        self._release_unused_encoders()
-
-    def _release_unused_encoders(self) -> None:
-        for path in [path for path, encoder in self._encoders.items() if not encoder.users]:
-            del self._encoders[path]
+        """Its image encoder goes with the last adapter using it."""
+        encoder = self._encoders[loaded.encoder]
+        encoder.users.discard(name)
+        if not encoder.users:
+            del self._encoders[loaded.encoder]
 
 
 def _cross_attention(loaded: Sequence[LoadedIpAdapter], scales: Sequence[float]) -> dict[str, Any]:

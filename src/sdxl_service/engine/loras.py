@@ -21,7 +21,6 @@ import logging
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -47,12 +46,6 @@ def adapter_name(name: str) -> str:
     return f"{ADAPTER_PREFIX}{safe}_{digest}"
 
 
-@dataclass(frozen=True)
-class LoadedLora:
-    name: str
-    adapter: str
-
-
 class LoraAdapters:
     """The LoRAs loaded into one base pipeline, the most recently used `capacity` of them.
 
@@ -75,10 +68,11 @@ class LoraAdapters:
         self.adapter_prefix = adapter_prefix
         self.catalog = catalog
         self.capacity = capacity
-        self._resident: ResidentModels[LoadedLora] = ResidentModels(
+        # By LoRA name, its PEFT adapter's name.
+        self._resident: ResidentModels[str] = ResidentModels(
             "LoRA",
             device,
-            release=lambda _, loaded: self._delete_adapter(loaded.adapter),
+            release=lambda _, adapter: self._delete_adapter(adapter),
             count_load=metrics.count_lora_load if metrics else None,
             count_hit=metrics.count_lora_cache_hit if metrics else None,
         )
@@ -104,7 +98,7 @@ class LoraAdapters:
         self._resident.evict(keep={lora.name for lora in loras}, capacity=self.capacity)
         # A zero scale adds nothing: leaving it out keeps such a render the
         # no-LoRA image bit for bit, without multiplying by zero.
-        active = [(loaded.adapter, scale) for loaded, scale in adapters if scale != 0]
+        active = [(adapter, scale) for adapter, scale in adapters if scale != 0]
         if active:
             self.base.enable_lora()
             self.base.set_adapters(
@@ -135,14 +129,14 @@ class LoraAdapters:
 
     # --- loading --------------------------------------------------------------
 
-    def _ensure_loaded(self, name: str) -> LoadedLora:
+    def _ensure_loaded(self, name: str) -> str:
         entry = self._resident.entry(self.catalog, name, InvalidLora)
         stamp = file_stamp(entry.path)
         if stamp is None:
             raise InvalidLora(f"LoRA '{name}' is not in the LoRA folder (any more)")
         return self._resident.get(name, stamp, lambda: self._load(entry))
 
-    def _load(self, entry: LoraFile) -> LoadedLora:
+    def _load(self, entry: LoraFile) -> str:
         from safetensors.torch import load_file
 
         adapter = self.adapter_prefix + adapter_name(entry.name)
@@ -164,7 +158,7 @@ class LoraAdapters:
                 raise  # the Engine answers it as out of memory
             raise InvalidLora(f"{not_sdxl}: its weights do not fit SDXL's layers") from exc
         logger.info("LoRA %s: %d layers", entry.name, layers)
-        return LoadedLora(name=entry.name, adapter=adapter)
+        return adapter
 
     def _count_layers(self, adapter: str) -> int:
         from peft.tuners.lora import LoraLayer

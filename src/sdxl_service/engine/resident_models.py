@@ -1,13 +1,9 @@
 """Models of one kind kept loaded by name (ControlNets, IP-Adapters, LoRAs, upscalers): loaded
 on first use, the least recently used let go past a capacity, reloaded when their file changes.
 
-Each name is held with the stamp of what it was loaded from (a file's mtime_ns and size): asked
-for with another stamp, the file was replaced, and the old model goes before the new one loads.
-A kind brings only what is its own: how to load one (the `load` of each `get`, raising the
-kind's own error), and what letting one go means beyond dropping the reference (`release`).
-
-Not thread-safe: the engine's kinds are called from the render thread alone; the upscalers
-hold their own lock around theirs.
+A kind brings only what is its own: how to load one (each `get`'s `load`, raising the kind's
+error) and what letting one go means besides dropping it (`release`). Not thread-safe: the
+engine's kinds run on the render thread alone; the upscalers lock around theirs.
 """
 
 from __future__ import annotations
@@ -17,7 +13,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Hashable
 from pathlib import Path
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from ..folder_catalog import FolderCatalog
 from .devices import free_memory
@@ -36,7 +32,7 @@ Entry = TypeVar("Entry", bound=CatalogEntry)
 
 
 def file_stamp(path: Path) -> tuple[int, int] | None:
-    """The file's mtime_ns and size, None when it is gone: a replaced file has another."""
+    """The file's mtime_ns and size (a replaced file has another), None when it is gone."""
     try:
         stat = path.stat()
     except OSError:
@@ -44,13 +40,16 @@ def file_stamp(path: Path) -> tuple[int, int] | None:
     return stat.st_mtime_ns, stat.st_size
 
 
+def _nothing(*_: Any) -> None:
+    pass
+
+
 class ResidentModels(Generic[Model]):
-    """The models of one `kind` ("ControlNet", the name its logs and errors use) loaded on
-    `device`, by name, least recently used first.
+    """The models of one `kind` (the name its logs and errors use) on `device`, by name.
 
     `release(name, model)` runs once for each model let go (evicted, replaced, unloaded),
-    before the memory is given back. The metrics callbacks get each load's outcome ("ok" with
-    its seconds, "failed"), the number resident after every change, and each reuse.
+    before its memory is given back. The metrics callbacks get each load's outcome ("ok" with
+    its seconds, or "failed"), the number resident after each change, and each reuse.
     """
 
     def __init__(
@@ -65,18 +64,15 @@ class ResidentModels(Generic[Model]):
     ) -> None:
         self.kind = kind
         self.device = device
-        self._release = release
-        self._count_load = count_load
-        self._count_resident = count_resident
-        self._count_hit = count_hit
+        self._release = release or _nothing
+        self._count_load = count_load or _nothing
+        self._count_resident = count_resident or _nothing
+        self._count_hit = count_hit or _nothing
         self._models: OrderedDict[str, tuple[Hashable, Model]] = OrderedDict()
 
     def names(self) -> list[str]:
         """The resident names, least recently used first."""
         return list(self._models)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._models
 
     def __getitem__(self, name: str) -> Model:
         """The resident model `name`, its place in the order left as it is."""
@@ -97,19 +93,18 @@ class ResidentModels(Generic[Model]):
             raise error(f"{self.kind} '{name}' is not in the {self.kind} folder (any more)")
         if found.problem is not None:
             if problem_counts_as_failed:
-                self._count_failed()
+                self._count_load("failed", None)
             raise error(f"{self.kind} '{name}' cannot be used: {found.problem}")
         return found
 
     def get(self, name: str, stamp: Hashable, load: Callable[[], Model]) -> Model:
-        """The model `name` as of `stamp`: the resident one, made the most recently used, or
-        `load()`'s (the one of an older stamp let go first). When `load` raises, nothing of
-        it stays: the failure is counted, the memory given back, and the error raised on."""
+        """The model `name` as of `stamp`: the resident one, now the most recently used, or
+        `load()`'s (one of another stamp let go first). When `load` raises, nothing of it
+        stays: the failure is counted, the memory given back, the error raised on."""
         held = self._models.get(name)
         if held is not None and held[0] == stamp:
             self._models.move_to_end(name)
-            if self._count_hit is not None:
-                self._count_hit()
+            self._count_hit()
             return held[1]
         if held is not None:
             self.unload(name)
@@ -117,22 +112,21 @@ class ResidentModels(Generic[Model]):
         try:
             model = load()
         except Exception as exc:
-            self._count_failed()
+            self._count_load("failed", None)
             free_memory(self.device)
-            # The kind's own message; what it was made from, where the kind kept that.
+            # The kind's error says what; what it was made from, where it kept that, says why.
             logger.warning("%s %s failed to load: %s", self.kind, name, exc.__cause__ or exc)
             raise
         seconds = time.perf_counter() - started
-        if self._count_load is not None:
-            self._count_load("ok", seconds)
+        self._count_load("ok", seconds)
         logger.info("%s %s loaded in %.2f s", self.kind, name, seconds)
         self._models[name] = (stamp, model)
-        self._resident()
+        self._count_resident(len(self._models))
         return model
 
     def evict(self, keep: Collection[str], capacity: int) -> None:
-        """Let the least recently used go until `capacity` are left, never one in `keep`: a
-        batch's own stay even past the capacity (its models must all be loaded at once)."""
+        """Let the least recently used go down to `capacity`, never one in `keep`: a batch's
+        own stay even past it (they must all be loaded at once)."""
         for name in list(self._models):
             if len(self._models) <= capacity:
                 break
@@ -142,17 +136,8 @@ class ResidentModels(Generic[Model]):
     def unload(self, name: str) -> None:
         """Let `name` go: its `release`, then the memory it held given back."""
         _, model = self._models.pop(name)
-        if self._release is not None:
-            self._release(name, model)
+        self._release(name, model)
         del model
         free_memory(self.device)
-        self._resident()
+        self._count_resident(len(self._models))
         logger.info("%s %s unloaded", self.kind, name)
-
-    def _count_failed(self) -> None:
-        if self._count_load is not None:
-            self._count_load("failed", None)
-
-    def _resident(self) -> None:
-        if self._count_resident is not None:
-            self._count_resident(len(self._models))
