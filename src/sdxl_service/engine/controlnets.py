@@ -147,7 +147,7 @@ class ControlNetModels:
         try:
             model = load_controlnet(entry, unet, self.device, self.dtype)
         except torch.OutOfMemoryError:
-            raise
+            raise  # the Engine answers it as out of memory
         except Exception as exc:
             raise InvalidControlNet(f"ControlNet '{entry.name}' cannot be used: {exc}") from None
         return LoadedControlNet(model=model, union=entry.union)
