@@ -24,9 +24,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import logging
-import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,18 +36,14 @@ from ..choices import RenderKind
 from ..contract.render_request import ControlNetParams, RenderParams
 from ..controlnet_catalog import WEIGHTS_FILES, ControlNetCatalog, ControlNetFile
 from ..metrics import ServiceMetrics
-from .devices import free_memory
 from .handover import ensemble_split
 from .render_batch import ImageTask, InvalidControlNet
-
-logger = logging.getLogger(__name__)
+from .resident_models import ResidentModels, file_stamp
 
 
 @dataclass(frozen=True)
 class LoadedControlNet:
-    name: str
     model: Any
-    stamp: tuple[int, int]  # mtime_ns and size of its weights: a replaced file reloads
     union: bool
 
 
@@ -119,12 +112,18 @@ class ControlNetModels:
         self.device = device
         self.dtype = dtype
         self.capacity = capacity
-        self.metrics = metrics
-        self._loaded: OrderedDict[str, LoadedControlNet] = OrderedDict()
+        self._resident: ResidentModels[LoadedControlNet] = ResidentModels(
+            "ControlNet",
+            device,
+            # The parameters' storage goes now, not when the last reference does.
+            release=lambda _, loaded: loaded.model.to("meta"),
+            count_load=metrics.count_controlnet_load if metrics else None,
+            count_resident=metrics.set_controlnets_resident if metrics else None,
+        )
 
     def loaded(self) -> list[str]:
         """Names of the loaded ControlNets, least recently used first."""
-        return list(self._loaded)
+        return self._resident.names()
 
     def describe(self) -> dict[str, Any]:
         return {"controlnets_loaded": self.loaded(), "control_cache": self.capacity}
@@ -134,72 +133,24 @@ class ControlNetModels:
         nothing of that one left loaded, when one cannot be."""
         wanted = list(dict.fromkeys(names))
         loaded = {name: self._ensure_loaded(name, unet) for name in wanted}
-        self._evict(keep=set(wanted))
+        self._resident.evict(keep=set(wanted), capacity=self.capacity)
         return [loaded[name] for name in names]
 
     def _ensure_loaded(self, name: str, unet: Any) -> LoadedControlNet:
-        entry = self.catalog.find(name)
-        if entry is None:
-            raise InvalidControlNet(
-                f"ControlNet '{name}' is not in the ControlNet folder (any more)"
-            )
-        if entry.problem is not None:
-            self._count_load("failed")
-            raise InvalidControlNet(f"ControlNet '{name}' cannot be used: {entry.problem}")
-        try:
-            stat = entry.weights.stat()
-        except OSError as exc:
-            raise InvalidControlNet(f"ControlNet '{name}' has no weights (any more)") from exc
-        stamp = (stat.st_mtime_ns, stat.st_size)
-        current = self._loaded.get(name)
-        if current is not None and current.stamp == stamp:
-            self._loaded.move_to_end(name)
-            return current
-        if current is not None:  # replaced since
-            self._unload(name)
-        # Room first: the batch's own stay even past capacity (a request's must fit at once).
-        started = time.perf_counter()
+        entry = self._resident.entry(self.catalog, name, InvalidControlNet)
+        stamp = file_stamp(entry.weights)
+        if stamp is None:
+            raise InvalidControlNet(f"ControlNet '{name}' has no weights (any more)")
+        return self._resident.get(name, stamp, lambda: self._load(entry, unet))
+
+    def _load(self, entry: ControlNetFile, unet: Any) -> LoadedControlNet:
         try:
             model = load_controlnet(entry, unet, self.device, self.dtype)
         except torch.OutOfMemoryError:
-            self._count_load("failed")
-            free_memory(self.device)
-            raise
+            raise  # the Engine answers it as out of memory
         except Exception as exc:
-            self._count_load("failed")
-            free_memory(self.device)
-            logger.warning("ControlNet %s failed to load: %s", name, exc)
-            raise InvalidControlNet(f"ControlNet '{name}' cannot be used: {exc}") from None
-        seconds = time.perf_counter() - started
-        self._count_load("ok", seconds)
-        logger.info("ControlNet %s loaded in %.2f s", name, seconds)
-        loaded = LoadedControlNet(name=name, model=model, stamp=stamp, union=entry.union)
-        self._loaded[name] = loaded
-        self._count_resident()
-        return loaded
-
-    def _evict(self, keep: set[str]) -> None:
-        for name in list(self._loaded):
-            if len(self._loaded) <= self.capacity:
-                break
-            if name not in keep:
-                self._unload(name)
-
-    def _unload(self, name: str) -> None:
-        loaded = self._loaded.pop(name)
-        loaded.model.to("meta")  # the parameters' storage goes now, not when the last ref does
-        del loaded
-        free_memory(self.device)
-        self._count_resident()
-        logger.info("ControlNet %s unloaded", name)
-
-    def _count_load(self, outcome: str, seconds: float | None = None) -> None:
-        if self.metrics is not None:
-            self.metrics.count_controlnet_load(outcome, seconds)
-
-    def _count_resident(self) -> None:
-        if self.metrics is not None:
-            self.metrics.set_controlnets_resident(len(self._loaded))
+            raise InvalidControlNet(f"ControlNet '{entry.name}' cannot be used: {exc}") from None
+        return LoadedControlNet(model=model, union=entry.union)
 
     # --- the base stage through a ControlNet pipeline ------------------------
 

@@ -124,7 +124,11 @@ class Engine:
             img2img=base_img2img,
             inpaint=base_inpaint,
             loras=LoraAdapters(
-                base, LoraCatalog(config.lora_folder), capacity=config.lora_cache, metrics=metrics
+                base,
+                LoraCatalog(config.lora_folder),
+                capacity=config.lora_cache,
+                device=self.device,
+                metrics=metrics,
             ),
             latent_codec=LatentCodec(
                 base.vae, device=self.device, dtype=self.dtype, tiling=config.vae_tiling

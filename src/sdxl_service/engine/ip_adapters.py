@@ -21,10 +21,7 @@ The refiner's UNet gets no adapter: with the refiner, the adapter acts on the ba
 
 from __future__ import annotations
 
-import logging
-import time
 import weakref
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,16 +33,12 @@ import torch
 from ..contract.render_request import IpAdapterWeight, RgbPicture
 from ..ip_adapter_catalog import ENCODER_WEIGHTS, IpAdapterCatalog, IpAdapterFile
 from ..metrics import ServiceMetrics
-from .devices import free_memory
 from .render_batch import ImageTask, InvalidIpAdapter
-
-logger = logging.getLogger(__name__)
+from .resident_models import ResidentModels, file_stamp
 
 
 @dataclass
 class LoadedIpAdapter:
-    name: str
-    stamp: tuple[int, int]  # mtime_ns and size of the file loaded: a replaced file reloads
     encoder: Path
     uses_hidden_states: bool
     # Per cross-attention layer (`...attn2.processor`), the adapter's processor: its
@@ -78,8 +71,13 @@ class IpAdapterModels:
         self.capacity = capacity
         self.device = device
         self.dtype = dtype
-        self.metrics = metrics
-        self._loaded: OrderedDict[str, LoadedIpAdapter] = OrderedDict()
+        self._resident: ResidentModels[LoadedIpAdapter] = ResidentModels(
+            "IP-Adapter",
+            device,
+            release=self._release,
+            count_load=metrics.count_ip_adapter_load if metrics else None,
+            count_resident=metrics.set_ip_adapters_resident if metrics else None,
+        )
         self._encoders: dict[Path, ImageEncoder] = {}
         # The scope's encoded pictures by (adapter, id of the pictures' tuple): a hires fix's
         # second pass reuses its first's.
@@ -93,7 +91,7 @@ class IpAdapterModels:
 
     def loaded(self) -> list[str]:
         """Names of the loaded adapters, least recently used first."""
-        return list(self._loaded)
+        return self._resident.names()
 
     def describe(self) -> dict[str, Any]:
         return {"ip_adapters_loaded": self.loaded(), "control_cache": self.capacity}
@@ -106,7 +104,7 @@ class IpAdapterModels:
             yield
             return
         loaded = [self._ensure_loaded(adapter.name, unet) for adapter in adapters]
-        self._evict(keep={adapter.name for adapter in adapters})
+        self._resident.evict(keep={adapter.name for adapter in adapters}, capacity=self.capacity)
         attentions = self._cross_attentions(unet)
         own = {name: attention.processor for name, attention in attentions.items()}
         projection, projection_type = unet.encoder_hid_proj, unet.config.encoder_hid_dim_type
@@ -176,7 +174,7 @@ class IpAdapterModels:
         encoded once however many tasks share them (the images of one job do)."""
         embeddings = []
         for index, adapter in enumerate(adapters):
-            loaded = self._loaded[adapter.name]
+            loaded = self._resident[adapter.name]
             positives, negatives = [], []
             for task in tasks:
                 pictures = task.ip_adapter_images[index]
@@ -218,34 +216,15 @@ class IpAdapterModels:
     # --- loading -------------------------------------------------------------
 
     def _ensure_loaded(self, name: str, unet: Any) -> LoadedIpAdapter:
-        entry = self.catalog.find(name)
-        if entry is None:
-            raise InvalidIpAdapter(
-                f"IP-Adapter '{name}' is not in the IP-Adapter folder (any more)"
-            )
-        if entry.problem is not None:
-            raise InvalidIpAdapter(f"IP-Adapter '{name}' cannot be used: {entry.problem}")
-        stamp = _stamp(entry.path)
-        loaded = self._loaded.get(name)
-        if loaded is not None and loaded.stamp == stamp:
-            self._loaded.move_to_end(name)
-            return loaded
-        if loaded is not None:  # the file was replaced: the new one loads
-            self._unload(name)
-        started = time.perf_counter()
-        try:
-            loaded = self._load(entry, stamp, unet)
-        except InvalidIpAdapter:
-            self._count("failed")
-            self._release_unused_encoders()
-            free_memory(self.device)
-            raise
-        self._loaded[name] = loaded
-        self._encoders[loaded.encoder].users.add(name)
-        self._count("ok", time.perf_counter() - started)
-        return loaded
+        entry = self._resident.entry(
+            self.catalog, name, InvalidIpAdapter, problem_counts_as_failed=False
+        )
+        stamp = file_stamp(entry.path)
+        if stamp is None:
+            raise InvalidIpAdapter(f"IP-Adapter '{name}' is not in the IP-Adapter folder")
+        return self._resident.get(name, stamp, lambda: self._load(entry, unet))
 
-    def _load(self, entry: IpAdapterFile, stamp: tuple[int, int], unet: Any) -> LoadedIpAdapter:
+    def _load(self, entry: IpAdapterFile, unet: Any) -> LoadedIpAdapter:
         from safetensors import safe_open
 
         assert entry.encoder is not None  # a usable entry has its encoder
@@ -284,9 +263,8 @@ class IpAdapterModels:
         }
         projection = projection.to(device=self.device, dtype=self.dtype)
         self._ensure_encoder(entry)
+        self._encoders[entry.encoder].users.add(entry.name)
         return LoadedIpAdapter(
-            name=entry.name,
-            stamp=stamp,
             encoder=entry.encoder,
             uses_hidden_states=entry.uses_hidden_states,
             processors=processors,
@@ -316,37 +294,12 @@ class IpAdapterModels:
         processor = CLIPImageProcessor(size=size, crop_size=size)
         self._encoders[entry.encoder] = ImageEncoder(model=encoder, processor=processor)
 
-    def _evict(self, keep: set[str]) -> None:
-        """Unload the least recently used adapters past the capacity, never one in `keep`."""
-        for name in list(self._loaded):
-            if len(self._loaded) <= self.capacity:
-                break
-            if name not in keep:
-                self._unload(name)
-        self._resident()
-
-    def _unload(self, name: str) -> None:
-        loaded = self._loaded.pop(name)
-        encoder = self._encoders.get(loaded.encoder)
-        if encoder is not None:
-            encoder.users.discard(name)
-        self._release_unused_encoders()
-        del loaded
-        free_memory(self.device)
-        self._resident()
-
-    def _release_unused_encoders(self) -> None:
-        for path in [path for path, encoder in self._encoders.items() if not encoder.users]:
-            del self._encoders[path]
-
-    def _count(self, outcome: str, seconds: float | None = None) -> None:
-        if self.metrics is not None:
-            self.metrics.count_ip_adapter_load(outcome, seconds)
-        self._resident()
-
-    def _resident(self) -> None:
-        if self.metrics is not None:
-            self.metrics.set_ip_adapters_resident(len(self._loaded))
+    def _release(self, name: str, loaded: LoadedIpAdapter) -> None:
+        """Its image encoder goes with the last adapter using it."""
+        encoder = self._encoders[loaded.encoder]
+        encoder.users.discard(name)
+        if not encoder.users:
+            del self._encoders[loaded.encoder]
 
 
 def _cross_attention(loaded: Sequence[LoadedIpAdapter], scales: Sequence[float]) -> dict[str, Any]:
@@ -374,11 +327,3 @@ def _cross_attention(loaded: Sequence[LoadedIpAdapter], scales: Sequence[float])
         processor.to_v_ip = torch.nn.ModuleList([part.to_v_ip[0] for part in parts])
         combined[name] = processor
     return combined
-
-
-def _stamp(path: Path) -> tuple[int, int]:
-    try:
-        stat = path.stat()
-    except OSError as exc:
-        raise InvalidIpAdapter(f"IP-Adapter '{path.stem}' is not in the IP-Adapter folder") from exc
-    return stat.st_mtime_ns, stat.st_size

@@ -19,11 +19,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-import time
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,6 +29,7 @@ from ..contract.render_request import LoraWeight
 from ..lora_catalog import LoraCatalog, LoraFile
 from ..metrics import ServiceMetrics
 from .render_batch import InvalidLora
+from .resident_models import ResidentModels, file_stamp
 
 logger = logging.getLogger(__name__)
 
@@ -48,14 +46,6 @@ def adapter_name(name: str) -> str:
     return f"{ADAPTER_PREFIX}{safe}_{digest}"
 
 
-@dataclass(frozen=True)
-class LoadedLora:
-    name: str
-    adapter: str
-    stamp: tuple[int, int]  # mtime_ns and size of the file loaded: a replaced file reloads
-    layers: int  # LoRA layers injected
-
-
 class LoraAdapters:
     """The LoRAs loaded into one base pipeline, the most recently used `capacity` of them.
 
@@ -68,6 +58,7 @@ class LoraAdapters:
         catalog: LoraCatalog,
         *,
         capacity: int,
+        device: str,
         metrics: ServiceMetrics | None = None,
         adapter_prefix: str = "",
     ) -> None:
@@ -77,8 +68,14 @@ class LoraAdapters:
         self.adapter_prefix = adapter_prefix
         self.catalog = catalog
         self.capacity = capacity
-        self.metrics = metrics
-        self._loaded: OrderedDict[str, LoadedLora] = OrderedDict()
+        # By LoRA name, its PEFT adapter's name.
+        self._resident: ResidentModels[str] = ResidentModels(
+            "LoRA",
+            device,
+            release=lambda _, adapter: self._delete_adapter(adapter),
+            count_load=metrics.count_lora_load if metrics else None,
+            count_hit=metrics.count_lora_cache_hit if metrics else None,
+        )
         # Once any adapter was injected, PEFT layers stay in the modules (empty
         # after a delete) and must be switched off for batches without LoRA.
         self._has_layers = False
@@ -86,7 +83,7 @@ class LoraAdapters:
 
     def loaded(self) -> list[str]:
         """Names of the loaded LoRAs, least recently used first."""
-        return list(self._loaded)
+        return self._resident.names()
 
     def describe(self) -> dict[str, Any]:
         return {"loras_loaded": self.loaded(), "lora_cache": self.capacity}
@@ -98,10 +95,10 @@ class LoraAdapters:
         cannot be applied.
         """
         adapters = [(self._ensure_loaded(lora.name), lora.scale) for lora in loras]
-        self._evict(keep={lora.name for lora in loras})
+        self._resident.evict(keep={lora.name for lora in loras}, capacity=self.capacity)
         # A zero scale adds nothing: leaving it out keeps such a render the
         # no-LoRA image bit for bit, without multiplying by zero.
-        active = [(loaded.adapter, scale) for loaded, scale in adapters if scale != 0]
+        active = [(adapter, scale) for adapter, scale in adapters if scale != 0]
         if active:
             self.base.enable_lora()
             self.base.set_adapters(
@@ -132,35 +129,14 @@ class LoraAdapters:
 
     # --- loading --------------------------------------------------------------
 
-    def _ensure_loaded(self, name: str) -> LoadedLora:
-        entry = self.catalog.find(name)
-        if entry is None:
+    def _ensure_loaded(self, name: str) -> str:
+        entry = self._resident.entry(self.catalog, name, InvalidLora)
+        stamp = file_stamp(entry.path)
+        if stamp is None:
             raise InvalidLora(f"LoRA '{name}' is not in the LoRA folder (any more)")
-        if entry.problem is not None:
-            self._count_load("failed")
-            raise InvalidLora(f"LoRA '{name}' cannot be used: {entry.problem}")
-        stamp = _file_stamp(entry)
-        loaded = self._loaded.get(name)
-        if loaded is not None and loaded.stamp == stamp:
-            self._loaded.move_to_end(name)
-            if self.metrics is not None:
-                self.metrics.count_lora_cache_hit()
-            return loaded
-        if loaded is not None:  # the file was replaced since
-            self._unload(name)
-        started = time.perf_counter()
-        try:
-            loaded = self._load(entry, stamp)
-        except InvalidLora:
-            self._count_load("failed")
-            raise
-        seconds = time.perf_counter() - started
-        self._count_load("ok", seconds)
-        logger.info("LoRA %s loaded in %.2f s (%d layers)", name, seconds, loaded.layers)
-        self._loaded[name] = loaded
-        return loaded
+        return self._resident.get(name, stamp, lambda: self._load(entry))
 
-    def _load(self, entry: LoraFile, stamp: tuple[int, int]) -> LoadedLora:
+    def _load(self, entry: LoraFile) -> str:
         from safetensors.torch import load_file
 
         adapter = self.adapter_prefix + adapter_name(entry.name)
@@ -177,12 +153,12 @@ class LoraAdapters:
                 raise ValueError("no layer of the SDXL base matches its weights")
         except Exception as exc:
             # Wrong shapes (an SD 1.5 LoRA) fail after some layers were injected.
-            logger.warning("LoRA %s failed to load: %s", entry.name, exc)
             self._delete_adapter(adapter)
             if isinstance(exc, torch.OutOfMemoryError):
                 raise  # the Engine answers it as out of memory
             raise InvalidLora(f"{not_sdxl}: its weights do not fit SDXL's layers") from exc
-        return LoadedLora(name=entry.name, adapter=adapter, stamp=stamp, layers=layers)
+        logger.info("LoRA %s: %d layers", entry.name, layers)
+        return adapter
 
     def _count_layers(self, adapter: str) -> int:
         from peft.tuners.lora import LoraLayer
@@ -194,27 +170,14 @@ class LoraAdapters:
             if isinstance(module, LoraLayer) and adapter in module.lora_A
         )
 
-    def _evict(self, keep: set[str]) -> None:
-        # The batch's own LoRAs stay even past capacity (max_loras may exceed it).
-        for name in list(self._loaded):
-            if len(self._loaded) <= self.capacity:
-                break
-            if name not in keep:
-                self._unload(name)
-
     def unload_all(self) -> None:
         """Every adapter out of the modules (those shared with other models included), before
         the base model is unloaded."""
-        for name in list(self._loaded):
-            self._unload(name)
+        for name in self._resident.names():
+            self._resident.unload(name)
         if self._has_layers:
             self.base.disable_lora()
         self._enabled = False
-
-    def _unload(self, name: str) -> None:
-        loaded = self._loaded.pop(name)
-        self._delete_adapter(loaded.adapter)
-        logger.info("LoRA %s unloaded", name)
 
     def _delete_adapter(self, adapter: str) -> None:
         """Every trace of `adapter` in the base's modules, however far its load got."""
@@ -226,15 +189,3 @@ class LoraAdapters:
             config = getattr(module, "peft_config", None)
             if isinstance(config, dict):
                 config.pop(adapter, None)
-
-    def _count_load(self, outcome: str, seconds: float | None = None) -> None:
-        if self.metrics is not None:
-            self.metrics.count_lora_load(outcome, seconds)
-
-
-def _file_stamp(entry: LoraFile) -> tuple[int, int]:
-    try:
-        stat = entry.path.stat()
-    except OSError as exc:
-        raise InvalidLora(f"LoRA '{entry.name}' is not in the LoRA folder (any more)") from exc
-    return stat.st_mtime_ns, stat.st_size

@@ -239,6 +239,7 @@ class ModelCache:
             base,
             LoraCatalog(self.config.lora_folder),
             capacity=self.config.lora_cache,
+            device=self.device,
             metrics=self.metrics,
             adapter_prefix=_adapter_prefix(entry.name),
         )

@@ -15,7 +15,6 @@ import logging
 import sys
 import threading
 import types
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import torch
 from PIL import Image
 
 from ..upscaler_catalog import UPSCALER_FORMATS, UpscalerCatalog, UpscalerFile
+from .resident_models import ResidentModels
 
 logger = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ class UpscalerModels:
         self.cache = cache
         self.tile = tile
         self._lock = threading.RLock()
-        self._loaded: OrderedDict[tuple[str, Path, float, int], Any] = OrderedDict()
+        self._resident: ResidentModels[Any] = ResidentModels("upscaler", str(device))
         # Descriptions by file stamp, loaded on the CPU: GET /v1/models lists them.
         self._described: dict[tuple[Path, float, int], dict[str, object]] = {}
 
@@ -219,19 +219,15 @@ class UpscalerModels:
     def model(self, name: str) -> Any:
         """The upscaler `name` on this device, loaded on first use (again when its file changed)."""
         entry = self.entry(name)
-        key = (name, *self._stamp(entry))
+        stamp = self._stamp(entry)
         with self._lock:
-            if key in self._loaded:
-                self._loaded.move_to_end(key)
-                return self._loaded[key]
-            for old in [k for k in self._loaded if k[0] == name]:
-                del self._loaded[old]
-            model = load_upscaler(entry.path, self.device)
-            model = model.to(model_dtype(model, self.device))
-            self._loaded[key] = model
-            while len(self._loaded) > self.cache:
-                self._loaded.popitem(last=False)
+            model = self._resident.get(name, stamp, lambda: self._load(entry))
+            self._resident.evict(keep={name}, capacity=self.cache)
             return model
+
+    def _load(self, entry: UpscalerFile) -> Any:
+        model = load_upscaler(entry.path, self.device)
+        return model.to(model_dtype(model, self.device))
 
     def describe(self) -> dict[str, dict[str, object]]:
         """Every upscaler of the folder: its file's format and spandrel's architecture and
