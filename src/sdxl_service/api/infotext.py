@@ -115,6 +115,10 @@ class Provenance:
     ti_hashes: dict[str, str] = field(default_factory=dict)
     version: str = field(default_factory=service_version)
     controlnets: tuple[ControlNetUnitText, ...] = ()
+    # A masked edit's options (api/inpaint_options.py): its mask blur, and the padding of
+    # "Only masked" (None: the whole picture was inpainted).
+    mask_blur: int | None = None
+    masked_area_padding: int | None = None
 
 
 def quote(value: object) -> str:
@@ -166,6 +170,11 @@ def infotext(
         fields["Hires upscaler"] = (
             params.hires.upscaler_model or HIRES_UPSCALERS[params.hires.upscaler]
         )
+    if provenance.mask_blur is not None:
+        fields["Mask blur"] = provenance.mask_blur
+    if provenance.masked_area_padding is not None:
+        fields["Inpaint area"] = "Only masked"
+        fields["Masked area padding"] = provenance.masked_area_padding
     if params.refiner is not RefinerMode.NONE:
         fields["Refiner"] = model_name(provenance.refiner_model)
         fields["Refiner switch at"] = params.high_noise_frac

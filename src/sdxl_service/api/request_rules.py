@@ -14,7 +14,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image
@@ -37,6 +37,14 @@ from ..upscaler_catalog import UpscalerCatalog
 from .encoding import resize_to
 from .errors import APIError, excerpt, invalid_value
 from .infotext import Provenance
+from .inpaint_options import (
+    DEFAULT_PADDING,
+    RESAMPLE,
+    InpaintInput,
+    InpaintOptions,
+    blur,
+    only_masked,
+)
 from .ip_adapter_requests import IpAdapterSet, ip_adapter_set
 from .lora_requests import lora_set, take_inline_loras
 from .outpainting import Borders, outpainted
@@ -79,6 +87,9 @@ class ResolvedRequest:
     # through a lossy VAE round trip), and the mask.
     kept_picture: Image.Image | None = None
     repaint_mask: Image.Image | None = None
+    # "Only masked" (api/inpaint_options.py): the region of the kept picture that was
+    # rendered, where the rendered image goes back; None: the whole picture.
+    paste_region: tuple[int, int, int, int] | None = None
     # For the infotext each image carries (api/infotext.py); None with SDXL_IMAGE_METADATA=false.
     provenance: Provenance | None = None
 
@@ -104,6 +115,8 @@ class RenderPlan:
     upscaler: str | None = None
     # The picture and mask rendered from, where the kind makes them (an outpainting canvas).
     source: EditSource | None = None
+    # A masked edit's mask blur and "Only masked" padding (api/inpaint_options.py).
+    inpaint: InpaintOptions = field(default_factory=InpaintOptions)
 
 
 def plan_generation(req: ImageRequest, source: EditSource | None, settings: Settings) -> RenderPlan:
@@ -126,7 +139,39 @@ def plan_edit(req: ImageRequest, source: EditSource | None, settings: Settings) 
         default_size=None,
         size=None if canvas is None else canvas.image.size,
         source=canvas,
+        inpaint=_inpaint_options(req, masked=source.mask is not None),
     )
+
+
+def _inpaint_options(req: ImageEditRequest, *, masked: bool) -> InpaintOptions:
+    """The edit's mask blur and inpaint area; refused where they would do nothing (no mask,
+    a padding of the whole picture), where A1111 ignores them."""
+    given = [
+        name
+        for name in ("mask_blur", "inpaint_area", "inpaint_padding")
+        if getattr(req, name) is not None
+    ]
+    if given and not masked:
+        raise invalid_value(
+            given[0],
+            f"{given[0]} applies to an edit with a mask (or an outpaint); this one has none.",
+        )
+    only = req.inpaint_area == "only_masked"
+    if req.inpaint_padding is not None and not only:
+        raise invalid_value(
+            "inpaint_padding",
+            "inpaint_padding is the margin of inpaint_area only_masked; give that too, or "
+            "drop inpaint_padding.",
+        )
+    if only and req.controlnets:
+        raise invalid_value(
+            "inpaint_area",
+            "inpaint_area only_masked renders a crop of the picture, which ControlNet units' "
+            "control images do not follow; use inpaint_area whole with controlnets.",
+            code="unsupported_value",
+        )
+    padding = req.inpaint_padding if req.inpaint_padding is not None else DEFAULT_PADDING
+    return InpaintOptions(mask_blur=req.mask_blur or 0, padding=padding if only else None)
 
 
 def _outpainted(req: ImageEditRequest, source: EditSource, s: Settings) -> EditSource | None:
@@ -386,17 +431,21 @@ def resolve(
     # 4. Edits: the picture at the render size; inpainting keeps it and the mask
     #    at the answered size for compositing.
     pictures: dict[str, Any] = {}
-    kept_picture = repaint = None
+    kept_picture = repaint = region = inpaint = None
     if upscale is not None:
         # At its own size: the upscaler model takes it in the render worker.
         assert source is not None
         pictures["init_image"] = source.image.convert("RGB").tobytes()
+    elif source is not None and source.mask is not None:
+        inpaint = plan.inpaint
+        kept_picture, repaint, rendered = _inpaint_input(
+            source, inpaint, (width, height), (render_w, render_h)
+        )
+        pictures["init_image"] = rendered.picture.tobytes()
+        pictures["mask"] = rendered.mask.tobytes()
+        region = rendered.region
     elif source is not None:
         pictures["init_image"] = resize_to(source.image, render_w, render_h).tobytes()
-        if source.mask is not None:
-            pictures["mask"] = _resize_mask(source.mask, render_w, render_h).tobytes()
-            kept_picture = resize_to(source.image, width, height)
-            repaint = _resize_mask(source.mask, width, height)
 
     job = RenderRequest(
         request_id=uuid.uuid4().hex,
@@ -420,8 +469,9 @@ def resolve(
         quality=req.quality or "auto",
         kept_picture=kept_picture,
         repaint_mask=repaint,
+        paste_region=region,
         provenance=(
-            _provenance(s, loras, folder, catalog, choice, adapters, ip_adapters)
+            _provenance(s, loras, folder, catalog, choice, adapters, ip_adapters, inpaint, region)
             if s.image_metadata
             else None
         ),
@@ -496,6 +546,8 @@ def _provenance(
     choice: ModelChoice,
     adapters: IpAdapterSet | None = None,
     ip_adapters: IpAdapterCatalog | None = None,
+    inpaint: InpaintOptions | None = None,
+    region: tuple[int, int, int, int] | None = None,
 ) -> Provenance:
     hashes = {}
     for lora in loras:
@@ -516,6 +568,9 @@ def _provenance(
         refiner_model=s.refiner_model,
         lora_hashes=hashes,
         ip_adapter_modules=modules,
+        # A1111 writes a masked edit's mask blur, 0 included (its UI's default is 4).
+        mask_blur=None if inpaint is None else inpaint.mask_blur,
+        masked_area_padding=None if inpaint is None or region is None else inpaint.padding,
     )
 
 
@@ -560,6 +615,29 @@ def _requested_size(
     except ValueError as exc:
         raise invalid_value(param, f"Invalid size: {exc}.") from None
     return width, height
+
+
+def _inpaint_input(
+    source: EditSource,
+    options: InpaintOptions,
+    answered: tuple[int, int],
+    render: tuple[int, int],
+) -> tuple[Image.Image, Image.Image, InpaintInput]:
+    """A masked edit's picture and (blurred) mask at the answered size, which the rendered
+    image goes back over, and what is rendered: the whole picture, or "Only masked"'s region
+    of it (the whole when the mask left nothing at the answered size)."""
+    assert source.mask is not None
+    kept = resize_to(source.image, *answered)
+    repaint = blur(_resize_mask(source.mask, *answered), options.mask_blur)
+    if options.padding is not None:
+        cropped = only_masked(kept, repaint, *render, options.padding)
+        if cropped is not None:
+            return kept, repaint, cropped
+    picture = resize_to(source.image, *render)
+    if options.mask_blur == 0:
+        return kept, repaint, InpaintInput(picture, _resize_mask(source.mask, *render))
+    # The blurred mask taken to the render size as the inpaint pipeline's mask processor does.
+    return kept, repaint, InpaintInput(picture, repaint.resize(render, RESAMPLE))
 
 
 def _resize_mask(mask: Image.Image, width: int, height: int) -> Image.Image:

@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
-from PIL import Image
 
 from ..contract.render_request import (
     CONTENT_POLICY_MESSAGE,
@@ -26,6 +25,7 @@ from .encoding import CONTENT_TYPES, encode_image, pixels_of, resize_to, to_base
 from .errors import APIError, outcome_error
 from .files import FileStore
 from .infotext import infotext
+from .inpaint_options import apply_overlay
 from .request_rules import ResolvedRequest
 from .schemas import ImageData, ImageError, ImagesResponse
 
@@ -114,9 +114,14 @@ def encode_rendered(rendered: RenderedImage, resolved: ResolvedRequest) -> bytes
     as_rendered = (resolved.width, resolved.height) == (rendered.width, rendered.height)
     if as_rendered and resolved.repaint_mask is None:
         return encode_image(pixels_of(rendered), fmt, compression, infotext=text)
-    picture = resize_to(to_pil(rendered), resolved.width, resolved.height)
+    picture = to_pil(rendered)
+    if resolved.paste_region is None:
+        picture = resize_to(picture, resolved.width, resolved.height)
     if resolved.repaint_mask is not None and resolved.kept_picture is not None:
-        picture = Image.composite(picture, resolved.kept_picture, resolved.repaint_mask)
+        # diffusers' overlay: a blurred mask blends, "Only masked" pastes its region back.
+        picture = apply_overlay(
+            resolved.repaint_mask, resolved.kept_picture, picture, resolved.paste_region
+        )
     return encode_image(picture, fmt, compression, infotext=text)
 
 

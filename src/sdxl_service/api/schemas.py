@@ -22,6 +22,7 @@ from pydantic import (
 from ..choices import HiresUpscaler
 from ..generation_params import request_fields_model
 from .control_requests import MAX_UNITS_LISTED, ControlNetRequest
+from .inpaint_options import InpaintArea
 from .outpainting import Anchor
 from .sizing import AUTO_SIZE, parse_size
 
@@ -198,6 +199,11 @@ class ImageEditRequest(ImageRequest):
     # Extensions: outpainting, by borders or onto a larger `size` at an anchor (not both).
     outpaint: OutpaintRequest | None = None
     outpaint_anchor: Anchor | None = None
+    # Extensions: AUTOMATIC1111's inpainting options, for edits with a mask (or an outpaint):
+    # the mask blurred, and "Only masked" with its padding (api/inpaint_options.py).
+    mask_blur: int | None = Field(default=None, ge=0, le=64)
+    inpaint_area: InpaintArea | None = None
+    inpaint_padding: int | None = Field(default=None, ge=0, le=256)
 
     _json_form_field = field_validator("outpaint", mode="before")(json_form_field)
 
