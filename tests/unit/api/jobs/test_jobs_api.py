@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from sdxl_service.api.app import create_app
 from sdxl_service.api.files import LocalFileStore
@@ -294,6 +295,30 @@ def test_an_outpainting_edit_job_answers_the_canvas(service: Service) -> None:
         files={"image": part(noise(64, 64))},
     )
     assert_error(refused, 400, "outpaint.left")
+
+
+def test_an_only_masked_edit_job_pastes_its_region_back(service: Service) -> None:
+    mask = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (40, 40, 56, 56))
+    fields = {"kind": "edit", "prompt": "x", "seed": "5", "mask_blur": "2"}
+    response = service.client.post(
+        "/images/jobs",
+        data={**fields, "inpaint_area": "only_masked", "inpaint_padding": "4"},
+        files={"image": part(noise(64, 64)), "mask": part(mask)},
+    )
+    assert response.status_code == 202, response.text
+    ended = service.ended(response.json()["id"])
+    assert ended["status"] == "succeeded", ended
+    answer = np.asarray(decode(ended["result"]["data"][0]["b64_json"]))
+    assert answer.shape == (64, 64, 3)
+    assert (answer[46:50, 46:50] == (5, 0, 0)).all()
+    assert np.array_equal(answer[:16, :16], np.asarray(noise(64, 64))[:16, :16])
+    refused = service.client.post(
+        "/images/jobs",
+        data={**fields, "inpaint_padding": "4"},
+        files={"image": part(noise(64, 64)), "mask": part(mask)},
+    )
+    assert_error(refused, 400, "inpaint_padding")
 
 
 def test_an_upscale_is_a_job_kind_too(service: Service) -> None:
