@@ -7,6 +7,7 @@ The tolerance is the other edit tests': 1 in 255 on the decoded pixels (test_edi
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -267,6 +268,54 @@ def test_an_outpainting_canvas_renders_as_the_stock_inpaint_pipeline(engine: Eng
     expected = pixels(engine.latent_codec.decode(latents)[0])
     assert got.shape == expected.shape == (64, 96, 3)
     assert int(np.abs(got - expected).max()) <= 1
+
+
+def test_mask_blur_and_only_masked_render_as_the_stock_padding_mask_crop(engine: Engine) -> None:
+    """A1111's "Only masked" with a blurred mask on an inpainting model: the request rules'
+    crop, the engine's render and the answer's paste-back equal the stock pipeline's
+    `padding_mask_crop` call (one picture per call, so one per seed)."""
+    from sdxl_service.api.request_kinds import EDIT
+    from sdxl_service.api.responses import encode_rendered
+    from sdxl_service.api.schemas import ImageEditRequest
+    from sdxl_service.api.uploads import EditSource
+    from sdxl_service.contract.render_request import RenderedImage
+    from sdxl_service.engine.render_batch import image_tasks
+    from sdxl_service.settings import Settings
+
+    picture = Image.frombytes("RGB", (96, 64), noise_picture(5, 96, 64))
+    mask = Image.new("L", (96, 64), 0)
+    mask.paste(255, (60, 36, 80, 52))
+    req = ImageEditRequest(
+        prompt="a fox", n=2, seed=SEEDS[0], mask_blur=3, inpaint_area="only_masked"
+    )
+    settings = Settings(refiner="none", steps=10, image_metadata=False)
+    resolved = EDIT.resolve(req, EditSource(picture, mask), settings, SIZE)
+    params = resolved.job.params.model_copy(update={"model": "inpaint"})
+    rendered = engine.render(RenderBatch(params=params, tasks=image_tasks(resolved.job)))
+    got = []
+    for seed, image in zip(SEEDS, rendered, strict=True):
+        wire = RenderedImage(seed=seed, width=96, height=64, rgb=image.tobytes())
+        got.append(pixels(Image.open(io.BytesIO(encode_rendered(wire, resolved)))))
+    model = engine.models._resident["inpaint"]
+    stock_pipeline = StableDiffusionXLInpaintPipeline(**model.base.components)
+    stock_pipeline.scheduler = make_scheduler(params.scheduler, model.scheduler_config)
+    blurred = stock_pipeline.mask_processor.blur(mask, blur_factor=3)
+    expected = []
+    with torch.inference_mode():
+        for seed in SEEDS:
+            expected += stock_pipeline(
+                prompt="a fox",
+                image=picture,
+                mask_image=blurred,
+                width=96,
+                height=64,
+                strength=1.0,
+                num_inference_steps=10,
+                guidance_scale=params.guidance_scale,
+                generator=torch.Generator("cpu").manual_seed(seed),
+                padding_mask_crop=32,
+            ).images
+    assert_same_pixels(got, [pixels(image) for image in expected])
 
 
 def test_the_header_says_inpainting_and_the_packaged_config_matches_sdxl_inpainting(
