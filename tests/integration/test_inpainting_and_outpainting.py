@@ -4,6 +4,7 @@ openai 3.x client (`images.edit` with `extra_body`) and raw HTTP for the errors.
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 from collections.abc import Iterator
@@ -124,3 +125,60 @@ def test_the_legacy_client_outpaints_with_a_json_keyword(
     picture = tmp_path / "picture.png"
     PICTURE.save(picture)
     assert run_legacy(LEGACY_OUTPAINT, service.api, str(picture)) == {"size": [96, 64]}
+
+
+def transparent_box(box: tuple[int, int, int, int]) -> Image.Image:
+    """An OpenAI mask over PICTURE: the box transparent (repainted), the rest opaque."""
+    mask = Image.new("RGBA", PICTURE.size, (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), box)
+    return mask
+
+
+def test_only_masked_with_a_blurred_mask_through_the_openai_client(client: OpenAI) -> None:
+    """A1111's "Only masked": the region around the mask rendered at the full size and pasted
+    back; far from it the picture's own pixels, and the infotext says so in A1111's words."""
+    result = client.images.edit(
+        image=("picture.png", png(PICTURE), "image/png"),
+        mask=("mask.png", png(transparent_box((40, 40, 56, 56))), "image/png"),
+        prompt="a fox",
+        n=2,
+        extra_body={
+            "seed": 5,
+            "mask_blur": 2,
+            "inpaint_area": "only_masked",
+            "inpaint_padding": 8,
+        },
+    )
+    answers = [pixels(item.b64_json or "") for item in result.data]
+    assert [answer.shape for answer in answers] == [(64, 64, 3)] * 2
+    for answer in answers:
+        assert np.array_equal(answer[:24, :24], np.asarray(PICTURE, dtype=np.int16)[:24, :24])
+    assert np.abs(answers[0][44:52, 44:52] - answers[1][44:52, 44:52]).mean() > 0
+    png_bytes = base64.b64decode(result.data[0].b64_json or "")
+    text = Image.open(io.BytesIO(png_bytes)).text["parameters"]
+    assert "Mask blur: 2, Inpaint area: Only masked, Masked area padding: 8" in text
+
+
+def test_inpaint_options_as_raw_multipart_fields(service: RunningService) -> None:
+    files = {
+        "image": ("picture.png", png(PICTURE), "image/png"),
+        "mask": ("mask.png", png(transparent_box((8, 8, 24, 24))), "image/png"),
+    }
+    fields = {"prompt": "a fox", "seed": "3", "inpaint_area": "only_masked", "mask_blur": "4"}
+    with httpx.Client(base_url=service.api, timeout=300) as http:
+        answer = http.post("/images/edits", data=fields, files=files)
+        assert answer.status_code == 200, answer.text
+        image = pixels(answer.json()["data"][0]["b64_json"])
+        assert image.shape == (64, 64, 3)
+        assert np.array_equal(image[48:, 48:], np.asarray(PICTURE, dtype=np.int16)[48:, 48:])
+        for field, value in (("mask_blur", "65"), ("inpaint_area", "middle")):
+            refused = http.post("/images/edits", data={**fields, field: value}, files=files)
+            assert refused.status_code == 400, refused.text
+            assert refused.json()["error"]["param"] == field
+        refused = http.post(
+            "/images/edits",
+            data={"prompt": "a fox", "mask_blur": "4"},
+            files={"image": files["image"]},
+        )
+        assert (refused.status_code, refused.json()["error"]["param"]) == (400, "mask_blur")
+        assert http.post("/images/edits", data=fields, files=files).status_code == 200
