@@ -25,7 +25,7 @@ from .encoding import CONTENT_TYPES, encode_image, pixels_of, resize_to, to_base
 from .errors import APIError, outcome_error
 from .files import FileStore
 from .infotext import infotext
-from .inpaint_options import apply_overlay
+from .inpaint_options import paste_back
 from .request_rules import ResolvedRequest
 from .schemas import ImageData, ImageError, ImagesResponse
 
@@ -118,8 +118,8 @@ def encode_rendered(rendered: RenderedImage, resolved: ResolvedRequest) -> bytes
     if resolved.paste_region is None:
         picture = resize_to(picture, resolved.width, resolved.height)
     if resolved.repaint_mask is not None and resolved.kept_picture is not None:
-        # diffusers' overlay: a blurred mask blends, "Only masked" pastes its region back.
-        picture = apply_overlay(
+        # A blurred mask blends, "Only masked" pastes its region back.
+        picture = paste_back(
             resolved.repaint_mask, resolved.kept_picture, picture, resolved.paste_region
         )
     return encode_image(picture, fmt, compression, infotext=text)

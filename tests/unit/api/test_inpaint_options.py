@@ -98,13 +98,16 @@ def test_the_overlay_is_diffusers(blur: int, crop) -> None:
     assert np.array_equal(np.asarray(ours), np.asarray(theirs))
 
 
-def test_a_two_valued_mask_overlays_as_a_plain_composite() -> None:
-    """Why a masked edit without the options keeps its pixels: the overlay is the composite."""
-    picture, rendered = noise(96, 64, 1), noise(96, 64, 2)
-    mask = box_mask(96, 64, (30, 20, 61, 41))
+@pytest.mark.parametrize("blur", [0, 3])
+@pytest.mark.parametrize("region", [None, (16, 8, 80, 56)])
+def test_pasting_back_is_diffusers_overlay(blur: int, region) -> None:
+    """Over the whole picture a two-valued mask takes the plain composite: the same pixels."""
+    picture = noise(96, 64, 1)
+    rendered = noise(96, 64, 2) if region is None else noise(48, 32, 2)
+    mask = inpaint_options.blur(box_mask(96, 64, (30, 20, 61, 41)), blur)
     assert np.array_equal(
-        np.asarray(inpaint_options.apply_overlay(mask, picture, rendered)),
-        np.asarray(Image.composite(rendered, picture, mask)),
+        np.asarray(inpaint_options.paste_back(mask, picture, rendered, region)),
+        np.asarray(IMAGES.apply_overlay(mask, picture, rendered, region)),
     )
 
 
@@ -308,3 +311,18 @@ def test_a_variation_ignores_them_as_fields_it_does_not_know(client) -> None:
         data={"mask_blur": "4", "inpaint_area": "only_masked", "size": "256x256"},
     )
     assert response.status_code == 200, response.text
+
+
+def test_previews_of_an_only_masked_edit_are_pasted_into_the_picture(client) -> None:
+    response = edit(client, inpaint_area="only_masked", stream="true", partial_images=1)
+    assert response.status_code == 200, response.text
+    events = [
+        json.loads(line.removeprefix("data: "))
+        for line in response.text.splitlines()
+        if line.startswith("data: ")
+    ]
+    preview = next(event for event in events if event["type"] == "image_edit.partial_image")
+    answer = np.asarray(decode(preview["b64_json"]))
+    assert answer.shape == (64, 96, 3)
+    assert (answer[BOX[1] : BOX[3], BOX[0] : BOX[2]] == 10).all()  # the painter's grey
+    assert np.array_equal(answer[:8, :8], np.asarray(noise(96, 64))[:8, :8])
