@@ -99,7 +99,7 @@ def test_the_overlay_is_diffusers(blur: int, crop) -> None:
 
 
 @pytest.mark.parametrize("blur", [0, 3])
-@pytest.mark.parametrize("region", [None, (16, 8, 80, 56)])
+@pytest.mark.parametrize("region", [None, (16, 8, 80, 56), (24, 0, 96, 64)])
 def test_pasting_back_is_diffusers_overlay(blur: int, region) -> None:
     """Over the whole picture a two-valued mask takes the plain composite: the same pixels."""
     picture = noise(96, 64, 1)
