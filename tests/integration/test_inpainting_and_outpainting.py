@@ -182,3 +182,31 @@ def test_inpaint_options_as_raw_multipart_fields(service: RunningService) -> Non
         )
         assert (refused.status_code, refused.json()["error"]["param"]) == (400, "mask_blur")
         assert http.post("/images/edits", data=fields, files=files).status_code == 200
+
+
+LEGACY_ONLY_MASKED = """
+import base64, io, json, sys
+import openai
+from PIL import Image
+openai.api_base, openai.api_key = sys.argv[1], "any"
+edit = openai.Image.create_edit(
+    image=open(sys.argv[2], "rb"), mask=open(sys.argv[3], "rb"), prompt="a fox",
+    mask_blur=4, inpaint_area="only_masked", inpaint_padding=16, seed=3,
+)
+data = base64.b64decode(edit["data"][0]["b64_json"])
+image = Image.open(io.BytesIO(data))
+corner = Image.open(sys.argv[2]).convert("RGB").getpixel((0, 0))
+print(json.dumps({"size": list(image.size), "corner_kept": image.getpixel((0, 0)) == corner,
+                  "only_masked": "Inpaint area: Only masked" in image.text["parameters"]}))
+"""
+
+
+def test_the_legacy_client_sends_them_as_keywords(service: RunningService, tmp_path: Path) -> None:
+    picture, mask = tmp_path / "picture.png", tmp_path / "mask.png"
+    PICTURE.save(picture)
+    transparent_box((40, 40, 56, 56)).save(mask)
+    assert run_legacy(LEGACY_ONLY_MASKED, service.api, str(picture), str(mask)) == {
+        "size": [64, 64],
+        "corner_kept": True,
+        "only_masked": True,
+    }
