@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Literal
 
+import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -32,6 +33,7 @@ from .control_maps import (
 from .errors import excerpt, invalid_value
 from .infotext import ControlNetUnitText, Provenance
 from .inline_images import decode_inline_image
+from .inpaint_options import Region, resize_and_fill
 from .uploads import InvalidUpload
 
 # The real bound is SDXL_MAX_CONTROLNETS; this one only keeps absurd lists out of validation.
@@ -87,10 +89,13 @@ def with_controlnets(
     units: Sequence[ControlNetRequest],
     folder: Mapping[str, ControlNetFile],
     settings: Settings,
+    only_masked: tuple[Region, tuple[int, int]] | None = None,
 ) -> tuple[RenderRequest, Provenance | None]:
     """`job` with `units` in it (and their infotext in `provenance`); 400 naming the unit's
     parameter for anything wrong. `folder`: SDXL_CONTROLNET_DIR as this request sees it.
-    Decodes and resizes pictures: call it off the event loop."""
+    `only_masked`: the region an "Only masked" edit renders, and the answer's size it is a
+    region of (api/inpaint_options.py). Decodes and resizes pictures: call it off the event
+    loop."""
     if not units:
         return job, provenance
     params = job.params
@@ -132,7 +137,7 @@ def with_controlnets(
             picture = decode_inline_image(unit.image, f"{param}.image")
         except InvalidUpload as exc:
             raise invalid_value(exc.param, str(exc)) from None
-        images.append(_control_map(picture, unit, params.width, params.height))
+        images.append(_control_map(picture, unit, params.width, params.height, only_masked))
         if hires is not None:
             first_pass_images.append(_control_map(picture, unit, *first_size))
         chosen.append(
@@ -171,10 +176,24 @@ def with_controlnets(
     return new_job, provenance
 
 
-def _control_map(picture: Image.Image, unit: ControlNetRequest, width: int, height: int) -> bytes:
+def _control_map(
+    picture: Image.Image,
+    unit: ControlNetRequest,
+    width: int,
+    height: int,
+    only_masked: tuple[Region, tuple[int, int]] | None = None,
+) -> bytes:
     """The unit's map at width x height: the picture fitted (Crop and Resize), then canny's
-    edges of it when asked (made at that size: api/control_maps.py), raw RGB."""
-    fitted = fit_crop_and_resize(picture, width, height)
+    edges of it when asked (made at that size: api/control_maps.py), raw RGB. "Only masked":
+    fitted to the answer's size, then its region cut and fitted to width x height as diffusers'
+    ControlNet inpaint pipeline fits its control image with `padding_mask_crop` (the crop,
+    `resize_mode="fill"`), so the map lies where the picture's region does."""
+    if only_masked is None:
+        fitted = fit_crop_and_resize(picture, width, height)
+    else:
+        region, answered = only_masked
+        whole = Image.fromarray(fit_crop_and_resize(picture, *answered))
+        fitted = np.asarray(resize_and_fill(whole.crop(region), width, height))
     if unit.preprocessor == "canny":
         fitted = canny_map(fitted, unit.low, unit.high)
     return fitted.tobytes()

@@ -163,13 +163,6 @@ def _inpaint_options(req: ImageEditRequest, *, masked: bool) -> InpaintOptions:
             "inpaint_padding is the margin of inpaint_area only_masked; give that too, or "
             "drop inpaint_padding.",
         )
-    if only and req.controlnets:
-        raise invalid_value(
-            "inpaint_area",
-            "inpaint_area only_masked renders a crop of the picture, which ControlNet units' "
-            "control images do not follow; use inpaint_area whole with controlnets.",
-            code="unsupported_value",
-        )
     padding = req.inpaint_padding if req.inpaint_padding is not None else DEFAULT_PADDING
     return InpaintOptions(mask_blur=req.mask_blur or 0, padding=padding if only else None)
 

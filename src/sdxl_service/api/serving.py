@@ -316,6 +316,7 @@ class ImagesServing:
                     "checkpoint takes none.",
                 )
             folder = await run_in_threadpool(self.controlnets.snapshot)
+            region = resolved.paste_region
             job, provenance = await run_in_threadpool(
                 with_controlnets,
                 resolved.job,
@@ -323,6 +324,7 @@ class ImagesServing:
                 req.controlnets,
                 folder,
                 self.settings,
+                None if region is None else (region, (resolved.width, resolved.height)),
             )
             resolved = replace(resolved, job=job, provenance=provenance)
         return resolved

@@ -373,3 +373,28 @@ def test_an_upscale_through_an_upscaler_model_still_takes_no_units(
     del data["upscaler"]
     response = client.post("/images/upscale", files={"image": ("a.png", png(64, 48))}, data=data)
     assert response.status_code == 200, response.text
+
+
+def test_an_only_masked_edit_cuts_each_map_from_its_region(
+    client: TestClient, painter: SeedPainter
+) -> None:
+    """The map fitted to the answer's size, its region cut and fitted to the render size, as
+    the picture's is (diffusers' ControlNet inpaint pipeline with padding_mask_crop)."""
+    from sdxl_service.api.control_maps import fit_crop_and_resize
+    from sdxl_service.api.inpaint_options import resize_and_fill
+
+    mask = Image.new("RGBA", (256, 256), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (160, 160, 200, 200))
+    buffer = io.BytesIO()
+    mask.save(buffer, "PNG")
+    units = [{"name": "depth", "image": picture_b64(64, 64)}]
+    data = {"prompt": "a fox", "controlnets": json.dumps(units), "inpaint_area": "only_masked"}
+    files = {"image": ("a.png", png(256, 256)), "mask": ("mask.png", buffer.getvalue())}
+    response = client.post("/images/edits", files=files, data=data)
+    assert response.status_code == 200, response.text
+    job = painter.jobs[-1]
+    width, height = job.params.width, job.params.height
+    control = base64.b64decode(picture_b64(64, 64))
+    whole = Image.fromarray(fit_crop_and_resize(Image.open(io.BytesIO(control)), 256, 256))
+    region = (128, 128, 232, 232)  # the mask's box, 32 pixels around it, within the picture
+    assert job.control_images[0] == resize_and_fill(whole.crop(region), width, height).tobytes()

@@ -264,13 +264,6 @@ def test_the_infotext_says_a1111s_labels_and_reads_back(client) -> None:
         ({"inpaint_area": "center"}, "inpaint_area"),
         ({"inpaint_area": "only_masked", "inpaint_padding": 257}, "inpaint_padding"),
         ({"inpaint_padding": 8}, "inpaint_padding"),
-        (
-            {
-                "inpaint_area": "only_masked",
-                "controlnets": json.dumps([{"name": "edges", "image": "AAAA"}]),
-            },
-            "inpaint_area",
-        ),
     ],
 )
 def test_bad_values_are_400s_naming_the_field(client, fields, param) -> None:

@@ -514,3 +514,95 @@ def test_a_render_without_units_builds_no_controlnet_pipeline(
         p = params(kind, RefinerMode.ENSEMBLE).model_copy(update={"num_inference_steps": 2})
         mask = LEFT_HALF if kind is RenderKind.INPAINT else None
         assert len(engine.render(RenderBatch(params=p, tasks=tasks(p, mask=mask)))) == 2
+
+
+def test_only_masked_inpaint_is_stock_padding_mask_crop(
+    engine: Engine, controlnet_dir: Path
+) -> None:
+    """An "Only masked" edit with a unit: the request rules crop the picture and mask, the
+    unit's map is cut from the same region (control_requests.py), the engine renders, the
+    answer pastes back: stock `StableDiffusionXLControlNetInpaintPipeline` with
+    `padding_mask_crop` (one picture per call, so one per seed), within 1 in 255."""
+    import base64
+    import io
+
+    from sdxl_service.api.control_requests import with_controlnets
+    from sdxl_service.api.request_kinds import EDIT
+    from sdxl_service.api.responses import encode_rendered
+    from sdxl_service.api.schemas import ImageEditRequest
+    from sdxl_service.api.uploads import EditSource
+    from sdxl_service.contract.render_request import RenderedImage
+    from sdxl_service.controlnet_catalog import ControlNetCatalog
+    from sdxl_service.engine.render_batch import image_tasks
+    from sdxl_service.settings import Settings
+
+    width, height = 96, 80
+    picture = Image.frombytes("RGB", (width, height), noise_picture(3, width, height))
+    mask = Image.new("L", (width, height), 0)
+    mask.paste(255, (56, 40, 80, 60))
+    blocks = np.random.default_rng(5).integers(0, 256, (10, 12, 1), np.uint8)
+    control = Image.fromarray(np.repeat(np.repeat(np.repeat(blocks, 8, 0), 8, 1), 3, 2))
+    png = io.BytesIO()
+    control.save(png, format="PNG")
+    unit = {"name": "edges", "scale": 0.9, "start": 0.1, "end": 0.9}
+    req = ImageEditRequest(
+        prompt=PROMPT,
+        n=2,
+        seed=SEEDS[0],
+        mask_blur=2,
+        inpaint_area="only_masked",
+        inpaint_padding=8,
+        controlnets=[{**unit, "image": base64.b64encode(png.getvalue()).decode()}],
+    )
+    settings = Settings(refiner="none", scheduler="euler", steps=10, image_metadata=False)
+    resolved = EDIT.resolve(req, EditSource(picture, mask), settings, SIZE)
+    assert resolved.paste_region is not None and req.controlnets is not None
+    job, _ = with_controlnets(
+        resolved.job,
+        None,
+        req.controlnets,
+        ControlNetCatalog(controlnet_dir).snapshot(),
+        settings,
+        (resolved.paste_region, (width, height)),
+    )
+    p = job.params
+    got = []
+    with torch.inference_mode():
+        rendered = engine.render(RenderBatch(params=p, tasks=image_tasks(job)))
+        for seed, image in zip(SEEDS, rendered, strict=True):
+            wire = RenderedImage(seed=seed, width=width, height=height, rgb=image.tobytes())
+            answer = Image.open(io.BytesIO(encode_rendered(wire, replace(resolved, job=job))))
+            got.append(np.asarray(answer, dtype=np.int16))
+        stock = scheduled(
+            engine,
+            StableDiffusionXLControlNetInpaintPipeline(
+                **engine.base.components, controlnet=controlnet(engine, "edges")
+            ),
+            p,
+        )
+        blurred = stock.mask_processor.blur(mask, blur_factor=2)
+        expected = [
+            np.asarray(
+                stock(
+                    prompt=PROMPT,
+                    image=picture,
+                    mask_image=blurred,
+                    control_image=control,
+                    strength=1.0,
+                    controlnet_conditioning_scale=0.9,
+                    control_guidance_start=0.1,
+                    control_guidance_end=0.9,
+                    width=width,
+                    height=height,
+                    num_inference_steps=p.num_inference_steps,
+                    guidance_scale=p.guidance_scale,
+                    generator=torch.Generator("cpu").manual_seed(seed),
+                    padding_mask_crop=8,
+                ).images[0],
+                dtype=np.int16,
+            )
+            for seed in SEEDS
+        ]
+    differences = [int(np.abs(a - b).max()) for a, b in zip(got, expected, strict=True)]
+    assert max(differences) <= 1, differences
+    assert np.abs(got[0] - got[1]).mean() > 0.1
