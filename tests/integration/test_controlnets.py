@@ -151,6 +151,37 @@ def test_an_edit_takes_controlnets_as_a_form_field(http: httpx.Client) -> None:
     assert pixels(answer.json()["data"][0]["b64_json"]).shape == (128, 128, 3)
 
 
+def test_an_only_masked_edit_steers_its_region_with_the_unit(http: httpx.Client) -> None:
+    """inpaint_area only_masked with a unit: the map cut from the same region; another map
+    changes the region, the picture outside it comes back as it was."""
+    picture, mask = io.BytesIO(), io.BytesIO()
+    Image.new("RGB", (128, 128), (30, 90, 200)).save(picture, "PNG")
+    transparent = Image.new("RGBA", (128, 128), (0, 0, 0, 255))
+    transparent.paste((0, 0, 0, 0), (80, 80, 112, 112))
+    transparent.save(mask, "PNG")
+    answers = []
+    for control in (1, 2):
+        units = [{"name": "edges", "image": control_b64(control, 128, 128)}]
+        answer = http.post(
+            "/images/edits",
+            data={
+                "prompt": "a lighthouse",
+                "controlnets": json.dumps(units),
+                "seed": "3",
+                "inpaint_area": "only_masked",
+                "mask_blur": "2",
+            },
+            files={
+                "image": ("in.png", picture.getvalue(), "image/png"),
+                "mask": ("mask.png", mask.getvalue(), "image/png"),
+            },
+        )
+        assert answer.status_code == 200, answer.text
+        answers.append(pixels(answer.json()["data"][0]["b64_json"]))
+    assert all((image[:64, :64] == (30, 90, 200)).all() for image in answers)
+    assert np.abs(answers[0][84:108, 84:108] - answers[1][84:108, 84:108]).mean() > 0
+
+
 def test_bad_units_are_400s_naming_the_parameter_and_the_service_stays_up(
     http: httpx.Client, client: OpenAI
 ) -> None:
