@@ -181,6 +181,42 @@ def test_a_painted_mask_is_sent_transparent_where_painted_and_the_rest_is_kept(
     assert page.eval_on_selector("#size-auto", "o => o.disabled") is True
 
 
+def test_mask_blur_and_only_masked_go_with_a_painted_mask(page: Any, tmp_path: Path) -> None:
+    source = picture_file(tmp_path)
+    page.set_input_files("#edit-image", str(source))
+    page.wait_for_selector("#inpaint-options:not([hidden])")
+    page.fill("#mask_blur", "4")
+    page.check("#only_masked")
+    page.fill("#inpaint_padding", "16")
+    fill_form(page, "a red car", seed=5)
+    page.evaluate(RECORD_FORMS)
+    # Without paint, no mask: the options stay home (the server refuses them without one).
+    with page.expect_request("**/v1/images/edits"):
+        generate(page, 1)
+    parts = last_form(page, "/v1/images/edits")
+    assert "mask" not in parts and "mask_blur" not in parts and "inpaint_area" not in parts
+    box = page.locator("#mask-canvas").bounding_box()
+    scale = SIDE / box["width"]
+    page.mouse.move(box["x"] + 150 / scale, box["y"] + 150 / scale)
+    page.mouse.down()
+    page.mouse.move(box["x"] + 170 / scale, box["y"] + 160 / scale, steps=4)
+    page.mouse.up()
+    with page.expect_request("**/v1/images/edits"):
+        generate(page, 2)
+    parts = last_form(page, "/v1/images/edits")
+    assert (parts["mask_blur"], parts["inpaint_area"], parts["inpaint_padding"]) == (
+        b"4",
+        b"only_masked",
+        b"16",
+    )
+    page.wait_for_selector("#viewer:not([hidden])")
+    answer = shown_picture(page)
+    original = np.asarray(Image.open(source).convert("RGB"))
+    assert answer.shape == (SIDE, SIDE, 3)
+    assert np.array_equal(answer[:64, :64], original[:64, :64])  # far from the stroke
+    assert not np.array_equal(answer[150:160, 150:170], original[150:160, 150:170])
+
+
 def previewed_after(page: Any, action: Any, sent: Any = None) -> np.ndarray:
     """The map shown once `action` has made the page ask for a new one (whose request body
     `sent` accepts)."""

@@ -148,6 +148,14 @@ function requestBody() {
   if (value("model")) body.model = value("model");
   if (value("lora")) body.loras = [{ name: value("lora"), scale: Number(value("lora_scale")) }];
   if (edit.picture && value("strength") !== "") body.strength = Number(value("strength"));
+  // A1111's inpainting options: for a painted mask only (the server refuses them without one).
+  if (maskPainted()) {
+    if (value("mask_blur") !== "") body.mask_blur = Number(value("mask_blur"));
+    if ($("only_masked").checked) {
+      body.inpaint_area = "only_masked";
+      if (value("inpaint_padding") !== "") body.inpaint_padding = Number(value("inpaint_padding"));
+    }
+  }
   if (control.image && value("cn-model")) body.controlnets = [controlUnit()];
   if (adapter.images.length && value("ipa-model")) {
     body.ip_adapters = [
@@ -316,6 +324,8 @@ function describe(params) {
   if (params.edit) {
     const how = params.edit.mask ? "inpainted" : "edited";
     parts.push(`${how}${params.strength ? `, strength ${params.strength}` : ""}`);
+    if (params.mask_blur) parts.push(`mask blur ${params.mask_blur}`);
+    if (params.inpaint_area === "only_masked") parts.push("only masked");
   }
   for (const unit of params.controlnets || []) {
     parts.push(`ControlNet ${unit.name} (${unit.preprocessor}, ${unit.scale})`);
@@ -334,6 +344,9 @@ async function reuse(params) {
   }
   $("model").value = params.model || "";
   $("strength").value = params.strength ?? "";
+  $("mask_blur").value = params.mask_blur ?? "";
+  $("only_masked").checked = params.inpaint_area === "only_masked";
+  $("inpaint_padding").value = params.inpaint_padding ?? "";
   if (params.loras && params.loras[0]) {
     $("lora").value = params.loras[0].name;
     $("lora_scale").value = params.loras[0].scale;
@@ -447,7 +460,7 @@ async function setEditPicture(picture, mask = null, { keepSize = false } = {}) {
   edit.picture = picture;
   edit.undo = [];
   const shown = Boolean(picture);
-  for (const id of ["paint", "mask-tools", "edit-hint"]) $(id).hidden = !shown;
+  for (const id of ["paint", "mask-tools", "inpaint-options", "edit-hint"]) $(id).hidden = !shown;
   $("size-auto").disabled = !shown;
   if (!picture) {
     $("edit-image").value = "";
