@@ -1,4 +1,9 @@
-"""The speed-ups the settings switch on: attention, VAE dtype, memory format, fused QKV, compile."""
+"""The speed-ups the settings switch on: attention, VAE dtype, memory format, fused QKV, compile.
+
+They cover the modules a step runs: the base's and refiner's UNets (and each SDXL_MODELS_DIR
+model's as it loads), the VAE, and each ControlNet as it loads (it runs beside the UNet at
+every step of a ControlNet render, about half the UNet's cost).
+"""
 
 from __future__ import annotations
 
@@ -48,6 +53,28 @@ def apply_optimisations(
     )
 
 
+def optimise_module(
+    module: Any,
+    config: EngineConfig,
+    *,
+    device: str,
+    dtype: torch.dtype,
+    force_compile: bool = False,
+    compile_mode: str = COMPILE_MODE,
+) -> dict[str, Any]:
+    """optimise_modules over one more module run at every step, as it loads: a ControlNet
+    (the attention layers and convolutions of a UNet's down and middle blocks)."""
+    return optimise_modules(
+        [module],
+        None,
+        config,
+        device=device,
+        dtype=dtype,
+        force_compile=force_compile,
+        compile_mode=compile_mode,
+    )
+
+
 def optimise_modules(
     unets: list[Any],
     vae: Any | None,
@@ -59,7 +86,8 @@ def optimise_modules(
     compile_mode: str = COMPILE_MODE,
 ) -> dict[str, Any]:
     """apply_optimisations over these UNets and this VAE: also a model of SDXL_MODELS_DIR's own
-    UNet (and VAE, None when it shares the default's), as it loads."""
+    UNet (and VAE, None when it shares the default's), as it loads, and a ControlNet
+    (`optimise_module`), which takes what a UNet does."""
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
     applied: dict[str, Any] = {}
@@ -90,7 +118,7 @@ def optimise_modules(
         # Module by module: the VAE is shared, and pipeline.fuse_qkv_projections
         # on both pipelines would fuse it twice.
         for module in modules:
-            module.fuse_qkv_projections()
+            _fuse_qkv(module)
     applied["fuse_qkv"] = config.fuse_qkv
     # The weights the steps above replaced (cast, laid out again, fused).
     give_back_freed_host_memory()
@@ -110,6 +138,21 @@ def optimise_modules(
             logger.warning("SDXL_COMPILE is on but the device is %s: not compiling", device)
     applied["compile"] = compile_mode if compiled else False
     return applied
+
+
+def _fuse_qkv(module: Any) -> None:
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention import AttentionMixin
+
+    if type(module).fuse_qkv_projections is AttentionMixin.fuse_qkv_projections:
+        # ControlNetModel and ControlNetUnionModel (diffusers 0.42.1) have only the mixin's,
+        # which fuses the newer `AttentionModuleMixin` layers and leaves their
+        # `attention_processor.Attention` ones as they are, without a word. The UNet's own
+        # (the VAE's is a marked copy of it) fuses those and sets the fused processor; a
+        # ControlNet has the attributes it reads (attn_processors, set_attn_processor).
+        UNet2DConditionModel.fuse_qkv_projections(module)
+    else:
+        module.fuse_qkv_projections()
 
 
 def _configure_inductor() -> None:
