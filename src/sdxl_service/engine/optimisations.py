@@ -126,7 +126,7 @@ def optimise_modules(
     compiled = False
     if config.compile:
         if is_cuda(device) or force_compile:
-            _configure_inductor()
+            _configure_compiler()
             # In place (`Module.compile`), so the pipelines keep their own module
             # types and configs.
             for unet in unets:
@@ -155,7 +155,21 @@ def _fuse_qkv(module: Any) -> None:
         module.fuse_qkv_projections()
 
 
-def _configure_inductor() -> None:
+# Graphs dynamo may keep for one compiled frame. The UNets' and ControlNetModels' forward are
+# one frame (diffusers' `apply_lora_scale` wrapper), so torch's default of 8 counts all their
+# graphs together, and with fullgraph=True the 9th is an error (FailOnRecompileLimitHit), not
+# a fallback to eager: measured (tiny preset, a counting backend) after 4 batches that added
+# a ControlNet. A graph per input signature: each UNet without and with ControlNet residuals,
+# each ControlNet with its scale non-zero and zero (outside its guidance window), each edit
+# layout, each first and then dynamic shape; 20 in a sequence of 3 sizes, 2 batch sizes,
+# text-to-image and image-to-image, 3 ControlNets (docs/PERFORMANCE.md).
+RECOMPILE_LIMIT = 64
+
+
+def _configure_compiler() -> None:
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
     # The inductor settings diffusers' "accelerate inference of text-to-image
     # diffusion models" guide uses for SDXL. Coordinate-descent tuning lengthens
     # the (already minutes-long) max-autotune compile; not measured here yet.

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch._dynamo
 from diffusers import ControlNetModel, ControlNetUnionModel
 from diffusers.models.attention_processor import (
     Attention,
@@ -22,13 +23,14 @@ from diffusers.models.attention_processor import (
     AttnProcessor2_0,
     FusedAttnProcessor2_0,
 )
+from torch._dynamo.testing import CompileCounter
 
 from sdxl_service.choices import RefinerMode, RenderKind
 from sdxl_service.contract.render_request import ControlNetParams
-from sdxl_service.engine import Engine
+from sdxl_service.engine import Engine, optimisations
 from sdxl_service.engine.config import EngineConfig
 from sdxl_service.engine.controlnets import ControlNetModels
-from sdxl_service.engine.optimisations import optimise_module
+from sdxl_service.engine.optimisations import RECOMPILE_LIMIT, optimise_module
 from tests.controlnet_files import save_controlnets
 
 from .test_controlnet_parity import controlnet, ours_latents, params, tasks
@@ -134,3 +136,29 @@ def test_a_failed_optimisation_leaves_nothing_loaded(
     model = models.models(["edges"], plain.base.unet)[0].model
     assert model.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert models.loaded() == ["edges"]
+
+
+def test_compiled_controlnet_batches_stay_within_the_recompile_limit(
+    load: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SDXL_COMPILE's dynamo settings hold the graphs that ControlNet batches add: the UNets and
+    ControlNets share one compiled frame, and with fullgraph=True one graph past the limit is
+    an error. A backend that only counts stands in for inductor (minutes on 2 cores): the
+    guards, and so the graphs, are dynamo's whatever the backend."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # torch's default
+    optimisations._configure_compiler()
+    engine = load(channels_last=True)
+    counter = CompileCounter()
+    # The base alone (the refiner adds graphs of its own, not needed to pass 8).
+    for module in (engine.base.unet, controlnet(engine, "edges"), controlnet(engine, "depth")):
+        module.compile(backend=counter, fullgraph=True)
+    edges, depth = UNITS["edges"], ControlNetParams(name="depth")
+    try:
+        for units, images in (((), 2), ((edges,), 2), ((edges,), 1), ((edges, depth), 2)):
+            p = params(RenderKind.TEXT_TO_IMAGE, RefinerMode.NONE, *units)
+            with torch.inference_mode():
+                ours_latents(engine, p, tasks(p)[:images])
+    finally:
+        torch._dynamo.reset()
+    # Past torch's default of 8: the last batch would have failed with it.
+    assert 8 < counter.frame_count <= RECOMPILE_LIMIT
