@@ -158,11 +158,12 @@ def _fuse_qkv(module: Any) -> None:
 # Graphs dynamo may keep for one compiled frame. The UNets' and ControlNetModels' forward are
 # one frame (diffusers' `apply_lora_scale` wrapper), so torch's default of 8 counts all their
 # graphs together, and with fullgraph=True the 9th is an error (FailOnRecompileLimitHit), not
-# a fallback to eager: measured (tiny preset, a counting backend) after 4 batches that added
-# a ControlNet. A graph per input signature: each UNet without and with ControlNet residuals,
-# each ControlNet with its scale non-zero and zero (outside its guidance window), each edit
-# layout, each first and then dynamic shape; 20 in a sequence of 3 sizes, 2 batch sizes,
-# text-to-image and image-to-image, 3 ControlNets (docs/PERFORMANCE.md).
+# a fallback to eager: measured (tiny preset, a counting backend), the last of the batches
+# no unit, one ControlNet, it with 1 image, it and another failed. A graph per input
+# signature: each UNet without and with ControlNet residuals, each ControlNet with its scale
+# non-zero and zero (outside its guidance window), each edit layout, each first and then
+# dynamic shape; 20 in a sequence of 3 sizes, 2 batch sizes, text-to-image and
+# image-to-image, 3 ControlNets (docs/PERFORMANCE.md).
 RECOMPILE_LIMIT = 64
 
 

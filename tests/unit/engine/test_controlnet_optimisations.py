@@ -114,26 +114,29 @@ def test_eager_attention_controlnet_renders_the_same_and_compile_waits_for_a_gpu
     )
 
 
-def test_a_failed_optimisation_leaves_nothing_loaded(
+def test_a_failed_optimisation_leaves_nothing_loaded_and_the_next_batch_loads_again(
     tiny_settings_factory: Any, controlnet_dir: Path, plain: Engine
 ) -> None:
+    config = EngineConfig.of(tiny_settings_factory(channels_last=True))
+    optimise = partial(optimise_module, config=config, device="cpu", dtype=torch.float32)
     seen: list[Any] = []
 
-    def out_of_memory(model: Any) -> None:
+    def out_of_memory_once(model: Any) -> None:
         seen.append(model)
-        raise torch.OutOfMemoryError("CUDA out of memory (as a GPU would say)")
+        if len(seen) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (as a full GPU would say)")
+        optimise(model)
 
     models = ControlNetModels(
-        controlnet_dir, device="cpu", dtype=torch.float32, capacity=3, optimise=out_of_memory
+        controlnet_dir, device="cpu", dtype=torch.float32, capacity=3, optimise=out_of_memory_once
     )
     with pytest.raises(torch.OutOfMemoryError):
         models.models(["edges"], plain.base.unet)
     assert models.loaded() == []
     assert {parameter.device.type for parameter in seen[0].parameters()} == {"meta"}
 
-    config = EngineConfig.of(tiny_settings_factory(channels_last=True))
-    models._optimise = partial(optimise_module, config=config, device="cpu", dtype=torch.float32)
     model = models.models(["edges"], plain.base.unet)[0].model
+    assert model is seen[1]
     assert model.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert models.loaded() == ["edges"]
 
