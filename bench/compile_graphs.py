@@ -6,13 +6,18 @@ unset), with SDXL_COMPILE's dynamo settings, but through a backend that only cou
 guards, and so the graphs, are dynamo's whatever the backend; inductor's max-autotune would
 take minutes per graph. `--dynamic false` shows what dynamic=False would do.
 
-    python -m bench.compile_graphs [--dynamic false]
+`--inductor` instead compiles one ControlNet through the service's own path (SDXL_COMPILE with
+force_compile, compile mode `default`) and compares its render with the eager one's.
+
+    python -m bench.compile_graphs [--dynamic false | --inductor]
 """
 
 from __future__ import annotations
 
 import argparse
 import tempfile
+import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +28,14 @@ from sdxl_service.choices import RefinerMode, RenderKind
 from sdxl_service.contract.render_request import ControlNetParams
 from sdxl_service.engine import Engine, optimisations
 from sdxl_service.engine.config import EngineConfig
+from sdxl_service.engine.controlnets import ControlNetModels
+from sdxl_service.engine.optimisations import optimise_module
 from sdxl_service.engine.render_batch import ImageTask, RenderBatch
 from sdxl_service.engine.tiny import ensure_tiny_pair
 from tests.controlnet_files import save_controlnets
 from tests.jobs import make_params
 from tests.unit.conftest import make_tiny_settings
+from tests.unit.engine.test_controlnet_parity import ours_latents
 
 EDGES = ControlNetParams(name="edges", scale=0.9, start=0.1, end=0.9)
 DEPTH = ControlNetParams(name="depth")
@@ -74,6 +82,7 @@ SEQUENCE: list[tuple[str, RenderKind, int, int, tuple[ControlNetParams, ...]]] =
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dynamic", choices=["unset", "false"], default="unset")
+    parser.add_argument("--inductor", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
     optimisations._configure_compiler()
@@ -84,6 +93,9 @@ def main() -> None:
         folder / "cache", controlnet_dir=controlnet_dir, channels_last=True
     )
     engine = Engine.load(EngineConfig.of(settings))
+    if args.inductor:
+        inductor(engine, controlnet_dir, settings.model_copy(update={"compile": True}))
+        return
     dynamic = None if args.dynamic == "unset" else False
     counters = {"base UNet": CompileCounter(), "refiner UNet": CompileCounter()}
     modules = {"base UNet": engine.base.unet, "refiner UNet": engine.refiner.unet}
@@ -121,6 +133,40 @@ def main() -> None:
         added = ", ".join(f"{name} +{n}" for name, n in new.items() if n) or "none"
         print(f"{label:36s} new graphs: {added}", flush=True)
     print("graphs:", seen, "total", sum(seen.values()))
+
+
+def inductor(engine: Engine, controlnet_dir: Path, settings: object) -> None:
+    p = make_params(
+        width=64,
+        height=64,
+        num_inference_steps=10,
+        refiner=RefinerMode.ENSEMBLE,
+        controlnets=(EDGES,),
+    )
+    picture = np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8).tobytes()
+    tasks = [ImageTask(prompt="a red fox", seed=seed, control_images=(picture,)) for seed in (7, 8)]
+    with torch.inference_mode():
+        eager = ours_latents(engine, p, tasks)
+        engine.controlnets = ControlNetModels(
+            controlnet_dir,
+            device="cpu",
+            dtype=torch.float32,
+            capacity=3,
+            optimise=partial(
+                optimise_module,
+                config=EngineConfig.of(settings),
+                device="cpu",
+                dtype=torch.float32,
+                force_compile=True,
+                compile_mode="default",
+            ),
+        )
+        for label in ("first", "second"):
+            started = time.perf_counter()
+            compiled = ours_latents(engine, p, tasks)
+            seconds = time.perf_counter() - started
+            difference = (compiled - eager).abs().max().item()
+            print(f"{label} compiled render: {seconds:.1f} s, latents differ by {difference:.2e}")
 
 
 if __name__ == "__main__":
