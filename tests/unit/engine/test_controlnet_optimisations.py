@@ -141,6 +141,8 @@ def test_a_failed_optimisation_leaves_nothing_loaded_and_the_next_batch_loads_ag
     assert models.loaded() == ["edges"]
 
 
+# Tracing 9 graphs: 40 to 55 s on the 2 shared cores of the dev machine.
+@pytest.mark.slow
 def test_compiled_controlnet_batches_stay_within_the_recompile_limit(
     load: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
