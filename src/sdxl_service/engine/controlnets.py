@@ -107,8 +107,12 @@ class ControlNetModels:
         dtype: torch.dtype,
         capacity: int,
         metrics: ServiceMetrics | None = None,
+        optimise: Callable[[Any], object] | None = None,
     ) -> None:
         self.catalog = ControlNetCatalog(folder)
+        # The settings' speed-ups (optimisations.optimise_module), once per load: the list
+        # keeps the module as they left it.
+        self._optimise = optimise
         self.device = device
         self.dtype = dtype
         self.capacity = capacity
@@ -150,6 +154,14 @@ class ControlNetModels:
             raise  # the Engine answers it as out of memory
         except Exception as exc:
             raise InvalidControlNet(f"ControlNet '{entry.name}' cannot be used: {exc}") from None
+        if self._optimise is not None:
+            try:
+                self._optimise(model)
+            except BaseException:
+                # Not the file's fault (out of memory, most likely: raised as it is); its
+                # memory goes now, not when the error's traceback does.
+                model.to("meta")
+                raise
         return LoadedControlNet(model=model, union=entry.union)
 
     # --- the base stage through a ControlNet pipeline ------------------------

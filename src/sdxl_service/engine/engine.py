@@ -38,7 +38,7 @@ from .latents import LatentCodec
 from .loading import edit_pipelines, load_pipelines
 from .loras import LoraAdapters
 from .model_cache import BaseModelPipelines, ModelCache
-from .optimisations import COMPILE_MODE, apply_optimisations
+from .optimisations import COMPILE_MODE, apply_optimisations, optimise_module
 from .previews import PreviewDecoders, preview_tap
 from .prompts import image_chunk_counts, prompt_embeddings
 from .render_batch import (
@@ -150,6 +150,14 @@ class Engine:
             dtype=self.dtype,
             capacity=config.control_cache,
             metrics=metrics,
+            optimise=functools.partial(
+                optimise_module,
+                config=config,
+                device=self.device,
+                dtype=self.dtype,
+                force_compile=force_compile,
+                compile_mode=compile_mode,
+            ),
         )
         # IP-Adapters of SDXL_IP_ADAPTER_DIR, loaded on first use (engine/ip_adapters.py).
         self.ip_adapters = IpAdapterModels(

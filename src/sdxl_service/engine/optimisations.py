@@ -1,4 +1,9 @@
-"""The speed-ups the settings switch on: attention, VAE dtype, memory format, fused QKV, compile."""
+"""The speed-ups the settings switch on: attention, VAE dtype, memory format, fused QKV, compile.
+
+They cover the modules a step runs: the base's and refiner's UNets (and each SDXL_MODELS_DIR
+model's as it loads), the VAE, and each ControlNet as it loads (it runs beside the UNet at
+every step of a ControlNet render, about half the UNet's cost).
+"""
 
 from __future__ import annotations
 
@@ -48,6 +53,28 @@ def apply_optimisations(
     )
 
 
+def optimise_module(
+    module: Any,
+    config: EngineConfig,
+    *,
+    device: str,
+    dtype: torch.dtype,
+    force_compile: bool = False,
+    compile_mode: str = COMPILE_MODE,
+) -> dict[str, Any]:
+    """optimise_modules over one more module run at every step, as it loads: a ControlNet
+    (the attention layers and convolutions of a UNet's down and middle blocks)."""
+    return optimise_modules(
+        [module],
+        None,
+        config,
+        device=device,
+        dtype=dtype,
+        force_compile=force_compile,
+        compile_mode=compile_mode,
+    )
+
+
 def optimise_modules(
     unets: list[Any],
     vae: Any | None,
@@ -59,7 +86,8 @@ def optimise_modules(
     compile_mode: str = COMPILE_MODE,
 ) -> dict[str, Any]:
     """apply_optimisations over these UNets and this VAE: also a model of SDXL_MODELS_DIR's own
-    UNet (and VAE, None when it shares the default's), as it loads."""
+    UNet (and VAE, None when it shares the default's), as it loads, and a ControlNet
+    (`optimise_module`), which takes what a UNet does."""
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
     applied: dict[str, Any] = {}
@@ -90,7 +118,7 @@ def optimise_modules(
         # Module by module: the VAE is shared, and pipeline.fuse_qkv_projections
         # on both pipelines would fuse it twice.
         for module in modules:
-            module.fuse_qkv_projections()
+            _fuse_qkv(module)
     applied["fuse_qkv"] = config.fuse_qkv
     # The weights the steps above replaced (cast, laid out again, fused).
     give_back_freed_host_memory()
@@ -98,7 +126,7 @@ def optimise_modules(
     compiled = False
     if config.compile:
         if is_cuda(device) or force_compile:
-            _configure_inductor()
+            _configure_compiler()
             # In place (`Module.compile`), so the pipelines keep their own module
             # types and configs.
             for unet in unets:
@@ -112,7 +140,37 @@ def optimise_modules(
     return applied
 
 
-def _configure_inductor() -> None:
+def _fuse_qkv(module: Any) -> None:
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention import AttentionMixin
+
+    if type(module).fuse_qkv_projections is AttentionMixin.fuse_qkv_projections:
+        # ControlNetModel and ControlNetUnionModel (diffusers 0.42.1) have only the mixin's,
+        # which fuses the newer `AttentionModuleMixin` layers and leaves their
+        # `attention_processor.Attention` ones as they are, without a word. The UNet's own
+        # (the VAE's is a marked copy of it) fuses those and sets the fused processor; a
+        # ControlNet has the attributes it reads (attn_processors, set_attn_processor).
+        UNet2DConditionModel.fuse_qkv_projections(module)
+    else:
+        module.fuse_qkv_projections()
+
+
+# Graphs dynamo may keep for one compiled frame. The UNets' and ControlNetModels' forward are
+# one frame (diffusers' `apply_lora_scale` wrapper), so torch's default of 8 counts all their
+# graphs together, and with fullgraph=True the 9th is an error (FailOnRecompileLimitHit), not
+# a fallback to eager: measured (tiny preset, a counting backend), the last of the batches
+# no unit, one ControlNet, it with 1 image, it and another failed. A graph per input
+# signature: each UNet without and with ControlNet residuals, each ControlNet with its scale
+# non-zero and zero (outside its guidance window), each edit layout, each first and then
+# dynamic shape; 20 in a sequence of 3 sizes, 2 batch sizes, text-to-image and
+# image-to-image, 3 ControlNets (docs/PERFORMANCE.md).
+RECOMPILE_LIMIT = 64
+
+
+def _configure_compiler() -> None:
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
     # The inductor settings diffusers' "accelerate inference of text-to-image
     # diffusion models" guide uses for SDXL. Coordinate-descent tuning lengthens
     # the (already minutes-long) max-autotune compile; not measured here yet.
