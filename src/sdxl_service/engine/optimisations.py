@@ -63,7 +63,8 @@ def optimise_module(
     compile_mode: str = COMPILE_MODE,
 ) -> dict[str, Any]:
     """optimise_modules over one more module run at every step, as it loads: a ControlNet
-    (the attention layers and convolutions of a UNet's down and middle blocks)."""
+    (the attention layers and convolutions of a UNet's down and middle blocks), compiled
+    without CUDA graphs (`without_cuda_graphs`)."""
     return optimise_modules(
         [module],
         None,
@@ -71,7 +72,18 @@ def optimise_module(
         device=device,
         dtype=dtype,
         force_compile=force_compile,
-        compile_mode=compile_mode,
+        compile_mode=without_cuda_graphs(compile_mode),
+    )
+
+
+def without_cuda_graphs(compile_mode: str) -> str:
+    """`compile_mode` less its CUDA graphs. diffusers' MultiControlNetModel calls one compiled
+    ControlNet once per unit and sums their outputs after the last call; a CUDA graph's replay
+    reuses its output memory (torch's docs on `cudagraph_mark_step_begin`), so two units of one
+    model would meet the second's residuals where the first's were (or torch's error for it).
+    Not yet checked on a GPU: this keeps the kernels' tuning and drops only the graphs."""
+    return {"max-autotune": "max-autotune-no-cudagraphs", "reduce-overhead": "default"}.get(
+        compile_mode, compile_mode
     )
 
 

@@ -167,3 +167,11 @@ def test_compiled_controlnet_batches_stay_within_the_recompile_limit(
         torch._dynamo.reset()
     # Past torch's default of 8: the last batch would have failed with it.
     assert 8 < counter.frame_count <= RECOMPILE_LIMIT
+
+
+def test_controlnets_compile_without_cuda_graphs_and_keep_the_rest_of_the_mode() -> None:
+    # Two units of one ControlNet call one compiled function twice before their outputs are
+    # summed: a CUDA graph's replay would reuse the first call's output memory.
+    assert optimisations.without_cuda_graphs("max-autotune") == "max-autotune-no-cudagraphs"
+    assert optimisations.without_cuda_graphs("reduce-overhead") == "default"
+    assert optimisations.without_cuda_graphs("default") == "default"
