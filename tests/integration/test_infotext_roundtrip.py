@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.unit.api.test_infotext import a1111_parse
+from sdxl_service.api.infotext_reader import parse_infotext
 
 pytestmark = pytest.mark.integration
 
@@ -44,7 +44,7 @@ def test_the_parameters_read_back_from_a_png_make_the_same_image(
             },
         )
     )
-    read = a1111_parse(first.text["parameters"])
+    read = parse_infotext(first.text["parameters"])
     width, height = (int(side) for side in read["Size"].split("x"))
     again = image_of(
         http.post(
