@@ -322,6 +322,16 @@ def test_the_strip_keeps_only_the_newest_images(page: Any) -> None:
     assert page.get_attribute("#viewer", "data-seed") == "3"
 
 
+# Drops a PNG (base64) on the prompt as the browser does a file dragged from the desktop.
+DROP_FILE = """(b64) => {
+  const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+  const dropped = new DataTransfer();
+  dropped.items.add(new File([bytes], "dropped.png", { type: "image/png" }));
+  const drop = { dataTransfer: dropped, bubbles: true, cancelable: true };
+  document.getElementById("prompt").dispatchEvent(new DragEvent("drop", drop));
+}"""
+
+
 def test_an_images_settings_read_from_its_file_make_it_again(
     page: Any, service: Any, tmp_path: Any
 ) -> None:
@@ -371,6 +381,12 @@ def test_an_images_settings_read_from_its_file_make_it_again(
     shown = base64.b64decode(src.split(",", 1)[1])
     with Image.open(io.BytesIO(shown)) as again, Image.open(io.BytesIO(data)) as first:
         assert np.array_equal(np.asarray(again.convert("RGB")), np.asarray(first.convert("RGB")))
+
+    # Dropped on the form, as a file from the desktop.
+    page.fill("#prompt", "")
+    page.evaluate(DROP_FILE, base64.b64encode(data).decode())
+    page.wait_for_function("document.getElementById('prompt').value !== ''", timeout=30_000)
+    assert page.input_value("#prompt") == body["prompt"]
 
     plain = tmp_path / "plain.png"
     Image.new("RGB", (16, 16)).save(plain)

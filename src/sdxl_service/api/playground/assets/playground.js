@@ -985,6 +985,15 @@ $("viewer-reuse").addEventListener("click", () => shownParams && reuse(shownPara
 $("infotext-image").addEventListener("change", () => {
   readSettings($("infotext-image").files[0]).catch((error) => showError(String(error)));
 });
+// An image dropped on the form (not on one of its file inputs, which take their own): its settings.
+$("form").addEventListener("dragover", (event) => {
+  if (event.target.type !== "file") event.preventDefault();
+});
+$("form").addEventListener("drop", (event) => {
+  if (event.target.type === "file" || !event.dataTransfer.files.length) return;
+  event.preventDefault();
+  readSettings(event.dataTransfer.files[0]).catch((error) => showError(String(error)));
+});
 $("edit-image").addEventListener("change", () => setEditPicture($("edit-image").files[0] || null));
 $("edit-remove").addEventListener("click", () => setEditPicture(null));
 $("mask-canvas").addEventListener("pointerdown", startStroke);
