@@ -150,6 +150,8 @@ class Catalogue:
     default_model: str
     # The models of SDXL_MODELS_DIR, by their names.
     models: Collection[str] = ()
+    # The upscaler models of SDXL_UPSCALER_DIR, by their names (a hires fix's upscaler).
+    upscalers: Collection[str] = ()
 
 
 class InfotextAnswer(BaseModel):
@@ -195,7 +197,7 @@ def generation_request(
             except ValueError:
                 pass
     used |= _scheduler(parameters, request)
-    used |= _size_and_hires(parameters, request)
+    used |= _size_and_hires(parameters, request, catalogue)
     used |= _refiner(parameters, request)
     model = parameters.get("Model")
     if model is not None and (model == catalogue.default_model or model in catalogue.models):
@@ -237,7 +239,9 @@ def _scheduler(parameters: dict[str, str], request: dict[str, Any]) -> set[str]:
     return used
 
 
-def _size_and_hires(parameters: dict[str, str], request: dict[str, Any]) -> set[str]:
+def _size_and_hires(
+    parameters: dict[str, str], request: dict[str, Any], catalogue: Catalogue
+) -> set[str]:
     """`size`, and the hires fix: A1111's Size is the first pass's, `Hires upscale` (or
     `Hires resize`) takes it to the answer's."""
     size = RE_SIZE.match(parameters.get("Size", ""))
@@ -268,10 +272,16 @@ def _size_and_hires(parameters: dict[str, str], request: dict[str, Any]) -> set[
             if "Denoising strength" in parameters:
                 hires["denoising_strength"] = float(parameters["Denoising strength"])
                 used.add("Denoising strength")
+            # Latent, Lanczos, or an upscaler model this server has; another (A1111's
+            # "Latent (nearest-exact)", "R-ESRGAN 4x+" without its file) is listed unused and
+            # the hires fix takes this server's default.
             upscaler = parameters.get("Hires upscaler")
-            if upscaler is not None:
-                by_name = {name: kind.value for kind, name in HIRES_UPSCALERS.items()}
-                hires["upscaler"] = by_name.get(upscaler, upscaler)
+            by_name = {name: kind.value for kind, name in HIRES_UPSCALERS.items()}
+            if upscaler in by_name:
+                hires["upscaler"] = by_name[upscaler]
+                used.add("Hires upscaler")
+            elif upscaler in catalogue.upscalers:
+                hires["upscaler"] = upscaler
                 used.add("Hires upscaler")
     except ValueError:
         return used

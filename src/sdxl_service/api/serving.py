@@ -341,7 +341,8 @@ class ImagesServing:
         request of this server (no render call); 400 naming `image` for a file that is no
         image."""
         entries = await run_in_threadpool(self.models.entries)
-        catalogue = Catalogue(model_name(self.settings.base_model), frozenset(entries))
+        upscalers = await run_in_threadpool(self.upscalers.snapshot)
+        catalogue = Catalogue(model_name(self.settings.base_model), set(entries), set(upscalers))
         try:
             return await run_in_threadpool(infotext_answer, image, catalogue)
         except ValueError as exc:

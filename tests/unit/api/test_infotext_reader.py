@@ -97,17 +97,26 @@ def test_a1111s_infotext_becomes_this_services_request() -> None:
 def test_unknown_names_and_refused_values_are_listed_not_sent() -> None:
     text = (
         "a cat\nSteps: 500, Sampler: Restart, Schedule type: Beta, CFG scale: 7, Seed: 5, "
-        "Size: 512x512, Model: some-other-model, VAE: sdxl_vae.safetensors"
+        "Size: 512x512, Model: some-other-model, VAE: sdxl_vae.safetensors, "
+        "Hires upscale: 2, Hires upscaler: R-ESRGAN 4x+"
     )
     request, unused = generation_request(parse_infotext(text), CATALOGUE)
     assert request == {
         "prompt": "a cat",
         "guidance_scale": 7.0,
         "seed": 5,
-        "size": "512x512",
+        "size": "1024x1024",
+        "hires": {"scale": 2.0},
         "refiner": "none",
     }
-    assert sorted(unused) == sorted(["Steps", "Sampler", "Schedule type", "Model", "VAE"])
+    unknown = ["Steps", "Sampler", "Schedule type", "Model", "VAE", "Hires upscaler"]
+    assert sorted(unused) == sorted(unknown)
+    # An upscaler model this server has is named as it is.
+    request, unused = generation_request(
+        parse_infotext(text), Catalogue(default_model="m", upscalers={"R-ESRGAN 4x+"})
+    )
+    assert request["hires"] == {"scale": 2.0, "upscaler": "R-ESRGAN 4x+"}
+    assert "Hires upscaler" not in unused
 
 
 def test_a_prompt_with_steps_in_it_stays_the_prompt() -> None:
