@@ -15,9 +15,9 @@ import pytest
 from openai import OpenAI
 from safetensors.numpy import save_file
 
+from sdxl_service.api.infotext_reader import parse_infotext
 from tests.decoded import decode, pixels
 from tests.service_process import RunningService, running_service
-from tests.unit.api.test_infotext import a1111_parse
 
 pytestmark = pytest.mark.integration
 
@@ -81,10 +81,10 @@ def test_a_prompt_naming_an_embedding_renders_with_it_and_says_so(
     assert cards["tinyneg"]["embedding"] == {"name": "tinyneg", "vectors": 2}
     with_it = generate("(tinyneg:1.2), blurry")
     assert np.abs(pixels(with_it) - pixels(without)).max() > 0
-    read = a1111_parse(decode(with_it).text["parameters"])
+    read = parse_infotext(decode(with_it).text["parameters"])
     assert read["Negative prompt"] == "(tinyneg:1.2), blurry"
     assert read["TI hashes"] == f"tinyneg: {digest}"
-    assert "TI hashes" not in a1111_parse(decode(without).text["parameters"])
+    assert "TI hashes" not in parse_infotext(decode(without).text["parameters"])
 
 
 def test_an_sd15_embedding_is_a_400_naming_the_prompt(

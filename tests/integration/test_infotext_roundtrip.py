@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.unit.api.test_infotext import a1111_parse
+from sdxl_service.api.infotext_reader import parse_infotext
 
 pytestmark = pytest.mark.integration
 
@@ -44,7 +44,7 @@ def test_the_parameters_read_back_from_a_png_make_the_same_image(
             },
         )
     )
-    read = a1111_parse(first.text["parameters"])
+    read = parse_infotext(first.text["parameters"])
     width, height = (int(side) for side in read["Size"].split("x"))
     again = image_of(
         http.post(
@@ -67,3 +67,61 @@ def test_the_parameters_read_back_from_a_png_make_the_same_image(
     )
     assert np.array_equal(np.asarray(first.convert("RGB")), np.asarray(again.convert("RGB")))
     assert again.text["parameters"] == first.text["parameters"]
+
+
+def pixels_of(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+@pytest.mark.parametrize("output_format", ["png", "jpeg", "webp"])
+def test_an_image_read_back_by_the_service_asks_for_the_same_pixels(
+    http: httpx.Client, service_url: str, output_format: str
+) -> None:
+    """The official openai client makes an image with non-default settings; POST
+    /v1/images/infotext reads its file back; its `request`, sent as it is, makes the same
+    pixels and the same infotext."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=service_url, api_key="any", max_retries=0, timeout=300)
+    first = client.images.generate(
+        prompt="a lighthouse, at dusk: oil on canvas",
+        size="128x128",
+        extra_body={
+            "negative_prompt": "blurry, lowres",
+            "seed": 1234,
+            "num_inference_steps": 4,
+            "guidance_scale": 4.5,
+            "scheduler": "dpmpp_2m_sde",
+            "schedule_type": "karras",
+            "clip_skip": 2,
+            "high_noise_frac": 0.7,
+            "hires": {"scale": 2, "steps": 2, "denoising_strength": 0.5, "upscaler": "lanczos"},
+            "output_format": output_format,
+            "response_format": "b64_json",
+        },
+    )
+    data = base64.b64decode(first.data[0].b64_json or "")
+    answer = http.post("/images/infotext", files={"image": (f"a.{output_format}", data)})
+    assert answer.status_code == 200, answer.text
+    read = answer.json()
+    assert read["unused"] == []
+    request = read["request"]
+    assert request["scheduler"] == "dpmpp_2m_sde_karras" and request["size"] == "128x128"
+    assert request["hires"] == {
+        "scale": 2.0,
+        "steps": 2,
+        "denoising_strength": 0.5,
+        "upscaler": "lanczos",
+    }
+    prompt = request.pop("prompt")
+    size = request.pop("size")
+    again = client.images.generate(
+        prompt=prompt,
+        size=size,
+        extra_body={**request, "output_format": output_format, "response_format": "b64_json"},
+    )
+    data_again = base64.b64decode(again.data[0].b64_json or "")
+    assert np.array_equal(pixels_of(data), pixels_of(data_again))
+    reread = http.post("/images/infotext", files={"image": ("b", data_again)}).json()
+    assert reread["infotext"] == read["infotext"]

@@ -159,3 +159,33 @@ def test_a_few_step_lora_renders_with_its_sidecars_recipe(client: OpenAI) -> Non
     assert card["defaults"] == {"num_inference_steps": 4} | {
         key: value for key, value in LIGHTNING.items() if key != "steps"
     }
+
+
+def test_an_image_with_a_lora_read_back_asks_for_the_same_pixels(
+    client: OpenAI, service: RunningService
+) -> None:
+    """The infotext's prompt names the LoRA as A1111's does (`<lora:style:0.6>`), so the
+    request POST /v1/images/infotext reads back from the file renders it again."""
+    import base64
+
+    made = client.images.generate(
+        prompt=PROMPT,
+        size="64x64",
+        extra_body={
+            "seed": 11,
+            "loras": [{"name": "style", "scale": 0.6}],
+            "num_inference_steps": 4,
+        },
+    )
+    data = base64.b64decode(made.data[0].b64_json or "")
+    read = httpx.post(
+        f"{service.api}/images/infotext", files={"image": ("a.png", data)}, timeout=30
+    )
+    assert read.status_code == 200, read.text
+    request = read.json()["request"]
+    assert request["prompt"] == f"{PROMPT} <lora:style:0.6>"
+    prompt, size = request.pop("prompt"), request.pop("size")
+    again = client.images.generate(prompt=prompt, size=size, extra_body=request)
+    assert np.array_equal(pixels(again.data[0].b64_json or ""), pixels(made.data[0].b64_json or ""))
+    without = generate(client, seed=11)
+    assert np.abs(pixels(made.data[0].b64_json or "") - without).max() > 10

@@ -320,3 +320,77 @@ def test_the_strip_keeps_only_the_newest_images(page: Any) -> None:
     assert seeds == ["3", "2"]
     # The newest is shown large; the one that went freed its place, not the viewer's.
     assert page.get_attribute("#viewer", "data-seed") == "3"
+
+
+# Drops a PNG (base64) on the prompt as the browser does a file dragged from the desktop.
+DROP_FILE = """(b64) => {
+  const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+  const dropped = new DataTransfer();
+  dropped.items.add(new File([bytes], "dropped.png", { type: "image/png" }));
+  const drop = { dataTransfer: dropped, bubbles: true, cancelable: true };
+  document.getElementById("prompt").dispatchEvent(new DragEvent("drop", drop));
+}"""
+
+
+def test_an_images_settings_read_from_its_file_make_it_again(
+    page: Any, service: Any, tmp_path: Any
+) -> None:
+    """AUTOMATIC1111's PNG Info in the page: an image made elsewhere (a size and a scheduler
+    the form's lists do not hold, a hires fix and clip skip it has no inputs for) dropped on
+    "Read an image's settings" fills the form; generating gives the same pixels."""
+    import base64
+    import io
+
+    import httpx
+    import numpy as np
+    from PIL import Image
+
+    body = {
+        "prompt": "a lighthouse, at dusk: oil on canvas",
+        "negative_prompt": "blurry",
+        "size": "128x128",
+        "seed": 4321,
+        "num_inference_steps": 4,
+        "guidance_scale": 4.5,
+        "scheduler": "dpmpp_3m_sde",
+        "schedule_type": "exponential",
+        "clip_skip": 2,
+        "refiner": "none",
+        "hires": {"scale": 2, "steps": 2, "denoising_strength": 0.5},
+    }
+    made = httpx.post(f"{service.api}/images/generations", json=body, timeout=120)
+    assert made.status_code == 200, made.text
+    data = base64.b64decode(made.json()["data"][0]["b64_json"])
+    path = tmp_path / "made-elsewhere.png"
+    path.write_bytes(data)
+
+    page.set_input_files("#infotext-image", str(path))
+    page.wait_for_function("document.getElementById('prompt').value !== ''", timeout=30_000)
+    assert page.input_value("#prompt") == body["prompt"]
+    assert page.input_value("#negative_prompt") == "blurry"
+    assert page.input_value("#size") == "128x128"
+    assert page.input_value("#scheduler") == "dpmpp_3m_sde"
+    assert page.input_value("#seed") == "4321"
+    assert page.input_value("#refiner") == "none"
+    note = page.text_content("#infotext-note")
+    assert "schedule_type" in note and "hires" in note and "clip_skip" in note
+
+    page.select_option("#partial_images", "0")
+    generate(page, 1)
+    src = page.get_attribute("#gallery figure img", "src")
+    shown = base64.b64decode(src.split(",", 1)[1])
+    with Image.open(io.BytesIO(shown)) as again, Image.open(io.BytesIO(data)) as first:
+        assert np.array_equal(np.asarray(again.convert("RGB")), np.asarray(first.convert("RGB")))
+
+    # Dropped on the form, as a file from the desktop.
+    page.fill("#prompt", "")
+    page.evaluate(DROP_FILE, base64.b64encode(data).decode())
+    page.wait_for_function("document.getElementById('prompt').value !== ''", timeout=30_000)
+    assert page.input_value("#prompt") == body["prompt"]
+
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (16, 16)).save(plain)
+    page.set_input_files("#infotext-image", str(plain))
+    page.wait_for_function(
+        "document.getElementById('infotext-note').textContent.includes('no settings')"
+    )

@@ -11,7 +11,8 @@ from starlette.routing import Match
 
 from .control_map_previews import ControlMapRequest, ControlMapsResponse
 from .errors import install_error_handlers, missing_parameter, routing_error
-from .forms import read_image_form
+from .forms import read_image_file, read_image_form
+from .infotext_reader import InfotextAnswer
 from .jobs.routes import SUBMISSION_SCHEMAS
 from .jobs.routes import router as jobs_router
 from .jobs.serving import JobsServing
@@ -105,6 +106,12 @@ def create_app(
         if body is None:
             raise missing_parameter("image")
         answer = await images.control_map(body)
+        return Response(answer.model_dump_json(), media_type="application/json")
+
+    @app.post("/images/infotext", response_model=InfotextAnswer)
+    async def read_infotext(request: Request, images: Serving) -> Response:
+        # Multipart as the edits take their picture (forms.py), within the same limits.
+        answer = await images.infotext(await read_image_file(request))
         return Response(answer.model_dump_json(), media_type="application/json")
 
     @app.get("/images/files/{file_id}", name="image_file")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager as AsyncContextManager
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -59,6 +60,23 @@ async def read_form(
 ) -> ImageForm[RequestModel]:
     """As `read_image_form`, with the model (and whether a mask is read) chosen by
     `pick` from the form itself (an image job's `kind` field)."""
+    # The context deletes the form's spooled files on exit.
+    async with _form_parts(request) as form:
+        model, takes_mask = pick(form)
+        fields = _validate_fields(model, form)
+        image = await _one_file(form, "image", "image[]")
+        mask = await _one_file(form, "mask") if takes_mask and "mask" in form else None
+    return ImageForm(fields=fields, image=image, mask=mask)
+
+
+async def read_image_file(request: Request) -> bytes:
+    """The `image` file of a form that takes nothing else (POST /images/infotext)."""
+    async with _form_parts(request) as form:
+        return await _one_file(form, "image", "image[]")
+
+
+def _form_parts(request: Request) -> AsyncContextManager[FormData]:
+    """The request's form, read within the limits; 400 for a body that is not a form."""
     content_type = request.headers.get("content-type", "")
     if content_type and not content_type.startswith(FORM_CONTENT_TYPES):
         raise APIError(
@@ -67,16 +85,9 @@ async def read_form(
             f"part; got content-type '{content_type[:100]}'.",
             code="invalid_content_type",
         )
-    # The context deletes the form's spooled files on exit.
-    form_parts = request.form(
+    return request.form(
         max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FIELDS, max_part_size=MAX_FIELD_BYTES
     )
-    async with form_parts as form:
-        model, takes_mask = pick(form)
-        fields = _validate_fields(model, form)
-        image = await _one_file(form, "image", "image[]")
-        mask = await _one_file(form, "mask") if takes_mask and "mask" in form else None
-    return ImageForm(fields=fields, image=image, mask=mask)
 
 
 def _validate_fields(model: type[RequestModel], form: FormData) -> RequestModel:

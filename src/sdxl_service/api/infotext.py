@@ -129,6 +129,12 @@ def quote(value: object) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
+def exact(number: float) -> str:
+    """`number` short where that reads back as the same float (0.5), else in full."""
+    short = f"{number:g}"
+    return short if float(short) == number else repr(number)
+
+
 def model_name(source: str) -> str:
     """A checkpoint's name as A1111 shows it: the file or folder name, no weights extension
     (a hub id keeps its dots: stable-diffusion-xl-base-1.0)."""
@@ -149,6 +155,7 @@ def infotext(
     fields: dict[str, object] = {"Steps": params.num_inference_steps, "Sampler": sampler}
     if schedule:
         fields["Schedule type"] = schedule
+    final = width, height
     if params.hires is not None:
         # AUTOMATIC1111's Size is the first pass's; "Hires upscale" takes it to the final.
         width, height = params.hires.first_width, params.hires.first_height
@@ -166,6 +173,12 @@ def infotext(
         fields["Denoising strength"] = params.hires.denoising_strength
         fields["Hires upscale"] = params.hires.scale
         fields["Hires steps"] = params.hires.steps
+        # The first pass is the final size over the scale, rounded to 8: several final sizes
+        # share one, so a final size the scale does not make again is written, as A1111 writes
+        # a hires fix asked by its size.
+        scale = params.hires.scale
+        if final != (round(width * scale / 8) * 8, round(height * scale / 8) * 8):
+            fields["Hires resize"] = f"{final[0]}x{final[1]}"
         # An upscaler model by its name, as AUTOMATIC1111 writes its models'.
         fields["Hires upscaler"] = (
             params.hires.upscaler_model or HIRES_UPSCALERS[params.hires.upscaler]
@@ -190,7 +203,10 @@ def infotext(
         hashes = provenance.ti_hashes.items()
         fields["TI hashes"] = ", ".join(f"{name}: {digest}" for name, digest in hashes)
     fields["Version"] = provenance.version
-    lines = [job.prompt]
+    # A1111's prompt holds its LoRAs as `<lora:name:weight>` tags: the request's LoRAs (its
+    # tags were taken out of job.prompt) go back there, so the text alone asks for them again.
+    tags = [f"<lora:{lora.name}:{exact(lora.scale)}>" for lora in params.loras]
+    lines = [" ".join(part for part in (job.prompt, *tags) if part)]
     if job.negative_prompt:
         lines.append(f"Negative prompt: {job.negative_prompt}")
     lines.append(", ".join(f"{key}: {quote(value)}" for key, value in fields.items()))

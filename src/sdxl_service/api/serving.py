@@ -40,6 +40,8 @@ from .control_map_previews import ControlMapRequest, ControlMapsResponse, contro
 from .control_requests import with_controlnets
 from .errors import APIError, client_closed, invalid_value, missing_parameter, outcome_error
 from .files import FileStore
+from .infotext import model_name
+from .infotext_reader import Catalogue, InfotextAnswer, infotext_answer
 from .render_client import RenderClient
 from .request_kinds import RequestKind
 from .request_rules import ResolvedRequest
@@ -333,6 +335,18 @@ class ImagesServing:
         """POST /images/control-maps: the map a ControlNet unit renders with (no render call)."""
         native = await self._native_resolution()
         return await run_in_threadpool(control_map_answer, req, self.settings, native)
+
+    async def infotext(self, image: bytes) -> InfotextAnswer:
+        """POST /images/infotext: the settings an image's infotext holds, as a generation
+        request of this server (no render call); 400 naming `image` for a file that is no
+        image."""
+        entries = await run_in_threadpool(self.models.entries)
+        upscalers = await run_in_threadpool(self.upscalers.snapshot)
+        catalogue = Catalogue(model_name(self.settings.base_model), set(entries), set(upscalers))
+        try:
+            return await run_in_threadpool(infotext_answer, image, catalogue)
+        except ValueError as exc:
+            raise invalid_value("image", f"Invalid image: {exc}.") from None
 
     async def _check_model_kind(self, resolved: ResolvedRequest) -> None:
         """400 naming `model` for a text-to-image render on an inpainting model (the render

@@ -19,10 +19,11 @@ from safetensors.numpy import save_file
 from sdxl_service.api.app import create_app
 from sdxl_service.api.files import LocalFileStore
 from sdxl_service.api.infotext import Provenance, infotext
+from sdxl_service.api.infotext_reader import parse_infotext
 from sdxl_service.api.serving import ImagesServing
 from sdxl_service.contract.render_request import GenerationOutcome, OutcomeStatus
 from sdxl_service.settings import Settings
-from tests.unit.api.test_infotext import a1111_parse, job
+from tests.unit.api.test_infotext import job
 from tests.unit.api.test_serving import SeedPainter
 
 WIDTHS = {"clip_l": 32, "clip_g": 64}
@@ -70,7 +71,7 @@ def generate(client: TestClient, prompt: str, negative: str = "") -> Any:
 def parameters(answer: Any) -> dict[str, str]:
     b64 = answer.json()["data"][0]["b64_json"]
     with Image.open(io.BytesIO(base64.b64decode(b64))) as image:
-        return a1111_parse(image.text["parameters"])
+        return parse_infotext(image.text["parameters"])
 
 
 def short_hash(folder: Path, name: str) -> str:

@@ -1,7 +1,7 @@
 """How an image was made, in AUTOMATIC1111's infotext, written into PNG, JPEG and WebP.
 
-Read back with A1111's own published rules (modules/infotext_utils.py,
-`parse_generation_parameters`: the last line must yield at least three `key: value`
+Read back with A1111's own published rules (api/infotext_reader.py, as modules/infotext_utils.py
+`parse_generation_parameters` reads: the last line must yield at least three `key: value`
 pairs, values in double quotes are JSON strings) and ComfyUI's import rule (the
 parameters begin at the last "\\nSteps:").
 """
@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
-import re
 
 import numpy as np
 import pytest
@@ -22,6 +20,7 @@ from sdxl_service.api.app import create_app
 from sdxl_service.api.encoding import encode_image
 from sdxl_service.api.files import LocalFileStore
 from sdxl_service.api.infotext import Provenance, infotext, png_with_text, quote
+from sdxl_service.api.infotext_reader import parse_infotext
 from sdxl_service.api.serving import ImagesServing
 from sdxl_service.choices import HiresUpscaler, RefinerMode, RenderKind
 from sdxl_service.contract.render_request import HiresParams, LoraWeight, RenderRequest
@@ -29,37 +28,12 @@ from sdxl_service.settings import Settings
 from tests.jobs import make_params
 from tests.unit.api.test_serving import SeedPainter
 
-# A1111's regular expression for one `key: value` of the last line, verbatim.
-RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 PROVENANCE = Provenance(
     base_model="stabilityai/stable-diffusion-xl-base-1.0",
     refiner_model="/models/sd_xl_refiner_1.0.safetensors",
     lora_hashes={"style": "0123456789ab", "other.v2": "ba9876543210"},
     version="sdxl-service 1.1.0",
 )
-
-
-def a1111_parse(text: str) -> dict[str, str]:
-    """parse_generation_parameters, its prompt / negative / last-line logic."""
-    *lines, last = text.strip().split("\n")
-    if len(RE_PARAM.findall(last)) < 3:
-        lines.append(last)
-        last = ""
-    prompt, negative, in_negative = "", "", False
-    for line in lines:
-        line = line.strip()
-        if line.startswith("Negative prompt:"):
-            in_negative, line = True, line[16:].strip()
-        if in_negative:
-            negative += ("" if negative == "" else "\n") + line
-        else:
-            prompt += ("" if prompt == "" else "\n") + line
-    found = {"Prompt": prompt, "Negative prompt": negative}
-    for key, value in RE_PARAM.findall(last):
-        if value[:1] == '"' and value[-1:] == '"':
-            value = json.loads(value)
-        found[key] = value
-    return found
 
 
 def job(**overrides) -> RenderRequest:
@@ -84,8 +58,9 @@ def test_the_last_line_yields_every_key_to_a1111s_parser() -> None:
         width=832,
         height=1216,
     )
-    assert a1111_parse(text) == {
-        "Prompt": "a red fox, in the snow: at dusk",
+    assert parse_infotext(text) == {
+        # A1111's prompt names its LoRAs, by tags the request's `loras` become.
+        "Prompt": "a red fox, in the snow: at dusk <lora:other.v2:0.5> <lora:style:1>",
         "Negative prompt": "blurry",
         "Steps": "30",
         "Sampler": "DPM++ 2M",
@@ -109,14 +84,14 @@ def test_an_edit_says_its_strength_and_base_only_names_no_refiner() -> None:
     )
     edit = job(params=params, negative_prompt="", init_image=bytes(64 * 64 * 3))
     plain = Provenance(base_model="/models/my-finetune.safetensors", refiner_model="r")
-    parsed = a1111_parse(infotext(edit, plain, seed=1, width=64, height=64))
+    parsed = parse_infotext(infotext(edit, plain, seed=1, width=64, height=64))
     assert parsed["Denoising strength"] == "0.6" and parsed["Sampler"] == "Euler"
     assert parsed["Model"] == "my-finetune"
     assert "Refiner" not in parsed and "Schedule type" not in parsed
     assert parsed["Negative prompt"] == "" and "Lora hashes" not in parsed
     assert "Clip skip" not in parsed
     skipped = job(params=make_params(clip_skip=2))
-    assert a1111_parse(infotext(skipped, plain, seed=1, width=64, height=64))["Clip skip"] == "2"
+    assert parse_infotext(infotext(skipped, plain, seed=1, width=64, height=64))["Clip skip"] == "2"
 
 
 def test_a_hires_render_says_it_as_a1111_does() -> None:
@@ -130,7 +105,7 @@ def test_a_hires_render_says_it_as_a1111_does() -> None:
     )
     params = make_params(width=1024, height=1024, hires=hires)
     plain = Provenance(base_model="b", refiner_model="r")
-    parsed = a1111_parse(infotext(job(params=params), plain, seed=1, width=1024, height=1024))
+    parsed = parse_infotext(infotext(job(params=params), plain, seed=1, width=1024, height=1024))
     # A1111's Size is the first pass's; its hires fields take it to the final size.
     assert parsed["Size"] == "512x512"
     assert (parsed["Hires upscale"], parsed["Hires steps"], parsed["Hires upscaler"]) == (
@@ -185,7 +160,7 @@ def test_answers_carry_each_images_own_seed_and_can_be_turned_off(tmp_path) -> N
     seeds = []
     for item in answer["data"]:
         with Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))) as image:
-            parsed = a1111_parse(image.text["parameters"])
+            parsed = parse_infotext(image.text["parameters"])
         assert parsed["Prompt"] == "a red fox" and parsed["Size"] == "64x64"
         seeds.append(int(parsed["Seed"]))
     assert seeds == [item["seed"] for item in answer["data"]] == [40, 41]
@@ -238,7 +213,7 @@ def test_a_pngs_sampler_and_schedule_type_read_back_into_the_same_render(
     assert first.status_code == 200, first.text
     with Image.open(io.BytesIO(base64.b64decode(first.json()["data"][0]["b64_json"]))) as image:
         text = image.text["parameters"]
-    read = a1111_parse(text)
+    read = parse_infotext(text)
     assert read["Sampler"] == sampler
     assert read.get("Schedule type") == schedule
     again = {"prompt": read["Prompt"], "size": read["Size"], "seed": int(read["Seed"])}

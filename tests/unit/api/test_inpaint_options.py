@@ -18,6 +18,7 @@ from sdxl_service.api import inpaint_options
 from sdxl_service.api.app import create_app
 from sdxl_service.api.errors import APIError
 from sdxl_service.api.files import LocalFileStore
+from sdxl_service.api.infotext_reader import parse_infotext
 from sdxl_service.api.request_kinds import EDIT
 from sdxl_service.api.schemas import ImageEditRequest
 from sdxl_service.api.serving import ImagesServing
@@ -25,7 +26,6 @@ from sdxl_service.api.uploads import EditSource
 from sdxl_service.settings import Settings
 from tests.decoded import decode
 
-from .test_infotext import a1111_parse
 from .test_serving import SeedPainter, error_of, noise, part
 
 IMAGES = VaeImageProcessor()
@@ -245,13 +245,13 @@ def decode_url(client: TestClient, url: str) -> Image.Image:
 def test_the_infotext_says_a1111s_labels_and_reads_back(client) -> None:
     response = edit(client, mask_blur=4, inpaint_area="only_masked", inpaint_padding=24)
     text = decode(response.json()["data"][0]["b64_json"]).text["parameters"]
-    read = a1111_parse(text)
+    read = parse_infotext(text)
     assert (read["Mask blur"], read["Inpaint area"], read["Masked area padding"]) == (
         "4",
         "Only masked",
         "24",
     )
-    plain = a1111_parse(decode(edit(client).json()["data"][0]["b64_json"]).text["parameters"])
+    plain = parse_infotext(decode(edit(client).json()["data"][0]["b64_json"]).text["parameters"])
     assert plain["Mask blur"] == "0" and "Inpaint area" not in plain
 
 

@@ -15,6 +15,10 @@ const MASK_UNDO_STEPS = 20;
 // What the server takes as a repainted pixel of the mask: alpha below 128 (docs/API.md).
 const MASK_ALPHA_THRESHOLD = 128;
 const PREVIEW_DELAY_MS = 250;
+// Fields of a request read from an image's infotext that the form has no input for: kept and
+// sent with the form's (generations only), shown beside the reader, until other settings come.
+const EXTRA_FIELDS = ["schedule_type", "clip_skip", "high_noise_frac", "hires"];
+let extras = {};
 const modelDefaults = new Map();
 const formDefaults = {};
 const controlCards = new Map(); // ControlNet id -> its /v1/models card
@@ -156,6 +160,7 @@ function requestBody() {
       if (value("inpaint_padding") !== "") body.inpaint_padding = Number(value("inpaint_padding"));
     }
   }
+  if (!edit.picture) Object.assign(body, extras);
   if (control.image && value("cn-model")) body.controlnets = [controlUnit()];
   if (adapter.images.length && value("ipa-model")) {
     body.ip_adapters = [
@@ -339,6 +344,11 @@ function describe(params) {
 // The form as `params` were: its fields, and the pictures to edit, control and prompt with.
 async function reuse(params) {
   $("size-auto").disabled = !params.edit;
+  extras = Object.fromEntries(EXTRA_FIELDS.filter((f) => f in params).map((f) => [f, params[f]]));
+  showExtras();
+  for (const field of ["size", "scheduler"]) {
+    if (params[field]) addOption($(field), params[field]);
+  }
   for (const field of FIELDS) {
     if (field in params && $(field)) $(field).value = params[field] ?? "";
   }
@@ -376,6 +386,43 @@ async function reuse(params) {
   if (params.edit) await setEditPicture(params.edit.picture, params.edit.mask, { keepSize: true });
   else setEditPicture(null);
   window.scrollTo({ top: 0, behavior: "smooth" });
+}
+
+// A value the select has no option for (a size or scheduler of another image), added to it.
+function addOption(select, value) {
+  if ([...select.options].some((option) => option.value === value)) return;
+  const option = document.createElement("option");
+  option.textContent = value;
+  select.append(option);
+}
+
+function showExtras(unused = []) {
+  const sent = Object.entries(extras).map(([key, value]) => `${key} ${JSON.stringify(value)}`);
+  const parts = [];
+  if (sent.length) parts.push(`Also sent with generations: ${sent.join(", ")}.`);
+  if (unused.length) parts.push(`Not used here: ${unused.join(", ")}.`);
+  $("infotext-note").textContent = parts.join(" ");
+}
+
+// AUTOMATIC1111's PNG Info: the settings an image's infotext holds (POST /v1/images/infotext),
+// put in the form as "Use these settings" puts an image's of this page.
+async function readSettings(file) {
+  if (!file) return;
+  showError("");
+  const form = new FormData();
+  form.append("image", file);
+  const response = await call("/images/infotext", { method: "POST", body: form });
+  const body = await response.json().catch(() => null);
+  if (!response.ok) {
+    showError(errorMessage(body, response));
+    return;
+  }
+  if (!body.infotext) {
+    $("infotext-note").textContent = "This image holds no settings (no infotext).";
+    return;
+  }
+  await reuse(body.request);
+  showExtras(body.unused);
 }
 
 async function generate(submit) {
@@ -935,6 +982,18 @@ $("jobs-more").addEventListener("click", () => loadJobs().catch((error) => showJ
 $("model").addEventListener("change", applyModelDefaults);
 $("form").addEventListener("submit", generate);
 $("viewer-reuse").addEventListener("click", () => shownParams && reuse(shownParams));
+$("infotext-image").addEventListener("change", () => {
+  readSettings($("infotext-image").files[0]).catch((error) => showError(String(error)));
+});
+// An image dropped on the form (not on one of its file inputs, which take their own): its settings.
+$("form").addEventListener("dragover", (event) => {
+  if (event.target.type !== "file") event.preventDefault();
+});
+$("form").addEventListener("drop", (event) => {
+  if (event.target.type === "file" || !event.dataTransfer.files.length) return;
+  event.preventDefault();
+  readSettings(event.dataTransfer.files[0]).catch((error) => showError(String(error)));
+});
 $("edit-image").addEventListener("change", () => setEditPicture($("edit-image").files[0] || null));
 $("edit-remove").addEventListener("click", () => setEditPicture(null));
 $("mask-canvas").addEventListener("pointerdown", startStroke);
