@@ -49,10 +49,10 @@ postgres:
 	@test -x "$$(ls /usr/lib/postgresql/*/bin/pg_ctl 2>/dev/null | tail -1)" || { apt-get update -q && apt-get install -y -q postgresql; }
 
 test: install legacy-client browser postgres lint
-	SDXL_LEGACY_PYTHON=$(abspath $(LEGACY_VENV))/bin/python $(BIN)/python -m pytest
+	SDXL_LEGACY_PYTHON=$(abspath $(LEGACY_VENV))/bin/python $(BIN)/python -m pytest --durations=25
 
-# The fast inner loop: unit tests only, no service started, no lint.
-# The inner loop: unit tests without the slow script smoke runs (make test runs all).
+# The inner loop: unit tests without the slow script smoke runs (make test runs all), no
+# service started, no lint.
 test-unit: install
 	$(BIN)/python -m pytest tests/unit -m "not slow"
 
