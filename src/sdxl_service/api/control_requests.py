@@ -64,8 +64,9 @@ class ControlNetRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(max_length=256)
-    # base64 or a data: URL; the body limit bounds its size.
-    image: str
+    # base64 or a data: URL; the body limit bounds its size. None: the uploaded picture, on
+    # the endpoints whose units default to it (the upscale's), else a 400.
+    image: str | None = None
     scale: float = Field(default=1.0, ge=0.0, le=2.0)
     start: float = Field(default=0.0, ge=0.0, le=1.0)
     end: float = Field(default=1.0, ge=0.0, le=1.0)
@@ -90,12 +91,14 @@ def with_controlnets(
     folder: Mapping[str, ControlNetFile],
     settings: Settings,
     only_masked: tuple[Region, tuple[int, int]] | None = None,
+    own_picture: Image.Image | None = None,
 ) -> tuple[RenderRequest, Provenance | None]:
     """`job` with `units` in it (and their infotext in `provenance`); 400 naming the unit's
     parameter for anything wrong. `folder`: SDXL_CONTROLNET_DIR as this request sees it.
     `only_masked`: the region an "Only masked" edit renders, and the answer's size it is a
-    region of (api/inpaint_options.py). Decodes and resizes pictures: call it off the event
-    loop."""
+    region of (api/inpaint_options.py). `own_picture`: what a unit without an image takes
+    (the picture an upscale enlarges, as sd-webui-controlnet takes img2img's input); None: a
+    unit must bring its image. Decodes and resizes pictures: call it off the event loop."""
     if not units:
         return job, provenance
     params = job.params
@@ -104,9 +107,13 @@ def with_controlnets(
             "controlnets",
             f"At most {settings.max_controlnets} ControlNet units per request, got {len(units)}.",
         )
-    if params.upscale is not None:
+    if params.upscale is not None and params.strength == 0:
+        # The upscaler model's picture alone runs no denoising pass for a unit to steer (A1111
+        # runs no diffusion either); refused rather than dropped, so no unit is silently unused.
         raise invalid_value(
-            "controlnets", "ControlNet units do not combine with an upscaler model."
+            "controlnets",
+            "ControlNet units steer the denoising pass, and denoising_strength 0 runs none; "
+            "raise denoising_strength or drop controlnets.",
         )
     entries = [_entry(unit, index, folder) for index, unit in enumerate(units)]
     for index, entry in enumerate(entries):
@@ -133,10 +140,7 @@ def with_controlnets(
                 f"{param}.start", f"start ({unit.start:g}) must be before end ({unit.end:g})."
             )
         mode = _mode(unit, entry, param)
-        try:
-            picture = decode_inline_image(unit.image, f"{param}.image")
-        except InvalidUpload as exc:
-            raise invalid_value(exc.param, str(exc)) from None
+        picture = _unit_picture(unit, param, own_picture)
         images.append(_control_map(picture, unit, params.width, params.height, only_masked))
         if hires is not None:
             first_pass_images.append(_control_map(picture, unit, *first_size))
@@ -174,6 +178,24 @@ def with_controlnets(
     if provenance is not None:
         provenance = replace(provenance, controlnets=tuple(texts))
     return new_job, provenance
+
+
+def _unit_picture(
+    unit: ControlNetRequest, param: str, own_picture: Image.Image | None
+) -> Image.Image:
+    """The unit's picture: its image decoded, or the request's own picture when it has none."""
+    if unit.image is None:
+        if own_picture is None:
+            raise invalid_value(
+                f"{param}.image",
+                "A ControlNet unit needs an image here (only an upscale's units default to the "
+                "picture being upscaled).",
+            )
+        return own_picture
+    try:
+        return decode_inline_image(unit.image, f"{param}.image")
+    except InvalidUpload as exc:
+        raise invalid_value(exc.param, str(exc)) from None
 
 
 def _control_map(

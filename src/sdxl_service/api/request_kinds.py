@@ -46,6 +46,9 @@ class RequestKind:
     takes_mask: bool = False
     # The prefix of its stream's events (`image_edit.partial_image`); None: never streamed.
     stream_event: str | None = None
+    # A ControlNet unit without an `image` takes the uploaded picture (the upscale's "tile"
+    # recipe); elsewhere every unit brings its own.
+    units_default_to_picture: bool = False
     plan: Callable[[ImageRequest, EditSource | None, Settings], RenderPlan]
 
     def resolve(
@@ -102,6 +105,7 @@ UPSCALE = RequestKind(
     path="/images/upscale",
     request=ImageUpscaleRequest,
     multipart=True,
+    units_default_to_picture=True,
     plan=plan_upscale,
 )
 

@@ -283,6 +283,7 @@ class ImagesServing:
         a job renders exactly what its synchronous call would.
         """
         catalogs = (self.loras, self.models, self.upscalers)
+        source = None
         if not kind.multipart and not req.ip_adapters:
             native = await self._native_resolution()
             resolved = kind.resolve(req, None, self.settings, native, *catalogs)
@@ -327,6 +328,7 @@ class ImagesServing:
                 folder,
                 self.settings,
                 None if region is None else (region, (resolved.width, resolved.height)),
+                source.image if source is not None and kind.units_default_to_picture else None,
             )
             resolved = replace(resolved, job=job, provenance=provenance)
         return resolved

@@ -159,8 +159,8 @@ class RenderParams(GenerationParams):
             raise ValueError(f"the hires fix is for text-to-image renders, not {self.kind}")
         if self.upscale is not None and self.kind is not RenderKind.IMAGE_TO_IMAGE:
             raise ValueError(f"an upscaler model is for image-to-image renders, not {self.kind}")
-        if self.controlnets and self.upscale is not None:
-            raise ValueError("ControlNet units do not take an upscaler model")
+        if self.controlnets and self.upscale is not None and self.strength == 0:
+            raise ValueError("ControlNet units steer a denoising pass; strength 0 runs none")
         if self.strength == 0 and self.upscale is None:
             raise ValueError("strength 0 renders nothing without an upscaler model")
         return self

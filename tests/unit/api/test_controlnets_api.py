@@ -17,6 +17,7 @@ from PIL import Image, PngImagePlugin
 from safetensors.numpy import save_file
 
 from sdxl_service.api.app import create_app
+from sdxl_service.api.control_maps import fit_crop_and_resize
 from sdxl_service.api.files import LocalFileStore
 from sdxl_service.api.jobs.submissions import SUBMISSIONS
 from sdxl_service.api.serving import ImagesServing
@@ -360,19 +361,75 @@ def test_hires_through_an_upscaler_model_takes_units(
     assert [len(data) for data in job.first_pass_control_images] == [3 * 64 * 64]
 
 
-def test_an_upscale_through_an_upscaler_model_still_takes_no_units(
+def noise_png(width: int, height: int) -> tuple[bytes, Image.Image]:
+    """A PNG of noise (a map cut or resized wrongly shows) and its picture."""
+    picture = Image.fromarray(
+        np.random.default_rng(3).integers(0, 256, (height, width, 3), np.uint8), "RGB"
+    )
+    buffer = io.BytesIO()
+    picture.save(buffer, "PNG")
+    return buffer.getvalue(), picture
+
+
+def upscale(client: TestClient, image: bytes, units: list[dict[str, Any]], **fields: str) -> Any:
+    data = {"scale": "2", "controlnets": json.dumps(units), **fields}
+    return client.post("/images/upscale", files={"image": ("a.png", image)}, data=data)
+
+
+def test_an_upscale_through_an_upscaler_model_takes_units(
     upscaling_client: tuple[TestClient, DescribingPainter],
 ) -> None:
     client, painter = upscaling_client
-    units = json.dumps([{"name": "canny-sdxl", "image": picture_b64()}])
-    data = {"scale": "2", "upscaler": "tiny-esrgan", "controlnets": units}
-    response = client.post("/images/upscale", files={"image": ("a.png", png(64, 48))}, data=data)
-    assert error_of(response) == ("controlnets", "invalid_value")
-    assert not painter.jobs
-    # Without the model (Lanczos, then the edit) the same units are taken.
-    del data["upscaler"]
-    response = client.post("/images/upscale", files={"image": ("a.png", png(64, 48))}, data=data)
+    units = [{"name": "canny-sdxl", "image": picture_b64(), "scale": 0.6}]
+    response = upscale(client, png(64, 48), units, upscaler="tiny-esrgan")
     assert response.status_code == 200, response.text
+    assert decode(response.json()["data"][0]["b64_json"]).size == (128, 96)
+    job = painter.jobs[-1]
+    assert job.params.upscale is not None and job.params.upscale.upscaler == "tiny-esrgan"
+    assert [(unit.name, unit.scale) for unit in job.params.controlnets] == [("canny-sdxl", 0.6)]
+    # The init image comes at the source's size (the model takes it); the map at the final one.
+    assert len(job.init_image or b"") == 3 * 64 * 48
+    assert [len(image) for image in job.control_images] == [3 * 128 * 96]
+
+
+@pytest.mark.parametrize("upscaler", [{"upscaler": "tiny-esrgan"}, {}])
+def test_an_upscale_units_image_defaults_to_the_picture_being_upscaled(
+    upscaling_client: tuple[TestClient, DescribingPainter], upscaler: dict[str, str]
+) -> None:
+    client, painter = upscaling_client
+    data, picture = noise_png(64, 48)
+    units = [{"name": "union", "mode": "tile"}]
+    response = upscale(client, data, units, denoising_strength="0.4", **upscaler)
+    assert response.status_code == 200, response.text
+    job = painter.jobs[-1]
+    assert job.params.controlnets[0].mode == 6
+    expected = fit_crop_and_resize(picture, 128, 96)
+    assert job.control_images[0] == expected.tobytes()
+
+
+def test_units_with_the_upscaler_model_alone_are_a_400_naming_controlnets(
+    upscaling_client: tuple[TestClient, DescribingPainter],
+) -> None:
+    client, painter = upscaling_client
+    units = [{"name": "canny-sdxl"}]
+    response = upscale(client, png(64, 48), units, upscaler="tiny-esrgan", denoising_strength="0")
+    assert error_of(response) == ("controlnets", "invalid_value")
+    assert "denoising_strength 0" in response.json()["error"]["message"]
+    assert not painter.jobs
+
+
+@pytest.mark.parametrize("path", ["/images/edits", "/images/variations"])
+def test_elsewhere_a_unit_without_an_image_is_a_400_naming_it(
+    client: TestClient, painter: SeedPainter, path: str
+) -> None:
+    data = {"controlnets": json.dumps([{"name": "depth"}]), "prompt": "a fox"}
+    response = client.post(path, files={"image": ("a.png", png(64, 64))}, data=data)
+    assert error_of(response) == ("controlnets[0].image", "invalid_value")
+    assert error_of(generate(client, {"name": "depth"})) == (
+        "controlnets[0].image",
+        "invalid_value",
+    )
+    assert not painter.jobs
 
 
 def test_an_only_masked_edit_cuts_each_map_from_its_region(
