@@ -1,6 +1,7 @@
 """ControlNet through the real service (`bentoml serve`, tiny preset) and the official openai
 client: SDXL_CONTROLNET_DIR holds tiny ControlNets made from the tiny base's UNet (a diffusers
-folder, single files, a Union one, one that fails to load, an SD 1.5 one)."""
+folder, single files, a Union one, one that fails to load, an SD 1.5 one); SDXL_UPSCALER_DIR a
+tiny ESRGAN, for the upscale with ControlNet tile."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from openai import OpenAI
 from PIL import Image
 
 from sdxl_service.engine.tiny import ensure_tiny_pair
+from tests import upscaler_files
 from tests.controlnet_files import save_controlnets
 from tests.decoded import decode, pixels
 from tests.integration.test_jobs import wait_for_end
@@ -35,10 +37,21 @@ def controlnet_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def upscaler_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("upscalers")
+    upscaler_files.esrgan(folder / "tiny-esrgan.safetensors", scale=2)
+    return folder
+
+
+@pytest.fixture(scope="module")
 def service(
-    tmp_path_factory: pytest.TempPathFactory, controlnet_dir: Path
+    tmp_path_factory: pytest.TempPathFactory, controlnet_dir: Path, upscaler_dir: Path
 ) -> Iterator[RunningService]:
-    env = {"SDXL_CONTROLNET_DIR": str(controlnet_dir), "SDXL_REFINER": "none"}
+    env = {
+        "SDXL_CONTROLNET_DIR": str(controlnet_dir),
+        "SDXL_UPSCALER_DIR": str(upscaler_dir),
+        "SDXL_REFINER": "none",
+    }
     with running_service(tmp_path_factory.mktemp("controlnet-service"), env) as running:
         yield running
 
@@ -149,6 +162,46 @@ def test_an_edit_takes_controlnets_as_a_form_field(http: httpx.Client) -> None:
     )
     assert answer.status_code == 200, answer.text
     assert pixels(answer.json()["data"][0]["b64_json"]).shape == (128, 128, 3)
+
+
+def upscale(http: httpx.Client, units: list[dict] | None, **fields: str) -> httpx.Response:
+    """A 64x48 picture at scale 2 through the tiny ESRGAN, then the denoising pass."""
+    picture = base64.b64decode(control_b64(4, 64, 48))
+    data = {"prompt": "a lighthouse", "scale": "2", "upscaler": "tiny-esrgan", "seed": "3"}
+    if units is not None:
+        data["controlnets"] = json.dumps(units)
+    return http.post(
+        "/images/upscale",
+        data={**data, **fields},
+        files={"image": ("in.png", picture, "image/png")},
+    )
+
+
+def test_an_upscale_through_an_upscaler_model_takes_a_tile_unit(http: httpx.Client) -> None:
+    """The tile recipe as a raw multipart form: a Union unit in mode tile whose image is left
+    out (the picture being upscaled); it steers the upscale, and reproduces."""
+    tile = [{"name": "union", "mode": "tile", "scale": 1.5}]
+    answers = [upscale(http, units, denoising_strength="0.6") for units in (tile, tile, None)]
+    assert all(answer.status_code == 200 for answer in answers), answers[0].text
+    steered, again, plain = (pixels(answer.json()["data"][0]["b64_json"]) for answer in answers)
+    assert steered.shape == plain.shape == (96, 128, 3)
+    assert np.array_equal(steered, again)
+    assert np.abs(steered - plain).mean() > 1
+    # Its own image, a plain ControlNet: the same size.
+    own = [{"name": "edges", "image": control_b64(1)}]
+    answer = upscale(http, own, denoising_strength="0.6")
+    assert answer.status_code == 200, answer.text
+    assert decode(answer.json()["data"][0]["b64_json"]).size == (128, 96)
+
+
+def test_units_with_the_upscaler_model_alone_are_a_400_and_the_service_stays_up(
+    http: httpx.Client,
+) -> None:
+    answer = upscale(http, [{"name": "edges"}], denoising_strength="0")
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["param"] == "controlnets"
+    answer = upscale(http, None, denoising_strength="0")
+    assert answer.status_code == 200, answer.text
 
 
 def test_an_only_masked_edit_steers_its_region_with_the_unit(http: httpx.Client) -> None:

@@ -147,7 +147,8 @@ class RenderParams(GenerationParams):
     # at the render size already).
     upscale: UpscaleParams | None = None
     # ControlNet units in the order asked (the batch key: the same models, scales, start/end
-    # and modes batch together); their control images travel per image.
+    # and modes batch together); their control images travel per image, at the render size
+    # (with `upscale`, the upscaled size: they steer the denoising pass after the model).
     controlnets: tuple[ControlNetParams, ...] = ()
     # In the request's order (the order of `ip_adapter_image_embeds`); each image of the render
     # brings its own pictures for them (RenderRequest.ip_adapter_images).
