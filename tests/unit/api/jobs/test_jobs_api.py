@@ -19,6 +19,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from sdxl_service.api.app import create_app
+from sdxl_service.api.control_maps import fit_crop_and_resize
 from sdxl_service.api.files import LocalFileStore
 from sdxl_service.api.jobs import (
     Database,
@@ -42,6 +43,7 @@ from sdxl_service.contract.render_request import (
 from sdxl_service.settings import Settings
 from tests.decoded import decode
 from tests.polling import wait_until
+from tests.unit.api.test_controlnets_api import write_folder
 from tests.unit.api.test_serving import SeedPainter, noise, part
 from tests.webhook_receiver import running_receiver
 
@@ -339,6 +341,27 @@ def test_an_upscale_is_a_job_kind_too(service: Service) -> None:
         "/images/jobs", data={**fields, "size": "64x64"}, files={"image": part(noise(40, 32))}
     )
     assert_error(refused, 400, "size")
+
+
+def test_an_upscale_job_takes_a_unit_without_an_image_as_its_picture(tmp_path: Path) -> None:
+    folder = tmp_path / "controlnets"
+    folder.mkdir()
+    write_folder(folder, "tile-sdxl")
+    service = Service(tmp_path, controlnet_dir=folder)
+    with service.client:
+        units = json.dumps([{"name": "tile-sdxl"}])
+        fields = {"kind": "upscale", "scale": "2", "seed": "3", "controlnets": units}
+        response = service.client.post(
+            "/images/jobs", data=fields, files={"image": part(noise(40, 32))}
+        )
+        assert response.status_code == 202, response.text
+        ended = service.ended(response.json()["id"])
+        assert ended["status"] == "succeeded", ended
+        rendered = service.painter.jobs[-1]
+        assert [unit.name for unit in rendered.params.controlnets] == ["tile-sdxl"]
+        size = (rendered.params.width, rendered.params.height)
+        expected = fit_crop_and_resize(noise(40, 32), *size).tobytes()
+        assert rendered.control_images == (expected,)
 
 
 def test_the_submission_is_documented_per_kind(service: Service) -> None:
