@@ -5,7 +5,9 @@ The result goes into the render request: the units' names, scales, start/end and
 into its params (the batch key), the control images beside its init image, one per unit, as
 raw RGB at the render size; with the hires fix, a second set fitted to its first pass's size
 (the units act in both passes, as sd-webui-controlnet's default "Hires-Fix Option: Both" has
-them). Every bad unit is a 400 naming its parameter by its path
+them). On an upscale a unit may leave out its image: it takes the picture being upscaled
+(the "tile" recipe), its map fitted to the final size like any. Every bad unit is a 400
+naming its parameter by its path
 (`controlnets[1].image`); a model the folder lists with a problem (an SD 1.5 ControlNet) is
 refused here, before anything is queued.
 """
