@@ -13,12 +13,16 @@ written to --out as it comes (a run killed at its time box keeps what it measure
    which the service never uses for a ControlNet: engine/optimisations.py
    `without_cuda_graphs`), the 2-unit render twice (compile, then steady) and its pixels'
    max abs diff from the eager 2-unit render, or the error: docs/PERFORMANCE.md's question;
-3. compiled: SDXL_COMPILE as the service does it (whole UNets and the VAE decoder
+3. ip_adapter: one `ip-adapter_sdxl` (h94's layout, random weights: the adapter's 351 M
+   parameters, 70 cross-attention layers, beside a ViT-bigG-shaped CLIPVisionModelWithProjection
+   of 1.84 B) at scale 0.6, eager, the ControlNet unloaded first: what its load adds (memory
+   allocated before and after its first render) and s/image;
+4. compiled: SDXL_COMPILE as the service does it (whole UNets and the VAE decoder
    max-autotune, the ControlNet max-autotune-no-cudagraphs, forced on CUDA as the matrix
    does): the 1- and 2-unit renders, first-batch (compile) time and steady s/image. Compiling
    both UNets takes minutes: the row most likely cut off, so last.
 
-The IP-Adapter is not measured yet (see docs/PERFORMANCE.md). `--smoke` runs the same code on
+`--smoke` runs the same code on
 the CPU with the tiny configs (no compile there: the engine declines, and the CUDA-graph row
 says it was skipped). `--build-only DIR` builds the ControlNet, saves it to DIR and prints its
 parameter count (the full-size construction checked on a CPU, in --dtype).
@@ -61,6 +65,29 @@ CONTROLNET = "bench"
 ZERO_INITIALISED = ("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding")
 ZERO_INIT_STD = 0.01
 FULL_SIZE_PARAMETERS = 1_251_014_160  # ControlNetModel.from_unet(SDXL base UNet)
+IP_ADAPTER = "ip-adapter_sdxl"
+# h94/IP-Adapter's sdxl_models/image_encoder: OpenCLIP ViT-bigG/14's vision tower (its
+# config.json); the smoke's is tests/ip_adapter_files.py's tiny stand-in.
+BIG_G_ENCODER = {
+    "hidden_size": 1664,
+    "intermediate_size": 8192,
+    "num_attention_heads": 16,
+    "num_hidden_layers": 48,
+    "patch_size": 14,
+    "image_size": 224,
+    "projection_dim": 1280,
+    "hidden_act": "gelu",
+}
+TINY_ENCODER = {
+    "hidden_size": 48,
+    "intermediate_size": 37,
+    "num_attention_heads": 4,
+    "num_hidden_layers": 2,
+    "patch_size": 8,
+    "image_size": 32,
+    "projection_dim": 40,
+}
+IP_ADAPTER_IMAGE_SIDE = 512  # the reference picture (the encoder's processor resizes it)
 
 
 def build_controlnet(unet: Any, *, device: str, dtype: torch.dtype) -> Any:
@@ -98,6 +125,83 @@ def save_controlnet(model: Any, folder: Path) -> Path:
     folder SDXL_CONTROLNET_DIR lists as a model named after it."""
     model.save_pretrained(folder / CONTROLNET)
     return folder
+
+
+def ip_adapter_weights(
+    unet: Any, projection_dim: int, *, device: str, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """`ip-adapter_sdxl`'s state dict as h94's file holds it, random: `image_proj` (the pooled
+    image embedding to 4 tokens of the UNet's cross-attention width) and the key and value
+    projections of each cross-attention layer, numbered as the original (1, 3, 5, ...: every
+    attn2). Shapes are what diffusers' `_convert_ip_adapter_*_to_diffusers` loads (the Engine
+    loads it with strict shapes)."""
+    generator = torch.Generator(device).manual_seed(gpu_bench.WEIGHTS_SEED + 1)
+    dim = int(unet.config.cross_attention_dim)
+
+    def rand(*shape: int, std: float = 0.02) -> torch.Tensor:
+        noise = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+        return (noise * std).to(dtype)
+
+    weights = {
+        "image_proj.proj.weight": rand(4 * dim, projection_dim),
+        "image_proj.proj.bias": rand(4 * dim),
+        "image_proj.norm.weight": 1 + rand(dim),
+        "image_proj.norm.bias": rand(dim),
+    }
+    key_id = 1
+    for name in unet.attn_processors:
+        if name.endswith("attn1.processor"):
+            continue
+        hidden = unet.get_submodule(name.removesuffix(".processor")).to_k.out_features
+        weights[f"ip_adapter.{key_id}.to_k_ip.weight"] = rand(hidden, dim)
+        weights[f"ip_adapter.{key_id}.to_v_ip.weight"] = rand(hidden, dim)
+        key_id += 2
+    return weights
+
+
+def save_ip_adapter(
+    unet: Any, folder: Path, *, smoke: bool, device: str, dtype: torch.dtype
+) -> dict[str, int]:
+    """h94's layout: `sdxl_models/ip-adapter_sdxl.safetensors` beside
+    `sdxl_models/image_encoder/` (random weights, ViT-bigG's shapes); the parameter counts."""
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    widths = TINY_ENCODER if smoke else BIG_G_ENCODER
+    torch.manual_seed(gpu_bench.WEIGHTS_SEED + 2)
+    with torch.device(device), default_dtype(dtype):
+        encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**widths))
+    models = folder / "sdxl_models"
+    encoder.save_pretrained(models / "image_encoder", safe_serialization=True)
+    counts = {"encoder_parameters": parameters(encoder)}
+    del encoder
+    weights = ip_adapter_weights(unet, int(widths["projection_dim"]), device=device, dtype=dtype)
+    save_file(
+        {k: v.contiguous().cpu() for k, v in weights.items()},
+        models / f"{IP_ADAPTER}.safetensors",
+    )
+    counts["adapter_parameters"] = sum(v.numel() for v in weights.values())
+    return counts
+
+
+def reference_picture(seed: int) -> Any:
+    from sdxl_service.contract.render_request import RgbPicture
+
+    side = IP_ADAPTER_IMAGE_SIDE
+    rgb = np.random.default_rng(seed).integers(0, 256, (side, side, 3), np.uint8).tobytes()
+    return RgbPicture(width=side, height=side, rgb=rgb)
+
+
+def ip_adapter_batch(args: argparse.Namespace, steps: int) -> Any:
+    from sdxl_service.contract.render_request import IpAdapterWeight
+
+    batch = gpu_bench.make_batch(args, 1, steps)
+    params = batch.params.model_copy(
+        update={"ip_adapters": (IpAdapterWeight(name=IP_ADAPTER, scale=0.6),)}
+    )
+    pictures = ((reference_picture(7),),)
+    tasks = [replace(task, ip_adapter_images=pictures) for task in batch.tasks]
+    return replace(batch, params=params, tasks=tasks)
 
 
 def parameters(model: Any) -> int:
@@ -171,7 +275,9 @@ class Rows:
         out.write_text(json.dumps(document, indent=2) + "\n")
 
 
-def engine_config(args: argparse.Namespace, folder: Path, *, compile: bool) -> Any:
+def engine_config(
+    args: argparse.Namespace, folder: Path, *, compile: bool, ip_folder: Path | None = None
+) -> Any:
     from sdxl_service.choices import Preset
     from sdxl_service.engine.config import EngineConfig
     from sdxl_service.settings import Settings
@@ -185,6 +291,7 @@ def engine_config(args: argparse.Namespace, folder: Path, *, compile: bool) -> A
             channels_last=True,
             compile=compile,
             controlnet_dir=folder,
+            ip_adapter_dir=ip_folder,
         )
     )
 
@@ -319,6 +426,43 @@ def cuda_graph_rows(
             return
 
 
+def ip_adapter_rows(
+    args: argparse.Namespace,
+    engine: Any,
+    rows: Rows,
+    eager: dict[int, np.ndarray],
+    counts: dict[str, int],
+) -> None:
+    """One `ip-adapter_sdxl` at scale 0.6, eager: what its load adds (the warm-up loads it:
+    memory allocated before and after, the batch's tensors gone), and s/image."""
+    common = {"config": "ip_adapter", "dtype": args.dtype, **counts}
+    gpu_bench.free_device_memory()
+    before = allocated()
+    record: dict[str, Any] = {**common, "units": 0}
+    try:
+        started = time.monotonic()
+        timed_render(engine, ip_adapter_batch(args, gpu_bench.WARMUP_STEPS), args.device)
+        record["warmup_s"] = round(time.monotonic() - started, 2)
+        gpu_bench.free_device_memory()
+        after = allocated()
+        if after is not None and before is not None:
+            record["added_gib"] = gib(after - before)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        seconds, image = timed_render(engine, ip_adapter_batch(args, args.steps), args.device)
+    except Exception as error:
+        record.update(status="error", error=f"{type(error).__name__}: {error}"[:800])
+        rows.add(record)
+        return
+    record.update(
+        status="ok",
+        seconds_per_image=round(seconds, 3),
+        peak_gib=gib(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None,
+        max_abs_diff_vs_0_units=difference(image, eager.get(0)),
+    )
+    rows.add(record)
+
+
 def compiled_rows(
     args: argparse.Namespace,
     base: Any,
@@ -352,10 +496,16 @@ def run(args: argparse.Namespace) -> int:
     base, refiner = gpu_bench.build_pair(configs, device=args.device, dtype=dtype)
     with tempfile.TemporaryDirectory(prefix="gpu-controls-") as scratch:
         folder = save_controlnet(
-            build_controlnet(base.unet, device=args.device, dtype=dtype), Path(scratch)
+            build_controlnet(base.unet, device=args.device, dtype=dtype), Path(scratch) / "cn"
+        )
+        ip_folder = Path(scratch) / "ip"
+        counts = save_ip_adapter(
+            base.unet, ip_folder, smoke=args.smoke, device=args.device, dtype=dtype
         )
         gpu_bench.free_device_memory()
-        engine = make_engine(args, base, refiner, engine_config(args, folder, compile=False))
+        engine = make_engine(
+            args, base, refiner, engine_config(args, folder, compile=False, ip_folder=ip_folder)
+        )
         rows.add(
             {
                 "config": "build",
@@ -368,6 +518,13 @@ def run(args: argparse.Namespace) -> int:
         eager = eager_rows(args, engine, rows, deadline)
         if deadline.left() > 20:
             cuda_graph_rows(args, engine, rows, eager)
+        if deadline.left() > 15:
+            # Eager only, before the compiled rows (an adapter loads in seconds; compiling
+            # whole UNets takes minutes). The ControlNet goes first: the adapter's own memory.
+            engine.controlnets._resident.evict(keep=(), capacity=0)
+            ip_adapter_rows(args, engine, rows, eager, counts)
+        else:
+            rows.add({"config": "ip_adapter", "status": "skipped: time budget"})
         # The CUDA-graph ControlNet goes; the compiled Engine loads its own.
         engine.controlnets._resident.evict(keep=(), capacity=0)
         del engine

@@ -44,3 +44,31 @@ def test_control_pictures_are_rgb_at_the_size_and_differ_per_unit() -> None:
     assert len(first) == len(second) == 3 * 1024 * 1024
     assert first != second
     assert len(gpu_controls.control_picture(64, 0)) == 3 * 64 * 64
+
+
+def test_ip_adapter_is_h94s_layout_and_loads_through_diffusers(tmp_path: Path) -> None:
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+
+    from sdxl_service.ip_adapter_catalog import IpAdapterCatalog
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**base_unet_config())
+    counts = gpu_controls.save_ip_adapter(
+        unet, tmp_path, smoke=True, device="cpu", dtype=torch.float32
+    )
+    assert counts["adapter_parameters"] > 0 and counts["encoder_parameters"] > 0
+    entry = IpAdapterCatalog(tmp_path).find(gpu_controls.IP_ADAPTER)
+    assert entry is not None and entry.problem is None
+    assert entry.encoder == tmp_path / "sdxl_models" / "image_encoder"
+
+    # diffusers' loader, as engine/ip_adapters.py calls it: every shape checked against the UNet.
+    weights = gpu_controls.ip_adapter_weights(unet, 40, device="cpu", dtype=torch.float32)
+    parts: dict[str, dict[str, torch.Tensor]] = {"image_proj": {}, "ip_adapter": {}}
+    for key, value in weights.items():
+        part, _, rest = key.partition(".")
+        parts[part][rest] = value
+    processors = unet._convert_ip_adapter_attn_to_diffusers([parts], low_cpu_mem_usage=False)
+    unet._convert_ip_adapter_image_proj_to_diffusers(parts["image_proj"], low_cpu_mem_usage=False)
+    cross_attentions = [n for n in unet.attn_processors if n.endswith("attn2.processor")]
+    adapters = [n for n, p in processors.items() if isinstance(p, IPAdapterAttnProcessor2_0)]
+    assert adapters == cross_attentions

@@ -119,6 +119,8 @@ def test_smoke_run_exercises_every_part_and_writes_results(tmp_path: Path) -> No
     assert controls[("eager", 1, None)]["max_abs_diff_vs_0_units"] > 0
     assert controls[("eager", 2, None)]["max_abs_diff_vs_0_units"] > 0
     assert controls[("cuda_graphs", 2, None)]["status"].startswith("skipped: CUDA graphs")
+    adapter = controls[("ip_adapter", 0, None)]
+    assert adapter["status"] == "ok" and adapter["max_abs_diff_vs_0_units"] > 0
     # On the CPU the engine declines to compile: the same pixels as eager.
     for units in (1, 2):
         steady = controls[("compiled", units, "steady")]
