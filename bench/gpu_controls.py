@@ -3,20 +3,21 @@
 A full-size random-weight SDXL ControlNet is made from the random base UNet's config
 (`ControlNetModel.from_unet`, as the tests make their tiny ones; nothing downloaded), saved
 in diffusers layout to a folder and served from it as SDXL_CONTROLNET_DIR would (the Engine's
-ControlNetModels: its loader, its optimisations, its pipelines). Rows, in this order, each
-written to --out as it comes (a run killed at its time box keeps what it measured):
+ControlNetModels: its loader, its optimisations, its pipelines). Rows, in this order (the
+bounded eager rows first, then the compiles, which may take the rest of the box), each written
+to --out as it comes (a run killed at its time box keeps what it measured):
 
 1. eager, the service's defaults (SDPA, channels_last): 0, 1 and 2 units (two units of the
    same ControlNet, each with its own control image) at --size, --steps, batch 1; GPU memory
    the ControlNet's load adds (torch.cuda.memory_allocated before/after) and each render's peak;
-2. cuda_graphs: the loaded ControlNet compiled in place WITH CUDA graphs (mode max-autotune,
-   which the service never uses for a ControlNet: engine/optimisations.py
-   `without_cuda_graphs`), the 2-unit render twice (compile, then steady) and its pixels'
-   max abs diff from the eager 2-unit render, or the error: docs/PERFORMANCE.md's question;
-3. ip_adapter: one `ip-adapter_sdxl` (h94's layout, random weights: the adapter's 351 M
+2. ip_adapter: one `ip-adapter_sdxl` (h94's layout, random weights: the adapter's 351 M
    parameters, 70 cross-attention layers, beside a ViT-bigG-shaped CLIPVisionModelWithProjection
    of 1.84 B) at scale 0.6, eager, the ControlNet unloaded first: what its load adds (memory
-   allocated before and after its first render) and s/image;
+   allocated before and after its first render) and s/image; unloaded after;
+3. cuda_graphs: the ControlNet (loaded again) compiled in place WITH CUDA graphs (mode
+   max-autotune, which the service never uses for a ControlNet: engine/optimisations.py
+   `without_cuda_graphs`), the 2-unit render twice (compile, then steady) and its pixels'
+   max abs diff from the eager 2-unit render, or the error: docs/PERFORMANCE.md's question;
 4. compiled: SDXL_COMPILE as the service does it (whole UNets and the VAE decoder
    max-autotune, the ControlNet max-autotune-no-cudagraphs, forced on CUDA as the matrix
    does): the 1- and 2-unit renders, first-batch (compile) time and steady s/image. Compiling
@@ -516,15 +517,17 @@ def run(args: argparse.Namespace) -> int:
             }
         )
         eager = eager_rows(args, engine, rows, deadline)
-        if deadline.left() > 20:
-            cuda_graph_rows(args, engine, rows, eager)
         if deadline.left() > 15:
-            # Eager only, before the compiled rows (an adapter loads in seconds; compiling
-            # whole UNets takes minutes). The ControlNet goes first: the adapter's own memory.
+            # Eager only, before any compile (an adapter loads and renders in seconds; a
+            # compile with max-autotune may take the rest of the box). Without the
+            # ControlNet: the adapter's own memory.
             engine.controlnets._resident.evict(keep=(), capacity=0)
             ip_adapter_rows(args, engine, rows, eager, counts)
+            engine.ip_adapters._resident.evict(keep=(), capacity=0)
         else:
             rows.add({"config": "ip_adapter", "status": "skipped: time budget"})
+        if deadline.left() > 20:
+            cuda_graph_rows(args, engine, rows, eager)
         # The CUDA-graph ControlNet goes; the compiled Engine loads its own.
         engine.controlnets._resident.evict(keep=(), capacity=0)
         del engine
