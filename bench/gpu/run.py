@@ -10,15 +10,24 @@
    SDXL_REFINER_MODEL set to the folders): time to /readyz, latency at
    concurrency 1, images/s at 4 and 8 with batching, the service's overhead over
    the engine alone, /livez while saturated, peak GPU memory (nvidia-smi).
-3. matrix: bench/gpu_bench.py --matrix at batch 1 (SDPA, channels_last, fused
+3. controls: bench/gpu_controls.py, what a full-size (random-weight) ControlNet
+   served from a folder adds: its load's GPU memory, s/image and peak memory with
+   0, 1 and 2 units eager; the 2-unit render with the ControlNet compiled WITH
+   CUDA graphs (errors, or its pixels against eager); then SDXL_COMPILE's 1- and
+   2-unit renders (compile time, steady s/image). Its own time box
+   (CONTROLS_BUDGET_S), taken from the matrix's share.
+4. matrix: bench/gpu_bench.py --matrix at batch 1 (SDPA, channels_last, fused
    QKV, VAE in bf16, compiled repeated blocks), each compared with the
-   unoptimised run's pixels.
+   unoptimised run's pixels, on what is left of the budget.
 
-The HTTP part runs before the matrix: the matrix's compile row is the part most
-likely to be cut off. Every result is appended to OUTDIR/results.jsonl as it
-comes, and OUTDIR/results.json and results.md are rewritten after each part,
-so a run cut off anywhere leaves what it measured. `--smoke` runs every part on
-the CPU with the tiny configs in well under a minute: a check, not a measurement.
+The order is what matters most first: the engine's numbers (the README's
+hardware rows), the service over HTTP, what a ControlNet adds (the README's
+ControlNet estimates; eager rows before the compiled ones), then the matrix,
+whose compile row is the part most likely to be cut off. Every result is
+appended to OUTDIR/results.jsonl as it comes, and OUTDIR/results.json and
+results.md are rewritten after each part, so a run cut off anywhere leaves what
+it measured. `--smoke` runs every part on the CPU with the tiny configs in about
+a minute and a half (time box: 150 s): a check, not a measurement.
 """
 
 from __future__ import annotations
@@ -48,16 +57,20 @@ sys.path[:0] = [str(REPO), str(REPO / "src")]
 
 import httpx  # noqa: E402
 
-from bench import gpu_bench  # noqa: E402
+from bench import gpu_bench, gpu_controls  # noqa: E402
 from bench.run_cpu import batch_counters, percentile  # noqa: E402
 from tests.service_process import start_service, stop_service  # noqa: E402
 
 BENCH = REPO / "bench" / "gpu_bench.py"
+CONTROLS = REPO / "bench" / "gpu_controls.py"
 PROMPT = "a photograph of an astronaut riding a horse on the moon, 35mm, golden hour"
 LIVEZ_PROBES = 200
 # Seconds of the budget each part may use at most (GPU run); the matrix gets the rest.
 ENGINE_BUDGET_S = 140
 HTTP_ENDS_AT_S = 320
+# The ControlNet part's own box, after the HTTP part: the matrix then has what is left of
+# 480 s less the install (tens of seconds: its first eager rows, or a "skipped" row).
+CONTROLS_BUDGET_S = 120
 
 
 class Workload:
@@ -159,12 +172,12 @@ def environment(out: Path) -> dict[str, Any]:
 # --- the gpu_bench parts -----------------------------------------------------------
 
 
-def run_bench(command: list[str], timeout: float, log: Path) -> str:
-    """gpu_bench.py in its own process group, killed whole (compile child included)
-    at the timeout; returns how it ended."""
+def run_bench(command: list[str], timeout: float, log: Path, script: Path = BENCH) -> str:
+    """gpu_bench.py (or `script`) in its own process group, killed whole (compile child
+    included) at the timeout; returns how it ended."""
     with log.open("w") as sink:
         process = subprocess.Popen(
-            [sys.executable, str(BENCH), *command],
+            [sys.executable, str(script), *command],
             cwd=REPO,
             stdout=sink,
             stderr=subprocess.STDOUT,
@@ -212,6 +225,34 @@ def engine_part(
     for run in runs:
         recorder.event("engine", **run)
     recorder.event("engine", ended=ended, weights_saved=(weights / "COMPLETE").is_file())
+    return runs
+
+
+def controls_part(
+    workload: Workload, budget: Budget, out: Path, recorder: Recorder
+) -> list[dict[str, Any]]:
+    # The smoke run leaves the matrix its 40 s; the GPU run its share less this box.
+    own = min(CONTROLS_BUDGET_S, budget.left() - (40 if workload.smoke else 10))
+    if own < 30:
+        recorder.event("controls", status=f"skipped: {max(own, 0):.0f} s left")
+        return []
+    command = [
+        "--size",
+        str(workload.size),
+        "--steps",
+        str(workload.steps),
+        "--budget-s",
+        str(int(own)),
+        "--out",
+        str(out / "controls.json"),
+    ]
+    command += ["--smoke"] if workload.smoke else ["--dtype", "fp16"]
+    # Killed at its box whatever it does (a compile included): its rows are written as they come.
+    ended = run_bench(command, own, out / "controls.log", CONTROLS)
+    runs = bench_runs(out / "controls.json")
+    for run in runs:
+        recorder.event("controls", **run)
+    recorder.event("controls", ended=ended)
     return runs
 
 
@@ -510,6 +551,14 @@ def markdown(document: dict[str, Any]) -> str:
                 )
         lines += [f"| {name} | {value} |" for name, value in rows]
         lines.append("")
+    if document.get("controls"):
+        lines += [
+            "What a ControlNet adds (full-size random weights, batch 1; "
+            "max abs diff: against eager with the same units, eager rows against 0 units):",
+            "",
+            gpu_controls.markdown_table(document["controls"]),
+            "",
+        ]
     if document.get("matrix"):
         lines += [
             "Optimisation matrix (batch 1):",
@@ -556,6 +605,7 @@ def main(argv: list[str] | None = None) -> int:
                 workload, budget, args.out, weights, recorder.document.get("engine", []), recorder
             ),
         ),
+        ("controls", lambda: controls_part(workload, budget, args.out, recorder)),
         ("matrix", lambda: matrix_part(workload, budget, args.out, recorder)),
     ]
     try:

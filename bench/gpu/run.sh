@@ -6,8 +6,9 @@
 #
 # Makes a virtual environment that sees the machine's own torch, transformers and
 # accelerate (--system-site-packages), installs bench/gpu/wheels/ into it offline,
-# then runs bench/gpu/run.py: engine alone, the service through HTTP, the
-# optimisation matrix, each time-boxed. OUTDIR gets results.jsonl (as it comes),
+# then runs bench/gpu/run.py: engine alone, the service through HTTP, what a
+# ControlNet and an IP-Adapter add (bench/gpu_controls.py), the optimisation
+# matrix, each time-boxed. OUTDIR gets results.jsonl (as it comes),
 # results.json, results.md, and each part's log.
 #
 #   SDXL_GPU_BENCH_PYTHON=.venv/bin/python   use this interpreter as it is (no venv,

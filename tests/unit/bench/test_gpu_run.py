@@ -110,6 +110,23 @@ def test_smoke_run_exercises_every_part_and_writes_results(tmp_path: Path) -> No
     assert http["throughput"][0]["images_per_s"] > 0
     assert http["liveness"]["/livez"]["failed"] == 0
 
+    controls = {(r["config"], r.get("units"), r.get("call")): r for r in results["controls"]}
+    assert controls[("load", None, None)]["parameters"] > 0
+    for units in (0, 1, 2):
+        assert controls[("eager", units, None)]["status"] == "ok"
+        assert controls[("eager", units, None)]["seconds_per_image"] > 0
+    # Units change the picture: the ControlNet's zero-initialised layers were given weights.
+    assert controls[("eager", 1, None)]["max_abs_diff_vs_0_units"] > 0
+    assert controls[("eager", 2, None)]["max_abs_diff_vs_0_units"] > 0
+    assert controls[("cuda_graphs", 2, None)]["status"].startswith("skipped: CUDA graphs")
+    adapter = controls[("ip_adapter", 0, None)]
+    assert adapter["status"] == "ok" and adapter["max_abs_diff_vs_0_units"] > 0
+    # On the CPU the engine declines to compile: the same pixels as eager.
+    for units in (1, 2):
+        steady = controls[("compiled", units, "steady")]
+        assert steady["optimisations"]["compile"] is False
+        assert steady["max_abs_diff_vs_eager"] == 0
+
     matrix = results["matrix"]
     assert [r["config"] for r in matrix] == [
         "eager",
@@ -122,6 +139,7 @@ def test_smoke_run_exercises_every_part_and_writes_results(tmp_path: Path) -> No
     assert all(r["max_abs_diff"] <= 2 for r in matrix[1:])
 
     events = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert {e["part"] for e in events} == {"env", "engine", "http", "matrix", "done"}
+    assert {e["part"] for e in events} == {"env", "engine", "http", "controls", "matrix", "done"}
     report = (out / "results.md").read_text()
     assert "Engine alone:" in report and "Through HTTP" in report and "matrix" in report
+    assert "What a ControlNet adds" in report
