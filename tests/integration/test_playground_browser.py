@@ -8,19 +8,15 @@ from typing import Any
 
 import pytest
 
+from tests.playground_pages import playground_page
+
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
 def page(browser: Any, service: Any) -> Iterator[Any]:
-    context = browser.new_context(viewport={"width": 1100, "height": 900})
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda error: errors.append(str(error)))
-    page.goto(f"{service.root}/")
-    yield page
-    context.close()
-    assert errors == []
+    with playground_page(browser, service.root) as page:
+        yield page
 
 
 def images(page: Any) -> list[list[int]]:
@@ -133,12 +129,7 @@ def models_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 def test_the_model_picker_lists_the_models_and_renders_with_the_one_picked(
     browser: Any, models_service: Any
 ) -> None:
-    context = browser.new_context(viewport={"width": 1100, "height": 900})
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda error: errors.append(str(error)))
-    try:
-        page.goto(f"{models_service.root}/")
+    with playground_page(browser, models_service.root) as page:
         page.wait_for_selector("#model option[value='tiny-folder']", state="attached")
         options = page.eval_on_selector_all(
             "#model option", "os => os.map(o => [o.value, o.disabled, o.title])"
@@ -173,9 +164,6 @@ def test_the_model_picker_lists_the_models_and_renders_with_the_one_picked(
         page.click("#gallery figure img")
         page.click("#viewer-reuse")
         assert page.input_value("#model") == "tiny-folder"
-    finally:
-        context.close()
-    assert errors == []
 
 
 def job_card(job_id: str) -> str:
@@ -255,15 +243,10 @@ def test_with_api_keys_a_running_job_is_cancelled_from_the_page(
 
     from tests.polling import wait_until
 
-    context = browser.new_context(viewport={"width": 1100, "height": 900})
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda error: errors.append(str(error)))
     api = httpx.Client(
         base_url=keyed_service.api, headers={"Authorization": "Bearer playground-key"}, timeout=30
     )
-    try:
-        page.goto(f"{keyed_service.root}/")
+    with api, playground_page(browser, keyed_service.root) as page:
         # The models and the jobs are both refused at load: one dialog asks for the key.
         page.wait_for_selector("#key-dialog[open]")
         page.fill("#key-input", "playground-key")
@@ -296,10 +279,6 @@ def test_with_api_keys_a_running_job_is_cancelled_from_the_page(
             headers={"Authorization": "Bearer another-key"},
         )
         assert other.status_code == 404
-    finally:
-        api.close()
-        context.close()
-    assert errors == []
 
 
 def test_the_strip_keeps_only_the_newest_images(page: Any) -> None:

@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.playground_pages import playground_page
+
 pytestmark = pytest.mark.integration
 
 SIDE = 256  # the tiny preset renders 256x256 as asked
@@ -42,15 +44,9 @@ def pictures_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 @pytest.fixture
 def page(browser: Any, pictures_service: Any) -> Iterator[Any]:
-    context = browser.new_context(viewport={"width": 1300, "height": 900})
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda error: errors.append(str(error)))
-    page.goto(f"{pictures_service.root}/")
-    page.wait_for_selector("#cn-model option[value='edges']", state="attached")
-    yield page
-    context.close()
-    assert errors == []
+    with playground_page(browser, pictures_service.root, width=1300) as page:
+        page.wait_for_selector("#cn-model option[value='edges']", state="attached")
+        yield page
 
 
 def picture_file(folder: Path, name: str = "picture.png", seed: int = 0) -> Path:
